@@ -1,0 +1,110 @@
+// bindings/ops_cpu.cpp -- CPU implementations: tensors to pointers, then the header-first core.
+#include "checks.h"
+#include "ops.h"
+
+#include <moequant/gptq.h>
+#include <moequant/hessian.h>
+#include <moequant/pack.h>
+#include <moequant/quant.h>
+
+#include <pybind11/pybind11.h>
+
+namespace moequant {
+namespace bindings {
+namespace {
+
+MatrixView view_of(const at::Tensor& w) {
+  return MatrixView{w.data_ptr<float>(), w.size(0), w.size(1), w.stride(0)};
+}
+
+QuantTensors alloc_quant(const at::Tensor& w, const QuantSpec& spec) {
+  const int64_t rows = w.size(0), cols = w.size(1), groups = num_groups(spec, cols);
+  auto opts = w.options();
+  return {at::empty({rows, cols}, opts.dtype(at::kChar)), at::empty({rows, groups}, opts.dtype(at::kFloat)),
+          at::empty({rows, groups}, opts.dtype(at::kInt)), at::empty({rows, cols}, opts.dtype(at::kFloat))};
+}
+
+QuantizedOut out_of(QuantTensors& t) {
+  return QuantizedOut{std::get<0>(t).data_ptr<int8_t>(), std::get<1>(t).data_ptr<float>(),
+                      std::get<2>(t).data_ptr<int32_t>(), std::get<3>(t).data_ptr<float>()};
+}
+
+}  // namespace
+
+QuantTensors quantize_rtn_cpu(const at::Tensor& w, const QuantSpec& spec) {
+  throw_if_error(validate(spec, w.size(1)));
+  QuantTensors out = alloc_quant(w, spec);
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    s = quantize_rtn(view_of(w), spec, out_of(out));
+  }
+  throw_if_error(s);
+  return out;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
+                          const QuantSpec& spec) {
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  throw_if_error(dequantize(codes.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                            zeros ? zeros->data_ptr<int32_t>() : nullptr, codes.size(0), codes.size(1), spec,
+                            out.data_ptr<float>()));
+  return out;
+}
+
+at::Tensor pack_rows_cpu(const at::Tensor& q, int bits) {
+  at::Tensor out = at::empty({q.size(0), packed_words(q.size(1), bits)}, q.options().dtype(at::kInt));
+  throw_if_error(pack_rows(q.data_ptr<int8_t>(), q.size(0), q.size(1), bits, out.data_ptr<int32_t>()));
+  return out;
+}
+
+at::Tensor unpack_rows_cpu(const at::Tensor& packed, int bits, int64_t cols) {
+  at::Tensor out = at::empty({packed.size(0), cols}, packed.options().dtype(at::kChar));
+  throw_if_error(unpack_rows(packed.data_ptr<int32_t>(), packed.size(0), cols, bits, out.data_ptr<int8_t>()));
+  return out;
+}
+
+void accumulate_hessian_cpu(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,
+                            const at::Tensor& ids, const at::Tensor* weights) {
+  const float* wp = weights ? weights->data_ptr<float>() : nullptr;
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (H.scalar_type() == at::kDouble) {
+      s = accumulate_hessian<double>(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), ids.data_ptr<int32_t>(),
+                                     wp, H.size(0), H.data_ptr<double>(), counts.data_ptr<int64_t>(),
+                                     mass.data_ptr<double>());
+    } else {
+      s = accumulate_hessian<float>(x.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), ids.data_ptr<int32_t>(),
+                                    wp, H.size(0), H.data_ptr<float>(), counts.data_ptr<int64_t>(),
+                                    mass.data_ptr<double>());
+    }
+  }
+  throw_if_error(s);
+}
+
+std::tuple<QuantTensors, GptqInfo> gptq_cpu(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
+                                            const GptqOptions& opt) {
+  throw_if_error(validate(spec, w.size(1)));
+  QuantTensors out = alloc_quant(w, spec);
+  GptqArgs args;
+  args.spec = spec;
+  args.act_order = opt.act_order;
+  args.damp = opt.damp;
+  args.block_size = opt.block_size;
+  GptqReport report;
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (h.scalar_type() == at::kDouble)
+      s = gptq_solve<double>(view_of(w), h.data_ptr<double>(), h.stride(0), args, out_of(out), &report);
+    else
+      s = gptq_solve<float>(view_of(w), h.data_ptr<float>(), h.stride(0), args, out_of(out), &report);
+  }
+  throw_if_error(s);
+  GptqInfo info{report.loss, report.damp_fraction, report.damp_value, report.escalations, report.dead_columns};
+  return {out, info};
+}
+
+}  // namespace bindings
+}  // namespace moequant

@@ -1,0 +1,75 @@
+// bindings/ops_cuda.cpp -- CUDA implementations: run on the tensors' device and the caller's current stream.
+#include "checks.h"
+#include "ops.h"
+
+#include <moequant/cuda/kernels.h>
+#include <moequant/pack.h>
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace moequant {
+namespace bindings {
+
+bool cuda_compiled() { return true; }
+
+QuantTensors quantize_rtn_cuda(const at::Tensor& w, const QuantSpec& spec) {
+  throw_if_error(validate(spec, w.size(1)));
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t rows = w.size(0), cols = w.size(1), groups = num_groups(spec, cols);
+  auto opts = w.options();
+  at::Tensor codes = at::empty({rows, cols}, opts.dtype(at::kChar));
+  at::Tensor scales = at::empty({rows, groups}, opts.dtype(at::kFloat));
+  at::Tensor zeros = at::empty({rows, groups}, opts.dtype(at::kInt));
+  at::Tensor deq = at::empty({rows, cols}, opts.dtype(at::kFloat));
+  throw_if_error(cuda_quantize_rtn(w.data_ptr<float>(), rows, cols, w.stride(0), spec, codes.data_ptr<int8_t>(),
+                                   scales.data_ptr<float>(), zeros.data_ptr<int32_t>(), deq.data_ptr<float>(),
+                                   at::cuda::getCurrentCUDAStream(w.device().index()).stream()));
+  return {codes, scales, zeros, deq};
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
+                           const QuantSpec& spec) {
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  throw_if_error(cuda_dequantize(codes.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                                 zeros ? zeros->data_ptr<int32_t>() : nullptr, codes.size(0), codes.size(1), spec,
+                                 out.data_ptr<float>(), at::cuda::getCurrentCUDAStream(codes.device().index()).stream()));
+  return out;
+}
+
+at::Tensor pack_rows_cuda(const at::Tensor& q, int bits) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({q.size(0), packed_words(q.size(1), bits)}, q.options().dtype(at::kInt));
+  throw_if_error(cuda_pack_rows(q.data_ptr<int8_t>(), q.size(0), q.size(1), bits, out.data_ptr<int32_t>(),
+                                at::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+  return out;
+}
+
+at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols) {
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty({packed.size(0), cols}, packed.options().dtype(at::kChar));
+  throw_if_error(cuda_unpack_rows(packed.data_ptr<int32_t>(), packed.size(0), cols, bits, out.data_ptr<int8_t>(),
+                                  at::cuda::getCurrentCUDAStream(packed.device().index()).stream()));
+  return out;
+}
+
+void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,
+                             const at::Tensor& ids, const at::Tensor* weights) {
+  if (H.scalar_type() != at::kFloat)
+    throw std::invalid_argument(fmt::format(
+        "dtype: expected float32 accumulators on CUDA (float64 accumulation runs on the CPU), got {}",
+        dtype_str(H.scalar_type())));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(0), dim = x.size(1), experts = H.size(0);
+  const size_t ws_bytes = cuda_hessian_workspace_bytes(n, dim, experts);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  throw_if_error(cuda_accumulate_hessian(x.data_ptr<float>(), n, dim, x.stride(0), ids.data_ptr<int32_t>(),
+                                         weights ? weights->data_ptr<float>() : nullptr, experts, H.data_ptr<float>(),
+                                         counts.data_ptr<int64_t>(), mass.data_ptr<double>(), ws.data_ptr(), ws_bytes,
+                                         handle, at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+}
+
+}  // namespace bindings
+}  // namespace moequant
