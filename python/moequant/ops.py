@@ -198,14 +198,24 @@ def unpack_int32(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
 def pack_zero_points(zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Packs zero points ``[out, G]`` along the output dimension: int32 ``[ceil(out*bits/32), G]``."""
     zp = _as_codes(zero_point, "zero_point")
-    return _C.pack_rows(zp.t().contiguous(), _check_bits(bits)).t().contiguous()
+    bits = _check_bits(bits)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if zp.numel() and (int(zp.min()) < lo or int(zp.max()) > hi):
+        raise ValueError(f"zero_point: expected values in [{lo}, {hi}] for {bits} bits, got values in "
+                         f"[{int(zp.min())}, {int(zp.max())}]")
+    return _C.pack_rows(zp.t().contiguous(), bits).t().contiguous()
 
 
 def unpack_zero_points(packed: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_zero_points`: int8 ``[out_features, G]``."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32 or packed.dim() != 2:
         raise ValueError(f"packed: expected a 2-D int32 tensor, got {getattr(packed, 'dtype', type(packed))}")
-    return _C.unpack_rows(packed.t().contiguous(), _check_bits(bits), int(out_features)).t().contiguous()
+    bits = _check_bits(bits)
+    words = (int(out_features) * bits + 31) // 32
+    if int(out_features) < 0 or packed.shape[0] != words:
+        raise ValueError(f"out_features: expected a value whose packing at {bits} bits takes {packed.shape[0]} "
+                         f"int32 rows (packed has that many), got {out_features} which takes {words}")
+    return _C.unpack_rows(packed.t().contiguous(), bits, int(out_features)).t().contiguous()
 
 
 class HessianAccumulator:

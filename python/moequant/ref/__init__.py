@@ -1,0 +1,46 @@
+"""moequant.ref -- plain-PyTorch reference twins of the C++ core ("the plainest correct code").
+
+They are the oracles of the test suite: slow, readable, CPU-only, and bit-exact with the core where the
+core's contract is bit-exact (quantization parameters, codes, packing). See each function's docstring for
+its shape/dtype contract and the equivalence it promises.
+"""
+
+from .gptq import GptqRefResult, gptq_quantize_ref, quadratic_loss_ref
+from .hessian import accumulate_hessian_ref
+from .pack import (
+    pack_int32_ref,
+    pack_zero_points_ref,
+    packed_words,
+    unpack_int32_ref,
+    unpack_zero_points_ref,
+)
+from .quant import (
+    RtnResult,
+    dequantize_ref,
+    dequantize_values_ref,
+    mse_qparams_ref,
+    qparams_ref,
+    qrange,
+    quantize_ref,
+    quantize_rtn_ref,
+)
+
+__all__ = [
+    "GptqRefResult",
+    "RtnResult",
+    "accumulate_hessian_ref",
+    "dequantize_ref",
+    "dequantize_values_ref",
+    "gptq_quantize_ref",
+    "mse_qparams_ref",
+    "pack_int32_ref",
+    "pack_zero_points_ref",
+    "packed_words",
+    "qparams_ref",
+    "qrange",
+    "quadratic_loss_ref",
+    "quantize_ref",
+    "quantize_rtn_ref",
+    "unpack_int32_ref",
+    "unpack_zero_points_ref",
+]
