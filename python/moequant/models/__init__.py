@@ -1,0 +1,21 @@
+"""Declarative MoE family adapters (see :mod:`moequant.models.base` for the layouts)."""
+from .base import (
+    STANDARD,
+    TRANSPOSED,
+    ExpertTensors,
+    MoEFamily,
+    get_path,
+    glu_act_fn,
+    glu_gpt_oss,
+    intermediate_size,
+    linear_modules,
+    num_experts,
+    split_expert,
+)
+from .families import FAMILIES, detect_family, supported_model_types
+
+__all__ = [
+    "STANDARD", "TRANSPOSED", "ExpertTensors", "MoEFamily", "FAMILIES", "detect_family", "get_path",
+    "glu_act_fn", "glu_gpt_oss", "intermediate_size", "linear_modules", "num_experts", "split_expert",
+    "supported_model_types",
+]
