@@ -1,0 +1,201 @@
+"""Calibration data: token windows from text files and whole samples from JSONL files.
+
+Protocol (the one of ``shared/tools/ref_baseline.py``, with a local generator): the text files are read as
+UTF-8, joined in order with ``"\\n\\n"`` and tokenized once (``tokenizer(text)["input_ids"]``, the tokenizer's
+default special tokens); window starts are ``torch.randint(0, n_tokens - seq_len, (n,), generator=g)`` with
+``g = torch.Generator().manual_seed(seed)`` and each window is ``ids[start : start + seq_len]``. With one text
+file, ``seed=0``, ``num_samples=128`` and ``seq_len=512`` this draws exactly the reference's windows. The global
+RNG is never touched.
+
+JSONL files hold one sample per line, ``{"input_ids": [...]}`` or ``{"text": "..."}``; samples shorter than
+``seq_len`` tokens are dropped (the count is logged and reported), longer ones truncated to ``seq_len``. They
+come first: up to ``num_samples`` of them (a seeded random subset, in file order, when there are more), and
+text windows fill the remaining ``num_samples - n_jsonl`` rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .recipe import CalibrationConfig
+
+__all__ = ["CalibrationSet", "load_calibration", "calibration_batches", "iter_batches", "tokenize_text_files",
+           "read_jsonl_samples"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration samples and where they came from.
+
+    Attributes:
+        input_ids: int64 ``[n, seq_len]`` (``n == num_samples`` unless the JSONL files alone were too few).
+        text_tokens: tokens of the concatenated text files (0 when none were read).
+        num_windows: rows drawn from the text; num_jsonl: rows taken from JSONL files (they come first).
+        jsonl_dropped: JSONL samples dropped for having fewer than ``seq_len`` tokens.
+        window_starts: int64 ``[num_windows]`` start offsets of the text windows.
+    """
+
+    input_ids: torch.Tensor
+    text_tokens: int = 0
+    num_windows: int = 0
+    num_jsonl: int = 0
+    jsonl_dropped: int = 0
+    window_starts: torch.Tensor | None = None
+
+    def summary(self) -> str:
+        n, s = self.input_ids.shape
+        out = f"{n} calibration samples x {s} tokens ({self.num_windows} text windows from {self.text_tokens} " \
+              f"tokens, {self.num_jsonl} JSONL samples"
+        return out + (f", {self.jsonl_dropped} JSONL samples dropped as shorter than {s} tokens)"
+                      if self.jsonl_dropped else ")")
+
+
+def _tokenizer(tokenizer_or_path: Any):
+    if isinstance(tokenizer_or_path, (str, os.PathLike)):
+        import transformers
+
+        return transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_or_path))
+    return tokenizer_or_path
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} not found; pass an existing file (calibration.{what.split()[0]}_files "
+                                f"in the recipe or --calib)")
+    return p
+
+
+def tokenize_text_files(tokenizer: Any, paths: list[str]) -> torch.Tensor:
+    """The text files joined in order with ``"\\n\\n"`` and tokenized once: int64 ``[n_tokens]``."""
+    texts = []
+    for path in paths:
+        p = _existing(path, "text file")
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"calibration text {p} is empty; pass a file with text or remove it from text_files")
+        texts.append(text)
+    return torch.tensor(_tokenizer(tokenizer)("\n\n".join(texts))["input_ids"], dtype=torch.long)
+
+
+def _check_ids(ids: Any, where: str, vocab: int | None) -> list[int]:
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(f"{where}: 'input_ids' must be a list of non-negative integers")
+    if vocab is not None and ids and max(ids) >= vocab:
+        raise ValueError(f"{where}: token id {max(ids)} is outside the tokenizer's vocabulary of {vocab}; "
+                         "were these ids made with another tokenizer?")
+    return ids
+
+
+def read_jsonl_samples(tokenizer: Any, path: str | os.PathLike, seq_len: int) -> tuple[list[torch.Tensor], int]:
+    """Samples of one JSONL file truncated to ``seq_len``: ``(kept [seq_len] tensors, dropped count)``.
+
+    Each non-blank line is ``{"input_ids": [...]}`` or ``{"text": "..."}``; samples shorter than ``seq_len``
+    tokens are dropped.
+    """
+    p = _existing(path, "jsonl file")
+    tok = None
+    vocab = None
+    kept: list[torch.Tensor] = []
+    dropped = 0
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc}); each line must be one JSON object") from None
+            if isinstance(rec, dict) and "input_ids" in rec:
+                if vocab is None and hasattr(tokenizer, "__len__") and not isinstance(tokenizer, (str, os.PathLike)):
+                    vocab = len(tokenizer)
+                ids = _check_ids(rec["input_ids"], where, vocab)
+            elif isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                tok = tok or _tokenizer(tokenizer)
+                ids = list(tok(rec["text"])["input_ids"])
+            else:
+                raise ValueError(f"{where}: expected an object with 'input_ids' (list of ints) or 'text' (string)")
+            if len(ids) < seq_len:
+                dropped += 1
+            else:
+                kept.append(torch.tensor(ids[:seq_len], dtype=torch.long))
+    return kept, dropped
+
+
+def load_calibration(tokenizer: Any, cfg: CalibrationConfig) -> CalibrationSet:
+    """Builds the calibration samples of ``cfg`` (see the module docstring).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``) or a path for ``AutoTokenizer``.
+        cfg: the :class:`~moequant.recipe.CalibrationConfig`.
+    Raises:
+        FileNotFoundError: a listed file does not exist. ValueError: no files, empty text, fewer than
+        ``seq_len + 1`` text tokens, malformed JSONL, or no sample at all.
+    """
+    if not isinstance(cfg, CalibrationConfig):
+        raise ValueError(f"cfg: expected a CalibrationConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    n, seq_len = cfg.num_samples, cfg.seq_len
+    if not cfg.text_files and not cfg.jsonl_files:
+        raise ValueError("calibration: no text_files or jsonl_files given; pass --calib FILE (or set "
+                         "calibration.text_files in the recipe), or use method 'rtn' which needs no data")
+    rows: list[torch.Tensor] = []
+    dropped = total = 0
+    for path in cfg.jsonl_files:
+        kept, d = read_jsonl_samples(tokenizer, path, seq_len)
+        rows += kept
+        dropped += d
+        total += len(kept) + d
+    if dropped:
+        logger.warning("calibration: dropped %d of %d JSONL samples shorter than seq_len=%d tokens",
+                       dropped, total, seq_len)
+    if cfg.jsonl_files and not rows and not cfg.text_files:
+        raise ValueError(f"calibration: none of the {total} JSONL samples has seq_len={seq_len} tokens; "
+                         "use a smaller seq_len or longer samples")
+    if len(rows) > n:
+        g = torch.Generator().manual_seed(cfg.seed)
+        pick = torch.randperm(len(rows), generator=g)[:n].sort().values
+        rows = [rows[i] for i in pick.tolist()]
+    need = n - len(rows)
+    out = CalibrationSet(input_ids=torch.empty(0, seq_len, dtype=torch.long), num_jsonl=len(rows),
+                         jsonl_dropped=dropped)
+    if need and cfg.text_files:
+        ids = tokenize_text_files(tokenizer, cfg.text_files)
+        out.text_tokens = int(ids.numel())
+        if ids.numel() < seq_len + 1:
+            raise ValueError(f"calibration text ({', '.join(cfg.text_files)}) yields {ids.numel()} tokens, fewer "
+                             f"than seq_len + 1 = {seq_len + 1}; use more text or a smaller seq_len")
+        g = torch.Generator().manual_seed(cfg.seed)
+        starts = torch.randint(0, ids.numel() - seq_len, (need,), generator=g)
+        rows.append(ids[starts[:, None] + torch.arange(seq_len)])
+        out.num_windows, out.window_starts = need, starts
+    elif need:
+        logger.warning("calibration: only %d samples of %d tokens available (num_samples=%d); add text_files or "
+                       "lower num_samples", len(rows), seq_len, n)
+    elif cfg.text_files:
+        logger.info("calibration: JSONL files gave all %d samples; text_files unused", n)
+    out.input_ids = torch.cat([r.reshape(-1, seq_len) for r in rows]) if rows else out.input_ids
+    logger.info("calibration: %s", out.summary())
+    return out
+
+
+def calibration_batches(tokenizer: Any, cfg: CalibrationConfig) -> torch.Tensor:
+    """The calibration samples of ``cfg``: int64 ``[num_samples, seq_len]`` (see :func:`load_calibration`)."""
+    return load_calibration(tokenizer, cfg).input_ids
+
+
+def iter_batches(input_ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of ``batch_size`` rows of ``input_ids`` ``[n, seq_len]`` (the last may be smaller)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    for i in range(0, input_ids.shape[0], batch_size):
+        yield input_ids[i:i + batch_size]

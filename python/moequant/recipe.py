@@ -1,0 +1,448 @@
+"""Quantization recipes: what to quantize, how, and with which calibration data.
+
+A :class:`Recipe` is plain, validated data (dataclasses) that round-trips through ``to_dict()`` /
+``from_dict()`` and JSON or YAML files (``Recipe.load(path)``, ``recipe.save(path)``). Every bad value raises
+ValueError naming the field, the expected and the actual value, and a remedy; unknown keys are an error
+that lists the known ones.
+
+Resolution of one module (:meth:`Recipe.resolve`), by its full *checkpoint* module name, the name it has in the
+exported compressed-tensors checkpoint (``"model.layers.3.self_attn.q_proj"``; routed experts one by one, e.g.
+``"model.layers.3.mlp.experts.7.gate_proj"``, Mixtral ``"model.layers.3.block_sparse_moe.experts.7.w1"``):
+
+1. a module matched by any ``ignore`` pattern stays in high precision (``None``); overrides cannot re-enable it;
+2. otherwise the **last** matching entry of ``overrides`` wins (order matters, like CSS): ``skip=True`` keeps
+   the module in high precision, else its ``scheme`` fields replace those of the base ``scheme`` (fields of
+   earlier matching overrides are *not* merged in);
+3. with no matching override the base ``scheme`` applies.
+
+Patterns: ``"re:<regex>"`` uses ``re.match`` on the full name (anchored at the start, like compressed-tensors:
+``"re:.*mlp\\.gate$"``); anything else is a case-sensitive glob (``fnmatch``) on the full name
+(``"model.layers.*.self_attn.*"``; a plain name such as ``"lm_head"`` matches only itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn, Optional
+
+__all__ = [
+    "RECIPE_VERSION", "DEFAULT_IGNORE", "QuantScheme", "Override", "CalibrationConfig", "FallbackConfig",
+    "Recipe", "match_pattern",
+]
+
+RECIPE_VERSION = 1
+DEFAULT_IGNORE = (
+    "lm_head",                 # output head (tied to the embeddings in many small models)
+    "re:.*embed_tokens$",      # token embeddings
+    "re:.*mlp\\.gate$",        # routers (Qwen, DeepSeek, OLMoE)
+    "re:.*block_sparse_moe\\.gate$",  # routers (Mixtral, PhiMoE checkpoints)
+    "re:.*\\.router(\\.layer)?$",  # routers (GPT-OSS; GraniteMoE checkpoint: router.layer)
+    "re:.*shared_expert_gate$",  # sigmoid gate of the shared expert, nn.Linear [1, H] (cannot be packed)
+)
+_METHODS = ("gptq", "rtn")
+_SEARCHES = ("minmax", "mse")
+_POLICIES = ("mean", "identity", "rtn")
+_HESSIAN_DTYPES = ("float32", "float64")
+
+
+def _fail(name: str, expected: str, got: Any, remedy: str = "") -> NoReturn:
+    msg = f"{name}: expected {expected}, got {got!r}"
+    raise ValueError(msg + (f"; {remedy}" if remedy else ""))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_int(name: str, v: Any, lo: int, remedy: str = "") -> None:
+    if not _is_int(v) or v < lo:
+        _fail(name, f"an integer >= {lo}", v, remedy)
+
+
+def _check_choice(name: str, v: Any, choices: tuple, remedy: str = "") -> None:
+    if v not in choices:
+        _fail(name, f"one of {', '.join(map(repr, choices))}", v, remedy)
+
+
+def _check_bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        _fail(name, "true or false", v)
+
+
+def _check_pos_float(name: str, v: Any, hi: Optional[float] = None, remedy: str = "") -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+    if not ok or (hi is not None and v > hi):
+        _fail(name, "a finite number > 0" + (f" and <= {hi}" if hi is not None else ""), v, remedy)
+
+
+def _check_keys(cls: type, data: Any, where: str) -> dict:
+    if not isinstance(data, dict):
+        _fail(where, "a mapping", data)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+    return data
+
+
+def _str_list(name: str, v: Any) -> list[str]:
+    if isinstance(v, (str, os.PathLike)):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in v):
+        _fail(name, "a list of strings", v)
+    return [os.fspath(x) for x in v]
+
+
+class _Dict:
+    """``to_dict()`` / ``from_dict()`` for the flat config dataclasses (unknown keys are an error)."""
+
+    _where: ClassVar[str] = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**_check_keys(cls, data, cls._where))
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """Whether a module ``name`` matches ``pattern`` (``"re:<regex>"``: ``re.match``; else a case-sensitive glob)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_pattern(name: str, pattern: Any) -> None:
+    if not isinstance(pattern, str) or not pattern or pattern == "re:":
+        _fail(name, "a non-empty glob or 're:<regex>' pattern", pattern)
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            _fail(name, "a valid regular expression after 're:'", pattern, f"fix the regex ({exc})")
+
+
+@dataclass
+class QuantScheme(_Dict):
+    """Weight quantization of one module.
+
+    Attributes:
+        bits: code width, 2..8. group_size: input columns per scale (a divisor of in_features); ``-1`` (or
+            None, stored as -1) = one scale per output channel. symmetric: no zero point.
+        method: ``"gptq"`` (Hessian-aware, needs calibration data) or ``"rtn"`` (round to nearest).
+        scale_search: ``"minmax"`` or ``"mse"`` (grid search of shrink factors ``1 - i/mse_grid`` down to
+            ``mse_min_shrink``, error ``sum |w - q|^mse_norm``).
+        act_order: GPTQ column order by decreasing Hessian diagonal (static groups, no g_idx).
+        damp: GPTQ damping, a fraction of ``mean(diag H)``. block_size: GPTQ lazy-update block width.
+    """
+
+    _where: ClassVar[str] = "scheme"
+    bits: int = 4
+    group_size: Optional[int] = 128
+    symmetric: bool = False
+    method: str = "gptq"
+    scale_search: str = "minmax"
+    mse_grid: int = 100
+    mse_min_shrink: float = 0.2
+    mse_norm: float = 2.4
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.group_size is None:
+            self.group_size = -1
+        if not _is_int(self.bits) or not 2 <= self.bits <= 8:
+            _fail("bits", "an integer in [2, 8]", self.bits, "use 4 (W4A16) or 8 for sensitive modules")
+        if not _is_int(self.group_size) or (self.group_size < 1 and self.group_size != -1):
+            _fail("group_size", "a positive integer (e.g. 128) or -1 for per-channel", self.group_size)
+        _check_bool("symmetric", self.symmetric)
+        _check_choice("method", self.method, _METHODS, "use 'rtn' when no calibration data is available")
+        _check_choice("scale_search", self.scale_search, _SEARCHES)
+        _check_int("mse_grid", self.mse_grid, 1, "the default is 100")
+        _check_pos_float("mse_min_shrink", self.mse_min_shrink, 1.0, "the default is 0.2")
+        _check_pos_float("mse_norm", self.mse_norm, remedy="the default is 2.4")
+        _check_bool("act_order", self.act_order)
+        _check_pos_float("damp", self.damp, remedy="typical values are 0.01 to 0.1")
+        _check_int("block_size", self.block_size, 1, "the default is 128")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.group_size == -1
+
+    def replace(self, **changes: Any) -> "QuantScheme":
+        """A copy with some fields changed (validated; unknown field names are an error)."""
+        _check_keys(QuantScheme, changes, "scheme")
+        return dataclasses.replace(self, **changes)
+
+    def quant_kwargs(self) -> dict:
+        """Keyword arguments shared by :func:`moequant.ops.quantize_rtn` and :func:`moequant.ops.gptq_quantize`."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "scale_search": self.scale_search, "mse_grid": self.mse_grid,
+                "mse_min_shrink": self.mse_min_shrink, "mse_norm": self.mse_norm}
+
+    def gptq_kwargs(self) -> dict:
+        """Keyword arguments of :func:`moequant.ops.gptq_quantize` (besides ``w``, ``h``, ``scale_dtype``)."""
+        return {**self.quant_kwargs(), "act_order": self.act_order, "damp": self.damp, "block_size": self.block_size}
+
+    def describe(self) -> str:
+        """Short label, e.g. ``"W4 g128 asym gptq"``."""
+        g = "per-channel" if self.per_channel else f"g{self.group_size}"
+        extra = (" act-order" if self.act_order and self.method == "gptq" else "") + \
+            (" mse" if self.scale_search == "mse" else "")
+        return f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'} {self.method}{extra}"
+
+
+@dataclass
+class Override(_Dict):
+    """Per-module exception to the base scheme.
+
+    Attributes:
+        pattern: glob on the full module name or ``"re:<regex>"`` (``re.match``).
+        scheme: QuantScheme fields to change relative to the recipe's base scheme (None or {}: the base scheme).
+        skip: keep matching modules in high precision (then ``scheme`` must be empty).
+    """
+
+    _where: ClassVar[str] = "overrides[]"
+    pattern: str
+    scheme: Optional[dict] = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        _check_pattern("overrides.pattern", self.pattern)
+        _check_bool("overrides.skip", self.skip)
+        if self.scheme is None:
+            self.scheme = {}
+        if not isinstance(self.scheme, dict):
+            _fail("overrides.scheme", "a mapping of QuantScheme fields (e.g. {bits: 8})", self.scheme)
+        if self.skip and self.scheme:
+            _fail("overrides.scheme", "nothing when skip is true", self.scheme,
+                  f"drop either 'skip' or 'scheme' from the override of {self.pattern!r}")
+        try:
+            QuantScheme().replace(**self.scheme)
+        except ValueError as exc:
+            raise ValueError(f"overrides[{self.pattern!r}].{exc}") from None
+
+    def matches(self, name: str) -> bool:
+        return match_pattern(self.pattern, name)
+
+    def to_dict(self) -> dict:
+        out: dict = {"pattern": self.pattern}
+        if self.scheme:
+            out["scheme"] = dict(self.scheme)
+        if self.skip:
+            out["skip"] = True
+        return out
+
+
+@dataclass
+class CalibrationConfig(_Dict):
+    """Calibration data (see :mod:`moequant.data`).
+
+    Attributes:
+        text_files: UTF-8 text files, concatenated in order, from which ``num_samples`` random windows are drawn.
+        jsonl_files: JSONL files of ``{"input_ids": [...]}`` or ``{"text": "..."}`` lines, used as whole samples
+            (those of at least ``seq_len`` tokens, truncated to ``seq_len``).
+        num_samples, seq_len: calibration samples and their length in tokens.
+        seed: seed of the local generator drawing the windows. batch_size: samples per forward pass.
+    """
+
+    _where: ClassVar[str] = "calibration"
+    text_files: list = field(default_factory=list)
+    jsonl_files: list = field(default_factory=list)
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Re-checks every field (also called by :func:`moequant.data.calibration_batches`)."""
+        self.text_files = _str_list("calibration.text_files", self.text_files)
+        self.jsonl_files = _str_list("calibration.jsonl_files", self.jsonl_files)
+        _check_int("calibration.num_samples", self.num_samples, 1, "128 is the reference protocol")
+        _check_int("calibration.seq_len", self.seq_len, 2, "512 is the reference protocol")
+        _check_int("calibration.seed", self.seed, 0)
+        _check_int("calibration.batch_size", self.batch_size, 1, "lower it if memory runs out")
+
+
+@dataclass
+class FallbackConfig(_Dict):
+    """Experts that received fewer than ``min_tokens`` calibration tokens.
+
+    ``policy``: ``"mean"`` (GPTQ on the mean Hessian of the layer's experts), ``"identity"`` (GPTQ with
+    ``H = I``, equivalent to RTN) or ``"rtn"`` (plain round to nearest).
+    """
+
+    _where: ClassVar[str] = "fallback"
+    min_tokens: int = 8
+    policy: str = "mean"
+
+    def __post_init__(self) -> None:
+        _check_int("fallback.min_tokens", self.min_tokens, 0)
+        _check_choice("fallback.policy", self.policy, _POLICIES)
+
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+
+
+@dataclass
+class Recipe:
+    """A full quantization recipe (see the module docstring for the resolution rules).
+
+    Attributes:
+        scheme: the base :class:`QuantScheme`. ignore: patterns of modules kept in high precision
+            (default :data:`DEFAULT_IGNORE`: lm_head, embeddings, routers, shared_expert_gate).
+        overrides: ordered :class:`Override` list, the last match wins. calibration, fallback: see those classes.
+        hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
+        routing_weighted: weight each routed token's Hessian contribution by its routing weight.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (the pipeline picks). version: recipe format version.
+    """
+
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    ignore: list = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    overrides: list = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    hessian_dtype: str = "float32"
+    routing_weighted: bool = False
+    device: Optional[str] = None
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            _fail("version", str(RECIPE_VERSION), self.version,
+                  "this moequant reads recipe version 1; upgrade moequant or rewrite the recipe")
+        for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls.from_dict(getattr(self, name)))
+            if not isinstance(getattr(self, name), cls):
+                _fail(name, f"a {cls.__name__} or a mapping", getattr(self, name))
+        if not isinstance(self.ignore, (list, tuple)):
+            _fail("ignore", "a list of patterns", self.ignore)
+        self.ignore = list(self.ignore)
+        for i, p in enumerate(self.ignore):
+            _check_pattern(f"ignore[{i}]", p)
+        if not isinstance(self.overrides, (list, tuple)):
+            _fail("overrides", "a list of {pattern, scheme, skip} entries", self.overrides)
+        self.overrides = [Override.from_dict(o) if isinstance(o, dict) else o for o in self.overrides]
+        for i, o in enumerate(self.overrides):
+            if not isinstance(o, Override):
+                _fail(f"overrides[{i}]", "an Override or a mapping", o)
+        _check_choice("hessian_dtype", self.hessian_dtype, _HESSIAN_DTYPES)
+        _check_bool("routing_weighted", self.routing_weighted)
+        if self.device is not None and (not isinstance(self.device, str) or not _DEVICE_RE.match(self.device)):
+            _fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
+
+    # ------------------------------------------------------------------ resolution
+    def is_ignored(self, module_name: str) -> bool:
+        """Whether ``module_name`` matches an ``ignore`` pattern."""
+        return any(match_pattern(p, module_name) for p in self.ignore)
+
+    def matching_override(self, module_name: str) -> Optional[Override]:
+        """The last override whose pattern matches ``module_name``, or None."""
+        for o in reversed(self.overrides):
+            if o.matches(module_name):
+                return o
+        return None
+
+    def resolve(self, module_name: str) -> Optional[QuantScheme]:
+        """The scheme of a module, or None when it stays in high precision (ignored or a skip override)."""
+        if self.is_ignored(module_name):
+            return None
+        o = self.matching_override(module_name)
+        if o is None:
+            return self.scheme
+        return None if o.skip else self.scheme.replace(**o.scheme)
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML-able dict (``from_dict(to_dict())`` reproduces the recipe)."""
+        return {"version": self.version, "scheme": self.scheme.to_dict(), "ignore": list(self.ignore),
+                "overrides": [o.to_dict() for o in self.overrides], "calibration": self.calibration.to_dict(),
+                "fallback": self.fallback.to_dict(), "hessian_dtype": self.hessian_dtype,
+                "routing_weighted": self.routing_weighted, "device": self.device}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """Builds a recipe from a dict; missing keys take their defaults, unknown keys are an error."""
+        return cls(**_check_keys(cls, data, "recipe"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        """Reads a ``.json``, ``.yaml`` or ``.yml`` recipe file."""
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"recipe file {p} not found; pass an existing .yaml/.yml/.json file")
+        fmt, text = _format_of(p), p.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if fmt == "json" else _yaml().safe_load(text)
+        except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError
+            raise ValueError(f"recipe file {p}: not valid {fmt.upper()} ({exc})") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe file {p}: expected a mapping at the top level, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"recipe file {p}: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the recipe as JSON or YAML, chosen by the suffix of ``path``."""
+        p = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) + "\n" if _format_of(p) == "json" else \
+            _yaml().safe_dump(self.to_dict(), sort_keys=False)
+        p.write_text(text, encoding="utf-8")
+
+    # ------------------------------------------------------------------ CLI flags
+    @classmethod
+    def from_cli(cls, base: "Recipe | str | os.PathLike | None" = None, *, bits: Optional[int] = None,
+                 group_size: Optional[int] = None, symmetric: Optional[bool] = None, method: Optional[str] = None,
+                 calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
+                 device: Optional[str] = None) -> "Recipe":
+        """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
+
+        A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
+        ``bits``/``group_size``/``symmetric``/``method`` change the *base* scheme (overrides still apply on top).
+        ``calib`` replaces both calibration file lists: ``*.jsonl`` paths go to ``jsonl_files``, others to
+        ``text_files``.
+        """
+        data = (base if isinstance(base, Recipe) else cls() if base is None else cls.load(base)).to_dict()
+        for key, val in (("bits", bits), ("group_size", group_size), ("symmetric", symmetric), ("method", method)):
+            if val is not None:
+                data["scheme"][key] = val
+        cal = data["calibration"]
+        if calib is not None:
+            calib = _str_list("--calib", calib)
+            cal["jsonl_files"] = [c for c in calib if c.endswith(".jsonl")]
+            cal["text_files"] = [c for c in calib if not c.endswith(".jsonl")]
+        for key, val in (("num_samples", num_samples), ("seq_len", seq_len)):
+            if val is not None:
+                cal[key] = val
+        if device is not None:
+            data["device"] = device
+        return cls.from_dict(data)
+
+
+def _yaml():
+    import yaml  # imported lazily: only YAML recipes need it
+
+    return yaml
+
+
+def _format_of(p: Path) -> str:
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    raise ValueError(f"recipe file {p}: expected a .json, .yaml or .yml suffix, got {suffix or 'none'!r}")

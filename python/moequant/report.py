@@ -1,0 +1,104 @@
+"""What a quantization run did, per layer and per module: saved as JSON next to every output."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+
+@dataclasses.dataclass
+class ModuleRecord:
+    """One quantized matrix (an nn.Linear, or one expert's gate+up solved together, or its down)."""
+
+    name: str                       # on-disk module name (gate+up: the gate name with "+up")
+    scheme: str                     # e.g. "W4 g128 asym gptq"
+    method: str                     # "gptq" | "rtn"
+    tokens: int                     # calibration rows behind its Hessian
+    loss: Optional[float] = None    # GPTQ proxy loss tr(dW H dW^T) on the mass-normalised Hessian
+    fallback: Optional[str] = None  # None, or the fallback policy used for a starved expert
+    escalations: int = 0            # damping escalations of the Cholesky factorisation
+    dead_columns: int = 0
+
+
+@dataclasses.dataclass
+class LayerRecord:
+    index: int
+    prefix: str
+    seconds: float
+    moe: bool
+    expert_tokens: list = dataclasses.field(default_factory=list)  # routed rows per expert
+    expert_mass: list = dataclasses.field(default_factory=list)    # routing-weight mass per expert
+    modules: list = dataclasses.field(default_factory=list)        # ModuleRecord
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerRecord":
+        d = dict(d)
+        d["modules"] = [ModuleRecord(**m) for m in d.get("modules", [])]
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class QuantizationReport:
+    """The result of :func:`moequant.quantize`: per-layer records plus run facts."""
+
+    model: str
+    family: str
+    recipe: dict
+    device: str
+    calibration_samples: int
+    calibration_seq_len: int
+    layers: list = dataclasses.field(default_factory=list)  # LayerRecord
+    output_dir: Optional[str] = None
+    export_format: Optional[str] = None
+    seconds: float = 0.0
+    resumed_from_layer: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @property
+    def fallbacks(self) -> list:
+        return [(layer.index, m.name, m.fallback) for layer in self.layers for m in layer.modules if m.fallback]
+
+    def summary(self) -> str:
+        """A short human-readable summary: one line per layer, then totals."""
+        lines = [f"moequant: {self.family} model {self.model}, {len(self.layers)} layers on {self.device}, "
+                 f"calibration {self.calibration_samples} x {self.calibration_seq_len} tokens"]
+        for layer in self.layers:
+            losses = [m.loss for m in layer.modules if m.loss is not None and math.isfinite(m.loss)]
+            mean_loss = sum(losses) / len(losses) if losses else float("nan")
+            tok = layer.expert_tokens
+            util = ""
+            if tok:
+                starved = sum(1 for t in tok if t == 0)
+                util = f" experts: min/median/max tokens {min(tok)}/{sorted(tok)[len(tok) // 2]}/{max(tok)}" \
+                       f", {starved} with none,"
+            fb = sum(1 for m in layer.modules if m.fallback)
+            lines.append(f"  layer {layer.index:3d}: {len(layer.modules)} matrices,{util} fallbacks {fb}, "
+                         f"mean GPTQ loss {mean_loss:.4g}, {layer.seconds:.1f} s")
+        lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
+                                                        if self.output_dir else ""))
+        return "\n".join(lines)
+
+    def utilization_table(self) -> str:
+        """Tokens per expert per layer as a text heat map (rows: layers, columns: experts)."""
+        shades = " .:-=+*#%@"
+        rows = []
+        for layer in self.layers:
+            if not layer.expert_tokens:
+                continue
+            top = max(layer.expert_tokens) or 1
+            rows.append(f"L{layer.index:3d} |" + "".join(shades[min(9, int(9 * t / top))]
+                                                       for t in layer.expert_tokens) + "|")
+        return "\n".join(rows)

@@ -1,0 +1,155 @@
+"""Per-layer quantization decisions: which solver, which Hessian, which fallback (orchestration, no math).
+
+The math is in :mod:`moequant.ops` (C++ core / CUDA kernels). This module maps a calibrated decoder layer
+(a :class:`moequant.capture.LayerCapture` after the calibration forward) and a recipe to quantized weights,
+writes the dequantized weights back into the layer (so the next layer is calibrated on the quantized model),
+and returns the per-matrix results keyed by on-disk module name.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from . import ops
+from .models import MoEFamily, split_expert
+from .recipe import QuantScheme, Recipe
+from .report import ModuleRecord
+
+logger = logging.getLogger(__name__)
+
+
+def _solve(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
+           storage: torch.dtype) -> ops.QuantizedTensor:
+    """Quantizes ``w`` with scales representable in ``storage`` (the checkpoint dtype)."""
+    if scheme.method == "rtn" or h is None:
+        qt = ops.quantize_rtn(w, scale_dtype=storage, **scheme.quant_kwargs())
+    else:
+        qt = ops.gptq_quantize(w, h, scale_dtype=storage, **scheme.gptq_kwargs())
+    if scheme.per_channel:
+        qt.group_size = -1  # keep the recipe's scheme (not the effective group of in_features) for the export
+    return qt
+
+
+def _write_back(param: torch.Tensor, qt: ops.QuantizedTensor, storage: torch.dtype) -> None:
+    """The layer keeps computing with exactly what a loader reconstructs: the dequantized weight in ``storage``."""
+    param.copy_(qt.dequantized.to(storage).to(param.dtype))
+
+
+def _rows(qt: ops.QuantizedTensor, sl: slice) -> ops.QuantizedTensor:
+    """Rows ``sl`` of a quantized matrix (rows are independent given the Hessian)."""
+    return ops.QuantizedTensor(codes=qt.codes[sl].contiguous(), scale=qt.scale[sl].contiguous(),
+                               zero_point=qt.zero_point[sl].contiguous(), dequantized=qt.dequantized[sl],
+                               bits=qt.bits, group_size=qt.group_size, symmetric=qt.symmetric,
+                               scale_dtype=qt.scale_dtype, loss=qt.loss, info=qt.info)
+
+
+class ExpertHessians:
+    """Normalised expert Hessians of one accumulator with the recipe's fallback for starved experts."""
+
+    def __init__(self, acc: ops.HessianAccumulator, min_tokens: int, policy: str):
+        self.acc, self.min_tokens, self.policy = acc, min_tokens, policy
+        self.counts = [int(c) for c in acc.counts.tolist()]
+        self._mean: Optional[torch.Tensor] = None
+        self._warned = False
+
+    def _layer_mean(self) -> Optional[torch.Tensor]:
+        """Mean normalised Hessian of the well-calibrated experts (those with min_tokens), or else of every
+        expert that saw any token; None when no expert saw a token."""
+        if self._mean is None:
+            ok = [e for e, c in enumerate(self.counts) if c >= self.min_tokens] or \
+                 [e for e, c in enumerate(self.counts) if c > 0]
+            if ok:
+                self._mean = sum(self.acc.hessian(e) for e in ok) / len(ok)
+        return self._mean
+
+    def get(self, e: int) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
+        """(Hessian or None for RTN, fallback used or None, force RTN)."""
+        if self.counts[e] >= self.min_tokens:
+            return self.acc.hessian(e), None, False
+        if self.policy == "rtn":
+            return None, "rtn", True
+        if self.policy == "mean":
+            mean = self._layer_mean()
+            if mean is not None:
+                return mean, "mean", False
+            if not self._warned:
+                logger.warning("no expert of this layer saw a calibration token: identity Hessian fallback")
+                self._warned = True
+        dim = self.acc.dim
+        return torch.eye(dim, dtype=self.acc.dtype, device=self.acc.device), "identity", False
+
+
+def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor, fallback: Optional[str],
+            forced_rtn: bool) -> ModuleRecord:
+    method = "rtn" if forced_rtn else scheme.method
+    return ModuleRecord(name=name, scheme=scheme.describe() if not forced_rtn else scheme.replace(method="rtn")
+                        .describe(), method=method, tokens=tokens, loss=qt.loss, fallback=fallback,
+                        escalations=qt.escalations, dead_columns=qt.dead_columns)
+
+
+@torch.no_grad()
+def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype) -> tuple[dict, list]:
+    """Quantizes the captured plain Linears of a layer in place; returns ({disk_name: qt}, [ModuleRecord])."""
+    results, records = {}, []
+    lc = capture.linears
+    for name, lin in lc.modules.items():
+        disk = family.disk_name(name)
+        scheme = recipe.resolve(disk)
+        if scheme is None:
+            continue
+        acc = lc.accumulators[name]
+        tokens = int(acc.counts[0])
+        h = acc.hessian(0) if tokens > 0 else None
+        fallback = None if tokens > 0 else "rtn"
+        qt = _solve(lin.weight, h, scheme, storage)
+        _write_back(lin.weight, qt, storage)
+        results[disk] = qt
+        records.append(_record(disk, scheme, tokens, qt, fallback, h is None and scheme.method == "gptq"))
+    return results, records
+
+
+@torch.no_grad()
+def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: str,
+                     storage: torch.dtype) -> tuple[dict, list]:
+    """Quantizes every routed expert of a layer in place (gate and up share one Hessian and, when their
+    schemes agree, one solve); returns ({disk_name: qt}, [ModuleRecord])."""
+    ec = capture.experts
+    if ec is None:
+        return {}, []
+    experts = ec.experts
+    fb = recipe.fallback
+    hgu = ExpertHessians(ec.gate_up, fb.min_tokens, fb.policy)
+    hdn = ExpertHessians(ec.down, fb.min_tokens, fb.policy)
+    results, records = {}, []
+    for e in range(ec.num_experts):
+        names = family.disk_expert_names(layer_prefix, e)
+        t = split_expert(experts, family, e)
+        sg, su, sd = (recipe.resolve(names[k]) for k in ("gate", "up", "down"))
+        tokens = hgu.counts[e]
+        h, fallback, force_rtn = hgu.get(e)
+        if sg is not None and sg == su:
+            scheme = sg.replace(method="rtn") if force_rtn else sg
+            I = t.gate.shape[0]
+            qt = _solve(torch.cat([t.gate, t.up], 0), h, scheme, storage)
+            g, u = _rows(qt, slice(0, I)), _rows(qt, slice(I, None))
+            _write_back(t.gate, g, storage)
+            _write_back(t.up, u, storage)
+            results[names["gate"]], results[names["up"]] = g, u
+            records.append(_record(names["gate"] + "+up", sg, tokens, qt, fallback, force_rtn))
+        else:
+            for key, w, s in (("gate", t.gate, sg), ("up", t.up, su)):
+                if s is None:
+                    continue
+                qt = _solve(w, h, s.replace(method="rtn") if force_rtn else s, storage)
+                _write_back(w, qt, storage)
+                results[names[key]] = qt
+                records.append(_record(names[key], s, tokens, qt, fallback, force_rtn))
+        if sd is not None:
+            h, fallback, force_rtn = hdn.get(e)
+            qt = _solve(t.down, h, sd.replace(method="rtn") if force_rtn else sd, storage)
+            _write_back(t.down, qt, storage)
+            results[names["down"]] = qt
+            records.append(_record(names["down"], sd, tokens, qt, fallback, force_rtn))
+    return results, records

@@ -1,0 +1,233 @@
+"""End-to-end tests of moequant.quantize on tiny random-weight MoE checkpoints (plumbing, not quality).
+
+The tokenizer and calibration text are the ones the repository ships (examples/), so these tests need
+nothing from ../shared.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from moequant import ops, pipeline
+from moequant.recipe import CalibrationConfig, FallbackConfig, Override, QuantScheme, Recipe
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = REPO / "examples" / "tiny_moe" / "tokenizer"
+CALIB = REPO / "examples" / "data" / "wikitext2_calib.txt"
+
+
+def _tiny_qwen3(path: Path, seed: int = 0) -> Path:
+    """A random Qwen3-MoE (2 layers, hidden 64, 4 experts of width 64, top-2) saved with the shipped tokenizer."""
+    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+    cfg = transformers.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                      moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                      max_position_embeddings=256, tie_word_embeddings=True, norm_topk_prob=True)
+    torch.manual_seed(seed)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _recipe(**scheme) -> Recipe:
+    return Recipe(scheme=QuantScheme(group_size=32, **scheme),
+                  calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=64, batch_size=2))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _tiny_qwen3(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _tensors(d: Path) -> dict:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+def test_pack_quantized_export_layout_and_report(tiny, tmp_path):
+    out = tmp_path / "q"
+    report = pipeline.quantize(tiny, _recipe(symmetric=True), output_dir=out, progress=False)
+    assert out.is_dir() and not (tmp_path / "q.partial").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
+    w = qc["config_groups"]["group_0"]["weights"]
+    assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 32, True)
+    assert any("mlp\\.gate" in p or "mlp.gate" in p for p in qc["ignore"])
+    t = _tensors(out)
+    for layer in range(2):
+        for e in range(4):
+            for proj, shape in (("gate_proj", (64, 64)), ("up_proj", (64, 64)), ("down_proj", (64, 64))):
+                p = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                assert t[f"{p}.weight_packed"].dtype == torch.int32
+                assert tuple(t[f"{p}.weight_shape"].tolist()) == shape
+                assert f"{p}.weight" not in t and f"{p}.weight_zero_point" not in t  # symmetric: no zero point
+        assert f"model.layers.{layer}.self_attn.q_proj.weight_packed" in t
+        assert f"model.layers.{layer}.mlp.gate.weight" in t  # router stays bf16
+    saved = json.loads((out / "moequant_report.json").read_text())
+    assert len(saved["layers"]) == 2
+    assert Recipe.from_dict(json.loads((out / "moequant_recipe.json").read_text())).scheme.symmetric is True
+    # every routed (token, slot) pair is counted once: num_samples * seq_len * top_k per MoE layer
+    for layer in report.layers:
+        assert sum(layer.expert_tokens) == 4 * 64 * 2
+        assert all(m.loss is not None and m.loss == m.loss for m in layer.modules)  # finite, not NaN
+    assert "layer" in report.summary()
+
+
+def test_dequantized_export_matches_packed_codes(tiny, tmp_path):
+    """The dequantized export holds exactly (codes - zero) * scale of the pack-quantized export."""
+    r = _recipe(symmetric=False)
+    pipeline.quantize(tiny, r, output_dir=tmp_path / "p", progress=False)
+    pipeline.quantize(tiny, r, output_dir=tmp_path / "d", progress=False, export_format="dequantized")
+    packed, deq = _tensors(tmp_path / "p"), _tensors(tmp_path / "d")
+    p = "model.layers.1.mlp.experts.2.down_proj"
+    codes = ops.unpack_int32(packed[f"{p}.weight_packed"], 4, 64)
+    zp = ops.unpack_zero_points(packed[f"{p}.weight_zero_point"], 4, 64)
+    ref = ops.dequantize(codes, packed[f"{p}.weight_scale"].float(), zp, 32, 4).to(torch.bfloat16)
+    assert torch.equal(ref, deq[f"{p}.weight"])
+    assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
+
+def test_reload_with_transformers_matches_fake_quant(tiny, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    r = _recipe(symmetric=True)
+    pipeline.quantize(tiny, r, output_dir=tmp_path / "p", progress=False)
+    pipeline.quantize(tiny, r, output_dir=tmp_path / "d", progress=False, export_format="dequantized")
+    ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for d in ("p", "d"):
+        m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            logits.append(m(input_ids=ids).logits.float())
+    assert torch.allclose(logits[0], logits[1], atol=2e-2, rtol=2e-2), (logits[0] - logits[1]).abs().max()
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    r = _recipe()
+    pipeline.quantize(tiny, r, output_dir=tmp_path / "full", progress=False)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(index):
+        if index == 0:
+            raise Crash("simulated crash after layer 0")
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        pipeline.quantize(tiny, r, output_dir=out, progress=False, _after_layer=crash)
+    assert not out.exists() and (tmp_path / "resumed.partial").is_dir()  # no half-written output
+    with pytest.raises(FileExistsError, match="resume"):
+        pipeline.quantize(tiny, r, output_dir=out, progress=False)
+    with pytest.raises(ValueError, match="different"):
+        pipeline.quantize(tiny, _recipe(bits=3), output_dir=out, progress=False, resume=True)
+    report = pipeline.quantize(tiny, r, output_dir=out, progress=False, resume=True)
+    assert report.resumed_from_layer == 1
+    a, b = _tensors(tmp_path / "full"), _tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not (tmp_path / "resumed.partial").exists()
+
+
+@pytest.mark.parametrize("policy", ["mean", "identity", "rtn"])
+def test_starved_experts_fall_back_and_are_reported(tiny, policy):
+    r = _recipe()
+    r.fallback = FallbackConfig(min_tokens=10**9, policy=policy)  # every expert counts as starved
+    report = pipeline.quantize(tiny, r, progress=False)
+    for layer in report.layers:
+        rec = [m for m in layer.modules if ".experts." in m.name]
+        assert len(rec) == 4 * 2 and all(m.fallback == policy for m in rec)
+        assert all(m.method == ("rtn" if policy == "rtn" else "gptq") for m in rec)
+        assert all(m.loss is None or m.loss == m.loss for m in layer.modules)
+        attn = [m for m in layer.modules if "self_attn" in m.name]
+        assert attn and all(m.fallback is None for m in attn)
+
+
+def test_expert_hessian_fallbacks_on_a_zero_token_expert():
+    from moequant.solve import ExpertHessians
+
+    acc = ops.HessianAccumulator(3, 8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, generator=g)
+    acc.add(x, torch.tensor([0] * 20 + [1] * 20))  # expert 2 gets no token
+    mean = (acc.hessian(0) + acc.hessian(1)) / 2
+    h, fb, rtn = ExpertHessians(acc, 8, "mean").get(2)
+    assert fb == "mean" and not rtn and torch.allclose(h, mean)
+    h, fb, rtn = ExpertHessians(acc, 8, "identity").get(2)
+    assert fb == "identity" and torch.equal(h, torch.eye(8))
+    h, fb, rtn = ExpertHessians(acc, 8, "rtn").get(2)
+    assert h is None and fb == "rtn" and rtn
+    h, fb, rtn = ExpertHessians(acc, 8, "mean").get(0)
+    assert fb is None and torch.allclose(h, acc.hessians[0] / 20)
+
+
+def test_overrides_skip_and_bits(tiny, tmp_path):
+    r = _recipe(symmetric=True)
+    r.overrides = [Override(pattern="model.layers.*.self_attn.*", scheme={"bits": 8}),
+                   Override(pattern="re:model\\.layers\\.0\\.mlp\\.experts\\..*", skip=True)]
+    out = tmp_path / "q"
+    pipeline.quantize(tiny, r, output_dir=out, progress=False)
+    t = _tensors(out)
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in t  # skipped: kept in bf16
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight_packed" in t
+    assert t["model.layers.1.self_attn.q_proj.weight_packed"].shape[1] == 64 * 8 // 32  # 8 bits
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qc["config_groups"]) == 2
+    assert "model.layers.0.mlp.experts.0.gate_proj" in qc["ignore"]
+
+
+@pytest.mark.parametrize("case", ["existing_out", "bad_group", "empty_calib", "unsupported", "missing_model"])
+def test_bad_input_leaves_nothing_behind(tiny, tmp_path, case):
+    out = tmp_path / "q"
+    r, model, err = _recipe(), tiny, ValueError
+    if case == "existing_out":
+        out.mkdir()
+        err = FileExistsError
+    elif case == "bad_group":
+        r.scheme = r.scheme.replace(group_size=48)
+    elif case == "empty_calib":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("")
+        r.calibration = CalibrationConfig(text_files=[str(empty)], num_samples=2, seq_len=64)
+    elif case == "unsupported":
+        model = tmp_path / "llama"
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2)).save_pretrained(model)
+    elif case == "missing_model":
+        model, err = tmp_path / "nope", FileNotFoundError
+    with pytest.raises(err) as info:
+        pipeline.quantize(model, r, output_dir=out, progress=False)
+    if case == "bad_group":
+        assert "group_size" in str(info.value) and "divide" in str(info.value)
+    if case == "unsupported":
+        assert "qwen3_moe" in str(info.value)  # lists the supported families
+    assert out.is_dir() == (case == "existing_out")
+    assert not (tmp_path / "q.partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("q.")] == []
+
+
+@pytest.mark.gpu
+def test_gpu_path_agrees_with_cpu(tiny):
+    r = _recipe()
+    cpu = pipeline.quantize(tiny, r, progress=False)
+    r.device = "cuda"
+    gpu = pipeline.quantize(tiny, r, progress=False)
+    for lc, lg in zip(cpu.layers, gpu.layers):
+        assert lc.expert_tokens == lg.expert_tokens or sum(lc.expert_tokens) == sum(lg.expert_tokens)
+        for mc, mg in zip(lc.modules, lg.modules):
+            assert mc.name == mg.name
+            # bf16 layer compute on the GPU vs float32 on the CPU: the losses agree to a few percent
+            assert abs(mc.loss - mg.loss) <= 0.1 * abs(mc.loss) + 1e-6, (mc.name, mc.loss, mg.loss)
