@@ -30,7 +30,9 @@ PY=.venv/bin/python
 if ! $PY -c 'import torch, transformers, safetensors, compressed_tensors, pytest, scikit_build_core, pybind11, yaml, tqdm' >/dev/null 2>&1; then
   log "installing Python dependencies into .venv (torch is large: a few minutes)"
   $PY -m pip install -q --upgrade pip
-  $PY -m pip install -q torch numpy safetensors "transformers>=5" tqdm pyyaml compressed-tensors \
+  # transformers and compressed-tensors are pinned to the versions the round-trip tests were written against
+  # (docs/export.md records what loads with them); torch is the newest wheel.
+  $PY -m pip install -q torch numpy safetensors "transformers==5.23.0" tqdm pyyaml "compressed-tensors==0.20.0" \
     pytest pybind11 "scikit-build-core>=0.10" ninja cmake
 fi
 
