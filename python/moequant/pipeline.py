@@ -359,6 +359,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         report.seconds = round(time.time() - t0, 3)
         if out is not None:
             schemes = work.schemes(lazy.num_layers)
+            if export_format == "pack-quantized" and any(not sym for (_, _, sym) in schemes):
+                logger.warning("asymmetric pack-quantized checkpoint: vLLM loads it (asymmetric MoE since vLLM PR "
+                               "#44025), transformers 5.23 with compressed-tensors 0.20 does not "
+                               "(docs/export.md); use --symmetric or --format dequantized for transformers")
             qcfg = quantization_config_block(_config_groups(schemes), _ignore_list(lazy, schemes))
             export_checkpoint(model_dir, out, work.iter_replacements(lazy.num_layers), qcfg, mode=export_format,
                               extra_files={"moequant_recipe.json": recipe.to_dict(),
