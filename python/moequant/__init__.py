@@ -16,3 +16,24 @@ except ImportError as exc:  # pragma: no cover - only when the package was not b
         "Install with `pip install --no-build-isolation -e .` from the repository root "
         "(see README.md)."
     ) from exc
+
+
+def quantize(model_or_path, recipe=None, calibration=None, output_dir=None, **kwargs):
+    """Quantizes a Hugging Face MoE checkpoint layer by layer; see :func:`moequant.pipeline.quantize`.
+
+    ``recipe``: a :class:`moequant.recipe.Recipe`, its dict, or a YAML/JSON file (default W4 g128 asymmetric
+    GPTQ); ``calibration``: token ids ``[N, seq_len]``, text/JSONL file path(s), or None for the recipe's;
+    ``output_dir``: where the compressed-tensors checkpoint goes (None: nothing is written).
+    Returns a :class:`moequant.report.QuantizationReport`.
+    """
+    from .pipeline import quantize as _quantize
+
+    return _quantize(model_or_path, recipe, calibration, output_dir, **kwargs)
+
+
+def __getattr__(name):  # lazy re-exports: importing moequant stays cheap
+    if name in ("Recipe", "QuantScheme", "Override", "CalibrationConfig", "FallbackConfig"):
+        from . import recipe
+
+        return getattr(recipe, name)
+    raise AttributeError(f"module 'moequant' has no attribute {name!r}")

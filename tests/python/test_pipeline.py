@@ -231,3 +231,19 @@ def test_gpu_path_agrees_with_cpu(tiny):
             assert mc.name == mg.name
             # bf16 layer compute on the GPU vs float32 on the CPU: the losses agree to a few percent
             assert abs(mc.loss - mg.loss) <= 0.1 * abs(mc.loss) + 1e-6, (mc.name, mc.loss, mg.loss)
+
+
+def test_top_level_api_accepts_calibration_files_and_token_ids(tiny):
+    import moequant
+
+    r = _recipe()
+    r.calibration = CalibrationConfig(num_samples=4, seq_len=64, batch_size=2)  # no files in the recipe
+    with pytest.raises(ValueError, match="calibration"):
+        moequant.quantize(tiny, r)
+    from_file = moequant.quantize(tiny, r, calibration=str(CALIB), progress=False)
+    ids = torch.randint(0, 8000, (3, 64), generator=torch.Generator().manual_seed(0))
+    from_ids = moequant.quantize(tiny, r, calibration=ids, progress=False)
+    assert from_file.calibration_samples == 4 and from_ids.calibration_samples == 3
+    assert sum(from_ids.layers[0].expert_tokens) == 3 * 64 * 2
+    with pytest.raises(ValueError, match="token ids"):
+        moequant.quantize(tiny, r, calibration=ids.float())
