@@ -28,6 +28,10 @@ CONFIGS = {
     "gptq-w3": dict(bits=3, method="gptq"),
     "gptq-ao-w4": dict(bits=4, method="gptq", act_order=True),
     "gptq-ao-w3": dict(bits=3, method="gptq", act_order=True),
+    "gptq-mse-w4": dict(bits=4, method="gptq", scale_search="mse"),
+    "gptq-mse-w3": dict(bits=3, method="gptq", scale_search="mse"),
+    "gptq-ao-mse-w4": dict(bits=4, method="gptq", act_order=True, scale_search="mse"),
+    "gptq-ao-mse-w3": dict(bits=3, method="gptq", act_order=True, scale_search="mse"),
 }
 
 
