@@ -7,6 +7,7 @@
 #include "checks.h"
 #include "ops.h"
 
+#include <moequant/hadamard.h>
 #include <moequant/pack.h>
 #include <moequant/quant.h>
 
@@ -190,6 +191,88 @@ py::tuple gptq(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec, 
   return py::make_tuple(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), d);
 }
 
+py::tuple gptq_batched(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec, bool act_order, double damp,
+                       int64_t block_size, bool compute_loss, bool overwrite_h) {
+  mb::check_dim(w, "w", 3);
+  mb::check_dtype(w, "w", at::kFloat);
+  mb::check_contiguous(w, "w");
+  mb::check_dim(h, "h", 3);
+  mb::check_dtype(h, "h", at::kFloat);
+  mb::check_contiguous(h, "h");
+  if (h.size(0) != w.size(0) || h.size(1) != w.size(2) || h.size(2) != w.size(2))
+    throw std::invalid_argument(fmt::format("h: expected shape [{}, {}, {}] (experts and in_features of w), got {}",
+                                            w.size(0), w.size(2), w.size(2), mb::shape_str(h)));
+  mb::check_same_device(h, "h", w, "w");
+  if (!on_cuda(w, "w"))
+    throw std::invalid_argument("w: the batched GPTQ runs on CUDA tensors (use moequant.ops.gptq_quantize_batched, "
+                                "which loops over the CPU solver for CPU tensors)");
+#ifdef MOEQUANT_WITH_CUDA
+  mb::GptqOptions opt{act_order, damp, block_size};
+  auto [codes, scales, zeros, deq, losses, esc] = mb::gptq_batched_cuda(w, h, spec, opt, compute_loss, overwrite_h);
+  return py::make_tuple(codes, scales, zeros, deq, losses, esc);
+#else
+  return py::tuple();
+#endif
+}
+
+at::Tensor hadamard(const at::Tensor& x) {
+  if (x.dim() < 1) throw std::invalid_argument("x: expected a tensor with at least one dimension, got a scalar");
+  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
+    throw std::invalid_argument(fmt::format("x: expected dtype float32, bfloat16 or float16, got {}",
+                                            mb::dtype_str(x.scalar_type())));
+  mb::check_contiguous(x, "x");
+  const int64_t n = x.size(-1);
+  if (!moequant::hadamard_supported(n))
+    throw std::invalid_argument(fmt::format("x: expected a last dimension of {}, got {}",
+                                            moequant::hadamard_supported_text(), n));
+  if (on_cuda(x, "x")) {
+#ifdef MOEQUANT_WITH_CUDA
+    return mb::hadamard_cuda(x);
+#endif
+  }
+  return mb::hadamard_cpu(x);
+}
+
+py::tuple greedy_rounding(const at::Tensor& w, const at::Tensor& h, const at::Tensor& codes, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros, const QuantSpec& spec, int passes,
+                          double outlier_quantile) {
+  check_matrix_f32(w, "w");
+  mb::check_contiguous(w, "w");
+  mb::check_dim(h, "h", 2);
+  if (h.scalar_type() != at::kFloat && h.scalar_type() != at::kDouble)
+    throw std::invalid_argument(
+        fmt::format("h: expected dtype float32 or float64, got {}", mb::dtype_str(h.scalar_type())));
+  if (h.size(0) != w.size(1) || h.size(1) != w.size(1) || h.stride(1) != 1)
+    throw std::invalid_argument(fmt::format("h: expected shape [{}, {}] with unit column stride, got {}", w.size(1),
+                                            w.size(1), mb::shape_str(h)));
+  mb::check_dtype(codes, "codes", at::kChar);
+  mb::check_contiguous(codes, "codes");
+  if (codes.dim() != 2 || codes.size(0) != w.size(0) || codes.size(1) != w.size(1))
+    throw std::invalid_argument(fmt::format("codes: expected shape [{}, {}], got {}", w.size(0), w.size(1),
+                                            mb::shape_str(codes)));
+  const int64_t ng = moequant::num_groups(spec, w.size(1));
+  for (auto [t, name, dt] : {std::tuple<const at::Tensor*, const char*, at::ScalarType>{&scales, "scale", at::kFloat},
+                             {zeros ? &*zeros : nullptr, "zero_point", at::kInt}}) {
+    if (t == nullptr) continue;
+    mb::check_dtype(*t, name, dt);
+    mb::check_contiguous(*t, name);
+    if (t->dim() != 2 || t->size(0) != w.size(0) || t->size(1) != ng)
+      throw std::invalid_argument(fmt::format("{}: expected shape [{}, {}], got {}", name, w.size(0), ng,
+                                              mb::shape_str(*t)));
+  }
+  for (const at::Tensor* t : {&w, &h, &codes, &scales})
+    if (!t->is_cpu()) throw std::invalid_argument("greedy_rounding: runs on the CPU; pass CPU tensors");
+  auto [q, deq, info] = mb::greedy_rounding_cpu(w, h, codes, scales, zeros ? &*zeros : nullptr, spec, passes,
+                                                outlier_quantile);
+  py::dict d;
+  d["loss_before"] = info.loss_before;
+  d["loss_after"] = info.loss_after;
+  d["flips"] = info.flips;
+  d["excluded"] = info.excluded;
+  d["rows_reverted"] = info.rows_reverted;
+  return py::make_tuple(q, deq, d);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -243,4 +326,13 @@ PYBIND11_MODULE(_C, m) {
         "H[e] += sum c x x^T over rows routed to e (in place), counts and mass updated");
   m.def("gptq", &gptq, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"), py::arg("damp"),
         py::arg("block_size"), "GPTQ on the CPU -> (codes, scale, zero, dequantized, info dict)");
+  m.def("gptq_batched", &gptq_batched, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"),
+        py::arg("damp"), py::arg("block_size"), py::arg("compute_loss") = true, py::arg("overwrite_h") = false,
+        "batched GPTQ of E experts on CUDA: w [E, out, in], h [E, in, in] float32 -> (codes, scale, zero, "
+        "dequantized, losses f64 [E], escalations int32 [E])");
+  m.def("greedy_rounding", &greedy_rounding, py::arg("w"), py::arg("h"), py::arg("codes"), py::arg("scale"),
+        py::arg("zero_point"), py::arg("spec"), py::arg("passes") = 1, py::arg("outlier_quantile") = 0.99,
+        "greedy rounding correction on the CPU -> (codes int8, dequantized f32, info dict)");
+  m.def("hadamard", &hadamard, py::arg("x"),
+        "orthonormal Hadamard transform along the last dimension (CPU or CUDA; float32/bfloat16/float16)");
 }

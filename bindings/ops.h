@@ -41,6 +41,18 @@ void accumulate_hessian_cpu(at::Tensor& H, at::Tensor& counts, at::Tensor& mass,
                             const at::Tensor& ids, const at::Tensor* weights);
 std::tuple<QuantTensors, GptqInfo> gptq_cpu(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
                                             const GptqOptions& opt);
+/// x (contiguous, float32 / bfloat16 / float16, last dim n supported) -> x H_n / sqrt(n), same dtype.
+at::Tensor hadamard_cpu(const at::Tensor& x);
+/// Greedy rounding correction (moequant/rounding.h): codes int8 [r, c] (copied), scales f32 / zeros int32 (or
+/// null) [r, G] fixed -> (new codes, dequantized f32, {loss_before, loss_after, flips, excluded, rows_reverted}).
+struct RoundingInfo {
+  double loss_before = 0, loss_after = 0;
+  int64_t flips = 0, excluded = 0, rows_reverted = 0;
+};
+std::tuple<at::Tensor, at::Tensor, RoundingInfo> greedy_rounding_cpu(const at::Tensor& w, const at::Tensor& h,
+                                                                    const at::Tensor& codes, const at::Tensor& scales,
+                                                                    const at::Tensor* zeros, const QuantSpec& spec,
+                                                                    int passes, double outlier_quantile);
 
 // ---- CUDA (ops_cuda.cpp; only when built with MOEQUANT_WITH_CUDA) --------------------------------------------
 bool cuda_compiled();
@@ -51,6 +63,13 @@ at::Tensor pack_rows_cuda(const at::Tensor& q, int bits);
 at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols);
 void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,
                              const at::Tensor& ids, const at::Tensor* weights);
+/// codes [E, r, c] int8, scales [E, r, G] f32, zeros [E, r, G] int32, dequantized [E, r, c] f32,
+/// losses [E] f64 (zeros when !compute_loss), escalations [E] int32.
+using GptqBatchedTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+/// w [E, r, c] and h [E, c, c] float32 contiguous CUDA tensors; h is overwritten when overwrite_h (else copied).
+GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
+                                     const GptqOptions& opt, bool compute_loss, bool overwrite_h);
+at::Tensor hadamard_cuda(const at::Tensor& x);
 
 }  // namespace bindings
 }  // namespace moequant

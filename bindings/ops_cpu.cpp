@@ -3,9 +3,11 @@
 #include "ops.h"
 
 #include <moequant/gptq.h>
+#include <moequant/hadamard.h>
 #include <moequant/hessian.h>
 #include <moequant/pack.h>
 #include <moequant/quant.h>
+#include <moequant/rounding.h>
 
 #include <pybind11/pybind11.h>
 
@@ -104,6 +106,44 @@ std::tuple<QuantTensors, GptqInfo> gptq_cpu(const at::Tensor& w, const at::Tenso
   throw_if_error(s);
   GptqInfo info{report.loss, report.damp_fraction, report.damp_value, report.escalations, report.dead_columns};
   return {out, info};
+}
+
+at::Tensor hadamard_cpu(const at::Tensor& x) {
+  const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    s = hadamard_transform(xf.data_ptr<float>(), out.data_ptr<float>(), rows, n);
+  }
+  throw_if_error(s);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, RoundingInfo> greedy_rounding_cpu(const at::Tensor& w, const at::Tensor& h,
+                                                                    const at::Tensor& codes, const at::Tensor& scales,
+                                                                    const at::Tensor* zeros, const QuantSpec& spec,
+                                                                    int passes, double outlier_quantile) {
+  at::Tensor q = codes.clone();
+  at::Tensor deq = at::empty(w.sizes(), w.options().dtype(at::kFloat));
+  RoundingArgs args;
+  args.passes = passes;
+  args.outlier_quantile = outlier_quantile;
+  RoundingReport rep;
+  const int32_t* zp = zeros ? zeros->data_ptr<int32_t>() : nullptr;
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (h.scalar_type() == at::kDouble)
+      s = greedy_rounding<double>(view_of(w), h.data_ptr<double>(), h.stride(0), spec, scales.data_ptr<float>(), zp,
+                                  q.data_ptr<int8_t>(), deq.data_ptr<float>(), args, &rep);
+    else
+      s = greedy_rounding<float>(view_of(w), h.data_ptr<float>(), h.stride(0), spec, scales.data_ptr<float>(), zp,
+                                 q.data_ptr<int8_t>(), deq.data_ptr<float>(), args, &rep);
+  }
+  throw_if_error(s);
+  return {q, deq, RoundingInfo{rep.loss_before, rep.loss_after, rep.flips, rep.excluded, rep.rows_reverted}};
 }
 
 }  // namespace bindings

@@ -71,5 +71,44 @@ void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass
                                          handle, at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
 }
 
+GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
+                                     const GptqOptions& opt, bool compute_loss, bool overwrite_h) {
+  throw_if_error(validate(spec, w.size(2)));
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t E = w.size(0), rows = w.size(1), cols = w.size(2), groups = num_groups(spec, cols);
+  GptqArgs args;
+  args.spec = spec;
+  args.act_order = opt.act_order;
+  args.damp = opt.damp;
+  args.block_size = opt.block_size;
+  auto o = w.options();
+  at::Tensor codes = at::empty({E, rows, cols}, o.dtype(at::kChar));
+  at::Tensor scales = at::empty({E, rows, groups}, o.dtype(at::kFloat));
+  at::Tensor zeros = at::empty({E, rows, groups}, o.dtype(at::kInt));
+  at::Tensor deq = at::empty({E, rows, cols}, o.dtype(at::kFloat));
+  at::Tensor losses = at::zeros({E}, o.dtype(at::kDouble));
+  at::Tensor esc = at::zeros({E}, o.dtype(at::kInt));
+  at::Tensor hw = overwrite_h ? h : h.clone();
+  const size_t ws_bytes = cuda_gptq_workspace_bytes(E, rows, cols, args);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, o.dtype(at::kByte));
+  throw_if_error(cuda_gptq_batched(w.data_ptr<float>(), hw.data_ptr<float>(), E, rows, cols, args,
+                                   codes.data_ptr<int8_t>(), scales.data_ptr<float>(), zeros.data_ptr<int32_t>(),
+                                   deq.data_ptr<float>(), compute_loss ? losses.data_ptr<double>() : nullptr,
+                                   esc.data_ptr<int32_t>(), ws.data_ptr(), ws_bytes,
+                                   at::cuda::getCurrentCUDABlasHandle(),
+                                   at::cuda::getCurrentCUDAStream(w.device().index()).stream()));
+  return {codes, scales, zeros, deq, losses, esc};
+}
+
+at::Tensor hadamard_cuda(const at::Tensor& x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
+  const int dtype = x.scalar_type() == at::kBFloat16 ? 1 : x.scalar_type() == at::kHalf ? 2 : 0;
+  at::Tensor out = at::empty_like(x);
+  throw_if_error(cuda_hadamard(x.data_ptr(), out.data_ptr(), rows, n, dtype,
+                               at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+  return out;
+}
+
 }  // namespace bindings
 }  // namespace moequant

@@ -3,4 +3,8 @@ set(MOEQUANT_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/src/quant_pack.cu
   ${CMAKE_CURRENT_LIST_DIR}/src/hessian.cu
   ${CMAKE_CURRENT_LIST_DIR}/src/api.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/src/gptq_batched.cu
+  ${CMAKE_CURRENT_LIST_DIR}/src/gptq_factor.cu
+  ${CMAKE_CURRENT_LIST_DIR}/src/hadamard.cu
+  ${CMAKE_CURRENT_LIST_DIR}/src/gptq_api.cpp
 )

@@ -97,6 +97,118 @@ cudaError_t launch_hessian_finish(float* H, int64_t dim, int64_t num_experts, co
                                   double* mass, const void* workspace, const HessianLayout& layout,
                                   cudaStream_t stream);
 
+// ---- hadamard.cu ----------------------------------------------------------------------------------------------
+/// out [rows, n] = x (H_m (x) H_{2^logp}) / sqrt(n), n = m << logp <= 32768 (validated by the caller).
+/// dtype: 0 float32, 1 bfloat16, 2 float16 (x and out have the same dtype; they may alias).
+cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, int dtype,
+                            cudaStream_t stream);
+
+// ---- gptq_batched.cu (driven by gptq_api.cpp) -------------------------------------------------------------------
+/// Columns per diagonal block of the batched Cholesky and the largest GPTQ block the column kernel supports.
+constexpr int kGptqMaxBlock = 128;
+constexpr int kCholBlock = 128;
+
+/// Byte layout of the batched GPTQ workspace (every region 256-byte aligned). E experts, W [E, rows, cols].
+///   flags    4 x u64: min bad linear index of W (e, r, c), of H (e, r, c), of a negative diag (e, i); spare
+///   fail     E x i32: 1 when the expert's last factorisation hit a non-positive / non-finite pivot
+///   rbad     E x i32: 1 when the expert's scaled inverse factor has a non-finite entry
+///   -- flags, fail, rbad are adjacent: one readback (readback_bytes) --
+///   mean     E x f64: mean of the dead-fixed diagonal;  rtn_flag: u64 for launch_quantize_rtn
+///   perm     E x cols i32 (processing order -> original column), dead E x cols u8
+///   dinv     E x 128 x 128 f32 (inverse diagonal blocks), panel E x cols x 128 f32
+///   tinv     E x t x t f32, t = cols / 2 + 128: the product L21 X11 of the recursive triangular inverse
+///   h0       E x cols x cols f32: the caller's H, symmetrised from its lower triangle
+///   dw       E x rows x cols f32: lazy updates; before the loop the dead-zeroed W (act-order params); after it D = W - Q
+///   dblk     E x rows x block f32: D of the current block
+///   partial  E x loss_chunks f64: partial sums of the loss
+struct GptqLayout {
+  size_t flags = 0, fail = 0, rbad = 0, mean = 0, rtn_flag = 0, perm = 0, dead = 0, dinv = 0, panel = 0,
+         tinv = 0, h0 = 0, dw = 0, dblk = 0, partial = 0;
+  size_t readback_bytes = 0, total = 0;
+  int64_t block = 0, loss_chunks = 0;
+};
+constexpr int64_t kLossRowsPerChunk = 16;
+
+/// False when the sizes overflow (the API reports it).
+inline bool gptq_layout(int64_t E, int64_t rows, int64_t cols, int64_t block, GptqLayout* out) {
+  if (E <= 0 || rows <= 0 || cols <= 0 || block <= 0) return false;
+  const int64_t kLimit = int64_t{1} << 58;
+  if (cols > kLimit / cols || E > kLimit / (cols * cols) || rows > kLimit / cols || E > kLimit / (rows * cols))
+    return false;
+  GptqLayout l;
+  l.block = block < cols ? block : cols;
+  l.loss_chunks = (cols + kLossRowsPerChunk - 1) / kLossRowsPerChunk;
+  const size_t e = static_cast<size_t>(E), r = static_cast<size_t>(rows), c = static_cast<size_t>(cols);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    const size_t at = off;
+    off = align256(off + bytes);
+    return at;
+  };
+  l.flags = 0;
+  l.fail = 32;
+  l.rbad = 32 + e * 4;
+  l.readback_bytes = 32 + e * 8;
+  off = align256(l.readback_bytes);
+  l.mean = take(e * 8);
+  l.rtn_flag = take(8);
+  l.perm = take(e * c * 4);
+  l.dead = take(e * c);
+  l.dinv = take(e * kCholBlock * kCholBlock * 4);
+  l.panel = take(e * c * kCholBlock * 4);
+  const size_t t = c / 2 + kCholBlock;
+  l.tinv = take(e * t * t * 4);
+  l.h0 = take(e * c * c * 4);
+  l.dw = take(e * r * c * 4);
+  l.dblk = take(e * r * static_cast<size_t>(l.block) * 4);
+  l.partial = take(e * static_cast<size_t>(l.loss_chunks) * 8);
+  l.total = off;
+  *out = l;
+  return true;
+}
+
+/// Stage 1 (all experts): resets flags; h0 = H symmetrised from its lower triangle, validates H (finite, diag >= 0),
+/// dead flags; validates W; act_order: dw = dead-zeroed W; mean of the fixed diagonal; act_order: perm (descending
+/// diagonal, ties by column). Without act_order perm is not written (the kernels use the identity).
+cudaError_t launch_gptq_prepare(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, bool act_order,
+                                void* workspace, const GptqLayout& l, cudaStream_t stream);
+
+/// A = J P^T (H0 with dead diag = 1) P J + lambda_e I (column-major, into H + e * cols^2) for experts [e0, e0 + n),
+/// lambda_e = frac * mean_e; clears their fail / rbad flags.
+cudaError_t launch_gptq_build(float* H, int64_t cols, int64_t e0, int64_t n, double frac, bool act_order,
+                              void* workspace, const GptqLayout& l, cudaStream_t stream);
+
+/// Factorises the diagonal block [k0, k0 + bk) of A (experts [e0, e0 + n)) in place and writes its inverse to dinv;
+/// a non-positive or non-finite pivot sets fail[e] (the block becomes the identity so the rest stays finite).
+cudaError_t launch_chol_diag(float* H, int64_t cols, int64_t k0, int bk, int64_t e0, int64_t n, void* workspace,
+                             const GptqLayout& l, cudaStream_t stream);
+
+/// Copies panel rows [k1, cols) of columns [k0, k0 + bk) back into A (experts [e0, e0 + n)).
+cudaError_t launch_chol_panel_copy(float* H, int64_t cols, int64_t k0, int64_t k1, int bk, int64_t e0, int64_t n,
+                                   void* workspace, const GptqLayout& l, cudaStream_t stream);
+
+/// Before the blocked inverse of L (experts [e0, e0 + n)): zero the strict upper part, invert the diagonal blocks.
+cudaError_t launch_gptq_invert_prepare(float* H, int64_t cols, int64_t e0, int64_t n, cudaStream_t stream);
+
+/// X = L^-1 (lower, column-major) -> U = J X J with U(k, j) at j * cols + k (the upper factor of Hp^-1). Sets
+/// rbad[e] for a non-finite upper entry or a diagonal entry <= 0. Experts [e0, e0 + n).
+cudaError_t launch_gptq_finish_factor(float* H, int64_t cols, int64_t e0, int64_t n, void* workspace,
+                                      const GptqLayout& l, cudaStream_t stream);
+
+/// The column loop of block [i1, i1 + bw) for all experts (see gptq_batched.cu).
+cudaError_t launch_gptq_block(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int bw,
+                              const RtnParams& p, bool act_order, int8_t* codes, float* scales, int32_t* zeros,
+                              float* dequantized, void* workspace, const GptqLayout& l, cudaStream_t stream);
+
+/// dw = W - dequantized (all experts), the operand of the loss SYRK.
+cudaError_t launch_gptq_loss_diff(const float* W, const float* dequantized, int64_t E, int64_t rows, int64_t cols,
+                                  void* workspace, const GptqLayout& l, cudaStream_t stream);
+
+/// losses[e] = sum over the column-major upper triangle of S_e = D_e^T D_e (stored in H) of w * h0 * S (w = 2 off the
+/// diagonal), in double, deterministic.
+cudaError_t launch_gptq_loss_reduce(const float* H, int64_t E, int64_t cols, double* losses, void* workspace,
+                                    const GptqLayout& l, cudaStream_t stream);
+
 }  // namespace cuda_detail
 }  // namespace v0
 }  // namespace moequant

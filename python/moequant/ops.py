@@ -28,7 +28,10 @@ __all__ = [
     "unpack_zero_points",
     "HessianAccumulator",
     "gptq_quantize",
+    "gptq_quantize_batched",
+    "hadamard_transform",
     "make_spec",
+    "refine_rounding",
 ]
 
 _SCALE_DTYPES = {
@@ -310,3 +313,109 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: O
                                             spec, bool(act_order), float(damp), int(block_size))
     raw = tuple(t.to(device) for t in (codes, scale, zero, deq))
     return _wrap(raw, spec, sd, w.shape[1], loss=float(info["loss"]), info=dict(info))
+
+
+def gptq_quantize_batched(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: Optional[int] = 128,
+                          symmetric: bool = False, act_order: bool = False, damp: float = 0.01,
+                          block_size: int = 128, *, scale_search: str = "minmax", mse_grid: int = 100,
+                          mse_min_shrink: float = 0.2, mse_norm: float = 2.4,
+                          scale_dtype: Optional[torch.dtype] = None, compute_loss: bool = True,
+                          overwrite_h: bool = False) -> list:
+    """GPTQ of E experts sharing one shape: ``w`` ``[E, out, in]``, ``h`` ``[E, in, in]`` -> E QuantizedTensors.
+
+    CUDA tensors: one batched solve on the GPU (``kernels/src/gptq_batched.cu``): the semantics of
+    :func:`gptq_quantize` per expert (dead columns, per-expert damping escalation, act-order static groups, lazy
+    blocks), fp32 with a different rounding order, so results are not bit-identical to the CPU solver (the proxy
+    loss agrees to well within 1%). CUDA limits: ``block_size <= 128``; ``scale_search="mse"`` needs
+    ``act_order=True``. ``h`` must be float32 on CUDA; it is copied unless ``overwrite_h`` (then it is used as
+    scratch and destroyed). ``compute_loss=False`` skips the loss (one ``out x in^2`` SYRK per expert) and leaves
+    ``.loss`` None. CPU tensors: loops over :func:`gptq_quantize`.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 3 or not w.is_floating_point():
+        raise ValueError(f"w: expected a 3-D floating-point tensor [experts, out_features, in_features], got "
+                         f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
+    E, _, cols = w.shape
+    if not isinstance(h, torch.Tensor) or h.dim() != 3 or not h.is_floating_point() or tuple(h.shape) != (E, cols,
+                                                                                                           cols):
+        raise ValueError(f"h: expected a float tensor of shape [{E}, {cols}, {cols}], got "
+                         f"{getattr(h, 'dtype', type(h))} {tuple(getattr(h, 'shape', ()))}")
+    if h.device != w.device:
+        raise ValueError(f"h: expected a tensor on w's device {w.device}, got {h.device}")
+    if not w.is_cuda:
+        return [gptq_quantize(w[e], h[e], bits, group_size, symmetric, act_order, damp, block_size,
+                              scale_search=scale_search, mse_grid=mse_grid, mse_min_shrink=mse_min_shrink,
+                              mse_norm=mse_norm, scale_dtype=scale_dtype) for e in range(E)]
+    if not (isinstance(damp, (int, float)) and damp > 0 and damp == damp and damp != float("inf")):
+        raise ValueError(f"damp: expected a finite number > 0 (a fraction of mean(diag h), e.g. 0.01), got {damp!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size: expected an integer >= 1, got {block_size!r}")
+    if h.dtype != torch.float32:
+        raise ValueError(f"h: expected float32 on CUDA (the batched solver is fp32), got {h.dtype}")
+    sd = _default_scale_dtype(w, scale_dtype)
+    spec = make_spec(bits, group_size, symmetric, in_features=cols, scale_search=scale_search,
+                     mse_grid=mse_grid, mse_min_shrink=mse_min_shrink, mse_norm=mse_norm, scale_dtype=sd)
+    hh = h if overwrite_h else h.contiguous()
+    if overwrite_h and not h.is_contiguous():
+        raise ValueError("h: overwrite_h=True needs a contiguous tensor")
+    codes, scale, zero, deq, losses, esc = _C.gptq_batched(w.detach().float().contiguous(), hh.detach(), spec,
+                                                            bool(act_order), float(damp), int(block_size),
+                                                            bool(compute_loss), bool(overwrite_h))
+    loss_list = losses.tolist() if compute_loss else [None] * E
+    esc_list = esc.tolist()
+    out = []
+    for e in range(E):
+        info = {"escalations": int(esc_list[e]), "damp": float(damp) * 10.0 ** int(esc_list[e])}
+        if compute_loss:
+            info["loss"] = float(loss_list[e])
+        out.append(_wrap((codes[e], scale[e], zero[e], deq[e]), spec, sd, cols, loss=loss_list[e], info=info))
+    return out
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Hadamard transform along the last dimension: ``x @ (H_m kron H_{2^k}) / sqrt(n)``.
+
+    ``n = x.shape[-1]`` must be a power of two or 12, 20, 28 or 40 times one, ``n <= 32768`` (7168 = 28 * 256).
+    float32 / bfloat16 / float16 (computed in fp32, rounded once), same dtype and device as ``x`` (CPU core or
+    CUDA kernel). Equals :func:`moequant.ref.hadamard_ref` to fp32 rounding.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    return _C.hadamard(x.contiguous())
+
+
+def refine_rounding(qt: QuantizedTensor, w: torch.Tensor, h: torch.Tensor, passes: int = 1,
+                    outlier_quantile: float = 0.99) -> QuantizedTensor:
+    """Greedy rounding correction of ``qt`` (from :func:`quantize_rtn` or :func:`gptq_quantize` of ``w``).
+
+    With the group parameters of ``qt`` fixed, flips single codes by +-1 (within range), best first, while the
+    proxy loss ``(w_r - q_r) h (w_r - q_r)^T`` of each row drops; the ``floor((1 - outlier_quantile) * group)``
+    largest ``|w|`` of each group keep their codes; ``passes`` bounds the flips per row to ``passes`` times its
+    free columns. The loss never increases (a row that would not improve keeps its codes). Returns a new
+    QuantizedTensor (same scales / zero points) whose ``loss`` is the loss after and whose ``info`` gains
+    ``rounding`` = {loss_before, loss_after, flips, excluded, rows_reverted}. C++ core (``moequant/rounding.h``)
+    on the CPU; results are moved back to ``qt``'s device. Deterministic.
+    """
+    if not isinstance(qt, QuantizedTensor):
+        raise ValueError(f"qt: expected a QuantizedTensor, got {type(qt).__name__}")
+    _check_float_matrix(w, "w")
+    if tuple(w.shape) != tuple(qt.codes.shape):
+        raise ValueError(f"w: expected the shape of qt.codes {tuple(qt.codes.shape)}, got {tuple(w.shape)}")
+    cols = w.shape[1]
+    if not isinstance(h, torch.Tensor) or h.dim() != 2 or not h.is_floating_point() or tuple(h.shape) != (cols, cols):
+        raise ValueError(f"h: expected a float32/float64 tensor [{cols}, {cols}], got "
+                         f"{getattr(h, 'dtype', type(h))} {tuple(getattr(h, 'shape', ()))}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+        raise ValueError(f"passes: expected an integer >= 0, got {passes!r}")
+    if not (isinstance(outlier_quantile, (int, float)) and 0 < outlier_quantile <= 1):
+        raise ValueError(f"outlier_quantile: expected a number in (0, 1], got {outlier_quantile!r}")
+    spec = make_spec(qt.bits, qt.group_size, qt.symmetric, in_features=cols)
+    hh = h.detach().cpu().contiguous()
+    hh = hh if hh.dtype == torch.float64 else hh.float()
+    zp = None if qt.symmetric else qt.zero_point.to(torch.int32).cpu().contiguous()
+    codes, deq, info = _C.greedy_rounding(w.detach().float().cpu().contiguous(), hh,
+                                          qt.codes.to(torch.int8).cpu().contiguous(),
+                                          qt.scale.float().cpu().contiguous(), zp, spec, int(passes),
+                                          float(outlier_quantile))
+    device = qt.codes.device
+    return dataclasses.replace(qt, codes=codes.to(device), dequantized=deq.to(device),
+                               loss=float(info["loss_after"]), info={**qt.info, "rounding": dict(info)})

@@ -6,6 +6,7 @@ its shape/dtype contract and the equivalence it promises.
 """
 
 from .gptq import GptqRefResult, gptq_quantize_ref, quadratic_loss_ref
+from .hadamard import hadamard_matrix, hadamard_ref
 from .hessian import accumulate_hessian_ref
 from .pack import (
     pack_int32_ref,
@@ -32,6 +33,8 @@ __all__ = [
     "dequantize_ref",
     "dequantize_values_ref",
     "gptq_quantize_ref",
+    "hadamard_matrix",
+    "hadamard_ref",
     "mse_qparams_ref",
     "pack_int32_ref",
     "pack_zero_points_ref",

@@ -14,6 +14,7 @@
 //   * results are bit-identical to the CPU core (quant.h, pack.h) except where noted.
 #pragma once
 
+#include <moequant/gptq.h>
 #include <moequant/quant.h>
 #include <moequant/status.h>
 
@@ -75,6 +76,40 @@ size_t cuda_hessian_workspace_bytes(int64_t n, int64_t dim, int64_t num_experts)
 Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream);
+
+/// Bytes of device scratch cuda_gptq_batched needs (0 when the sizes overflow). About
+/// 4 * E * (2 * cols^2 + rows * (cols + block) + 130 * cols) bytes: a symmetrised copy of H (act-order source and the
+/// loss), the lazy-update / difference buffer [E, rows, cols], the block's D, the Cholesky panel and small arrays.
+size_t cuda_gptq_workspace_bytes(int64_t num_experts, int64_t rows, int64_t cols, const GptqArgs& args);
+
+/// Batched GPTQ of E experts sharing one shape: W [E, rows, cols] float32 (row-major, contiguous) against
+/// H [E, cols, cols] float32, the semantics of moequant::gptq_solve (gptq.h) per expert: dead columns, damping
+/// args.damp * mean(diag H) escalated per expert (only the experts whose factorisation failed are refactored),
+/// act-order with static groups, group parameters at the group's first column from the updated columns (minmax;
+/// spec.search == kMse is kNotSupported without act_order -- with act_order the static parameters use the RTN MSE
+/// search of cuda_quantize_rtn), lazy block updates of args.block_size <= 128 columns (kNotSupported above).
+///   H is consumed: it is overwritten (factor, then the loss's D^T D); only its lower triangle is read (as the CPU).
+///   Outputs (all required, contiguous, on W's device): codes [E, rows, cols] int8, scales / zeros [E, rows, groups]
+///   float32 / int32, dequantized [E, rows, cols] float32; optional: losses [E] float64 = tr((W - Q) H (W - Q)^T)
+///   with the caller's H (costs one SSYRK rows x cols^2 per expert; null skips it), escalations [E] int32.
+/// Numerics: one fp32 Cholesky of J P^T H P J (no inverse; see gptq_batched.cu), fp32 SGEMMs with TF32 off, so the
+/// result is GPTQ on the same inputs with different rounding: not bit-identical to the CPU, the proxy loss agrees to
+/// well within 1% and almost all codes are identical (tests/python/test_gptq_batched.py).
+/// Errors: the CPU's kInvalidArgument messages (non-finite W / H, negative diagonal, prefixed with the expert),
+/// kNumericalError naming the first expert that stays indefinite after args.max_damp_escalations.
+/// Synchronizes `stream` once after the factorisation (validation flags + per-expert pivot failures), plus once per
+/// escalation round; everything after that is asynchronous. `handle`: the caller's cuBLAS handle, its stream /
+/// pointer mode / math mode are set for the call and restored.
+Status cuda_gptq_batched(const float* W, float* H, int64_t num_experts, int64_t rows, int64_t cols,
+                         const GptqArgs& args, int8_t* codes, float* scales, int32_t* zeros, float* dequantized,
+                         double* losses, int32_t* escalations, void* workspace, size_t workspace_bytes,
+                         cublasHandle_t handle, cudaStream_t stream);
+
+/// Orthonormal Hadamard transform of `rows` contiguous rows of length n (hadamard.h's contract:
+/// out = x (H_m (x) H_{2^k}) / sqrt(n), n = m 2^k <= 32768, m in {1, 12, 20, 28, 40}); dtype 0 float32, 1 bfloat16,
+/// 2 float16 for both x and out (computed in fp32, rounded once to the dtype). x and out may be the same buffer.
+/// Matches hadamard_transform to fp32 rounding (different butterfly order). Asynchronous.
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, int dtype, cudaStream_t stream);
 
 }  // namespace v0
 }  // namespace moequant

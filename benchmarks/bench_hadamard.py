@@ -1,0 +1,43 @@
+"""Hadamard transform benchmark (CUDA): GB/s (read + write) against the device copy bandwidth, and the dense
+fp32 matmul x @ H / sqrt(n) (TF32 off) as the naive baseline for n <= 8192."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import copy_bandwidth_gbps, cuda_time_ms, print_table  # noqa: E402
+
+from moequant import ops  # noqa: E402
+from moequant.ref import hadamard_matrix  # noqa: E402
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bw = copy_bandwidth_gbps()
+    rows = []
+    total_elems = 1 << 26  # 64M elements per call (256 MB fp32)
+    for n in [128, 768, 2048, 4096, 7168, 14336, 16384, 32768]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(total_elems // n, n, device="cuda").to(dtype)
+            ms = cuda_time_ms(lambda: ops.hadamard_transform(x), repeats=5, warmup=2)
+            nbytes = 2 * x.numel() * x.element_size()
+            dense = "-"
+            if n <= 8192 and dtype == torch.float32:
+                Hm = (hadamard_matrix(n).float() / math.sqrt(n)).cuda()
+                dense = f"{cuda_time_ms(lambda: x @ Hm, repeats=3, warmup=1):.3f}"
+                del Hm
+            rows.append([n, str(dtype).replace("torch.", ""), x.shape[0], f"{ms:.3f}", f"{nbytes / ms / 1e6:.0f}",
+                         f"{100 * nbytes / ms / 1e6 / bw:.0f}%", dense])
+            del x
+            torch.cuda.empty_cache()
+    print(f"device copy bandwidth (clone, measured): {bw:.0f} GB/s")
+    print_table("Hadamard transform (CUDA)", ["n", "dtype", "rows", "ms", "GB/s", "% of copy", "dense fp32 ms"], rows)
+
+
+if __name__ == "__main__":
+    main()

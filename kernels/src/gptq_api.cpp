@@ -1,0 +1,383 @@
+// kernels/src/gptq_api.cpp -- cuda_gptq_batched and cuda_hadamard (kernels.h): validation with the CPU core's
+// messages, the driver of the batched GPTQ (kernel launches of gptq_batched.cu + cuBLAS), Status mapping.
+// Host compiler only (fmt stays out of nvcc).
+#include <moequant/cuda/kernels.h>
+#include <moequant/gptq.h>
+#include <moequant/hadamard.h>
+#include <moequant/quant.h>
+#include <moequant/status.h>
+
+#include "launch.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace moequant {
+inline namespace v0 {
+namespace {
+
+using cuda_detail::GptqLayout;
+using cuda_detail::kNoBadIndex;
+
+Status cuda_error(const char* op, cudaError_t err) {
+  return Status::cuda("{}: {} ({})", op, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+#define MQ_G_CUDA(op, expr)                                        \
+  do {                                                             \
+    const cudaError_t _mq_err = (expr);                            \
+    if (_mq_err != cudaSuccess) return cuda_error((op), _mq_err);  \
+  } while (0)
+
+#define MQ_G_CUBLAS(op, expr)                                                                              \
+  do {                                                                                                     \
+    const cublasStatus_t _mq_st = (expr);                                                                  \
+    if (_mq_st != CUBLAS_STATUS_SUCCESS)                                                                   \
+      return Status::cuda("{}: {} ({})", (op), cublasGetStatusString(_mq_st), static_cast<int>(_mq_st)); \
+  } while (0)
+
+Status device_of(const void* p, const char* arg, int* device) {
+  if (p == nullptr) return Status::invalid("{}: expected a CUDA device pointer, got null", arg);
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (err == cudaErrorInvalidValue)
+      return Status::invalid("{}: expected CUDA device memory, got a pointer CUDA does not know (host memory?)", arg);
+    return cuda_error("cudaPointerGetAttributes", err);
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    return Status::invalid("{}: expected CUDA device memory, got host memory", arg);
+  *device = attr.device;
+  return {};
+}
+
+Status check_on_device(const void* p, const char* arg, int device) {
+  int d = -1;
+  MQ_RETURN_IF_ERROR(device_of(p, arg, &d));
+  if (d != device)
+    return Status::invalid("{}: expected memory on CUDA device {} (that of the input), got device {}", arg, device, d);
+  return {};
+}
+
+class DeviceScope {
+ public:
+  ~DeviceScope() {
+    if (switched_) (void)cudaSetDevice(previous_);
+  }
+  Status enter(int device) {
+    MQ_G_CUDA("cudaGetDevice", cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      MQ_G_CUDA("cudaSetDevice", cudaSetDevice(device));
+      switched_ = true;
+    }
+    return {};
+  }
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+Status read_back(void* host, const void* device, size_t bytes, cudaStream_t stream, const char* what) {
+  MQ_G_CUDA(what, cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
+  MQ_G_CUDA("cudaStreamSynchronize", cudaStreamSynchronize(stream));
+  return {};
+}
+
+/// Sets stream / pointer mode / math mode of a cuBLAS handle for the call and restores them on every path.
+class BlasScope {
+ public:
+  explicit BlasScope(cublasHandle_t h) : h_(h) {}
+  ~BlasScope() {
+    if (saved_) {
+      (void)cublasSetMathMode(h_, math_);
+      (void)cublasSetPointerMode(h_, pmode_);
+      (void)cublasSetStream(h_, stream_);
+    }
+  }
+  Status enter(cudaStream_t stream) {
+    MQ_G_CUBLAS("cublasGetStream", cublasGetStream(h_, &stream_));
+    MQ_G_CUBLAS("cublasGetPointerMode", cublasGetPointerMode(h_, &pmode_));
+    MQ_G_CUBLAS("cublasGetMathMode", cublasGetMathMode(h_, &math_));
+    saved_ = true;
+    MQ_G_CUBLAS("cublasSetStream", cublasSetStream(h_, stream));
+    MQ_G_CUBLAS("cublasSetPointerMode", cublasSetPointerMode(h_, CUBLAS_POINTER_MODE_HOST));
+    // CUBLAS_DEFAULT_MATH: fp32 SIMT for S* routines (never TF32), whatever torch set on a shared handle.
+    MQ_G_CUBLAS("cublasSetMathMode", cublasSetMathMode(h_, CUBLAS_DEFAULT_MATH));
+    return {};
+  }
+
+ private:
+  cublasHandle_t h_;
+  cudaStream_t stream_ = nullptr;
+  cublasPointerMode_t pmode_ = CUBLAS_POINTER_MODE_HOST;
+  cublasMath_t math_ = CUBLAS_DEFAULT_MATH;
+  bool saved_ = false;
+};
+
+cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
+  cuda_detail::RtnParams p;
+  p.bits = s.bits;
+  p.symmetric = s.symmetric;
+  p.group_size = effective_group_size(s, cols);
+  p.scale_dtype = static_cast<int>(s.scale_dtype);
+  p.mse = s.search == ScaleSearch::kMse;
+  p.mse_grid = s.mse_grid;
+  p.mse_steps = p.mse ? static_cast<int>(std::floor((1.0 - s.mse_min_shrink) * s.mse_grid + 1e-9)) : 0;
+  p.mse_norm = s.mse_norm;
+  return p;
+}
+
+/// X = L^-1 in place for the square [off, off + size) of experts (base a, stride sA; diagonal kCholBlock blocks are
+/// already inverted): X = [[X11, 0], [X21, X22]] with X21 = -X22 (L21 X11), halves aligned to kCholBlock. Two full
+/// GEMMs per split (the triangular operands are read as squares with zero upper parts): ~2 cols^3 / 3 flops.
+Status tri_inverse(float* a, int64_t C, int64_t off, int64_t size, float* tmp, long long stmp, int nbat,
+                   cublasHandle_t handle) {
+  constexpr int64_t kB = cuda_detail::kCholBlock;
+  if (size <= kB) return {};
+  const int64_t nblk = (size + kB - 1) / kB, n1 = (nblk + 1) / 2 * kB, n2 = size - n1;
+  MQ_RETURN_IF_ERROR(tri_inverse(a, C, off, n1, tmp, stmp, nbat, handle));
+  MQ_RETURN_IF_ERROR(tri_inverse(a, C, off + n1, n2, tmp, stmp, nbat, handle));
+  const long long sA = static_cast<long long>(C) * C;
+  const int c = static_cast<int>(C), m1 = static_cast<int>(n1), m2 = static_cast<int>(n2);
+  const float one = 1.0f, minus_one = -1.0f, zero = 0.0f;
+  float* l21 = a + off * C + off + n1;
+  MQ_G_CUBLAS("cublasSgemmStridedBatched (inverse, L21 X11)",
+              cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m1, &one, l21, c, sA,
+                                        a + off * C + off, c, sA, &zero, tmp, m2, stmp, nbat));
+  MQ_G_CUBLAS("cublasSgemmStridedBatched (inverse, -X22 T)",
+              cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m2, &minus_one,
+                                        a + (off + n1) * C + off + n1, c, sA, tmp, m2, stmp, &zero, l21, c, sA, nbat));
+  return {};
+}
+
+/// Left-looking blocked Cholesky (column-major lower) of experts [e0, e0 + n) of A (stride cols^2), kCholBlock
+/// columns per step: GEMM update of the block column, diagonal block kernel, panel = A21 * inv(L11)^T (GEMM into the
+/// panel buffer, copied back). ~cols^3/3 flops, all batched over the experts.
+Status factorize(float* A, int64_t C, int64_t e0, int64_t n, void* ws, const GptqLayout& l, cublasHandle_t handle,
+                 cudaStream_t stream) {
+  const int c = static_cast<int>(C), nbat = static_cast<int>(n);
+  const long long sA = static_cast<long long>(C) * C;
+  float* a = A + e0 * C * C;
+  float* panel = reinterpret_cast<float*>(static_cast<char*>(ws) + l.panel) + e0 * C * cuda_detail::kCholBlock;
+  const float* dinv = reinterpret_cast<const float*>(static_cast<char*>(ws) + l.dinv) +
+                      e0 * cuda_detail::kCholBlock * cuda_detail::kCholBlock;
+  const float one = 1.0f, minus_one = -1.0f, zero = 0.0f;
+  for (int64_t k0 = 0; k0 < C; k0 += cuda_detail::kCholBlock) {
+    const int64_t k1 = std::min<int64_t>(k0 + cuda_detail::kCholBlock, C);
+    const int bk = static_cast<int>(k1 - k0);
+    if (k0 > 0)  // A[k0:, k0:k1] -= L[k0:, :k0] L[k0:k1, :k0]^T
+      MQ_G_CUBLAS("cublasSgemmStridedBatched (cholesky update)",
+                  cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k0), bk,
+                                            static_cast<int>(k0), &minus_one, a + k0, c, sA, a + k0, c, sA, &one,
+                                            a + k0 * C + k0, c, sA, nbat));
+    MQ_G_CUDA("gptq chol_diag kernel", cuda_detail::launch_chol_diag(A, C, k0, bk, e0, n, ws, l, stream));
+    if (k1 < C) {
+      MQ_G_CUBLAS("cublasSgemmStridedBatched (cholesky panel)",
+                  cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k1), bk, bk, &one,
+                                            a + k0 * C + k1, c, sA, dinv, cuda_detail::kCholBlock,
+                                            static_cast<long long>(cuda_detail::kCholBlock) * cuda_detail::kCholBlock,
+                                            &zero, panel + k1, c, static_cast<long long>(C) * cuda_detail::kCholBlock,
+                                            nbat));
+      MQ_G_CUDA("gptq panel copy kernel", cuda_detail::launch_chol_panel_copy(A, C, k0, k1, bk, e0, n, ws, l, stream));
+    }
+  }
+  // U = J L^-1 J: blocked triangular inverse, then the reversal
+  MQ_G_CUDA("gptq inverse prepare", cuda_detail::launch_gptq_invert_prepare(A, C, e0, n, stream));
+  const int64_t t = C / 2 + cuda_detail::kCholBlock;
+  float* tmp = reinterpret_cast<float*>(static_cast<char*>(ws) + l.tinv) + e0 * t * t;
+  MQ_RETURN_IF_ERROR(tri_inverse(a, C, 0, C, tmp, static_cast<long long>(t) * t, nbat, handle));
+  MQ_G_CUDA("gptq finish kernel", cuda_detail::launch_gptq_finish_factor(A, C, e0, n, ws, l, stream));
+  return {};
+}
+
+}  // namespace
+
+size_t cuda_gptq_workspace_bytes(int64_t num_experts, int64_t rows, int64_t cols, const GptqArgs& args) {
+  GptqLayout l;
+  return cuda_detail::gptq_layout(num_experts, rows, cols, args.block_size, &l) ? l.total : 0;
+}
+
+Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int64_t cols, const GptqArgs& args,
+                         int8_t* codes, float* scales, int32_t* zeros, float* dequantized, double* losses,
+                         int32_t* escalations, void* workspace, size_t workspace_bytes, cublasHandle_t handle,
+                         cudaStream_t stream) {
+  // ---- the CPU's argument checks (validate_gptq), then the CUDA limits ----
+  const QuantSpec& s = args.spec;
+  MQ_RETURN_IF_ERROR(validate(s, cols));
+  if (E < 1) return Status::invalid("num_experts: expected >= 1, got {}", E);
+  if (rows < 1) return Status::invalid("out_features: expected >= 1, got {}", rows);
+  if (!(args.damp > 0.0 && std::isfinite(args.damp)))
+    return Status::invalid("damp: expected a finite value > 0, got {}", args.damp);
+  if (args.block_size < 1) return Status::invalid("block_size: expected >= 1, got {}", args.block_size);
+  if (args.max_damp_escalations < 0)
+    return Status::invalid("max_damp_escalations: expected >= 0, got {}", args.max_damp_escalations);
+  if (!(args.damp_escalation_factor > 1.0 && std::isfinite(args.damp_escalation_factor)))
+    return Status::invalid("damp_escalation_factor: expected a finite value > 1, got {}", args.damp_escalation_factor);
+  if (args.block_size > cuda_detail::kGptqMaxBlock)
+    return Status::not_supported("block_size: expected at most {} on CUDA, got {}", cuda_detail::kGptqMaxBlock,
+                                 args.block_size);
+  if (s.search == ScaleSearch::kMse && !args.act_order)
+    return Status::not_supported(
+        "scale_search: 'mse' is supported by the CUDA GPTQ only with act_order (static groups); without act_order "
+        "the group parameters are searched inside the column loop, which runs minmax only on CUDA");
+  if (cols > 65535) return Status::invalid("in_features: expected at most 65535 on CUDA, got {}", cols);
+  if (E > 65535) return Status::invalid("num_experts: expected at most 65535 per call on CUDA, got {}", E);
+  if (rows > std::numeric_limits<int32_t>::max() / 2)
+    return Status::invalid("out_features: expected at most {} on CUDA, got {}", std::numeric_limits<int32_t>::max() / 2,
+                           rows);
+  GptqLayout l;
+  if (!cuda_detail::gptq_layout(E, rows, cols, args.block_size, &l))
+    return Status::invalid("num_experts, out_features, in_features: the workspace for [{}, {}, {}] overflows", E, rows,
+                           cols);
+  if (workspace == nullptr || workspace_bytes < l.total)
+    return Status::invalid("workspace_bytes: expected >= {} (cuda_gptq_workspace_bytes), got {}{}", l.total,
+                           workspace_bytes, workspace == nullptr ? " with a null workspace" : "");
+  if (handle == nullptr) return Status::invalid("handle: expected a cuBLAS handle, got null");
+
+  int device = -1;
+  MQ_RETURN_IF_ERROR(device_of(W, "w", &device));
+  DeviceScope dev;
+  MQ_RETURN_IF_ERROR(dev.enter(device));
+  MQ_RETURN_IF_ERROR(check_on_device(H, "h", device));
+  MQ_RETURN_IF_ERROR(check_on_device(codes, "codes", device));
+  MQ_RETURN_IF_ERROR(check_on_device(scales, "scales", device));
+  MQ_RETURN_IF_ERROR(check_on_device(zeros, "zeros", device));
+  MQ_RETURN_IF_ERROR(check_on_device(dequantized, "dequantized", device));
+  MQ_RETURN_IF_ERROR(check_on_device(workspace, "workspace", device));
+  if (losses) MQ_RETURN_IF_ERROR(check_on_device(losses, "losses", device));
+  if (escalations) MQ_RETURN_IF_ERROR(check_on_device(escalations, "escalations", device));
+
+  BlasScope blas(handle);
+  MQ_RETURN_IF_ERROR(blas.enter(stream));
+  const cuda_detail::RtnParams p = to_params(s, cols);
+  const bool act = args.act_order;
+  char* ws = static_cast<char*>(workspace);
+
+  // ---- 1. prepare: h0, validation, dead columns, mean diagonal, act-order permutation and static parameters ----
+  MQ_G_CUDA("gptq prepare", cuda_detail::launch_gptq_prepare(W, H, E, rows, cols, act, workspace, l, stream));
+  if (act) {
+    // static groups from the dead-zeroed original W (in dw), all experts as one [E * rows, cols] matrix
+    MQ_G_CUDA("gptq static group parameters",
+              cuda_detail::launch_quantize_rtn(reinterpret_cast<const float*>(ws + l.dw), E * rows, cols, cols, p,
+                                               nullptr, scales, zeros, nullptr,
+                                               reinterpret_cast<unsigned long long*>(ws + l.rtn_flag), stream));
+  }
+
+  // ---- 2. factorise all experts, then retry the failed ones with escalated damping (one readback per round) ----
+  std::vector<int> esc(static_cast<size_t>(E), 0);
+  std::vector<double> frac(static_cast<size_t>(E), args.damp);  // escalated by repeated multiplication, as the CPU
+  MQ_G_CUDA("gptq build", cuda_detail::launch_gptq_build(H, cols, 0, E, args.damp, act, workspace, l, stream));
+  MQ_RETURN_IF_ERROR(factorize(H, cols, 0, E, workspace, l, handle, stream));
+  std::vector<unsigned char> rb(l.readback_bytes);
+  MQ_RETURN_IF_ERROR(read_back(rb.data(), ws, rb.size(), stream, "gptq readback"));
+  unsigned long long flags[4];
+  std::memcpy(flags, rb.data(), sizeof(flags));
+  if (flags[0] != kNoBadIndex) {
+    const uint64_t i = flags[0], per = static_cast<uint64_t>(rows * cols);
+    float v = 0.0f;
+    MQ_RETURN_IF_ERROR(read_back(&v, W + i, sizeof(v), stream, "w value readback"));
+    return Status::invalid("w: expected finite values, got {} at expert {} ({}, {})", std::isnan(v) ? "NaN" : "Inf",
+                           i / per, (i % per) / cols, i % cols);
+  }
+  if (flags[1] != kNoBadIndex) {
+    const uint64_t i = flags[1], per = static_cast<uint64_t>(cols * cols);
+    return Status::invalid("h: expected finite values, got NaN or Inf at expert {} ({}, {})", i / per,
+                           (i % per) / cols, i % cols);
+  }
+  if (flags[2] != kNoBadIndex) {
+    const uint64_t i = flags[2];
+    return Status::invalid("h: expected a non-negative diagonal, got a negative value at expert {} ({}, {})",
+                           i / cols, i % cols, i % cols);
+  }
+  for (;;) {
+    std::vector<int64_t> failed;
+    for (int64_t e = 0; e < E; ++e) {
+      int32_t f = 0, r = 0;
+      std::memcpy(&f, rb.data() + l.fail + 4 * e, 4);
+      std::memcpy(&r, rb.data() + l.rbad + 4 * e, 4);
+      if (r && !f)
+        return Status::numerical(
+            "h: the inverse Hessian factor of expert {} does not fit in float (entries of H too large or too "
+            "small); normalise H (e.g. divide by the token count)",
+            e);
+      if (f) failed.push_back(e);
+    }
+    if (failed.empty()) break;
+    for (int64_t e : failed) {
+      int& k = esc[static_cast<size_t>(e)];
+      double& f = frac[static_cast<size_t>(e)];
+      if (k >= args.max_damp_escalations) {
+        const Status st = detail::not_positive_definite(k, f);
+        return Status::numerical("expert {}: {}", e, st.message());
+      }
+      ++k;
+      f *= args.damp_escalation_factor;
+      MQ_G_CUDA("gptq build (retry)", cuda_detail::launch_gptq_build(H, cols, e, 1, f, act, workspace, l, stream));
+      MQ_RETURN_IF_ERROR(factorize(H, cols, e, 1, workspace, l, handle, stream));
+    }
+    MQ_RETURN_IF_ERROR(read_back(rb.data(), ws, rb.size(), stream, "gptq readback"));
+  }
+
+  // ---- 3. the column loop: one kernel per block, then the lazy trailing update as one batched SGEMM ----
+  const int c = static_cast<int>(cols), r = static_cast<int>(rows), ldd = static_cast<int>(l.block);
+  float* dw = reinterpret_cast<float*>(ws + l.dw);
+  const float* dblk = reinterpret_cast<const float*>(ws + l.dblk);
+  const float one = 1.0f, minus_one = -1.0f, zero = 0.0f;
+  for (int64_t i1 = 0; i1 < cols; i1 += l.block) {
+    const int64_t i2 = std::min<int64_t>(i1 + l.block, cols);
+    const int bw = static_cast<int>(i2 - i1);
+    MQ_G_CUDA("gptq block kernel", cuda_detail::launch_gptq_block(W, H, E, rows, cols, i1, bw, p, act, codes, scales,
+                                                                  zeros, dequantized, workspace, l, stream));
+    if (i2 < cols)  // dW[:, i2:] (-)= E_blk U[i1:i2, i2:]  (column-major view: dW^T -= U[i1:i2, i2:]^T E_blk^T)
+      MQ_G_CUBLAS("cublasSgemmStridedBatched (trailing update)",
+                  cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, c - static_cast<int>(i2), r, bw, &minus_one,
+                                            H + i2 * cols + i1, c, static_cast<long long>(cols) * cols, dblk, ldd,
+                                            static_cast<long long>(rows) * ldd, i1 == 0 ? &zero : &one, dw + i2, c,
+                                            static_cast<long long>(rows) * cols, static_cast<int>(E)));
+  }
+
+  // ---- 4. loss = <h0, D^T D> with D = W - Q (one SSYRK per expert into the factor's buffer) ----
+  if (losses) {
+    MQ_G_CUDA("gptq loss diff", cuda_detail::launch_gptq_loss_diff(W, dequantized, E, rows, cols, workspace, l, stream));
+    for (int64_t e = 0; e < E; ++e)
+      MQ_G_CUBLAS("cublasSsyrk (loss)", cublasSsyrk(handle, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, c, r, &one,
+                                                    dw + e * rows * cols, c, &zero, H + e * cols * cols, c));
+    MQ_G_CUDA("gptq loss reduce", cuda_detail::launch_gptq_loss_reduce(H, E, cols, losses, workspace, l, stream));
+  }
+  if (escalations) {
+    std::vector<int32_t> e32(esc.begin(), esc.end());
+    // pageable source: the call returns once the data is staged, so e32 may die afterwards
+    MQ_G_CUDA("escalations copy", cudaMemcpyAsync(escalations, e32.data(), e32.size() * sizeof(int32_t),
+                                                  cudaMemcpyHostToDevice, stream));
+  }
+  return {};
+}
+
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, int dtype, cudaStream_t stream) {
+  int m = 0;
+  int64_t pw = 0;
+  if (!hadamard_tables::decompose(n, &m, &pw))
+    return Status::invalid("x: expected a last dimension of {}, got {}", hadamard_supported_text(), n);
+  if (rows < 0) return Status::invalid("rows: expected >= 0, got {}", rows);
+  if (dtype < 0 || dtype > 2) return Status::invalid("dtype: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}", dtype);
+  if (rows == 0) return {};
+  if (rows > std::numeric_limits<int32_t>::max())
+    return Status::invalid("rows: expected at most {} rows per call on CUDA, got {}", std::numeric_limits<int32_t>::max(),
+                           rows);
+  int device = -1;
+  MQ_RETURN_IF_ERROR(device_of(x, "x", &device));
+  DeviceScope dev;
+  MQ_RETURN_IF_ERROR(dev.enter(device));
+  MQ_RETURN_IF_ERROR(check_on_device(out, "out", device));
+  int logp = 0;
+  while ((int64_t{1} << logp) < pw) ++logp;
+  MQ_G_CUDA("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, stream));
+  return {};
+}
+
+}  // namespace v0
+}  // namespace moequant

@@ -1,0 +1,133 @@
+"""The Hadamard transform: moequant.ops.hadamard_transform (CPU core; CUDA kernel when available) against the
+explicit-matrix reference moequant.ref.hadamard_ref, orthonormality of the matrices, error paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moequant import ops
+from moequant.ref import hadamard_matrix, hadamard_ref
+from moequant.ref.hadamard import decompose, special_hadamard, sylvester
+
+# fp32: every output is a +-1 sum of n inputs, scaled once; butterflies in a different order than the float64
+# reference. Budget: a few ulps of the largest partial sum times log2(n) levels.
+FP32_RTOL = 4 * 2.0**-24
+SIZES = [1, 2, 16, 128, 1024, 12, 24, 96, 20, 40, 160, 28, 56, 7168, 4096, 40 * 64]
+
+
+def _budget(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    mag = x.double().abs().sum(-1, keepdim=True) / math.sqrt(n)
+    return FP32_RTOL * max(1.0, math.log2(n)) * mag + 1e-30
+
+
+@pytest.mark.parametrize("m", [12, 20, 28, 40])
+def test_special_matrices_are_hadamard(m):
+    h = special_hadamard(m)
+    assert h.shape == (m, m)
+    assert torch.equal(h.abs(), torch.ones_like(h))
+    assert torch.equal(h @ h.t(), m * torch.eye(m, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [12 * 8, 20 * 4, 28 * 16, 40 * 2, 64, 7168 // 16])
+def test_full_matrices_are_orthogonal(n):
+    h = hadamard_matrix(n)
+    assert torch.equal(h @ h.t(), n * torch.eye(n, dtype=torch.float64))
+
+
+def test_sylvester_is_symmetric_natural_order():
+    h = sylvester(8)
+    assert torch.equal(h, h.t())
+    assert torch.equal(h[3], torch.tensor([1.0, -1, -1, 1, 1, -1, -1, 1], dtype=torch.float64))
+
+
+def test_core_tables_match_reference_constructions():
+    """The C++ sign tables (hadamard_tables.h) are the matrices the reference builds: checked through the CPU
+    transform of the identity, which returns H_n / sqrt(n) row by row."""
+    for n in (12, 20, 28, 56):
+        got = ops.hadamard_transform(torch.eye(n)).double() * math.sqrt(n)
+        assert torch.equal(got.round(), hadamard_matrix(n)), n
+
+
+def test_decompose():
+    assert decompose(7168) == (28, 256)
+    assert decompose(40 * 64) == (20, 128)
+    assert decompose(32768) == (1, 32768)
+    for bad in (0, 3, 36, 65536, 28 * 2048):
+        assert decompose(bad) is None
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_cpu_matches_reference(n, gen):
+    x = torch.randn(5, n, generator=gen) * torch.logspace(-3, 2, 5).unsqueeze(1)
+    got = ops.hadamard_transform(x)
+    ref = hadamard_ref(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert bool(((got.double() - ref.double()).abs() <= _budget(x)).all())
+
+
+def test_leading_dims_and_norm(gen):
+    x = torch.randn(2, 3, 4, 96, generator=gen)
+    y = ops.hadamard_transform(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.reshape(-1, 96), hadamard_ref(x.reshape(-1, 96)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=0)
+
+
+def test_orthonormal_inverse(gen):
+    """H / sqrt(n) is orthogonal: applying the transform to the rows of its transpose gives back x."""
+    n = 7168
+    x = torch.randn(2, n, generator=gen)
+    y = ops.hadamard_transform(x)
+    # x = y @ (H/sqrt n)^T = (H/sqrt n) applied to y via the matrix transpose
+    back = (y.double() @ hadamard_matrix(n).t()) / math.sqrt(n)
+    torch.testing.assert_close(back.float(), x, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dtypes(dtype, gen):
+    x = torch.randn(4, 224, generator=gen).to(dtype)
+    y = ops.hadamard_transform(x)
+    assert y.dtype == dtype
+    ref = hadamard_ref(x.float())  # computed in fp32 / fp64, then rounded once
+    assert torch.equal(y, ref.to(dtype)) or float((y.float() - ref).abs().max()) <= float(ref.abs().max()) * 2**-7
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"x: .*12, 20, 28 or 40"):
+        ops.hadamard_transform(torch.randn(3, 36))
+    with pytest.raises(ValueError, match="x"):
+        ops.hadamard_transform(torch.randn(3, 65536))
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        ops.hadamard_transform(torch.randn(3, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x"):
+        ops.hadamard_transform([1.0, 2.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", SIZES + [32768, 16384, 28 * 1024, 12 * 2048, 20 * 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu(n, dtype, gen):
+    rows = 7 if n <= 4096 else 3
+    x = (torch.randn(rows, n, generator=gen) * torch.logspace(-2, 2, rows).unsqueeze(1)).to(dtype)
+    got = ops.hadamard_transform(x.cuda())
+    assert got.is_cuda and got.dtype == dtype and got.shape == x.shape
+    ref = hadamard_ref(x.float())
+    if dtype == torch.float32:
+        assert bool(((got.cpu().double() - ref.double()).abs() <= _budget(x.float())).all())
+    else:  # one rounding to the dtype after an fp32 computation: within one ulp of the rounded reference
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        err = (got.cpu().double() - ref.double()).abs()
+        assert bool((err <= ref.double().abs() * ulp + _budget(x.float()) * 4).all())
+
+
+@pytest.mark.gpu
+def test_cuda_in_place_and_many_rows(gen):
+    x = torch.randn(5000, 96, generator=gen).cuda()
+    y = ops.hadamard_transform(x)
+    torch.testing.assert_close(y.cpu(), ops.hadamard_transform(x.cpu()), rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="x"):
+        ops.hadamard_transform(torch.randn(3, 36, device="cuda"))
