@@ -195,13 +195,18 @@ class ExpertCapture(_Hooks):
         weighting: ``"none"`` (plain ``sum x x^T``) or ``"routing"`` (``sum c x x^T``, c = routing weight; AGQ).
         compute_h: compute ``batch.h`` (required for the down accumulator).
         accumulator_factory: ``factory(num_experts, dim, device)``; default ``moequant.ops.HessianAccumulator``.
+        all_tokens: also feed ``self.all_input`` (1 "expert", dim H): the unweighted Hessian of the block input
+            over *all* tokens, each once (the router's input; the shrinkage target of gate/up).
+        all_token_down: also feed ``self.down_all`` (E experts, dim I): for every expert e, the unweighted
+            Hessian of ``glu(gate_e x, up_e x)`` over all tokens ("calibrate all experts"; E x the expert compute).
 
     ``token_mask`` (bool, T elements, or None) may be set before each forward to drop padding tokens.
     """
 
     def __init__(self, experts: nn.Module, family: MoEFamily, *, on_batch: Callable[[RoutedBatch], None] | None = None,
                  accumulate: bool = True, weighting: str = "none", compute_h: bool = True,
-                 accumulator_factory: AccumulatorFactory | None = None) -> None:
+                 accumulator_factory: AccumulatorFactory | None = None, all_tokens: bool = False,
+                 all_token_down: bool = False) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -214,12 +219,16 @@ class ExpertCapture(_Hooks):
         self.intermediate_size = intermediate_size(experts, family)
         self.token_mask: torch.Tensor | None = None
         self.num_calls = 0
-        self.gate_up = self.down = None
+        self.gate_up = self.down = self.all_input = self.down_all = None
         if accumulate:
             make = accumulator_factory or default_accumulator_factory
             dev = experts.gate_up_proj.device
             self.gate_up = make(self.num_experts, int(self.hidden_size), dev)
             self.down = make(self.num_experts, self.intermediate_size, dev)
+            if all_tokens:
+                self.all_input = make(1, int(self.hidden_size), dev)
+            if all_token_down:
+                self.down_all = make(self.num_experts, self.intermediate_size, dev)
         try:
             names = list(inspect.signature(experts.forward).parameters)[:3]
         except (TypeError, ValueError):
@@ -251,8 +260,29 @@ class ExpertCapture(_Hooks):
             cw = batch.weights if self.weighting == "routing" else None
             self.gate_up.add(batch.x, batch.expert_ids, cw)
             self.down.add(batch.h, batch.expert_ids, cw)
+        if self.all_input is not None or self.down_all is not None:
+            self._add_all_tokens(hs, mask)
         if self.on_batch is not None:
             self.on_batch(batch)
+
+
+    @torch.no_grad()
+    def _add_all_tokens(self, hs: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Every (unmasked) token once: block-input Hessian and, optionally, every expert's down input."""
+        x = hs.reshape(-1, hs.shape[-1])
+        x = (x[mask.to(x.device)] if mask is not None else x).float()
+        if not x.shape[0]:
+            return
+        if self.all_input is not None:
+            self.all_input.add(x, torch.zeros(x.shape[0], dtype=torch.int32, device=x.device))
+        if self.down_all is not None:
+            for e in range(self.num_experts):
+                t = split_expert(self.experts, self.family, e)
+                gate, up = x @ t.gate.float().t(), x @ t.up.float().t()
+                if t.gate_bias is not None:
+                    gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
+                self.down_all.add(self.family.glu(self.experts, gate, up),
+                                  torch.full((x.shape[0],), e, dtype=torch.int32, device=x.device))
 
 
 class LinearCapture(_Hooks):
@@ -310,7 +340,7 @@ class LayerCapture(_Hooks):
         weighting: routed experts weighting, ``"none"`` | ``"routing"``.
         shared_weighting: ``"none"`` | ``"gate"`` -- weight the gated shared expert's Linears by
             ``sigmoid(shared_expert_gate(x))`` (ignored when the family has no shared_expert_gate).
-        on_batch, accumulator_factory, compute_h: forwarded to :class:`ExpertCapture`.
+        on_batch, accumulator_factory, compute_h, all_tokens, all_token_down: forwarded to :class:`ExpertCapture`.
 
     Attributes: ``experts`` (:class:`ExpertCapture` or None for a dense layer), ``linears`` (:class:`LinearCapture`).
     """
@@ -318,7 +348,7 @@ class LayerCapture(_Hooks):
     def __init__(self, layer: nn.Module, family: MoEFamily, *, layer_prefix: str = "", weighting: str = "none",
                  shared_weighting: str = "none", on_batch: Callable[[RoutedBatch], None] | None = None,
                  accumulator_factory: AccumulatorFactory | None = None, compute_h: bool = True,
-                 accumulate: bool = True) -> None:
+                 accumulate: bool = True, all_tokens: bool = False, all_token_down: bool = False) -> None:
         super().__init__()
         if shared_weighting not in ("none", "gate"):
             raise ValueError(f"shared_weighting must be 'none' or 'gate', got {shared_weighting!r}")
@@ -326,7 +356,8 @@ class LayerCapture(_Hooks):
         ex = family.experts_of(layer)
         self.experts = None if ex is None else ExpertCapture(
             ex, family, on_batch=on_batch, weighting=weighting, compute_h=compute_h,
-            accumulator_factory=accumulator_factory, accumulate=accumulate)
+            accumulator_factory=accumulator_factory, accumulate=accumulate, all_tokens=all_tokens,
+            all_token_down=all_token_down)
         mods = linear_modules(layer, family, layer_prefix)
         self._shared = family.shared_expert_of(layer)
         self._shared_gate = family.shared_expert_gate_of(layer)

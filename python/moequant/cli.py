@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
     parser = _Parser(prog="moequant", parents=[common],
                      description="Post-training quantization of Mixture-of-Experts LLMs to compressed-tensors.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,inspect,ebss}")
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model into a compressed-tensors checkpoint",
                        description="Quantize MODEL into --out. Flags given explicitly override the recipe file; "
@@ -86,7 +86,39 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="describe a model and what the default recipe quantizes")
     i.add_argument("model", metavar="MODEL", help="local model directory")
     i.set_defaults(func=_cmd_inspect)
+
+    b = sub.add_parser("ebss", parents=[common], help="generate expert-balanced calibration data (MoEQuant EBSS)",
+                       description="Generate calibration sequences from MODEL itself (beam search scored by "
+                       "log-probability and expert balance) into a JSONL file usable with --calib FILE.jsonl.")
+    b.add_argument("model", metavar="MODEL", help="local Hugging Face MoE model directory")
+    b.add_argument("--out", required=True, metavar="FILE.jsonl", help="output JSONL (+ FILE.jsonl.meta.json)")
+    b.add_argument("--num-samples", type=_positive_int, default=128, help="sequences (default 128)")
+    b.add_argument("--seq-len", type=_positive_int, default=512, help="tokens per sequence (default 512)")
+    b.add_argument("--beam", type=_positive_int, default=4, help="beam width w (default 4)")
+    b.add_argument("--tau", type=float, default=1.2, help="balance temperature tau (default 1.2)")
+    b.add_argument("--no-balance", action="store_true", help="drop the balance term (plain beam search)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the first tokens (default 0)")
+    b.add_argument("--batch-size", type=_positive_int, default=8, help="samples generated together (default 8)")
+    b.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    b.set_defaults(func=_cmd_ebss)
     return parser
+
+
+def _cmd_ebss(args: argparse.Namespace) -> int:
+    from moequant import ebss
+
+    model_dir = _model_dir(args.model)
+    _check_device(args.device)
+    _load_config(model_dir)  # unsupported families fail here with a clear message
+    if not args.out.endswith(".jsonl"):
+        raise CliError(f"--out: expected a *.jsonl path, got {args.out!r}")
+    res = ebss.run(model_dir, args.out, device=args.device, num_samples=args.num_samples, seq_len=args.seq_len,
+                   beam=args.beam, tau=args.tau, balance=not args.no_balance, seed=args.seed,
+                   batch_size=args.batch_size)
+    n = max(len(res.sigma), 1)
+    print(f"wrote {len(res.sequences)} sequences of {args.seq_len} tokens to {args.out} "
+          f"(mean sigma {sum(res.sigma) / n:.4f}, mean nll {sum(res.nll) / n:.3f}, {res.seconds:.1f} s)")
+    return 0
 
 
 # ---------------------------------------------------------------------------- checks

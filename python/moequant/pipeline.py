@@ -339,6 +339,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             layer = lazy.load_layer(index, device)
             with torch.no_grad():
                 cap = LayerCapture(layer, lazy.family, layer_prefix=prefix, weighting=weighting,
+                                   shared_weighting="gate" if recipe.routing_weighted else "none",
+                                   all_tokens=recipe.fallback.policy == "shrink",
+                                   all_token_down=recipe.fallback.policy == "shrink"
+                                   and recipe.fallback.calibrate_all_experts,
                                    accumulator_factory=factory)
                 with cap.attach():
                     _run_layer(layer, hidden, kwargs, index, device)

@@ -47,7 +47,7 @@ DEFAULT_IGNORE = (
 )
 _METHODS = ("gptq", "rtn")
 _SEARCHES = ("minmax", "mse")
-_POLICIES = ("mean", "identity", "rtn")
+_POLICIES = ("mean", "identity", "rtn", "shrink")
 _HESSIAN_DTYPES = ("float32", "float64")
 
 
@@ -141,6 +141,9 @@ class QuantScheme(_Dict):
             ``mse_min_shrink``, error ``sum |w - q|^mse_norm``).
         act_order: GPTQ column order by decreasing Hessian diagonal (static groups, no g_idx).
         damp: GPTQ damping, a fraction of ``mean(diag H)``. block_size: GPTQ lazy-update block width.
+        rounding_passes: greedy rounding correction after the solve (0 = off; ``moequant.ops.refine_rounding``,
+            docs/algorithms.md): flip budget per row in units of its columns. rounding_outlier_quantile: |w|
+            quantile of a group above which codes are left alone (0.99: the top 1%).
     """
 
     _where: ClassVar[str] = "scheme"
@@ -155,6 +158,8 @@ class QuantScheme(_Dict):
     act_order: bool = False
     damp: float = 0.01
     block_size: int = 128
+    rounding_passes: int = 0
+    rounding_outlier_quantile: float = 0.99
 
     def __post_init__(self) -> None:
         if self.group_size is None:
@@ -172,6 +177,8 @@ class QuantScheme(_Dict):
         _check_bool("act_order", self.act_order)
         _check_pos_float("damp", self.damp, remedy="typical values are 0.01 to 0.1")
         _check_int("block_size", self.block_size, 1, "the default is 128")
+        _check_int("rounding_passes", self.rounding_passes, 0, "0 turns the greedy rounding correction off")
+        _check_pos_float("rounding_outlier_quantile", self.rounding_outlier_quantile, 1.0, "the default is 0.99")
 
     @property
     def per_channel(self) -> bool:
@@ -196,7 +203,8 @@ class QuantScheme(_Dict):
         """Short label, e.g. ``"W4 g128 asym gptq"``."""
         g = "per-channel" if self.per_channel else f"g{self.group_size}"
         extra = (" act-order" if self.act_order and self.method == "gptq" else "") + \
-            (" mse" if self.scale_search == "mse" else "")
+            (" mse" if self.scale_search == "mse" else "") + \
+            (f" round{self.rounding_passes}" if self.rounding_passes else "")
         return f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'} {self.method}{extra}"
 
 
@@ -280,16 +288,26 @@ class FallbackConfig(_Dict):
     """Experts that received fewer than ``min_tokens`` calibration tokens.
 
     ``policy``: ``"mean"`` (GPTQ on the mean Hessian of the layer's experts), ``"identity"`` (GPTQ with
-    ``H = I``, equivalent to RTN) or ``"rtn"`` (plain round to nearest).
+    ``H = I``, equivalent to RTN), ``"rtn"`` (plain round to nearest) or ``"shrink"``: *every* expert uses
+    ``H_e' = (n_e H_e + k H_all) / (n_e + k)`` (normalised Hessians; n_e = the expert's rows, or its routing
+    mass when routing-weighted; k = ``shrinkage_tokens``; H_all = the layer's all-token Hessian of that input,
+    docs/algorithms.md), so starved experts lean on the layer and well-calibrated ones keep their own Hessian.
+    ``calibrate_all_experts`` (shrink only): the down_proj target of expert e is the Hessian of its
+    intermediate activation over *all* tokens (every token through every expert in the capture, E times the
+    expert compute); off, it is the pooled down_proj Hessian of the routed rows of all experts.
     """
 
     _where: ClassVar[str] = "fallback"
     min_tokens: int = 8
     policy: str = "mean"
+    shrinkage_tokens: float = 64.0
+    calibrate_all_experts: bool = False
 
     def __post_init__(self) -> None:
         _check_int("fallback.min_tokens", self.min_tokens, 0)
         _check_choice("fallback.policy", self.policy, _POLICIES)
+        _check_pos_float("fallback.shrinkage_tokens", self.shrinkage_tokens, remedy="the default is 64")
+        _check_bool("fallback.calibrate_all_experts", self.calibrate_all_experts)
 
 
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")

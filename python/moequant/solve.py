@@ -8,7 +8,7 @@ and returns the per-matrix results keyed by on-disk module name.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ def _solve(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
         qt = ops.quantize_rtn(w, scale_dtype=storage, **scheme.quant_kwargs())
     else:
         qt = ops.gptq_quantize(w, h, scale_dtype=storage, **scheme.gptq_kwargs())
+    if scheme.rounding_passes and h is not None:
+        qt = ops.refine_rounding(qt, w, h, passes=scheme.rounding_passes,
+                                 outlier_quantile=scheme.rounding_outlier_quantile)
     if scheme.per_channel:
         qt.group_size = -1  # keep the recipe's scheme (not the effective group of in_features) for the export
     return qt
@@ -46,13 +49,40 @@ def _rows(qt: ops.QuantizedTensor, sl: slice) -> ops.QuantizedTensor:
 
 
 class ExpertHessians:
-    """Normalised expert Hessians of one accumulator with the recipe's fallback for starved experts."""
+    """Normalised expert Hessians of one accumulator with the recipe's fallback for starved experts.
 
-    def __init__(self, acc: ops.HessianAccumulator, min_tokens: int, policy: str):
+    Policy ``"shrink"`` applies to every expert: ``H_e' = (n_e H_e + k T_e) / (n_e + k)`` with n_e the expert's
+    weight mass (rows, or routing mass when routing-weighted), k = ``shrinkage_tokens`` and the target
+    ``T_e = prior(e)`` (the layer's all-token Hessian of that input; None or no prior: the pooled Hessian of all
+    routed rows of the layer, ``sum_e H_e_raw / sum_e n_e``).
+    """
+
+    def __init__(self, acc: ops.HessianAccumulator, min_tokens: int, policy: str, shrinkage_tokens: float = 64.0,
+                 prior: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
         self.acc, self.min_tokens, self.policy = acc, min_tokens, policy
+        self.k, self.prior = float(shrinkage_tokens), prior
         self.counts = [int(c) for c in acc.counts.tolist()]
         self._mean: Optional[torch.Tensor] = None
+        self._pooled: Optional[torch.Tensor] = None
         self._warned = False
+
+    def _target(self, e: int) -> Optional[torch.Tensor]:
+        t = self.prior(e) if self.prior is not None else None
+        if t is not None:
+            return t.to(device=self.acc.device, dtype=self.acc.dtype)
+        if self._pooled is None:
+            m = float(self.acc.mass.sum())
+            if m > 0:
+                self._pooled = self.acc.hessians.sum(0) / m
+        return self._pooled
+
+    def _shrunk(self, e: int) -> Optional[torch.Tensor]:
+        """(raw H_e + k T_e) / (n_e + k), i.e. (n_e H_e + k T_e) / (n_e + k) with the normalised H_e."""
+        t = self._target(e)
+        if t is None:
+            return None
+        n = float(self.acc.mass[e])
+        return (self.acc.hessians[e] + self.k * t) / (n + self.k)
 
     def _layer_mean(self) -> Optional[torch.Tensor]:
         """Mean normalised Hessian of the well-calibrated experts (those with min_tokens), or else of every
@@ -66,7 +96,13 @@ class ExpertHessians:
 
     def get(self, e: int) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
         """(Hessian or None for RTN, fallback used or None, force RTN)."""
-        if self.counts[e] >= self.min_tokens:
+        if self.policy == "shrink":
+            h = self._shrunk(e)
+            if h is not None:
+                return h, ("shrink" if self.counts[e] < self.min_tokens else None), False
+            if self.counts[e] >= self.min_tokens:
+                return self.acc.hessian(e), None, False
+        elif self.counts[e] >= self.min_tokens:
             return self.acc.hessian(e), None, False
         if self.policy == "rtn":
             return None, "rtn", True
@@ -120,8 +156,13 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
         return {}, []
     experts = ec.experts
     fb = recipe.fallback
-    hgu = ExpertHessians(ec.gate_up, fb.min_tokens, fb.policy)
-    hdn = ExpertHessians(ec.down, fb.min_tokens, fb.policy)
+    all_in, down_all = getattr(ec, "all_input", None), getattr(ec, "down_all", None)
+    h_all = all_in.hessian(0) if all_in is not None and float(all_in.mass[0]) > 0 else None
+    hgu = ExpertHessians(ec.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                         (lambda e: h_all) if h_all is not None else None)
+    hdn = ExpertHessians(ec.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                         (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
+                         if down_all is not None else None)
     results, records = {}, []
     for e in range(ec.num_experts):
         names = family.disk_expert_names(layer_prefix, e)
