@@ -41,9 +41,10 @@ def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str,
     from moequant.evaluation import perplexity
 
     # bf16 matmuls are slow on most CPUs: evaluate in float32 there (the weights are bf16 values either way)
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    extra = {} if str(device).startswith("cuda") else {"experts_implementation": "eager"}  # fastest on CPUs
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra).to(device).eval()
+    on_gpu = str(device).startswith("cuda")
+    extra = {} if on_gpu else {"experts_implementation": "eager"}  # fastest on CPUs
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **extra)
+    model = (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
     out = {"heldout": perplexity(model, held, seq_len=seq_len, device=device, progress=False),
            "wt2": perplexity(model, wt2, seq_len=seq_len, device=device, progress=False)}
     del model

@@ -54,12 +54,18 @@ def main() -> int:
     # (docs/export.md); vLLM and transformers both load symmetric W4 as it is.
     run([exe, "quantize", model, "--out", out, "--bits", "4", "--group-size", "128", "--symmetric", "--method", "gptq",
          "--calib", calib, "--num-samples", "64", "--seq-len", "256", "--device", args.device])
+    rtn_out = out + "-rtn"  # the same scheme by round-to-nearest, for comparison
+    shutil.rmtree(REPO / rtn_out, ignore_errors=True)
+    run([exe, "-q", "quantize", model, "--out", rtn_out, "--bits", "4", "--group-size", "128", "--symmetric",
+         "--method", "rtn", "--calib", calib, "--num-samples", "8", "--seq-len", "256", "--device", args.device])
     base = ppl(run([exe, "eval", model, "--text", heldout, "--seq-len", "256", "--device", args.device]))
     quant = ppl(run([exe, "eval", out, "--text", heldout, "--seq-len", "256", "--device", args.device]))
+    rtn = ppl(run([exe, "-q", "eval", rtn_out, "--text", heldout, "--seq-len", "256", "--device", args.device]))
     size = lambda d: sum(f.stat().st_size for f in (REPO / d).glob("*.safetensors"))  # noqa: E731
     print(f"bf16 perplexity       {base:.3f}  ({size(model) / 2**20:.2f} MiB of weights)")
     print(f"W4 GPTQ perplexity    {quant:.3f}  ({size(out) / 2**20:.2f} MiB, compressed-tensors pack-quantized, "
           f"reloaded with transformers)")
+    print(f"W4 RTN perplexity     {rtn:.3f}  (same format, round-to-nearest)")
     print(f"checkpoint: {out}  (report: {out}/moequant_report.json)")
     return 0
 

@@ -213,10 +213,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     ids = load_token_ids(tokenizer, args.text, seq_len=args.seq_len)
     logger.info("%s: %d tokens; loading %s on %s", args.text, ids.numel(), model_dir, device)
-    # On the CPU, bf16 matmuls are slow: evaluate in float32 there (quantized weights are exact either way).
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    extra = {} if str(device).startswith("cuda") else {"experts_implementation": "eager"}  # fastest on CPUs
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra).to(device)
+    # Load in bf16 (compressed-tensors decompresses into the scale dtype); on the CPU, where bf16 matmuls are
+    # slow, the loaded model is then cast to float32 (the bf16 weight values are kept exactly). nn.Module.float
+    # is called directly: transformers refuses .float() on a quantized model, but compressed-tensors has already
+    # decompressed the weights into plain tensors at load time.
+    on_gpu = str(device).startswith("cuda")
+    extra = {} if on_gpu else {"experts_implementation": "eager"}  # eager experts are fastest on CPUs
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, **extra)
+    model = (model if on_gpu else torch.nn.Module.float(model)).to(device)
     ppl = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, device=device,
                      progress=logger.isEnabledFor(logging.INFO))
     print(f"ppl={ppl:.4f}")

@@ -91,10 +91,10 @@ def test_dead_columns_and_zero_token_expert(gen, make_hessian):
 @pytest.mark.gpu
 def test_escalation_only_for_the_indefinite_expert(gen, make_hessian):
     w, h = problem(3, 32, 96, gen, make_hessian)
-    # expert 1: push the smallest eigenvalue to -5% of the mean diagonal along its eigenvector
-    evals, evecs = torch.linalg.eigh(h[1].double())
-    v = evecs[:, 0].float()
-    h[1] -= (float(evals[0]) + 0.05 * float(h[1].diagonal().mean())) * torch.outer(v, v)
+    # expert 1: an off-diagonal pair larger than its diagonals allow makes a negative 2x2 principal minor,
+    # so H is indefinite while every diagonal entry stays positive
+    a, b = 3, 7
+    h[1, a, b] = h[1, b, a] = 1.5 * float((h[1, a, a] * h[1, b, b]).sqrt())
     assert float(torch.linalg.eigvalsh(h[1].double())[0]) < 0 and bool((h[1].diagonal() > 0).all())
     gpu = ops.gptq_quantize_batched(w.cuda(), h.cuda())
     esc = [g.escalations for g in gpu]
