@@ -324,6 +324,8 @@ class Recipe:
         hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
         routing_weighted: weight each routed token's Hessian contribution by its routing weight.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (the pipeline picks). version: recipe format version.
+        solver_memory_gb: GPU memory the batched expert GPTQ may use at once; a layer's experts are solved in
+            chunks that fit it (weights, Hessians and workspace).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -334,6 +336,7 @@ class Recipe:
     hessian_dtype: str = "float32"
     routing_weighted: bool = False
     device: Optional[str] = None
+    solver_memory_gb: float = 8.0
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -360,6 +363,7 @@ class Recipe:
         _check_bool("routing_weighted", self.routing_weighted)
         if self.device is not None and (not isinstance(self.device, str) or not _DEVICE_RE.match(self.device)):
             _fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
+        _check_pos_float("solver_memory_gb", self.solver_memory_gb)
 
     # ------------------------------------------------------------------ resolution
     def is_ignored(self, module_name: str) -> bool:
@@ -388,7 +392,8 @@ class Recipe:
         return {"version": self.version, "scheme": self.scheme.to_dict(), "ignore": list(self.ignore),
                 "overrides": [o.to_dict() for o in self.overrides], "calibration": self.calibration.to_dict(),
                 "fallback": self.fallback.to_dict(), "hessian_dtype": self.hessian_dtype,
-                "routing_weighted": self.routing_weighted, "device": self.device}
+                "routing_weighted": self.routing_weighted, "device": self.device,
+                "solver_memory_gb": self.solver_memory_gb}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

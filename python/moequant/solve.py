@@ -27,11 +27,17 @@ def _solve(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
         qt = ops.quantize_rtn(w, scale_dtype=storage, **scheme.quant_kwargs())
     else:
         qt = ops.gptq_quantize(w, h, scale_dtype=storage, **scheme.gptq_kwargs())
+    return _post(qt, w, h, scheme)
+
+
+def _post(qt: ops.QuantizedTensor, w: torch.Tensor, h: Optional[torch.Tensor],
+          scheme: QuantScheme) -> ops.QuantizedTensor:
+    """Optional greedy rounding correction; per-channel results keep the recipe's group size (-1) for the export."""
     if scheme.rounding_passes and h is not None:
         qt = ops.refine_rounding(qt, w, h, passes=scheme.rounding_passes,
                                  outlier_quantile=scheme.rounding_outlier_quantile)
     if scheme.per_channel:
-        qt.group_size = -1  # keep the recipe's scheme (not the effective group of in_features) for the export
+        qt.group_size = -1
     return qt
 
 
@@ -146,11 +152,57 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
     return results, records
 
 
+class _Job:
+    """One matrix to quantize: its weight, Hessian and scheme, and where its rows go (name -> row slice)."""
+
+    def __init__(self, record: str, w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
+                 record_scheme: QuantScheme, outputs: list, tokens: int, fallback: Optional[str], force_rtn: bool):
+        self.record, self.w, self.h, self.scheme, self.record_scheme = record, w, h, scheme, record_scheme
+        self.outputs, self.tokens, self.fallback, self.force_rtn = outputs, tokens, fallback, force_rtn
+        self.qt: Optional[ops.QuantizedTensor] = None
+
+
+def _batchable(job: _Job) -> bool:
+    """The batched GPU solver handles this job (GPTQ with a Hessian, on CUDA, within its limits)."""
+    s = job.scheme
+    return (job.w.is_cuda and job.h is not None and s.method == "gptq" and s.block_size <= 128
+            and (s.scale_search != "mse" or s.act_order))
+
+
+def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
+    """Solves same-shape, same-scheme jobs with the batched GPU GPTQ, in chunks that fit ``memory_gb``."""
+    rows, cols = jobs[0].w.shape
+    per_job = 4 * (3 * cols * cols + 4 * rows * cols)  # H (+ copy, workspace) and W, Q, dequantized, error
+    chunk = max(1, int(memory_gb * 2**30 // per_job))
+    s = jobs[0].scheme
+    for i in range(0, len(jobs), chunk):
+        part = jobs[i:i + chunk]
+        w = torch.stack([j.w.float() for j in part])
+        h = torch.stack([j.h.float() for j in part])
+        out = ops.gptq_quantize_batched(w, h, scale_dtype=storage, overwrite_h=True, **s.gptq_kwargs())
+        for job, qt in zip(part, out):
+            job.qt = _post(qt, job.w, job.h, job.scheme)
+        del w, h
+
+
+def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
+    """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
+    groups: dict = {}
+    for job in jobs:
+        if _batchable(job):
+            groups.setdefault((tuple(job.w.shape), job.scheme), []).append(job)
+        else:
+            job.qt = _solve(job.w, job.h, job.scheme, storage)
+    for group in groups.values():
+        _solve_batched(group, storage, memory_gb)
+
+
 @torch.no_grad()
 def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: str,
                      storage: torch.dtype) -> tuple[dict, list]:
     """Quantizes every routed expert of a layer in place (gate and up share one Hessian and, when their
-    schemes agree, one solve); returns ({disk_name: qt}, [ModuleRecord])."""
+    schemes agree, one solve; on a GPU all experts of a projection are solved in one batched call);
+    returns ({disk_name: qt}, [ModuleRecord])."""
     ec = capture.experts
     if ec is None:
         return {}, []
@@ -163,7 +215,7 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
     hdn = ExpertHessians(ec.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
                          (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
                          if down_all is not None else None)
-    results, records = {}, []
+    jobs: list = []
     for e in range(ec.num_experts):
         names = family.disk_expert_names(layer_prefix, e)
         t = split_expert(experts, family, e)
@@ -171,26 +223,26 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
         tokens = hgu.counts[e]
         h, fallback, force_rtn = hgu.get(e)
         if sg is not None and sg == su:
-            scheme = sg.replace(method="rtn") if force_rtn else sg
             I = t.gate.shape[0]
-            qt = _solve(torch.cat([t.gate, t.up], 0), h, scheme, storage)
-            g, u = _rows(qt, slice(0, I)), _rows(qt, slice(I, None))
-            _write_back(t.gate, g, storage)
-            _write_back(t.up, u, storage)
-            results[names["gate"]], results[names["up"]] = g, u
-            records.append(_record(names["gate"] + "+up", sg, tokens, qt, fallback, force_rtn))
+            jobs.append(_Job(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
+                             sg.replace(method="rtn") if force_rtn else sg, sg,
+                             [(names["gate"], t.gate, slice(0, I)), (names["up"], t.up, slice(I, None))],
+                             tokens, fallback, force_rtn))
         else:
-            for key, w, s in (("gate", t.gate, sg), ("up", t.up, su)):
-                if s is None:
-                    continue
-                qt = _solve(w, h, s.replace(method="rtn") if force_rtn else s, storage)
-                _write_back(w, qt, storage)
-                results[names[key]] = qt
-                records.append(_record(names[key], s, tokens, qt, fallback, force_rtn))
+            for key, w, sc in (("gate", t.gate, sg), ("up", t.up, su)):
+                if sc is not None:
+                    jobs.append(_Job(names[key], w, h, sc.replace(method="rtn") if force_rtn else sc, sc,
+                                     [(names[key], w, None)], tokens, fallback, force_rtn))
         if sd is not None:
             h, fallback, force_rtn = hdn.get(e)
-            qt = _solve(t.down, h, sd.replace(method="rtn") if force_rtn else sd, storage)
-            _write_back(t.down, qt, storage)
-            results[names["down"]] = qt
-            records.append(_record(names["down"], sd, tokens, qt, fallback, force_rtn))
+            jobs.append(_Job(names["down"], t.down, h, sd.replace(method="rtn") if force_rtn else sd, sd,
+                             [(names["down"], t.down, None)], tokens, fallback, force_rtn))
+    _run_jobs(jobs, storage, recipe.solver_memory_gb)
+    results, records = {}, []
+    for job in jobs:
+        for name, param, rows in job.outputs:
+            qt = job.qt if rows is None else _rows(job.qt, rows)
+            _write_back(param, qt, storage)
+            results[name] = qt
+        records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn))
     return results, records
