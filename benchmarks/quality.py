@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
+_PLAIN = dict(scale_search="minmax", act_order=False)  # the reference's plain GPTQ / RTN
 CONFIGS = {
-    "rtn-w4": dict(bits=4, method="rtn"),
-    "rtn-w3": dict(bits=3, method="rtn"),
-    "gptq-w4": dict(bits=4, method="gptq"),
-    "gptq-w3": dict(bits=3, method="gptq"),
-    "gptq-ao-w4": dict(bits=4, method="gptq", act_order=True),
-    "gptq-ao-w3": dict(bits=3, method="gptq", act_order=True),
-    "gptq-mse-w4": dict(bits=4, method="gptq", scale_search="mse"),
-    "gptq-mse-w3": dict(bits=3, method="gptq", scale_search="mse"),
+    "rtn-w4": dict(bits=4, method="rtn", **_PLAIN),
+    "rtn-w3": dict(bits=3, method="rtn", **_PLAIN),
+    "gptq-w4": dict(bits=4, method="gptq", **_PLAIN),
+    "gptq-w3": dict(bits=3, method="gptq", **_PLAIN),
+    "gptq-ao-w4": dict(bits=4, method="gptq", act_order=True, scale_search="minmax"),
+    "gptq-ao-w3": dict(bits=3, method="gptq", act_order=True, scale_search="minmax"),
+    "gptq-mse-w4": dict(bits=4, method="gptq", scale_search="mse", act_order=False),
+    "gptq-mse-w3": dict(bits=3, method="gptq", scale_search="mse", act_order=False),
     "gptq-ao-mse-w4": dict(bits=4, method="gptq", act_order=True, scale_search="mse"),
     "gptq-ao-mse-w3": dict(bits=3, method="gptq", act_order=True, scale_search="mse"),
 }

@@ -190,7 +190,8 @@ def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
     groups: dict = {}
     for job in jobs:
         if _batchable(job):
-            groups.setdefault((tuple(job.w.shape), job.scheme), []).append(job)
+            key = (tuple(job.w.shape), tuple(sorted(job.scheme.to_dict().items())))
+            groups.setdefault(key, []).append(job)
         else:
             job.qt = _solve(job.w, job.h, job.scheme, storage)
     for group in groups.values():

@@ -96,10 +96,10 @@ def test_escalation_only_for_the_indefinite_expert(gen, make_hessian):
     a, b = 3, 7
     h[1, a, b] = h[1, b, a] = 1.5 * float((h[1, a, a] * h[1, b, b]).sqrt())
     assert float(torch.linalg.eigvalsh(h[1].double())[0]) < 0 and bool((h[1].diagonal() > 0).all())
-    gpu = ops.gptq_quantize_batched(w.cuda(), h.cuda())
+    gpu = ops.gptq_quantize_batched(w.cuda(), h.cuda(), group_size=32)
     esc = [g.escalations for g in gpu]
     assert esc[0] == 0 and esc[2] == 0 and esc[1] >= 1, esc
-    compare(w, h, gpu)
+    compare(w, h, gpu, group_size=32)
 
 
 @pytest.mark.gpu

@@ -14,9 +14,9 @@ EXPERT = "model.layers.3.mlp.experts.7.gate_proj"
 
 def test_defaults():
     s = QuantScheme()
-    assert (s.bits, s.group_size, s.symmetric, s.method, s.scale_search) == (4, 128, False, "gptq", "minmax")
-    assert (s.mse_grid, s.mse_min_shrink, s.mse_norm, s.act_order, s.damp, s.block_size) == (100, 0.2, 2.4, False,
-                                                                                            0.01, 128)
+    assert (s.bits, s.group_size, s.symmetric, s.method, s.scale_search, s.act_order) == \
+        (4, 128, False, "gptq", "mse", True)
+    assert (s.mse_grid, s.mse_min_shrink, s.mse_norm, s.damp, s.block_size) == (100, 0.2, 2.4, 0.01, 128)
     r = Recipe()
     assert r.version == 1 and r.hessian_dtype == "float32" and r.routing_weighted is False and r.device is None
     assert r.ignore == list(DEFAULT_IGNORE) and r.overrides == []
@@ -231,4 +231,6 @@ def test_kwargs_for_ops():
     g = s.gptq_kwargs()
     assert (g["act_order"], g["damp"], g["block_size"]) == (True, 0.05, 128)
     assert s.describe() == "W3 g128 asym gptq act-order mse"
-    assert QuantScheme(group_size=-1, symmetric=True, method="rtn").describe() == "W4 per-channel sym rtn"
+    assert QuantScheme(group_size=-1, symmetric=True, method="rtn", scale_search="minmax").describe() == \
+        "W4 per-channel sym rtn"
+    assert QuantScheme(method="rtn").describe() == "W4 g128 asym rtn mse"
