@@ -193,6 +193,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
                                export_format=args.format, progress=logger.isEnabledFor(logging.INFO))
     print(report.summary() if hasattr(report, "summary") else report)
+    table = report.utilization_table() if hasattr(report, "utilization_table") else ""
+    if table:
+        print("tokens per expert (columns: experts, darker = more tokens):")
+        print(table)
     return 0
 
 

@@ -247,3 +247,27 @@ def test_top_level_api_accepts_calibration_files_and_token_ids(tiny):
     assert sum(from_ids.layers[0].expert_tokens) == 3 * 64 * 2
     with pytest.raises(ValueError, match="token ids"):
         moequant.quantize(tiny, r, calibration=ids.float())
+
+
+def test_layers_are_loaded_one_at_a_time(tiny, monkeypatch):
+    """Peak memory is one layer: every layer is materialised by load_layer and dropped before the next one."""
+    import gc
+    import weakref
+
+    from moequant.loading import LazyModel
+
+    alive, seen = [], []
+    original = LazyModel.load_layer
+
+    def tracking(self, index, device="cpu"):
+        gc.collect()
+        assert sum(r() is not None for r in alive) == 0, f"a previous layer is still alive when loading {index}"
+        assert all(p.is_meta for p in self.model.parameters() if p.dim() == 3)  # the skeleton stays empty
+        layer = original(self, index, device)
+        alive.append(weakref.ref(layer))
+        seen.append(index)
+        return layer
+
+    monkeypatch.setattr(LazyModel, "load_layer", tracking)
+    pipeline.quantize(tiny, _recipe(), progress=False)
+    assert seen == [0, 1]
