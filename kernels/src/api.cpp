@@ -6,6 +6,7 @@
 #include <moequant/quant.h>
 #include <moequant/status.h>
 
+#include "api_common.h"
 #include "launch.h"
 
 #include <cmath>
@@ -19,75 +20,13 @@ namespace {
 
 using cuda_detail::kNoBadIndex;
 
-Status cuda_error(const char* op, cudaError_t err) {
-  return Status::cuda("{}: {} ({})", op, cudaGetErrorName(err), cudaGetErrorString(err));
-}
-
-#define MQ_CUDA_RETURN(op, expr)                                   \
-  do {                                                             \
-    const cudaError_t _mq_err = (expr);                            \
-    if (_mq_err != cudaSuccess) return cuda_error((op), _mq_err);  \
-  } while (0)
-
-#define MQ_CUBLAS_RETURN(op, expr)                                                                         \
-  do {                                                                                                     \
-    const cublasStatus_t _mq_st = (expr);                                                                  \
-    if (_mq_st != CUBLAS_STATUS_SUCCESS)                                                                   \
-      return Status::cuda("{}: {} ({})", (op), cublasGetStatusString(_mq_st), static_cast<int>(_mq_st)); \
-  } while (0)
-
-/// The device that owns `p`; host or unknown memory is an invalid argument naming `arg`.
-Status device_of(const void* p, const char* arg, int* device) {
-  if (p == nullptr) return Status::invalid("{}: expected a CUDA device pointer, got null", arg);
-  cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err == cudaErrorInvalidValue) {  // older drivers: a pointer CUDA does not know
-    (void)cudaGetLastError();          // not sticky; clear it so it is not reported by a later launch check
-    return Status::invalid("{}: expected CUDA device memory, got a pointer CUDA does not know (host memory?)", arg);
-  }
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return cuda_error("cudaPointerGetAttributes", err);
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return Status::invalid("{}: expected CUDA device memory, got {} memory", arg,
-                           attr.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host");
-  *device = attr.device;
-  return {};
-}
-
-/// Checks that `p` (when `nullable`, possibly null) lives on `device`.
-Status check_on_device(const void* p, const char* arg, int device, bool nullable) {
-  if (p == nullptr && nullable) return {};
-  int d = -1;
-  MQ_RETURN_IF_ERROR(device_of(p, arg, &d));
-  if (d != device)
-    return Status::invalid("{}: expected memory on CUDA device {} (that of the input), got device {}", arg, device, d);
-  return {};
-}
-
-/// Makes `device` current for the call and restores the caller's device on exit (never device 0 by default).
-class ScopedDevice {
- public:
-  ScopedDevice() = default;
-  ScopedDevice(const ScopedDevice&) = delete;
-  ScopedDevice& operator=(const ScopedDevice&) = delete;
-  ~ScopedDevice() {
-    if (switched_) (void)cudaSetDevice(previous_);  // best effort: a destructor cannot report
-  }
-  Status enter(int device) {
-    MQ_CUDA_RETURN("cudaGetDevice", cudaGetDevice(&previous_));
-    if (previous_ != device) {
-      MQ_CUDA_RETURN("cudaSetDevice", cudaSetDevice(device));
-      switched_ = true;
-    }
-    return {};
-  }
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
+using api_detail::check_on_device;
+using api_detail::CublasStateGuard;
+using api_detail::device_of;
+using api_detail::nan_or_inf;
+using api_detail::read_back;
+using api_detail::ScopedDevice;
+using api_detail::to_params;
 
 /// A small stream-ordered device buffer (the device-side error flag of calls without a workspace argument).
 class StreamBuffer {
@@ -117,63 +56,6 @@ class StreamBuffer {
   cudaStream_t stream_;
   void* ptr_ = nullptr;
 };
-
-/// Copies `bytes` from device to host and waits for them. The synchronization of the caller's stream is the
-/// price of reporting a data-dependent error as a Status; it is the only host wait in these calls.
-Status read_back(void* host, const void* device, size_t bytes, cudaStream_t stream, const char* what) {
-  MQ_CUDA_RETURN(what, cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
-  MQ_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(stream));
-  return {};
-}
-
-/// Saves the parts of a cuBLAS handle's state this library changes and restores them.
-class CublasStateGuard {
- public:
-  explicit CublasStateGuard(cublasHandle_t h) : h_(h) {}
-  CublasStateGuard(const CublasStateGuard&) = delete;
-  CublasStateGuard& operator=(const CublasStateGuard&) = delete;
-  ~CublasStateGuard() {
-    if (saved_) (void)restore();  // error paths only; the normal path calls restore() and checks it
-  }
-  Status save() {
-    MQ_CUBLAS_RETURN("cublasGetStream", cublasGetStream(h_, &stream_));
-    MQ_CUBLAS_RETURN("cublasGetPointerMode", cublasGetPointerMode(h_, &pointer_mode_));
-    MQ_CUBLAS_RETURN("cublasGetMathMode", cublasGetMathMode(h_, &math_mode_));
-    saved_ = true;
-    return {};
-  }
-  Status restore() {
-    if (!saved_) return {};
-    saved_ = false;
-    MQ_CUBLAS_RETURN("cublasSetMathMode", cublasSetMathMode(h_, math_mode_));
-    MQ_CUBLAS_RETURN("cublasSetPointerMode", cublasSetPointerMode(h_, pointer_mode_));
-    MQ_CUBLAS_RETURN("cublasSetStream", cublasSetStream(h_, stream_));
-    return {};
-  }
-
- private:
-  cublasHandle_t h_;
-  cudaStream_t stream_ = nullptr;
-  cublasPointerMode_t pointer_mode_ = CUBLAS_POINTER_MODE_HOST;
-  cublasMath_t math_mode_ = CUBLAS_DEFAULT_MATH;
-  bool saved_ = false;
-};
-
-cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
-  cuda_detail::RtnParams p;
-  p.bits = s.bits;
-  p.symmetric = s.symmetric;
-  p.group_size = effective_group_size(s, cols);
-  p.scale_dtype = static_cast<int>(s.scale_dtype);
-  p.mse = s.search == ScaleSearch::kMse;
-  p.mse_grid = s.mse_grid;
-  // The same expression as compute_qparams in quant.h, evaluated on the host in double.
-  p.mse_steps = p.mse ? static_cast<int>(std::floor((1.0 - s.mse_min_shrink) * s.mse_grid + 1e-9)) : 0;
-  p.mse_norm = s.mse_norm;
-  return p;
-}
-
-const char* nan_or_inf(float v) { return std::isnan(v) ? "NaN" : "Inf"; }
 
 }  // namespace
 
@@ -369,10 +251,7 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
   // is the fast path: tensor cores (3xTF32 or bf16x9 emulation) and one grouped/batched call for all experts.
   {
     CublasStateGuard state(handle);
-    MQ_RETURN_IF_ERROR(state.save());
-    MQ_CUBLAS_RETURN("cublasSetStream", cublasSetStream(handle, stream));
-    MQ_CUBLAS_RETURN("cublasSetPointerMode", cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST));
-    MQ_CUBLAS_RETURN("cublasSetMathMode", cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+    MQ_RETURN_IF_ERROR(state.enter(stream));  // save, then stream, host pointer mode, CUBLAS_DEFAULT_MATH
     const float one = 1.0f;
     const float* gathered = reinterpret_cast<const float*>(static_cast<const char*>(workspace) + layout.gathered);
     const int d = static_cast<int>(dim);

@@ -7,6 +7,7 @@
 #include <moequant/quant.h>
 #include <moequant/status.h>
 
+#include "api_common.h"
 #include "launch.h"
 
 #include <cmath>
@@ -21,114 +22,20 @@ namespace {
 using cuda_detail::GptqLayout;
 using cuda_detail::kNoBadIndex;
 
-Status cuda_error(const char* op, cudaError_t err) {
-  return Status::cuda("{}: {} ({})", op, cudaGetErrorName(err), cudaGetErrorString(err));
-}
+using api_detail::CublasStateGuard;
+using api_detail::HostMemoryText;
+using api_detail::nan_or_inf;
+using api_detail::read_back;
+using api_detail::ScopedDevice;
+using api_detail::to_params;
 
-#define MQ_G_CUDA(op, expr)                                        \
-  do {                                                             \
-    const cudaError_t _mq_err = (expr);                            \
-    if (_mq_err != cudaSuccess) return cuda_error((op), _mq_err);  \
-  } while (0)
-
-#define MQ_G_CUBLAS(op, expr)                                                                              \
-  do {                                                                                                     \
-    const cublasStatus_t _mq_st = (expr);                                                                  \
-    if (_mq_st != CUBLAS_STATUS_SUCCESS)                                                                   \
-      return Status::cuda("{}: {} ({})", (op), cublasGetStatusString(_mq_st), static_cast<int>(_mq_st)); \
-  } while (0)
-
+// This file's wording for host memory ("got host memory"), as before the helpers moved to api_common.h.
 Status device_of(const void* p, const char* arg, int* device) {
-  if (p == nullptr) return Status::invalid("{}: expected a CUDA device pointer, got null", arg);
-  cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    if (err == cudaErrorInvalidValue)
-      return Status::invalid("{}: expected CUDA device memory, got a pointer CUDA does not know (host memory?)", arg);
-    return cuda_error("cudaPointerGetAttributes", err);
-  }
-  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-    return Status::invalid("{}: expected CUDA device memory, got host memory", arg);
-  *device = attr.device;
-  return {};
+  return api_detail::device_of(p, arg, device, HostMemoryText::kGeneric);
 }
 
 Status check_on_device(const void* p, const char* arg, int device) {
-  int d = -1;
-  MQ_RETURN_IF_ERROR(device_of(p, arg, &d));
-  if (d != device)
-    return Status::invalid("{}: expected memory on CUDA device {} (that of the input), got device {}", arg, device, d);
-  return {};
-}
-
-class DeviceScope {
- public:
-  ~DeviceScope() {
-    if (switched_) (void)cudaSetDevice(previous_);
-  }
-  Status enter(int device) {
-    MQ_G_CUDA("cudaGetDevice", cudaGetDevice(&previous_));
-    if (previous_ != device) {
-      MQ_G_CUDA("cudaSetDevice", cudaSetDevice(device));
-      switched_ = true;
-    }
-    return {};
-  }
-
- private:
-  int previous_ = 0;
-  bool switched_ = false;
-};
-
-Status read_back(void* host, const void* device, size_t bytes, cudaStream_t stream, const char* what) {
-  MQ_G_CUDA(what, cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
-  MQ_G_CUDA("cudaStreamSynchronize", cudaStreamSynchronize(stream));
-  return {};
-}
-
-/// Sets stream / pointer mode / math mode of a cuBLAS handle for the call and restores them on every path.
-class BlasScope {
- public:
-  explicit BlasScope(cublasHandle_t h) : h_(h) {}
-  ~BlasScope() {
-    if (saved_) {
-      (void)cublasSetMathMode(h_, math_);
-      (void)cublasSetPointerMode(h_, pmode_);
-      (void)cublasSetStream(h_, stream_);
-    }
-  }
-  Status enter(cudaStream_t stream) {
-    MQ_G_CUBLAS("cublasGetStream", cublasGetStream(h_, &stream_));
-    MQ_G_CUBLAS("cublasGetPointerMode", cublasGetPointerMode(h_, &pmode_));
-    MQ_G_CUBLAS("cublasGetMathMode", cublasGetMathMode(h_, &math_));
-    saved_ = true;
-    MQ_G_CUBLAS("cublasSetStream", cublasSetStream(h_, stream));
-    MQ_G_CUBLAS("cublasSetPointerMode", cublasSetPointerMode(h_, CUBLAS_POINTER_MODE_HOST));
-    // CUBLAS_DEFAULT_MATH: fp32 SIMT for S* routines (never TF32), whatever torch set on a shared handle.
-    MQ_G_CUBLAS("cublasSetMathMode", cublasSetMathMode(h_, CUBLAS_DEFAULT_MATH));
-    return {};
-  }
-
- private:
-  cublasHandle_t h_;
-  cudaStream_t stream_ = nullptr;
-  cublasPointerMode_t pmode_ = CUBLAS_POINTER_MODE_HOST;
-  cublasMath_t math_ = CUBLAS_DEFAULT_MATH;
-  bool saved_ = false;
-};
-
-cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
-  cuda_detail::RtnParams p;
-  p.bits = s.bits;
-  p.symmetric = s.symmetric;
-  p.group_size = effective_group_size(s, cols);
-  p.scale_dtype = static_cast<int>(s.scale_dtype);
-  p.mse = s.search == ScaleSearch::kMse;
-  p.mse_grid = s.mse_grid;
-  p.mse_steps = p.mse ? static_cast<int>(std::floor((1.0 - s.mse_min_shrink) * s.mse_grid + 1e-9)) : 0;
-  p.mse_norm = s.mse_norm;
-  return p;
+  return api_detail::check_on_device(p, arg, device, /*nullable=*/false, HostMemoryText::kGeneric);
 }
 
 /// X = L^-1 in place for the square [off, off + size) of experts (base a, stride sA; diagonal kCholBlock blocks are
@@ -145,12 +52,13 @@ Status tri_inverse(float* a, int64_t C, int64_t off, int64_t size, float* tmp, l
   const int c = static_cast<int>(C), m1 = static_cast<int>(n1), m2 = static_cast<int>(n2);
   const float one = 1.0f, minus_one = -1.0f, zero = 0.0f;
   float* l21 = a + off * C + off + n1;
-  MQ_G_CUBLAS("cublasSgemmStridedBatched (inverse, L21 X11)",
-              cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m1, &one, l21, c, sA,
-                                        a + off * C + off, c, sA, &zero, tmp, m2, stmp, nbat));
-  MQ_G_CUBLAS("cublasSgemmStridedBatched (inverse, -X22 T)",
-              cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m2, &minus_one,
-                                        a + (off + n1) * C + off + n1, c, sA, tmp, m2, stmp, &zero, l21, c, sA, nbat));
+  MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (inverse, L21 X11)",
+                   cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m1, &one, l21, c, sA,
+                                             a + off * C + off, c, sA, &zero, tmp, m2, stmp, nbat));
+  MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (inverse, -X22 T)",
+                   cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_N, m2, m1, m2, &minus_one,
+                                             a + (off + n1) * C + off + n1, c, sA, tmp, m2, stmp, &zero, l21, c, sA,
+                                             nbat));
   return {};
 }
 
@@ -170,27 +78,28 @@ Status factorize(float* A, int64_t C, int64_t e0, int64_t n, void* ws, const Gpt
     const int64_t k1 = std::min<int64_t>(k0 + cuda_detail::kCholBlock, C);
     const int bk = static_cast<int>(k1 - k0);
     if (k0 > 0)  // A[k0:, k0:k1] -= L[k0:, :k0] L[k0:k1, :k0]^T
-      MQ_G_CUBLAS("cublasSgemmStridedBatched (cholesky update)",
-                  cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k0), bk,
-                                            static_cast<int>(k0), &minus_one, a + k0, c, sA, a + k0, c, sA, &one,
-                                            a + k0 * C + k0, c, sA, nbat));
-    MQ_G_CUDA("gptq chol_diag kernel", cuda_detail::launch_chol_diag(A, C, k0, bk, e0, n, ws, l, stream));
+      MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (cholesky update)",
+                       cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k0), bk,
+                                                 static_cast<int>(k0), &minus_one, a + k0, c, sA, a + k0, c, sA, &one,
+                                                 a + k0 * C + k0, c, sA, nbat));
+    MQ_CUDA_RETURN("gptq chol_diag kernel", cuda_detail::launch_chol_diag(A, C, k0, bk, e0, n, ws, l, stream));
     if (k1 < C) {
-      MQ_G_CUBLAS("cublasSgemmStridedBatched (cholesky panel)",
-                  cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k1), bk, bk, &one,
-                                            a + k0 * C + k1, c, sA, dinv, cuda_detail::kCholBlock,
-                                            static_cast<long long>(cuda_detail::kCholBlock) * cuda_detail::kCholBlock,
-                                            &zero, panel + k1, c, static_cast<long long>(C) * cuda_detail::kCholBlock,
-                                            nbat));
-      MQ_G_CUDA("gptq panel copy kernel", cuda_detail::launch_chol_panel_copy(A, C, k0, k1, bk, e0, n, ws, l, stream));
+      MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (cholesky panel)",
+                       cublasSgemmStridedBatched(
+                           handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k1), bk, bk, &one, a + k0 * C + k1, c,
+                           sA, dinv, cuda_detail::kCholBlock,
+                           static_cast<long long>(cuda_detail::kCholBlock) * cuda_detail::kCholBlock, &zero, panel + k1,
+                           c, static_cast<long long>(C) * cuda_detail::kCholBlock, nbat));
+      MQ_CUDA_RETURN("gptq panel copy kernel",
+                     cuda_detail::launch_chol_panel_copy(A, C, k0, k1, bk, e0, n, ws, l, stream));
     }
   }
   // U = J L^-1 J: blocked triangular inverse, then the reversal
-  MQ_G_CUDA("gptq inverse prepare", cuda_detail::launch_gptq_invert_prepare(A, C, e0, n, stream));
+  MQ_CUDA_RETURN("gptq inverse prepare", cuda_detail::launch_gptq_invert_prepare(A, C, e0, n, stream));
   const int64_t t = C / 2 + cuda_detail::kCholBlock;
   float* tmp = reinterpret_cast<float*>(static_cast<char*>(ws) + l.tinv) + e0 * t * t;
   MQ_RETURN_IF_ERROR(tri_inverse(a, C, 0, C, tmp, static_cast<long long>(t) * t, nbat, handle));
-  MQ_G_CUDA("gptq finish kernel", cuda_detail::launch_gptq_finish_factor(A, C, e0, n, ws, l, stream));
+  MQ_CUDA_RETURN("gptq finish kernel", cuda_detail::launch_gptq_finish_factor(A, C, e0, n, ws, l, stream));
   return {};
 }
 
@@ -240,7 +149,7 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
 
   int device = -1;
   MQ_RETURN_IF_ERROR(device_of(W, "w", &device));
-  DeviceScope dev;
+  ScopedDevice dev;
   MQ_RETURN_IF_ERROR(dev.enter(device));
   MQ_RETURN_IF_ERROR(check_on_device(H, "h", device));
   MQ_RETURN_IF_ERROR(check_on_device(codes, "codes", device));
@@ -251,26 +160,26 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
   if (losses) MQ_RETURN_IF_ERROR(check_on_device(losses, "losses", device));
   if (escalations) MQ_RETURN_IF_ERROR(check_on_device(escalations, "escalations", device));
 
-  BlasScope blas(handle);
+  CublasStateGuard blas(handle);  // restored by its destructor on every path
   MQ_RETURN_IF_ERROR(blas.enter(stream));
   const cuda_detail::RtnParams p = to_params(s, cols);
   const bool act = args.act_order;
   char* ws = static_cast<char*>(workspace);
 
   // ---- 1. prepare: h0, validation, dead columns, mean diagonal, act-order permutation and static parameters ----
-  MQ_G_CUDA("gptq prepare", cuda_detail::launch_gptq_prepare(W, H, E, rows, cols, act, workspace, l, stream));
+  MQ_CUDA_RETURN("gptq prepare", cuda_detail::launch_gptq_prepare(W, H, E, rows, cols, act, workspace, l, stream));
   if (act) {
     // static groups from the dead-zeroed original W (in dw), all experts as one [E * rows, cols] matrix
-    MQ_G_CUDA("gptq static group parameters",
-              cuda_detail::launch_quantize_rtn(reinterpret_cast<const float*>(ws + l.dw), E * rows, cols, cols, p,
-                                               nullptr, scales, zeros, nullptr,
-                                               reinterpret_cast<unsigned long long*>(ws + l.rtn_flag), stream));
+    MQ_CUDA_RETURN("gptq static group parameters",
+                   cuda_detail::launch_quantize_rtn(reinterpret_cast<const float*>(ws + l.dw), E * rows, cols, cols, p,
+                                                    nullptr, scales, zeros, nullptr,
+                                                    reinterpret_cast<unsigned long long*>(ws + l.rtn_flag), stream));
   }
 
   // ---- 2. factorise all experts, then retry the failed ones with escalated damping (one readback per round) ----
   std::vector<int> esc(static_cast<size_t>(E), 0);
   std::vector<double> frac(static_cast<size_t>(E), args.damp);  // escalated by repeated multiplication, as the CPU
-  MQ_G_CUDA("gptq build", cuda_detail::launch_gptq_build(H, cols, 0, E, args.damp, act, workspace, l, stream));
+  MQ_CUDA_RETURN("gptq build", cuda_detail::launch_gptq_build(H, cols, 0, E, args.damp, act, workspace, l, stream));
   MQ_RETURN_IF_ERROR(factorize(H, cols, 0, E, workspace, l, handle, stream));
   std::vector<unsigned char> rb(l.readback_bytes);
   MQ_RETURN_IF_ERROR(read_back(rb.data(), ws, rb.size(), stream, "gptq readback"));
@@ -280,7 +189,7 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
     const uint64_t i = flags[0], per = static_cast<uint64_t>(rows * cols);
     float v = 0.0f;
     MQ_RETURN_IF_ERROR(read_back(&v, W + i, sizeof(v), stream, "w value readback"));
-    return Status::invalid("w: expected finite values, got {} at expert {} ({}, {})", std::isnan(v) ? "NaN" : "Inf",
+    return Status::invalid("w: expected finite values, got {} at expert {} ({}, {})", nan_or_inf(v),
                            i / per, (i % per) / cols, i % cols);
   }
   if (flags[1] != kNoBadIndex) {
@@ -316,7 +225,7 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
       }
       ++k;
       f *= args.damp_escalation_factor;
-      MQ_G_CUDA("gptq build (retry)", cuda_detail::launch_gptq_build(H, cols, e, 1, f, act, workspace, l, stream));
+      MQ_CUDA_RETURN("gptq build (retry)", cuda_detail::launch_gptq_build(H, cols, e, 1, f, act, workspace, l, stream));
       MQ_RETURN_IF_ERROR(factorize(H, cols, e, 1, workspace, l, handle, stream));
     }
     MQ_RETURN_IF_ERROR(read_back(rb.data(), ws, rb.size(), stream, "gptq readback"));
@@ -330,29 +239,32 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
   for (int64_t i1 = 0; i1 < cols; i1 += l.block) {
     const int64_t i2 = std::min<int64_t>(i1 + l.block, cols);
     const int bw = static_cast<int>(i2 - i1);
-    MQ_G_CUDA("gptq block kernel", cuda_detail::launch_gptq_block(W, H, E, rows, cols, i1, bw, p, act, codes, scales,
-                                                                  zeros, dequantized, workspace, l, stream));
+    MQ_CUDA_RETURN("gptq block kernel", cuda_detail::launch_gptq_block(W, H, E, rows, cols, i1, bw, p, act, codes,
+                                                                       scales, zeros, dequantized, workspace, l,
+                                                                       stream));
     if (i2 < cols)  // dW[:, i2:] (-)= E_blk U[i1:i2, i2:]  (column-major view: dW^T -= U[i1:i2, i2:]^T E_blk^T)
-      MQ_G_CUBLAS("cublasSgemmStridedBatched (trailing update)",
-                  cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, c - static_cast<int>(i2), r, bw, &minus_one,
-                                            H + i2 * cols + i1, c, static_cast<long long>(cols) * cols, dblk, ldd,
-                                            static_cast<long long>(rows) * ldd, i1 == 0 ? &zero : &one, dw + i2, c,
-                                            static_cast<long long>(rows) * cols, static_cast<int>(E)));
+      MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (trailing update)",
+                       cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, c - static_cast<int>(i2), r, bw,
+                                                 &minus_one, H + i2 * cols + i1, c, static_cast<long long>(cols) * cols,
+                                                 dblk, ldd, static_cast<long long>(rows) * ldd,
+                                                 i1 == 0 ? &zero : &one, dw + i2, c,
+                                                 static_cast<long long>(rows) * cols, static_cast<int>(E)));
   }
 
   // ---- 4. loss = <h0, D^T D> with D = W - Q (one SSYRK per expert into the factor's buffer) ----
   if (losses) {
-    MQ_G_CUDA("gptq loss diff", cuda_detail::launch_gptq_loss_diff(W, dequantized, E, rows, cols, workspace, l, stream));
+    MQ_CUDA_RETURN("gptq loss diff",
+                   cuda_detail::launch_gptq_loss_diff(W, dequantized, E, rows, cols, workspace, l, stream));
     for (int64_t e = 0; e < E; ++e)
-      MQ_G_CUBLAS("cublasSsyrk (loss)", cublasSsyrk(handle, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, c, r, &one,
-                                                    dw + e * rows * cols, c, &zero, H + e * cols * cols, c));
-    MQ_G_CUDA("gptq loss reduce", cuda_detail::launch_gptq_loss_reduce(H, E, cols, losses, workspace, l, stream));
+      MQ_CUBLAS_RETURN("cublasSsyrk (loss)", cublasSsyrk(handle, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, c, r, &one,
+                                                         dw + e * rows * cols, c, &zero, H + e * cols * cols, c));
+    MQ_CUDA_RETURN("gptq loss reduce", cuda_detail::launch_gptq_loss_reduce(H, E, cols, losses, workspace, l, stream));
   }
   if (escalations) {
     std::vector<int32_t> e32(esc.begin(), esc.end());
     // pageable source: the call returns once the data is staged, so e32 may die afterwards
-    MQ_G_CUDA("escalations copy", cudaMemcpyAsync(escalations, e32.data(), e32.size() * sizeof(int32_t),
-                                                  cudaMemcpyHostToDevice, stream));
+    MQ_CUDA_RETURN("escalations copy", cudaMemcpyAsync(escalations, e32.data(), e32.size() * sizeof(int32_t),
+                                                       cudaMemcpyHostToDevice, stream));
   }
   return {};
 }
@@ -370,12 +282,12 @@ Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, int dtyp
                            rows);
   int device = -1;
   MQ_RETURN_IF_ERROR(device_of(x, "x", &device));
-  DeviceScope dev;
+  ScopedDevice dev;
   MQ_RETURN_IF_ERROR(dev.enter(device));
   MQ_RETURN_IF_ERROR(check_on_device(out, "out", device));
   int logp = 0;
   while ((int64_t{1} << logp) < pw) ++logp;
-  MQ_G_CUDA("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, stream));
+  MQ_CUDA_RETURN("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, stream));
   return {};
 }
 

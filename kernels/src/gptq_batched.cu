@@ -26,6 +26,7 @@
 //   loss kernels      D = W - Q, then (after a per-expert SSYRK) sum h0 .* (D^T D) in double
 #include "gptq_workspace.cuh"
 #include "launch.h"
+#include "quant_device.cuh"
 
 #include <cuda_runtime.h>
 
@@ -39,54 +40,8 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kWarp = 32;
 
-// ---- quant.h arithmetic, operation for operation (as in quant_pack.cu) ----------------------------------------
-__device__ inline float std_min(float a, float b) { return (b < a) ? b : a; }
-__device__ inline float std_max(float a, float b) { return (a < b) ? b : a; }
-
-__device__ inline float round_scale(float f, int dtype) {
-  if (dtype == 1) {
-    uint32_t u = __float_as_uint(f);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return __uint_as_float(u & 0xFFFF0000u);
-  }
-  if (dtype == 2) {
-    const float a = fabsf(f);
-    if (a >= 65520.0f) return copysignf(__builtin_huge_valf(), f);
-    if (a < 6.103515625e-05f) return copysignf(__fdiv_rn(rintf(__fmul_rn(a, 16777216.0f)), 16777216.0f), f);
-    uint32_t u = __float_as_uint(f);
-    u += 0x0FFFu + ((u >> 13) & 1u);
-    return __uint_as_float(u & 0xFFFFE000u);
-  }
-  return f;
-}
-
-__device__ inline float scale_epsilon(int dtype) {
-  return dtype == 1 ? 0.0078125f : dtype == 2 ? 0.0009765625f : 0x1p-23f;
-}
-
-struct QP {
-  float scale;
-  float zero;  // an integer value, kept as float for the arithmetic
-};
-
-__device__ inline QP qparams_from_range(float lo, float hi, const RtnParams& s) {
-  const int qmin = -(1 << (s.bits - 1)), qmax = (1 << (s.bits - 1)) - 1;
-  lo = std_min(lo, 0.0f);
-  hi = std_max(hi, 0.0f);
-  QP p{1.0f, 0.0f};
-  if (s.symmetric) {
-    p.scale = __fdiv_rn(std_max(-lo, hi), __fdiv_rn(static_cast<float>(qmax - qmin), 2.0f));
-  } else {
-    p.scale = __fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(qmax - qmin));
-  }
-  p.scale = round_scale(p.scale, s.scale_dtype);
-  if (p.scale == 0.0f) p.scale = scale_epsilon(s.scale_dtype);
-  if (!s.symmetric) {
-    const float z = rintf(__fsub_rn(static_cast<float>(qmin), __fdiv_rn(lo, p.scale)));
-    p.zero = std_min(std_max(z, static_cast<float>(qmin)), static_cast<float>(qmax));
-  }
-  return p;
-}
+// ---- quant.h arithmetic, operation for operation (quant_device.cuh, shared with quant_pack.cu) ------------------
+using QP = QParamsT<float>;  // zero point kept as float for the arithmetic
 
 __device__ inline float quantize_code(float x, const QP& p, float qmin, float qmax) {
   return std_min(std_max(rintf(__fadd_rn(__fdiv_rn(x, p.scale), p.zero)), qmin), qmax);
@@ -305,7 +260,7 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
               lo = std_min(lo, __shfl_xor_sync(kFull, lo, off));
               hi = std_max(hi, __shfl_xor_sync(kFull, hi, off));
             }
-            cur[i] = qparams_from_range(lo, hi, qs);
+            cur[i] = qparams_from_range<float>(lo, hi, qs);
             if (lane == 0 && r < rows) {
               const int64_t pi = (e * rows + r) * ng + j / gs;
               scales[pi] = cur[i].scale;
@@ -399,13 +354,6 @@ __global__ void loss_final_kernel(const double* __restrict__ partial, int64_t E,
   double s = 0.0;
   for (int64_t c = 0; c < chunks; ++c) s += partial[e * chunks + c];
   losses[e] = s;
-}
-
-inline unsigned grid_for(int64_t work, int64_t per_block) {
-  int64_t b = (work + per_block - 1) / per_block;
-  if (b < 1) b = 1;
-  if (b > (int64_t{1} << 16)) b = int64_t{1} << 16;
-  return static_cast<unsigned>(b);
 }
 
 }  // namespace

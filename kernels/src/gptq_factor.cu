@@ -157,13 +157,6 @@ __global__ void __launch_bounds__(256) reverse_kernel(float* __restrict__ A, int
   if (bad) rbad[e] = 1;
 }
 
-inline unsigned grid_for(int64_t work, int64_t per_block) {
-  int64_t b = (work + per_block - 1) / per_block;
-  if (b < 1) b = 1;
-  if (b > (int64_t{1} << 16)) b = int64_t{1} << 16;
-  return static_cast<unsigned>(b);
-}
-
 }  // namespace
 
 cudaError_t launch_gptq_build(float* H, int64_t cols, int64_t e0, int64_t n, double frac, bool act_order,

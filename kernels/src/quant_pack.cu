@@ -15,6 +15,7 @@
 // only differ when two *different* candidates have errors within a few ulp of each other (identical
 // candidates are skipped, see search_qparams), which real weight groups practically never produce.
 #include "launch.h"
+#include "quant_device.cuh"
 
 #include <cuda_runtime.h>
 
@@ -30,146 +31,10 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
 
-// ---- exact scalar arithmetic: intrinsics on the device, plain IEEE ops on the host ---------------------------
-// The host branch exists so that the very same code can be checked against quant.h on a machine without a GPU
-// (x86-64 SSE arithmetic, no FMA contraction).
-struct Exact {
-  __host__ __device__ static float add(float a, float b) {
-#ifdef __CUDA_ARCH__
-    return __fadd_rn(a, b);
-#else
-    return a + b;
-#endif
-  }
-  __host__ __device__ static float sub(float a, float b) {
-#ifdef __CUDA_ARCH__
-    return __fsub_rn(a, b);
-#else
-    return a - b;
-#endif
-  }
-  __host__ __device__ static float mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-    return __fmul_rn(a, b);
-#else
-    return a * b;
-#endif
-  }
-  __host__ __device__ static float div(float a, float b) {
-#ifdef __CUDA_ARCH__
-    return __fdiv_rn(a, b);
-#else
-    return a / b;
-#endif
-  }
-  __host__ __device__ static double dadd(double a, double b) {
-#ifdef __CUDA_ARCH__
-    return __dadd_rn(a, b);
-#else
-    return a + b;
-#endif
-  }
-  __host__ __device__ static double dsub(double a, double b) {
-#ifdef __CUDA_ARCH__
-    return __dsub_rn(a, b);
-#else
-    return a - b;
-#endif
-  }
-  __host__ __device__ static double ddiv(double a, double b) {
-#ifdef __CUDA_ARCH__
-    return __ddiv_rn(a, b);
-#else
-    return a / b;
-#endif
-  }
-  __host__ __device__ static float to_float(double a) {
-#ifdef __CUDA_ARCH__
-    return __double2float_rn(a);
-#else
-    return static_cast<float>(a);
-#endif
-  }
-  __host__ __device__ static uint32_t bits(float f) {
-#ifdef __CUDA_ARCH__
-    return __float_as_uint(f);
-#else
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return u;
-#endif
-  }
-  __host__ __device__ static float from_bits(uint32_t u) {
-#ifdef __CUDA_ARCH__
-    return __uint_as_float(u);
-#else
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-#endif
-  }
-};
+// Exact, std_min / std_max, round_to_bf16 / round_to_fp16 / round_scale, scale_epsilon and qparams_from_range
+// live in quant_device.cuh (shared with gptq_batched.cu).
 
-// std::min / std::max exactly as libstdc++ defines them (first argument wins ties, incl. -0 vs +0).
-__host__ __device__ inline float std_min(float a, float b) { return (b < a) ? b : a; }
-__host__ __device__ inline float std_max(float a, float b) { return (a < b) ? b : a; }
-
-// ---- scale rounding: the same bit manipulation as round_to_bf16 / round_to_fp16 in quant.h ----------------------
-__host__ __device__ inline float round_to_bf16(float f) {
-  uint32_t u = Exact::bits(f);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return Exact::from_bits(u & 0xFFFF0000u);
-}
-
-__host__ __device__ inline float round_to_fp16(float f) {
-  const float a = fabsf(f);
-  if (a >= 65520.0f) return copysignf(__builtin_huge_valf(), f);
-  if (a < 6.103515625e-05f) {  // subnormal half: a multiple of 2^-24 (the scalings by 2^24 are exact)
-    const float q = Exact::div(rintf(Exact::mul(a, 16777216.0f)), 16777216.0f);
-    return copysignf(q, f);
-  }
-  uint32_t u = Exact::bits(f);
-  u += 0x0FFFu + ((u >> 13) & 1u);
-  return Exact::from_bits(u & 0xFFFFE000u);
-}
-
-__host__ __device__ inline float round_scale(float s, int dtype) {
-  if (dtype == 1) return round_to_bf16(s);
-  if (dtype == 2) return round_to_fp16(s);
-  return s;
-}
-
-__host__ __device__ inline float scale_epsilon(int dtype) {
-  if (dtype == 1) return 0.0078125f;     // 2^-7
-  if (dtype == 2) return 0.0009765625f;  // 2^-10
-  return 0x1p-23f;                       // std::numeric_limits<float>::epsilon()
-}
-
-struct QP {
-  float scale;
-  int32_t zero;
-};
-
-// qparams_from_range of quant.h, operation for operation.
-__host__ __device__ inline QP qparams_from_range(float lo, float hi, const RtnParams& s) {
-  const int qmin = -(1 << (s.bits - 1)), qmax = (1 << (s.bits - 1)) - 1;
-  lo = std_min(lo, 0.0f);
-  hi = std_max(hi, 0.0f);
-  QP p{1.0f, 0};
-  if (s.symmetric) {
-    const float amax = std_max(-lo, hi);
-    p.scale = Exact::div(amax, Exact::div(static_cast<float>(qmax - qmin), 2.0f));
-  } else {
-    p.scale = Exact::div(Exact::sub(hi, lo), static_cast<float>(qmax - qmin));
-  }
-  p.scale = round_scale(p.scale, s.scale_dtype);
-  if (p.scale == 0.0f) p.scale = scale_epsilon(s.scale_dtype);
-  if (!s.symmetric) {
-    const float z = rintf(Exact::sub(static_cast<float>(qmin), Exact::div(lo, p.scale)));
-    p.zero = static_cast<int32_t>(std_min(std_max(z, static_cast<float>(qmin)), static_cast<float>(qmax)));
-  }
-  return p;
-}
+using QP = QParamsT<int32_t>;
 
 __host__ __device__ inline int32_t quantize_value(float x, const QP& p, int bits) {
   const float v = rintf(Exact::add(Exact::div(x, p.scale), static_cast<float>(p.zero)));
@@ -188,13 +53,13 @@ __host__ __device__ inline float dequantize_value(int32_t q, const QP& p) {
 // neighbouring shrink factors onto the same scale).
 template <class ErrFn>
 __host__ __device__ QP search_qparams(float lo, float hi, const RtnParams& s, const ErrFn& err) {
-  QP best = qparams_from_range(lo, hi, s);
+  QP best = qparams_from_range<int32_t>(lo, hi, s);
   if (!s.mse) return best;
   double best_err = err(best);
   QP prev = best;
   for (int i = 1; i <= s.mse_steps; ++i) {
     const float shrink = Exact::to_float(Exact::dsub(1.0, Exact::ddiv(static_cast<double>(i), s.mse_grid)));
-    const QP p = qparams_from_range(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
+    const QP p = qparams_from_range<int32_t>(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
     if (p.scale == prev.scale && p.zero == prev.zero) continue;
     prev = p;
     const double e = err(p);
@@ -356,16 +221,6 @@ __global__ void __launch_bounds__(256) unpack_rows_kernel(const int32_t* __restr
     const int64_t r = t / cols, i = t - r * cols;
     q[t] = unpack_code(packed + r * words, words, bits, i);
   }
-}
-
-// Grid size for a grid-stride loop over `work` items of `per_block` each, capped: beyond ~2^16 blocks of 256
-// threads the grid already covers every SM many times over, and the cap keeps the grid within hardware limits.
-inline unsigned grid_for(int64_t work, int64_t per_block) {
-  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-  int64_t b = (work + per_block - 1) / per_block;
-  if (b < 1) b = 1;
-  if (b > kMaxBlocks) b = kMaxBlocks;
-  return static_cast<unsigned>(b);
 }
 
 }  // namespace

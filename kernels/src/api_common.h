@@ -1,0 +1,186 @@
+// kernels/src/api_common.h -- host helpers shared by api.cpp and gptq_api.cpp: CUDA / cuBLAS error mapping to
+// Status, device lookup of pointer arguments, the current-device scope, blocking readback and the cuBLAS handle
+// state guard. Host compiler only (status.h pulls in fmt, which stays out of nvcc).
+#pragma once
+
+#include <moequant/cuda/kernels.h>
+#include <moequant/quant.h>
+#include <moequant/status.h>
+
+#include "launch.h"
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+namespace moequant {
+inline namespace v0 {
+namespace api_detail {
+
+inline Status cuda_error(const char* op, cudaError_t err) {
+  return Status::cuda("{}: {} ({})", op, cudaGetErrorName(err), cudaGetErrorString(err));
+}
+
+}  // namespace api_detail
+}  // namespace v0
+}  // namespace moequant
+
+#define MQ_CUDA_RETURN(op, expr)                                                            \
+  do {                                                                                      \
+    const cudaError_t _mq_err = (expr);                                                     \
+    if (_mq_err != cudaSuccess) return ::moequant::api_detail::cuda_error((op), _mq_err); \
+  } while (0)
+
+#define MQ_CUBLAS_RETURN(op, expr)                                                                         \
+  do {                                                                                                     \
+    const cublasStatus_t _mq_st = (expr);                                                                  \
+    if (_mq_st != CUBLAS_STATUS_SUCCESS)                                                                   \
+      return ::moequant::Status::cuda("{}: {} ({})", (op), cublasGetStatusString(_mq_st),             \
+                                      static_cast<int>(_mq_st));                                           \
+  } while (0)
+
+namespace moequant {
+inline namespace v0 {
+namespace api_detail {
+
+/// How device_of describes host memory: kKind names it ("pinned host" / "unregistered host"; api.cpp),
+/// kGeneric says "host" (gptq_api.cpp). Both wordings are kept as they were before the helpers were shared.
+enum class HostMemoryText { kKind, kGeneric };
+
+/// The device that owns `p`; host or unknown memory is an invalid argument naming `arg`.
+inline Status device_of(const void* p, const char* arg, int* device, HostMemoryText text = HostMemoryText::kKind) {
+  if (p == nullptr) return Status::invalid("{}: expected a CUDA device pointer, got null", arg);
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err == cudaErrorInvalidValue) {  // older drivers: a pointer CUDA does not know
+    (void)cudaGetLastError();          // not sticky; clear it so it is not reported by a later launch check
+    return Status::invalid("{}: expected CUDA device memory, got a pointer CUDA does not know (host memory?)", arg);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cuda_error("cudaPointerGetAttributes", err);
+  }
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+    if (text == HostMemoryText::kGeneric)
+      return Status::invalid("{}: expected CUDA device memory, got host memory", arg);
+    return Status::invalid("{}: expected CUDA device memory, got {} memory", arg,
+                           attr.type == cudaMemoryTypeHost ? "pinned host" : "unregistered host");
+  }
+  *device = attr.device;
+  return {};
+}
+
+/// Checks that `p` (when `nullable`, possibly null) lives on `device`.
+inline Status check_on_device(const void* p, const char* arg, int device, bool nullable,
+                              HostMemoryText text = HostMemoryText::kKind) {
+  if (p == nullptr && nullable) return {};
+  int d = -1;
+  MQ_RETURN_IF_ERROR(device_of(p, arg, &d, text));
+  if (d != device)
+    return Status::invalid("{}: expected memory on CUDA device {} (that of the input), got device {}", arg, device, d);
+  return {};
+}
+
+/// Makes `device` current for the call and restores the caller's device on exit (never device 0 by default).
+class ScopedDevice {
+ public:
+  ScopedDevice() = default;
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+  ~ScopedDevice() {
+    if (switched_) (void)cudaSetDevice(previous_);  // best effort: a destructor cannot report
+  }
+  Status enter(int device) {
+    MQ_CUDA_RETURN("cudaGetDevice", cudaGetDevice(&previous_));
+    if (previous_ != device) {
+      MQ_CUDA_RETURN("cudaSetDevice", cudaSetDevice(device));
+      switched_ = true;
+    }
+    return {};
+  }
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+/// Copies `bytes` from device to host and waits for them. The synchronization of the caller's stream is the
+/// price of reporting a data-dependent error as a Status; it is the only host wait in these calls.
+inline Status read_back(void* host, const void* device, size_t bytes, cudaStream_t stream, const char* what) {
+  MQ_CUDA_RETURN(what, cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
+  MQ_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(stream));
+  return {};
+}
+
+/// Saves the parts of a cuBLAS handle's state this library changes (stream, pointer mode, math mode) and
+/// restores them: explicitly with restore() (checked), otherwise from the destructor (best effort).
+class CublasStateGuard {
+ public:
+  explicit CublasStateGuard(cublasHandle_t h) : h_(h) {}
+  CublasStateGuard(const CublasStateGuard&) = delete;
+  CublasStateGuard& operator=(const CublasStateGuard&) = delete;
+  /// Paths that did not call restore() (error paths, or callers relying on the scope): every setting is put
+  /// back, each attempted even when an earlier one fails (a destructor cannot report).
+  ~CublasStateGuard() {
+    if (saved_) {
+      (void)cublasSetMathMode(h_, math_mode_);
+      (void)cublasSetPointerMode(h_, pointer_mode_);
+      (void)cublasSetStream(h_, stream_);
+    }
+  }
+  /// Reads the handle's current stream, pointer mode and math mode.
+  Status save() {
+    MQ_CUBLAS_RETURN("cublasGetStream", cublasGetStream(h_, &stream_));
+    MQ_CUBLAS_RETURN("cublasGetPointerMode", cublasGetPointerMode(h_, &pointer_mode_));
+    MQ_CUBLAS_RETURN("cublasGetMathMode", cublasGetMathMode(h_, &math_mode_));
+    saved_ = true;
+    return {};
+  }
+  /// save(), then the settings of this library's calls: `stream`, host pointer mode, and CUBLAS_DEFAULT_MATH,
+  /// which never uses TF32 for fp32 routines (only CUBLAS_TF32_TENSOR_OP_MATH does), so S* routines are
+  /// fp32-accurate whatever torch.backends.cuda.matmul.allow_tf32 set on a shared handle.
+  Status enter(cudaStream_t stream) {
+    MQ_RETURN_IF_ERROR(save());
+    MQ_CUBLAS_RETURN("cublasSetStream", cublasSetStream(h_, stream));
+    MQ_CUBLAS_RETURN("cublasSetPointerMode", cublasSetPointerMode(h_, CUBLAS_POINTER_MODE_HOST));
+    MQ_CUBLAS_RETURN("cublasSetMathMode", cublasSetMathMode(h_, CUBLAS_DEFAULT_MATH));
+    return {};
+  }
+  /// Puts the saved settings back (math mode, pointer mode, stream; stops at the first failure and reports it).
+  Status restore() {
+    if (!saved_) return {};
+    saved_ = false;
+    MQ_CUBLAS_RETURN("cublasSetMathMode", cublasSetMathMode(h_, math_mode_));
+    MQ_CUBLAS_RETURN("cublasSetPointerMode", cublasSetPointerMode(h_, pointer_mode_));
+    MQ_CUBLAS_RETURN("cublasSetStream", cublasSetStream(h_, stream_));
+    return {};
+  }
+
+ private:
+  cublasHandle_t h_;
+  cudaStream_t stream_ = nullptr;
+  cublasPointerMode_t pointer_mode_ = CUBLAS_POINTER_MODE_HOST;
+  cublasMath_t math_mode_ = CUBLAS_DEFAULT_MATH;
+  bool saved_ = false;
+};
+
+/// The QuantSpec, flattened for the kernels (after validate()).
+inline cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
+  cuda_detail::RtnParams p;
+  p.bits = s.bits;
+  p.symmetric = s.symmetric;
+  p.group_size = effective_group_size(s, cols);
+  p.scale_dtype = static_cast<int>(s.scale_dtype);
+  p.mse = s.search == ScaleSearch::kMse;
+  p.mse_grid = s.mse_grid;
+  // The same expression as compute_qparams in quant.h, evaluated on the host in double.
+  p.mse_steps = p.mse ? static_cast<int>(std::floor((1.0 - s.mse_min_shrink) * s.mse_grid + 1e-9)) : 0;
+  p.mse_norm = s.mse_norm;
+  return p;
+}
+
+inline const char* nan_or_inf(float v) { return std::isnan(v) ? "NaN" : "Inf"; }
+
+}  // namespace api_detail
+}  // namespace v0
+}  // namespace moequant
