@@ -127,7 +127,9 @@ at::Tensor unpack_rows(const at::Tensor& packed, int bits, int64_t cols) {
 }
 
 void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const at::Tensor& x, const at::Tensor& ids,
-                        const std::optional<at::Tensor>& weights) {
+                        const std::optional<at::Tensor>& weights, int precision) {
+  if (precision < 0 || precision > 2)
+    throw std::invalid_argument(fmt::format("precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got {}", precision));
   mb::check_dim(H, "hessians", 3);
   if (H.scalar_type() != at::kFloat && H.scalar_type() != at::kDouble)
     throw std::invalid_argument(
@@ -160,10 +162,14 @@ void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const 
   const at::Tensor* wp = weights ? &*weights : nullptr;
   if (on_cuda(H, "hessians")) {
 #ifdef MOEQUANT_WITH_CUDA
-    mb::accumulate_hessian_cuda(H, counts, mass, x, ids, wp);
+    mb::accumulate_hessian_cuda(H, counts, mass, x, ids, wp, precision);
     return;
 #endif
   }
+  if (precision != 0)
+    throw std::invalid_argument(
+        fmt::format("precision: expected 0 (fp32) for CPU accumulators (tf32 / bf16 need CUDA tensors), got {}",
+                    precision));
   mb::accumulate_hessian_cpu(H, counts, mass, x, ids, wp);
 }
 
@@ -322,8 +328,9 @@ PYBIND11_MODULE(_C, m) {
         "pack-quantized int32 packing along the last dimension");
   m.def("unpack_rows", &unpack_rows, py::arg("packed"), py::arg("bits"), py::arg("in_features"));
   m.def("accumulate_hessian", &accumulate_hessian, py::arg("hessians"), py::arg("counts"), py::arg("mass"),
-        py::arg("x"), py::arg("expert_ids"), py::arg("weights"),
-        "H[e] += sum c x x^T over rows routed to e (in place), counts and mass updated");
+        py::arg("x"), py::arg("expert_ids"), py::arg("weights"), py::arg("precision") = 0,
+        "H[e] += sum c x x^T over rows routed to e (in place), counts and mass updated; precision (CUDA only): "
+        "0 fp32, 1 tf32 tensor cores, 2 bf16 inputs with fp32 accumulation");
   m.def("gptq", &gptq, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"), py::arg("damp"),
         py::arg("block_size"), "GPTQ on the CPU -> (codes, scale, zero, dequantized, info dict)");
   m.def("gptq_batched", &gptq_batched, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"),

@@ -55,20 +55,21 @@ at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols) {
 }
 
 void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,
-                             const at::Tensor& ids, const at::Tensor* weights) {
+                             const at::Tensor& ids, const at::Tensor* weights, int precision) {
   if (H.scalar_type() != at::kFloat)
     throw std::invalid_argument(fmt::format(
         "dtype: expected float32 accumulators on CUDA (float64 accumulation runs on the CPU), got {}",
         dtype_str(H.scalar_type())));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), dim = x.size(1), experts = H.size(0);
-  const size_t ws_bytes = cuda_hessian_workspace_bytes(n, dim, experts);
+  const size_t ws_bytes = cuda_hessian_workspace_bytes(n, dim, experts, precision);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   throw_if_error(cuda_accumulate_hessian(x.data_ptr<float>(), n, dim, x.stride(0), ids.data_ptr<int32_t>(),
                                          weights ? weights->data_ptr<float>() : nullptr, experts, H.data_ptr<float>(),
                                          counts.data_ptr<int64_t>(), mass.data_ptr<double>(), ws.data_ptr(), ws_bytes,
-                                         handle, at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+                                         handle, at::cuda::getCurrentCUDAStream(x.device().index()).stream(),
+                                         precision));
 }
 
 GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,

@@ -17,6 +17,7 @@
 // gathered rows are bit-identical to the CPU's; only the SYRK summation order differs.
 #include "launch.h"
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -277,6 +278,32 @@ cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64
   // n bounds the number of routed rows (the exact count is only on the device).
   gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(x, dim, ldx, weights, ws.perm, num_experts,
                                                                      ws.offsets, ws.gathered, ws.flags);
+  return cudaGetLastError();
+}
+
+namespace {
+// 8 floats in, 8 bf16 out per thread and step (32-byte load, 16-byte store); the tail is scalar.
+__global__ void __launch_bounds__(256) f32_to_bf16_kernel(const float* __restrict__ src,
+                                                          __nv_bfloat16* __restrict__ dst, int64_t count) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t vecs = count / 8;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vecs; v += stride) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(src) + 2 * v);
+    const float4 b = __ldg(reinterpret_cast<const float4*>(src) + 2 * v + 1);
+    __nv_bfloat162 o[4] = {__floats2bfloat162_rn(a.x, a.y), __floats2bfloat162_rn(a.z, a.w),
+                           __floats2bfloat162_rn(b.x, b.y), __floats2bfloat162_rn(b.z, b.w)};
+    reinterpret_cast<uint4*>(dst)[v] = *reinterpret_cast<const uint4*>(o);
+  }
+  for (int64_t i = vecs * 8 + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride)
+    dst[i] = __float2bfloat16_rn(src[i]);
+}
+}  // namespace
+
+// src and dst are 256-byte aligned workspace regions (HessianLayout), so the vector accesses are aligned.
+cudaError_t launch_f32_to_bf16(const float* src, void* dst, int64_t count, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  f32_to_bf16_kernel<<<capped_blocks((count + 7) / 8, 256, int64_t{132} * 16), 256, 0, stream>>>(
+      src, static_cast<__nv_bfloat16*>(dst), count);
   return cudaGetLastError();
 }
 

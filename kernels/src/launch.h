@@ -14,6 +14,16 @@ namespace moequant {
 inline namespace v0 {
 namespace cuda_detail {
 
+/// Grid size for a grid-stride loop over `work` items of `per_block` each, capped: beyond ~2^16 blocks of 256
+/// threads the grid already covers every SM many times over, and the cap keeps the grid within hardware limits.
+inline unsigned grid_for(int64_t work, int64_t per_block) {
+  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+  int64_t b = (work + per_block - 1) / per_block;
+  if (b < 1) b = 1;
+  if (b > kMaxBlocks) b = kMaxBlocks;
+  return static_cast<unsigned>(b);
+}
+
 /// "No bad element seen": the initial value of the device-side error flags. The flags hold the smallest
 /// bad linear index (atomicMin), so the host reports the same first offender as the sequential CPU code.
 constexpr unsigned long long kNoBadIndex = ~0ull;
@@ -96,6 +106,10 @@ cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64
 cudaError_t launch_hessian_finish(float* H, int64_t dim, int64_t num_experts, const float* weights, int64_t* counts,
                                   double* mass, const void* workspace, const HessianLayout& layout,
                                   cudaStream_t stream);
+
+/// Low-precision Hessian paths (hessian_precision.cpp): dst[i] = bf16(src[i]) (round to nearest even) for
+/// `count` elements (the gathered rows, already validated finite). Asynchronous.
+cudaError_t launch_f32_to_bf16(const float* src, void* dst, int64_t count, cudaStream_t stream);
 
 // ---- hadamard.cu ----------------------------------------------------------------------------------------------
 /// out [rows, n] = x (H_m (x) H_{2^logp}) / sqrt(n), n = m << logp <= 32768 (validated by the caller).

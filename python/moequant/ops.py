@@ -227,10 +227,16 @@ class HessianAccumulator:
     State lives in this object (tensors on ``device``); the math runs in the C++ core (CPU, float32 or
     float64 accumulation) or the CUDA kernels (float32). Also tracks the token count and the routing-weight
     mass of each expert. Two accumulators of the same shape merge (e.g. after a multi-process reduce).
+
+    ``precision`` (CUDA only) selects the update: ``"fp32"`` (default, fp32 SIMT SYRK, relative error ~1e-6),
+    ``"tf32"`` (tensor cores, TF32 products with fp32 accumulation, ~1e-3 relative Frobenius error) or ``"bf16"``
+    (rows rounded to bf16, fp32 accumulation, ~1e-2; the fastest). CPU accumulators accept only ``"fp32"``.
     """
 
+    _PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
+
     def __init__(self, num_experts: int, dim: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts: expected an integer >= 1, got {num_experts!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -241,6 +247,12 @@ class HessianAccumulator:
         if device.type == "cuda" and dtype != torch.float32:
             raise ValueError("dtype: expected torch.float32 for CUDA accumulators (float64 accumulation runs on "
                              "the CPU), got torch.float64")
+        if not isinstance(precision, str) or precision not in self._PRECISIONS:
+            raise ValueError(f"precision: expected 'fp32', 'tf32' or 'bf16', got {precision!r}")
+        if precision != "fp32" and device.type != "cuda":
+            raise ValueError(f"precision: expected 'fp32' for {device.type} accumulators ('tf32' / 'bf16' run on "
+                             f"CUDA tensor cores), got {precision!r}")
+        self.precision = precision
         self.num_experts, self.dim, self.dtype, self.device = num_experts, dim, dtype, device
         self.hessians = torch.zeros(num_experts, dim, dim, dtype=dtype, device=device)
         self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -264,7 +276,7 @@ class HessianAccumulator:
             w = weights.to(device=self.device, dtype=torch.float32).contiguous()
         _C.accumulate_hessian(self.hessians, self.counts, self.mass,
                               x.to(device=self.device, dtype=torch.float32).contiguous(),
-                              ids.to(torch.int32).contiguous(), w)
+                              ids.to(torch.int32).contiguous(), w, self._PRECISIONS[self.precision])
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Adds another accumulator of the same shape into this one."""

@@ -367,3 +367,61 @@ def test_cuda_ops_on_a_non_default_device_use_its_current_stream(gen):
         assert torch.cuda.current_device() == 0
         assert r.codes.device == torch.device(device)
         assert_same_quantization(ops.quantize_rtn(w, 4, 64, True), r)
+
+
+# --- tensor-core Hessians (precision="tf32" / "bf16") ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision, budget", [("tf32", 2e-3), ("bf16", 1.5e-2)])
+@pytest.mark.parametrize("n, dim, experts, weighted", [(2000, 24, 6, True), (3001, 129, 5, False),
+                                                       (4000, 1100, 3, True)])  # 1100: 3 block columns (512)
+def test_hessian_low_precision_within_budget(precision, budget, n, dim, experts, weighted, gen):
+    x, ids, w = routed_batch(gen, n, dim, experts, weighted)
+    acc = ops.HessianAccumulator(experts, dim, device="cuda", precision=precision)
+    acc.add(_cuda(x), _cuda(ids), None if w is None else _cuda(w))
+    h_ref, counts_ref, mass_ref = accumulate_hessian_ref(x, ids, w, experts)
+    h = acc.hessians.cpu().double()
+    for e in range(experts):
+        ref = h_ref[e]
+        if counts_ref[e] == 0:
+            assert (h[e] == 0).all(), "an expert with no rows must stay untouched"
+            continue
+        rel = ((h[e] - ref).norm() / ref.norm()).item()
+        assert rel <= budget, f"expert {e}: relative Frobenius error {rel:.3g} > {budget} ({precision})"
+    assert torch.equal(acc.hessians, acc.hessians.transpose(1, 2)), "H must be exactly symmetric"
+    assert_equal(acc.counts.cpu(), counts_ref, "counts")
+    cpu = ops.HessianAccumulator(experts, dim)
+    cpu.add(x, ids, w)
+    assert_equal(acc.mass.cpu(), cpu.mass, "mass vs CPU")
+
+
+def test_hessian_low_precision_accumulates_and_validates(gen):
+    x, ids, w = routed_batch(gen, 1500, 64, 4)
+    fp32 = ops.HessianAccumulator(4, 64, device="cuda")
+    bf16 = ops.HessianAccumulator(4, 64, device="cuda", precision="bf16")
+    for s in (slice(0, 700), slice(700, 700), slice(700, 1500)):
+        fp32.add(_cuda(x[s]), _cuda(ids[s]), _cuda(w[s]))
+        bf16.add(_cuda(x[s]), _cuda(ids[s]), _cuda(w[s]))
+    rel = ((bf16.hessians - fp32.hessians).norm() / fp32.hessians.norm()).item()
+    assert rel <= 1.5e-2
+    before = bf16.hessians.clone()
+    ids_bad = ids.clone()
+    ids_bad[77] = 9
+    with pytest.raises(ValueError, match=r"expert_ids: .*at row 77"):
+        bf16.add(_cuda(x), _cuda(ids_bad), _cuda(w))
+    assert_equal(bf16.hessians, before, "H after a rejected batch")
+
+
+def test_hessian_bad_precision_raises():
+    with pytest.raises(ValueError, match="precision"):
+        ops.HessianAccumulator(2, 8, device="cuda", precision="fp16")
+    with pytest.raises(ValueError, match="precision"):
+        ops.HessianAccumulator(2, 8, device="cuda", precision=1)
+    with pytest.raises(ValueError, match="precision"):
+        ops.HessianAccumulator(2, 8, device="cpu", precision="bf16")
+    from moequant import _C
+    H = torch.zeros(2, 8, 8, device="cuda")
+    with pytest.raises(ValueError, match="precision"):
+        _C.accumulate_hessian(H, torch.zeros(2, dtype=torch.int64, device="cuda"),
+                              torch.zeros(2, dtype=torch.float64, device="cuda"), torch.randn(4, 8, device="cuda"),
+                              torch.zeros(4, dtype=torch.int32, device="cuda"), None, 3)

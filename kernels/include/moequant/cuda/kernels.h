@@ -77,6 +77,28 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream);
 
+/// Precision of the Hessian update (the `precision` overloads below; the 14-argument call is kFp32):
+///   kFp32  fp32 SIMT SSYRK, TF32 off -- the default, exactly the function above;
+///   kTf32  fp32 gathered rows, tensor-core GEMMs with CUBLAS_COMPUTE_32F_FAST_TF32 (10-bit mantissa products,
+///          fp32 accumulation): relative Frobenius error ~1e-3 of the exact H;
+///   kBf16  gathered rows rounded to bf16, cublasGemmEx with bf16 inputs and fp32 accumulation (CUBLAS_COMPUTE_32F):
+///          relative error ~1e-2 (each product carries the bf16 rounding of both rows).
+/// The low-precision paths compute the lower block triangle of H_e (block columns of 512 / 1024) with one GEMM per
+/// block column, then mirror it like the fp32 path; validation, errors, counts, mass and determinism are those of
+/// the fp32 path. They need the larger workspace of cuda_hessian_workspace_bytes(n, dim, E, precision) (kBf16 adds
+/// n * dim * 2 bytes for the bf16 rows).
+enum HessianPrecision : int { kHessianFp32 = 0, kHessianTf32 = 1, kHessianBf16 = 2 };
+
+/// Workspace for the `precision` overload (precision 0: the 3-argument value). 0 when out of range.
+size_t cuda_hessian_workspace_bytes(int64_t n, int64_t dim, int64_t num_experts, int precision);
+
+/// cuda_accumulate_hessian with an explicit HessianPrecision (0, 1 or 2; anything else is kInvalidArgument naming
+/// `precision`). precision 0 forwards to the 14-argument function unchanged.
+Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
+                               const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
+                               void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
+                               int precision);
+
 /// Bytes of device scratch cuda_gptq_batched needs (0 when the sizes overflow). About
 /// 4 * E * (2 * cols^2 + rows * (cols + block) + 130 * cols) bytes: a symmetrised copy of H (act-order source and the
 /// loss), the lazy-update / difference buffer [E, rows, cols], the block's D, the Cholesky panel and small arrays.
