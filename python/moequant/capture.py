@@ -16,6 +16,7 @@ Accumulator protocol (``moequant.ops.HessianAccumulator``): ``acc = factory(num_
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 import logging
@@ -159,14 +160,15 @@ def _flat_mask(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     return mask.reshape(-1).bool()
 
 
-class _Hooks:
+class _Hooks(abc.ABC):
     """Owns hook handles; removal is idempotent. Context manager base of the capture classes."""
 
     def __init__(self) -> None:
         self._handles: list = []
 
+    @abc.abstractmethod
     def attach(self):
-        raise NotImplementedError
+        """Registers the hooks and returns self."""
 
     def remove(self) -> None:
         while self._handles:

@@ -173,7 +173,7 @@ class LazyModel:
             try:
                 fresh = type(module)(config=self.config)
             except TypeError as exc:
-                raise NotImplementedError(
+                raise ValueError(
                     f"moequant cannot rebuild module {name!r} ({type(module).__name__}) with buffers {meta_bufs}; "
                     f"this model family is not supported by the lazy loader") from exc
             parent, _, child = name.rpartition(".")
@@ -181,7 +181,7 @@ class LazyModel:
         leftovers = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
                      if t.is_meta and not n.startswith(layers_name + ".")]
         if leftovers:
-            raise NotImplementedError(f"moequant: could not materialise {leftovers[:5]} from {self.dir}")
+            raise ValueError(f"moequant: could not materialise {leftovers[:5]} from {self.dir}")
 
     # ------------------------------------------------------------------------------------------ layers
     def load_layer(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
@@ -194,7 +194,7 @@ class LazyModel:
         layer.load_state_dict(state, strict=True, assign=True)
         still_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if still_meta:
-            raise NotImplementedError(f"moequant: layer {index} has tensors not stored in the checkpoint "
+            raise ValueError(f"moequant: layer {index} has tensors not stored in the checkpoint "
                                       f"{still_meta[:5]}; this family is not supported by the lazy loader")
         return layer.to(device).eval()
 
@@ -208,7 +208,7 @@ class LazyModel:
             in_experts = experts is not None and name.startswith(fam.experts + ".")
             if in_experts and not fam.disk_fused and leaf in ("gate_up_proj", "down_proj"):
                 if fam.layout != "standard":
-                    raise NotImplementedError(f"{fam.name}: per-expert checkpoints of a transposed layout")
+                    raise ValueError(f"{fam.name}: per-expert checkpoints of a transposed layout")
                 parts = []
                 for e in range(t.shape[0]):
                     names = fam.disk_expert_names(prefix, e)
