@@ -107,7 +107,7 @@ cudaError_t launch_hessian_finish(float* H, int64_t dim, int64_t num_experts, co
                                   double* mass, const void* workspace, const HessianLayout& layout,
                                   cudaStream_t stream);
 
-/// Low-precision Hessian paths (hessian_precision.cpp): dst[i] = bf16(src[i]) (round to nearest even) for
+/// Low-precision Hessian paths (api.cpp): dst[i] = bf16(src[i]) (round to nearest even) for
 /// `count` elements (the gathered rows, already validated finite). Asynchronous.
 cudaError_t launch_f32_to_bf16(const float* src, void* dst, int64_t count, cudaStream_t stream);
 
