@@ -16,6 +16,7 @@ import torch
 from moequant import ops
 from moequant.ref import accumulate_hessian_ref
 from moequant.ref.quant import _abs_pow_sum_f64
+from testdata import weight
 from tolerances import (
     HESSIAN_ATOL,
     HESSIAN_FP32_RTOL,
@@ -29,17 +30,6 @@ pytestmark = pytest.mark.gpu
 
 def _cuda(t: torch.Tensor, device: str = "cuda") -> torch.Tensor:
     return t.to(device)
-
-
-def weight(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """Rows of very different magnitudes plus the special rows: zeros, a constant, all-positive, all-negative."""
-    w = torch.randn(rows, cols, generator=gen) * torch.logspace(-4, 1, rows).unsqueeze(1)
-    if rows >= 6:
-        w[1] = 0.0
-        w[2] = 0.375
-        w[3] = w[3].abs()
-        w[4] = -w[4].abs()
-    return w
 
 
 def assert_same_quantization(cpu, gpu) -> None:

@@ -19,6 +19,7 @@ from moequant.ref import (
     quantize_rtn_ref,
 )
 from moequant.ref.quant import _abs_pow_sum_f64
+from testdata import weight
 from tolerances import (
     GPTQ_CODE_MATCH_FRACTION,
     GPTQ_LOSS_REPORT_RTOL,
@@ -35,17 +36,6 @@ from tolerances import (
     MSE_TIE_RTOL,
     assert_equal,
 )
-
-
-def weight(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """Rows of very different magnitudes plus the special groups: zeros, a constant, all-positive, all-negative."""
-    w = torch.randn(rows, cols, generator=gen) * torch.logspace(-4, 1, rows).unsqueeze(1)
-    if rows >= 6:
-        w[1] = 0.0
-        w[2] = 0.375
-        w[3] = w[3].abs()
-        w[4] = -w[4].abs()
-    return w
 
 
 def assert_rtn_matches_ref(w, bits, group_size, symmetric, scale_dtype=None, **search):
