@@ -82,17 +82,22 @@ class WorkDir:
         p = self.path / "progress.json"
         return json.loads(p.read_text())["completed_layers"] if p.is_file() else 0
 
-    def save_layer(self, index: int, results: dict, record: LayerRecord, hidden: list) -> None:
+    def save_layer(self, index: int, results: dict, record: LayerRecord, hidden: list,
+                   tensors: Optional[dict] = None) -> None:
+        """``tensors``: optional on-disk tensor name -> high-precision tensor (e.g. a norm or router weight changed
+        by a smoothing or rotation transform) that the export writes in place of the source tensor."""
         from safetensors.torch import save_file
 
-        tensors, meta = {}, {}
+        stored, meta = {}, {}
         for name, qt in results.items():
-            tensors[f"{name}::codes"] = qt.codes.contiguous().cpu()
-            tensors[f"{name}::scale"] = qt.scale.contiguous().cpu()
-            tensors[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
+            stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
+            stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
+            stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
             meta[name] = [qt.bits, qt.group_size, qt.symmetric]
+        for name, t in (tensors or {}).items():
+            stored[f"dense::{name}"] = t.detach().contiguous().cpu()
         f = self.path / f"layer_{index:05d}.safetensors"
-        save_file(tensors, str(f) + ".tmp", metadata={"schemes": json.dumps(meta)})
+        save_file(stored, str(f) + ".tmp", metadata={"schemes": json.dumps(meta)})
         os.replace(str(f) + ".tmp", f)
         _atomic_write_json(self.path / f"layer_{index:05d}.json", record.to_dict())
         act = self.path / "activations.pt"
@@ -115,7 +120,8 @@ class WorkDir:
                 quantized = {name: StoredQuantized(f.get_tensor(f"{name}::codes"), f.get_tensor(f"{name}::scale"),
                                                    f.get_tensor(f"{name}::zero"), b, g, s)
                              for name, (b, g, s) in meta.items()}
-            yield Replacements(quantized=quantized)
+                dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
+            yield Replacements(quantized=quantized, tensors=dense)
 
     def schemes(self, num_layers: int) -> dict:
         """{(bits, group_size, symmetric): [module names]} over all finished layers."""
@@ -296,6 +302,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
 
     storage = _config_dtype(_tf.AutoConfig.from_pretrained(model_dir))
     lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage)
+    precision = hessian_precision(recipe, device, lazy.dtype)
     preflight(lazy, recipe)
     import transformers
 
@@ -316,7 +323,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     report = QuantizationReport(model=str(model_dir), family=lazy.family.name, recipe=recipe.to_dict(),
                                 device=str(device), calibration_samples=int(ids.shape[0]),
                                 calibration_seq_len=int(ids.shape[1]), output_dir=str(out) if out else None,
-                                export_format=export_format if out else None)
+                                export_format=export_format if out else None, hessian_precision=precision)
     try:
         start = work.completed
         batches = list(ids.split(batch_size))
@@ -330,7 +337,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         else:
             hidden = [r.hidden_states.cpu() for r in recorded]
         del recorded
-        factory = _accumulator_factory(recipe, device)
+        factory = _accumulator_factory(recipe, device, report.hessian_precision)
         weighting = "routing" if recipe.routing_weighted else "none"
         for index in _progress(range(start, lazy.num_layers), lazy.num_layers - start, "quantizing layers",
                                progress):
@@ -399,11 +406,26 @@ def _config_groups(schemes: dict) -> list:
     return [(["Linear"] if key == main else sorted(names), _S(*key)) for key, names in sorted(schemes.items())]
 
 
-def _accumulator_factory(recipe: Recipe, device: torch.device):
+def hessian_precision(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype) -> str:
+    """The Hessian update precision a run uses: the recipe's ``hessian_precision`` with ``"auto"`` resolved
+    (bf16 tensor cores when the layer computes in bf16 on CUDA, else fp32)."""
+    p = recipe.hessian_precision
+    if device.type != "cuda":
+        if p not in ("auto", "fp32"):
+            raise ValueError(f"hessian_precision: expected 'auto' or 'fp32' on {device.type}, got {p!r}; tf32/bf16 "
+                             "use CUDA tensor cores: run on a GPU or set hessian_precision to 'auto'")
+        return "fp32"
+    if p == "auto":
+        return "bf16" if compute_dtype == torch.bfloat16 and recipe.hessian_dtype == "float32" else "fp32"
+    return p
+
+
+def _accumulator_factory(recipe: Recipe, device: torch.device, precision: str = "fp32"):
     dtype = torch.float64 if recipe.hessian_dtype == "float64" else torch.float32
 
     def make(num_experts: int, dim: int, dev):
         d = dev if dtype == torch.float32 else torch.device("cpu")
-        return ops.HessianAccumulator(num_experts, dim, dtype=dtype, device=d)
+        return ops.HessianAccumulator(num_experts, dim, dtype=dtype, device=d,
+                                      precision=precision if d.type == "cuda" else "fp32")
 
     return make
