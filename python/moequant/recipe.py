@@ -49,6 +49,7 @@ _METHODS = ("gptq", "rtn")
 _SEARCHES = ("minmax", "mse")
 _POLICIES = ("mean", "identity", "rtn", "shrink")
 _HESSIAN_DTYPES = ("float32", "float64")
+_HESSIAN_PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
 def _fail(name: str, expected: str, got: Any, remedy: str = "") -> NoReturn:
@@ -324,6 +325,10 @@ class Recipe:
             (default :data:`DEFAULT_IGNORE`: lm_head, embeddings, routers, shared_expert_gate).
         overrides: ordered :class:`Override` list, the last match wins. calibration, fallback: see those classes.
         hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
+        hessian_precision: inputs of the Hessian update on a GPU (accumulation is always in ``hessian_dtype``):
+            ``"fp32"`` (SIMT), ``"tf32"`` or ``"bf16"`` (tensor cores); ``"auto"`` (default) = ``"bf16"`` when the
+            layer computes in bf16 on CUDA (its activations are bf16 already, so only the routing-weight scaling
+            is rounded), else ``"fp32"``. CPU runs always use fp32; asking for tf32/bf16 there is an error.
         routing_weighted: weight each routed token's Hessian contribution by its routing weight.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (the pipeline picks). version: recipe format version.
         solver_memory_gb: GPU memory the batched expert GPTQ may use at once; a layer's experts are solved in
@@ -336,6 +341,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     hessian_dtype: str = "float32"
+    hessian_precision: str = "auto"
     routing_weighted: bool = False
     device: Optional[str] = None
     solver_memory_gb: float = 8.0
@@ -362,6 +368,10 @@ class Recipe:
             if not isinstance(o, Override):
                 _fail(f"overrides[{i}]", "an Override or a mapping", o)
         _check_choice("hessian_dtype", self.hessian_dtype, _HESSIAN_DTYPES)
+        _check_choice("hessian_precision", self.hessian_precision, _HESSIAN_PRECISIONS)
+        if self.hessian_dtype == "float64" and self.hessian_precision not in ("auto", "fp32"):
+            _fail("hessian_precision", "'auto' or 'fp32' with hessian_dtype 'float64'", self.hessian_precision,
+                  "tf32/bf16 tensor-core updates accumulate in float32; drop one of the two settings")
         _check_bool("routing_weighted", self.routing_weighted)
         if self.device is not None and (not isinstance(self.device, str) or not _DEVICE_RE.match(self.device)):
             _fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
@@ -394,6 +404,7 @@ class Recipe:
         return {"version": self.version, "scheme": self.scheme.to_dict(), "ignore": list(self.ignore),
                 "overrides": [o.to_dict() for o in self.overrides], "calibration": self.calibration.to_dict(),
                 "fallback": self.fallback.to_dict(), "hessian_dtype": self.hessian_dtype,
+                "hessian_precision": self.hessian_precision,
                 "routing_weighted": self.routing_weighted, "device": self.device,
                 "solver_memory_gb": self.solver_memory_gb}
 

@@ -58,6 +58,7 @@ class QuantizationReport:
     export_format: Optional[str] = None
     seconds: float = 0.0
     resumed_from_layer: Optional[int] = None
+    hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

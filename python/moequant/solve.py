@@ -133,23 +133,21 @@ def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor
 
 @torch.no_grad()
 def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype) -> tuple[dict, list]:
-    """Quantizes the captured plain Linears of a layer in place; returns ({disk_name: qt}, [ModuleRecord])."""
-    results, records = {}, []
+    """Quantizes the captured plain Linears of a layer in place (on a GPU, same-shape Linears such as k/v are
+    solved in one batched call); returns ({disk_name: qt}, [ModuleRecord])."""
     lc = capture.linears
+    jobs = []
     for name, lin in lc.modules.items():
         disk = family.disk_name(name)
         scheme = recipe.resolve(disk)
         if scheme is None:
             continue
-        acc = lc.accumulators[name]
-        tokens = int(acc.counts[0])
-        h = acc.hessian(0) if tokens > 0 else None
-        fallback = None if tokens > 0 else "rtn"
-        qt = _solve(lin.weight, h, scheme, storage)
-        _write_back(lin.weight, qt, storage)
-        results[disk] = qt
-        records.append(_record(disk, scheme, tokens, qt, fallback, h is None and scheme.method == "gptq"))
-    return results, records
+        tokens = int(lc.accumulators[name].counts[0])
+        h = lc.accumulators[name].hessian(0) if tokens > 0 else None
+        force_rtn = h is None and scheme.method == "gptq"
+        jobs.append(_Job(disk, lin.weight, h, scheme.replace(method="rtn") if force_rtn else scheme, scheme,
+                         [(disk, lin.weight, None)], tokens, None if tokens > 0 else "rtn", force_rtn))
+    return _finish(jobs, storage, recipe.solver_memory_gb)
 
 
 class _Job:
@@ -238,7 +236,12 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
             h, fallback, force_rtn = hdn.get(e)
             jobs.append(_Job(names["down"], t.down, h, sd.replace(method="rtn") if force_rtn else sd, sd,
                              [(names["down"], t.down, None)], tokens, fallback, force_rtn))
-    _run_jobs(jobs, storage, recipe.solver_memory_gb)
+    return _finish(jobs, storage, recipe.solver_memory_gb)
+
+
+def _finish(jobs: list, storage: torch.dtype, memory_gb: float) -> tuple[dict, list]:
+    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
+    _run_jobs(jobs, storage, memory_gb)
     results, records = {}, []
     for job in jobs:
         for name, param, rows in job.outputs:

@@ -271,3 +271,39 @@ def test_layers_are_loaded_one_at_a_time(tiny, monkeypatch):
     monkeypatch.setattr(LazyModel, "load_layer", tracking)
     pipeline.quantize(tiny, _recipe(), progress=False)
     assert seen == [0, 1]
+
+
+def test_hessian_precision_resolution_and_errors(tiny):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    r = _recipe()
+    assert r.hessian_precision == "auto"
+    assert pipeline.hessian_precision(r, cuda, torch.bfloat16) == "bf16"
+    assert pipeline.hessian_precision(r, cuda, torch.float16) == "fp32"
+    assert pipeline.hessian_precision(r, cuda, torch.float32) == "fp32"
+    assert pipeline.hessian_precision(r, cpu, torch.float32) == "fp32"
+    for p in ("fp32", "tf32", "bf16"):
+        assert pipeline.hessian_precision(Recipe.from_dict({**r.to_dict(), "hessian_precision": p}), cuda,
+                                          torch.float32) == p
+    r64 = Recipe.from_dict({**r.to_dict(), "hessian_dtype": "float64"})
+    assert pipeline.hessian_precision(r64, cuda, torch.bfloat16) == "fp32"  # float64 accumulators live on the CPU
+    bf = Recipe.from_dict({**r.to_dict(), "hessian_precision": "bf16"})
+    with pytest.raises(ValueError, match="hessian_precision.*run on a GPU"):
+        pipeline.hessian_precision(bf, cpu, torch.float32)
+    with pytest.raises(ValueError, match="hessian_precision"):  # the run fails before any work
+        pipeline.quantize(tiny, Recipe.from_dict({**bf.to_dict(), "device": "cpu"}), progress=False)
+    report = pipeline.quantize(tiny, r, progress=False)
+    assert report.hessian_precision == "fp32" and report.to_dict()["hessian_precision"] == "fp32"
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_hessian_agrees_with_fp32(tiny):
+    """bf16 tensor-core Hessian updates (inputs are bf16 activations already) against fp32 SIMT updates."""
+    r = _recipe()
+    r.device = "cuda"
+    losses = {}
+    for p in ("fp32", "bf16"):
+        rep = pipeline.quantize(tiny, Recipe.from_dict({**r.to_dict(), "hessian_precision": p}), progress=False)
+        assert rep.hessian_precision == p
+        losses[p] = [m.loss for layer in rep.layers for m in layer.modules]
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) <= 0.02 * abs(a) + 1e-6, (a, b)

@@ -59,6 +59,8 @@ def test_bits_error_has_remedy():
     (FallbackConfig, {"policy": "zero"}, "fallback.policy"),
     (FallbackConfig, {"min_tokens": -1}, "fallback.min_tokens"),
     (Recipe, {"hessian_dtype": "float16"}, "hessian_dtype"),
+    (Recipe, {"hessian_precision": "fp16"}, "hessian_precision"),
+    (Recipe, {"hessian_dtype": "float64", "hessian_precision": "bf16"}, "hessian_precision"),
     (Recipe, {"device": "tpu"}, "device"),
     (Recipe, {"version": 2}, "version"),
     (Recipe, {"routing_weighted": "no"}, "routing_weighted"),
