@@ -6,8 +6,19 @@ all Linears of the decoder layers and every routed expert quantized, router / em
 Each row quantizes, exports (dequantized bf16 weights, which equal what the pack-quantized checkpoint
 decompresses to), reloads with transformers and evaluates.
 
+Configurations are composed: ``<method>[+feature...]-w<bits>[-sym]``, e.g. ``gptq-w4`` (plain GPTQ: min/max
+scales, no act-order, the reference's algorithm), ``gptq+ao+mse-w3``, ``rtn+awq-w4-sym``, ``default-w4`` (the
+library's default recipe), or ``bf16``. Features (each switches one recipe setting on top of the plain method):
+
+    ao      act-order                        mse     MSE scale search
+    greedy  greedy rounding correction       agq     routing-weighted (affinity-guided) Hessians
+    shrink  shrink rare experts' Hessians    awq     AWQ scales (+ clipping), then the method
+    rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
+    mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
+    bf16h / fp32h   Hessian update precision on the GPU
+
     python benchmarks/quality.py --model ../shared/models/qwen3moe-tiny --text-dir ../shared/data/evaltext \
-        --configs gptq-w4,gptq-w3 [--device cuda] [--json out.json]
+        --configs gptq-w4,gptq+ao+mse-w3 [--device cuda] [--json out.json] [--markdown out.md]
 """
 from __future__ import annotations
 
@@ -22,18 +33,45 @@ from pathlib import Path
 import torch
 
 _PLAIN = dict(scale_search="minmax", act_order=False)  # the reference's plain GPTQ / RTN
-CONFIGS = {
-    "rtn-w4": dict(bits=4, method="rtn", **_PLAIN),
-    "rtn-w3": dict(bits=3, method="rtn", **_PLAIN),
-    "gptq-w4": dict(bits=4, method="gptq", **_PLAIN),
-    "gptq-w3": dict(bits=3, method="gptq", **_PLAIN),
-    "gptq-ao-w4": dict(bits=4, method="gptq", act_order=True, scale_search="minmax"),
-    "gptq-ao-w3": dict(bits=3, method="gptq", act_order=True, scale_search="minmax"),
-    "gptq-mse-w4": dict(bits=4, method="gptq", scale_search="mse", act_order=False),
-    "gptq-mse-w3": dict(bits=3, method="gptq", scale_search="mse", act_order=False),
-    "gptq-ao-mse-w4": dict(bits=4, method="gptq", act_order=True, scale_search="mse"),
-    "gptq-ao-mse-w3": dict(bits=3, method="gptq", act_order=True, scale_search="mse"),
+# feature -> (scheme fields, recipe fields); recipe values that are dicts are merged into that recipe section
+FEATURES = {
+    "ao": (dict(act_order=True), {}),
+    "mse": (dict(scale_search="mse"), {}),
+    "greedy": (dict(rounding_passes=1), {}),
+    "agq": ({}, dict(routing_weighted=True)),
+    "shrink": ({}, dict(fallback=dict(policy="shrink"))),
+    "awq": ({}, dict(awq=dict(enabled=True))),
+    "rot": ({}, dict(rotation=dict(enabled=True))),
+    "ebss": ({}, {}),
+    "mix": ({}, {}),
+    "bf16h": ({}, dict(hessian_precision="bf16")),
+    "fp32h": ({}, dict(hessian_precision="fp32")),
 }
+METHODS = ("rtn", "gptq", "default")
+
+
+def parse_config(name: str) -> tuple[dict, dict, set]:
+    """``<method>[+feature...]-w<bits>[-sym]`` -> (scheme fields, recipe fields, features)."""
+    parts = name.split("-")
+    if len(parts) not in (2, 3) or not parts[1].startswith("w") or not parts[1][1:].isdigit() \
+            or (len(parts) == 3 and parts[2] != "sym"):
+        raise ValueError(f"config {name!r}: expected <method>[+feature...]-w<bits>[-sym], e.g. gptq+ao-w4")
+    method, *features = parts[0].split("+")
+    if method not in METHODS:
+        raise ValueError(f"config {name!r}: method must be one of {METHODS}, got {method!r}")
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise ValueError(f"config {name!r}: unknown feature(s) {unknown}; known: {sorted(FEATURES)}")
+    scheme = dict(bits=int(parts[1][1:]), symmetric=len(parts) == 3)
+    if method != "default":
+        scheme.update(method=method, **_PLAIN)
+    recipe: dict = {}
+    for f in features:
+        s, r = FEATURES[f]
+        scheme.update(s)
+        for k, v in r.items():
+            recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+    return scheme, recipe, set(features)
 
 
 def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str, seq_len: int) -> dict:
@@ -52,58 +90,96 @@ def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str,
     return out
 
 
+def build_recipe(name: str, args, td: Path, tmp: Path):
+    """The :class:`Recipe` of one config name (see the module docstring)."""
+    from moequant.recipe import Recipe
+
+    scheme, extra, features = parse_config(name)
+    scheme["group_size"] = args.group_size
+    cal = dict(text_files=[str(td / "calib.txt")], num_samples=args.num_samples, seq_len=args.seq_len)
+    if features & {"ebss", "mix"}:
+        if not args.ebss_jsonl:
+            raise ValueError(f"config {name!r}: EBSS rows need --ebss-jsonl FILE (moequant ebss MODEL --out FILE)")
+        if "ebss" in features:
+            cal.update(text_files=[], jsonl_files=[args.ebss_jsonl])
+        else:  # half EBSS samples (the first ones), the rest random calib.txt windows
+            lines = Path(args.ebss_jsonl).read_text().splitlines()[: args.num_samples // 2]
+            half = tmp / "ebss_half.jsonl"
+            half.write_text("\n".join(lines) + "\n")
+            cal["jsonl_files"] = [str(half)]
+    base = Recipe().to_dict()
+    base["scheme"].update(scheme)
+    base["calibration"].update(cal)
+    base["device"] = args.device
+    for k, v in extra.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) else v
+    return Recipe.from_dict(base)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="../shared/models/qwen3moe-tiny")
     ap.add_argument("--text-dir", default="../shared/data/evaltext")
-    ap.add_argument("--configs", default="gptq-w4,gptq-w3", help=f"comma list of {sorted(CONFIGS)} or 'bf16'")
+    ap.add_argument("--configs", default="gptq-w4,gptq-w3", help="comma list of config names (module docstring)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--symmetric", action="store_true")
-    ap.add_argument("--json", help="write the results table here")
+    ap.add_argument("--ebss-jsonl", help="EBSS calibration samples for the +ebss / +mix rows")
+    ap.add_argument("--json", help="write the results here (merged into an existing file of the same model)")
+    ap.add_argument("--keep-going", action="store_true", help="report a failing row and continue")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from moequant import pipeline
     from moequant.evaluation import load_token_ids
-    from moequant.recipe import CalibrationConfig, QuantScheme, Recipe
 
     td = Path(args.text_dir)
     for f in ("calib.txt", "heldout.txt", "wt2_test.txt"):
         if not (td / f).is_file():
             print(f"quality: {td / f} not found (pass --text-dir)", file=sys.stderr)
             return 2
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for name in names:  # fail fast on a typo, before any work
+        if name != "bf16":
+            parse_config(name)
     held = load_token_ids(args.model, td / "heldout.txt")
     wt2 = load_token_ids(args.model, td / "wt2_test.txt")
-    rows = {}
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    rows, failed = {}, 0
     for name in names:
         t = time.time()
-        if name == "bf16":
-            res = evaluate(args.model, held, wt2, args.device, args.seq_len)
-            qsec = 0.0
-        else:
-            scheme = QuantScheme(group_size=args.group_size, symmetric=args.symmetric, **CONFIGS[name])
-            recipe = Recipe(scheme=scheme, device=args.device,
-                            calibration=CalibrationConfig(text_files=[str(td / "calib.txt")],
-                                                          num_samples=args.num_samples, seq_len=args.seq_len))
+        try:
             with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "q"
-                report = pipeline.quantize(args.model, recipe, output_dir=out, export_format="dequantized",
-                                           progress=False)
-                qsec = report.seconds
-                res = evaluate(str(out), held, wt2, args.device, args.seq_len)
+                if name == "bf16":
+                    res, qsec = evaluate(args.model, held, wt2, args.device, args.seq_len), 0.0
+                else:
+                    recipe = build_recipe(name, args, td, Path(tmp))
+                    out = Path(tmp) / "q"
+                    report = pipeline.quantize(args.model, recipe, output_dir=out, export_format="dequantized",
+                                               progress=False)
+                    qsec = report.seconds
+                    res = evaluate(str(out), held, wt2, args.device, args.seq_len)
+        except Exception as exc:  # noqa: BLE001 -- reported per row with --keep-going
+            if not args.keep_going:
+                raise
+            failed += 1
+            print(f"{name:24s} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            continue
         res = {k: round(v, 3) for k, v in res.items()}
         res.update(quantize_seconds=round(qsec, 1), total_seconds=round(time.time() - t, 1))
         rows[name] = res
-        print(f"{name:12s} heldout {res['heldout']:.3f}  wt2 {res['wt2']:.2f}  quantize {qsec:.1f} s "
+        print(f"{name:24s} heldout {res['heldout']:.3f}  wt2 {res['wt2']:.2f}  quantize {qsec:.1f} s "
               f"(device {args.device})", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "model": args.model, "rows": rows,
-                                               "torch": torch.__version__}, indent=2))
-    return 0
+        p = Path(args.json)
+        old = json.loads(p.read_text()) if p.is_file() else {}
+        merged = old.get("rows", {}) if old.get("model") == args.model else {}
+        merged.update(rows)
+        name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
+        p.write_text(json.dumps({"device": args.device, "device_name": name, "model": args.model, "rows": merged,
+                                 "torch": torch.__version__, "num_samples": args.num_samples,
+                                 "seq_len": args.seq_len, "group_size": args.group_size}, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
