@@ -16,7 +16,9 @@ alone would be 52.6 GB); the weights of a group are generated before its stages 
 timed with torch.cuda.synchronize() + perf_counter and summed over the groups.
 --experts N < 256 processes only the first N experts' groups (routing still over all 256) and extrapolates the
 per-expert stages linearly to 256 experts; the table then says "extrapolated".
-Usage: python benchmarks/bench_layer.py [--experts 256] [--group 32] [--gptq-chunk 16] [--hessian-precision fp32]
+Usage: python benchmarks/bench_layer.py [--experts 256] [--group 32] [--gptq-chunk 16] [--hessian-precision bf16]
+The default Hessian precision is bf16, what the pipeline uses for bf16 layers on CUDA (recipe
+``hessian_precision: auto``); pass fp32 for the SIMT update.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def main():
     ap.add_argument("--gptq-chunk", type=int, default=16, help="gate_up experts per gptq_quantize_batched call")
     ap.add_argument("--gptq-chunk-down", type=int, default=32, help="down experts per gptq_quantize_batched call")
     ap.add_argument("--tokens", type=int, default=65536)
-    ap.add_argument("--hessian-precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    ap.add_argument("--hessian-precision", default="bf16", choices=["fp32", "tf32", "bf16"])
     args = ap.parse_args()
     shp = SHAPES["deepseek-v3"]
     E, K, hidden = shp.experts, shp.top_k, shp.hidden
