@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from moequant.capture import (ExpertCapture, LayerCapture, RoutedBatch, expert_intermediate, expert_output,
+from moequant.capture import (ExpertCapture, LayerCapture, LinearCapture, RoutedBatch, expert_intermediate, expert_output,
                               route_tokens)
 from moequant.models import detect_family, split_expert
 from test_models import NAMES, build_tiny
@@ -309,3 +309,41 @@ def test_real_accumulator_if_built():
     assert torch.equal(real.gate_up.counts.cpu(), ref.gate_up.counts)
     torch.testing.assert_close(real.gate_up.hessians.double().cpu(), ref.gate_up.hessians, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(real.down.hessians.double().cpu(), ref.down.hessians, atol=1e-5, rtol=1e-4)
+
+
+def test_linears_reading_one_input_share_a_hessian():
+    """q/k/v (and the shared expert's gate/up) accumulate once; the Hessians equal separate accumulation."""
+    model = build_tiny("qwen2_moe")
+    fam = detect_family(model.config)
+    layer, prefix = fam.layers(model)[0], fam.layer_prefix(model, 0)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    caps = {}
+    for share in (True, False):
+        cap = LayerCapture(layer, fam, layer_prefix=prefix, accumulator_factory=ref_factory, shared_weighting="gate")
+        cap.linears.share_inputs = share
+        with cap, torch.no_grad():
+            model(input_ids=ids)
+            model(input_ids=ids[:, :5])  # later forwards check the sharing decided in the first one
+        caps[share] = cap.linears
+    a = f"{prefix}.self_attn."
+    s = f"{prefix}.mlp.shared_expert."
+    assert caps[True].shares == {a + "k_proj": a + "q_proj", a + "v_proj": a + "q_proj",
+                                 s + "up_proj": s + "gate_proj"}
+    assert caps[False].shares == {}
+    assert caps[True].accumulators[a + "v_proj"] is caps[True].accumulators[a + "q_proj"]
+    for n, acc in caps[False].accumulators.items():
+        torch.testing.assert_close(caps[True].accumulators[n].hessians, acc.hessians, atol=1e-10, rtol=1e-10)
+        assert int(caps[True].accumulators[n].counts[0]) == int(acc.counts[0]) == 2 * 7 + 2 * 5
+
+
+def test_linear_sharing_broken_later_is_an_error():
+    lin_a, lin_b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2)
+    cap = LinearCapture({"a": lin_a, "b": lin_b}, accumulator_factory=ref_factory)
+    x = torch.randn(5, 4)
+    with cap, torch.no_grad():
+        lin_a(x), lin_b(x)  # first forward: b shares a's Hessian
+        lin_a(x)
+        with pytest.raises(RuntimeError, match="b received the same input as a.*share_inputs=False"):
+            lin_b(x.clone())
+    assert cap.shares == {"b": "a"}
+    torch.testing.assert_close(cap.accumulators["a"].hessians[0], 2 * x.double().T @ x.double())
