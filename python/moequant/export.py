@@ -59,10 +59,13 @@ class Replacements:
         The source must contain ``<prefix>.weight`` with shape [out, in].
     tensors: full tensor name -> tensor that overrides the source tensor of that name (e.g. a norm weight
         changed by a smoothing transform); same shape as the source, cast to the source dtype.
+    added: full tensor name -> tensor absent from the source, written as given (dtype included), e.g. the
+        ``lm_head.weight`` of a rotated model whose source ties it to the embeddings.
     """
 
     quantized: Mapping[str, Any] = field(default_factory=dict)
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    added: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 ReplacementsLike = Union[Replacements, Mapping[str, Mapping], Iterable[Union[Replacements, Mapping[str, Mapping]]]]
@@ -71,10 +74,12 @@ ReplacementsLike = Union[Replacements, Mapping[str, Mapping], Iterable[Union[Rep
 def _as_chunk(obj: Any) -> Replacements:
     if isinstance(obj, Replacements):
         return obj
-    if isinstance(obj, Mapping) and set(obj) <= {"quantized", "tensors"}:
-        return Replacements(quantized=obj.get("quantized", {}), tensors=obj.get("tensors", {}))
+    if isinstance(obj, Mapping) and set(obj) <= {"quantized", "tensors", "added"}:
+        return Replacements(quantized=obj.get("quantized", {}), tensors=obj.get("tensors", {}),
+                            added=obj.get("added", {}))
     raise TypeError(
-        "replacements: expected a Replacements, a dict with keys 'quantized'/'tensors', or an iterable of those; "
+        "replacements: expected a Replacements, a dict with keys 'quantized'/'tensors'/'added', or an iterable of "
+        "those; "
         f"got {type(obj).__name__}"
     )
 
@@ -227,6 +232,7 @@ def export_checkpoint(
     extra_files: Mapping[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: Mapping[str, Any] | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes `out_dir` = the source checkpoint with the replacements applied, atomically.
 
@@ -241,6 +247,8 @@ def export_checkpoint(
         extra_files: ``{filename: JSON-able object | pathlib.Path to copy | str text}`` added to the checkpoint.
         max_shard_bytes: shard size limit.
         metadata: JSON-able dict stored in config.json under ``"moequant"`` (with ``export_mode``).
+        config_overrides: top-level config.json keys set to these values (e.g. ``{"tie_word_embeddings": False}``
+            when a chunk adds an untied ``lm_head.weight``).
     Returns:
         the committed output directory.
     """
@@ -266,6 +274,7 @@ def export_checkpoint(
         if mode == "pack-quantized":
             config["quantization_config"] = dict(quantization_config)
         config["moequant"] = {"export_mode": mode, **(metadata or {})}
+        config.update(config_overrides or {})
         writer.write_json("config.json", config)
         copied = copy_side_files(source_dir, writer)
         logger.debug("copied %s", copied)
@@ -277,6 +286,7 @@ def _write_replacements(src: SafetensorsSource, writer: CheckpointWriter, replac
                         mode: str, allowed: set | None) -> set[str]:  # fmt: skip
     """Writes every chunk's tensors; returns the source tensor names they replace."""
     consumed: set[str] = set()
+    added: set[str] = set()
     expert_schemes: dict[str, tuple[str, frozenset]] = {}  # "<...>.experts" -> (first prefix, compatible schemes)
 
     def claim(name: str, what: str) -> None:
@@ -321,5 +331,13 @@ def _write_replacements(src: SafetensorsSource, writer: CheckpointWriter, replac
             if tuple(t.shape) != src.shape(name):
                 raise ValueError(f"tensors: {name!r} has shape {tuple(t.shape)}, source has {src.shape(name)}")
             writer.add(name, t.detach().to("cpu", src.dtype(name)))
+        for name, t in chunk.added.items():
+            if name in src:
+                raise ValueError(f"added: {name!r} is a tensor of the source checkpoint; replace it through "
+                                 f"'tensors' instead")
+            if name in added:
+                raise ValueError(f"added: {name!r} is added twice")
+            added.add(name)
+            writer.add(name, t.detach().cpu())
     logger.info("exported %d replacement chunk(s), %d source tensors replaced", n_chunks, len(consumed))
     return consumed

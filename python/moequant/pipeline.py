@@ -304,6 +304,11 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage)
     precision = hessian_precision(recipe, device, lazy.dtype)
     preflight(lazy, recipe)
+    rot = None
+    if recipe.rotation.enabled:  # globals rotated now, before the calibration inputs are recorded
+        from .rotation_pipeline import PipelineRotation
+
+        rot = PipelineRotation(lazy, recipe.rotation.seed, storage)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -344,6 +349,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             t = time.time()
             prefix = lazy.layer_prefix(index)
             layer = lazy.load_layer(index, device)
+            rotated = rot.rotate_layer(layer) if rot is not None else []
             with torch.no_grad():
                 cap = LayerCapture(layer, lazy.family, layer_prefix=prefix, weighting=weighting,
                                    shared_weighting="gate" if recipe.routing_weighted else "none",
@@ -361,7 +367,12 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                  expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
                                  expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [],
                                  modules=rec_l + rec_e)
-            work.save_layer(index, {**res_l, **res_e}, record, hidden)
+            dense = None
+            if rot is not None:
+                from .rotation_pipeline import layer_export_tensors
+
+                dense = layer_export_tensors(layer, lazy.family, prefix, rotated, {*res_l, *res_e})
+            work.save_layer(index, {**res_l, **res_e}, record, hidden, tensors=dense)
             report.layers.append(record)
             del layer, cap, res_l, res_e
             logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
@@ -375,10 +386,16 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                "#44025), transformers 5.23 with compressed-tensors 0.20 does not "
                                "(docs/export.md); use --symmetric or --format dequantized for transformers")
             qcfg = quantization_config_block(_config_groups(schemes), _ignore_list(lazy, schemes))
-            export_checkpoint(model_dir, out, work.iter_replacements(lazy.num_layers), qcfg, mode=export_format,
+            chunks = work.iter_replacements(lazy.num_layers)
+            if rot is not None:
+                import itertools
+
+                chunks = itertools.chain(chunks, [rot.globals])
+            export_checkpoint(model_dir, out, chunks, qcfg, mode=export_format,
                               extra_files={"moequant_recipe.json": recipe.to_dict(),
                                            "moequant_report.json": report.to_dict()},
-                              metadata={"version": _version()})
+                              metadata={"version": _version()},
+                              config_overrides=rot.config_overrides if rot is not None else None)
             shutil.rmtree(work.path)
             report.seconds = round(time.time() - t0, 3)
     finally:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, Optional
 
+from .rotation_config import RotationConfig
+
 __all__ = [
     "RECIPE_VERSION", "DEFAULT_IGNORE", "QuantScheme", "Override", "CalibrationConfig", "FallbackConfig",
     "Recipe", "match_pattern",
@@ -333,6 +335,7 @@ class Recipe:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (the pipeline picks). version: recipe format version.
         solver_memory_gb: GPU memory the batched expert GPTQ may use at once; a layer's experts are solved in
             chunks that fit it (weights, Hessians and workspace).
+        rotation: offline Hadamard rotation of the residual stream before calibration (:class:`RotationConfig`).
     """
 
     scheme: QuantScheme = field(default_factory=QuantScheme)
@@ -345,6 +348,7 @@ class Recipe:
     routing_weighted: bool = False
     device: Optional[str] = None
     solver_memory_gb: float = 8.0
+    rotation: RotationConfig = field(default_factory=RotationConfig)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -376,6 +380,10 @@ class Recipe:
         if self.device is not None and (not isinstance(self.device, str) or not _DEVICE_RE.match(self.device)):
             _fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
         _check_pos_float("solver_memory_gb", self.solver_memory_gb)
+        if isinstance(self.rotation, dict):
+            self.rotation = RotationConfig.from_dict(self.rotation)
+        if not isinstance(self.rotation, RotationConfig):
+            _fail("rotation", "a RotationConfig or a mapping", self.rotation)
 
     # ------------------------------------------------------------------ resolution
     def is_ignored(self, module_name: str) -> bool:
@@ -406,7 +414,7 @@ class Recipe:
                 "fallback": self.fallback.to_dict(), "hessian_dtype": self.hessian_dtype,
                 "hessian_precision": self.hessian_precision,
                 "routing_weighted": self.routing_weighted, "device": self.device,
-                "solver_memory_gb": self.solver_memory_gb}
+                "solver_memory_gb": self.solver_memory_gb, "rotation": self.rotation.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

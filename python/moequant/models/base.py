@@ -27,6 +27,12 @@ TRANSPOSED = "transposed"
 
 GluFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# Residual rotation data (see MoEFamily.residual_norms): the pre-attention norm feeds the attention (softmax or
+# linear), the post-attention norm the MLP / MoE block (router, shared expert and its gate, routed experts).
+RESIDUAL_NORMS = (("input_layernorm", ("self_attn", "linear_attn")), ("post_attention_layernorm", ("mlp",)))
+ROTATION_INTERNAL = ("q_b_proj", "kv_b_proj", "q_a_layernorm", "kv_a_layernorm", "q_norm", "k_norm", "norm",
+                     "conv1d")
+
 
 def glu_act_fn(experts: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``experts.act_fn(gate) * up`` -- the GLU of every family except GPT-OSS. Shapes ``[n, I]`` -> ``[n, I]``."""
@@ -95,6 +101,16 @@ class MoEFamily:
         model_high_precision: top-model paths never quantized by default (embeddings, lm_head).
         disk_renames: ``(runtime, checkpoint)`` substring renames turning a runtime module name into its
             checkpoint name (Mixtral ``(".mlp.", ".block_sparse_moe.")``); applied in order by :meth:`disk_name`.
+        residual_norms: ``(norm, blocks)`` pairs for the residual rotation (:mod:`moequant.rotation`): the
+            layer-relative RMSNorm ``norm`` feeds every module under the layer-relative ``blocks`` (absent blocks
+            are skipped); its weight is folded into the modules reading it.
+        residual_writers: leaf names of the Linears that write to the residual stream (output side rotated);
+            every other Linear of a block reads the normalized residual (input side), except
+        rotation_internal: leaf names of modules neither reading nor writing the residual stream (MLA
+            ``q_b_proj``/``kv_b_proj``, per-head norms); left untouched by the rotation.
+        final_norm: top-model path of the norm before lm_head.
+        norm_weight_offset: the norms compute ``x / rms(x) * (offset + weight)`` (1.0 for Qwen3-Next's
+            ``1 + weight`` RMSNorm); after folding the weight becomes ``1 - offset``.
         notes: free text (provenance of the names, caveats).
     """
 
@@ -116,6 +132,11 @@ class MoEFamily:
     extra_high_precision: tuple[str, ...] = ()
     disk_renames: tuple[tuple[str, str], ...] = ()
     model_high_precision: tuple[str, ...] = ("model.embed_tokens", "lm_head")
+    residual_norms: tuple[tuple[str, tuple[str, ...]], ...] = RESIDUAL_NORMS
+    residual_writers: tuple[str, ...] = ("o_proj", "out_proj", "down_proj")
+    rotation_internal: tuple[str, ...] = ROTATION_INTERNAL
+    final_norm: str = "model.norm"
+    norm_weight_offset: float = 0.0
     notes: str = field(default="", compare=False)
 
     # ---------------------------------------------------------------- structure

@@ -91,6 +91,7 @@ QWEN3_NEXT = MoEFamily(
     shared_expert="mlp.shared_expert",
     shared_expert_gate="mlp.shared_expert_gate",
     extra_high_precision=("linear_attn.in_proj_ba",),
+    norm_weight_offset=1.0,
     notes="Hybrid: layer_types 'linear_attention' layers hold linear_attn (GatedDeltaNet: in_proj_qkvz, "
     "in_proj_ba, conv1d [Conv1d, kept], out_proj), 'full_attention' layers hold self_attn (q/k/v/o, q_proj "
     "doubled for the output gate). in_proj_ba (out = 2*num_v_heads: the beta/decay gates) kept high precision "
@@ -118,6 +119,7 @@ GRANITEMOE = MoEFamily(
     disk_proj_names=("w1", "w3", "w2"),
     disk_fused=True,
     disk_renames=((".block_sparse_moe.router", ".block_sparse_moe.router.layer"),),
+    residual_norms=(("input_layernorm", ("self_attn",)), ("post_attention_layernorm", ("block_sparse_moe",))),
     notes="Fused GraniteMoeExperts only in recent transformers 5 (older releases kept GraniteMoeParallelExperts "
     "input_linear/output_linear with an (inputs, expert_size) signature: MoEFamily.validate rejects those). "
     "Checkpoint stores block_sparse_moe.input_linear.weight [E,2I,H] / output_linear.weight [E,H,I] fused; "
