@@ -350,6 +350,12 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             prefix = lazy.layer_prefix(index)
             layer = lazy.load_layer(index, device)
             rotated = rot.rotate_layer(layer) if rot is not None else []
+            awq_tensors = {}
+            if recipe.awq.enabled:  # smoothed and clipped before the Hessian capture: AWQ followed by GPTQ/RTN
+                from .awq_layer import apply_awq
+
+                awq_tensors = apply_awq(layer, lazy.family, recipe, prefix, hidden, kwargs, index, device,
+                                        storage).tensors
             with torch.no_grad():
                 cap = LayerCapture(layer, lazy.family, layer_prefix=prefix, weighting=weighting,
                                    shared_weighting="gate" if recipe.routing_weighted else "none",
@@ -372,6 +378,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 from .rotation_pipeline import layer_export_tensors
 
                 dense = layer_export_tensors(layer, lazy.family, prefix, rotated, {*res_l, *res_e})
+            if awq_tensors:
+                dense = {**(dense or {}), **awq_tensors}
             work.save_layer(index, {**res_l, **res_e}, record, hidden, tensors=dense)
             report.layers.append(record)
             del layer, cap, res_l, res_e

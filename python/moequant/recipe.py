@@ -35,7 +35,7 @@ from .rotation_config import RotationConfig
 
 __all__ = [
     "RECIPE_VERSION", "DEFAULT_IGNORE", "QuantScheme", "Override", "CalibrationConfig", "FallbackConfig",
-    "Recipe", "match_pattern",
+    "Recipe", "match_pattern", "AWQConfig",
 ]
 
 RECIPE_VERSION = 1
@@ -315,6 +315,48 @@ class FallbackConfig(_Dict):
         _check_bool("fallback.calibrate_all_experts", self.calibrate_all_experts)
 
 
+@dataclass
+class AWQConfig(_Dict):
+    """AWQ before the solve (:mod:`moequant.awq_layer`, docs/algorithms.md): per-input-channel scales folded into
+    the preceding norm or Linear (into the router too, so routing is unchanged), then a clipping search.
+
+    Attributes:
+        enabled: run AWQ on every layer before its Hessian capture. grid: scale exponents ``i / grid`` tried.
+        duo_scaling: ``s = x_mean^a / w_mean^(1-a)`` (AutoAWQ's default) instead of ``x_mean^a``.
+        clip_search: search a per-group clipping threshold (not for q/k projections). clip_grid,
+            clip_max_shrink: thresholds ``max|w| (1 - i / clip_grid)`` for ``i < clip_max_shrink * clip_grid``.
+        max_tokens: calibration tokens (whole batches, at least one) behind the scale search.
+        clip_tokens: tokens sampled per matrix for the clipping search.
+        min_tokens: routed tokens an expert needs for its own down_proj scales and clipping.
+        exact_routing: power-of-two scales for a norm that also feeds a router or gate, so the fold is exact in
+            the checkpoint dtype and routing bit-identical (False: routing identical up to rounding).
+    """
+
+    _where: ClassVar[str] = "awq"
+    enabled: bool = False
+    grid: int = 20
+    duo_scaling: bool = True
+    clip_search: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    max_tokens: int = 8192
+    clip_tokens: int = 512
+    min_tokens: int = 8
+    exact_routing: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "duo_scaling", "clip_search", "exact_routing"):
+            _check_bool(f"awq.{name}", getattr(self, name))
+        _check_int("awq.grid", self.grid, 1, "the default is 20")
+        _check_int("awq.clip_grid", self.clip_grid, 1, "the default is 20")
+        if not isinstance(self.clip_max_shrink, (int, float)) or isinstance(self.clip_max_shrink, bool) \
+                or not 0 < self.clip_max_shrink < 1:
+            _fail("awq.clip_max_shrink", "a number in (0, 1)", self.clip_max_shrink, "the default is 0.5")
+        _check_int("awq.max_tokens", self.max_tokens, 1, "the default is 8192")
+        _check_int("awq.clip_tokens", self.clip_tokens, 1, "the default is 512")
+        _check_int("awq.min_tokens", self.min_tokens, 1, "the default is 8")
+
+
 _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
@@ -325,7 +367,7 @@ class Recipe:
     Attributes:
         scheme: the base :class:`QuantScheme`. ignore: patterns of modules kept in high precision
             (default :data:`DEFAULT_IGNORE`: lm_head, embeddings, routers, shared_expert_gate).
-        overrides: ordered :class:`Override` list, the last match wins. calibration, fallback: see those classes.
+        overrides: ordered :class:`Override` list, the last match wins. calibration, fallback, awq: see those classes.
         hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
         hessian_precision: inputs of the Hessian update on a GPU (accumulation is always in ``hessian_dtype``):
             ``"fp32"`` (SIMT), ``"tf32"`` or ``"bf16"`` (tensor cores); ``"auto"`` (default) = ``"bf16"`` when the
@@ -343,6 +385,7 @@ class Recipe:
     overrides: list = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
     hessian_dtype: str = "float32"
     hessian_precision: str = "auto"
     routing_weighted: bool = False
@@ -355,7 +398,8 @@ class Recipe:
         if self.version != RECIPE_VERSION:
             _fail("version", str(RECIPE_VERSION), self.version,
                   "this moequant reads recipe version 1; upgrade moequant or rewrite the recipe")
-        for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig)):
+        for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig),
+                          ("awq", AWQConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls.from_dict(getattr(self, name)))
             if not isinstance(getattr(self, name), cls):
@@ -411,7 +455,7 @@ class Recipe:
         """Plain JSON/YAML-able dict (``from_dict(to_dict())`` reproduces the recipe)."""
         return {"version": self.version, "scheme": self.scheme.to_dict(), "ignore": list(self.ignore),
                 "overrides": [o.to_dict() for o in self.overrides], "calibration": self.calibration.to_dict(),
-                "fallback": self.fallback.to_dict(), "hessian_dtype": self.hessian_dtype,
+                "fallback": self.fallback.to_dict(), "awq": self.awq.to_dict(), "hessian_dtype": self.hessian_dtype,
                 "hessian_precision": self.hessian_precision,
                 "routing_weighted": self.routing_weighted, "device": self.device,
                 "solver_memory_gb": self.solver_memory_gb, "rotation": self.rotation.to_dict()}

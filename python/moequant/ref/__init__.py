@@ -5,6 +5,7 @@ core's contract is bit-exact (quantization parameters, codes, packing). See each
 its shape/dtype contract and the equivalence it promises.
 """
 
+from .awq import fake_quantize_ref, search_clip_ref
 from .gptq import GptqRefResult, gptq_quantize_ref, quadratic_loss_ref
 from .hadamard import hadamard_matrix, hadamard_ref
 from .hessian import accumulate_hessian_ref
@@ -32,6 +33,7 @@ __all__ = [
     "accumulate_hessian_ref",
     "dequantize_ref",
     "dequantize_values_ref",
+    "fake_quantize_ref",
     "gptq_quantize_ref",
     "hadamard_matrix",
     "hadamard_ref",
@@ -44,6 +46,7 @@ __all__ = [
     "quadratic_loss_ref",
     "quantize_ref",
     "quantize_rtn_ref",
+    "search_clip_ref",
     "unpack_int32_ref",
     "unpack_zero_points_ref",
 ]
