@@ -1,0 +1,100 @@
+"""The quality table of docs/quality.md in one call: optional EBSS data, then benchmarks/quality.py rows in
+parallel worker processes (the tiny model leaves a GPU mostly idle), then one merged JSON and a markdown table.
+
+    python benchmarks/quality_table.py --out OUT_DIR --configs bf16,rtn-w4,gptq-w4,... [--workers 4] \
+        [--model ../shared/models/qwen3moe-tiny] [--text-dir ../shared/data/evaltext] [--ebss]
+
+``--ebss`` first generates ``OUT_DIR/ebss.jsonl`` (``moequant ebss``: 128 x 512 tokens, beam 4, tau 1.2) for the
+``+ebss`` / ``+mix`` rows. Each worker writes ``OUT_DIR/quality_<i>.json`` and ``quality_<i>.log``; the merged
+result is ``OUT_DIR/quality.json`` and ``OUT_DIR/quality.md`` (rows in the order given). Exit status 1 if any
+row failed (the others are still reported).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def markdown(rows: dict, order: list, baseline: dict | None) -> str:
+    lines = ["| config | held-out ppl | WikiText-2 ppl | quantize s | total s |", "| --- | --- | --- | --- | --- |"]
+    for name in order:
+        r = rows.get(name)
+        if r is None:
+            lines.append(f"| {name} | failed | failed | | |")
+            continue
+        lines.append(f"| {name} | {r['heldout']:.3f} | {r['wt2']:.2f} | {r['quantize_seconds']:.1f} | "
+                     f"{r['total_seconds']:.1f} |")
+    if baseline:
+        lines.append("")
+        lines.append("Reference (../shared/baselines): " + ", ".join(
+            f"{k} {v['heldout']:.3f}/{v['wt2']:.2f}" for k, v in baseline.get("results", {}).items()
+            if isinstance(v, dict) and "heldout" in v))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", required=True)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--model", default="../shared/models/qwen3moe-tiny")
+    ap.add_argument("--text-dir", default="../shared/data/evaltext")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--ebss", action="store_true", help="generate OUT/ebss.jsonl first")
+    ap.add_argument("--baseline", default="../shared/baselines/qwen3moe-tiny.json")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    ebss = out / "ebss.jsonl"
+    if args.ebss:
+        t = time.time()
+        cmd = [sys.executable, "-m", "moequant", "ebss", args.model, "--out", str(ebss), "--num-samples", str(args.num_samples),
+               "--seq-len", str(args.seq_len), "--batch-size", "32", "--device", args.device]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        print(f"ebss: {time.time() - t:.1f} s", flush=True)
+    n = max(1, min(args.workers, len(names)))
+    shards = [names[i::n] for i in range(n)]
+    procs = []
+    for i, shard in enumerate(shards):
+        cmd = [sys.executable, str(HERE / "quality.py"), "--model", args.model, "--text-dir", args.text_dir,
+               "--device", args.device, "--configs", ",".join(shard), "--num-samples", str(args.num_samples),
+               "--seq-len", str(args.seq_len), "--json", str(out / f"quality_{i}.json"),
+               "--keep-going"]
+        if ebss.is_file():
+            cmd += ["--ebss-jsonl", str(ebss)]
+        log = open(out / f"quality_{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    t = time.time()
+    rcs = []
+    for p, log in procs:
+        rcs.append(p.wait())
+        log.close()
+    rows, meta = {}, {}
+    for i in range(n):
+        f = out / f"quality_{i}.json"
+        if f.is_file():
+            d = json.loads(f.read_text())
+            rows.update(d.pop("rows"))
+            meta = d
+    meta.update(rows={k: rows[k] for k in names if k in rows}, workers=n, wall_seconds=round(time.time() - t, 1))
+    (out / "quality.json").write_text(json.dumps(meta, indent=2))
+    base = Path(args.baseline)
+    table = markdown(rows, names, json.loads(base.read_text()) if base.is_file() else None)
+    (out / "quality.md").write_text(table)
+    print(table)
+    print(f"{len(rows)}/{len(names)} rows in {time.time() - t:.0f} s with {n} workers on {meta.get('device_name')}")
+    return 0 if all(rc == 0 for rc in rcs) and len(rows) == len(names) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
