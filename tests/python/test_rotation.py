@@ -282,7 +282,7 @@ def test_pipeline_rotation_w8_keeps_the_model(tiny, tmp_path):
     ids = _ids(8000, (2, 32), seed=2)
     src, out = _logits(_load(tiny), ids), _logits(_load(tmp_path / "d"), ids)
     assert (out - src).abs().max() <= 0.05 * src.abs().max()
-    assert torch.equal(out.argmax(-1), src.argmax(-1)) or (out.argmax(-1) == src.argmax(-1)).float().mean() > 0.95
+    assert (out.argmax(-1) == src.argmax(-1)).float().mean() > 0.95
 
 
 def test_pipeline_rotated_pack_quantized_reloads(tiny, tmp_path):
