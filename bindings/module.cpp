@@ -127,7 +127,7 @@ at::Tensor unpack_rows(const at::Tensor& packed, int bits, int64_t cols) {
 }
 
 void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const at::Tensor& x, const at::Tensor& ids,
-                        const std::optional<at::Tensor>& weights, int precision) {
+                        const std::optional<at::Tensor>& weights, int precision, bool symmetrize) {
   if (precision < 0 || precision > 2)
     throw std::invalid_argument(fmt::format("precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got {}", precision));
   mb::check_dim(H, "hessians", 3);
@@ -162,7 +162,7 @@ void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const 
   const at::Tensor* wp = weights ? &*weights : nullptr;
   if (on_cuda(H, "hessians")) {
 #ifdef MOEQUANT_WITH_CUDA
-    mb::accumulate_hessian_cuda(H, counts, mass, x, ids, wp, precision);
+    mb::accumulate_hessian_cuda(H, counts, mass, x, ids, wp, precision, symmetrize);
     return;
 #endif
   }
@@ -170,7 +170,19 @@ void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const 
     throw std::invalid_argument(
         fmt::format("precision: expected 0 (fp32) for CPU accumulators (tf32 / bf16 need CUDA tensors), got {}",
                     precision));
-  mb::accumulate_hessian_cpu(H, counts, mass, x, ids, wp);
+  mb::accumulate_hessian_cpu(H, counts, mass, x, ids, wp);  // always symmetric on the CPU
+}
+
+/// Completes CUDA accumulations made with symmetrize=False (a no-op for CPU tensors, which are always symmetric).
+void hessian_symmetrize(at::Tensor H) {
+  mb::check_dim(H, "hessians", 3);
+  mb::check_contiguous(H, "hessians");
+  mb::check_size(H, "hessians", 2, H.size(1));
+  if (on_cuda(H, "hessians")) {
+#ifdef MOEQUANT_WITH_CUDA
+    mb::hessian_symmetrize_cuda(H);
+#endif
+  }
 }
 
 py::tuple gptq(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec, bool act_order, double damp,
@@ -329,8 +341,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpack_rows", &unpack_rows, py::arg("packed"), py::arg("bits"), py::arg("in_features"));
   m.def("accumulate_hessian", &accumulate_hessian, py::arg("hessians"), py::arg("counts"), py::arg("mass"),
         py::arg("x"), py::arg("expert_ids"), py::arg("weights"), py::arg("precision") = 0,
+        py::arg("symmetrize") = true,
         "H[e] += sum c x x^T over rows routed to e (in place), counts and mass updated; precision (CUDA only): "
-        "0 fp32, 1 tf32 tensor cores, 2 bf16 inputs with fp32 accumulation");
+        "0 fp32, 1 tf32 tensor cores, 2 bf16 inputs with fp32 accumulation; symmetrize=False (CUDA) updates only "
+        "the row-major upper triangle, hessian_symmetrize completes it");
+  m.def("hessian_symmetrize", &hessian_symmetrize, py::arg("hessians"),
+        "copies the row-major upper triangle of every [d, d] slice onto the lower one (CUDA; no-op on the CPU)");
   m.def("gptq", &gptq, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"), py::arg("damp"),
         py::arg("block_size"), "GPTQ on the CPU -> (codes, scale, zero, dequantized, info dict)");
   m.def("gptq_batched", &gptq_batched, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"),

@@ -61,9 +61,13 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, co
                            const QuantSpec& spec);
 at::Tensor pack_rows_cuda(const at::Tensor& q, int bits);
 at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols);
-/// precision: HessianPrecision of kernels.h (0 fp32 SSYRK, 1 TF32, 2 BF16 tensor-core GEMMs).
+/// precision: HessianPrecision of kernels.h (0 fp32 SSYRK, 1 TF32, 2 BF16 tensor-core GEMMs). symmetrize = false
+/// defers the mirror of the updated triangle to hessian_symmetrize_cuda (kernels.h).
 void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,
-                             const at::Tensor& ids, const at::Tensor* weights, int precision = 0);
+                             const at::Tensor& ids, const at::Tensor* weights, int precision = 0,
+                             bool symmetrize = true);
+/// H [E, d, d] float32 contiguous CUDA: copies the row-major upper triangle onto the lower one (in place).
+void hessian_symmetrize_cuda(at::Tensor& H);
 /// codes [E, r, c] int8, scales [E, r, G] f32, zeros [E, r, G] int32, dequantized [E, r, c] f32,
 /// losses [E] f64 (zeros when !compute_loss), escalations [E] int32.
 using GptqBatchedTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

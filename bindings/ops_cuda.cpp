@@ -55,7 +55,7 @@ at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols) {
 }
 
 void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,
-                             const at::Tensor& ids, const at::Tensor* weights, int precision) {
+                             const at::Tensor& ids, const at::Tensor* weights, int precision, bool symmetrize) {
   if (H.scalar_type() != at::kFloat)
     throw std::invalid_argument(fmt::format(
         "dtype: expected float32 accumulators on CUDA (float64 accumulation runs on the CPU), got {}",
@@ -69,7 +69,15 @@ void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass
                                          weights ? weights->data_ptr<float>() : nullptr, experts, H.data_ptr<float>(),
                                          counts.data_ptr<int64_t>(), mass.data_ptr<double>(), ws.data_ptr(), ws_bytes,
                                          handle, at::cuda::getCurrentCUDAStream(x.device().index()).stream(),
-                                         precision));
+                                         precision, symmetrize));
+}
+
+void hessian_symmetrize_cuda(at::Tensor& H) {
+  if (H.scalar_type() != at::kFloat)
+    throw std::invalid_argument(fmt::format("hessians: expected float32 on CUDA, got {}", dtype_str(H.scalar_type())));
+  const c10::cuda::CUDAGuard guard(H.device());
+  throw_if_error(cuda_hessian_symmetrize(H.data_ptr<float>(), H.size(1), H.size(0),
+                                         at::cuda::getCurrentCUDAStream(H.device().index()).stream()));
 }
 
 GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,

@@ -7,6 +7,8 @@
 #include <moequant/status.h>
 
 #include "api_common.h"
+#include "hessian_launch.h"
+#include "hessian_update.h"
 #include "launch.h"
 
 #include <cmath>
@@ -158,93 +160,33 @@ Status cuda_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int b
 
 size_t cuda_hessian_workspace_bytes(int64_t n, int64_t dim, int64_t num_experts, int precision) {
   cuda_detail::HessianLayout layout;
-  if (precision < kHessianFp32 || precision > kHessianBf16 || !cuda_detail::hessian_layout(n, dim, num_experts, &layout))
-    return 0;
-  if (precision != kHessianBf16) return layout.total;
-  // bf16 adds a copy of the gathered rows in bf16 after the fp32 layout.
-  return layout.total + cuda_detail::align256(static_cast<size_t>(n) * static_cast<size_t>(dim) * 2);
+  if (!cuda_detail::hessian_layout(n, dim, num_experts, precision, &layout)) return 0;
+  return layout.total;
 }
 
 size_t cuda_hessian_workspace_bytes(int64_t n, int64_t dim, int64_t num_experts) {
   return cuda_hessian_workspace_bytes(n, dim, num_experts, kHessianFp32);
 }
 
-namespace {
-
-/// Width of the block columns of the tensor-core update: large enough for efficient GEMMs, small enough that the
-/// wasted upper part of the diagonal blocks stays small (T / d of the full GEMM).
-int64_t block_cols(int64_t dim) {
-  if (dim <= 1024) return dim;
-  return dim <= 4096 ? 512 : 1024;
-}
-
-/// Stage 3 of the fp32 path: one SYRK per non-empty expert.
-/// Layout: the gathered rows of expert e are a row-major [m, dim] matrix G (ld = dim). cuBLAS is column-major,
-/// so the same memory read column-major with lda = dim is A = G^T, [dim, m]. Then A * A^T = G^T G =
-/// sum_k g_k g_k^T = sum_i c_i x_i x_i^T, the [dim, dim] update we want: SYRK with OP_N, n = dim, k = m.
-/// H_e is symmetric, so its row-major storage is also its column-major storage; SYRK with beta = 1 adds into
-/// the column-major lower triangle only (memory j * dim + i, i >= j: the row-major upper triangle) and the
-/// finish stage copies that triangle onto the other (whose entries still hold the old values until then).
-/// Math mode: CUBLAS_DEFAULT_MATH never uses TF32 for fp32 routines, so the sums are fp32-accurate whatever
-/// torch.backends.cuda.matmul.allow_tf32 set on a shared handle.
-Status update_fp32(cublasHandle_t handle, const float* gathered, const std::vector<int32_t>& offsets, int64_t dim,
-                   int64_t num_experts, float* H) {
-  const float one = 1.0f;
-  const int d = static_cast<int>(dim);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int32_t b = offsets[static_cast<size_t>(e)], m = offsets[static_cast<size_t>(e) + 1] - b;
-    if (m == 0) continue;
-    const cublasStatus_t st = cublasSsyrk(handle, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, d, m, &one,
-                                          gathered + static_cast<int64_t>(b) * dim, d, &one, H + e * dim * dim, d);
-    if (st != CUBLAS_STATUS_SUCCESS)
-      return Status::cuda("cublasSsyrk (expert {} of {}, {} rows, dim {}): {} ({})", e, num_experts, m, dim,
-                          cublasGetStatusString(st), static_cast<int>(st));
-  }
-  return {};
-}
-
-/// Stage 3 of the tensor-core paths: the same lower triangle (column-major view as above) by one GEMM per block
-/// column, H[j0:d, j0:j0+T] += A[j0:d, :] A[j0:j0+T, :]^T, which does (1 + T/d) / 2 of a full GEMM's work
-/// (0.57 at d = 7168, T = 1024). A is the fp32 rows with TF32 compute, or their bf16 copy with fp32 accumulation.
-Status update_tensor_cores(cublasHandle_t handle, const void* a, cudaDataType_t a_type, size_t elem,
-                           cublasComputeType_t compute, int precision, const std::vector<int32_t>& offsets,
-                           int64_t dim, int64_t num_experts, float* H) {
-  const float one = 1.0f;
-  const int64_t T = block_cols(dim);
-  const int d = static_cast<int>(dim);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int32_t b = offsets[static_cast<size_t>(e)], m = offsets[static_cast<size_t>(e) + 1] - b;
-    if (m == 0) continue;
-    const char* ae = static_cast<const char*>(a) + static_cast<size_t>(b) * static_cast<size_t>(dim) * elem;
-    float* he = H + e * dim * dim;
-    for (int64_t j0 = 0; j0 < dim; j0 += T) {
-      const int w = static_cast<int>(dim - j0 < T ? dim - j0 : T);
-      const int rows_c = static_cast<int>(dim - j0);
-      const void* aj = ae + static_cast<size_t>(j0) * elem;
-      const cublasStatus_t st = cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, rows_c, w, m, &one, aj, a_type, d, aj,
-                                             a_type, d, &one, he + j0 * dim + j0, CUDA_R_32F, d, compute,
-                                             CUBLAS_GEMM_DEFAULT);
-      if (st != CUBLAS_STATUS_SUCCESS)
-        return Status::cuda("cublasGemmEx (precision {}, expert {} of {}, {} rows, dim {}, block column {}): {} ({})",
-                            precision, e, num_experts, m, dim, j0, cublasGetStatusString(st), static_cast<int>(st));
-    }
-  }
-  return {};
-}
-
-}  // namespace
-
 Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream) {
   return cuda_accumulate_hessian(x, n, dim, ldx, expert_ids, weights, num_experts, H, counts, mass, workspace,
-                                 workspace_bytes, handle, stream, kHessianFp32);
+                                 workspace_bytes, handle, stream, kHessianFp32, true);
 }
 
 Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision) {
+  return cuda_accumulate_hessian(x, n, dim, ldx, expert_ids, weights, num_experts, H, counts, mass, workspace,
+                                 workspace_bytes, handle, stream, precision, true);
+}
+
+Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
+                               const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
+                               void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
+                               int precision, bool symmetrize) {
   // The CPU's checks and messages first (accumulate_hessian / validate_hessian_inputs), then the CUDA limits.
   if (precision != kHessianFp32 && precision != kHessianTf32 && precision != kHessianBf16)
     return Status::invalid("precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got {}", precision);
@@ -263,10 +205,10 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
   if (num_experts > kI32Max - 1)
     return Status::invalid("num_experts: expected at most {} on CUDA, got {}", kI32Max - 1, num_experts);
   cuda_detail::HessianLayout layout;
-  if (!cuda_detail::hessian_layout(n, dim, num_experts, &layout))
-    return Status::invalid("n, dim: the workspace for {} rows of dim {} and {} experts overflows the address space", n,
-                           dim, num_experts);
-  const size_t need = cuda_hessian_workspace_bytes(n, dim, num_experts, precision);
+  if (!cuda_detail::hessian_layout(n, dim, num_experts, precision, &layout))
+    return Status::invalid("n, dim: the workspace for {} rows of dim {} and {} experts overflows the address space "
+                           "(or the padded row count exceeds {}; split the batch)", n, dim, num_experts, kI32Max);
+  const size_t need = layout.total;
   if (workspace == nullptr || workspace_bytes < need)
     return Status::invalid("workspace_bytes: expected >= {} (cuda_hessian_workspace_bytes({}, {}, {}, {})), got {}{}",
                            need, n, dim, num_experts, precision, workspace_bytes,
@@ -284,19 +226,36 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
   MQ_RETURN_IF_ERROR(check_on_device(mass, "mass", device, true));
   MQ_RETURN_IF_ERROR(check_on_device(workspace, "workspace", device, false));
 
-  // Stage 1: validate + sort + gather on the device. H, counts and mass are not touched yet.
+  // Stage 1: validate + sort (+ the fp32 gather) on the device. H, counts, mass untouched.
   MQ_CUDA_RETURN("accumulate_hessian prepare",
                  cuda_detail::launch_hessian_prepare(x, n, dim, ldx, expert_ids, weights, num_experts, workspace,
                                                      layout, stream));
+  char* ws = static_cast<char*>(workspace);
+  std::vector<int32_t> offsets(static_cast<size_t>(num_experts) + 1), poffsets;
+  if (precision != kHessianFp32) {
+    // Stage 1b: the padded layout needs the per-expert counts (one extra readback), then the gather writes the
+    // scaled rows once, directly in the GEMM input type.
+    MQ_RETURN_IF_ERROR(read_back(offsets.data(), ws + layout.offsets, offsets.size() * sizeof(int32_t), stream,
+                                 "hessian offsets readback"));
+    poffsets = hessian_detail::plan_padded_offsets(offsets, num_experts);
+    if (poffsets.back() > layout.row_capacity)
+      return Status::internal("accumulate_hessian: {} padded rows exceed the workspace's {}", poffsets.back(),
+                              layout.row_capacity);
+    // Pageable source: returns once staged, so `poffsets` stays usable on the host.
+    MQ_CUDA_RETURN("accumulate_hessian padded offsets upload",
+                   cudaMemcpyAsync(ws + layout.poffsets, poffsets.data(), poffsets.size() * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, stream));
+    MQ_CUDA_RETURN("accumulate_hessian gather", cuda_detail::launch_hessian_gather_tc(x, dim, ldx, weights,
+                                                                                     num_experts, workspace, layout,
+                                                                                     stream));
+  }
 
-  // Stage 2: one readback of the flags and the per-expert offsets. The host needs the offsets anyway to give
-  // each update its row range and to skip empty experts, and the flags decide whether H may be touched at all.
+  // Stage 2: one readback of the flags and the per-expert offsets. The host needs the offsets anyway to give each
+  // update its row range and to skip empty experts, and the flags decide whether H may be touched at all.
   std::vector<unsigned char> rb(layout.readback_bytes);
-  MQ_RETURN_IF_ERROR(
-      read_back(rb.data(), static_cast<const char*>(workspace) + layout.flags, rb.size(), stream, "hessian readback"));
+  MQ_RETURN_IF_ERROR(read_back(rb.data(), ws + layout.flags, rb.size(), stream, "hessian readback"));
   unsigned long long flags[3];
   std::memcpy(flags, rb.data() + layout.flags, sizeof(flags));
-  std::vector<int32_t> offsets(static_cast<size_t>(num_experts) + 1);
   std::memcpy(offsets.data(), rb.data() + layout.offsets, offsets.size() * sizeof(int32_t));
 
   // Report the first offending row, with the CPU's precedence inside a row: id, then weight, then x.
@@ -324,30 +283,42 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
     return Status::internal("accumulate_hessian: the device sort routed {} of {} rows", offsets.back() - offsets[0], n);
 
   // Stage 3: the update of each non-empty expert's lower triangle, in the requested precision.
-  const float* gathered = reinterpret_cast<const float*>(static_cast<const char*>(workspace) + layout.gathered);
-  const void* rows16 = nullptr;
-  if (precision == kHessianBf16) {
-    void* dst = static_cast<char*>(workspace) + layout.total;
-    MQ_CUDA_RETURN("accumulate_hessian bf16 rows", cuda_detail::launch_f32_to_bf16(gathered, dst, n * dim, stream));
-    rows16 = dst;
-  }
   {
     CublasStateGuard state(handle);
     MQ_RETURN_IF_ERROR(state.enter(stream));  // save, then stream, host pointer mode, CUBLAS_DEFAULT_MATH
-    if (precision == kHessianFp32)
-      MQ_RETURN_IF_ERROR(update_fp32(handle, gathered, offsets, dim, num_experts, H));
-    else if (precision == kHessianTf32)
-      MQ_RETURN_IF_ERROR(update_tensor_cores(handle, gathered, CUDA_R_32F, 4, CUBLAS_COMPUTE_32F_FAST_TF32, precision,
-                                             offsets, dim, num_experts, H));
-    else
-      MQ_RETURN_IF_ERROR(update_tensor_cores(handle, rows16, CUDA_R_16BF, 2, CUBLAS_COMPUTE_32F, precision, offsets,
-                                             dim, num_experts, H));
+    if (precision == kHessianFp32) {
+      const auto* rows = reinterpret_cast<const float*>(ws + layout.rows);
+      MQ_RETURN_IF_ERROR(hessian_detail::update_fp32(handle, rows, offsets, dim, num_experts, H));
+    } else {
+      MQ_RETURN_IF_ERROR(
+          hessian_detail::update_tensor_cores(handle, layout, workspace, poffsets, dim, num_experts, H, stream));
+    }
     MQ_RETURN_IF_ERROR(state.restore());
   }
 
-  // Stage 4: mirror the triangle, add counts and mass (all stream-ordered after the updates).
-  MQ_CUDA_RETURN("accumulate_hessian finish", cuda_detail::launch_hessian_finish(H, dim, num_experts, weights, counts,
-                                                                                 mass, workspace, layout, stream));
+  // Stage 4: mirror the triangle (unless deferred), add counts and mass (all stream-ordered after the updates).
+  if (symmetrize) {
+    const auto* dev_offsets = reinterpret_cast<const int32_t*>(ws + layout.offsets);
+    MQ_CUDA_RETURN("accumulate_hessian mirror",
+                   cuda_detail::launch_hessian_mirror(H, dim, num_experts, dev_offsets, stream));
+  }
+  MQ_CUDA_RETURN("accumulate_hessian stats",
+                 cuda_detail::launch_hessian_stats(num_experts, weights, counts, mass, workspace, layout, stream));
+  return {};
+}
+
+Status cuda_hessian_symmetrize(float* H, int64_t dim, int64_t num_experts, cudaStream_t stream) {
+  if (dim <= 0) return Status::invalid("dim: expected > 0, got {}", dim);
+  if (num_experts <= 0) return Status::invalid("num_experts: expected > 0, got {}", num_experts);
+  if (dim > std::numeric_limits<int32_t>::max())
+    return Status::invalid("dim: expected at most {} on CUDA, got {}", std::numeric_limits<int32_t>::max(), dim);
+  if (H == nullptr)
+    return Status::invalid("H: expected a pointer to [{}, {}, {}] accumulators, got null", num_experts, dim, dim);
+  int device = -1;
+  MQ_RETURN_IF_ERROR(device_of(H, "H", &device));
+  ScopedDevice guard;
+  MQ_RETURN_IF_ERROR(guard.enter(device));
+  MQ_CUDA_RETURN("hessian_symmetrize mirror", cuda_detail::launch_hessian_mirror(H, dim, num_experts, nullptr, stream));
   return {};
 }
 

@@ -10,12 +10,18 @@
 //     4. scatter_kernel   one warp per chunk again: perm[offsets[e] + table[chunk][e] + rank] = row, with the
 //                         rank of a row among the same-expert rows before it in the chunk (__match_any_sync)
 //                         -- a *stable* counting sort, so the result is deterministic run to run
-//     5. gather_kernel    one block per sorted row: gathered[p] = sqrt(c) * x[perm[p]] (validates x)
-//   host: reads flags + offsets back once, returns invalid (H untouched) or runs one SYRK per non-empty expert
-//   finish (this file): mirror_kernel copies the SYRK triangle onto the other; stats_kernel adds counts / mass.
+//     5. gather           fp32: one block per sorted row, rows[p] = sqrt(c) * x[perm[p]] (validates x);
+//                         tf32 / bf16 (launch_hessian_gather_tc, after the host read the offsets back and uploaded
+//                         its padded offsets): the same products in the GEMM input type, zero-padded to the group
+//                         length: bf16 (rounded to nearest even) sample-major, one block per padded row; fp32 (TF32
+//                         math) transposed to feature-major per expert, 32 x 64 tiles through shared memory
+//   host: reads flags + offsets back, returns invalid (H untouched) or runs the update
+//   (api.cpp: one SSYRK per expert; hessian_update.cpp: batched tensor-core GEMMs over lower-triangle tiles)
+//   finish (this file): mirror_kernel copies the updated triangle onto the other (optionally deferred to
+//   cuda_hessian_symmetrize); stats_kernel adds counts / mass.
 // The float operations of the gather (sqrtf, one __fmul_rn) are those of the CPU accumulate_hessian, so the
-// gathered rows are bit-identical to the CPU's; only the SYRK summation order differs.
-#include "launch.h"
+// fp32 rows are bit-identical to the CPU's; only the summation order differs.
+#include "hessian_launch.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -33,16 +39,17 @@ constexpr int kWarp = 32;
 struct Workspace {
   unsigned long long* flags;  // [0] expert_ids row, [1] weights row, [2] x (row * dim + col)
   int32_t* offsets;           // [E + 1]
+  int32_t* poffsets;          // [E + 1] (tensor-core paths)
   int32_t* table;             // [num_chunks, E]
   int32_t* perm;              // [n]
-  float* gathered;            // [n, dim]
+  void* rows;                 // [row_capacity, ld] f32 or bf16
 };
 
 Workspace carve(void* base, const HessianLayout& l) {
   char* b = static_cast<char*>(base);
   return {reinterpret_cast<unsigned long long*>(b + l.flags), reinterpret_cast<int32_t*>(b + l.offsets),
-          reinterpret_cast<int32_t*>(b + l.table), reinterpret_cast<int32_t*>(b + l.perm),
-          reinterpret_cast<float*>(b + l.gathered)};
+          reinterpret_cast<int32_t*>(b + l.poffsets), reinterpret_cast<int32_t*>(b + l.table),
+          reinterpret_cast<int32_t*>(b + l.perm), b + l.rows};
 }
 
 // The expert of row i, or -1 when the row is past the end or its id is out of range (those rows are neither
@@ -185,6 +192,122 @@ __global__ void __launch_bounds__(256) gather_kernel(const float* __restrict__ x
   }
 }
 
+__device__ inline void store1(float* p, float v) { *p = v; }
+__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ inline void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ inline void store4(__nv_bfloat16* p, float4 v) {
+  __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(o);
+}
+
+// Pass 5, sample-major variant (bf16): one block per padded row q (grid-stride) of the [row_capacity, ld] row
+// matrix. Its expert is the last e with poffsets[e] <= q (binary search; empty experts have poffsets[e] ==
+// poffsets[e + 1] and are skipped by it); row r = q - poffsets[e] is sqrt(c) * x[perm[offsets[e] + r]] (one fp32
+// __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. kVec: float4 loads
+// (dim, ldx multiples of 4, x 16-byte aligned); the rows are 16-byte aligned (ld a multiple of 8).
+template <typename OutT, bool kVec>
+__global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restrict__ x, int64_t dim, int64_t ldx,
+                                                          const float* __restrict__ weights,
+                                                          const int32_t* __restrict__ perm, int64_t num_experts,
+                                                          const int32_t* __restrict__ offsets,
+                                                          const int32_t* __restrict__ poffsets,
+                                                          OutT* __restrict__ rows, int64_t ld,
+                                                          unsigned long long* __restrict__ flags) {
+  const int64_t total = poffsets[num_experts];
+  for (int64_t q = blockIdx.x; q < total; q += gridDim.x) {
+    int64_t lo = 0, hi = num_experts;  // poffsets[lo] <= q < poffsets[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (poffsets[mid] <= q) lo = mid; else hi = mid;
+    }
+    const int64_t r = q - poffsets[lo];
+    OutT* dst = rows + q * ld;
+    if (r >= offsets[lo + 1] - offsets[lo]) {  // padding: zero rows
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store1(dst + j, 0.0f);
+      continue;
+    }
+    const int64_t row = perm[offsets[lo] + r];
+    const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
+    const float* src = x + row * ldx;
+    if (kVec) {
+      for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < dim; j += 4 * static_cast<int64_t>(blockDim.x)) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(src + j));
+        if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
+          const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
+          atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j + k));
+        }
+        store4(dst + j, make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w)));
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = __ldg(src + j);
+        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
+        store1(dst + j, __fmul_rn(s, v));
+      }
+    }
+  }
+}
+
+// Pass 5, feature-major variant (tf32): the scaled rows of expert e, transposed: [dim, K_e] with K_e =
+// poffsets[e + 1] - poffsets[e] (its group's padded length, a multiple of kTcPadRows), element (f, r) at
+// poffsets[e] * dim + f * K_e + r, zeros for r >= the expert's count. Feature-major makes both GEMM operands K-major
+// (the "TN" layout), which Hopper's TF32 tensor-core instructions require. One block per tile of kGatherRows padded
+// rows x kGatherCols features (a tile never straddles two experts: segments are multiples of kGatherRows), through
+// shared memory: coalesced 256-byte row reads of x, coalesced writes along r. The value is sqrt(c) * x (one fp32
+// __fmul_rn, the fp32 path's value) rounded once to OutT. Validates x (flag 2) for the routed rows it reads.
+constexpr int kGatherRows = 32, kGatherCols = 64, kGatherThreads = 256;
+static_assert(kTcPadRows % kGatherRows == 0, "padded segments must be whole gather tiles");
+template <typename OutT>
+__global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
+    const float* __restrict__ x, int64_t dim, int64_t ldx, const float* __restrict__ weights,
+    const int32_t* __restrict__ perm, int64_t num_experts, const int32_t* __restrict__ offsets,
+    const int32_t* __restrict__ poffsets, OutT* __restrict__ rows, unsigned long long* __restrict__ flags) {
+  __shared__ float tile[kGatherRows][kGatherCols + 1];
+  __shared__ int64_t src[kGatherRows];
+  __shared__ float scale[kGatherRows];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % kGatherCols, ty = tid / kGatherCols;   // loads: a 64-feature row slice per 64 threads
+  const int sx = tid % kGatherRows, sy = tid / kGatherRows;   // stores: a 32-sample run per 32 threads
+  constexpr int kLoadSteps = kGatherThreads / kGatherCols, kStoreSteps = kGatherThreads / kGatherRows;
+  const int64_t row_tiles = poffsets[num_experts] / kGatherRows;
+  const int64_t col_tiles = (dim + kGatherCols - 1) / kGatherCols;
+  for (int64_t t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
+    const int64_t q0 = (t / col_tiles) * kGatherRows, f0 = (t % col_tiles) * kGatherCols;
+    int64_t lo = 0, hi = num_experts;  // the expert: poffsets[lo] <= q0 < poffsets[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (poffsets[mid] <= q0) lo = mid; else hi = mid;
+    }
+    const int64_t seg = poffsets[lo], K = poffsets[lo + 1] - seg, r0 = q0 - seg;
+    const int64_t count = offsets[lo + 1] - offsets[lo];
+    if (tid < kGatherRows) {
+      const int64_t r = r0 + tid;
+      const int64_t row = r < count ? static_cast<int64_t>(perm[offsets[lo] + r]) : -1;
+      src[tid] = row;
+      scale[tid] = row >= 0 && weights ? sqrtf(__ldg(weights + row)) : 1.0f;  // IEEE sqrt, as the fp32 path
+    }
+    __syncthreads();
+    const int64_t f = f0 + tx;
+    for (int k = ty; k < kGatherRows; k += kLoadSteps) {
+      const int64_t row = src[k];
+      float v = 0.0f;
+      if (row >= 0 && f < dim) {
+        v = __ldg(x + row * ldx + f);
+        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + f));
+        v = __fmul_rn(scale[k], v);
+      }
+      tile[k][tx] = v;
+    }
+    __syncthreads();
+    OutT* out = rows + seg * dim + r0;
+    for (int k = sy; k < kGatherCols; k += kStoreSteps) {
+      const int64_t ff = f0 + k;
+      if (ff < dim) store1(out + ff * K + sx, tile[sx][k]);
+    }
+    __syncthreads();  // tile, src and scale are rewritten by the next iteration
+  }
+}
+
 // Finish 1: H_e's SYRK result is the column-major lower triangle = the row-major upper triangle
 // (element (a, b) with b >= a at memory a * dim + b). Copy it onto the row-major strict lower triangle:
 // H[r][c] = H[c][r] for r > c. 32x32 tiles through shared memory (padded to 33 against bank conflicts) so both
@@ -196,7 +319,7 @@ __global__ void __launch_bounds__(kTile * 8) mirror_kernel(float* __restrict__ H
   const int64_t tr = blockIdx.y, tc = blockIdx.x;  // destination tile (row block, column block)
   if (tc > tr) return;
   for (int64_t e = blockIdx.z; e < num_experts; e += gridDim.z) {
-    if (offsets[e + 1] == offsets[e]) continue;  // untouched expert: leave H exactly as it was
+    if (offsets && offsets[e + 1] == offsets[e]) continue;  // untouched expert: leave H exactly as it was
     float* h = H + e * dim * dim;
     // source tile: rows tc*32.., cols tr*32.. (the row-major upper part)
     for (int k = threadIdx.y; k < kTile; k += blockDim.y) {
@@ -275,57 +398,55 @@ cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64
   scatter_kernel<<<capped_blocks(chunks, kWarpThreads / kWarp, kMaxBlocks), kWarpThreads, 0, stream>>>(
       expert_ids, n, num_experts, chunks, ws.table, ws.offsets, ws.perm);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (layout.precision != 0) return cudaSuccess;  // the tensor-core gather follows the host's padding plan
   // n bounds the number of routed rows (the exact count is only on the device).
-  gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(x, dim, ldx, weights, ws.perm, num_experts,
-                                                                     ws.offsets, ws.gathered, ws.flags);
+  gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(
+      x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, static_cast<float*>(ws.rows), ws.flags);
   return cudaGetLastError();
 }
 
-namespace {
-// 8 floats in, 8 bf16 out per thread and step (32-byte load, 16-byte store); the tail is scalar.
-__global__ void __launch_bounds__(256) f32_to_bf16_kernel(const float* __restrict__ src,
-                                                          __nv_bfloat16* __restrict__ dst, int64_t count) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t vecs = count / 8;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vecs; v += stride) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(src) + 2 * v);
-    const float4 b = __ldg(reinterpret_cast<const float4*>(src) + 2 * v + 1);
-    __nv_bfloat162 o[4] = {__floats2bfloat162_rn(a.x, a.y), __floats2bfloat162_rn(a.z, a.w),
-                           __floats2bfloat162_rn(b.x, b.y), __floats2bfloat162_rn(b.z, b.w)};
-    reinterpret_cast<uint4*>(dst)[v] = *reinterpret_cast<const uint4*>(o);
+cudaError_t launch_hessian_gather_tc(const float* x, int64_t dim, int64_t ldx, const float* weights,
+                                     int64_t num_experts, void* workspace, const HessianLayout& layout,
+                                     cudaStream_t stream) {
+  const Workspace ws = carve(workspace, layout);
+  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
+  if (layout.feature_major) {  // tf32
+    const int64_t tiles = layout.row_capacity / kGatherRows * ((dim + kGatherCols - 1) / kGatherCols);
+    gather_tc_kernel<float><<<capped_blocks(tiles, 1, kMaxBlocks), kGatherThreads, 0, stream>>>(
+        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows), ws.flags);
+    return cudaGetLastError();
   }
-  for (int64_t i = vecs * 8 + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride)
-    dst[i] = __float2bfloat16_rn(src[i]);
-}
-}  // namespace
-
-// src and dst are 256-byte aligned workspace regions (HessianLayout), so the vector accesses are aligned.
-cudaError_t launch_f32_to_bf16(const float* src, void* dst, int64_t count, cudaStream_t stream) {
-  if (count <= 0) return cudaSuccess;
-  f32_to_bf16_kernel<<<capped_blocks((count + 7) / 8, 256, int64_t{132} * 16), 256, 0, stream>>>(
-      src, static_cast<__nv_bfloat16*>(dst), count);
+  const bool vec = dim % 4 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const unsigned grid = capped_blocks(layout.row_capacity, 1, kMaxBlocks);
+  const int threads = dim >= 1024 ? 256 : 128;
+  auto* out = static_cast<__nv_bfloat16*>(ws.rows);
+  if (vec)
+    gather_rows_kernel<__nv_bfloat16, true><<<grid, threads, 0, stream>>>(
+        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+  else
+    gather_rows_kernel<__nv_bfloat16, false><<<grid, threads, 0, stream>>>(
+        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
   return cudaGetLastError();
 }
 
-cudaError_t launch_hessian_finish(float* H, int64_t dim, int64_t num_experts, const float* weights, int64_t* counts,
-                                  double* mass, const void* workspace, const HessianLayout& layout,
+cudaError_t launch_hessian_mirror(float* H, int64_t dim, int64_t num_experts, const int32_t* offsets,
                                   cudaStream_t stream) {
+  if (dim <= 1 || num_experts <= 0) return cudaSuccess;
+  const int64_t tiles = (dim + kTile - 1) / kTile;  // <= 2^26 since dim <= INT32_MAX
+  if (tiles > 65535) return cudaErrorInvalidConfiguration;  // gridDim.y limit: dim > 2M is far out of scope
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
+                  static_cast<unsigned>(num_experts < 64 ? num_experts : 64));
+  mirror_kernel<<<grid, dim3(kTile, 8), 0, stream>>>(H, dim, num_experts, offsets);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_hessian_stats(int64_t num_experts, const float* weights, int64_t* counts, double* mass,
+                                 const void* workspace, const HessianLayout& layout, cudaStream_t stream) {
+  if (!counts && !mass) return cudaSuccess;
   const Workspace ws = carve(const_cast<void*>(workspace), layout);
-  cudaError_t err = cudaSuccess;
-  if (dim > 1) {
-    const int64_t tiles = (dim + kTile - 1) / kTile;  // <= 2^26 since dim <= INT32_MAX
-    if (tiles > 65535) return cudaErrorInvalidConfiguration;  // gridDim.y limit: dim > 2M is far out of scope
-    const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(tiles),
-                    static_cast<unsigned>(num_experts < 64 ? num_experts : 64));
-    mirror_kernel<<<grid, dim3(kTile, 8), 0, stream>>>(H, dim, num_experts, ws.offsets);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  if (counts || mass) {
-    stats_kernel<<<capped_blocks(num_experts, 128 / kWarp, int64_t{1} << 16), 128, 0, stream>>>(
-        weights, num_experts, ws.offsets, ws.perm, counts, mass);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  stats_kernel<<<capped_blocks(num_experts, 128 / kWarp, int64_t{1} << 16), 128, 0, stream>>>(
+      weights, num_experts, ws.offsets, ws.perm, counts, mass);
+  return cudaGetLastError();
 }
 
 }  // namespace cuda_detail

@@ -53,63 +53,10 @@ cudaError_t launch_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bi
 cudaError_t launch_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q,
                                cudaStream_t stream);
 
-// ---- hessian.cu ---------------------------------------------------------------------------------------------
-/// Rows per chunk of the stable counting sort: one warp ranks one chunk, 32 rows at a time.
-constexpr int64_t kSortChunkRows = 1024;
+// ---- hessian.cu: see hessian_launch.h ---------------------------------------------------------------------
 
-/// Byte layout of the Hessian workspace. Every region starts on a 256-byte boundary (cuBLAS likes aligned A).
-///   flags     3 x u64: min bad row of expert_ids, min bad row of weights, min bad (row * dim + col) of x
-///   offsets   (E + 1) x i32: exclusive scan of the per-expert row counts (offsets[E] = rows routed)
-///   -- flags and offsets are adjacent: the host reads both back with one copy (readback_bytes) --
-///   table     num_chunks x E x i32: per-chunk counts, then per-chunk start within the expert, then cursors
-///   perm      n x i32: row indices sorted by expert, stable
-///   gathered  n x dim x f32: sqrt(c_i) * x_i in sorted order, row-major
-struct HessianLayout {
-  size_t flags = 0, offsets = 0, table = 0, perm = 0, gathered = 0;
-  size_t readback_bytes = 0;  // flags + offsets
-  size_t total = 0;
-  int64_t num_chunks = 0;
-};
-
+/// Workspace regions start on 256-byte boundaries (cuBLAS likes aligned operands).
 inline size_t align256(size_t v) { return (v + 255) & ~static_cast<size_t>(255); }
-
-/// False when an argument is out of range or the size overflows (api.cpp reports which).
-inline bool hessian_layout(int64_t n, int64_t dim, int64_t num_experts, HessianLayout* out) {
-  constexpr int64_t kI32Max = 2147483647;
-  if (n < 0 || dim <= 0 || num_experts <= 0 || n > kI32Max || dim > kI32Max || num_experts > kI32Max - 1) return false;
-  const int64_t kLimit = int64_t{1} << 60;  // far below size_t overflow once multiplied by 4
-  const int64_t chunks = (n + kSortChunkRows - 1) / kSortChunkRows;
-  if (chunks > 0 && num_experts > kLimit / chunks) return false;
-  if (n > 0 && dim > kLimit / n) return false;
-  HessianLayout l;
-  l.num_chunks = chunks;
-  l.flags = 0;
-  l.offsets = 32;  // 3 x u64 = 24 bytes, padded to 32 so offsets stay 16-byte aligned
-  l.readback_bytes = 32 + static_cast<size_t>(num_experts + 1) * 4;
-  l.table = align256(l.readback_bytes);
-  l.perm = align256(l.table + static_cast<size_t>(chunks * num_experts) * 4);
-  l.gathered = align256(l.perm + static_cast<size_t>(n) * 4);
-  l.total = align256(l.gathered + static_cast<size_t>(n * dim) * 4);
-  *out = l;
-  return true;
-}
-
-/// Stage 1 (never touches H/counts/mass): resets the flags, validates ids and weights, stable counting sort of
-/// the rows by expert, gathers sqrt(c) * x into `gathered` and validates x. Afterwards the host reads back
-/// flags + offsets (readback_bytes from the workspace start).
-cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
-                                   const float* weights, int64_t num_experts, void* workspace,
-                                   const HessianLayout& layout, cudaStream_t stream);
-
-/// Stage 3 (after the host ran one SYRK per non-empty expert into the column-major lower triangle): mirrors
-/// that triangle of every non-empty expert's H and adds the expert's row count and weight mass.
-cudaError_t launch_hessian_finish(float* H, int64_t dim, int64_t num_experts, const float* weights, int64_t* counts,
-                                  double* mass, const void* workspace, const HessianLayout& layout,
-                                  cudaStream_t stream);
-
-/// Low-precision Hessian paths (api.cpp): dst[i] = bf16(src[i]) (round to nearest even) for
-/// `count` elements (the gathered rows, already validated finite). Asynchronous.
-cudaError_t launch_f32_to_bf16(const float* src, void* dst, int64_t count, cudaStream_t stream);
 
 // ---- hadamard.cu ----------------------------------------------------------------------------------------------
 /// out [rows, n] = x (H_m (x) H_{2^logp}) / sqrt(n), n = m << logp <= 32768 (validated by the caller).

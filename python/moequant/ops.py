@@ -231,6 +231,10 @@ class HessianAccumulator:
     ``precision`` (CUDA only) selects the update: ``"fp32"`` (default, fp32 SIMT SYRK, relative error ~1e-6),
     ``"tf32"`` (tensor cores, TF32 products with fp32 accumulation, ~1e-3 relative Frobenius error) or ``"bf16"``
     (rows rounded to bf16, fp32 accumulation, ~1e-2; the fastest). CPU accumulators accept only ``"fp32"``.
+
+    On CUDA, ``add`` updates one triangle of each ``H[e]`` only; the copy onto the other triangle (a pass over all
+    of H) runs once, when ``hessians`` is next read, instead of after every batch. Read ``hessians`` (not a saved
+    reference to it) after adding; a tensor assigned to ``hessians`` is taken as complete and symmetric.
     """
 
     _PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2}
@@ -254,7 +258,8 @@ class HessianAccumulator:
                              f"CUDA tensor cores), got {precision!r}")
         self.precision = precision
         self.num_experts, self.dim, self.dtype, self.device = num_experts, dim, dtype, device
-        self.hessians = torch.zeros(num_experts, dim, dim, dtype=dtype, device=device)
+        self._hessians = torch.zeros(num_experts, dim, dim, dtype=dtype, device=device)
+        self._unmirrored = False  # CUDA: only the row-major upper triangle is current (see ``hessians``)
         self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)
 
@@ -274,9 +279,25 @@ class HessianAccumulator:
             if not isinstance(weights, torch.Tensor) or weights.dim() != 1:
                 raise ValueError(f"weights: expected a 1-D float tensor of length {x.shape[0]} or None")
             w = weights.to(device=self.device, dtype=torch.float32).contiguous()
-        _C.accumulate_hessian(self.hessians, self.counts, self.mass,
+        on_cuda = self.device.type == "cuda"
+        _C.accumulate_hessian(self._hessians, self.counts, self.mass,
                               x.to(device=self.device, dtype=torch.float32).contiguous(),
-                              ids.to(torch.int32).contiguous(), w, self._PRECISIONS[self.precision])
+                              ids.to(torch.int32).contiguous(), w, self._PRECISIONS[self.precision],
+                              symmetrize=not on_cuda)
+        self._unmirrored = self._unmirrored or on_cuda
+
+    @property
+    def hessians(self) -> torch.Tensor:
+        """``[num_experts, dim, dim]``, exactly symmetric (completes the deferred mirror of CUDA ``add`` calls)."""
+        if self._unmirrored:
+            _C.hessian_symmetrize(self._hessians)
+            self._unmirrored = False
+        return self._hessians
+
+    @hessians.setter
+    def hessians(self, value: torch.Tensor) -> None:
+        self._hessians = value
+        self._unmirrored = False
 
     def merge(self, other: "HessianAccumulator") -> None:
         """Adds another accumulator of the same shape into this one."""

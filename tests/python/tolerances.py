@@ -56,6 +56,13 @@ HESSIAN_FP32_RTOL = 1e-5
 HESSIAN_FP64_RTOL = 1e-12  # float64 accumulator vs float64 reference (different summation order only)
 HESSIAN_ATOL = 1e-30  # keeps all-zero entries (experts without tokens) comparable with <=
 MASS_RTOL = 1e-6  # routing-weight mass: float32 weights summed in float64 (order only)
+# Tensor-core Hessians (precision "tf32" / "bf16"), elementwise against the same |.|-sum as above:
+#     |H_lp - H_ref| <= RTOL * (sum_t c_t |x_t| |x_t|^T) + tiny
+# Each scaled row value sqrt(c) x is rounded once to the input format (bf16: 8 significant bits, unit roundoff
+# u = 2^-8; TF32: 11 bits, u = 2^-11 when rounded, 2^-10 if the hardware truncates), so every product carries a
+# relative error <= 2u + u^2; the fp32 accumulation adds the fp32 budget. Worst-case bounds, not statistics:
+HESSIAN_BF16_RTOL = 2 * 2.0**-8 + 2.0**-16 + HESSIAN_FP32_RTOL  # 7.83e-3
+HESSIAN_TF32_RTOL = 2 * 2.0**-10 + 2.0**-20 + HESSIAN_FP32_RTOL  # 1.96e-3 (truncation bound)
 
 # --- GPTQ: C++ core vs reference ---------------------------------------------------------------------------
 # Both run exact GPTQ; the core works in float32 where the reference uses float64, so a value sitting on a code

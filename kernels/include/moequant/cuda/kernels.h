@@ -79,17 +79,21 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
 
 /// Precision of the Hessian update (the `precision` overloads below; the 14-argument call is kFp32):
 ///   kFp32  fp32 SIMT SSYRK, TF32 off -- the default, exactly the function above;
-///   kTf32  fp32 gathered rows, tensor-core GEMMs with CUBLAS_COMPUTE_32F_FAST_TF32 (10-bit mantissa products,
-///          fp32 accumulation): relative Frobenius error ~1e-3 of the exact H;
-///   kBf16  gathered rows rounded to bf16, cublasGemmEx with bf16 inputs and fp32 accumulation (CUBLAS_COMPUTE_32F):
+///   kTf32  fp32 rows, tensor-core GEMMs with CUBLAS_COMPUTE_32F_FAST_TF32 (10-bit mantissa products, fp32
+///          accumulation): relative Frobenius error ~1e-3 of the exact H;
+///   kBf16  rows sqrt(c_i) x_i rounded to bf16 (nearest even), bf16 GEMMs with fp32 accumulation (CUBLAS_COMPUTE_32F):
 ///          relative error ~1e-2 (each product carries the bf16 rounding of both rows).
-/// The low-precision paths compute the lower block triangle of H_e (block columns of 512 / 1024) with one GEMM per
-/// block column, then mirror it like the fp32 path; validation, errors, counts, mass and determinism are those of
-/// the fp32 path. They need the larger workspace of cuda_hessian_workspace_bytes(n, dim, E, precision) (kBf16 adds
-/// n * dim * 2 bytes for the bf16 rows).
+/// The tensor-core paths read the per-expert counts back after the sort (a second synchronization), group experts
+/// of similar counts, and write the scaled rows once, directly in the GEMM input type, each expert's rows padded
+/// with zeros to its group's length (a multiple of 64, <= ~3% above its own count) and transposed (feature-major, so
+/// both GEMM operands are K-major); then the lower triangle of every expert as square tiles (256 or 512 wide,
+/// ~(1 + T/dim) of the SYRK work) by batched GEMMs (cublasGemmBatchedEx with beta = 1, one call per (group, tile
+/// shape)), then the mirror like the fp32 path. Validation, errors, counts, mass and determinism are those of the
+/// fp32 path. Workspace: cuda_hessian_workspace_bytes(n, dim, E, precision) (tf32: ~(n + 63 min(E, n)) * 32/31 x
+/// dim floats of rows, bf16 half that, plus the GEMM pointer arrays).
 enum HessianPrecision : int { kHessianFp32 = 0, kHessianTf32 = 1, kHessianBf16 = 2 };
 
-/// Workspace for the `precision` overload (precision 0: the 3-argument value). 0 when out of range.
+/// Workspace for the `precision` overloads (precision 0: the 3-argument value). 0 when out of range.
 size_t cuda_hessian_workspace_bytes(int64_t n, int64_t dim, int64_t num_experts, int precision);
 
 /// cuda_accumulate_hessian with an explicit HessianPrecision (0, 1 or 2; anything else is kInvalidArgument naming
@@ -98,6 +102,20 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision);
+
+/// The same with the mirror optional. symmetrize = false leaves the final copy of the updated triangle onto the
+/// other one to a later cuda_hessian_symmetrize (once after many batches instead of once per batch: it moves
+/// E * dim^2 * 4 bytes, comparable to the update's own traffic of H). In between only the row-major upper
+/// triangle of H (element (a, b), b >= a) holds the sums; the other triangle is stale (entries inside the
+/// diagonal tiles of the tensor-core paths hold partial sums too) and must not be read.
+Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
+                               const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
+                               void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
+                               int precision, bool symmetrize);
+
+/// H[e] (row-major, [num_experts, dim, dim] float32) := its row-major upper triangle mirrored onto the strict lower
+/// one, for every expert: completes accumulations made with symmetrize = false. Asynchronous on `stream`.
+Status cuda_hessian_symmetrize(float* H, int64_t dim, int64_t num_experts, cudaStream_t stream);
 
 /// Bytes of device scratch cuda_gptq_batched needs (0 when the sizes overflow). About
 /// 4 * E * (2 * cols^2 + rows * (cols + block) + 130 * cols) bytes: a symmetrised copy of H (act-order source and the
