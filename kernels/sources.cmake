@@ -2,6 +2,7 @@
 set(MOEQUANT_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/src/quant_pack.cu
   ${CMAKE_CURRENT_LIST_DIR}/src/hessian.cu
+  ${CMAKE_CURRENT_LIST_DIR}/src/hessian_gather_tc.cu
   ${CMAKE_CURRENT_LIST_DIR}/src/api.cpp
   ${CMAKE_CURRENT_LIST_DIR}/src/hessian_update.cpp
   ${CMAKE_CURRENT_LIST_DIR}/src/gptq_batched.cu

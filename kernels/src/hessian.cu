@@ -11,7 +11,7 @@
 //                         rank of a row among the same-expert rows before it in the chunk (__match_any_sync)
 //                         -- a *stable* counting sort, so the result is deterministic run to run
 //     5. gather           fp32: one block per sorted row, rows[p] = sqrt(c) * x[perm[p]] (validates x);
-//                         tf32 / bf16 (launch_hessian_gather_tc, after the host read the offsets back and uploaded
+//                         tf32 / bf16 (hessian_gather_tc.cu, after the host read the offsets back and uploaded
 //                         its padded offsets): the same products in the GEMM input type, zero-padded to the group
 //                         length: bf16 (rounded to nearest even) sample-major, one block per padded row; fp32 (TF32
 //                         math) transposed to feature-major per expert, 32 x 64 tiles through shared memory
@@ -23,7 +23,6 @@
 // fp32 rows are bit-identical to the CPU's; only the summation order differs.
 #include "hessian_launch.h"
 
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -35,22 +34,6 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
-
-struct Workspace {
-  unsigned long long* flags;  // [0] expert_ids row, [1] weights row, [2] x (row * dim + col)
-  int32_t* offsets;           // [E + 1]
-  int32_t* poffsets;          // [E + 1] (tensor-core paths)
-  int32_t* table;             // [num_chunks, E]
-  int32_t* perm;              // [n]
-  void* rows;                 // [row_capacity, ld] f32 or bf16
-};
-
-Workspace carve(void* base, const HessianLayout& l) {
-  char* b = static_cast<char*>(base);
-  return {reinterpret_cast<unsigned long long*>(b + l.flags), reinterpret_cast<int32_t*>(b + l.offsets),
-          reinterpret_cast<int32_t*>(b + l.poffsets), reinterpret_cast<int32_t*>(b + l.table),
-          reinterpret_cast<int32_t*>(b + l.perm), b + l.rows};
-}
 
 // The expert of row i, or -1 when the row is past the end or its id is out of range (those rows are neither
 // counted nor scattered, so a bad id can never write out of bounds; the flag makes the host report it).
@@ -192,122 +175,6 @@ __global__ void __launch_bounds__(256) gather_kernel(const float* __restrict__ x
   }
 }
 
-__device__ inline void store1(float* p, float v) { *p = v; }
-__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ inline void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
-__device__ inline void store4(__nv_bfloat16* p, float4 v) {
-  __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
-  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(o);
-}
-
-// Pass 5, sample-major variant (bf16): one block per padded row q (grid-stride) of the [row_capacity, ld] row
-// matrix. Its expert is the last e with poffsets[e] <= q (binary search; empty experts have poffsets[e] ==
-// poffsets[e + 1] and are skipped by it); row r = q - poffsets[e] is sqrt(c) * x[perm[offsets[e] + r]] (one fp32
-// __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. kVec: float4 loads
-// (dim, ldx multiples of 4, x 16-byte aligned); the rows are 16-byte aligned (ld a multiple of 8).
-template <typename OutT, bool kVec>
-__global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restrict__ x, int64_t dim, int64_t ldx,
-                                                          const float* __restrict__ weights,
-                                                          const int32_t* __restrict__ perm, int64_t num_experts,
-                                                          const int32_t* __restrict__ offsets,
-                                                          const int32_t* __restrict__ poffsets,
-                                                          OutT* __restrict__ rows, int64_t ld,
-                                                          unsigned long long* __restrict__ flags) {
-  const int64_t total = poffsets[num_experts];
-  for (int64_t q = blockIdx.x; q < total; q += gridDim.x) {
-    int64_t lo = 0, hi = num_experts;  // poffsets[lo] <= q < poffsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (poffsets[mid] <= q) lo = mid; else hi = mid;
-    }
-    const int64_t r = q - poffsets[lo];
-    OutT* dst = rows + q * ld;
-    if (r >= offsets[lo + 1] - offsets[lo]) {  // padding: zero rows
-      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store1(dst + j, 0.0f);
-      continue;
-    }
-    const int64_t row = perm[offsets[lo] + r];
-    const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
-    const float* src = x + row * ldx;
-    if (kVec) {
-      for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < dim; j += 4 * static_cast<int64_t>(blockDim.x)) {
-        const float4 v = __ldg(reinterpret_cast<const float4*>(src + j));
-        if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
-          const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
-          atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j + k));
-        }
-        store4(dst + j, make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w)));
-      }
-    } else {
-      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float v = __ldg(src + j);
-        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
-        store1(dst + j, __fmul_rn(s, v));
-      }
-    }
-  }
-}
-
-// Pass 5, feature-major variant (tf32): the scaled rows of expert e, transposed: [dim, K_e] with K_e =
-// poffsets[e + 1] - poffsets[e] (its group's padded length, a multiple of kTcPadRows), element (f, r) at
-// poffsets[e] * dim + f * K_e + r, zeros for r >= the expert's count. Feature-major makes both GEMM operands K-major
-// (the "TN" layout), which Hopper's TF32 tensor-core instructions require. One block per tile of kGatherRows padded
-// rows x kGatherCols features (a tile never straddles two experts: segments are multiples of kGatherRows), through
-// shared memory: coalesced 256-byte row reads of x, coalesced writes along r. The value is sqrt(c) * x (one fp32
-// __fmul_rn, the fp32 path's value) rounded once to OutT. Validates x (flag 2) for the routed rows it reads.
-constexpr int kGatherRows = 32, kGatherCols = 64, kGatherThreads = 256;
-static_assert(kTcPadRows % kGatherRows == 0, "padded segments must be whole gather tiles");
-template <typename OutT>
-__global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
-    const float* __restrict__ x, int64_t dim, int64_t ldx, const float* __restrict__ weights,
-    const int32_t* __restrict__ perm, int64_t num_experts, const int32_t* __restrict__ offsets,
-    const int32_t* __restrict__ poffsets, OutT* __restrict__ rows, unsigned long long* __restrict__ flags) {
-  __shared__ float tile[kGatherRows][kGatherCols + 1];
-  __shared__ int64_t src[kGatherRows];
-  __shared__ float scale[kGatherRows];
-  const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid % kGatherCols, ty = tid / kGatherCols;   // loads: a 64-feature row slice per 64 threads
-  const int sx = tid % kGatherRows, sy = tid / kGatherRows;   // stores: a 32-sample run per 32 threads
-  constexpr int kLoadSteps = kGatherThreads / kGatherCols, kStoreSteps = kGatherThreads / kGatherRows;
-  const int64_t row_tiles = poffsets[num_experts] / kGatherRows;
-  const int64_t col_tiles = (dim + kGatherCols - 1) / kGatherCols;
-  for (int64_t t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
-    const int64_t q0 = (t / col_tiles) * kGatherRows, f0 = (t % col_tiles) * kGatherCols;
-    int64_t lo = 0, hi = num_experts;  // the expert: poffsets[lo] <= q0 < poffsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (poffsets[mid] <= q0) lo = mid; else hi = mid;
-    }
-    const int64_t seg = poffsets[lo], K = poffsets[lo + 1] - seg, r0 = q0 - seg;
-    const int64_t count = offsets[lo + 1] - offsets[lo];
-    if (tid < kGatherRows) {
-      const int64_t r = r0 + tid;
-      const int64_t row = r < count ? static_cast<int64_t>(perm[offsets[lo] + r]) : -1;
-      src[tid] = row;
-      scale[tid] = row >= 0 && weights ? sqrtf(__ldg(weights + row)) : 1.0f;  // IEEE sqrt, as the fp32 path
-    }
-    __syncthreads();
-    const int64_t f = f0 + tx;
-    for (int k = ty; k < kGatherRows; k += kLoadSteps) {
-      const int64_t row = src[k];
-      float v = 0.0f;
-      if (row >= 0 && f < dim) {
-        v = __ldg(x + row * ldx + f);
-        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + f));
-        v = __fmul_rn(scale[k], v);
-      }
-      tile[k][tx] = v;
-    }
-    __syncthreads();
-    OutT* out = rows + seg * dim + r0;
-    for (int k = sy; k < kGatherCols; k += kStoreSteps) {
-      const int64_t ff = f0 + k;
-      if (ff < dim) store1(out + ff * K + sx, tile[sx][k]);
-    }
-    __syncthreads();  // tile, src and scale are rewritten by the next iteration
-  }
-}
-
 // Finish 1: H_e's SYRK result is the column-major lower triangle = the row-major upper triangle
 // (element (a, b) with b >= a at memory a * dim + b). Copy it onto the row-major strict lower triangle:
 // H[r][c] = H[c][r] for r > c. 32x32 tiles through shared memory (padded to 33 against bank conflicts) so both
@@ -375,7 +242,7 @@ inline unsigned capped_blocks(int64_t work, int64_t per_block, int64_t cap) {
 cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
                                    const float* weights, int64_t num_experts, void* workspace,
                                    const HessianLayout& layout, cudaStream_t stream) {
-  const Workspace ws = carve(workspace, layout);
+  const HessianWorkspace ws = carve_hessian(workspace, layout);
   cudaError_t err = cudaMemsetAsync(ws.flags, 0xFF, 3 * sizeof(unsigned long long), stream);  // kNoBadIndex
   if (err != cudaSuccess) return err;
   err = cudaMemsetAsync(ws.offsets, 0, static_cast<size_t>(num_experts + 1) * sizeof(int32_t), stream);
@@ -405,30 +272,6 @@ cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64
   return cudaGetLastError();
 }
 
-cudaError_t launch_hessian_gather_tc(const float* x, int64_t dim, int64_t ldx, const float* weights,
-                                     int64_t num_experts, void* workspace, const HessianLayout& layout,
-                                     cudaStream_t stream) {
-  const Workspace ws = carve(workspace, layout);
-  constexpr int64_t kMaxBlocks = int64_t{1} << 16;
-  if (layout.feature_major) {  // tf32
-    const int64_t tiles = layout.row_capacity / kGatherRows * ((dim + kGatherCols - 1) / kGatherCols);
-    gather_tc_kernel<float><<<capped_blocks(tiles, 1, kMaxBlocks), kGatherThreads, 0, stream>>>(
-        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows), ws.flags);
-    return cudaGetLastError();
-  }
-  const bool vec = dim % 4 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
-  const unsigned grid = capped_blocks(layout.row_capacity, 1, kMaxBlocks);
-  const int threads = dim >= 1024 ? 256 : 128;
-  auto* out = static_cast<__nv_bfloat16*>(ws.rows);
-  if (vec)
-    gather_rows_kernel<__nv_bfloat16, true><<<grid, threads, 0, stream>>>(
-        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
-  else
-    gather_rows_kernel<__nv_bfloat16, false><<<grid, threads, 0, stream>>>(
-        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
-  return cudaGetLastError();
-}
-
 cudaError_t launch_hessian_mirror(float* H, int64_t dim, int64_t num_experts, const int32_t* offsets,
                                   cudaStream_t stream) {
   if (dim <= 1 || num_experts <= 0) return cudaSuccess;
@@ -443,7 +286,7 @@ cudaError_t launch_hessian_mirror(float* H, int64_t dim, int64_t num_experts, co
 cudaError_t launch_hessian_stats(int64_t num_experts, const float* weights, int64_t* counts, double* mass,
                                  const void* workspace, const HessianLayout& layout, cudaStream_t stream) {
   if (!counts && !mass) return cudaSuccess;
-  const Workspace ws = carve(const_cast<void*>(workspace), layout);
+  const HessianWorkspace ws = carve_hessian(const_cast<void*>(workspace), layout);
   stats_kernel<<<capped_blocks(num_experts, 128 / kWarp, int64_t{1} << 16), 128, 0, stream>>>(
       weights, num_experts, ws.offsets, ws.perm, counts, mass);
   return cudaGetLastError();

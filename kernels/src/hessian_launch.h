@@ -115,6 +115,23 @@ inline bool hessian_layout(int64_t n, int64_t dim, int64_t num_experts, int prec
   return true;
 }
 
+/// Typed views of the workspace regions (hessian.cu, hessian_gather_tc.cu).
+struct HessianWorkspace {
+  unsigned long long* flags;  // [0] expert_ids row, [1] weights row, [2] x (row * dim + col)
+  int32_t* offsets;           // [E + 1]
+  int32_t* poffsets;          // [E + 1] (tensor-core paths)
+  int32_t* table;             // [num_chunks, E]
+  int32_t* perm;              // [n]
+  void* rows;                 // [row_capacity, ld] f32 or bf16
+};
+
+inline HessianWorkspace carve_hessian(void* base, const HessianLayout& l) {
+  char* b = static_cast<char*>(base);
+  return {reinterpret_cast<unsigned long long*>(b + l.flags), reinterpret_cast<int32_t*>(b + l.offsets),
+          reinterpret_cast<int32_t*>(b + l.poffsets), reinterpret_cast<int32_t*>(b + l.table),
+          reinterpret_cast<int32_t*>(b + l.perm), b + l.rows};
+}
+
 /// Stage 1 (never touches H/counts/mass): resets the flags, validates ids and weights, stable counting sort of
 /// the rows by expert; fp32 (layout.precision 0) also writes sqrt(c) * x into `rows` and validates x. Afterwards
 /// the host reads back flags + offsets (readback_bytes from the workspace start).

@@ -1,0 +1,159 @@
+// kernels/src/hessian_gather_tc.cu -- the scaled-row pass of the tensor-core Hessian paths (stage 1b of hessian.cu's
+// pipeline): after the host planned the padded groups and uploaded poffsets, write sqrt(c) * x of every routed row
+// once, directly in the GEMM input type and layout, zero-padded to the expert's group length, validating x.
+#include "hessian_launch.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moequant {
+inline namespace v0 {
+namespace cuda_detail {
+namespace {
+
+__device__ inline void store1(float* p, float v) { *p = v; }
+__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ inline void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ inline void store4(__nv_bfloat16* p, float4 v) {
+  __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(o);
+}
+
+// Pass 5, sample-major variant (bf16): one block per padded row q (grid-stride) of the [row_capacity, ld] row
+// matrix. Its expert is the last e with poffsets[e] <= q (binary search; empty experts have poffsets[e] ==
+// poffsets[e + 1] and are skipped by it); row r = q - poffsets[e] is sqrt(c) * x[perm[offsets[e] + r]] (one fp32
+// __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. kVec: float4 loads
+// (dim, ldx multiples of 4, x 16-byte aligned); the rows are 16-byte aligned (ld a multiple of 8).
+template <typename OutT, bool kVec>
+__global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restrict__ x, int64_t dim, int64_t ldx,
+                                                          const float* __restrict__ weights,
+                                                          const int32_t* __restrict__ perm, int64_t num_experts,
+                                                          const int32_t* __restrict__ offsets,
+                                                          const int32_t* __restrict__ poffsets,
+                                                          OutT* __restrict__ rows, int64_t ld,
+                                                          unsigned long long* __restrict__ flags) {
+  const int64_t total = poffsets[num_experts];
+  for (int64_t q = blockIdx.x; q < total; q += gridDim.x) {
+    int64_t lo = 0, hi = num_experts;  // poffsets[lo] <= q < poffsets[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (poffsets[mid] <= q) lo = mid; else hi = mid;
+    }
+    const int64_t r = q - poffsets[lo];
+    OutT* dst = rows + q * ld;
+    if (r >= offsets[lo + 1] - offsets[lo]) {  // padding: zero rows
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store1(dst + j, 0.0f);
+      continue;
+    }
+    const int64_t row = perm[offsets[lo] + r];
+    const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
+    const float* src = x + row * ldx;
+    if (kVec) {
+      for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < dim; j += 4 * static_cast<int64_t>(blockDim.x)) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(src + j));
+        if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
+          const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
+          atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j + k));
+        }
+        store4(dst + j, make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w)));
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = __ldg(src + j);
+        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
+        store1(dst + j, __fmul_rn(s, v));
+      }
+    }
+  }
+}
+
+// Pass 5, feature-major variant (tf32): the scaled rows of expert e, transposed: [dim, K_e] with K_e =
+// poffsets[e + 1] - poffsets[e] (its group's padded length, a multiple of kTcPadRows), element (f, r) at
+// poffsets[e] * dim + f * K_e + r, zeros for r >= the expert's count. Feature-major makes both GEMM operands K-major
+// (the "TN" layout), which Hopper's TF32 tensor-core instructions require. One block per tile of kGatherRows padded
+// rows x kGatherCols features (a tile never straddles two experts: segments are multiples of kGatherRows), through
+// shared memory: coalesced 256-byte row reads of x, coalesced writes along r. The value is sqrt(c) * x (one fp32
+// __fmul_rn, the fp32 path's value) rounded once to OutT. Validates x (flag 2) for the routed rows it reads.
+constexpr int kGatherRows = 32, kGatherCols = 64, kGatherThreads = 256;
+static_assert(kTcPadRows % kGatherRows == 0, "padded segments must be whole gather tiles");
+template <typename OutT>
+__global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
+    const float* __restrict__ x, int64_t dim, int64_t ldx, const float* __restrict__ weights,
+    const int32_t* __restrict__ perm, int64_t num_experts, const int32_t* __restrict__ offsets,
+    const int32_t* __restrict__ poffsets, OutT* __restrict__ rows, unsigned long long* __restrict__ flags) {
+  __shared__ float tile[kGatherRows][kGatherCols + 1];
+  __shared__ int64_t src[kGatherRows];
+  __shared__ float scale[kGatherRows];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int tx = tid % kGatherCols, ty = tid / kGatherCols;   // loads: a 64-feature row slice per 64 threads
+  const int sx = tid % kGatherRows, sy = tid / kGatherRows;   // stores: a 32-sample run per 32 threads
+  constexpr int kLoadSteps = kGatherThreads / kGatherCols, kStoreSteps = kGatherThreads / kGatherRows;
+  const int64_t row_tiles = poffsets[num_experts] / kGatherRows;
+  const int64_t col_tiles = (dim + kGatherCols - 1) / kGatherCols;
+  for (int64_t t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
+    const int64_t q0 = (t / col_tiles) * kGatherRows, f0 = (t % col_tiles) * kGatherCols;
+    int64_t lo = 0, hi = num_experts;  // the expert: poffsets[lo] <= q0 < poffsets[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (poffsets[mid] <= q0) lo = mid; else hi = mid;
+    }
+    const int64_t seg = poffsets[lo], K = poffsets[lo + 1] - seg, r0 = q0 - seg;
+    const int64_t count = offsets[lo + 1] - offsets[lo];
+    if (tid < kGatherRows) {
+      const int64_t r = r0 + tid;
+      const int64_t row = r < count ? static_cast<int64_t>(perm[offsets[lo] + r]) : -1;
+      src[tid] = row;
+      scale[tid] = row >= 0 && weights ? sqrtf(__ldg(weights + row)) : 1.0f;  // IEEE sqrt, as the fp32 path
+    }
+    __syncthreads();
+    const int64_t f = f0 + tx;
+    for (int k = ty; k < kGatherRows; k += kLoadSteps) {
+      const int64_t row = src[k];
+      float v = 0.0f;
+      if (row >= 0 && f < dim) {
+        v = __ldg(x + row * ldx + f);
+        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + f));
+        v = __fmul_rn(scale[k], v);
+      }
+      tile[k][tx] = v;
+    }
+    __syncthreads();
+    OutT* out = rows + seg * dim + r0;
+    for (int k = sy; k < kGatherCols; k += kStoreSteps) {
+      const int64_t ff = f0 + k;
+      if (ff < dim) store1(out + ff * K + sx, tile[sx][k]);
+    }
+    __syncthreads();  // tile, src and scale are rewritten by the next iteration
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_hessian_gather_tc(const float* x, int64_t dim, int64_t ldx, const float* weights,
+                                     int64_t num_experts, void* workspace, const HessianLayout& layout,
+                                     cudaStream_t stream) {
+  const HessianWorkspace ws = carve_hessian(workspace, layout);
+  if (layout.feature_major) {  // tf32
+    const int64_t tiles = layout.row_capacity / kGatherRows * ((dim + kGatherCols - 1) / kGatherCols);
+    gather_tc_kernel<float><<<grid_for(tiles, 1), kGatherThreads, 0, stream>>>(
+        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows), ws.flags);
+    return cudaGetLastError();
+  }
+  const bool vec = dim % 4 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const unsigned grid = grid_for(layout.row_capacity, 1);
+  const int threads = dim >= 1024 ? 256 : 128;
+  auto* out = static_cast<__nv_bfloat16*>(ws.rows);
+  if (vec)
+    gather_rows_kernel<__nv_bfloat16, true><<<grid, threads, 0, stream>>>(
+        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+  else
+    gather_rows_kernel<__nv_bfloat16, false><<<grid, threads, 0, stream>>>(
+        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda_detail
+}  // namespace v0
+}  // namespace moequant
