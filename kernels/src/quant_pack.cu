@@ -10,11 +10,17 @@
 //   * the MSE error of a candidate is accumulated in double, sequentially in element order, by one chain of
 //     __dadd_rn (the per-element terms are computed in parallel by the warp and handed to the chain with
 //     shuffles) -- the same sum as the CPU loop, not a tree reduction.
+// Bandwidth (issue #4): the common cases run as vectorised single passes -- minmax RTN with a power-of-two group of
+// 16..512 as a team of gs/16 lanes per group holding the group in registers (float4 loads, one read of w), dequantize
+// four codes per thread, pack / unpack one 32-element chunk per thread (32 elements of b bits are exactly b words, so
+// chunks never share a word; 16-byte loads / stores when rows are a multiple of 32). Other shapes and the MSE search
+// take the general kernels; both give the same bits.
 // The only operation without a bit-exact twin is pow(double, double): CUDA's pow is within 2 ulp and glibc's
 // within 1 ulp, so a candidate's MSE error may differ in its last bits from the CPU's. The chosen scale can
 // only differ when two *different* candidates have errors within a few ulp of each other (identical
 // candidates are skipped, see search_qparams), which real weight groups practically never produce.
 #include "launch.h"
+#include "pack_device.cuh"
 #include "quant_device.cuh"
 
 #include <cuda_runtime.h>
@@ -146,7 +152,105 @@ __global__ void __launch_bounds__(256) quantize_rtn_kernel(const float* __restri
   }
 }
 
-// One thread per element, grid-stride; memory-bound, so the simple mapping is enough.
+// u32 division by a divisor fixed for the launch (dividends < 2^31): q = (n * m) >> p with p = 31 + ceil(log2 d),
+// m = ceil(2^p / d). The error of m * d - 2^p is < d <= 2^(p-31), so n * (m * d - 2^p) < 2^p for n < 2^31 and the
+// quotient is exact (the CUTLASS FastDivmod argument).
+struct FastDiv {
+  uint32_t m = 1;
+  int p = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t d) {
+    int l = 0;
+    while ((uint64_t{1} << l) < d) ++l;
+    p = 31 + l;
+    m = static_cast<uint32_t>(((uint64_t{1} << p) + d - 1) / d);
+  }
+  __host__ __device__ uint32_t div(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(n) * m) >> p);
+  }
+};
+
+// ---- RTN minmax, vectorised: a team of TS lanes per group of 16 * TS floats, the group in registers ----------
+// Lane s of a team holds float4 number s, s + TS, s + 2 TS, s + 3 TS of its group, so every load / store
+// instruction of a team covers 16 * TS contiguous bytes per quad. Teams never straddle warps; the loop bound is
+// uniform per warp (inactive teams ride along), so the full-mask shuffles are safe.
+template <int TS>
+__global__ void __launch_bounds__(256) quantize_rtn_minmax_kernel(const float* __restrict__ w, int64_t cols, int64_t ld,
+                                                                  RtnParams p, uint32_t groups, FastDiv ng_div,
+                                                                  int8_t* __restrict__ codes,
+                                                                  float* __restrict__ scales,
+                                                                  int32_t* __restrict__ zeros,
+                                                                  float* __restrict__ dequantized,
+                                                                  unsigned long long* __restrict__ bad_index) {
+  constexpr int kGs = 16 * TS, kTeams = kWarp / TS;
+  const int lane = static_cast<int>(threadIdx.x % kWarp), sub = lane % TS;
+  const uint32_t warp = (blockIdx.x * blockDim.x + threadIdx.x) / kWarp;
+  const uint32_t num_warps = gridDim.x * blockDim.x / kWarp;
+  const uint32_t ng = static_cast<uint32_t>(cols / kGs);
+  for (uint32_t base = warp * kTeams; base < groups; base += num_warps * kTeams) {
+    const uint32_t t = base + static_cast<uint32_t>(lane / TS);
+    const bool active = t < groups;
+    const uint32_t r = ng_div.div(active ? t : 0), g = (active ? t : 0) - r * ng;
+    const float4* x = reinterpret_cast<const float4*>(w + static_cast<int64_t>(r) * ld + static_cast<int64_t>(g) * kGs);
+    float4 v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = active ? __ldg(x + sub + i * TS) : make_float4(0.f, 0.f, 0.f, 0.f);
+    float lo = 0.0f, hi = 0.0f;
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float e[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        bad |= !isfinite(e[k]);
+        lo = std_min(lo, e[k]);
+        hi = std_max(hi, e[k]);
+      }
+    }
+    if (bad) {  // rare: the first non-finite element of this lane, in element order
+      int64_t first = -1;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float e[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+          if (first < 0 && !isfinite(e[k])) first = 4 * (sub + i * TS) + k;
+      }
+      atomicMin(bad_index, static_cast<unsigned long long>(static_cast<int64_t>(r) * cols +
+                                                           static_cast<int64_t>(g) * kGs + first));
+    }
+    // min / max of non-NaN floats are order-independent, and every partial starts at +0 like the CPU's lo / hi
+#pragma unroll
+    for (int off = TS / 2; off > 0; off /= 2) {
+      lo = std_min(lo, __shfl_xor_sync(kFullMask, lo, off));
+      hi = std_max(hi, __shfl_xor_sync(kFullMask, hi, off));
+    }
+    if (!active) continue;
+    const QP qp = qparams_from_range<int32_t>(lo, hi, p);
+    if (sub == 0) {
+      if (scales) scales[t] = qp.scale;
+      if (zeros) zeros[t] = qp.zero;
+    }
+    const int64_t o = static_cast<int64_t>(r) * cols + static_cast<int64_t>(g) * kGs;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t at = o + 4 * (sub + i * TS);
+      const int32_t q0 = quantize_value(v[i].x, qp, p.bits), q1 = quantize_value(v[i].y, qp, p.bits);
+      const int32_t q2 = quantize_value(v[i].z, qp, p.bits), q3 = quantize_value(v[i].w, qp, p.bits);
+      if (codes) {
+        const uint32_t packed4 = (static_cast<uint32_t>(q0) & 0xFFu) | ((static_cast<uint32_t>(q1) & 0xFFu) << 8) |
+                                 ((static_cast<uint32_t>(q2) & 0xFFu) << 16) | (static_cast<uint32_t>(q3) << 24);
+        *reinterpret_cast<uint32_t*>(codes + at) = packed4;
+      }
+      if (dequantized)
+        *reinterpret_cast<float4*>(dequantized + at) = make_float4(dequantize_value(q0, qp), dequantize_value(q1, qp),
+                                                                    dequantize_value(q2, qp), dequantize_value(q3, qp));
+    }
+  }
+}
+
+// ---- dequantize ------------------------------------------------------------------------------------------------
+// General: one thread per element, grid-stride.
 __global__ void __launch_bounds__(256) dequantize_kernel(const int8_t* __restrict__ codes,
                                                          const float* __restrict__ scales,
                                                          const int32_t* __restrict__ zeros, int64_t rows, int64_t cols,
@@ -161,67 +265,114 @@ __global__ void __launch_bounds__(256) dequantize_kernel(const int8_t* __restric
   }
 }
 
-// Word c of a packed row: it holds stream bits [32c, 32c + 32) and element i sits at stream bit i*b, so the word
-// gathers elements floor(32c / b) .. floor((32c + 31) / b). An element that starts in the previous word
-// contributes its high bits (u >> -s), one that runs into the next word its low bits (u << s, truncated to 32
-// bits) -- the two halves pack.h writes with `placed` and `placed >> 32`. Bits past the last element stay zero.
-// *bad receives the first element of the word outside [qmin, qmax] (left unchanged when there is none).
-__host__ __device__ inline uint32_t pack_word(const int8_t* row, int64_t cols, int bits, int64_t c, int64_t* bad) {
-  const int qmin = -(1 << (bits - 1)), qmax = (1 << (bits - 1)) - 1;
-  const uint32_t offset = 1u << (bits - 1), mask = (1u << bits) - 1u;
-  const int64_t bit0 = c * 32;
-  const int64_t first = bit0 / bits;
-  int64_t last = (bit0 + 31) / bits;
-  if (last > cols - 1) last = cols - 1;
-  uint32_t acc = 0;
-  for (int64_t i = first; i <= last; ++i) {
-    const int v = row[i];
-    if ((v < qmin || v > qmax) && *bad < 0) *bad = i;
-    const uint32_t u = static_cast<uint32_t>(v + static_cast<int>(offset)) & mask;
-    const int s = static_cast<int>(i * bits - bit0);  // in (-bits, 32)
-    acc |= s >= 0 ? (u << s) : (u >> -s);
+// Vectorised (group size a multiple of 4, < 2^31 quads): four codes per thread and step, kUnroll steps per thread
+// issued together; the flat group of element 4q is 4q / gs (gs divides cols), i.e. q / (gs / 4).
+constexpr int kDeqUnroll = 4;
+__global__ void __launch_bounds__(256) dequantize_quads_kernel(const uint32_t* __restrict__ codes4,
+                                                               const float* __restrict__ scales,
+                                                               const int32_t* __restrict__ zeros, uint32_t quads,
+                                                               FastDiv gq_div, float4* __restrict__ out) {
+  const uint32_t step = blockDim.x * kDeqUnroll;
+  for (uint32_t base = blockIdx.x * step; base < quads; base += gridDim.x * step) {
+    uint32_t c[kDeqUnroll];
+    QP qp[kDeqUnroll];
+#pragma unroll
+    for (int u = 0; u < kDeqUnroll; ++u) {
+      const uint32_t q = base + u * blockDim.x + threadIdx.x;
+      if (q < quads) {
+        const uint32_t pi = gq_div.div(q);
+        c[u] = __ldg(codes4 + q);
+        qp[u] = QP{__ldg(scales + pi), zeros ? __ldg(zeros + pi) : 0};
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDeqUnroll; ++u) {
+      const uint32_t q = base + u * blockDim.x + threadIdx.x;
+      if (q < quads) {
+        const int32_t b0 = static_cast<int8_t>(c[u] & 0xFFu), b1 = static_cast<int8_t>((c[u] >> 8) & 0xFFu);
+        const int32_t b2 = static_cast<int8_t>((c[u] >> 16) & 0xFFu), b3 = static_cast<int8_t>(c[u] >> 24);
+        out[q] = make_float4(dequantize_value(b0, qp[u]), dequantize_value(b1, qp[u]), dequantize_value(b2, qp[u]),
+                             dequantize_value(b3, qp[u]));
+      }
+    }
   }
-  return acc;
 }
 
-// Code i of a packed row of `words` words: the (at most two) words its bits live in, as unpack_codes reads them.
-__host__ __device__ inline int8_t unpack_code(const int32_t* row, int64_t words, int bits, int64_t i) {
-  const int offset = 1 << (bits - 1);
-  const uint64_t mask = (1u << bits) - 1u;
-  const int64_t bit = i * bits, word = bit / 32;
-  const int shift = static_cast<int>(bit % 32);
-  uint64_t v = static_cast<uint32_t>(row[word]);
-  if (word + 1 < words) v |= static_cast<uint64_t>(static_cast<uint32_t>(row[word + 1])) << 32;
-  return static_cast<int8_t>(static_cast<int>((v >> shift) & mask) - offset);
-}
+// ---- pack / unpack: one chunk of 32 elements (pack_device.cuh) per thread, grid-stride ----------------------
+using pack_detail::pack_one_chunk;
+using pack_detail::unpack_one_chunk;
 
-// One thread per output word: no atomics, each word written exactly once; neighbouring threads read
-// neighbouring bytes of q, so the warp's reads stay coalesced.
-__global__ void __launch_bounds__(256) pack_rows_kernel(const int8_t* __restrict__ q, int64_t rows, int64_t cols,
-                                                        int bits, int64_t words, int32_t* __restrict__ out,
-                                                        unsigned long long* __restrict__ bad_index) {
-  const int64_t total = rows * words;
+template <int B>
+__global__ void __launch_bounds__(256) pack_chunks_kernel(const int8_t* __restrict__ q, int64_t rows, int64_t cols,
+                                                          int64_t words, bool vec, uint32_t* __restrict__ out,
+                                                          unsigned long long* __restrict__ bad_index) {
+  const int64_t cpr = (cols + 31) / 32, total = rows * cpr;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t r = t / words, c = t - r * words;
-    int64_t bad = -1;
-    const uint32_t acc = pack_word(q + r * cols, cols, bits, c, &bad);
-    if (bad >= 0) atomicMin(bad_index, static_cast<unsigned long long>(r * cols + bad));
-    out[t] = static_cast<int32_t>(acc);
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < total; g += stride)
+    pack_one_chunk<B>(q, cols, words, cpr, vec, g, out, bad_index);
+}
+
+template <int B>
+__global__ void __launch_bounds__(256) unpack_chunks_kernel(const uint32_t* __restrict__ packed, int64_t rows,
+                                                            int64_t cols, int64_t words, bool vec,
+                                                            int8_t* __restrict__ q) {
+  const int64_t cpr = (cols + 31) / 32, total = rows * cpr;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < total; g += stride)
+    unpack_one_chunk<B>(packed, cols, words, cpr, vec, g, q);
+}
+
+}  // namespace
+
+namespace {
+
+bool aligned(const void* ptr, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
+
+// The vectorised minmax kernel for lanes-per-group TS (group size 16 * TS).
+template <int TS>
+cudaError_t launch_minmax(const float* w, int64_t rows, int64_t cols, int64_t ld, const RtnParams& p, int8_t* codes,
+                          float* scales, int32_t* zeros, float* dequantized, unsigned long long* bad_index,
+                          cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t ng = cols / (16 * TS), groups = rows * ng;
+  quantize_rtn_minmax_kernel<TS><<<grid_for(groups, kThreads / TS), kThreads, 0, stream>>>(
+      w, cols, ld, p, static_cast<uint32_t>(groups), FastDiv(static_cast<uint32_t>(ng)), codes, scales, zeros,
+      dequantized, bad_index);
+  return cudaGetLastError();
+}
+
+template <template <int> class Launch, class... Args>
+cudaError_t by_bits(int bits, Args... args) {
+  switch (bits) {
+    case 2: return Launch<2>::run(args...);
+    case 3: return Launch<3>::run(args...);
+    case 4: return Launch<4>::run(args...);
+    case 5: return Launch<5>::run(args...);
+    case 6: return Launch<6>::run(args...);
+    case 7: return Launch<7>::run(args...);
+    default: return Launch<8>::run(args...);
   }
 }
 
-// One thread per code (byte stores, coalesced across the warp).
-__global__ void __launch_bounds__(256) unpack_rows_kernel(const int32_t* __restrict__ packed, int64_t rows,
-                                                          int64_t cols, int bits, int64_t words,
-                                                          int8_t* __restrict__ q) {
-  const int64_t total = rows * cols;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t r = t / cols, i = t - r * cols;
-    q[t] = unpack_code(packed + r * words, words, bits, i);
+template <int B>
+struct PackLaunch {
+  static cudaError_t run(const int8_t* q, int64_t rows, int64_t cols, int64_t words, bool vec, int32_t* out,
+                         unsigned long long* bad_index, unsigned grid, cudaStream_t stream) {
+    pack_chunks_kernel<B><<<grid, 256, 0, stream>>>(q, rows, cols, words, vec, reinterpret_cast<uint32_t*>(out),
+                                                    bad_index);
+    return cudaGetLastError();
   }
-}
+};
+
+template <int B>
+struct UnpackLaunch {
+  static cudaError_t run(const int32_t* packed, int64_t rows, int64_t cols, int64_t words, bool vec, int8_t* q,
+                         unsigned grid, cudaStream_t stream) {
+    unpack_chunks_kernel<B><<<grid, 256, 0, stream>>>(reinterpret_cast<const uint32_t*>(packed), rows, cols, words,
+                                                      vec, q);
+    return cudaGetLastError();
+  }
+};
 
 }  // namespace
 
@@ -232,6 +383,19 @@ cudaError_t launch_quantize_rtn(const float* w, int64_t rows, int64_t cols, int6
   if (err != cudaSuccess) return err;
   const int64_t groups = rows * (cols / p.group_size);
   if (groups == 0) return cudaSuccess;
+  const int64_t gs = p.group_size;
+  const bool vec = !p.mse && gs >= 16 && gs <= 512 && (gs & (gs - 1)) == 0 && groups < (int64_t{1} << 31) &&
+                   ld % 4 == 0 && aligned(w, 16) && aligned(codes, 4) && aligned(dequantized, 16);
+  if (vec) {
+    switch (gs) {
+      case 16: return launch_minmax<1>(w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index, stream);
+      case 32: return launch_minmax<2>(w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index, stream);
+      case 64: return launch_minmax<4>(w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index, stream);
+      case 128: return launch_minmax<8>(w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index, stream);
+      case 256: return launch_minmax<16>(w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index, stream);
+      default: return launch_minmax<32>(w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index, stream);
+    }
+  }
   constexpr int kThreads = 256;  // 8 warps = 8 groups per block
   quantize_rtn_kernel<<<grid_for(groups, kThreads / kWarp), kThreads, 0, stream>>>(
       w, rows, cols, ld, p, codes, scales, zeros, dequantized, bad_index);
@@ -243,6 +407,13 @@ cudaError_t launch_dequantize(const int8_t* codes, const float* scales, const in
   const int64_t total = rows * cols;
   if (total == 0) return cudaSuccess;
   constexpr int kThreads = 256;
+  if (group_size % 4 == 0 && total / 4 < (int64_t{1} << 31) && aligned(codes, 4) && aligned(out, 16)) {
+    const int64_t quads = total / 4;
+    dequantize_quads_kernel<<<grid_for(quads, kThreads * kDeqUnroll), kThreads, 0, stream>>>(
+        reinterpret_cast<const uint32_t*>(codes), scales, zeros, static_cast<uint32_t>(quads),
+        FastDiv(static_cast<uint32_t>(group_size / 4)), reinterpret_cast<float4*>(out));
+    return cudaGetLastError();
+  }
   dequantize_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(codes, scales, zeros, rows, cols, group_size,
                                                                          out);
   return cudaGetLastError();
@@ -253,21 +424,19 @@ cudaError_t launch_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bi
   cudaError_t err = cudaMemsetAsync(bad_index, 0xFF, sizeof(unsigned long long), stream);
   if (err != cudaSuccess) return err;
   const int64_t words = (cols * bits + 31) / 32;
-  const int64_t total = rows * words;
-  if (total == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  pack_rows_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(q, rows, cols, bits, words, out, bad_index);
-  return cudaGetLastError();
+  const int64_t chunks = rows * ((cols + 31) / 32);
+  if (chunks == 0) return cudaSuccess;
+  const bool vec = cols % 32 == 0 && aligned(q, 16) && aligned(out, 16);
+  return by_bits<PackLaunch>(bits, q, rows, cols, words, vec, out, bad_index, grid_for(chunks, 256), stream);
 }
 
 cudaError_t launch_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q,
                                cudaStream_t stream) {
   const int64_t words = (cols * bits + 31) / 32;
-  const int64_t total = rows * cols;
-  if (total == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  unpack_rows_kernel<<<grid_for(total, kThreads), kThreads, 0, stream>>>(packed, rows, cols, bits, words, q);
-  return cudaGetLastError();
+  const int64_t chunks = rows * ((cols + 31) / 32);
+  if (chunks == 0) return cudaSuccess;
+  const bool vec = cols % 32 == 0 && aligned(packed, 16) && aligned(q, 16);
+  return by_bits<UnpackLaunch>(bits, packed, rows, cols, words, vec, q, grid_for(chunks, 256), stream);
 }
 
 }  // namespace cuda_detail
