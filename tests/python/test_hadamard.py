@@ -131,3 +131,84 @@ def test_cuda_in_place_and_many_rows(gen):
     torch.testing.assert_close(y.cpu(), ops.hadamard_transform(x.cpu()), rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="x"):
         ops.hadamard_transform(torch.randn(3, 36, device="cuda"))
+
+
+# --- CUDA: every supported length, partial CTAs, misaligned input (issue #4 kernel) -----------------------------------
+
+
+def _fast_ref64(x: torch.Tensor) -> torch.Tensor:
+    """x (H_m (x) H_p) / sqrt(n) in float64 through the Kronecker structure (butterflies, then the m x m mix): the
+    same matrix as hadamard_ref without materialising H_n, so every length up to 32768 can be checked."""
+    n = x.shape[-1]
+    m, p = decompose(n)
+    y = x.detach().cpu().double().reshape(-1, m, p)
+    h = 1
+    while h < p:
+        y = y.reshape(-1, m, p // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    y = y.reshape(-1, m, p)
+    if m > 1:
+        y = torch.einsum("ac,rab->rcb", special_hadamard(m), y)
+    return y.reshape(x.shape) / math.sqrt(n)
+
+
+def _all_lengths() -> list[int]:
+    out = []
+    for m in (1, 12, 20, 28, 40):
+        p = 1
+        while m * p <= 32768:
+            out.append(m * p)
+            p *= 2
+    return out
+
+
+def _rows_per_cta(n: int) -> int:
+    """Rows the CUDA kernel batches into one CTA for p >= 32 (hadamard.cu launch_reg): >= 256 items of 32."""
+    per_row = n // 32
+    return 1 if per_row >= 256 else -(-256 // per_row)
+
+
+@pytest.mark.parametrize("n", [48, 640, 2560, 1792, 7168])
+def test_fast_reference_matches_matrix_reference(n, gen):
+    x = torch.randn(3, n, generator=gen)
+    torch.testing.assert_close(_fast_ref64(x), hadamard_ref(x.double()), rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", _all_lengths())
+def test_cuda_every_length_fp32(n, gen):
+    """Every supported n = m 2^k; rows = 2 CTAs' worth + 1 (a partial last CTA), capped for the long rows."""
+    rpc = _rows_per_cta(n) if n >= 32 else 1
+    rows = min(2 * rpc + 1, max(3, (1 << 20) // n))
+    x = torch.randn(rows, n, generator=gen) * torch.logspace(-2, 2, rows).unsqueeze(1)
+    got = ops.hadamard_transform(x.cuda()).cpu()
+    assert bool(((got.double() - _fast_ref64(x)).abs() <= _budget(x)).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [32, 128, 768, 1280, 1792, 4096, 7168, 16384, 32768])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_every_kernel(n, dtype, gen):
+    rows = min(2 * _rows_per_cta(n) + 1, max(3, (1 << 19) // n))
+    x = torch.randn(rows, n, generator=gen).to(dtype)
+    got = ops.hadamard_transform(x.cuda()).cpu()
+    assert got.dtype == dtype
+    ref = _fast_ref64(x.float())
+    # computed in fp32, rounded once: within one rounding of the output dtype (plus fp32 noise)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert bool(((got.double() - ref).abs() <= ulp * ref.abs() + _budget(x.float()) + 2.0**-24).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [128, 7168])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_misaligned_input(n, dtype, gen):
+    """A contiguous input one element past a 16-byte boundary takes the element-wise loads."""
+    x = torch.randn(5, n, generator=gen).to(dtype)
+    flat = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    xm = flat[1:].view(5, n)
+    xm.copy_(x)
+    assert xm.data_ptr() % 16 != 0
+    got = ops.hadamard_transform(xm).cpu()
+    torch.testing.assert_close(got, ops.hadamard_transform(x.cuda()).cpu(), rtol=0, atol=0)
