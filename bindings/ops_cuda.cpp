@@ -22,9 +22,10 @@ QuantTensors quantize_rtn_cuda(const at::Tensor& w, const QuantSpec& spec) {
   at::Tensor scales = at::empty({rows, groups}, opts.dtype(at::kFloat));
   at::Tensor zeros = at::empty({rows, groups}, opts.dtype(at::kInt));
   at::Tensor deq = at::empty({rows, cols}, opts.dtype(at::kFloat));
+  at::Tensor flag = at::empty({static_cast<int64_t>(kCudaFlagBytes)}, opts.dtype(at::kByte));  // caching allocator
   throw_if_error(cuda_quantize_rtn(w.data_ptr<float>(), rows, cols, w.stride(0), spec, codes.data_ptr<int8_t>(),
                                    scales.data_ptr<float>(), zeros.data_ptr<int32_t>(), deq.data_ptr<float>(),
-                                   at::cuda::getCurrentCUDAStream(w.device().index()).stream()));
+                                   at::cuda::getCurrentCUDAStream(w.device().index()).stream(), flag.data_ptr()));
   return {codes, scales, zeros, deq};
 }
 
@@ -41,8 +42,9 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, co
 at::Tensor pack_rows_cuda(const at::Tensor& q, int bits) {
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), packed_words(q.size(1), bits)}, q.options().dtype(at::kInt));
+  at::Tensor flag = at::empty({static_cast<int64_t>(kCudaFlagBytes)}, q.options().dtype(at::kByte));
   throw_if_error(cuda_pack_rows(q.data_ptr<int8_t>(), q.size(0), q.size(1), bits, out.data_ptr<int32_t>(),
-                                at::cuda::getCurrentCUDAStream(q.device().index()).stream()));
+                                at::cuda::getCurrentCUDAStream(q.device().index()).stream(), flag.data_ptr()));
   return out;
 }
 

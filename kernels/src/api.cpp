@@ -43,6 +43,12 @@ class StreamBuffer {
     MQ_CUDA_RETURN("cudaMallocAsync", cudaMallocAsync(&ptr_, bytes, stream_));
     return {};
   }
+  /// Uses the caller's device memory `external` when given (never freed here), else allocates `bytes`.
+  Status use_or_allocate(void* external, size_t bytes) {
+    if (external == nullptr) return allocate(bytes);
+    external_ = external;
+    return {};
+  }
   Status release() {
     void* p = ptr_;
     ptr_ = nullptr;
@@ -51,12 +57,13 @@ class StreamBuffer {
   }
   template <typename T>
   T* as() const {
-    return static_cast<T*>(ptr_);
+    return static_cast<T*>(external_ ? external_ : ptr_);
   }
 
  private:
   cudaStream_t stream_;
   void* ptr_ = nullptr;
+  void* external_ = nullptr;
 };
 
 }  // namespace
@@ -65,6 +72,12 @@ class StreamBuffer {
 
 Status cuda_quantize_rtn(const float* w, int64_t rows, int64_t cols, int64_t ld, const QuantSpec& spec, int8_t* codes,
                          float* scales, int32_t* zeros, float* dequantized, cudaStream_t stream) {
+  return cuda_quantize_rtn(w, rows, cols, ld, spec, codes, scales, zeros, dequantized, stream, nullptr);
+}
+
+Status cuda_quantize_rtn(const float* w, int64_t rows, int64_t cols, int64_t ld, const QuantSpec& spec, int8_t* codes,
+                         float* scales, int32_t* zeros, float* dequantized, cudaStream_t stream,
+                         void* flag_workspace) {
   MQ_RETURN_IF_ERROR(validate(spec, cols));
   if (rows < 0) return Status::invalid("out_features: expected >= 0, got {}", rows);
   if (ld < cols) return Status::invalid("ld: expected >= in_features={}, got {}", cols, ld);
@@ -80,9 +93,10 @@ Status cuda_quantize_rtn(const float* w, int64_t rows, int64_t cols, int64_t ld,
   MQ_RETURN_IF_ERROR(check_on_device(scales, "scales", device, true));
   MQ_RETURN_IF_ERROR(check_on_device(zeros, "zeros", device, true));
   MQ_RETURN_IF_ERROR(check_on_device(dequantized, "dequantized", device, true));
+  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", device, true));
 
   StreamBuffer flag(stream);
-  MQ_RETURN_IF_ERROR(flag.allocate(sizeof(unsigned long long)));
+  MQ_RETURN_IF_ERROR(flag.use_or_allocate(flag_workspace, sizeof(unsigned long long)));
   MQ_CUDA_RETURN("quantize_rtn kernel",
                  cuda_detail::launch_quantize_rtn(w, rows, cols, ld, to_params(spec, cols), codes, scales, zeros,
                                                   dequantized, flag.as<unsigned long long>(), stream));
@@ -116,6 +130,11 @@ Status cuda_dequantize(const int8_t* codes, const float* scales, const int32_t* 
 }
 
 Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream) {
+  return cuda_pack_rows(q, rows, cols, bits, out, stream, nullptr);
+}
+
+Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream,
+                      void* flag_workspace) {
   MQ_RETURN_IF_ERROR(detail::check_bits(bits));
   if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
   if (rows == 0 || cols == 0) return {};
@@ -124,9 +143,10 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
   ScopedDevice guard;
   MQ_RETURN_IF_ERROR(guard.enter(device));
   MQ_RETURN_IF_ERROR(check_on_device(out, "out", device, false));
+  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", device, true));
 
   StreamBuffer flag(stream);
-  MQ_RETURN_IF_ERROR(flag.allocate(sizeof(unsigned long long)));
+  MQ_RETURN_IF_ERROR(flag.use_or_allocate(flag_workspace, sizeof(unsigned long long)));
   MQ_CUDA_RETURN("pack_rows kernel",
                  cuda_detail::launch_pack_rows(q, rows, cols, bits, out, flag.as<unsigned long long>(), stream));
   unsigned long long bad = kNoBadIndex;

@@ -38,6 +38,16 @@ inline namespace v0 {
 Status cuda_quantize_rtn(const float* w, int64_t rows, int64_t cols, int64_t ld, const QuantSpec& spec, int8_t* codes,
                          float* scales, int32_t* zeros, float* dequantized, cudaStream_t stream);
 
+/// Bytes of the device scratch the error-flag overloads below take (one 64-bit flag).
+constexpr size_t kCudaFlagBytes = 8;
+
+/// As above with a caller-owned device scratch of kCudaFlagBytes on w's device (e.g. from a caching allocator),
+/// used stream-ordered on `stream`; nullptr allocates it per call with cudaMallocAsync, which is much slower
+/// than the kernel for small matrices when the memory pool trims at the synchronization.
+Status cuda_quantize_rtn(const float* w, int64_t rows, int64_t cols, int64_t ld, const QuantSpec& spec, int8_t* codes,
+                         float* scales, int32_t* zeros, float* dequantized, cudaStream_t stream,
+                         void* flag_workspace);
+
 /// out [rows, cols] = (codes - zeros) * scales with per-group parameters [rows, groups] (zeros may be null = 0),
 /// bit-exact with moequant::dequantize. Asynchronous.
 Status cuda_dequantize(const int8_t* codes, const float* scales, const int32_t* zeros, int64_t rows, int64_t cols,
@@ -47,6 +57,10 @@ Status cuda_dequantize(const int8_t* codes, const float* scales, const int32_t* 
 /// compressed-tensors pack-quantized layout of pack.h (bit-exact with moequant::pack_rows). A code outside
 /// [qmin, qmax] is kInvalidArgument naming `q` and the first offender. Synchronizes `stream` once.
 Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream);
+
+/// As above with a caller-owned kCudaFlagBytes device scratch on q's device (nullptr: allocated per call).
+Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream,
+                      void* flag_workspace);
 
 /// Inverse of cuda_pack_rows: packed [rows, packed_words(cols, bits)] -> q [rows, cols]. Asynchronous.
 Status cuda_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q, cudaStream_t stream);
