@@ -41,7 +41,8 @@ def markdown(rows: dict, order: list, baseline: dict | None) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--configs", required=True)
+    ap.add_argument("--configs", required=True, help="comma list, or @FILE with one config per line "
+                    "(benchmarks/quality_rows.txt: the table of docs/quality.md)")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--model", default="../shared/models/qwen3moe-tiny")
     ap.add_argument("--text-dir", default="../shared/data/evaltext")
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    spec = Path(args.configs[1:]).read_text().replace("\n", ",") if args.configs.startswith("@") else args.configs
+    names = [c.strip() for c in spec.split(",") if c.strip()]
     ebss = out / "ebss.jsonl"
     if args.ebss:
         t = time.time()
