@@ -16,6 +16,7 @@ library's default recipe), or ``bf16``. Features (each switches one recipe setti
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
+    d03 / d10       GPTQ damping 0.03 / 0.1 (plain methods use 0.01; ``default`` uses the recipe default 0.1)      n2      MSE search norm 2.0 (default 2.4)
 
     python benchmarks/quality.py --model ../shared/models/qwen3moe-tiny --text-dir ../shared/data/evaltext \
         --configs gptq-w4,gptq+ao+mse-w3 [--device cuda] [--json out.json] [--markdown out.md]
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-_PLAIN = dict(scale_search="minmax", act_order=False)  # the reference's plain GPTQ / RTN
+_PLAIN = dict(scale_search="minmax", act_order=False, damp=0.01)  # the reference's plain GPTQ / RTN
 # feature -> (scheme fields, recipe fields); recipe values that are dicts are merged into that recipe section
 FEATURES = {
     "ao": (dict(act_order=True), {}),
@@ -44,6 +45,9 @@ FEATURES = {
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),
+    "d03": (dict(damp=0.03), {}),
+    "d10": (dict(damp=0.1), {}),
+    "n2": (dict(mse_norm=2.0), {}),
     "bf16h": ({}, dict(hessian_precision="bf16")),
     "fp32h": ({}, dict(hessian_precision="fp32")),
 }

@@ -16,7 +16,7 @@ def test_defaults():
     s = QuantScheme()
     assert (s.bits, s.group_size, s.symmetric, s.method, s.scale_search, s.act_order) == \
         (4, 128, False, "gptq", "mse", True)
-    assert (s.mse_grid, s.mse_min_shrink, s.mse_norm, s.damp, s.block_size) == (100, 0.2, 2.4, 0.01, 128)
+    assert (s.mse_grid, s.mse_min_shrink, s.mse_norm, s.damp, s.block_size) == (100, 0.2, 2.4, 0.1, 128)
     r = Recipe()
     assert r.version == 1 and r.hessian_dtype == "float32" and r.routing_weighted is False and r.device is None
     assert r.ignore == list(DEFAULT_IGNORE) and r.overrides == []
