@@ -11,6 +11,8 @@ scales, no act-order, the reference's algorithm), ``gptq+ao+mse-w3``, ``rtn+awq-
 library's default recipe), or ``bf16``. Features (each switches one recipe setting on top of the plain method):
 
     ao      act-order                        mse     MSE scale search
+    fbmean / fbrtn / fbid   fallback policy for experts below fallback.min_tokens (mean Hessian, RTN, identity)
+    mt64    fallback.min_tokens = 64 (default 8): with few calibration samples, makes experts "rare"
     greedy  greedy rounding correction       agq     routing-weighted (affinity-guided) Hessians
     shrink  shrink rare experts' Hessians    awq     AWQ scales (+ clipping), then the method
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
@@ -41,6 +43,10 @@ FEATURES = {
     "greedy": (dict(rounding_passes=1), {}),
     "agq": ({}, dict(routing_weighted=True)),
     "shrink": ({}, dict(fallback=dict(policy="shrink"))),
+    "fbrtn": ({}, dict(fallback=dict(policy="rtn"))),
+    "fbid": ({}, dict(fallback=dict(policy="identity"))),
+    "fbmean": ({}, dict(fallback=dict(policy="mean"))),
+    "mt64": ({}, dict(fallback=dict(min_tokens=64))),
     "awq": ({}, dict(awq=dict(enabled=True))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
@@ -163,13 +169,14 @@ def main(argv=None) -> int:
                                                progress=False)
                     qsec = report.seconds
                     res = evaluate(str(out), held, wt2, args.device, args.seq_len)
+                    res["fallbacks"] = len(report.fallbacks)
         except Exception as exc:  # noqa: BLE001 -- reported per row with --keep-going
             if not args.keep_going:
                 raise
             failed += 1
             print(f"{name:24s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             continue
-        res = {k: round(v, 3) for k, v in res.items()}
+        res = {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
         res.update(quantize_seconds=round(qsec, 1), total_seconds=round(time.time() - t, 1))
         rows[name] = res
         print(f"{name:24s} heldout {res['heldout']:.3f}  wt2 {res['wt2']:.2f}  quantize {qsec:.1f} s "

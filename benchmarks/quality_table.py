@@ -22,14 +22,15 @@ HERE = Path(__file__).resolve().parent
 
 
 def markdown(rows: dict, order: list, baseline: dict | None) -> str:
-    lines = ["| config | held-out ppl | WikiText-2 ppl | quantize s | total s |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| config | held-out ppl | WikiText-2 ppl | quantize s | total s | fallbacks |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name in order:
         r = rows.get(name)
         if r is None:
-            lines.append(f"| {name} | failed | failed | | |")
+            lines.append(f"| {name} | failed | failed | | | |")
             continue
         lines.append(f"| {name} | {r['heldout']:.3f} | {r['wt2']:.2f} | {r['quantize_seconds']:.1f} | "
-                     f"{r['total_seconds']:.1f} |")
+                     f"{r['total_seconds']:.1f} | {r.get('fallbacks', '')} |")
     if baseline:
         lines.append("")
         lines.append("Reference (../shared/baselines): " + ", ".join(
