@@ -9,7 +9,8 @@
 //   stage 0     32 contiguous elements straight from global memory (16-byte loads), window [0, 5);
 //   stage s>0   window [min(5s, k - 5), +5) read from shared memory; only bits [5s, min(5s + 5, k)) are transformed
 //               (the last window is shifted down so it stays inside the segment);
-//   last stage  m = 1: scaled and stored to global memory; m > 1: back to shared memory, then the mix.
+//   last stage  m = 1: scaled and stored to global memory (K = 6..9: back to shared memory, then coalesced 16-byte
+//               stores, see staged_store); m > 1: back to shared memory, then the mix.
 // Mix (m = 12, 20, 28; 40 * 2^k runs as 20 * 2^(k+1)): a thread owns the m values X[a][b] of one column b and forms
 // y_c = sum_a H[a][c] X[a][b] with the signs as compile-time constants, four rows of H at a time: the 8 sign
 // patterns (x0 +- x1 +- x2 +- x3) cost 12 adds and every column then takes one of them (+-), so a column costs
@@ -245,11 +246,23 @@ __device__ __forceinline__ void mix_all(float (&acc)[M], const float* sm, int ba
   (block(std::integral_constant<int, Q>{}), ...);
 }
 
-// Up to n / 32 = 1024 items per row; with m > 1 at most 512 threads (a thread may take two items), so that the mix
-// (m accumulators) gets up to 128 registers.
+// Up to n / 32 = 1024 items per row. m > 1: 256 threads and at least three CTAs per SM (<= 85 registers; the mix
+// holds m accumulators), so that CTAs in different phases (loads / butterflies / mix and stores) overlap on an SM.
 template <int M>
 constexpr int max_threads() {
-  return M == 1 ? 1024 : 512;
+  return M == 1 ? 1024 : 256;
+}
+template <int M>
+constexpr int min_ctas() {
+  return M == 1 ? 1 : 3;
+}
+
+// m = 1 with the last window starting below bit 5 (K = 6..9): the last stage's outputs would leave in runs of
+// 2^w0 < 32 elements, so they go back to shared memory and leave in coalesced 16-byte stores (lanes on consecutive
+// 16-byte chunks).
+template <int M, int K>
+constexpr bool staged_store() {
+  return M == 1 && K > kLogE && K < 2 * kLogE;  // two stages, the last window [K - 5, K)
 }
 
 // Stage S >= 1 of the transform of segments of 2^K (see the top of the file); all shifts are compile-time.
@@ -258,7 +271,7 @@ __device__ __forceinline__ void reg_stage(float* sm, T* dst, int items, float sc
   constexpr int kStages = (K + kLogE - 1) / kLogE, kVBits = K - kLogE;
   constexpr int kW0 = kLogE * S < kVBits ? kLogE * S : kVBits;
   constexpr int kF = K - kLogE * S < kLogE ? K - kLogE * S : kLogE;
-  constexpr bool kLastGlobal = M == 1 && S == kStages - 1;
+  constexpr bool kLastGlobal = M == 1 && S == kStages - 1 && !staged_store<M, K>();
   __syncthreads();
   for (int u = threadIdx.x; u < items; u += blockDim.x) {
     const int seg = u >> kVBits, vv = u & ((1 << kVBits) - 1);
@@ -284,8 +297,8 @@ __device__ __forceinline__ void reg_stages(float* sm, T* dst, int items, float s
 
 // See the top of the file. n = M << K with K >= 5; rpc rows per CTA; threads loop over the items of a stage.
 template <typename T, int M, int K>
-__global__ void __launch_bounds__(max_threads<M>()) hadamard_reg_kernel(const T* x, T* out, int64_t rows, int rpc,
-                                                                        bool vec, float scale) {
+__global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
+    hadamard_reg_kernel(const T* x, T* out, int64_t rows, int rpc, bool vec, bool vec_out, float scale) {
   extern __shared__ float sm[];
   constexpr int kN = M << K, kStages = (K + kLogE - 1) / kLogE;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rpc;
@@ -308,6 +321,22 @@ __global__ void __launch_bounds__(max_threads<M>()) hadamard_reg_kernel(const T*
     }
   }
   reg_stages<T, M, K>(sm, dst, items, scale, std::make_integer_sequence<int, kStages - 1>{});
+  if constexpr (staged_store<M, K>()) {
+    __syncthreads();
+    constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte store; a CTA's rows are a multiple of 64 elements
+    const int total = rows_here * kN;
+    for (int e = threadIdx.x * kPer; e < total; e += blockDim.x * kPer) {
+      alignas(16) T o[kPer];
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) o[i] = from_f32<T>(sm[swz(e + i)] * scale);
+      if (vec_out) {
+        *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(o);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) dst[e + i] = o[i];
+      }
+    }
+  }
   if constexpr (M > 1) {
     __syncthreads();
     const int cols = rows_here << K;  // (row, b) pairs
@@ -326,10 +355,14 @@ template <typename T, int M, int K>
 cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
   constexpr int kN = M << K, kPerRow = kN >> kLogE;  // items (32 elements) per row
   int64_t rpc = 1;
-  if (kPerRow < 256) rpc = (256 + kPerRow - 1) / kPerRow;  // batch small rows: >= 256 items per CTA
+  if (M > 1) {
+    rpc = K < 9 ? (512 >> K) : 1;  // >= 512 columns (a mix thread's work) per CTA: two per thread
+  } else if (kPerRow < 256) {
+    rpc = (256 + kPerRow - 1) / kPerRow;  // batch small rows: >= 256 items per CTA
+  }
   if (rpc > rows) rpc = rows;
   const int items = static_cast<int>(rpc) * kPerRow;
-  int threads = items;
+  int threads = M > 1 ? static_cast<int>(rpc << K) : items;  // m > 1: columns >= items (m < 32)
   while (threads > max_threads<M>()) threads = (threads + 1) / 2;
   threads = (threads + 31) / 32 * 32;
   constexpr bool kDirect = M == 1 && K == kLogE;
@@ -342,8 +375,9 @@ cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
   const int64_t blocks = (rows + rpc - 1) / rpc;
   const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(kN)));
   const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0;  // rows are 32 elements = 64 or 128 bytes apart
-  hadamard_reg_kernel<T, M, K><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(x, out, rows,
-                                                                                        static_cast<int>(rpc), vec, scale);
+  const bool vec_out = reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  hadamard_reg_kernel<T, M, K><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(
+      x, out, rows, static_cast<int>(rpc), vec, vec_out, scale);
   return cudaGetLastError();
 }
 

@@ -164,9 +164,17 @@ def _all_lengths() -> list[int]:
 
 
 def _rows_per_cta(n: int) -> int:
-    """Rows the CUDA kernel batches into one CTA for p >= 32 (hadamard.cu launch_reg): >= 256 items of 32."""
+    """Rows the CUDA kernel batches into one CTA for p >= 32 (hadamard.cu launch_reg): m = 1 >= 256 items of 32
+    elements; m > 1 >= 512 columns (2^k each)."""
+    m, p = decompose(n)
+    if m > 1:
+        return max(1, 512 // p)
     per_row = n // 32
     return 1 if per_row >= 256 else -(-256 // per_row)
+
+
+def test_rows_per_cta_mirror():
+    assert [_rows_per_cta(n) for n in (128, 768, 7168, 14336, 40 * 64, 16384)] == [64, 8, 2, 1, 4, 1]
 
 
 @pytest.mark.parametrize("n", [48, 640, 2560, 1792, 7168])
@@ -187,9 +195,10 @@ def test_cuda_every_length_fp32(n, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [32, 128, 768, 1280, 1792, 4096, 7168, 16384, 32768])
+@pytest.mark.parametrize("n", [32, 64, 128, 256, 512, 768, 1280, 1792, 4096, 7168, 14336, 16384, 32768])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_low_precision_every_kernel(n, dtype, gen):
+    """Every kernel path in 2-byte dtypes: 64..512 take the staged, coalesced 16-byte store of the last stage."""
     rows = min(2 * _rows_per_cta(n) + 1, max(3, (1 << 19) // n))
     x = torch.randn(rows, n, generator=gen).to(dtype)
     got = ops.hadamard_transform(x.cuda()).cpu()
@@ -201,7 +210,7 @@ def test_cuda_low_precision_every_kernel(n, dtype, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [128, 7168])
+@pytest.mark.parametrize("n", [128, 512, 7168])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_misaligned_input(n, dtype, gen):
     """A contiguous input one element past a 16-byte boundary takes the element-wise loads."""
