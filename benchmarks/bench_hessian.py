@@ -20,7 +20,7 @@ Columns per (model, precision):
 Second table: effect on GPTQ. For a few DeepSeek-V3 experts (gate+up, [4096, 7168], 4-bit g128 asym) GPTQ is solved
 with each precision's Hessian and the proxy loss tr((W-Q) H32 (W-Q)^T) is evaluated with the fp32 Hessian H32;
 reported relative to the solve on H32 itself (1.000 = no loss of quality). Also the relative Frobenius error of H.
-Usage: python benchmarks/bench_hessian.py [--quick] [--no-loss]
+Usage: python benchmarks/bench_hessian.py [--quick] [--no-loss] [--profile]
 """
 
 from __future__ import annotations
@@ -163,13 +163,39 @@ def loss_table(quick: bool) -> None:
                 ["Hessian", "max rel Frobenius err of H", "loss / loss(fp32 H) mean", "max"], rows)
 
 
+def profile_table(quick: bool) -> None:
+    """Per-kernel CUDA time of one BF16 add per shape (torch.profiler): where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    for model, E in CASES[:1] if quick else CASES:
+        shp = SHAPES[model]
+        d = shp.hidden
+        n = CALIB_TOKENS * shp.top_k // shp.experts * E
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(n, d, device="cuda", generator=g)
+        ids = torch.randint(0, E, (n,), device="cuda", generator=g, dtype=torch.int32)
+        acc = ops.HessianAccumulator(E, d, device="cuda", precision="bf16")
+        acc.add(x, ids)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            acc.add(x, ids)
+            torch.cuda.synchronize()
+        print(f"profile {model} (dim {d}, {E} experts, {n} rows) bf16 add:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+        del acc, x, ids
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="DeepSeek-V3 only, 2 experts in the loss table")
     ap.add_argument("--no-loss", action="store_true", help="skip the GPTQ proxy-loss table")
+    ap.add_argument("--profile", action="store_true", help="only the per-kernel CUDA time of one bf16 add per shape")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.profile:
+        profile_table(args.quick)
+        return
     speed_table(args.quick)
     if not args.no_loss:
         loss_table(args.quick)

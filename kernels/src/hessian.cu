@@ -78,11 +78,19 @@ __global__ void __launch_bounds__(256) chunk_scan_kernel(int64_t num_experts, in
                                                          int32_t* __restrict__ table, int32_t* __restrict__ offsets) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < num_experts; e += stride) {
+    // kAhead independent loads in flight before the dependent stores: the walk is latency-bound otherwise
+    // (num_chunks = n / 1024 serial L2 round trips, e.g. 512 for 524,288 rows).
+    constexpr int kAhead = 8;
     int32_t running = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      const int32_t t = table[c * num_experts + e];
-      table[c * num_experts + e] = running;
-      running += t;
+    for (int64_t c0 = 0; c0 < num_chunks; c0 += kAhead) {
+      int32_t t[kAhead];
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k) t[k] = c0 + k < num_chunks ? table[(c0 + k) * num_experts + e] : 0;
+#pragma unroll
+      for (int k = 0; k < kAhead; ++k) {
+        if (c0 + k < num_chunks) table[(c0 + k) * num_experts + e] = running;
+        running += t[k];
+      }
     }
     offsets[e + 1] = running;
   }

@@ -1,7 +1,7 @@
 """Tensor-core routed Hessians (``HessianAccumulator(..., precision="tf32" | "bf16")`` on CUDA) on awkward shapes.
 
 The update stage groups experts of similar row counts, writes each expert's scaled rows transposed and zero-padded
-to its group's length (a multiple of 64), covers the lower triangle with 256- or 512-wide square tiles (edge tiles
+to its group's length (a multiple of 32), covers the lower triangle with 256- or 512-wide square tiles (edge tiles
 when dim is not a multiple), runs one batched GEMM call per (group, tile shape), and defers the mirror to the next
 read of ``hessians``. Each case is checked
 element by element against the float64 reference (``moequant.ref``) and against the fp32 CUDA accumulator, with the
@@ -60,8 +60,9 @@ def _check(precision, x, ids, w, experts, dim, acc=None):
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-@pytest.mark.parametrize("dim", [1, 3, 8, 130, 256, 257, 600, 2600])  # <= 256: one tile; 257, 600: 256-wide tiles
-# with an edge; 2600: 512-wide tiles with a 40-wide edge
+@pytest.mark.parametrize("dim", [1, 3, 8, 130, 256, 257, 600, 1024, 2600])  # <= 256: one tile; 257, 600, 1024:
+# 256-wide tiles (600: an 88-wide edge); 2600: 512-wide tiles with a 40-wide edge. bf16: dims that are multiples of
+# 8 take the 16-byte-store gather (8: one 8-wide step; 2600: two steps per thread, the second partly idle)
 def test_awkward_dims(precision, dim, gen):
     # expert 1 empty, expert 2 a single row, the others spread over several padded counts
     counts = [70, 0, 1, 64, 65, 130]
@@ -135,7 +136,7 @@ def test_row_strided_x(precision, gen):
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_bad_x_reported_for_tensor_core_gather(precision, gen):
     # The tensor-core gather validates x itself (full and partial feature tiles): first offending element, H untouched.
-    for dim in (64, 37):
+    for dim in (64, 37, 2600):  # 2600: the 16-byte-store gather, bad element in a thread's second step
         x, ids, w = _routed(gen, [30, 0, 20], dim)
         acc = ops.HessianAccumulator(3, dim, device="cuda", precision=precision)
         acc.add(x.cuda(), ids.cuda(), w.cuda())
