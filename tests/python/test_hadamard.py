@@ -115,7 +115,7 @@ def test_cuda_matches_cpu(n, dtype, gen):
     x = (torch.randn(rows, n, generator=gen) * torch.logspace(-2, 2, rows).unsqueeze(1)).to(dtype)
     got = ops.hadamard_transform(x.cuda())
     assert got.is_cuda and got.dtype == dtype and got.shape == x.shape
-    ref = hadamard_ref(x.float())
+    ref = _fast_ref64(x.float())  # the dense hadamard_ref needs minutes and 8 GB at n = 32768
     if dtype == torch.float32:
         assert bool(((got.cpu().double() - ref.double()).abs() <= _budget(x.float())).all())
     else:  # one rounding to the dtype after an fp32 computation: within one ulp of the rounded reference
