@@ -1,29 +1,16 @@
 """The ``awq`` section of a :class:`moequant.recipe.Recipe` (AWQ before the solve, :mod:`moequant.awq_layer`)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from ._config import _check_bool, _check_int, _Dict, _fail
 
 __all__ = ["AWQConfig"]
 
 
-def _fail(name: str, expected: str, got: Any, remedy: str = "") -> None:
-    raise ValueError(f"{name}: expected {expected}, got {got!r}" + (f"; {remedy}" if remedy else ""))
-
-
-def _check_bool(name: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        _fail(name, "true or false", v)
-
-
-def _check_int(name: str, v: Any, lo: int, remedy: str = "") -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        _fail(name, f"an integer >= {lo}", v, remedy)
-
-
 @dataclass
-class AWQConfig:
+class AWQConfig(_Dict):
     """AWQ before the solve (:mod:`moequant.awq_layer`, docs/algorithms.md): per-input-channel scales folded into
     the preceding norm or Linear (into the router too, so routing is unchanged), then a clipping search.
 
@@ -50,19 +37,6 @@ class AWQConfig:
     clip_tokens: int = 512
     min_tokens: int = 8
     exact_routing: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AWQConfig":
-        if not isinstance(data, dict):
-            _fail("awq", "a mapping", data)
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"awq: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
-        return cls(**data)
 
     def __post_init__(self) -> None:
         for name in ("enabled", "duo_scaling", "clip_search", "exact_routing"):

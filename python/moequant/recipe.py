@@ -24,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, Optional
+from typing import Any, ClassVar, Optional
 
+from ._config import (_check_bool, _check_choice, _check_int, _check_keys, _check_pos_float, _Dict, _fail, _is_int,
+                      _str_list)
 from .awq_config import AWQConfig
 from .rotation_config import RotationConfig
 
@@ -53,67 +54,6 @@ _SEARCHES = ("minmax", "mse")
 _POLICIES = ("mean", "identity", "rtn", "shrink")
 _HESSIAN_DTYPES = ("float32", "float64")
 _HESSIAN_PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-
-
-def _fail(name: str, expected: str, got: Any, remedy: str = "") -> NoReturn:
-    msg = f"{name}: expected {expected}, got {got!r}"
-    raise ValueError(msg + (f"; {remedy}" if remedy else ""))
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_int(name: str, v: Any, lo: int, remedy: str = "") -> None:
-    if not _is_int(v) or v < lo:
-        _fail(name, f"an integer >= {lo}", v, remedy)
-
-
-def _check_choice(name: str, v: Any, choices: tuple, remedy: str = "") -> None:
-    if v not in choices:
-        _fail(name, f"one of {', '.join(map(repr, choices))}", v, remedy)
-
-
-def _check_bool(name: str, v: Any) -> None:
-    if not isinstance(v, bool):
-        _fail(name, "true or false", v)
-
-
-def _check_pos_float(name: str, v: Any, hi: Optional[float] = None, remedy: str = "") -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-    if not ok or (hi is not None and v > hi):
-        _fail(name, "a finite number > 0" + (f" and <= {hi}" if hi is not None else ""), v, remedy)
-
-
-def _check_keys(cls: type, data: Any, where: str) -> dict:
-    if not isinstance(data, dict):
-        _fail(where, "a mapping", data)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
-    return data
-
-
-def _str_list(name: str, v: Any) -> list[str]:
-    if isinstance(v, (str, os.PathLike)):
-        v = [v]
-    if not isinstance(v, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in v):
-        _fail(name, "a list of strings", v)
-    return [os.fspath(x) for x in v]
-
-
-class _Dict:
-    """``to_dict()`` / ``from_dict()`` for the flat config dataclasses (unknown keys are an error)."""
-
-    _where: ClassVar[str] = ""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        return cls(**_check_keys(cls, data, cls._where))
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -359,7 +299,7 @@ class Recipe:
             _fail("version", str(RECIPE_VERSION), self.version,
                   "this moequant reads recipe version 1; upgrade moequant or rewrite the recipe")
         for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig),
-                          ("awq", AWQConfig)):
+                          ("awq", AWQConfig), ("rotation", RotationConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls.from_dict(getattr(self, name)))
             if not isinstance(getattr(self, name), cls):
@@ -384,10 +324,6 @@ class Recipe:
         if self.device is not None and (not isinstance(self.device, str) or not _DEVICE_RE.match(self.device)):
             _fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
         _check_pos_float("solver_memory_gb", self.solver_memory_gb)
-        if isinstance(self.rotation, dict):
-            self.rotation = RotationConfig.from_dict(self.rotation)
-        if not isinstance(self.rotation, RotationConfig):
-            _fail("rotation", "a RotationConfig or a mapping", self.rotation)
 
     # ------------------------------------------------------------------ resolution
     def is_ignored(self, module_name: str) -> bool:
