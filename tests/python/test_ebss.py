@@ -5,7 +5,6 @@ The model is a tiny random Qwen3-MoE (8 experts, top-2) built here with the ship
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,24 +13,15 @@ import transformers
 from moequant import cli, ebss
 from moequant.data import read_jsonl_samples
 from moequant.recipe import CalibrationConfig
-
-REPO = Path(__file__).resolve().parents[2]
-TOKENIZER = REPO / "examples" / "tiny_moe" / "tokenizer"
+from testdata import tiny_qwen3_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                                      max_position_embeddings=256, tie_word_embeddings=True, norm_topk_prob=True)
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("ebss") / "model"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return model, tok, path
+    path = tiny_qwen3_checkpoint(tmp_path_factory.mktemp("ebss") / "model", num_experts=8,
+                                 moe_intermediate_size=32, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path), path
 
 
 def test_expert_balance_formula():

@@ -16,24 +16,15 @@ from safetensors import safe_open
 
 from moequant import ops, pipeline
 from moequant.recipe import CalibrationConfig, FallbackConfig, Override, QuantScheme, Recipe
+from testdata import tiny_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER = REPO / "examples" / "tiny_moe" / "tokenizer"
 CALIB = REPO / "examples" / "data" / "wikitext2_calib.txt"
 
 
 def _tiny_qwen3(path: Path, seed: int = 0) -> Path:
     """A random Qwen3-MoE (2 layers, hidden 64, 4 experts of width 64, top-2) saved with the shipped tokenizer."""
-    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                      moe_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                      max_position_embeddings=256, tie_word_embeddings=True, norm_topk_prob=True)
-    torch.manual_seed(seed)
-    model = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_qwen3_checkpoint(path, seed=seed)
 
 
 def _recipe(**scheme) -> Recipe:

@@ -18,9 +18,9 @@ from moequant.capture import LayerCapture
 from moequant.models import detect_family, split_expert
 from moequant.recipe import CalibrationConfig, FallbackConfig, QuantScheme, Recipe
 from moequant.solve import ExpertHessians
+from testdata import tiny_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-TOKENIZER = REPO / "examples" / "tiny_moe" / "tokenizer"
 CALIB = REPO / "examples" / "data" / "wikitext2_calib.txt"
 
 
@@ -93,16 +93,8 @@ def test_shrink_estimator_limits():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    tok = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
-    cfg = transformers.Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                      moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-                                      max_position_embeddings=256, tie_word_embeddings=True, norm_topk_prob=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("shrink") / "model"
-    transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_qwen3_checkpoint(tmp_path_factory.mktemp("shrink") / "model", num_experts=8,
+                                 moe_intermediate_size=32, dtype=torch.float32)
 
 
 def test_capture_all_token_hessians(tiny):
