@@ -143,7 +143,16 @@ void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const 
   mb::check_dim(mass, "mass", 1);
   mb::check_dtype(mass, "mass", at::kDouble);
   mb::check_size(mass, "mass", 0, experts);
-  check_matrix_f32(x, "x");
+  mb::check_dim(x, "x", 2);
+  const bool x_cuda = x.is_cuda();
+  if (x.scalar_type() != at::kFloat &&
+      !(x_cuda && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf)))
+    throw std::invalid_argument(fmt::format(
+        "x: expected dtype float32{}, got {}", x_cuda ? ", bfloat16 or float16" : " (16-bit rows only on CUDA)",
+        mb::dtype_str(x.scalar_type())));
+  if (x.stride(1) != 1 || x.stride(0) < x.size(1))
+    throw std::invalid_argument(fmt::format("x: expected rows with unit stride (call .contiguous()), got shape {}",
+                                            mb::shape_str(x)));
   mb::check_size(x, "x", 1, dim);
   mb::check_dim(ids, "expert_ids", 1);
   mb::check_dtype(ids, "expert_ids", at::kInt);

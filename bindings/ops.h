@@ -61,6 +61,7 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, co
                            const QuantSpec& spec);
 at::Tensor pack_rows_cuda(const at::Tensor& q, int bits);
 at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols);
+/// x: float32, bfloat16 or float16 rows (widened exactly on the device).
 /// precision: HessianPrecision of kernels.h (0 fp32 SSYRK, 1 TF32, 2 BF16 tensor-core GEMMs). symmetrize = false
 /// defers the mirror of the updated triangle to hessian_symmetrize_cuda (kernels.h).
 void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass, const at::Tensor& x,

@@ -67,7 +67,10 @@ void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass
   const size_t ws_bytes = cuda_hessian_workspace_bytes(n, dim, experts, precision);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  throw_if_error(cuda_accumulate_hessian(x.data_ptr<float>(), n, dim, x.stride(0), ids.data_ptr<int32_t>(),
+  const HessianInput x_type = x.scalar_type() == at::kBFloat16 ? kHessianInputBf16
+                              : x.scalar_type() == at::kHalf   ? kHessianInputF16
+                                                               : kHessianInputF32;
+  throw_if_error(cuda_accumulate_hessian(x.data_ptr(), x_type, n, dim, x.stride(0), ids.data_ptr<int32_t>(),
                                          weights ? weights->data_ptr<float>() : nullptr, experts, H.data_ptr<float>(),
                                          counts.data_ptr<int64_t>(), mass.data_ptr<double>(), ws.data_ptr(), ws_bytes,
                                          handle, at::cuda::getCurrentCUDAStream(x.device().index()).stream(),

@@ -207,7 +207,36 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision, bool symmetrize) {
+  return cuda_accumulate_hessian(static_cast<const void*>(x), kHessianInputF32, n, dim, ldx, expert_ids, weights,
+                                 num_experts, H, counts, mass, workspace, workspace_bytes, handle, stream, precision,
+                                 symmetrize);
+}
+
+static_assert(kHessianInputF32 == cuda_detail::kInputF32 && kHessianInputBf16 == cuda_detail::kInputBf16 &&
+                  kHessianInputF16 == cuda_detail::kInputF16,
+              "kernels.h's HessianInput and hessian_launch.h's input codes must agree");
+
+namespace {
+/// Element (i, j) of x (type x_type) read back and widened to float, for the error message.
+Status read_x_value(const void* x, HessianInput x_type, int64_t i, int64_t ldx, int64_t j, cudaStream_t stream,
+                    float* v) {
+  const char* p = static_cast<const char*>(x) + (i * ldx + j) * cuda_detail::input_bytes(x_type);
+  if (x_type == kHessianInputF32) return read_back(v, p, sizeof(float), stream, "x value readback");
+  uint16_t h = 0;
+  MQ_RETURN_IF_ERROR(read_back(&h, p, sizeof(h), stream, "x value readback"));
+  *v = x_type == kHessianInputBf16 ? api_detail::bf16_to_float(h) : api_detail::half_to_float(h);
+  return {};
+}
+}  // namespace
+
+Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, int64_t dim, int64_t ldx,
+                               const int32_t* expert_ids, const float* weights, int64_t num_experts, float* H,
+                               int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
+                               cublasHandle_t handle, cudaStream_t stream, int precision, bool symmetrize) {
   // The CPU's checks and messages first (accumulate_hessian / validate_hessian_inputs), then the CUDA limits.
+  if (x_type != kHessianInputF32 && x_type != kHessianInputBf16 && x_type != kHessianInputF16)
+    return Status::invalid("x_type: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}",
+                           static_cast<int>(x_type));
   if (precision != kHessianFp32 && precision != kHessianTf32 && precision != kHessianBf16)
     return Status::invalid("precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got {}", precision);
   if (dim <= 0) return Status::invalid("dim: expected > 0, got {}", dim);
@@ -248,8 +277,8 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
 
   // Stage 1: validate + sort (+ the fp32 gather) on the device. H, counts, mass untouched.
   MQ_CUDA_RETURN("accumulate_hessian prepare",
-                 cuda_detail::launch_hessian_prepare(x, n, dim, ldx, expert_ids, weights, num_experts, workspace,
-                                                     layout, stream));
+                 cuda_detail::launch_hessian_prepare(x, x_type, n, dim, ldx, expert_ids, weights, num_experts,
+                                                     workspace, layout, stream));
   char* ws = static_cast<char*>(workspace);
   std::vector<int32_t> offsets(static_cast<size_t>(num_experts) + 1), poffsets;
   if (precision != kHessianFp32) {
@@ -265,7 +294,7 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
     MQ_CUDA_RETURN("accumulate_hessian padded offsets upload",
                    cudaMemcpyAsync(ws + layout.poffsets, poffsets.data(), poffsets.size() * sizeof(int32_t),
                                    cudaMemcpyHostToDevice, stream));
-    MQ_CUDA_RETURN("accumulate_hessian gather", cuda_detail::launch_hessian_gather_tc(x, dim, ldx, weights,
+    MQ_CUDA_RETURN("accumulate_hessian gather", cuda_detail::launch_hessian_gather_tc(x, x_type, dim, ldx, weights,
                                                                                      num_experts, workspace, layout,
                                                                                      stream));
   }
@@ -296,7 +325,7 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
     const int64_t i = static_cast<int64_t>(flags[2] / static_cast<uint64_t>(dim));
     const int64_t j = static_cast<int64_t>(flags[2] % static_cast<uint64_t>(dim));
     float v = 0.0f;
-    MQ_RETURN_IF_ERROR(read_back(&v, x + i * ldx + j, sizeof(v), stream, "x value readback"));
+    MQ_RETURN_IF_ERROR(read_x_value(x, x_type, i, ldx, j, stream, &v));
     return Status::invalid("x: expected finite values, got {} at ({}, {})", nan_or_inf(v), i, j);
   }
   if (offsets[0] != 0 || offsets[static_cast<size_t>(num_experts)] != n)

@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 
 namespace moequant {
 inline namespace v0 {
@@ -180,6 +182,21 @@ inline cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
 }
 
 inline const char* nan_or_inf(float v) { return std::isnan(v) ? "NaN" : "Inf"; }
+
+/// bfloat16 / IEEE half bit patterns widened to float (host side, for error messages).
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline float half_to_float(uint16_t h) {
+  const int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  const float sign = (h & 0x8000) ? -1.0f : 1.0f;
+  if (exp == 0x1f) return man ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();
+  if (exp == 0) return sign * std::ldexp(static_cast<float>(man), -24);
+  return sign * std::ldexp(static_cast<float>(man + 1024), exp - 25);
+}
 
 }  // namespace api_detail
 }  // namespace v0

@@ -10,7 +10,7 @@
 //     4. scatter_kernel   one warp per chunk again: perm[offsets[e] + table[chunk][e] + rank] = row, with the
 //                         rank of a row among the same-expert rows before it in the chunk (__match_any_sync)
 //                         -- a *stable* counting sort, so the result is deterministic run to run
-//     5. gather           fp32: one block per sorted row, rows[p] = sqrt(c) * x[perm[p]] (validates x);
+//     5. gather           (x fp32, bf16 or fp16, widened exactly on load) fp32: one block per sorted row, rows[p] = sqrt(c) * x[perm[p]] (validates x);
 //                         tf32 / bf16 (hessian_gather_tc.cu, after the host read the offsets back and uploaded
 //                         its padded offsets): the same products in the GEMM input type, zero-padded to the group
 //                         length: bf16 (rounded to nearest even) sample-major, one block per padded row; fp32 (TF32
@@ -162,8 +162,9 @@ __global__ void __launch_bounds__(128) scatter_kernel(const int32_t* __restrict_
 
 // Pass 5: one block per sorted row (grid-stride), threads across the row: coalesced reads of x and writes of the
 // gathered row. Rows with bad ids are not in perm; rows with bad weights produce garbage that is never used
-// (the host reports the flag before any SYRK).
-__global__ void __launch_bounds__(256) gather_kernel(const float* __restrict__ x, int64_t dim, int64_t ldx,
+// (the host reports the flag before any SYRK). InT: x's element type, widened exactly to fp32.
+template <typename InT>
+__global__ void __launch_bounds__(256) gather_kernel(const InT* __restrict__ x, int64_t dim, int64_t ldx,
                                                      const float* __restrict__ weights,
                                                      const int32_t* __restrict__ perm, int64_t num_experts,
                                                      const int32_t* __restrict__ offsets,
@@ -173,10 +174,10 @@ __global__ void __launch_bounds__(256) gather_kernel(const float* __restrict__ x
   for (int64_t p = blockIdx.x; p < rows; p += gridDim.x) {
     const int64_t row = perm[p];
     const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;  // IEEE sqrt (-prec-sqrt=true default)
-    const float* src = x + row * ldx;
+    const InT* src = x + row * ldx;
     float* dst = gathered + p * dim;
     for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-      const float v = __ldg(src + j);
+      const float v = load_x(src + j);
       if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
       dst[j] = __fmul_rn(s, v);
     }
@@ -210,28 +211,46 @@ __global__ void __launch_bounds__(kTile * 8) mirror_kernel(float* __restrict__ H
   }
 }
 
-// Finish 2: one warp per expert. counts[e] += rows; mass[e] += sum of the weights in sorted order, accumulated
-// by one chain of double adds exactly like the CPU loop (m = 0; m += c_i; mass += m), so mass is bit-identical.
-__global__ void __launch_bounds__(128) stats_kernel(const float* __restrict__ weights, int64_t num_experts,
-                                                    const int32_t* __restrict__ offsets,
-                                                    const int32_t* __restrict__ perm, int64_t* __restrict__ counts,
-                                                    double* __restrict__ mass) {
-  const int lane = static_cast<int>(threadIdx.x % kWarp);
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-  for (int64_t e = warp; e < num_experts; e += num_warps) {
+// Finish 2: one block per expert. counts[e] += rows; mass[e] += sum of the weights in sorted order, accumulated by
+// one chain of double adds exactly like the CPU loop (m = 0; m += c_i; mass += m), so mass is bit-identical. The
+// chain itself is serial; what made it slow was one dependent gather weights[perm[i]] per add. Here the whole block
+// loads a tile of kStatsTile weights into shared memory (independent loads, all in flight at once) while thread 0
+// adds up the previous tile from shared memory. Without weights every c_i is 1 and the chain is exactly `rows`.
+constexpr int kStatsThreads = 256, kStatsTile = 2048;
+__global__ void __launch_bounds__(kStatsThreads) stats_kernel(const float* __restrict__ weights, int64_t num_experts,
+                                                              const int32_t* __restrict__ offsets,
+                                                              const int32_t* __restrict__ perm,
+                                                              int64_t* __restrict__ counts,
+                                                              double* __restrict__ mass) {
+  __shared__ float tile[2][kStatsTile];
+  for (int64_t e = blockIdx.x; e < num_experts; e += gridDim.x) {
     const int64_t b = offsets[e], rows = offsets[e + 1] - b;
     if (rows == 0) continue;
-    double m = 0.0;
-    if (mass) {
-      for (int64_t base = 0; base < rows; base += kWarp) {
-        const int64_t k = base + lane;
-        const double c = k < rows ? (weights ? static_cast<double>(__ldg(weights + perm[b + k])) : 1.0) : 0.0;
-        const int cnt = rows - base < kWarp ? static_cast<int>(rows - base) : kWarp;
-        for (int j = 0; j < cnt; ++j) m = __dadd_rn(m, __shfl_sync(kFullMask, c, j));
+    double m = static_cast<double>(rows);  // sum of rows ones: exact (rows < 2^31)
+    if (mass && weights) {
+      m = 0.0;
+      const int64_t tiles = (rows + kStatsTile - 1) / kStatsTile;
+      auto load = [&](int64_t t) {
+        float* dst = tile[t & 1];
+        for (int64_t k = threadIdx.x; k < kStatsTile; k += blockDim.x) {
+          const int64_t i = t * kStatsTile + k;
+          if (i < rows) dst[k] = __ldg(weights + perm[b + i]);
+        }
+      };
+      load(0);
+      __syncthreads();
+      for (int64_t t = 0; t < tiles; ++t) {
+        if (t + 1 < tiles) load(t + 1);  // the other buffer: nobody reads it during this step
+        if (threadIdx.x == 0) {
+          const float* src = tile[t & 1];
+          const int cnt = static_cast<int>(rows - t * kStatsTile < kStatsTile ? rows - t * kStatsTile : kStatsTile);
+#pragma unroll 8
+          for (int j = 0; j < cnt; ++j) m = __dadd_rn(m, static_cast<double>(src[j]));
+        }
+        __syncthreads();  // tile t is consumed and tile t + 1 is complete
       }
     }
-    if (lane == 0) {
+    if (threadIdx.x == 0) {
       if (counts) counts[e] += rows;
       if (mass) mass[e] = __dadd_rn(mass[e], m);
     }
@@ -247,9 +266,9 @@ inline unsigned capped_blocks(int64_t work, int64_t per_block, int64_t cap) {
 
 }  // namespace
 
-cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64_t ldx, const int32_t* expert_ids,
-                                   const float* weights, int64_t num_experts, void* workspace,
-                                   const HessianLayout& layout, cudaStream_t stream) {
+cudaError_t launch_hessian_prepare(const void* x, int x_type, int64_t n, int64_t dim, int64_t ldx,
+                                   const int32_t* expert_ids, const float* weights, int64_t num_experts,
+                                   void* workspace, const HessianLayout& layout, cudaStream_t stream) {
   const HessianWorkspace ws = carve_hessian(workspace, layout);
   cudaError_t err = cudaMemsetAsync(ws.flags, 0xFF, 3 * sizeof(unsigned long long), stream);  // kNoBadIndex
   if (err != cudaSuccess) return err;
@@ -275,8 +294,10 @@ cudaError_t launch_hessian_prepare(const float* x, int64_t n, int64_t dim, int64
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (layout.precision != 0) return cudaSuccess;  // the tensor-core gather follows the host's padding plan
   // n bounds the number of routed rows (the exact count is only on the device).
-  gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(
-      x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, static_cast<float*>(ws.rows), ws.flags);
+  dispatch_x(x, x_type, [&](auto* xt) {
+    gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(
+        xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, static_cast<float*>(ws.rows), ws.flags);
+  });
   return cudaGetLastError();
 }
 
@@ -295,7 +316,7 @@ cudaError_t launch_hessian_stats(int64_t num_experts, const float* weights, int6
                                  const void* workspace, const HessianLayout& layout, cudaStream_t stream) {
   if (!counts && !mass) return cudaSuccess;
   const HessianWorkspace ws = carve_hessian(const_cast<void*>(workspace), layout);
-  stats_kernel<<<capped_blocks(num_experts, 128 / kWarp, int64_t{1} << 16), 128, 0, stream>>>(
+  stats_kernel<<<capped_blocks(num_experts, 1, int64_t{1} << 16), kStatsThreads, 0, stream>>>(
       weights, num_experts, ws.offsets, ws.perm, counts, mass);
   return cudaGetLastError();
 }

@@ -1,12 +1,15 @@
 // kernels/src/hessian_gather_tc.cu -- the scaled-row pass of the tensor-core Hessian paths (stage 1b of hessian.cu's
 // pipeline): after the host planned the padded groups and uploaded poffsets, write sqrt(c) * x of every routed row
 // once, directly in the GEMM input type and layout, zero-padded to the expert's group length, validating x.
+// x is fp32, bf16 or fp16 (widened exactly to fp32 on load, so the rows do not depend on x's type for equal values).
 #include "hessian_launch.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 namespace moequant {
 inline namespace v0 {
@@ -15,7 +18,6 @@ namespace {
 
 __device__ inline void store1(float* p, float v) { *p = v; }
 __device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ inline void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ inline void store4(__nv_bfloat16* p, float4 v) {
   __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
   *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(o);
@@ -24,10 +26,10 @@ __device__ inline void store4(__nv_bfloat16* p, float4 v) {
 // Pass 5, sample-major variant (bf16): one block per padded row q (grid-stride) of the [row_capacity, ld] row
 // matrix. Its expert is the last e with poffsets[e] <= q (binary search; empty experts have poffsets[e] ==
 // poffsets[e + 1] and are skipped by it); row r = q - poffsets[e] is sqrt(c) * x[perm[offsets[e] + r]] (one fp32
-// __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. kVec: float4 loads
-// (dim, ldx multiples of 4, x 16-byte aligned); the rows are 16-byte aligned (ld a multiple of 8).
-template <typename OutT, bool kVec>
-__global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restrict__ x, int64_t dim, int64_t ldx,
+// __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. kVec (fp32 x only):
+// float4 loads (dim, ldx multiples of 4, x 16-byte aligned); the rows are 16-byte aligned (ld a multiple of 8).
+template <typename InT, typename OutT, bool kVec>
+__global__ void __launch_bounds__(256) gather_rows_kernel(const InT* __restrict__ x, int64_t dim, int64_t ldx,
                                                           const float* __restrict__ weights,
                                                           const int32_t* __restrict__ perm, int64_t num_experts,
                                                           const int32_t* __restrict__ offsets,
@@ -49,8 +51,8 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restric
     }
     const int64_t row = perm[offsets[lo] + r];
     const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
-    const float* src = x + row * ldx;
-    if (kVec) {
+    const InT* src = x + row * ldx;
+    if constexpr (kVec) {
       for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < dim; j += 4 * static_cast<int64_t>(blockDim.x)) {
         const float4 v = __ldg(reinterpret_cast<const float4*>(src + j));
         if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
@@ -61,7 +63,7 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restric
       }
     } else {
       for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float v = __ldg(src + j);
+        const float v = load_x(src + j);
         if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
         store1(dst + j, __fmul_rn(s, v));
       }
@@ -69,9 +71,9 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const float* __restric
   }
 }
 
-// Pass 5, sample-major bf16 with 16-byte stores (dim a multiple of 8, ldx of 4, x 16-byte aligned): the same values
-// as gather_rows_kernel, 8 features per thread and step (two float4 loads, one uint4 store of 8 bf16), two steps'
-// loads issued before their stores so that 64 bytes per thread are in flight.
+// Pass 5, sample-major bf16 with 16-byte stores (dim a multiple of 8, ldx a multiple of 16 bytes / sizeof(InT), x
+// 16-byte aligned): the same values as gather_rows_kernel, 8 features per thread and step (fp32 x: two float4
+// loads; 16-bit x: one 16-byte load; then one uint4 store of 8 bf16), two steps' loads issued before their stores.
 __device__ inline uint4 pack8(float4 a, float4 b) {
   __nv_bfloat162 o[4] = {__floats2bfloat162_rn(a.x, a.y), __floats2bfloat162_rn(a.z, a.w),
                          __floats2bfloat162_rn(b.x, b.y), __floats2bfloat162_rn(b.z, b.w)};
@@ -80,13 +82,34 @@ __device__ inline uint4 pack8(float4 a, float4 b) {
 __device__ inline float4 scale4(float s, float4 v) {
   return make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w));
 }
+__device__ inline void load8(const float* p, float4& a, float4& b) {
+  a = __ldg(reinterpret_cast<const float4*>(p));
+  b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+}
+template <typename H2>
+__device__ inline float2 widen2(unsigned u) {
+  H2 h;
+  memcpy(&h, &u, sizeof(u));
+  if constexpr (std::is_same<H2, __nv_bfloat162>::value) return __bfloat1622float2(h);
+  else return __half22float2(h);
+}
+template <typename H2>
+__device__ inline void load8_16(const void* p, float4& a, float4& b) {
+  const uint4 u = __ldg(static_cast<const uint4*>(p));
+  const float2 f0 = widen2<H2>(u.x), f1 = widen2<H2>(u.y), f2 = widen2<H2>(u.z), f3 = widen2<H2>(u.w);
+  a = make_float4(f0.x, f0.y, f1.x, f1.y);
+  b = make_float4(f2.x, f2.y, f3.x, f3.y);
+}
+__device__ inline void load8(const __nv_bfloat16* p, float4& a, float4& b) { load8_16<__nv_bfloat162>(p, a, b); }
+__device__ inline void load8(const __half* p, float4& a, float4& b) { load8_16<__half2>(p, a, b); }
 __device__ inline void check4(float4 v, int64_t at, unsigned long long* flags) {
   if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
     const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
     atomicMin(flags + 2, static_cast<unsigned long long>(at + k));
   }
 }
-__global__ void __launch_bounds__(256) gather_rows8_kernel(const float* __restrict__ x, int64_t dim, int64_t ldx,
+template <typename InT>
+__global__ void __launch_bounds__(256) gather_rows8_kernel(const InT* __restrict__ x, int64_t dim, int64_t ldx,
                                                            const float* __restrict__ weights,
                                                            const int32_t* __restrict__ perm, int64_t num_experts,
                                                            const int32_t* __restrict__ offsets,
@@ -109,15 +132,12 @@ __global__ void __launch_bounds__(256) gather_rows8_kernel(const float* __restri
     }
     const int64_t row = perm[offsets[lo] + r];
     const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
-    const float4* src = reinterpret_cast<const float4*>(x + row * ldx);
+    const InT* src = x + row * ldx;
     for (int64_t c = threadIdx.x; c < chunks; c += 2 * step) {
       const int64_t c2 = c + step;
-      const float4 a = __ldg(src + 2 * c), b = __ldg(src + 2 * c + 1);
-      float4 a2 = make_float4(0.f, 0.f, 0.f, 0.f), b2 = a2;
-      if (c2 < chunks) {
-        a2 = __ldg(src + 2 * c2);
-        b2 = __ldg(src + 2 * c2 + 1);
-      }
+      float4 a, b, a2 = make_float4(0.f, 0.f, 0.f, 0.f), b2 = a2;
+      load8(src + 8 * c, a, b);
+      if (c2 < chunks) load8(src + 8 * c2, a2, b2);
       check4(a, row * dim + 8 * c, flags);
       check4(b, row * dim + 8 * c + 4, flags);
       dst[c] = pack8(scale4(s, a), scale4(s, b));
@@ -139,9 +159,9 @@ __global__ void __launch_bounds__(256) gather_rows8_kernel(const float* __restri
 // __fmul_rn, the fp32 path's value) rounded once to OutT. Validates x (flag 2) for the routed rows it reads.
 constexpr int kGatherRows = 32, kGatherCols = 64, kGatherThreads = 256;
 static_assert(kTcPadRows % kGatherRows == 0, "padded segments must be whole gather tiles");
-template <typename OutT>
+template <typename InT, typename OutT>
 __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
-    const float* __restrict__ x, int64_t dim, int64_t ldx, const float* __restrict__ weights,
+    const InT* __restrict__ x, int64_t dim, int64_t ldx, const float* __restrict__ weights,
     const int32_t* __restrict__ perm, int64_t num_experts, const int32_t* __restrict__ offsets,
     const int32_t* __restrict__ poffsets, OutT* __restrict__ rows, unsigned long long* __restrict__ flags) {
   __shared__ float tile[kGatherRows][kGatherCols + 1];
@@ -174,7 +194,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
       const int64_t row = src[k];
       float v = 0.0f;
       if (row >= 0 && f < dim) {
-        v = __ldg(x + row * ldx + f);
+        v = load_x(x + row * ldx + f);
         if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + f));
         v = __fmul_rn(scale[k], v);
       }
@@ -192,30 +212,39 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
 
 }  // namespace
 
-cudaError_t launch_hessian_gather_tc(const float* x, int64_t dim, int64_t ldx, const float* weights,
+cudaError_t launch_hessian_gather_tc(const void* x, int x_type, int64_t dim, int64_t ldx, const float* weights,
                                      int64_t num_experts, void* workspace, const HessianLayout& layout,
                                      cudaStream_t stream) {
   const HessianWorkspace ws = carve_hessian(workspace, layout);
   if (layout.feature_major) {  // tf32
     const int64_t tiles = layout.row_capacity / kGatherRows * ((dim + kGatherCols - 1) / kGatherCols);
-    gather_tc_kernel<float><<<grid_for(tiles, 1), kGatherThreads, 0, stream>>>(
-        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows), ws.flags);
+    dispatch_x(x, x_type, [&](auto* xt) {
+      gather_tc_kernel<<<grid_for(tiles, 1), kGatherThreads, 0, stream>>>(
+          xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows),
+          ws.flags);
+    });
     return cudaGetLastError();
   }
-  const bool vec = dim % 4 == 0 && ldx % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  // 16-byte loads: dim a multiple of 8 (rows8) or 4 (fp32 float4), every row start 16-byte aligned.
+  const int64_t eb = input_bytes(x_type);
+  const bool aligned = (ldx * eb) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const unsigned grid = grid_for(layout.row_capacity, 1);
   const int threads = dim >= 1024 ? 256 : 128;
   auto* out = static_cast<__nv_bfloat16*>(ws.rows);
-  if (vec && dim % 8 == 0) {
-    const int threads8 = dim >= 2048 ? 256 : 128;
-    gather_rows8_kernel<<<grid, threads8, 0, stream>>>(x, dim, ldx, weights, ws.perm, num_experts, ws.offsets,
-                                                       ws.poffsets, out, layout.ld, ws.flags);
-  } else if (vec)
-    gather_rows_kernel<__nv_bfloat16, true><<<grid, threads, 0, stream>>>(
-        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
-  else
-    gather_rows_kernel<__nv_bfloat16, false><<<grid, threads, 0, stream>>>(
-        x, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+  dispatch_x(x, x_type, [&](auto* xt) {
+    using InT = std::remove_const_t<std::remove_pointer_t<decltype(xt)>>;
+    if (aligned && dim % 8 == 0) {
+      const int threads8 = dim >= 2048 ? 256 : 128;
+      gather_rows8_kernel<InT><<<grid, threads8, 0, stream>>>(xt, dim, ldx, weights, ws.perm, num_experts,
+                                                              ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+    } else if (std::is_same<InT, float>::value && aligned && dim % 4 == 0) {
+      gather_rows_kernel<InT, __nv_bfloat16, std::is_same<InT, float>::value><<<grid, threads, 0, stream>>>(
+          xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+    } else {
+      gather_rows_kernel<InT, __nv_bfloat16, false><<<grid, threads, 0, stream>>>(
+          xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
+    }
+  });
   return cudaGetLastError();
 }
 

@@ -264,7 +264,10 @@ class HessianAccumulator:
         self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)
 
     def add(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: Optional[torch.Tensor] = None) -> None:
-        """Adds rows ``x`` ``[n, dim]`` routed to ``expert_ids`` ``[n]`` with weights ``[n]`` (None: 1)."""
+        """Adds rows ``x`` ``[n, dim]`` routed to ``expert_ids`` ``[n]`` with weights ``[n]`` (None: 1).
+
+        ``x`` may be any floating dtype; CUDA accumulators take bfloat16 / float16 rows without a conversion (the
+        values are widened exactly, so the result equals that of ``x.float()``)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
             raise ValueError(f"x: expected a 2-D floating-point tensor [n, {self.dim}], got "
                              f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
@@ -280,8 +283,13 @@ class HessianAccumulator:
                 raise ValueError(f"weights: expected a 1-D float tensor of length {x.shape[0]} or None")
             w = weights.to(device=self.device, dtype=torch.float32).contiguous()
         on_cuda = self.device.type == "cuda"
-        _C.accumulate_hessian(self._hessians, self.counts, self.mass,
-                              x.to(device=self.device, dtype=torch.float32).contiguous(),
+        # CUDA reads bf16 / fp16 rows as they are (widened exactly on the device: the same result as float32 rows,
+        # half the bytes); everything else is converted to float32 first.
+        keep = on_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        x = x.to(device=self.device, dtype=x.dtype if keep else torch.float32)
+        if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
+            x = x.contiguous()
+        _C.accumulate_hessian(self._hessians, self.counts, self.mass, x,
                               ids.to(torch.int32).contiguous(), w, self._PRECISIONS[self.precision],
                               symmetrize=not on_cuda)
         self._unmirrored = self._unmirrored or on_cuda

@@ -127,6 +127,19 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision, bool symmetrize);
 
+/// Element type of x for the overload below.
+enum HessianInput : int { kHessianInputF32 = 0, kHessianInputBf16 = 1, kHessianInputF16 = 2 };
+
+/// The same with x of type x_type: float32, bfloat16 or float16 (IEEE half), each element widened exactly to fp32
+/// on load, so the result (and every error) equals that of the float32 call on x converted to float32: a layer
+/// running in bf16 hands its activations over as they are, and the row pass moves 2 instead of 4 bytes per element
+/// of x. The 16-byte vector loads need ldx * sizeof(element) a multiple of 16, x 16-byte aligned and dim a multiple
+/// of 8 (else a scalar path). Any other x_type is kInvalidArgument naming `x_type`.
+Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, int64_t dim, int64_t ldx,
+                               const int32_t* expert_ids, const float* weights, int64_t num_experts, float* H,
+                               int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
+                               cublasHandle_t handle, cudaStream_t stream, int precision, bool symmetrize);
+
 /// H[e] (row-major, [num_experts, dim, dim] float32) := its row-major upper triangle mirrored onto the strict lower
 /// one, for every expert: completes accumulations made with symmetrize = false. Asynchronous on `stream`.
 Status cuda_hessian_symmetrize(float* H, int64_t dim, int64_t num_experts, cudaStream_t stream);

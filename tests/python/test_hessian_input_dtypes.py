@@ -1,0 +1,125 @@
+"""CUDA routed Hessians from bfloat16 / float16 rows (``HessianAccumulator.add`` with a 16-bit ``x`` on CUDA).
+
+The kernels widen every 16-bit element exactly to fp32 on load, so each precision (fp32 SYRK, TF32 and BF16 tensor
+cores) must give bit-for-bit the result of the same values passed as float32 -- H, counts and mass -- on every
+gather path: 16-byte vector loads (dim a multiple of 8, aligned rows), the scalar fallback (odd dim, odd row
+stride, misaligned base), with and without routing weights, with experts that get no rows. Errors name the first
+non-finite element like the float32 path and leave the state untouched. Also the per-expert mass sum (one serial
+chain of double adds, tiled through shared memory) against the CPU loop on experts with thousands of rows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moequant import _C, ops
+from tolerances import assert_equal
+
+PRECISIONS = ["fp32", "tf32", "bf16"]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _batch(gen, counts, dim, dtype, weighted):
+    ids = torch.cat([torch.full((c,), e, dtype=torch.int64) for e, c in enumerate(counts)])
+    ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    x = (torch.randn(ids.numel(), dim, generator=gen) * 3.0).to(dtype)
+    w = torch.rand(ids.numel(), generator=gen) * 2.0 if weighted else None
+    return x, ids, w
+
+
+def _acc(experts, dim, precision, x, ids, w):
+    acc = ops.HessianAccumulator(experts, dim, device="cuda", precision=precision)
+    acc.add(x, ids.cuda(), None if w is None else w.cuda())
+    return acc
+
+
+def _assert_same(a, b, what):
+    assert_equal(a.hessians, b.hessians, f"H {what}")
+    assert_equal(a.counts, b.counts, f"counts {what}")
+    assert_equal(a.mass, b.mass, f"mass {what}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,weighted", [(64, True), (2600, True), (2600, False), (37, True), (8, False)])
+def test_16bit_rows_equal_float32_rows(precision, dtype, dim, weighted, gen):
+    # 2600: the 16-byte-load gather with two steps per thread; 37: the scalar path; expert 1 gets no rows.
+    x, ids, w = _batch(gen, [70, 0, 130, 1], dim, dtype, weighted)
+    a16 = _acc(4, dim, precision, x.cuda(), ids, w)
+    a32 = _acc(4, dim, precision, x.float().cuda(), ids, w)
+    _assert_same(a16, a32, f"{dtype} vs float32 rows ({precision}, dim {dim})")
+    assert (a16.hessians[1] == 0).all() and a16.counts[1] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_16bit_strided_and_misaligned_rows(precision, dtype, gen):
+    # Straight through _C (ops would copy): row stride 51 elements (102 bytes, no 16-byte loads) and a base pointer
+    # 6 bytes into an allocation; then an aligned stride of 72 (144 bytes) with an aligned base (vector loads).
+    for ld, lo, dim in ((51, 3, 40), (72, 8, 48)):
+        x, ids, w = _batch(gen, [33, 0, 61], dim, dtype, True)
+        wide = torch.randn(x.shape[0], ld, generator=gen).to(dtype)
+        wide[:, lo:lo + dim] = x
+        view = wide.cuda()[:, lo:lo + dim]
+        code = {"fp32": 0, "tf32": 1, "bf16": 2}[precision]
+        outs = []
+        for xin in (view, x.float().cuda()):
+            H = torch.zeros(3, dim, dim, device="cuda")
+            counts = torch.zeros(3, dtype=torch.int64, device="cuda")
+            mass = torch.zeros(3, dtype=torch.float64, device="cuda")
+            _C.accumulate_hessian(H, counts, mass, xin, ids.int().cuda(), w.cuda(), code, symmetrize=True)
+            outs.append((H, counts, mass))
+        for a, b, name in zip(outs[0], outs[1], ("H", "counts", "mass")):
+            assert_equal(a, b, f"{name}: strided {dtype} (ld {ld}, offset {lo}) vs float32 ({precision})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_16bit_non_finite_rows_rejected_and_state_kept(precision, dtype, gen):
+    for dim in (64, 37):
+        x, ids, w = _batch(gen, [30, 0, 20], dim, dtype, True)
+        acc = _acc(3, dim, precision, x.cuda(), ids, w)
+        before = (acc.hessians.clone(), acc.counts.clone(), acc.mass.clone())
+        xb = x.clone()
+        xb[33, dim - 2] = float("-inf")
+        xb[40, 1] = float("nan")
+        with pytest.raises(ValueError, match=rf"x: expected finite values, got Inf at \(33, {dim - 2}\)"):
+            acc.add(xb.cuda(), ids.cuda(), w.cuda())
+        xb[33, dim - 2] = 0.0
+        with pytest.raises(ValueError, match=r"x: expected finite values, got NaN at \(40, 1\)"):
+            acc.add(xb.cuda(), ids.cuda(), w.cuda())
+        for a, b, name in zip((acc.hessians, acc.counts, acc.mass), before, ("H", "counts", "mass")):
+            assert_equal(a, b, f"{name} after a rejected {dtype} batch")
+
+
+def test_16bit_rows_rejected_by_the_cpu_binding():
+    # The C++ CPU accumulator takes float32 rows only (ops.HessianAccumulator converts before calling it).
+    H = torch.zeros(1, 4, 4)
+    counts, mass = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.float64)
+    x = torch.ones(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"x: expected dtype float32 \(16-bit rows only on CUDA\), got BFloat16"):
+        _C.accumulate_hessian(H, counts, mass, x, torch.zeros(3, dtype=torch.int32), None, 0)
+    acc = ops.HessianAccumulator(1, 4)
+    acc.add(x, torch.zeros(3, dtype=torch.int32))  # converted: 3 rows of ones
+    assert_equal(acc.hessians[0], torch.full((4, 4), 3.0), "CPU accumulator from bf16 rows")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weighted", [True, False])
+def test_mass_of_large_experts_bit_identical_to_cpu(weighted, gen):
+    # Several shared-memory tiles of 2048 weights per expert, a partial last tile, exactly one tile, one row, none.
+    counts = [5000, 2048, 1, 0, 4097]
+    x, ids, w = _batch(gen, counts, 8, torch.float32, weighted)
+    if weighted:
+        w = w * torch.exp(torch.randn(w.numel(), generator=gen) * 4)  # wide exponent range: order matters
+    gpu = _acc(5, 8, "bf16", x.cuda(), ids, w)
+    gpu.add(x.cuda(), ids.cuda(), None if w is None else w.cuda())  # mass += a second chain
+    cpu = ops.HessianAccumulator(5, 8)
+    for _ in range(2):
+        cpu.add(x, ids, w)
+    assert_equal(gpu.mass.cpu(), cpu.mass, "mass vs the CPU loop")
+    assert_equal(gpu.counts.cpu(), torch.tensor(counts) * 2, "counts")
