@@ -6,7 +6,9 @@ Mixtral-8x7B 16384), over a subset of E experts so that E * hidden^2 floats fit 
 so per-expert counts vary by a few percent). Useful FLOPs = rows * d * (d + 1) (one multiply-add per
 lower-triangle entry per row: the SYRK count), charged equally to every implementation.
 
-Columns per (model, precision):
+Rows per model: fp32 activations x with each precision, then bf16 x (a bf16 layer's own activations, which the
+kernels read as they are: 2 instead of 4 bytes per element in the row pass) with tf32 and bf16.
+Columns per (model, x dtype, precision):
   add ms / TFLOP/s / % peak   HessianAccumulator.add on an accumulator that already holds data: validation, sort,
                               the scaled-row pass (bf16: written as bf16), the update; the mirror is deferred to
                               the next read of `hessians` (the steady state of calibration: many adds, one read)
@@ -41,6 +43,8 @@ PEAK_TFLOPS = {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4}  # H100 SXM datasheet
 CALIB_TOKENS = 65536
 # (model, experts held at once): E * hidden^2 * 4 bytes of Hessians per accumulator
 CASES = [("deepseek-v3", 32), ("qwen3-30b-a3b", 128), ("gpt-oss-120b", 64), ("mixtral-8x7b", 8)]
+# (dtype of x, precision of the update)
+RUNS = [("fp32", "fp32"), ("fp32", "tf32"), ("fp32", "bf16"), ("bf16", "tf32"), ("bf16", "bf16")]
 
 
 def gemm_tflops(precision: str, n: int = 8192) -> float:
@@ -69,8 +73,7 @@ def _mm_f32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def torch_hessians(x, order, counts, H, precision):
     """torch baseline: gather the rows by expert, then one full GEMM per expert in the given precision."""
     xs = x.index_select(0, order)
-    if precision == "bf16":
-        xs = xs.to(torch.bfloat16)
+    xs = xs.to(torch.bfloat16) if precision == "bf16" else xs.float()
     o = 0
     for e, c in enumerate(counts):
         xe = xs[o:o + c]
@@ -90,12 +93,14 @@ def speed_table(quick: bool) -> None:
         per_expert = CALIB_TOKENS * shp.top_k // shp.experts
         n = per_expert * E
         g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(n, d, device="cuda", generator=g)
+        x32 = torch.randn(n, d, device="cuda", generator=g)
+        xs = {"fp32": x32, "bf16": x32.to(torch.bfloat16)}
         ids = torch.randint(0, E, (n,), device="cuda", generator=g, dtype=torch.int32)
         order = torch.argsort(ids.long(), stable=True)
         counts = torch.bincount(ids.long(), minlength=E).tolist()
         flops = n * d * (d + 1)
-        for p in PEAK_TFLOPS:
+        for xd, p in RUNS:
+            x = xs[xd]
             acc = ops.HessianAccumulator(E, d, device="cuda", precision=p)
             t_add = cuda_time_ms(lambda: acc.add(x, ids), repeats=3, warmup=1)
 
@@ -114,15 +119,15 @@ def speed_table(quick: bool) -> None:
             del H
             torch.cuda.empty_cache()
             tf_add, tf_read, tf_torch = (flops / (t * 1e-3) / 1e12 for t in (t_add, t_read, t_torch))
-            rows.append([model, d, E, n, p, f"{t_add:.2f}", f"{tf_add:.1f}", f"{100 * tf_add / PEAK_TFLOPS[p]:.0f}%",
+            rows.append([model, d, E, n, xd, p, f"{t_add:.2f}", f"{tf_add:.1f}", f"{100 * tf_add / PEAK_TFLOPS[p]:.0f}%",
                          f"{100 * tf_add / gemm[p]:.0f}%", f"{t_read:.2f}", f"{100 * tf_read / PEAK_TFLOPS[p]:.0f}%",
                          f"{t_torch:.2f}", f"{tf_torch:.1f}", f"{t_torch / t_add:.2f}x"])
             print("  done", rows[-1], flush=True)
-        del x, ids, order
+        del x, x32, xs, ids, order
         torch.cuda.empty_cache()
     print("measured 8192^3 GEMM TFLOP/s: " + ", ".join(f"{p} {v:.1f}" for p, v in gemm.items()))
     print_table("routed Hessian (65,536 tokens' rows per expert)",
-                ["model", "dim", "E", "rows", "precision", "add ms", "TFLOP/s", "% peak", "% GEMM", "+read ms",
+                ["model", "dim", "E", "rows", "x", "precision", "add ms", "TFLOP/s", "% peak", "% GEMM", "+read ms",
                  "+read % peak", "torch ms", "torch TFLOP/s", "vs torch"], rows)
 
 
@@ -174,14 +179,15 @@ def profile_table(quick: bool) -> None:
         x = torch.randn(n, d, device="cuda", generator=g)
         ids = torch.randint(0, E, (n,), device="cuda", generator=g, dtype=torch.int32)
         acc = ops.HessianAccumulator(E, d, device="cuda", precision="bf16")
-        acc.add(x, ids)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            acc.add(x, ids)
+        for xin in (x, x.to(torch.bfloat16)):
+            acc.add(xin, ids)
             torch.cuda.synchronize()
-        print(f"profile {model} (dim {d}, {E} experts, {n} rows) bf16 add:")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
-        del acc, x, ids
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                acc.add(xin, ids)
+                torch.cuda.synchronize()
+            print(f"profile {model} (dim {d}, {E} experts, {n} rows, x {xin.dtype}) bf16 add:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+        del acc, x, ids, xin
         torch.cuda.empty_cache()
 
 

@@ -3,9 +3,9 @@
 Layer: hidden 7168, 256 experts of width 2048, top-8 routing, 65,536 calibration tokens (524,288 routed rows),
 random bf16 weights (gate, up [2048, 7168], down [7168, 2048] per expert) and random router logits. Only public
 moequant ops are used:
-  route       x bf16 -> fp32, router logits x @ Wr, softmax, top-8, stable sort of the (token, slot) pairs by
-              expert (once for the layer)
-  H gate_up   ops.HessianAccumulator(G, 7168).add(rows of the group's experts, local ids, routing weights)
+  route       router logits x @ Wr, softmax, top-8, stable sort of the (token, slot) pairs by expert (once)
+  H gate_up   ops.HessianAccumulator(G, 7168).add(bf16 rows of the group's experts, local ids, routing weights):
+              the layer's bf16 activations as they are, which is what the pipeline's capture passes
   down input  h = silu(x We_g^T) * (x We_u^T) per expert (torch, bf16 matmuls, fp32 result)
   H down      ops.HessianAccumulator(G, 2048).add(h, ...)
   GPTQ        ops.gptq_quantize_batched: gate+up as one [4096, 7168] problem per expert, down [7168, 2048];
@@ -59,7 +59,7 @@ def make_weights(G, hidden, width, gen):
     return wgu, wd
 
 
-def process_group(st, g0, G, x32, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args):
+def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args):
     hidden, width = shp.hidden, shp.width
     r0, r1 = int(offsets[g0]), int(offsets[g0 + G])
     counts = (offsets[g0 + 1:g0 + G + 1] - offsets[g0:g0 + G]).tolist()
@@ -69,7 +69,7 @@ def process_group(st, g0, G, x32, xbf, tok_sorted, exp_sorted, w_sorted, offsets
 
     def h_gate_up():
         acc = ops.HessianAccumulator(G, hidden, device="cuda", precision=args.hessian_precision)
-        acc.add(x32.index_select(0, toks), ids, cw)
+        acc.add(xbf.index_select(0, toks), ids, cw)  # the layer's bf16 activations, as the pipeline passes them
         return acc
 
     acc_gu = st.run("H gate_up", h_gate_up)
@@ -147,7 +147,6 @@ def main():
     st = Stages()
 
     def route():
-        x32 = x.float()
         probs = torch.softmax((x @ wr.t()).float(), dim=-1)
         topw, tope = probs.topk(K, dim=-1)  # [T, K]
         flat_e = tope.reshape(-1)
@@ -157,9 +156,9 @@ def main():
         w_sorted = topw.reshape(-1).index_select(0, order).contiguous()
         offsets = torch.zeros(E + 1, dtype=torch.int64, device="cuda")
         offsets[1:] = torch.cumsum(torch.bincount(flat_e, minlength=E), 0)
-        return x32, tok_sorted, exp_sorted, w_sorted, offsets.cpu()
+        return tok_sorted, exp_sorted, w_sorted, offsets.cpu()
 
-    x32, tok_sorted, exp_sorted, w_sorted, offsets = st.run("route (once)", route)
+    tok_sorted, exp_sorted, w_sorted, offsets = st.run("route (once)", route)
     n_packed = 0
     setup_s = 0.0
     wall0 = time.perf_counter()
@@ -168,7 +167,7 @@ def main():
         wgu, wd = make_weights(G, hidden, shp.width, gen)
         torch.cuda.synchronize()
         setup_s += time.perf_counter() - t0
-        n_packed += process_group(st, g0, G, x32, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args)
+        n_packed += process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args)
         del wgu, wd
         done = sum(v for k, v in st.t.items() if k != "route (once)")
         print(f"  experts {g0}..{g0 + G - 1} done: {done:.2f} s of stages so far, peak memory "

@@ -33,7 +33,7 @@ def _routed_rows(ctx, batches: list) -> list:
         off = b.offsets.tolist()
         for e in range(E):
             if off[e + 1] > off[e]:
-                rows[e].append(b.x[off[e]:off[e + 1]])
+                rows[e].append(b.x[off[e]:off[e + 1]].float())
     H = batches[0].x.shape[1] if batches else 0
     return [torch.cat(r) if r else torch.zeros(0, H, device=ctx.device) for r in rows]
 

@@ -48,7 +48,8 @@ class RoutedBatch:
     N = number of routed pairs after dropping pads (index outside ``[0, E)``, e.g. the value E) and masked tokens.
 
     Attributes:
-        x: ``[N, H]`` float32 expert inputs; rows of expert e are ``offsets[e]:offsets[e+1]``.
+        x: ``[N, H]`` expert inputs in the dtype of ``hidden_states`` (bf16 for a bf16 layer: the CUDA Hessian
+            kernels read it as it is); rows of expert e are ``offsets[e]:offsets[e+1]``.
         expert_ids: ``[N]`` int32, non-decreasing.
         weights: ``[N]`` float32 routing weight the module multiplies that row's output by.
         token_index: ``[N]`` int64 row of the flattened ``hidden_states`` each routed row came from.
@@ -107,7 +108,7 @@ def route_tokens(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return RoutedBatch(
-        x=hs[tok].float(), expert_ids=ids.to(torch.int32), weights=w.reshape(-1)[valid][order].float(),
+        x=hs[tok], expert_ids=ids.to(torch.int32), weights=w.reshape(-1)[valid][order].float(),
         token_index=tok, offsets=offsets, num_tokens=T)
 
 
@@ -125,7 +126,7 @@ def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatc
                     device=batch.x.device)
     for e, a, b in _expert_ranges(batch):
         t = split_expert(experts, family, e)
-        x = batch.x[a:b]
+        x = batch.x[a:b].float()
         gate = x @ t.gate.float().t()
         up = x @ t.up.float().t()
         if t.gate_bias is not None:
@@ -364,7 +365,7 @@ class LinearCapture(_Hooks):
             self._recent = (self._recent + [(raw, shared or name, fn, self.token_mask)])[-self._RECENT:]
             if shared is not None and self.on_input is None:
                 return
-            x = raw.reshape(-1, raw.shape[-1]).float()
+            x = raw.reshape(-1, raw.shape[-1])  # its own dtype: the accumulator converts what it must
             w = fn() if fn is not None else None
             mask = _flat_mask(self.token_mask, x.shape[0])
             if mask is not None:
@@ -374,7 +375,7 @@ class LinearCapture(_Hooks):
                 ids = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
                 self.accumulators[name].add(x, ids, w)
             if self.on_input is not None:
-                self.on_input(name, x, w)
+                self.on_input(name, x.float(), w)
         return hook
 
 

@@ -27,7 +27,7 @@ class RefAccumulator:
         self.mass = torch.zeros(num_experts, dtype=torch.float64)
 
     def add(self, x, expert_ids, weights=None):
-        assert x.dtype == torch.float32 and expert_ids.dtype == torch.int32 and x.dim() == 2
+        assert x.is_floating_point() and expert_ids.dtype == torch.int32 and x.dim() == 2
         x, ids = x.double(), expert_ids.long()
         w = torch.ones(x.shape[0], dtype=torch.float64) if weights is None else weights.double()
         self.hessians.index_add_(0, ids, x[:, :, None] * x[:, None, :] * w[:, None, None])
@@ -195,6 +195,22 @@ def test_route_tokens_dense_scores():
     b = route_tokens(torch.randn(3, 5), idx, dense, 4)
     ref = route_tokens(torch.randn(3, 5), idx, dense.gather(1, idx), 4)
     assert torch.equal(b.weights, ref.weights) and b.offsets.tolist() == [0, 2, 3, 5, 6]
+
+
+def test_route_tokens_keeps_the_activation_dtype():
+    """bf16 hidden states stay bf16 in the batch (the CUDA Hessian kernels read them as they are); the expert
+    intermediate is still computed in fp32 from the same values."""
+    g = torch.Generator().manual_seed(5)
+    hs = torch.randn(6, 8, generator=g).to(torch.bfloat16)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 1], [2, 2]])
+    b = route_tokens(hs, idx, torch.rand(6, 2, generator=g), 3)
+    assert b.x.dtype == torch.bfloat16 and b.weights.dtype == torch.float32
+    assert torch.equal(b.x, hs[b.token_index])
+    acc = RefAccumulator(3, 8)
+    acc.add(b.x, b.expert_ids)
+    ref = RefAccumulator(3, 8)
+    ref.add(b.x.float(), b.expert_ids)
+    assert torch.equal(acc.hessians, ref.hessians)
 
 
 def _no_hooks(model):
