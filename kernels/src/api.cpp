@@ -281,6 +281,7 @@ Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, in
                                                      workspace, layout, stream));
   char* ws = static_cast<char*>(workspace);
   std::vector<int32_t> offsets(static_cast<size_t>(num_experts) + 1), poffsets;
+  hessian_detail::TensorCorePlan tc_plan;
   if (precision != kHessianFp32) {
     // Stage 1b: the padded layout needs the per-expert counts (one extra readback), then the gather writes the
     // scaled rows once, directly in the GEMM input type.
@@ -297,6 +298,9 @@ Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, in
     MQ_CUDA_RETURN("accumulate_hessian gather", cuda_detail::launch_hessian_gather_tc(x, x_type, dim, ldx, weights,
                                                                                      num_experts, workspace, layout,
                                                                                      stream));
+    // The GEMM plan and its pointer upload need only the padded offsets: built while the gather runs.
+    MQ_RETURN_IF_ERROR(hessian_detail::plan_tensor_cores(layout, workspace, poffsets, dim, num_experts, H, stream,
+                                                         &tc_plan));
   }
 
   // Stage 2: one readback of the flags and the per-expert offsets. The host needs the offsets anyway to give each
@@ -339,8 +343,7 @@ Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, in
       const auto* rows = reinterpret_cast<const float*>(ws + layout.rows);
       MQ_RETURN_IF_ERROR(hessian_detail::update_fp32(handle, rows, offsets, dim, num_experts, H));
     } else {
-      MQ_RETURN_IF_ERROR(
-          hessian_detail::update_tensor_cores(handle, layout, workspace, poffsets, dim, num_experts, H, stream));
+      MQ_RETURN_IF_ERROR(hessian_detail::update_tensor_cores(handle, layout, workspace, tc_plan, dim));
     }
     MQ_RETURN_IF_ERROR(state.restore());
   }

@@ -54,14 +54,6 @@ std::vector<int32_t> plan_padded_offsets(const std::vector<int32_t>& offsets, in
 
 namespace {
 
-/// One cublasGemmBatchedEx: `count` problems of m x n x k whose A / B / C pointers start at `first` in the
-/// uploaded array (A pointers, then B, then C, each `count` long).
-struct BatchedCall {
-  int m = 0, n = 0, k = 0;
-  int64_t count = 0;
-  size_t first = 0;
-};
-
 // gridDim.z-style limits of some batched kernels: keep each call well below 65535 problems.
 constexpr int64_t kMaxBatch = 32768;
 
@@ -77,15 +69,13 @@ constexpr int64_t kMaxBatch = 32768;
 // The diagonal tiles also add into their strict upper part (the row-major lower triangle), which the mirror
 // overwrites. Shapes: 0 = T x T, 1 = the last tile row below the diagonal (rem x T), 2 = the corner (rem x rem);
 // when rem == T everything is shape 0. One call per (group, shape).
-Status update_tensor_cores(cublasHandle_t handle, const cuda_detail::HessianLayout& layout, void* workspace,
-                           const std::vector<int32_t>& poffsets, int64_t dim, int64_t num_experts, float* H,
-                           cudaStream_t stream) {
+Status plan_tensor_cores(const cuda_detail::HessianLayout& layout, void* workspace,
+                         const std::vector<int32_t>& poffsets, int64_t dim, int64_t num_experts, float* H,
+                         cudaStream_t stream, TensorCorePlan* plan) {
   using cuda_detail::tc_tile;
   using cuda_detail::tc_tiles_per_side;
-  const bool bf16 = layout.precision == 2;
-  const size_t elem = bf16 ? 2 : 4;
-  const cudaDataType_t in_type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  const cublasComputeType_t compute = bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
+  const size_t elem = layout.precision == 2 ? 2 : 4;
+  plan->calls.clear();
   const int64_t T = tc_tile(dim), nt = tc_tiles_per_side(dim), rem = dim - (nt - 1) * T;
   const char* rows = static_cast<const char*>(workspace) + layout.rows;
 
@@ -95,9 +85,10 @@ Status update_tensor_cores(cublasHandle_t handle, const cuda_detail::HessianLayo
   auto kp = [&](int64_t e) { return poffsets[static_cast<size_t>(e) + 1] - poffsets[static_cast<size_t>(e)]; };
   std::stable_sort(experts.begin(), experts.end(), [&](int64_t a, int64_t b) { return kp(a) < kp(b); });
 
-  std::vector<const void*> ptrs;
+  std::vector<const void*>& ptrs = plan->ptrs;
+  ptrs.clear();
   ptrs.reserve(static_cast<size_t>(layout.ptr_count));
-  std::vector<BatchedCall> calls;
+  std::vector<BatchedCall>& calls = plan->calls;
   for (size_t lo = 0; lo < experts.size();) {
     size_t hi = lo;
     while (hi < experts.size() && kp(experts[hi]) == kp(experts[lo])) ++hi;
@@ -142,13 +133,22 @@ Status update_tensor_cores(cublasHandle_t handle, const cuda_detail::HessianLayo
     return Status::internal("accumulate_hessian: {} GEMM pointers exceed the workspace's {}", ptrs.size(),
                             layout.ptr_count);
   auto* dptrs = reinterpret_cast<void**>(static_cast<char*>(workspace) + layout.ptrs);
-  // Pageable source: the call returns once the bytes are staged, so `ptrs` may go out of scope afterwards.
+  // Pageable source: the call returns once the bytes are staged (the plan keeps them anyway).
   MQ_CUDA_RETURN("accumulate_hessian pointer upload",
                  cudaMemcpyAsync(dptrs, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream));
+  return {};
+}
+
+Status update_tensor_cores(cublasHandle_t handle, const cuda_detail::HessianLayout& layout, void* workspace,
+                           const TensorCorePlan& plan, int64_t dim) {
+  const bool bf16 = layout.precision == 2;
+  const cudaDataType_t in_type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasComputeType_t compute = bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
+  auto* dptrs = reinterpret_cast<void**>(static_cast<char*>(workspace) + layout.ptrs);
   const float one = 1.0f;
   const int ldc = static_cast<int>(dim);
   const bool fm = layout.feature_major;
-  for (const BatchedCall& c : calls) {
+  for (const BatchedCall& c : plan.calls) {
     void** p = dptrs + c.first;
     const int ld = fm ? c.k : static_cast<int>(layout.ld);
     const cublasStatus_t st = cublasGemmBatchedEx(

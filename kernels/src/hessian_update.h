@@ -27,12 +27,33 @@ Status update_fp32(cublasHandle_t handle, const float* rows, const std::vector<i
 /// group's K long (0 for an expert without rows). The total is <= tc_row_capacity(n, E).
 std::vector<int32_t> plan_padded_offsets(const std::vector<int32_t>& offsets, int64_t num_experts);
 
-/// tf32 / bf16 (layout.precision 1 / 2): the same triangle as square tiles (see tc_tile), every tile pair i >= j
-/// of every expert with rows, by cublasGemmBatchedEx calls grouped by (padded row count, tile shape); the device
-/// pointer arrays are uploaded once into the workspace's ptrs region. poffsets: the padded offsets read back.
+/// One cublasGemmBatchedEx: `count` problems of m x n x k whose A / B / C pointers start at `first` in the
+/// uploaded array (A pointers, then B, then C, each `count` long).
+struct BatchedCall {
+  int m = 0, n = 0, k = 0;
+  int64_t count = 0;
+  size_t first = 0;
+};
+
+/// The batched GEMM calls of one tensor-core update and their host pointer array (uploaded by plan_tensor_cores).
+struct TensorCorePlan {
+  std::vector<BatchedCall> calls;
+  std::vector<const void*> ptrs;
+};
+
+/// tf32 / bf16 (layout.precision 1 / 2), host part: the same triangle as square tiles (see tc_tile), every tile
+/// pair i >= j of every expert with rows, grouped into cublasGemmBatchedEx calls by (padded row count, tile shape);
+/// the device pointer arrays are uploaded (asynchronously on `stream`) into the workspace's ptrs region. Depends
+/// only on the padded offsets, so api.cpp runs it while the row pass is still on the GPU, before the readback of
+/// the validation flags, and the GPU does not wait for it.
+Status plan_tensor_cores(const cuda_detail::HessianLayout& layout, void* workspace,
+                         const std::vector<int32_t>& poffsets, int64_t dim, int64_t num_experts, float* H,
+                         cudaStream_t stream, TensorCorePlan* plan);
+
+/// Launches the planned calls on the handle's stream (C += A B^T with beta = 1). Only after the flags said that the
+/// inputs are valid.
 Status update_tensor_cores(cublasHandle_t handle, const cuda_detail::HessianLayout& layout, void* workspace,
-                           const std::vector<int32_t>& poffsets, int64_t dim, int64_t num_experts, float* H,
-                           cudaStream_t stream);
+                           const TensorCorePlan& plan, int64_t dim);
 
 }  // namespace hessian_detail
 }  // namespace v0
