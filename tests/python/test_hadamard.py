@@ -221,3 +221,29 @@ def test_cuda_misaligned_input(n, dtype, gen):
     assert xm.data_ptr() % 16 != 0
     got = ops.hadamard_transform(xm).cpu()
     torch.testing.assert_close(got, ops.hadamard_transform(x.cuda()).cpu(), rtol=0, atol=0)
+
+
+# Resident CTAs per SM of the pipelined bf16 / fp16 kernel on an H100 (upper bounds) and rows per tile (hadamard.cu
+# pipe_shape / rows_per_tile): enough rows that every CTA of the persistent grid takes at least two tiles.
+_PIPELINED = {768: (4, 4), 2048: (4, 4), 7168: (4, 1), 14336: (2, 1), 16384: (2, 1), 32768: (1, 1)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", sorted(_PIPELINED))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_many_tiles(n, dtype, gen):
+    """The pipelined kernel (persistent grid; each CTA copies its next tile while it transforms the current one)
+    with several tiles per CTA and a partial last round: bit-equal to the fp32 kernel's result (same arithmetic in
+    the same order) rounded once to the dtype, and the rows at both ends within one rounding of the float64
+    reference."""
+    ctas, rpc = _PIPELINED[n]
+    rows = 2 * ctas * rpc * torch.cuda.get_device_properties(0).multi_processor_count + 3
+    x = torch.randn(rows, n, generator=gen).to(dtype).cuda()
+    got = ops.hadamard_transform(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, ops.hadamard_transform(x.float()).to(dtype))
+    ends = torch.cat((x[:2], x[-2:])).cpu().float()
+    ref = _fast_ref64(ends)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    err = (torch.cat((got[:2], got[-2:])).cpu().double() - ref).abs()
+    assert bool((err <= ulp * ref.abs() + _budget(ends) + 2.0**-24).all())
