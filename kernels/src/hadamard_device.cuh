@@ -1,5 +1,5 @@
-// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: dtype conversions, 16-byte asynchronous copies
-// and the m x m mix with compile-time signs (see the top of hadamard.cu). Included by hadamard.cu only.
+// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: dtype conversions and the m x m mix with
+// compile-time signs (see the top of hadamard.cu). Included by hadamard.cu (through hadamard_small.cuh) only.
 #pragma once
 
 #include <moequant/hadamard_tables.h>
@@ -33,14 +33,6 @@ template <>
 __device__ inline __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <>
 __device__ inline __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
-// 16 bytes global -> shared without registers (cp.async, L2 only), and the wait for all of this thread's copies.
-__device__ __forceinline__ void cp_async16(void* dst_smem, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Sign of H_M(a, c) as a compile-time constant (true: -1).
 template <int M>
