@@ -25,10 +25,7 @@
 
 #include "hadamard_small.cuh"
 
-#include <cooperative_groups.h>
-
 #include <atomic>
-#include <cstdlib>
 
 namespace moequant {
 inline namespace v0 {
@@ -138,12 +135,12 @@ constexpr bool staged_store() {
 }
 
 // Stage S >= 1 of the transform of segments of 2^K (see the top of the file); all shifts are compile-time.
-template <typename T, int M, int K, bool P, bool kG, int S>
+template <typename T, int M, int K, bool P, int S>
 __device__ __forceinline__ void reg_stage(float* sm, T* dst, int items, float scale) {
   constexpr int kStages = (K + kLogE - 1) / kLogE, kVBits = K - kLogE;
   constexpr int kW0 = kLogE * S < kVBits ? kLogE * S : kVBits;
   constexpr int kF = K - kLogE * S < kLogE ? K - kLogE * S : kLogE;
-  constexpr bool kLastGlobal = kG && M == 1 && S == kStages - 1 && !staged_store<M, K>();
+  constexpr bool kLastGlobal = M == 1 && S == kStages - 1 && !staged_store<M, K>();
   __syncthreads();
   for (int u = threadIdx.x; u < items; u += blockDim.x) {
     const int seg = u >> kVBits, vv = u & ((1 << kVBits) - 1);
@@ -162,28 +159,24 @@ __device__ __forceinline__ void reg_stage(float* sm, T* dst, int items, float sc
   }
 }
 
-template <typename T, int M, int K, bool P, bool kG, int... S>
+template <typename T, int M, int K, bool P, int... S>
 __device__ __forceinline__ void reg_stages(float* sm, T* dst, int items, float scale, std::integer_sequence<int, S...>) {
-  (reg_stage<T, M, K, P, kG, S + 1>(sm, dst, items, scale), ...);
+  (reg_stage<T, M, K, P, S + 1>(sm, dst, items, scale), ...);
 }
 
 // See the top of the file. n = M << K with K >= 5; rpc rows per CTA; threads loop over the items of a stage.
-// kPair (m = 1, n = 2^(K+1), rpc = 1): a cluster of two CTAs per row, CTA r transforms half r over bits 0..K-1 in
-// its shared memory, then (after a cluster barrier) reads both halves at [r * 2^(K-1), (r + 1) * 2^(K-1)) (its own
-// and, through distributed shared memory, its peer's), does the butterfly of bit K and stores both outputs.
-template <typename T, int M, int K, bool kPair = false>
+template <typename T, int M, int K>
 __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
     hadamard_reg_kernel(const T* x, T* out, int64_t rows, int rpc, bool vec, bool vec_out, float scale) {
   extern __shared__ float sm[];
   constexpr int kN = M << K, kStages = (K + kLogE - 1) / kLogE;
   constexpr bool kP = padded<M, K>();
   constexpr bool kDirect = M == 1 && kStages == 1;  // n = 32: stage 0 is the whole transform
-  const int half = kPair ? static_cast<int>(cooperative_groups::this_cluster().block_rank()) : 0;
-  const int64_t row0 = static_cast<int64_t>(kPair ? blockIdx.x >> 1 : blockIdx.x) * rpc;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rpc;
   const int rows_here = static_cast<int>(rows - row0 < rpc ? rows - row0 : rpc);
   const int items = rows_here * (kN >> kLogE);
-  const T* src = x + (kPair ? row0 * 2 * kN + half * kN : row0 * kN);
-  T* dst = out + row0 * kN * (kPair ? 2 : 1);
+  const T* src = x + row0 * kN;
+  T* dst = out + row0 * kN;
   for (int u = threadIdx.x; u < items; u += blockDim.x) {
     float v[kE];
     if (vec) load32<T>(src + u * kE, v);
@@ -197,21 +190,7 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
       for (int j = 0; j < kE; ++j) sm[sidx<kP>(u * kE, j)] = v[j];
     }
   }
-  reg_stages<T, M, K, kP, !kPair>(sm, dst, items, scale, std::make_integer_sequence<int, kStages - 1>{});
-  if constexpr (kPair) {
-    const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();  // both halves transformed over bits 0..K-1
-    const float* peer = cluster.map_shared_rank(sm, half ^ 1);
-    const float* lo = half ? peer : sm;
-    const float* hi = half ? sm : peer;
-#pragma unroll 4
-    for (int i = half * (kN / 2) + threadIdx.x; i < (half + 1) * (kN / 2); i += blockDim.x) {
-      const float a = lo[sidx<kP>(i, 0)], b = hi[sidx<kP>(i, 0)];
-      dst[i] = from_f32<T>((a + b) * scale);
-      dst[kN + i] = from_f32<T>((a - b) * scale);
-    }
-    cluster.sync();  // the peer is done reading this CTA's shared memory
-  }
+  reg_stages<T, M, K, kP>(sm, dst, items, scale, std::make_integer_sequence<int, kStages - 1>{});
   if constexpr (staged_store<M, K>()) {
     __syncthreads();
     constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte store; a CTA's rows are a multiple of 64 elements
@@ -279,33 +258,6 @@ cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// n = 2^15 as a cluster of two CTAs per row, each with half of the row (see hadamard_reg_kernel): two CTAs per SM
-// (66 KiB of shared memory each) instead of one with the whole row.
-template <typename T>
-cudaError_t launch_pair(const T* x, T* out, int64_t rows, cudaStream_t stream) {
-  constexpr int K = 14, kN = 1 << K;
-  const auto kernel = hadamard_reg_kernel<T, 1, K, true>;
-  const size_t smem = smem_floats<padded<1, K>()>(kN) * sizeof(float);
-  static std::atomic<bool> raised[kMaxDevices];
-  const cudaError_t err = raise_smem_once(kernel, smem, raised);
-  if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(2 * rows));
-  cfg.blockDim = dim3(kN >> kLogE);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const float scale = static_cast<float>(1.0 / sqrt(2.0 * kN));
-  const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0, vec_out = reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  return cudaLaunchKernelEx(&cfg, kernel, x, out, rows, 1, vec, vec_out, scale);
-}
-
 // K = log2 p in [5, KMax]: one instantiation per supported length.
 template <typename T, int M, int K, int KMax>
 cudaError_t launch_reg_k(const T* x, T* out, int64_t rows, int logp, cudaStream_t stream) {
@@ -324,11 +276,7 @@ cudaError_t launch_typed(const void* xv, void* outv, int64_t rows, int n, int m,
       case 12: return launch_reg_k<T, 12, kLogE, 11>(x, out, rows, logp, stream);  // 12 * 2048 <= 32768
       case 20: return launch_reg_k<T, 20, kLogE, 10>(x, out, rows, logp, stream);
       case 28: return launch_reg_k<T, 28, kLogE, 10>(x, out, rows, logp, stream);
-      default: {
-        const char* env = std::getenv("MOEQUANT_HADAMARD_PAIR");  // TEMPORARY A/B switch
-        if (logp == 15 && !(env && env[0] == '0')) return launch_pair<T>(x, out, rows, stream);
-        return launch_reg_k<T, 1, kLogE, 15>(x, out, rows, logp, stream);
-      }
+      default: return launch_reg_k<T, 1, kLogE, 15>(x, out, rows, logp, stream);
     }
   }
   // p < 32: the general kernel. At least ~2048 elements per CTA (rows of small n are batched), one thread per 8
