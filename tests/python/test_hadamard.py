@@ -221,3 +221,23 @@ def test_cuda_misaligned_input(n, dtype, gen):
     assert xm.data_ptr() % 16 != 0
     got = ops.hadamard_transform(xm).cpu()
     torch.testing.assert_close(got, ops.hadamard_transform(x.cuda()).cpu(), rtol=0, atol=0)
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [128, 768, 2048, 4096, 7168, 14336, 16384, 32768])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_low_precision_equals_rounded_fp32(n, dtype, gen):
+    """The benchmark lengths with ~4M elements (many CTAs, several waves, a partial last CTA where rows are
+    batched): bf16 / fp16 output bit-equal to the fp32 kernel's result (same arithmetic in the same order) rounded
+    once to the dtype, and the rows at both ends within one rounding of the float64 reference."""
+    rows = (1 << 22) // n + 3
+    x = torch.randn(rows, n, generator=gen).to(dtype).cuda()
+    got = ops.hadamard_transform(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, ops.hadamard_transform(x.float()).to(dtype))
+    ends = torch.cat((x[:2], x[-2:])).cpu().float()
+    ref = _fast_ref64(ends)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    err = (torch.cat((got[:2], got[-2:])).cpu().double() - ref).abs()
+    assert bool((err <= ulp * ref.abs() + _budget(ends) + 2.0**-24).all())

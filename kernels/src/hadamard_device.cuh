@@ -1,0 +1,77 @@
+// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: dtype conversions and the m x m mix with
+// compile-time signs (see the top of hadamard.cu). Included by hadamard.cu (through hadamard_small.cuh) only.
+#pragma once
+
+#include <moequant/hadamard_tables.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+namespace moequant {
+inline namespace v0 {
+namespace cuda_detail {
+namespace {
+
+template <typename T>
+__device__ inline float to_f32(T v);
+template <>
+__device__ inline float to_f32<float>(float v) { return v; }
+template <>
+__device__ inline float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ inline float to_f32<__half>(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ inline T from_f32(float v);
+template <>
+__device__ inline float from_f32<float>(float v) { return v; }
+template <>
+__device__ inline __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ inline __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// Sign of H_M(a, c) as a compile-time constant (true: -1).
+template <int M>
+constexpr bool neg_sign(int a, int c) {
+  return hadamard_tables::table(M)[a * M + c] == '-';
+}
+
+// Column c's use of the 8 patterns of rows 4q..4q+3: bits 0..2 select x0 +- x1 +- x2 +- x3 (bit i set: the sign of
+// x_{i+1} differs from the sign of x0), bit 3 negates (x0 enters with -1).
+template <int M>
+constexpr int pattern(int q, int c) {
+  const bool s0 = neg_sign<M>(4 * q, c);
+  return (neg_sign<M>(4 * q + 1, c) != s0 ? 1 : 0) | (neg_sign<M>(4 * q + 2, c) != s0 ? 2 : 0) |
+         (neg_sign<M>(4 * q + 3, c) != s0 ? 4 : 0) | (s0 ? 8 : 0);
+}
+
+template <int M, int Q, int C>
+__device__ __forceinline__ void mix_term(float (&acc)[M], const float (&pat)[8]) {
+  constexpr int code = pattern<M>(Q, C);
+  const float t = pat[code & 7];
+  if constexpr (Q == 0) acc[C] = (code & 8) ? -t : t;
+  else acc[C] = (code & 8) ? acc[C] - t : acc[C] + t;
+}
+
+template <int M, int Q, int... C>
+__device__ __forceinline__ void mix_terms(float (&acc)[M], const float (&pat)[8], std::integer_sequence<int, C...>) {
+  (mix_term<M, Q, C>(acc, pat), ...);
+}
+
+// acc[c] (+)= sum over rows a = 4Q..4Q+3 of H(a, c) x[a - 4Q].
+template <int M, int Q>
+__device__ __forceinline__ void mix_rows(float (&acc)[M], const float (&x)[4]) {
+  const float a0 = x[0] + x[1], a1 = x[0] - x[1], b0 = x[2] + x[3], b1 = x[2] - x[3];
+  // pattern i = x0 + s1 x1 + s2 x2 + s3 x3 = A[bit 0] + s2 * B[bit 1 ^ bit 2], A = (a0, a1), B = (b0, b1)
+  const float pat[8] = {a0 + b0, a1 + b0, a0 - b1, a1 - b1, a0 + b1, a1 + b1, a0 - b0, a1 - b0};
+  mix_terms<M, Q>(acc, pat, std::make_integer_sequence<int, M>{});
+}
+
+}  // namespace
+}  // namespace cuda_detail
+}  // namespace v0
+}  // namespace moequant
