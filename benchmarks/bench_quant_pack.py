@@ -5,9 +5,10 @@ dequantize (codes + scales/zeros in, f32 out), pack (codes in, int32 words out),
 The copy bandwidth is a large clone() measured in this process (2 * bytes / time).
 
 "ms" is the median of single calls, each between its own pair of CUDA events: it includes the host's launch latency
-and, for quantize_rtn and pack (which read a device-side error flag back), the stream synchronisation. "ms b2b" is
-the per-call time of 10 back-to-back calls between one pair of events: for dequantize and unpack (no host wait) the
-launch latency then hides behind the previous call; for quantize_rtn and pack it cannot (each call waits).
+and, for quantize_rtn and pack (which wait for their error flag: quantize_rtn reads a device flag back, pack a
+page-locked host word the kernel writes), the stream synchronisation. "ms b2b" is the per-call time of 10
+back-to-back calls between one pair of events: for dequantize and unpack (no host wait) the launch latency then hides
+behind the previous call; for quantize_rtn and pack it cannot (each call waits).
 GB/s and "% of copy" use "ms"; "% b2b" uses "ms b2b".
 """
 

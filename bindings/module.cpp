@@ -92,13 +92,13 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const s
   return mb::dequantize_cpu(codes, scales, zp, spec);
 }
 
-at::Tensor pack_rows(const at::Tensor& q, int bits) {
+at::Tensor pack_rows(const at::Tensor& q, int bits, const std::optional<at::Tensor>& host_flag) {
   mb::check_dim(q, "q", 2);
   mb::check_dtype(q, "q", at::kChar);
   mb::check_contiguous(q, "q");
   if (on_cuda(q, "q")) {
 #ifdef MOEQUANT_WITH_CUDA
-    return mb::pack_rows_cuda(q, bits);
+    return mb::pack_rows_cuda(q, bits, host_flag ? &*host_flag : nullptr);
 #endif
   }
   return mb::pack_rows_cpu(q, bits);
@@ -345,8 +345,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_rtn", &quantize_rtn, py::arg("w"), py::arg("spec"),
         "RTN quantization of a float32 [out, in] matrix -> (codes int8, scale f32, zero int32, dequantized f32)");
   m.def("dequantize", &dequantize, py::arg("codes"), py::arg("scale"), py::arg("zero_point"), py::arg("spec"));
-  m.def("pack_rows", &pack_rows, py::arg("q"), py::arg("bits"),
-        "pack-quantized int32 packing along the last dimension");
+  m.def("pack_rows", &pack_rows, py::arg("q"), py::arg("bits"), py::arg("host_flag") = py::none(),
+        "pack-quantized int32 packing along the last dimension; host_flag (CUDA only, optional): a caller-owned "
+        "pinned CPU tensor of >= 4 bytes for the out-of-range flag (default: one from torch's pinned-memory cache)");
   m.def("unpack_rows", &unpack_rows, py::arg("packed"), py::arg("bits"), py::arg("in_features"));
   m.def("accumulate_hessian", &accumulate_hessian, py::arg("hessians"), py::arg("counts"), py::arg("mass"),
         py::arg("x"), py::arg("expert_ids"), py::arg("weights"), py::arg("precision") = 0,

@@ -59,7 +59,8 @@ bool cuda_compiled();
 QuantTensors quantize_rtn_cuda(const at::Tensor& w, const QuantSpec& spec);
 at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
                            const QuantSpec& spec);
-at::Tensor pack_rows_cuda(const at::Tensor& q, int bits);
+/// host_flag: optional caller-owned page-locked CPU tensor of >= kCudaHostFlagBytes (null: torch's pinned cache).
+at::Tensor pack_rows_cuda(const at::Tensor& q, int bits, const at::Tensor* host_flag);
 at::Tensor unpack_rows_cuda(const at::Tensor& packed, int bits, int64_t cols);
 /// x: float32, bfloat16 or float16 rows (widened exactly on the device).
 /// precision: HessianPrecision of kernels.h (0 fp32 SSYRK, 1 TF32, 2 BF16 tensor-core GEMMs). symmetrize = false

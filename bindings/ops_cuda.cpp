@@ -5,6 +5,7 @@
 #include <moequant/cuda/kernels.h>
 #include <moequant/pack.h>
 
+#include <ATen/core/CachingHostAllocator.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -39,12 +40,23 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, co
   return out;
 }
 
-at::Tensor pack_rows_cuda(const at::Tensor& q, int bits) {
+at::Tensor pack_rows_cuda(const at::Tensor& q, int bits, const at::Tensor* host_flag) {
+  if (host_flag != nullptr && host_flag->nbytes() < kCudaHostFlagBytes)
+    throw std::invalid_argument(fmt::format("host_flag: expected a tensor of at least {} bytes, got {} bytes",
+                                            kCudaHostFlagBytes, host_flag->nbytes()));
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), packed_words(q.size(1), bits)}, q.options().dtype(at::kInt));
-  at::Tensor flag = at::empty({static_cast<int64_t>(kCudaFlagBytes)}, q.options().dtype(at::kByte));
-  throw_if_error(cuda_pack_rows(q.data_ptr<int8_t>(), q.size(0), q.size(1), bits, out.data_ptr<int32_t>(),
-                                at::cuda::getCurrentCUDAStream(q.device().index()).stream(), flag.data_ptr()));
+  // The error word: page-locked host memory from torch's caching host allocator (mapped into every device under
+  // unified addressing), so the kernel writes it directly -- no memset launch, no device-to-host copy. The call
+  // synchronises the stream before returning, so the block is idle when it goes back to the cache.
+  at::DataPtr own;
+  void* flag = host_flag != nullptr ? host_flag->data_ptr() : nullptr;
+  if (flag == nullptr) {
+    own = at::getHostAllocator(at::kCUDA)->allocate(kCudaHostFlagBytes);
+    flag = own.get();
+  }
+  throw_if_error(cuda_pack_rows_host_flag(q.data_ptr<int8_t>(), q.size(0), q.size(1), bits, out.data_ptr<int32_t>(),
+                                          at::cuda::getCurrentCUDAStream(q.device().index()).stream(), flag));
   return out;
 }
 

@@ -147,8 +147,8 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
   StreamBuffer flag(stream);
   MQ_RETURN_IF_ERROR(flag.use_or_allocate(flag_workspace, sizeof(unsigned long long)));
-  MQ_CUDA_RETURN("pack_rows kernel",
-                 cuda_detail::launch_pack_rows(q, rows, cols, bits, out, flag.as<unsigned long long>(), stream));
+  MQ_CUDA_RETURN("pack_rows kernel", cuda_detail::launch_pack_rows(q, rows, cols, bits, out,
+                                                                   flag.as<unsigned long long>(), nullptr, stream));
   unsigned long long bad = kNoBadIndex;
   MQ_RETURN_IF_ERROR(read_back(&bad, flag.as<unsigned long long>(), sizeof(bad), stream, "pack_rows flag readback"));
   MQ_RETURN_IF_ERROR(flag.release());
@@ -160,6 +160,37 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
                            qmin_for(bits), qmax_for(bits), bits, static_cast<int>(v), i, r);
   }
   return {};
+}
+
+Status cuda_pack_rows_host_flag(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
+                                cudaStream_t stream, void* host_flag) {
+  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
+  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
+  if (host_flag == nullptr)
+    return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
+  if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
+    return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
+  if (rows == 0 || cols == 0) return {};
+  int device = -1;
+  MQ_RETURN_IF_ERROR(device_of(q, "q", &device));
+  ScopedDevice guard;
+  MQ_RETURN_IF_ERROR(guard.enter(device));
+  MQ_RETURN_IF_ERROR(check_on_device(out, "out", device, false));
+  void* device_view = nullptr;
+  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", device, &device_view));
+
+  // The host clears the word before the launch (program order: the kernel cannot run before this store); the
+  // kernel only ever stores 1 into it; the synchronisation makes its store visible here.
+  volatile unsigned int* word = static_cast<volatile unsigned int*>(host_flag);
+  *word = 0u;
+  MQ_CUDA_RETURN("pack_rows kernel", cuda_detail::launch_pack_rows(q, rows, cols, bits, out, nullptr,
+                                                                   static_cast<unsigned int*>(device_view), stream));
+  MQ_CUDA_RETURN("cudaStreamSynchronize", cudaStreamSynchronize(stream));
+  if (*word == 0u) return {};
+  // Rare (an error): the first-offender pass of cuda_pack_rows (device flag + atomicMin) names the offender.
+  MQ_RETURN_IF_ERROR(cuda_pack_rows(q, rows, cols, bits, out, stream, nullptr));
+  return Status::internal("pack_rows: the kernel flagged an out-of-range code that the first-offender pass did not "
+                          "find (was q modified during the call?)");
 }
 
 Status cuda_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q, cudaStream_t stream) {

@@ -83,6 +83,33 @@ inline Status check_on_device(const void* p, const char* arg, int device, bool n
   return {};
 }
 
+/// Checks that `p` is page-locked host memory mapped into `device`'s address space (cudaHostAlloc /
+/// cudaMallocHost memory under unified addressing, or memory registered with cudaHostRegisterMapped) and returns the
+/// pointer the device uses for it (the same address under unified addressing). Call with `device` current.
+inline Status mapped_host_memory(void* p, const char* arg, int device, void** device_view) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
+  if (err == cudaErrorInvalidValue) {
+    (void)cudaGetLastError();
+    return Status::invalid("{}: expected page-locked host memory, got a pointer CUDA does not know (pageable?)", arg);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return cuda_error("cudaPointerGetAttributes", err);
+  }
+  if (attr.type != cudaMemoryTypeHost)
+    return Status::invalid("{}: expected page-locked host memory, got {} memory", arg,
+                           attr.type == cudaMemoryTypeDevice    ? "device"
+                           : attr.type == cudaMemoryTypeManaged ? "managed"
+                                                                : "pageable (unregistered) host");
+  if (attr.devicePointer == nullptr)
+    return Status::invalid("{}: expected page-locked host memory mapped into CUDA device {}'s address space, got "
+                           "memory that is not mapped there",
+                           arg, device);
+  *device_view = attr.devicePointer;
+  return {};
+}
+
 /// Makes `device` current for the call and restores the caller's device on exit (never device 0 by default).
 class ScopedDevice {
  public:

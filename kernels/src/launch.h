@@ -47,9 +47,11 @@ cudaError_t launch_quantize_rtn(const float* w, int64_t rows, int64_t cols, int6
                                 unsigned long long* bad_index, cudaStream_t stream);
 cudaError_t launch_dequantize(const int8_t* codes, const float* scales, const int32_t* zeros, int64_t rows,
                               int64_t cols, int64_t group_size, float* out, cudaStream_t stream);
-// bad_index: as above, min(r * cols + i) of a code outside [qmin, qmax].
+// bad_index: as above, min(r * cols + i) of a code outside [qmin, qmax]. When bad_index is null, any_bad (a
+// device-accessible word the caller cleared, e.g. mapped page-locked host memory; no memset is issued) is set to 1
+// if any code is out of range.
 cudaError_t launch_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
-                             unsigned long long* bad_index, cudaStream_t stream);
+                             unsigned long long* bad_index, unsigned int* any_bad, cudaStream_t stream);
 cudaError_t launch_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q,
                                cudaStream_t stream);
 

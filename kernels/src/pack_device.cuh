@@ -30,11 +30,24 @@ __host__ __device__ inline T ld(const T* p) {
 #endif
 }
 
-__host__ __device__ inline void report_bad(unsigned long long* bad_index, int64_t at) {
+// How a chunk reports an out-of-range code: `first` (a device word pre-set to kNoBadIndex) receives the smallest bad
+// linear index by atomicMin; without it, `any` (a word the host cleared, typically page-locked host memory mapped
+// into the device's address space) is set to 1 by a plain store -- every writer stores the same value, so no atomic
+// is needed, and the host finds the first offender in a second pass only when the word is set.
+struct BadReport {
+  unsigned long long* first = nullptr;
+  unsigned int* any = nullptr;
+};
+
+__host__ __device__ inline void report_bad(const BadReport& bad, int64_t at) {
+  if (bad.first == nullptr) {
+    *bad.any = 1u;
+    return;
+  }
 #ifdef __CUDA_ARCH__
-  atomicMin(bad_index, static_cast<unsigned long long>(at));
+  atomicMin(bad.first, static_cast<unsigned long long>(at));
 #else
-  if (static_cast<unsigned long long>(at) < *bad_index) *bad_index = static_cast<unsigned long long>(at);
+  if (static_cast<unsigned long long>(at) < *bad.first) *bad.first = static_cast<unsigned long long>(at);
 #endif
 }
 
@@ -79,7 +92,7 @@ __host__ __device__ inline uint32_t out_of_range_bits(const uint32_t (&raw)[8]) 
 // Chunk g of pack_rows (cpr = chunks per row).
 template <int B>
 __host__ __device__ inline void pack_one_chunk(const int8_t* q, int64_t cols, int64_t words, int64_t cpr, bool vec,
-                                               int64_t g, uint32_t* out, unsigned long long* bad_index) {
+                                               int64_t g, uint32_t* out, const BadReport& bad) {
   uint32_t raw[8];
   int64_t e0, w0;  // first element (linear, r * cols + 32k) and first word of the chunk
   int valid = 32, nwords = B;
@@ -109,7 +122,7 @@ __host__ __device__ inline void pack_one_chunk(const int8_t* q, int64_t cols, in
       const int v = static_cast<int8_t>((raw[j / 4] >> (8 * (j % 4))) & 0xFFu);
       if (v < qmin || v > qmax) first = j;
     }
-    report_bad(bad_index, e0 + first);
+    report_bad(bad, e0 + first);
   }
   uint32_t o[B];
   pack_chunk<B>(raw, o);

@@ -299,17 +299,18 @@ __global__ void __launch_bounds__(256) dequantize_quads_kernel(const uint32_t* _
 }
 
 // ---- pack / unpack: one chunk of 32 elements (pack_device.cuh) per thread, grid-stride ----------------------
+using pack_detail::BadReport;
 using pack_detail::pack_one_chunk;
 using pack_detail::unpack_one_chunk;
 
 template <int B>
 __global__ void __launch_bounds__(256) pack_chunks_kernel(const int8_t* __restrict__ q, int64_t rows, int64_t cols,
                                                           int64_t words, bool vec, uint32_t* __restrict__ out,
-                                                          unsigned long long* __restrict__ bad_index) {
+                                                          BadReport bad) {
   const int64_t cpr = (cols + 31) / 32, total = rows * cpr;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < total; g += stride)
-    pack_one_chunk<B>(q, cols, words, cpr, vec, g, out, bad_index);
+    pack_one_chunk<B>(q, cols, words, cpr, vec, g, out, bad);
 }
 
 template <int B>
@@ -357,9 +358,8 @@ cudaError_t by_bits(int bits, Args... args) {
 template <int B>
 struct PackLaunch {
   static cudaError_t run(const int8_t* q, int64_t rows, int64_t cols, int64_t words, bool vec, int32_t* out,
-                         unsigned long long* bad_index, unsigned grid, cudaStream_t stream) {
-    pack_chunks_kernel<B><<<grid, 256, 0, stream>>>(q, rows, cols, words, vec, reinterpret_cast<uint32_t*>(out),
-                                                    bad_index);
+                         BadReport bad, unsigned grid, cudaStream_t stream) {
+    pack_chunks_kernel<B><<<grid, 256, 0, stream>>>(q, rows, cols, words, vec, reinterpret_cast<uint32_t*>(out), bad);
     return cudaGetLastError();
   }
 };
@@ -420,14 +420,19 @@ cudaError_t launch_dequantize(const int8_t* codes, const float* scales, const in
 }
 
 cudaError_t launch_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
-                             unsigned long long* bad_index, cudaStream_t stream) {
-  cudaError_t err = cudaMemsetAsync(bad_index, 0xFF, sizeof(unsigned long long), stream);
-  if (err != cudaSuccess) return err;
+                             unsigned long long* bad_index, unsigned int* any_bad, cudaStream_t stream) {
+  if (bad_index != nullptr) {
+    const cudaError_t err = cudaMemsetAsync(bad_index, 0xFF, sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return err;
+  }
   const int64_t words = (cols * bits + 31) / 32;
   const int64_t chunks = rows * ((cols + 31) / 32);
   if (chunks == 0) return cudaSuccess;
   const bool vec = cols % 32 == 0 && aligned(q, 16) && aligned(out, 16);
-  return by_bits<PackLaunch>(bits, q, rows, cols, words, vec, out, bad_index, grid_for(chunks, 256), stream);
+  BadReport bad;
+  bad.first = bad_index;
+  bad.any = any_bad;
+  return by_bits<PackLaunch>(bits, q, rows, cols, words, vec, out, bad, grid_for(chunks, 256), stream);
 }
 
 cudaError_t launch_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q,

@@ -188,6 +188,8 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     Element ``i`` of a row occupies bits ``[i*bits, (i+1)*bits)`` of the row's bit stream (offset by
     ``2^(bits-1)``, least significant first). Example: ``pack_int32(tensor([[-8,...,-1]]), 4) == [[0x76543210]]``.
     """
+    if type(q) is torch.Tensor and q.dtype is torch.int8 and q.dim() == 2 and type(bits) is int and 2 <= bits <= 8:
+        return _C.pack_rows(q.contiguous(), bits)  # the common call, with the checks below already satisfied
     return _C.pack_rows(_as_codes(q, "q"), _check_bits(bits))
 
 

@@ -203,6 +203,54 @@ def test_pack_out_of_range_raises(bits, gen):
         ops.pack_int32(q, bits)
 
 
+def test_pack_error_then_success(gen):
+    """The CUDA call reports through a page-locked host word from torch's pinned cache and clears it itself: a good
+    call right after a failed one (which leaves the word set and hands it back to the cache) must pass."""
+    bad = torch.zeros(64, 96, dtype=torch.int8, device="cuda")
+    bad[5, 9] = 8
+    good = torch.randint(-8, 8, (64, 96), generator=gen, dtype=torch.int8)
+    for _ in range(3):
+        with pytest.raises(ValueError, match=r"^q: expected codes in \[-8, 7\] for 4 bits, got 8 at element 9 of row"):
+            ops.pack_int32(bad, 4)
+        assert_equal(ops.pack_int32(good.cuda(), 4).cpu(), ops.pack_int32(good, 4), "packed after an error")
+
+
+@pytest.mark.parametrize("bits", [3, 4, 7])
+def test_pack_large_first_out_of_range(bits):
+    """Offenders in many blocks of the vectorised path (the kernel only flags; the second pass names the first)."""
+    q = torch.zeros(2048, 7168, dtype=torch.int8, device="cuda")
+    q[2047, 7167] = -128
+    q[1500, 7000] = 2 ** (bits - 1)
+    q[1999, 3] = -(2 ** (bits - 1)) - 1
+    with pytest.raises(ValueError, match=rf"^q: .* got {2 ** (bits - 1)} at element 7000 of row 1500$"):
+        ops.pack_int32(q, bits)
+
+
+def test_pack_host_flag_argument(gen):
+    """_C.pack_rows(q, bits, host_flag=...): a caller-owned pinned word, cleared by the call, set on an error; memory
+    that is not page-locked host memory, too small or misaligned is a ValueError naming host_flag."""
+    from moequant import _C
+
+    q = torch.randint(-8, 8, (16, 64), generator=gen, dtype=torch.int8)
+    flag = torch.ones(8, dtype=torch.uint8).pin_memory()  # stale contents: the call must clear the word
+    assert_equal(_C.pack_rows(q.cuda(), 4, host_flag=flag).cpu(), ops.pack_int32(q, 4), "packed")
+    assert flag[:4].view(torch.int32).item() == 0
+    bad = q.clone()
+    bad[3, 17] = -9
+    with pytest.raises(ValueError, match=r"^q: .* got -9 at element 17 of row 3$"):
+        _C.pack_rows(bad.cuda(), 4, host_flag=flag)
+    assert flag[:4].view(torch.int32).item() == 1
+    qc = q.cuda()
+    with pytest.raises(ValueError, match=r"^host_flag: expected page-locked host memory, got .*(pageable|CUDA does not)"):
+        _C.pack_rows(qc, 4, host_flag=torch.zeros(4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"^host_flag: expected page-locked host memory, got device memory$"):
+        _C.pack_rows(qc, 4, host_flag=torch.zeros(4, dtype=torch.uint8, device="cuda"))
+    with pytest.raises(ValueError, match=r"^host_flag: expected a tensor of at least 4 bytes, got 2 bytes$"):
+        _C.pack_rows(qc, 4, host_flag=torch.zeros(2, dtype=torch.uint8).pin_memory())
+    with pytest.raises(ValueError, match=r"^host_flag: expected a 4-byte aligned address"):
+        _C.pack_rows(qc, 4, host_flag=flag[1:])
+
+
 def test_pack_zero_points_bit_exact(gen):
     zp = torch.randint(-4, 4, (37, 5), generator=gen, dtype=torch.int8)
     cpu = ops.pack_zero_points(zp, 3)

@@ -62,6 +62,19 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream,
                       void* flag_workspace);
 
+/// Bytes of the page-locked host word cuda_pack_rows_host_flag takes (one 32-bit flag, 4-byte aligned).
+constexpr size_t kCudaHostFlagBytes = 4;
+
+/// As cuda_pack_rows, reporting through a caller-owned page-locked host word `host_flag` (kCudaHostFlagBytes,
+/// mapped into q's device: cudaHostAlloc / cudaMallocHost memory, or a pinned torch tensor) instead of a device
+/// flag: the call clears the word, the kernel sets it when any code is out of range, and the call reads it after
+/// its one synchronisation of `stream` -- no memset launch and no device-to-host copy, which is most of the host
+/// time of a call. Only when the word is set does a second pass (cuda_pack_rows with a per-call device flag) find
+/// the first offender, so errors are reported exactly as by cuda_pack_rows. The word must not be shared with a
+/// concurrent call.
+Status cuda_pack_rows_host_flag(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
+                                cudaStream_t stream, void* host_flag);
+
 /// Inverse of cuda_pack_rows: packed [rows, packed_words(cols, bits)] -> q [rows, cols]. Asynchronous.
 Status cuda_unpack_rows(const int32_t* packed, int64_t rows, int64_t cols, int bits, int8_t* q, cudaStream_t stream);
 
