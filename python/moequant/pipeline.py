@@ -32,6 +32,7 @@ from .loading import LazyModel, record_layer_inputs
 from .recipe import Recipe
 from .report import LayerRecord, QuantizationReport
 from .solve import quantize_experts, quantize_linears
+from .transforms import LayerStep, build_transforms, layer_export_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -304,11 +305,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage)
     precision = hessian_precision(recipe, device, lazy.dtype)
     preflight(lazy, recipe)
-    rot = None
-    if recipe.rotation.enabled:  # globals rotated now, before the calibration inputs are recorded
-        from .rotation_pipeline import PipelineRotation
-
-        rot = PipelineRotation(lazy, recipe.rotation.seed, storage)
+    transforms = build_transforms(recipe, lazy.family, storage)
+    for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
+        tr.before_calibration(lazy)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -349,13 +348,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             t = time.time()
             prefix = lazy.layer_prefix(index)
             layer = lazy.load_layer(index, device)
-            rotated = rot.rotate_layer(layer) if rot is not None else []
-            awq_tensors = {}
-            if recipe.awq.enabled:  # smoothed and clipped before the Hessian capture: AWQ followed by GPTQ/RTN
-                from .awq_layer import apply_awq
-
-                awq_tensors = apply_awq(layer, lazy.family, recipe, prefix, hidden, kwargs, index, device,
-                                        storage).tensors
+            step = LayerStep(index, prefix, layer, hidden, kwargs, device)
+            early = [tr.before_capture(step) for tr in transforms]  # in order: rotation, then AWQ
             with torch.no_grad():
                 cap = LayerCapture(layer, lazy.family, layer_prefix=prefix, weighting=weighting,
                                    shared_weighting="gate" if recipe.routing_weighted else "none",
@@ -373,16 +367,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                  expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
                                  expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [],
                                  modules=rec_l + rec_e)
-            dense = None
-            if rot is not None:
-                from .rotation_pipeline import layer_export_tensors
-
-                dense = layer_export_tensors(layer, lazy.family, prefix, rotated, {*res_l, *res_e})
-            if awq_tensors:
-                dense = {**(dense or {}), **awq_tensors}
+            dense = layer_export_tensors(transforms, step, early, {*res_l, *res_e})
             work.save_layer(index, {**res_l, **res_e}, record, hidden, tensors=dense)
             report.layers.append(record)
-            del layer, cap, res_l, res_e
+            del layer, step, early, cap, res_l, res_e
             logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
             if _after_layer is not None:
                 _after_layer(index)
@@ -395,15 +383,17 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                "(docs/export.md); use --symmetric or --format dequantized for transformers")
             qcfg = quantization_config_block(_config_groups(schemes), _ignore_list(lazy, schemes))
             chunks = work.iter_replacements(lazy.num_layers)
-            if rot is not None:
+            extra = [g for g in (tr.export_globals() for tr in transforms) if g is not None]
+            if extra:
                 import itertools
 
-                chunks = itertools.chain(chunks, [rot.globals])
+                chunks = itertools.chain(chunks, extra)
+            overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
             export_checkpoint(model_dir, out, chunks, qcfg, mode=export_format,
                               extra_files={"moequant_recipe.json": recipe.to_dict(),
                                            "moequant_report.json": report.to_dict()},
                               metadata={"version": _version()},
-                              config_overrides=rot.config_overrides if rot is not None else None)
+                              config_overrides=overrides or None)
             shutil.rmtree(work.path)
             report.seconds = round(time.time() - t0, 3)
     finally:
