@@ -80,7 +80,7 @@ class LayerTransform:
 
 
 class RotationTransform(LayerTransform):
-    """QuaRot R1 residual rotation (``recipe.rotation``), around :class:`moequant.rotation_pipeline.PipelineRotation`."""
+    """QuaRot R1 residual rotation (``recipe.rotation``): :class:`moequant.rotation_pipeline.PipelineRotation`."""
 
     def __init__(self, seed: int, storage: torch.dtype):
         self.seed, self.storage = seed, storage
