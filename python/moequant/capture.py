@@ -6,9 +6,10 @@ sees exactly ``(hidden_states [T,H], top_k_index [T,k], top_k_weights [T,k])`` w
 :class:`RoutedBatch` with one stable sort (rows grouped by expert, token order kept inside an expert), computes
 the down_proj inputs ``h = glu(gate, up)`` per expert in fp32, and feeds two Hessian accumulators (gate+up share
 ``H_e = sum x x^T`` of dim H; down has dim I), optionally weighted by the routing weight (AGQ).
-:class:`LinearCapture` does the same for ``nn.Linear`` modules (single-"expert" accumulators) and
-:class:`LayerCapture` combines both for one decoder layer, with the optional ``sigmoid(shared_expert_gate(x))``
-weighting of a gated shared expert. All hooks are removed on exit, also on exceptions.
+:class:`LinearCapture` (:mod:`moequant.capture_linear`, re-exported here) does the same for ``nn.Linear`` modules
+(single-"expert" accumulators) and :class:`LayerCapture` combines both for one decoder layer, with the optional
+``sigmoid(shared_expert_gate(x))`` weighting of a gated shared expert. All hooks are removed on exit, also on
+exceptions.
 
 Accumulator protocol (``moequant.ops.HessianAccumulator``): ``acc = factory(num_experts, dim, device)``;
 ``acc.add(x [n,dim] float32, expert_ids [n] int32, weights [n] float32 | None)``; ``acc.hessians [E,dim,dim]``,
@@ -16,29 +17,22 @@ Accumulator protocol (``moequant.ops.HessianAccumulator``): ``acc = factory(num_
 """
 from __future__ import annotations
 
-import abc
 import contextlib
 import inspect
-import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .capture_base import AccumulatorFactory, Hooks, default_accumulator_factory, flat_mask
+from .capture_linear import LinearCapture
 from .models.base import STANDARD, MoEFamily, intermediate_size, linear_modules, num_experts, split_expert
 
-logger = logging.getLogger(__name__)
+__all__ = ["WEIGHTINGS", "AccumulatorFactory", "default_accumulator_factory", "RoutedBatch", "route_tokens",
+           "expert_intermediate", "expert_output", "ExpertCapture", "LinearCapture", "LayerCapture"]
 
 WEIGHTINGS = ("none", "routing")
-AccumulatorFactory = Callable[[int, int, torch.device], object]
-
-
-def default_accumulator_factory(num_experts: int, dim: int, device: torch.device):
-    """``moequant.ops.HessianAccumulator(num_experts, dim, dtype=float32, device=device)`` (imported lazily)."""
-    from . import ops
-
-    return ops.HessianAccumulator(num_experts, dim, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -152,42 +146,7 @@ def expert_output(experts: nn.Module, family: MoEFamily, batch: RoutedBatch) -> 
     return out
 
 
-def _flat_mask(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if mask.numel() != rows:
-        logger.debug("token mask of %d elements ignored for an input of %d rows", mask.numel(), rows)
-        return None
-    return mask.reshape(-1).bool()
-
-
-class _Hooks(abc.ABC):
-    """Owns hook handles; removal is idempotent. Context manager base of the capture classes."""
-
-    def __init__(self) -> None:
-        self._handles: list = []
-
-    @abc.abstractmethod
-    def attach(self):
-        """Registers the hooks and returns self."""
-
-    def remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self):
-        self.attach()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-class ExpertCapture(_Hooks):
+class ExpertCapture(Hooks):
     """Capture the routed inputs of one fused experts module.
 
     Args:
@@ -254,7 +213,7 @@ class ExpertCapture(_Hooks):
     @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hs, idx, w = self._bind(args, kwargs)
-        mask = _flat_mask(self.token_mask, hs.reshape(-1, hs.shape[-1]).shape[0])
+        mask = flat_mask(self.token_mask, hs.reshape(-1, hs.shape[-1]).shape[0])
         batch = route_tokens(hs, idx, w, self.num_experts, mask)
         if self.compute_h:
             batch.h = expert_intermediate(self.experts, self.family, batch)
@@ -288,98 +247,7 @@ class ExpertCapture(_Hooks):
                                   torch.full((x.shape[0],), e, dtype=torch.int32, device=x.device))
 
 
-class LinearCapture(_Hooks):
-    """Capture the inputs of plain ``nn.Linear`` modules into single-expert accumulators.
-
-    Args:
-        modules: ``{name: nn.Linear}`` (e.g. :func:`moequant.models.linear_modules`).
-        weight_fns: optional ``{name: fn() -> [n] float32 | None}`` giving per-row weights at hook time
-            (used for the gated shared expert).
-        accumulator_factory: as in :class:`ExpertCapture`; ``self.accumulators[name]`` has E=1, dim=in_features.
-        on_input: optional ``callback(name, x [n, in] float32, weights | None)``.
-        share_inputs: Linears that receive the very same input tensor object in one forward (q/k/v of an
-            attention, gate/up of a shared expert, DeepSeek's q_a/kv_a) share one accumulator: the first forward
-            decides which module owns it (``self.shares``: alias -> owner) and later forwards only check that the
-            input is still shared (RuntimeError naming both modules otherwise), so the Hessian is accumulated once.
-    """
-
-    _RECENT = 4  # inputs remembered for sharing (modules reading one input need not be called back to back)
-
-    def __init__(self, modules: Mapping[str, nn.Linear], *, weight_fns: Mapping[str, Callable] | None = None,
-                 accumulator_factory: AccumulatorFactory | None = None, accumulate: bool = True,
-                 on_input: Callable[[str, torch.Tensor, torch.Tensor | None], None] | None = None,
-                 share_inputs: bool = True) -> None:
-        super().__init__()
-        self.modules = dict(modules)
-        self.weight_fns = dict(weight_fns or {})
-        self.on_input = on_input
-        self.token_mask: torch.Tensor | None = None
-        self.share_inputs = share_inputs
-        self.shares: dict[str, str] = {}
-        self._decided: set[str] = set()
-        self._recent: list = []  # [(raw input, owner name, weight fn, mask)] of the last hook calls
-        make = accumulator_factory or default_accumulator_factory
-        self.accumulators = {n: make(1, m.in_features, m.weight.device) for n, m in self.modules.items()} \
-            if accumulate else {}
-
-    def attach(self) -> "LinearCapture":
-        if not self.attached:
-            for name, mod in self.modules.items():
-                self._handles.append(mod.register_forward_pre_hook(self._make_hook(name)))
-        return self
-
-    def remove(self) -> None:
-        super().remove()
-        self._recent.clear()
-
-    def _owner_of_input(self, name: str, raw: torch.Tensor, fn) -> str | None:
-        """The module that already accumulated this very input in this forward (same weights and mask), if any."""
-        for x, owner, f, mask in reversed(self._recent):
-            if x is raw and f == fn and mask is self.token_mask and owner != name \
-                    and self.modules[owner].in_features == self.modules[name].in_features:
-                return owner
-        return None
-
-    def _shared_with(self, name: str, raw: torch.Tensor, fn) -> str | None:
-        """Decides (first forward) or checks (later forwards) whether ``name`` reuses another module's Hessian."""
-        if not self.share_inputs or name not in self.accumulators:
-            return None
-        owner = self._owner_of_input(name, raw, fn)
-        if name not in self._decided:
-            self._decided.add(name)
-            if owner is not None:
-                self.shares[name] = owner  # owners recorded in _recent are never aliases themselves
-                self.accumulators[name] = self.accumulators[owner]
-        elif name in self.shares and owner != self.shares[name]:
-            raise RuntimeError(f"LinearCapture: {name} received the same input as {self.shares[name]} in the first "
-                               f"forward but not in this one, so their shared Hessian would be wrong; construct "
-                               f"the capture with share_inputs=False for this model")
-        return self.shares.get(name)
-
-    def _make_hook(self, name: str):
-        @torch.no_grad()
-        def hook(module: nn.Module, args: tuple) -> None:
-            raw = args[0]
-            fn = self.weight_fns.get(name)
-            shared = self._shared_with(name, raw, fn)
-            self._recent = (self._recent + [(raw, shared or name, fn, self.token_mask)])[-self._RECENT:]
-            if shared is not None and self.on_input is None:
-                return
-            x = raw.reshape(-1, raw.shape[-1])  # its own dtype: the accumulator converts what it must
-            w = fn() if fn is not None else None
-            mask = _flat_mask(self.token_mask, x.shape[0])
-            if mask is not None:
-                x = x[mask]
-                w = w[mask] if w is not None else None
-            if shared is None and name in self.accumulators and x.shape[0]:
-                ids = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
-                self.accumulators[name].add(x, ids, w)
-            if self.on_input is not None:
-                self.on_input(name, x.float(), w)
-        return hook
-
-
-class LayerCapture(_Hooks):
+class LayerCapture(Hooks):
     """Everything one decoder layer needs for calibration: routed experts + quantized Linears.
 
     Args:
@@ -448,7 +316,7 @@ class LayerCapture(_Hooks):
 class _Detach:
     """Adapter so a child capture is removed like a hook handle."""
 
-    def __init__(self, cap: _Hooks) -> None:
+    def __init__(self, cap: Hooks) -> None:
         self.cap = cap
 
     def remove(self) -> None:

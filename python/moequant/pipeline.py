@@ -5,9 +5,10 @@ lm_head in memory); calibration windows are embedded and the arguments of every 
 layer L: load its weights from disk onto the compute device, run the calibration batches through it with the
 capture hooks (routed expert rows, Linear inputs -> Hessians), quantize (:mod:`moequant.solve`), write the
 dequantized weights back, run the batches through the *quantized* layer to produce layer L+1's inputs, and save
-the layer's results, the activations and a progress marker into a work directory ``<out>.partial``. After the
-last layer the checkpoint is exported atomically (temporary directory, then rename) and the work directory
-removed. Peak memory: one layer plus the calibration activations.
+the layer's results, the activations and a progress marker into a work directory ``<out>.partial``
+(:mod:`moequant.workdir`). Methods that change weights before they are quantized (rotation, AWQ) hook in as
+:mod:`moequant.transforms`. After the last layer the checkpoint is exported atomically (temporary directory, then
+rename) and the work directory removed. Peak memory: one layer plus the calibration activations.
 
 A crash or Ctrl-C leaves ``<out>`` absent and ``<out>.partial`` resumable: ``resume=True`` (``--resume``) continues
 after the last finished layer, bit-identically to an uninterrupted run.
@@ -15,124 +16,30 @@ after the last finished layer, bit-identically to an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from . import ops
 from .capture import LayerCapture
-from .export import Replacements, export_checkpoint, quantization_config_block
+from .export import export_checkpoint, quantization_config_block
 from .loading import LazyModel, record_layer_inputs
 from .recipe import Recipe
 from .report import LayerRecord, QuantizationReport
 from .solve import quantize_experts, quantize_linears
+from .transforms import LayerStep, build_transforms, layer_export_tensors
+from .workdir import StoredQuantized, WorkDir
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["quantize", "preflight", "StoredQuantized", "WorkDir"]
 
 _WORK_VERSION = 1
-
-
-class StoredQuantized:
-    """A quantized matrix read back from a work file; ``dequantized`` is computed on demand."""
-
-    def __init__(self, codes, scale, zero_point, bits, group_size, symmetric):
-        self.codes, self.scale, self.zero_point = codes, scale, zero_point
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-
-    @property
-    def dequantized(self) -> torch.Tensor:
-        return ops.dequantize(self.codes, self.scale, None if self.symmetric else self.zero_point,
-                              self.group_size, self.bits)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-class WorkDir:
-    """The resumable state of one run: per-layer results, activations after the last finished layer, progress."""
-
-    def __init__(self, path: Path, fingerprint: dict, resume: bool):
-        self.path = path
-        manifest = path / "manifest.json"
-        if path.exists():
-            if not resume:
-                raise FileExistsError(
-                    f"{path} holds an unfinished run; pass resume=True (CLI: --resume) to continue it, or delete it")
-            old = json.loads(manifest.read_text()) if manifest.is_file() else None
-            if old != fingerprint:
-                raise ValueError(f"{path}: the unfinished run used a different model, recipe or calibration; "
-                                 f"delete {path} or rerun with the same settings")
-        else:
-            path.mkdir(parents=True)
-            _atomic_write_json(manifest, fingerprint)
-
-    @property
-    def completed(self) -> int:
-        p = self.path / "progress.json"
-        return json.loads(p.read_text())["completed_layers"] if p.is_file() else 0
-
-    def save_layer(self, index: int, results: dict, record: LayerRecord, hidden: list,
-                   tensors: Optional[dict] = None) -> None:
-        """``tensors``: optional on-disk tensor name -> high-precision tensor (e.g. a norm or router weight changed
-        by a smoothing or rotation transform) that the export writes in place of the source tensor."""
-        from safetensors.torch import save_file
-
-        stored, meta = {}, {}
-        for name, qt in results.items():
-            stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
-            stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
-            stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
-            meta[name] = [qt.bits, qt.group_size, qt.symmetric]
-        for name, t in (tensors or {}).items():
-            stored[f"dense::{name}"] = t.detach().contiguous().cpu()
-        f = self.path / f"layer_{index:05d}.safetensors"
-        save_file(stored, str(f) + ".tmp", metadata={"schemes": json.dumps(meta)})
-        os.replace(str(f) + ".tmp", f)
-        _atomic_write_json(self.path / f"layer_{index:05d}.json", record.to_dict())
-        act = self.path / "activations.pt"
-        torch.save([h.cpu() for h in hidden], str(act) + ".tmp")
-        os.replace(str(act) + ".tmp", act)
-        _atomic_write_json(self.path / "progress.json", {"completed_layers": index + 1})
-
-    def load_record(self, index: int) -> LayerRecord:
-        return LayerRecord.from_dict(json.loads((self.path / f"layer_{index:05d}.json").read_text()))
-
-    def load_activations(self) -> list:
-        return torch.load(self.path / "activations.pt")
-
-    def iter_replacements(self, num_layers: int) -> Iterator[Replacements]:
-        from safetensors import safe_open
-
-        for index in range(num_layers):
-            with safe_open(str(self.path / f"layer_{index:05d}.safetensors"), "pt") as f:
-                meta = json.loads(f.metadata()["schemes"])
-                quantized = {name: StoredQuantized(f.get_tensor(f"{name}::codes"), f.get_tensor(f"{name}::scale"),
-                                                   f.get_tensor(f"{name}::zero"), b, g, s)
-                             for name, (b, g, s) in meta.items()}
-                dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
-            yield Replacements(quantized=quantized, tensors=dense)
-
-    def schemes(self, num_layers: int) -> dict:
-        """{(bits, group_size, symmetric): [module names]} over all finished layers."""
-        from safetensors import safe_open
-
-        out: dict = {}
-        for index in range(num_layers):
-            with safe_open(str(self.path / f"layer_{index:05d}.safetensors"), "pt") as f:
-                for name, (b, g, s) in json.loads(f.metadata()["schemes"]).items():
-                    out.setdefault((b, g, s), []).append(name)
-        return out
 
 
 def _as_recipe(recipe) -> Recipe:
@@ -304,11 +211,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage)
     precision = hessian_precision(recipe, device, lazy.dtype)
     preflight(lazy, recipe)
-    rot = None
-    if recipe.rotation.enabled:  # globals rotated now, before the calibration inputs are recorded
-        from .rotation_pipeline import PipelineRotation
-
-        rot = PipelineRotation(lazy, recipe.rotation.seed, storage)
+    transforms = build_transforms(recipe, lazy.family, storage)
+    for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
+        tr.before_calibration(lazy)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -349,13 +254,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             t = time.time()
             prefix = lazy.layer_prefix(index)
             layer = lazy.load_layer(index, device)
-            rotated = rot.rotate_layer(layer) if rot is not None else []
-            awq_tensors = {}
-            if recipe.awq.enabled:  # smoothed and clipped before the Hessian capture: AWQ followed by GPTQ/RTN
-                from .awq_layer import apply_awq
-
-                awq_tensors = apply_awq(layer, lazy.family, recipe, prefix, hidden, kwargs, index, device,
-                                        storage).tensors
+            step = LayerStep(index, prefix, layer, hidden, kwargs, device)
+            early = [tr.before_capture(step) for tr in transforms]  # in order: rotation, then AWQ
             with torch.no_grad():
                 cap = LayerCapture(layer, lazy.family, layer_prefix=prefix, weighting=weighting,
                                    shared_weighting="gate" if recipe.routing_weighted else "none",
@@ -373,16 +273,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                  expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
                                  expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [],
                                  modules=rec_l + rec_e)
-            dense = None
-            if rot is not None:
-                from .rotation_pipeline import layer_export_tensors
-
-                dense = layer_export_tensors(layer, lazy.family, prefix, rotated, {*res_l, *res_e})
-            if awq_tensors:
-                dense = {**(dense or {}), **awq_tensors}
+            dense = layer_export_tensors(transforms, step, early, {*res_l, *res_e})
             work.save_layer(index, {**res_l, **res_e}, record, hidden, tensors=dense)
             report.layers.append(record)
-            del layer, cap, res_l, res_e
+            del layer, step, early, cap, res_l, res_e
             logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
             if _after_layer is not None:
                 _after_layer(index)
@@ -395,15 +289,17 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                "(docs/export.md); use --symmetric or --format dequantized for transformers")
             qcfg = quantization_config_block(_config_groups(schemes), _ignore_list(lazy, schemes))
             chunks = work.iter_replacements(lazy.num_layers)
-            if rot is not None:
+            extra = [g for g in (tr.export_globals() for tr in transforms) if g is not None]
+            if extra:
                 import itertools
 
-                chunks = itertools.chain(chunks, [rot.globals])
+                chunks = itertools.chain(chunks, extra)
+            overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
             export_checkpoint(model_dir, out, chunks, qcfg, mode=export_format,
                               extra_files={"moequant_recipe.json": recipe.to_dict(),
                                            "moequant_report.json": report.to_dict()},
                               metadata={"version": _version()},
-                              config_overrides=rot.config_overrides if rot is not None else None)
+                              config_overrides=overrides or None)
             shutil.rmtree(work.path)
             report.seconds = round(time.time() - t0, 3)
     finally:

@@ -303,3 +303,24 @@ def test_gpu_bf16_hessian_agrees_with_fp32(tiny):
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert abs(a - b) <= 0.1 * abs(a) + 1e-6, (a, b)
     assert abs(sum(losses["fp32"]) - sum(losses["bf16"])) <= 0.05 * sum(losses["fp32"])
+
+
+def test_transforms_built_in_order_and_export_tensors_merged_later_wins():
+    from moequant import transforms
+
+    fam = object()
+    assert transforms.build_transforms(_recipe(), fam, torch.bfloat16) == []
+    r = Recipe.from_dict({**_recipe().to_dict(), "rotation": {"enabled": True}, "awq": {"enabled": True}})
+    assert [type(t) for t in transforms.build_transforms(r, fam, torch.bfloat16)] == \
+        [transforms.RotationTransform, transforms.AWQTransform]
+
+    class Late(transforms.LayerTransform):
+        def export_tensors(self, step, quantized):
+            return {"a": torch.zeros(1), "b": torch.zeros(1)} if "m" in quantized else {}
+
+    a, b, c = torch.ones(1), torch.full((1,), 2.0), torch.full((1,), 3.0)
+    step = transforms.LayerStep(0, "model.layers.0", torch.nn.Identity(), [], [], torch.device("cpu"))
+    out = transforms.layer_export_tensors([Late(), transforms.LayerTransform()], step, [{"a": a}, {"b": b, "c": c}],
+                                          {"m"})
+    assert out == {"a": a, "b": b, "c": c}  # before_capture's tensors over export_tensors', later over earlier
+    assert transforms.layer_export_tensors([transforms.LayerTransform()], step, [{}], set()) is None
