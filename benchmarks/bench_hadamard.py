@@ -1,7 +1,7 @@
 """Hadamard transform benchmark (CUDA): GB/s (read + write) against the device copy bandwidth, and the dense
 fp32 matmul x @ H / sqrt(n) (TF32 off) as the naive baseline for n <= 8192.
 
-"ms" is the median of single calls, each between its own pair of CUDA events (it includes the host's launch
+"ms" is the median of 21 single calls, each between its own pair of CUDA events (it includes the host's launch
 latency: the GPU idles until the call reaches it); "ms b2b" is the median per-call time of 10 back-to-back calls
 between one pair of events (the launch latency hidden behind the previous call), the steady state of a pipeline
 that transforms many tensors. GB/s and "% of copy" use "ms"; "% b2b" uses "ms b2b".
@@ -35,7 +35,7 @@ def main():
     for n in [128, 768, 2048, 4096, 7168, 14336, 16384, 32768]:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(total_elems // n, n, device="cuda").to(dtype)
-            ms = cuda_time_ms(lambda: ops.hadamard_transform(x), repeats=5, warmup=2)
+            ms = cuda_time_ms(lambda: ops.hadamard_transform(x), repeats=21, warmup=3)
             ms_b2b = back_to_back_ms(lambda: ops.hadamard_transform(x))
             nbytes = 2 * x.numel() * x.element_size()
             dense = "-"
@@ -48,7 +48,10 @@ def main():
                          f"{100 * nbytes / ms_b2b / 1e6 / bw:.0f}%", dense])
             del x
             torch.cuda.empty_cache()
+    tiny = torch.randn(1, 128, device="cuda").to(torch.bfloat16)
+    floor_us = 1e3 * cuda_time_ms(lambda: ops.hadamard_transform(tiny), repeats=21, warmup=3)
     print(f"device copy bandwidth (clone, measured): {bw:.0f} GB/s")
+    print(f"per-call floor (one 1 x 128 bf16 call, the host path + launch of any call): {floor_us:.1f} us")
     print_table("Hadamard transform (CUDA)", ["n", "dtype", "rows", "ms", "GB/s", "% of copy", "ms b2b", "% b2b",
                                                     "dense fp32 ms"], rows)
 

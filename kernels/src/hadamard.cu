@@ -25,7 +25,6 @@
 
 #include "hadamard_small.cuh"
 
-#include <atomic>
 
 namespace moequant {
 inline namespace v0 {
@@ -221,20 +220,12 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
   }
 }
 
-// Raises a kernel's dynamic shared-memory limit once per device (a cudaFuncSetAttribute per call costs host time,
-// which the GPU spends idle when calls are not queued back to back).
-constexpr int kMaxDevices = 64;
-
+// Raises a kernel's dynamic shared-memory limit above the 48 KiB default (a driver call per launch: the library
+// keeps no process-wide cache of which devices were already set up).
 template <typename Kernel>
-cudaError_t raise_smem_once(Kernel kernel, size_t smem, std::atomic<bool>* done) {
+cudaError_t raise_smem(Kernel kernel, size_t smem) {
   if (smem <= 48 * 1024) return cudaSuccess;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < kMaxDevices && done[dev].load(std::memory_order_relaxed)) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err == cudaSuccess && dev < kMaxDevices) done[dev].store(true, std::memory_order_relaxed);
-  return err;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
 template <typename T, int M, int K>
@@ -246,8 +237,7 @@ cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
   while (threads > max_threads<M>()) threads = (threads + 1) / 2;
   threads = (threads + 31) / 32 * 32;
   auto smem_for = [](int r) { return kDirect ? size_t{0} : smem_floats<padded<M, K>()>(int64_t{r} * kN) * sizeof(float); };
-  static std::atomic<bool> raised[kMaxDevices];
-  const cudaError_t err = raise_smem_once(hadamard_reg_kernel<T, M, K>, smem_for(kRpc), raised);
+  const cudaError_t err = raise_smem(hadamard_reg_kernel<T, M, K>, smem_for(kRpc));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (rows + rpc - 1) / rpc;
   const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(kN)));
