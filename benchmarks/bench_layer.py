@@ -9,7 +9,9 @@ moequant ops are used:
   down input  h = silu(x We_g^T) * (x We_u^T) per expert (torch, bf16 matmuls, fp32 result)
   H down      ops.HessianAccumulator(G, 2048).add(h, ...)
   GPTQ        ops.gptq_quantize_batched: gate+up as one [4096, 7168] problem per expert, down [7168, 2048];
-              4-bit asymmetric g128, block 128, compute_loss=False, overwrite_h=True (chunks of experts)
+              4-bit asymmetric g128, block 128, compute_loss=False, overwrite_h=True (chunks of experts);
+              --recipe-default: the default recipe's solver instead (act-order, MSE scales, damp 0.1, and the
+              proxy loss of every expert that the pipeline's report shows)
   pack        ops.pack_int32(codes, 4) and ops.pack_zero_points(zero_point, 4) per projection
 Experts are processed in groups of --group (default 32) so that the group's Hessians fit (256 gate_up Hessians
 alone would be 52.6 GB); the weights of a group are generated before its stages and are not timed. Every stage is
@@ -100,7 +102,7 @@ def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu
         for c0 in range(0, G, chunk):
             c1 = min(G, c0 + chunk)
             qts = st.run(f"GPTQ {name}", lambda: ops.gptq_quantize_batched(
-                w[c0:c1], H[c0:c1], bits=4, group_size=128, symmetric=False, compute_loss=False, overwrite_h=True))
+                w[c0:c1], H[c0:c1], overwrite_h=True, **gptq_kwargs(args)))
 
             def pack():
                 return [(ops.pack_int32(q.codes, 4), ops.pack_zero_points(q.zero_point, 4), q.scale) for q in qts]
@@ -115,6 +117,16 @@ def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu
     return len(packed)
 
 
+def gptq_kwargs(args) -> dict:
+    """The solver settings: the plain issue configuration, or with --recipe-default what the pipeline's default
+    recipe runs (moequant.recipe.QuantScheme(): act-order, MSE scales, damp 0.1, and the proxy loss of every expert
+    for the report)."""
+    if not args.recipe_default:
+        return dict(bits=4, group_size=128, symmetric=False, compute_loss=False)
+    from moequant.recipe import QuantScheme
+    return {**QuantScheme().gptq_kwargs(), "compute_loss": True}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--experts", type=int, default=256, help="experts actually processed (rest extrapolated)")
@@ -123,6 +135,8 @@ def main():
     ap.add_argument("--gptq-chunk-down", type=int, default=32, help="down experts per gptq_quantize_batched call")
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--hessian-precision", default="bf16", choices=["fp32", "tf32", "bf16"])
+    ap.add_argument("--recipe-default", action="store_true",
+                    help="GPTQ as the default recipe runs it (act-order, MSE scales, damp 0.1, proxy loss)")
     args = ap.parse_args()
     shp = SHAPES["deepseek-v3"]
     E, K, hidden = shp.experts, shp.top_k, shp.hidden
@@ -139,7 +153,7 @@ def main():
     for w, d in ((wgu, hidden), (wd, shp.width)):
         acc = ops.HessianAccumulator(2, d, device="cuda", precision=args.hessian_precision)
         acc.add(torch.randn(4096, d, device="cuda", generator=gen), torch.arange(4096, device="cuda") % 2)
-        qts = ops.gptq_quantize_batched(w, acc.hessians, bits=4, group_size=128, compute_loss=False, overwrite_h=True)
+        qts = ops.gptq_quantize_batched(w, acc.hessians, overwrite_h=True, **gptq_kwargs(args))
         ops.pack_int32(qts[0].codes, 4), ops.pack_zero_points(qts[0].zero_point, 4)
     del wgu, wd, acc, qts
     torch.cuda.synchronize()
@@ -186,7 +200,7 @@ def main():
     rows.append(["TOTAL", f"{sum(st.t.values()):.3f}", f"{total:.3f}",
                  f"{'MET' if total <= TARGET_S else 'NOT MET'} (target {TARGET_S:.0f} s)"])
     print(f"\nrouted rows {args.tokens * K}, experts processed {n_exp}/{E}, Hessian precision "
-          f"{args.hessian_precision}; untimed weight generation {setup_s:.2f} s; loop wall {wall:.2f} s; peak memory "
+          f"{args.hessian_precision}, GPTQ {'as the default recipe (act-order, MSE, damp 0.1, loss)' if args.recipe_default else 'plain (no act-order, min-max, damp 0.01, no loss)'}; untimed weight generation {setup_s:.2f} s; loop wall {wall:.2f} s; peak memory "
           f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print_table(f"DeepSeek-V3 MoE layer, {args.tokens} tokens top-{K}, 4-bit g128 asym ({label})",
                 ["stage", f"s ({n_exp} experts)", "s (256 experts)", "note"], rows)

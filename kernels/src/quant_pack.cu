@@ -9,7 +9,8 @@
 //     (std::min(a, b) = b < a ? b : a), so signed zeros resolve the same way;
 //   * the MSE error of a candidate is accumulated in double, sequentially in element order, by one chain of
 //     __dadd_rn (the per-element terms are computed in parallel by the warp and handed to the chain with
-//     shuffles) -- the same sum as the CPU loop, not a tree reduction.
+//     shuffles) -- the same sum as the CPU loop, not a tree reduction. That exact error is only computed for the
+//     candidates a float screen cannot rule out (search_qparams_screened: same result, a fraction of the pow()).
 // Bandwidth (issue #4): the common cases run as vectorised single passes -- minmax RTN with a power-of-two group of
 // 16..512 as a team of gs/16 lanes per group holding the group in registers (float4 loads, one read of w), dequantize
 // four codes per thread, pack / unpack one 32-element chunk per thread (32 elements of b bits are exactly b words, so
@@ -106,6 +107,88 @@ struct WarpGroupErr {
   }
 };
 
+// Float screen of a candidate's MSE error (all lanes return the same value: a butterfly sum is symmetric, and
+// fp32 addition commutes). The same codes as the exact error (quantize_value is shared), then the difference in
+// float, __powf (exp2(y log2 x) on the special-function units: <= ~1e-4 relative for |log2 x| <= 150) with the
+// exponent rounded to float, and a tree sum: within kScreenRel of the double error plus FLT_MIN per element
+// (underflow), see search_qparams_screened.
+struct WarpGroupErrF {
+  const float* x;
+  int n;
+  int bits;
+  float norm;
+  int lane;
+  __device__ float operator()(const QP& p) const {
+    float e = 0.0f;
+    for (int i = lane; i < n; i += kWarp) {
+      const float v = __ldg(x + i);
+      e += __powf(fabsf(v - dequantize_value(quantize_value(v, p, bits), p)), norm);
+    }
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) e += __shfl_xor_sync(kFullMask, e, off);
+    return e;
+  }
+};
+
+// The CPU's MSE search (search_qparams) with the expensive exact error evaluated only where it can matter:
+//   pass 1  the float error e_f of every candidate (cheap: powf, tree sum) and its minimum m;
+//   pass 2  the candidates in the CPU's order, skipping those with e_f > T, T = (m + tau)(1 + r)/(1 - r) + tau;
+//           the others get the exact double error (the CPU's sequential chain) and the CPU's strict `<` rule.
+// With |e_f - e| <= r e + tau for every candidate (r = kScreenRel = 1e-3, about 10x the worst case of the
+// screen's terms; tau = n * FLT_MIN for terms that underflow in float), a candidate whose exact error equals the
+// minimum always has e_f <= T, so every skipped one is strictly worse and the result is the CPU's: the first
+// candidate with the minimal exact error. A non-finite float error anywhere falls back to the full exact search.
+// `cache` (kScreenCache floats of the warp's shared memory, or null): pass 1's float errors, so that pass 2 does not
+// recompute them (searches with more candidates recompute).
+constexpr double kScreenRel = 1e-3;
+constexpr int kScreenCache = 128;
+template <class ErrD, class ErrF>
+__device__ QP search_qparams_screened(float lo, float hi, const RtnParams& s, int n, const ErrD& err,
+                                      const ErrF& errf, float* cache) {
+  const QP first = qparams_from_range<int32_t>(lo, hi, s);
+  if (!s.mse) return first;
+  auto candidate = [&](int i) {
+    if (i == 0) return first;
+    const float shrink = Exact::to_float(Exact::dsub(1.0, Exact::ddiv(static_cast<double>(i), s.mse_grid)));
+    return qparams_from_range<int32_t>(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
+  };
+  if (s.mse_steps + 1 > kScreenCache) cache = nullptr;
+  float fmin = __int_as_float(0x7f800000);  // +inf
+  QP prev = first;
+  for (int i = 0, k = 0; i <= s.mse_steps; ++i) {
+    const QP p = candidate(i);
+    if (i > 0 && p.scale == prev.scale && p.zero == prev.zero) continue;
+    prev = p;
+    const float ef = errf(p);
+    if (!isfinite(ef)) return search_qparams(lo, hi, s, err);  // warp-uniform
+    fmin = fminf(fmin, ef);
+    if (cache && (threadIdx.x & (kWarp - 1)) == 0) cache[k] = ef;
+    ++k;
+  }
+  __syncwarp();
+  const double tau = static_cast<double>(n) * 1.1754943508222875e-38;  // FLT_MIN per element
+  const double limit = (static_cast<double>(fmin) + tau) * ((1.0 + kScreenRel) / (1.0 - kScreenRel)) + tau;
+  QP best = first;
+  double best_err = 0.0;
+  bool have = false;
+  prev = first;
+  for (int i = 0, k = 0; i <= s.mse_steps; ++i) {
+    const QP p = candidate(i);
+    if (i > 0 && p.scale == prev.scale && p.zero == prev.zero) continue;
+    prev = p;
+    const float ef = cache ? cache[k] : errf(p);
+    ++k;
+    if (static_cast<double>(ef) > limit) continue;  // warp-uniform
+    const double e = err(p);
+    if (!have || e < best_err) {
+      best_err = e;
+      best = p;
+      have = true;
+    }
+  }
+  return best;
+}
+
 // One warp per (row, group), grid-stride over groups. The group's min/max is a warp reduction (exact: min and
 // max of non-NaN floats do not depend on the order, and lo starts at +0 so -0 never enters, as on the CPU),
 // the parameter search runs redundantly in all lanes (cheap scalar code, keeps the warp converged), and the
@@ -115,6 +198,7 @@ __global__ void __launch_bounds__(256) quantize_rtn_kernel(const float* __restri
                                                            float* __restrict__ scales, int32_t* __restrict__ zeros,
                                                            float* __restrict__ dequantized,
                                                            unsigned long long* __restrict__ bad_index) {
+  __shared__ float screen[256 / kWarp][kScreenCache];  // per warp: the float errors of the MSE candidates
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
@@ -136,7 +220,11 @@ __global__ void __launch_bounds__(256) quantize_rtn_kernel(const float* __restri
       lo = std_min(lo, __shfl_xor_sync(kFullMask, lo, off));
       hi = std_max(hi, __shfl_xor_sync(kFullMask, hi, off));
     }
-    const QP qp = search_qparams(lo, hi, p, WarpGroupErr{x, static_cast<int>(gs), p.bits, p.mse_norm, lane});
+    const QP qp = search_qparams_screened(
+        lo, hi, p, static_cast<int>(gs), WarpGroupErr{x, static_cast<int>(gs), p.bits, p.mse_norm, lane},
+        WarpGroupErrF{x, static_cast<int>(gs), p.bits, static_cast<float>(p.mse_norm), lane},
+        p.mse ? screen[threadIdx.x / kWarp] : nullptr);
+    __syncwarp();  // the warp's screen cache is rewritten by its next group
     if (lane == 0) {
       if (scales) scales[t] = qp.scale;  // t == r * ng + g
       if (zeros) zeros[t] = qp.zero;

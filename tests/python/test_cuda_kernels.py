@@ -145,6 +145,20 @@ def test_quantize_rtn_mse(rows, cols, group_size, bits, symmetric, scale_dtype, 
     assert_mse_close(w, cpu, gpu, bits, group_size if group_size > 0 else cols)
 
 
+@pytest.mark.parametrize("magnitude", [1.0, 1e-20, 1e17])
+@pytest.mark.parametrize("bits, symmetric, scale_dtype", [(4, False, torch.bfloat16), (3, True, torch.float32),
+                                                          (2, False, torch.float32)])
+def test_quantize_rtn_mse_float_screen(magnitude, bits, symmetric, scale_dtype, gen):
+    # The CUDA search screens candidates with a float error and evaluates the exact double error only near the
+    # float minimum (search_qparams_screened). Many groups of heavy-tailed weights: the chosen parameters must be
+    # the CPU's up to pow() near-ties. 1e-20: every float term underflows to 0 (all candidates pass the screen);
+    # 1e17: float terms overflow (the exact search is the fallback).
+    w = (torch.randn(256, 2048, generator=gen) ** 3) * magnitude
+    cpu = ops.quantize_rtn(w, bits, 128, symmetric, scale_search="mse", scale_dtype=scale_dtype)
+    gpu = ops.quantize_rtn(_cuda(w), bits, 128, symmetric, scale_search="mse", scale_dtype=scale_dtype)
+    assert_mse_close(w, cpu, gpu, bits, 128)
+
+
 def test_quantize_rtn_mse_search_parameters(gen):
     w = torch.randn(16, 256, generator=gen) ** 3
     kw = dict(scale_search="mse", mse_grid=37, mse_min_shrink=0.5, mse_norm=2.0)
