@@ -133,8 +133,22 @@ def _default_scale_dtype(w: torch.Tensor, scale_dtype: Optional[torch.dtype]) ->
     return w.dtype if w.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _wrap(raw, spec, scale_dtype, in_features, loss=None, info=None) -> QuantizedTensor:
+def _check_fp16_scales(scale: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    """float16 scales saturate to inf above 65504 (rounded by the core like a loader would): name the first group
+    and the remedy instead of returning a quantization whose dequantized weights are NaN. One reduction (and, on
+    CUDA, one synchronisation) only for float16 scales."""
+    if scale_dtype != torch.float16 or bool(torch.isfinite(scale).all()):
+        return
+    where = tuple((~torch.isfinite(scale)).nonzero()[0].tolist())
+    raise ValueError(f"scale_dtype: float16 cannot hold the scale of group {where} (index of the scale tensor "
+                     f"{tuple(scale.shape)}): it exceeds 65504, the largest float16, because the group's weights "
+                     f"span too wide a range; quantize with scale_dtype=torch.bfloat16 or torch.float32")
+
+
+def _wrap(raw, spec, scale_dtype, in_features, loss=None, info=None, check_scales=True) -> QuantizedTensor:
     codes, scale, zero, deq = raw
+    if check_scales:  # batched results are checked once for all experts by the caller
+        _check_fp16_scales(scale, scale_dtype)
     return QuantizedTensor(codes=codes, scale=scale, zero_point=zero.to(torch.int8), dequantized=deq,
                            bits=spec.bits, group_size=spec.group_size if spec.group_size > 0 else in_features,
                            symmetric=spec.symmetric, scale_dtype=scale_dtype, loss=loss, info=info or {})
@@ -403,6 +417,7 @@ def gptq_quantize_batched(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group
     codes, scale, zero, deq, losses, esc = _C.gptq_batched(w.detach().float().contiguous(), hh.detach(), spec,
                                                             bool(act_order), float(damp), int(block_size),
                                                             bool(compute_loss), bool(overwrite_h))
+    _check_fp16_scales(scale, sd)
     loss_list = losses.tolist() if compute_loss else [None] * E
     esc_list = esc.tolist()
     out = []
@@ -410,7 +425,8 @@ def gptq_quantize_batched(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group
         info = {"escalations": int(esc_list[e]), "damp": float(damp) * 10.0 ** int(esc_list[e])}
         if compute_loss:
             info["loss"] = float(loss_list[e])
-        out.append(_wrap((codes[e], scale[e], zero[e], deq[e]), spec, sd, cols, loss=loss_list[e], info=info))
+        out.append(_wrap((codes[e], scale[e], zero[e], deq[e]), spec, sd, cols, loss=loss_list[e], info=info,
+                         check_scales=False))
     return out
 
 

@@ -187,3 +187,18 @@ def test_failed_add_leaves_state_untouched(ids, weights):
         acc.add(torch.randn(5, 8), ids, weights)
     assert torch.equal(acc.hessians, before[0]) and torch.equal(acc.counts, before[1])
     assert torch.equal(acc.mass, before[2])
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_float16_scale_overflow_names_the_group_and_the_remedy(method):
+    # A group spanning 3e6 at 4 bits needs a scale of 2e5 > 65504: float16 scales would be inf (NaN weights).
+    w = torch.zeros(3, 64)
+    w[2, 40] = 3e6
+    kw = dict(bits=4, group_size=32, scale_dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"scale_dtype: float16 cannot hold the scale of group \(2, 1\).*bfloat16"):
+        if method == "rtn":
+            ops.quantize_rtn(w, **kw)
+        else:
+            ops.gptq_quantize(w, torch.eye(64), **kw)
+    qt = ops.quantize_rtn(w, bits=4, group_size=32, scale_dtype=torch.bfloat16)  # the remedy works
+    assert torch.isfinite(qt.scale).all() and torch.isfinite(qt.dequantized).all()

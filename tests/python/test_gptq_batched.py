@@ -154,3 +154,12 @@ def test_cpu_tensors_loop_over_the_cpu_solver(gen, make_hessian):
         assert torch.equal(out[e].codes, ref.codes) and out[e].loss == ref.loss
     with pytest.raises(ValueError, match="w: expected a 3-D"):
         ops.gptq_quantize_batched(w[0], h[0])
+
+
+def test_float16_scale_overflow_raises_once_for_the_batch():
+    # Expert 1, row 2, group 1 spans 3e6 at 4 bits: its float16 scale would be inf.
+    w = torch.zeros(2, 3, 64, device="cuda")
+    w[1, 2, 40] = 3e6
+    h = torch.eye(64, device="cuda").expand(2, 64, 64).contiguous()
+    with pytest.raises(ValueError, match=r"float16 cannot hold the scale of group \(1, 2, 1\).*bfloat16"):
+        ops.gptq_quantize_batched(w, h, bits=4, group_size=32, scale_dtype=torch.float16)
