@@ -156,6 +156,7 @@ def test_cpu_tensors_loop_over_the_cpu_solver(gen, make_hessian):
         ops.gptq_quantize_batched(w[0], h[0])
 
 
+@pytest.mark.gpu
 def test_float16_scale_overflow_raises_once_for_the_batch():
     # Expert 1, row 2, group 1 spans 3e6 at 4 bits: its float16 scale would be inf.
     w = torch.zeros(2, 3, 64, device="cuda")
