@@ -86,8 +86,9 @@ class QuantizationReport:
                 util = f" experts: min/median/max tokens {min(tok)}/{sorted(tok)[len(tok) // 2]}/{max(tok)}" \
                        f", {starved} with none,"
             fb = sum(1 for m in layer.modules if m.fallback)
+            loss = f"mean GPTQ loss {mean_loss:.4g}" if losses else "GPTQ loss not reported"
             lines.append(f"  layer {layer.index:3d}: {len(layer.modules)} matrices,{util} fallbacks {fb}, "
-                         f"mean GPTQ loss {mean_loss:.4g}, {layer.seconds:.1f} s")
+                         f"{loss}, {layer.seconds:.1f} s")
         lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
                                                         if self.output_dir else ""))
         return "\n".join(lines)

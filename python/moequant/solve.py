@@ -124,10 +124,11 @@ class ExpertHessians:
 
 
 def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor, fallback: Optional[str],
-            forced_rtn: bool) -> ModuleRecord:
+            forced_rtn: bool, report_loss: bool) -> ModuleRecord:
     method = "rtn" if forced_rtn else scheme.method
     return ModuleRecord(name=name, scheme=scheme.describe() if not forced_rtn else scheme.replace(method="rtn")
-                        .describe(), method=method, tokens=tokens, loss=qt.loss, fallback=fallback,
+                        .describe(), method=method, tokens=tokens, loss=qt.loss if report_loss else None,
+                        fallback=fallback,
                         escalations=qt.escalations, dead_columns=qt.dead_columns)
 
 
@@ -147,7 +148,7 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
         force_rtn = h is None and scheme.method == "gptq"
         jobs.append(_Job(disk, lin.weight, h, scheme.replace(method="rtn") if force_rtn else scheme, scheme,
                          [(disk, lin.weight, None)], tokens, None if tokens > 0 else "rtn", force_rtn))
-    return _finish(jobs, storage, recipe.solver_memory_gb)
+    return _finish(jobs, storage, recipe)
 
 
 class _Job:
@@ -167,7 +168,7 @@ def _batchable(job: _Job) -> bool:
             and (s.scale_search != "mse" or s.act_order))
 
 
-def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
+def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_loss: bool) -> None:
     """Solves same-shape, same-scheme jobs with the batched GPU GPTQ, in chunks that fit ``memory_gb``."""
     rows, cols = jobs[0].w.shape
     per_job = 4 * (3 * cols * cols + 4 * rows * cols)  # H (+ copy, workspace) and W, Q, dequantized, error
@@ -177,13 +178,14 @@ def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
         part = jobs[i:i + chunk]
         w = torch.stack([j.w.float() for j in part])
         h = torch.stack([j.h.float() for j in part])
-        out = ops.gptq_quantize_batched(w, h, scale_dtype=storage, overwrite_h=True, **s.gptq_kwargs())
+        out = ops.gptq_quantize_batched(w, h, scale_dtype=storage, overwrite_h=True, compute_loss=compute_loss,
+                                        **s.gptq_kwargs())
         for job, qt in zip(part, out):
             job.qt = _post(qt, job.w, job.h, job.scheme)
         del w, h
 
 
-def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
+def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, compute_loss: bool = True) -> None:
     """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
     groups: dict = {}
     for job in jobs:
@@ -193,7 +195,7 @@ def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
         else:
             job.qt = _solve(job.w, job.h, job.scheme, storage)
     for group in groups.values():
-        _solve_batched(group, storage, memory_gb)
+        _solve_batched(group, storage, memory_gb, compute_loss)
 
 
 @torch.no_grad()
@@ -236,17 +238,18 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
             h, fallback, force_rtn = hdn.get(e)
             jobs.append(_Job(names["down"], t.down, h, sd.replace(method="rtn") if force_rtn else sd, sd,
                              [(names["down"], t.down, None)], tokens, fallback, force_rtn))
-    return _finish(jobs, storage, recipe.solver_memory_gb)
+    return _finish(jobs, storage, recipe)
 
 
-def _finish(jobs: list, storage: torch.dtype, memory_gb: float) -> tuple[dict, list]:
+def _finish(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
     """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
-    _run_jobs(jobs, storage, memory_gb)
+    _run_jobs(jobs, storage, recipe.solver_memory_gb, recipe.report_loss)
     results, records = {}, []
     for job in jobs:
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else _rows(job.qt, rows)
             _write_back(param, qt, storage)
             results[name] = qt
-        records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn))
+        records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
+                               recipe.report_loss))
     return results, records

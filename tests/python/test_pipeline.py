@@ -224,6 +224,20 @@ def test_gpu_path_agrees_with_cpu(tiny):
             assert abs(mc.loss - mg.loss) <= 0.1 * abs(mc.loss) + 1e-6, (mc.name, mc.loss, mg.loss)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_report_loss_off_changes_only_the_report(tiny, device):
+    r = _recipe()
+    r.device = device
+    on = pipeline.quantize(tiny, r, progress=False)
+    r.report_loss = False
+    off = pipeline.quantize(tiny, r, progress=False)
+    for lon, loff in zip(on.layers, off.layers):
+        assert [m.name for m in lon.modules] == [m.name for m in loff.modules]
+        assert all(m.loss is not None for m in lon.modules) and all(m.loss is None for m in loff.modules)
+        assert [m.escalations for m in lon.modules] == [m.escalations for m in loff.modules]
+    assert "GPTQ loss not reported" in off.summary() and "mean GPTQ loss" in on.summary()
+
+
 def test_top_level_api_accepts_calibration_files_and_token_ids(tiny):
     import moequant
 

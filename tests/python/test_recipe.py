@@ -145,7 +145,7 @@ def _rich() -> Recipe:
                   calibration=CalibrationConfig(text_files=["a.txt"], jsonl_files=["b.jsonl"], num_samples=4,
                                                 seq_len=16, seed=3, batch_size=2),
                   fallback=FallbackConfig(min_tokens=2, policy="rtn"), hessian_dtype="float64",
-                  routing_weighted=True, device="cuda:0")
+                  routing_weighted=True, device="cuda:0", report_loss=False)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
