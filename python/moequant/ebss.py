@@ -241,9 +241,9 @@ def run(model_dir: str | os.PathLike, out: str | os.PathLike, *, device: Optiona
     """Loads a local checkpoint (float32 on the CPU, its dtype on a GPU), generates and writes ``out``."""
     import transformers
 
-    from .pipeline import _device
+    from .pipeline import resolve_device
 
-    dev = _device(device)
+    dev = resolve_device(device)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.float32 if dev.type == "cpu" else "auto"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev)

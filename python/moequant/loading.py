@@ -142,6 +142,10 @@ class LazyModel:
     def layer_prefix(self, index: int) -> str:
         return self.family.layer_prefix(self.model, index)
 
+    def meta_layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` as built on the meta device (structure and names only, no weights)."""
+        return self._meta_layers[index]
+
     # ------------------------------------------------------------------------------------------ non-layer parts
     def _load_non_layer_parts(self) -> None:
         layers_name = self.family.layer_prefix(self.model, 0).rsplit(".", 1)[0]

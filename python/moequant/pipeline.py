@@ -67,7 +67,8 @@ def _model_dir(model_or_path) -> Path:
     return p
 
 
-def _device(spec: Optional[str]) -> torch.device:
+def resolve_device(spec: Optional[str]) -> torch.device:
+    """The torch device of a recipe's ``device`` (None / ``"auto"``: CUDA when available), checked."""
     if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
@@ -127,7 +128,7 @@ def _ignore_list(lazy: LazyModel, schemes: dict) -> list[str]:
 
     fam = lazy.family
     for i in range(lazy.num_layers):
-        layer, prefix = lazy._meta_layers[i], lazy.layer_prefix(i)
+        layer, prefix = lazy.meta_layer(i), lazy.layer_prefix(i)
         names = [fam.disk_name(n) for n in linear_modules(layer, fam, prefix)]
         experts = fam.experts_of(layer)
         if experts is not None:
@@ -157,8 +158,8 @@ def preflight(lazy: LazyModel, recipe: Recipe) -> int:
                              f"group size that divides it (or -1 for per-channel), or add a recipe override for "
                              f"that module")
 
-    for i, layer in enumerate(lazy._meta_layers):
-        prefix = lazy.layer_prefix(i)
+    for i in range(lazy.num_layers):
+        layer, prefix = lazy.meta_layer(i), lazy.layer_prefix(i)
         for name, lin in linear_modules(layer, fam, prefix).items():
             check(fam.disk_name(name), lin.in_features)
         experts = fam.experts_of(layer)
@@ -201,7 +202,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and out.exists():
         raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
-    device = _device(recipe.device)
+    device = resolve_device(recipe.device)
     # On the CPU, layers compute in float32 (faster than bf16 there, and more accurate); on a GPU in the
     # checkpoint's dtype. Scales and written-back weights always use the checkpoint's dtype.
     from .loading import _config_dtype

@@ -30,7 +30,8 @@ class PipelineRotation:
     def __init__(self, lazy, seed: int, storage_dtype: torch.dtype):
         self.family: MoEFamily = lazy.family
         self.rotation = random_hadamard(hidden_size_of(lazy.config), seed)
-        for layer in lazy._meta_layers:  # structure only: fail before any work
+        for i in range(lazy.num_layers):  # structure only: fail before any work
+            layer = lazy.meta_layer(i)
             rotation_plan(layer, self.family, self.rotation.size)
         changed = rotate_globals_(lazy.model, self.family, self.rotation)
         tensors, added = {}, {}
