@@ -119,7 +119,8 @@ def speed_table(quick: bool) -> None:
             del H
             torch.cuda.empty_cache()
             tf_add, tf_read, tf_torch = (flops / (t * 1e-3) / 1e12 for t in (t_add, t_read, t_torch))
-            rows.append([model, d, E, n, xd, p, f"{t_add:.2f}", f"{tf_add:.1f}", f"{100 * tf_add / PEAK_TFLOPS[p]:.0f}%",
+            rows.append([model, d, E, n, xd, p, f"{t_add:.2f}", f"{tf_add:.1f}",
+                         f"{100 * tf_add / PEAK_TFLOPS[p]:.0f}%",
                          f"{100 * tf_add / gemm[p]:.0f}%", f"{t_read:.2f}", f"{100 * tf_read / PEAK_TFLOPS[p]:.0f}%",
                          f"{t_torch:.2f}", f"{tf_torch:.1f}", f"{t_torch / t_add:.2f}x"])
             print("  done", rows[-1], flush=True)

@@ -199,9 +199,11 @@ def main():
         rows.append([name, f"{t:.3f}", f"{full:.3f}", "measured" if full == t else "extrapolated"])
     rows.append(["TOTAL", f"{sum(st.t.values()):.3f}", f"{total:.3f}",
                  f"{'MET' if total <= TARGET_S else 'NOT MET'} (target {TARGET_S:.0f} s)"])
+    solver = ("as the default recipe (act-order, MSE, damp 0.1, loss)" if args.recipe_default
+              else "plain (no act-order, min-max, damp 0.01, no loss)")
     print(f"\nrouted rows {args.tokens * K}, experts processed {n_exp}/{E}, Hessian precision "
-          f"{args.hessian_precision}, GPTQ {'as the default recipe (act-order, MSE, damp 0.1, loss)' if args.recipe_default else 'plain (no act-order, min-max, damp 0.01, no loss)'}; untimed weight generation {setup_s:.2f} s; loop wall {wall:.2f} s; peak memory "
-          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+          f"{args.hessian_precision}, GPTQ {solver}; untimed weight generation {setup_s:.2f} s; loop wall {wall:.2f} s; "
+          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print_table(f"DeepSeek-V3 MoE layer, {args.tokens} tokens top-{K}, 4-bit g128 asym ({label})",
                 ["stage", f"s ({n_exp} experts)", "s (256 experts)", "note"], rows)
 

@@ -107,8 +107,8 @@ class _RoutingCounter:
 
     def _add(self, layer: int, batch) -> None:
         row = (batch.token_index // self.seq).cpu()
-        self.counts[:, layer].index_put_((row, batch.expert_ids.long().cpu()), torch.ones(row.shape[0], dtype=torch.float64),
-                                         accumulate=True)
+        ones = torch.ones(row.shape[0], dtype=torch.float64)
+        self.counts[:, layer].index_put_((row, batch.expert_ids.long().cpu()), ones, accumulate=True)
 
     def __enter__(self):
         for c in self.caps:

@@ -1,4 +1,6 @@
-"""The ``rotation`` section of a :class:`moequant.recipe.Recipe` (offline residual rotation, :mod:`moequant.rotation`)."""
+"""The ``rotation`` section of a :class:`moequant.recipe.Recipe`.
+
+Offline residual rotation, :mod:`moequant.rotation`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
