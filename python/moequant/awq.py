@@ -45,16 +45,22 @@ def activation_absmean(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().abs().mean(0)
 
 
+_ABSMEAN_ROWS = 16384  # rows per fp32 temporary of weight_absmean
+
+
 def weight_absmean(weights: list, group_sizes: list) -> torch.Tensor:
     """AutoAWQ's ``w_mean``: every row of every matrix (``[..., rows, C]``) normalised by the max |w| of its
     quant group, then averaged over all rows of all matrices -> ``[C]`` float32."""
     total, rows = None, 0
     for w, gs in zip(weights, group_sizes):
-        w = w.reshape(-1, w.shape[-1]).float()
+        w = w.reshape(-1, w.shape[-1])
         g = _groups(w.shape[1], gs)
-        a = w.abs().reshape(w.shape[0], -1, g)
-        a = (a / (a.amax(-1, keepdim=True) + 1e-6)).reshape(w.shape)
-        total = a.sum(0) if total is None else total + a.sum(0)
+        # Row chunks: fused experts are [E * 2I, H] (DeepSeek-V3: 7.5G elements); one fp32 temporary per chunk.
+        for r0 in range(0, w.shape[0], _ABSMEAN_ROWS):
+            a = w[r0:r0 + _ABSMEAN_ROWS].float().abs()
+            a = a.reshape(a.shape[0], -1, g)
+            s = (a / (a.amax(-1, keepdim=True) + 1e-6)).reshape(a.shape[0], -1).sum(0)
+            total = s if total is None else total + s
         rows += w.shape[0]
     if total is None:
         raise ValueError("weights: expected at least one matrix")

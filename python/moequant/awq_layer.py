@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from . import awq
-from .capture import ExpertCapture
-from .models.base import TRANSPOSED, MoEFamily, glu_act_fn, split_expert
+from .models.base import TRANSPOSED, MoEFamily
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +97,10 @@ class _Ctx:
 
     def keep(self, name: str, t: torch.Tensor) -> None:
         """Rounds a changed high-precision tensor to the checkpoint dtype in place and records it for export."""
-        t.copy_(t.to(self.storage).to(t.dtype))
-        self.tensors[name] = t.detach().to(self.storage).cpu().clone()
+        r = t.detach().to(self.storage)
+        if r.dtype != t.dtype:
+            t.copy_(r)
+        self.tensors[name] = r.to("cpu", copy=True)
 
 
 # ------------------------------------------------------------------------------------------------ stage 1

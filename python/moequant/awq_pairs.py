@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from . import awq
-from .capture import ExpertCapture
-from .models.base import TRANSPOSED, glu_act_fn, split_expert
+from .capture import ExpertCapture, expert_glu
+from .models.base import glu_act_fn, split_expert
 
 __all__ = ["smooth_pairs", "clip_layer", "export_experts"]
 
@@ -30,19 +30,16 @@ def _routed_rows(ctx, batches: list) -> list:
     E = ctx.experts.gate_up_proj.shape[0]
     rows = [[] for _ in range(E)]
     for b in batches:
-        off = b.offsets.tolist()
+        off, x = b.offsets.tolist(), b.x.float()  # one conversion per batch (x keeps the activations' dtype)
         for e in range(E):
             if off[e + 1] > off[e]:
-                rows[e].append(b.x[off[e]:off[e + 1]].float())
+                rows[e].append(x[off[e]:off[e + 1]])
     H = batches[0].x.shape[1] if batches else 0
     return [torch.cat(r) if r else torch.zeros(0, H, device=ctx.device) for r in rows]
 
 
 def _intermediate(ctx, t, x: torch.Tensor) -> torch.Tensor:
-    gate, up = x @ t.gate.float().t(), x @ t.up.float().t()
-    if t.gate_bias is not None:
-        gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
-    return ctx.fam.glu(ctx.experts, gate, up)
+    return expert_glu(ctx.experts, ctx.fam, t, x)
 
 
 def _pair_search(ctx, x: torch.Tensor, w: torch.Tensor, sc, x_mean=None, w_mean=None, expand=None):
@@ -172,9 +169,10 @@ def _smooth_experts(ctx, rows: list, info: list) -> None:
 
 
 def _clip(ctx, w: torch.Tensor, x: torch.Tensor, sc) -> None:
-    mv = awq.search_clip(w.float(), x, sc.bits, sc.group_size, sc.symmetric, ctx.cfg.clip_grid,
-                         ctx.cfg.clip_max_shrink, ctx.storage)
-    w.copy_(awq.apply_clip(w.float(), mv).to(w.dtype))
+    w32 = w.float()
+    mv = awq.search_clip(w32, x, sc.bits, sc.group_size, sc.symmetric, ctx.cfg.clip_grid, ctx.cfg.clip_max_shrink,
+                         ctx.storage)
+    w.copy_(awq.apply_clip(w32, mv).to(w.dtype))
 
 
 @torch.no_grad()

@@ -111,6 +111,15 @@ def _expert_ranges(batch: RoutedBatch) -> list[tuple[int, int, int]]:
     return [(e, off[e], off[e + 1]) for e in range(batch.num_experts) if off[e + 1] > off[e]]
 
 
+def expert_glu(experts: nn.Module, family: MoEFamily, t, x: torch.Tensor) -> torch.Tensor:
+    """``glu(x gate^T + b_gate, x up^T + b_up)`` in fp32 for rows ``x`` of one expert ``t`` (``split_expert``)."""
+    x = x.float()
+    gate, up = x @ t.gate.float().t(), x @ t.up.float().t()
+    if t.gate_bias is not None:
+        gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
+    return family.glu(experts, gate, up)
+
+
 @torch.no_grad()
 def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatch) -> torch.Tensor:
     """``h [N, I]`` float32: the down_proj input of every routed row, ``glu(gate, up)`` computed per expert
@@ -119,13 +128,7 @@ def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatc
     h = torch.zeros(batch.x.shape[0], intermediate_size(experts, family), dtype=torch.float32,
                     device=batch.x.device)
     for e, a, b in _expert_ranges(batch):
-        t = split_expert(experts, family, e)
-        x = batch.x[a:b].float()
-        gate = x @ t.gate.float().t()
-        up = x @ t.up.float().t()
-        if t.gate_bias is not None:
-            gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
-        h[a:b] = family.glu(experts, gate, up)
+        h[a:b] = expert_glu(experts, family, split_expert(experts, family, e), batch.x[a:b])
     return h
 
 
@@ -240,10 +243,7 @@ class ExpertCapture(Hooks):
         if self.down_all is not None:
             for e in range(self.num_experts):
                 t = split_expert(self.experts, self.family, e)
-                gate, up = x @ t.gate.float().t(), x @ t.up.float().t()
-                if t.gate_bias is not None:
-                    gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
-                self.down_all.add(self.family.glu(self.experts, gate, up),
+                self.down_all.add(expert_glu(self.experts, self.family, t, x),
                                   torch.full((x.shape[0],), e, dtype=torch.int32, device=x.device))
 
 

@@ -67,8 +67,12 @@ class HadamardRotation:
         if x.shape[dim] != self.size:
             raise ValueError(f"x: expected size {self.size} along dim {dim}, got shape {tuple(x.shape)}")
         y = ops.hadamard_transform(torch.movedim(x, dim, -1).to(torch.float32).contiguous())
-        y = y * self.signs.to(y.device)
+        y = y * self.signs.to(y.device)  # no copy once the rotation lives on y's device (see ``to``)
         return torch.movedim(y, -1, dim).to(x.dtype)
+
+    def to(self, device: torch.device | str) -> "HadamardRotation":
+        """The same rotation with its signs on ``device`` (a per-layer loop then copies nothing per call)."""
+        return HadamardRotation(self.size, self.signs.to(device))
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,8 @@ def _transform_(p: torch.Tensor, dim: int, rotation: Rotation, gain: torch.Tenso
     p.copy_(rotation.along(t, dim))
 
 
-def _param(root: nn.Module, name: str) -> torch.Tensor:
+def parameter_at(root: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer at dotted ``name`` below ``root`` (``"mlp.experts.gate_up_proj"``)."""
     mod_path, _, leaf = name.rpartition(".")
     return getattr(root.get_submodule(mod_path) if mod_path else root, leaf)
 
@@ -253,9 +258,9 @@ def rotate_layer_(layer: nn.Module, family: MoEFamily, rotation: Rotation) -> li
     plan = rotation_plan(layer, family, rotation.size)
     gains = {n: norm_gain(get_path(layer, n), family, rotation.size, n) for n in plan.norms}
     for tensor, dim, norm in plan.inputs:
-        _transform_(_param(layer, tensor), dim, rotation, gains[norm])
+        _transform_(parameter_at(layer, tensor), dim, rotation, gains[norm])
     for tensor, dim in plan.outputs:
-        _transform_(_param(layer, tensor), dim, rotation, None)
+        _transform_(parameter_at(layer, tensor), dim, rotation, None)
     for n in plan.norms:
         get_path(layer, n).weight.fill_(1.0 - family.norm_weight_offset)
     return plan.tensors

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ._config import _check_bool, _check_int, _Dict, _fail
+from ._config import _check_bool, _check_choice, _check_int, _Dict
 
 __all__ = ["RotationConfig"]
 
@@ -33,6 +33,4 @@ class RotationConfig(_Dict):
     def __post_init__(self) -> None:
         _check_bool("rotation.enabled", self.enabled)
         _check_int("rotation.seed", self.seed, 0, "any non-negative integer; 0 is the default")
-        if self.kind not in _KINDS:
-            _fail("rotation.kind", f"one of {', '.join(map(repr, _KINDS))}", self.kind,
-                  "only the randomized Hadamard rotation is implemented")
+        _check_choice("rotation.kind", self.kind, _KINDS, "only the randomized Hadamard rotation is implemented")

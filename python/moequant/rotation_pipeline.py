@@ -11,7 +11,7 @@ from torch import nn
 
 from .export import Replacements
 from .models.base import MoEFamily, split_expert
-from .rotation import hidden_size_of, random_hadamard, rotate_globals_, rotate_layer_, rotation_plan
+from .rotation import hidden_size_of, parameter_at, random_hadamard, rotate_globals_, rotate_layer_, rotation_plan
 
 __all__ = ["PipelineRotation", "layer_export_tensors"]
 
@@ -46,6 +46,9 @@ class PipelineRotation:
 
     def rotate_layer(self, layer: nn.Module) -> list[str]:
         """Rotates a freshly loaded layer in place; returns the layer-relative names of the changed tensors."""
+        device = next(layer.parameters()).device
+        if self.rotation.signs.device != device:  # once per run: the signs then stay on the layers' device
+            self.rotation = self.rotation.to(device)
         return rotate_layer_(layer, self.family, self.rotation)
 
 
@@ -66,7 +69,7 @@ def layer_export_tensors(layer: nn.Module, family: MoEFamily, prefix: str, chang
         disk = family.disk_name(f"{prefix}.{name}")
         if leaf == "weight" and disk.rsplit(".", 1)[0] in quantized:
             continue
-        out[disk] = _param(layer, name).detach().cpu().clone()
+        out[disk] = parameter_at(layer, name).detach().cpu().clone()
     return out
 
 
@@ -83,8 +86,3 @@ def _per_expert(out: dict, experts: nn.Module, family: MoEFamily, prefix: str, l
                 continue
             t = getattr(views, p if suffix == "weight" else f"{p}_bias")
             out[f"{names[p]}.{suffix}"] = t.detach().cpu().contiguous().clone()
-
-
-def _param(root: nn.Module, name: str) -> torch.Tensor:
-    mod_path, _, leaf = name.rpartition(".")
-    return getattr(root.get_submodule(mod_path) if mod_path else root, leaf)

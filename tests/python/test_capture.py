@@ -198,19 +198,22 @@ def test_route_tokens_dense_scores():
 
 
 def test_route_tokens_keeps_the_activation_dtype():
-    """bf16 hidden states stay bf16 in the batch (the CUDA Hessian kernels read them as they are); the expert
-    intermediate is still computed in fp32 from the same values."""
+    """bf16 hidden states stay bf16 in the batch (the CUDA Hessian kernels read them as they are); the routing is
+    that of the same values in float32, and the expert intermediate is computed in fp32 from the widened values."""
+    model = build_tiny("qwen3_moe", scale=2.0)
+    fam = detect_family(model.config)
+    ex = fam.experts_of(fam.layers(model)[0])
     g = torch.Generator().manual_seed(5)
-    hs = torch.randn(6, 8, generator=g).to(torch.bfloat16)
-    idx = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2], [1, 1], [2, 2]])
-    b = route_tokens(hs, idx, torch.rand(6, 2, generator=g), 3)
+    hs = torch.randn(13, 32, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, 8, (13, 2), generator=g)
+    w = torch.rand(13, 2, generator=g)
+    b, b32 = route_tokens(hs, idx, w, 8), route_tokens(hs.float(), idx, w, 8)
     assert b.x.dtype == torch.bfloat16 and b.weights.dtype == torch.float32
-    assert torch.equal(b.x, hs[b.token_index])
-    acc = RefAccumulator(3, 8)
-    acc.add(b.x, b.expert_ids)
-    ref = RefAccumulator(3, 8)
-    ref.add(b.x.float(), b.expert_ids)
-    assert torch.equal(acc.hessians, ref.hessians)
+    assert torch.equal(b.x.float(), b32.x) and torch.equal(b.x, hs[b.token_index])
+    for name in ("token_index", "expert_ids", "weights", "offsets"):
+        assert torch.equal(getattr(b, name), getattr(b32, name)), name
+    h = expert_intermediate(ex, fam, b)
+    assert h.dtype == torch.float32 and torch.equal(h, expert_intermediate(ex, fam, b32))
 
 
 def _no_hooks(model):
