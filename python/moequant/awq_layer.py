@@ -72,6 +72,7 @@ class _Ctx:
         self.linears = set(linear_modules(layer, family))  # layer-relative names the pipeline quantizes
         self.tensors: dict = {}
         self.changed_experts: set = set()  # (expert, "gate" | "up" | "down") changed in place
+        self.expert_schemes: dict = {}  # "gate" | "up" | "down" -> [scheme or None per expert], resolved once
 
     def disk(self, rel: str) -> str:
         return self.fam.disk_name(f"{self.prefix}.{rel}")
@@ -170,19 +171,31 @@ def _gate_up_view(ctx: _Ctx) -> torch.Tensor:
 
 
 def _expert_schemes(ctx: _Ctx, proj: str) -> list:
-    return [ctx.recipe.resolve(ctx.fam.disk_expert_names(ctx.prefix, e)[proj])
-            for e in range(ctx.experts.gate_up_proj.shape[0])]
+    """The scheme of every expert's ``proj`` (None: kept in high precision), resolved once per layer."""
+    if proj not in ctx.expert_schemes:
+        ctx.expert_schemes[proj] = [ctx.recipe.resolve(ctx.fam.disk_expert_names(ctx.prefix, e)[proj])
+                                    for e in range(ctx.experts.gate_up_proj.shape[0])]
+    return ctx.expert_schemes[proj]
+
+
+_FQ_EXPERT_CHUNK = 16  # experts fake-quantized per call (one fp32 temporary of chunk x I x H)
 
 
 def _fq_experts(ctx: _Ctx, gu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``Q(W diag(s)) diag(s)^-1`` of every quantized expert gate/up row block of ``gu [E, 2I, H]``."""
+    """``Q(W diag(s)) diag(s)^-1`` of every quantized expert gate/up row block of ``gu [E, 2I, H]``; experts with the
+    same (bits, group size, symmetry) go through ``fake_quantize`` together, a chunk at a time (elementwise per
+    group, so the same values as one call per expert)."""
     out = gu.clone()
-    rows = dict(zip(("gate", "up"), _expert_rows(ctx)))
-    for proj, sl in rows.items():
+    for proj, sl in zip(("gate", "up"), _expert_rows(ctx)):
+        by_key: dict = {}
         for e, sc in enumerate(_expert_schemes(ctx, proj)):
             if sc is not None:
-                w = gu[e, sl].float() * s
-                out[e, sl] = (awq.fake_quantize(w, sc.bits, sc.group_size, sc.symmetric, ctx.storage) / s).to(gu.dtype)
+                by_key.setdefault((sc.bits, sc.group_size, sc.symmetric), []).append(e)
+        for (bits, gs, sym), experts in by_key.items():
+            for c0 in range(0, len(experts), _FQ_EXPERT_CHUNK):
+                idx = torch.tensor(experts[c0:c0 + _FQ_EXPERT_CHUNK], device=gu.device)
+                w = gu[idx][:, sl].float() * s
+                out[idx, sl] = (awq.fake_quantize(w, bits, gs, sym, ctx.storage) / s).to(gu.dtype)
     return out
 
 
