@@ -361,7 +361,7 @@ def test_pipeline_awq_end_to_end_export_reload_and_resume(tmp_path, monkeypatch)
     reloads, and an interrupted run resumes bit-identically. The scale search is forced to non-identity scales
     derived from its input (the same in the resumed run), so that the MoE input norm and the router change: on this
     random model the real search keeps the identity there, which would make the router check compare equal tensors."""
-    from safetensors import safe_open
+    from checkpoints import assert_resume_bit_identical, checkpoint_tensors
     from test_pipeline import CALIB, _tiny_qwen3
 
     def forced(x_mean, w_mean, loss_fn, grid=20, duo=True, pow2=False):
@@ -377,26 +377,8 @@ def test_pipeline_awq_end_to_end_export_reload_and_resume(tmp_path, monkeypatch)
     recipe = Recipe(scheme=QuantScheme(group_size=32), awq=AWQConfig(enabled=True, grid=5, clip_grid=10),
                     calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=64, batch_size=2))
 
-    def tensors(d):
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys()})
-        return out
-
-    pipeline.quantize(model, recipe, output_dir=tmp_path / "a", export_format="dequantized", progress=False)
-
-    def boom(i):
-        if i == 0:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.quantize(model, recipe, output_dir=tmp_path / "b", export_format="dequantized", progress=False,
-                          _after_layer=boom)
-    pipeline.quantize(model, recipe, output_dir=tmp_path / "b", export_format="dequantized", progress=False,
-                      resume=True)
-    src, a, b = tensors(model), tensors(tmp_path / "a"), tensors(tmp_path / "b")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = assert_resume_bit_identical(model, recipe, tmp_path, crash=KeyboardInterrupt, export_format="dequantized")
+    src = checkpoint_tensors(model)
     changed = [k for k in src if "layernorm" in k and not torch.equal(src[k], a[k])]
     assert changed  # smoothing scales were folded into norms and exported
     # the MoE input norm itself was smoothed (else the router check below compares identical tensors)
@@ -407,6 +389,6 @@ def test_pipeline_awq_end_to_end_export_reload_and_resume(tmp_path, monkeypatch)
         g = f"model.layers.{i}.mlp.gate.weight"
         s = src[k].double() / a[k].double()
         torch.testing.assert_close(a[g].double(), src[g].double() * s, rtol=0, atol=0)
-    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=torch.randint(0, 100, (1, 16))).logits).all()

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 
 from moequant import ops, pipeline
 from moequant.recipe import CalibrationConfig, FallbackConfig, Override, QuantScheme, Recipe
+from checkpoints import CrashAfterLayer0, checkpoint_tensors, crash_after_layer_0
 from testdata import tiny_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,15 +37,6 @@ def tiny(tmp_path_factory) -> Path:
     return _tiny_qwen3(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _tensors(d: Path) -> dict:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out
-
-
 def test_pack_quantized_export_layout_and_report(tiny, tmp_path):
     out = tmp_path / "q"
     report = pipeline.quantize(tiny, _recipe(symmetric=True), output_dir=out, progress=False)
@@ -56,7 +47,7 @@ def test_pack_quantized_export_layout_and_report(tiny, tmp_path):
     w = qc["config_groups"]["group_0"]["weights"]
     assert (w["num_bits"], w["group_size"], w["symmetric"]) == (4, 32, True)
     assert any("mlp\\.gate" in p or "mlp.gate" in p for p in qc["ignore"])
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     for layer in range(2):
         for e in range(4):
             for proj, shape in (("gate_proj", (64, 64)), ("up_proj", (64, 64)), ("down_proj", (64, 64))):
@@ -81,7 +72,7 @@ def test_dequantized_export_matches_packed_codes(tiny, tmp_path):
     r = _recipe(symmetric=False)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "p", progress=False)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "d", progress=False, export_format="dequantized")
-    packed, deq = _tensors(tmp_path / "p"), _tensors(tmp_path / "d")
+    packed, deq = checkpoint_tensors(tmp_path / "p"), checkpoint_tensors(tmp_path / "d")
     p = "model.layers.1.mlp.experts.2.down_proj"
     codes = ops.unpack_int32(packed[f"{p}.weight_packed"], 4, 64)
     zp = ops.unpack_zero_points(packed[f"{p}.weight_zero_point"], 4, 64)
@@ -107,17 +98,9 @@ def test_reload_with_transformers_matches_fake_quant(tiny, tmp_path):
 def test_resume_is_bit_identical(tiny, tmp_path):
     r = _recipe()
     pipeline.quantize(tiny, r, output_dir=tmp_path / "full", progress=False)
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(index):
-        if index == 0:
-            raise Crash("simulated crash after layer 0")
-
     out = tmp_path / "resumed"
-    with pytest.raises(Crash):
-        pipeline.quantize(tiny, r, output_dir=out, progress=False, _after_layer=crash)
+    with pytest.raises(CrashAfterLayer0):
+        pipeline.quantize(tiny, r, output_dir=out, progress=False, _after_layer=crash_after_layer_0)
     assert not out.exists() and (tmp_path / "resumed.partial").is_dir()  # no half-written output
     with pytest.raises(FileExistsError, match="resume"):
         pipeline.quantize(tiny, r, output_dir=out, progress=False)
@@ -125,7 +108,7 @@ def test_resume_is_bit_identical(tiny, tmp_path):
         pipeline.quantize(tiny, _recipe(bits=3), output_dir=out, progress=False, resume=True)
     report = pipeline.quantize(tiny, r, output_dir=out, progress=False, resume=True)
     assert report.resumed_from_layer == 1
-    a, b = _tensors(tmp_path / "full"), _tensors(out)
+    a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -170,7 +153,7 @@ def test_overrides_skip_and_bits(tiny, tmp_path):
                    Override(pattern="re:model\\.layers\\.0\\.mlp\\.experts\\..*", skip=True)]
     out = tmp_path / "q"
     pipeline.quantize(tiny, r, output_dir=out, progress=False)
-    t = _tensors(out)
+    t = checkpoint_tensors(out)
     assert "model.layers.0.mlp.experts.0.gate_proj.weight" in t  # skipped: kept in bf16
     assert "model.layers.1.mlp.experts.0.gate_proj.weight_packed" in t
     assert t["model.layers.1.self_attn.q_proj.weight_packed"].shape[1] == 64 * 8 // 32  # 8 bits

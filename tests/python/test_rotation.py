@@ -21,7 +21,8 @@ from moequant.recipe import Recipe
 from moequant.ref.rotation import random_hadamard_ref, random_signs_ref, rotate_along_ref
 from moequant.rotation_config import RotationConfig
 from test_models import build_tiny, tiny_config
-from test_pipeline import _recipe, _tensors, _tiny_qwen3
+from checkpoints import assert_resume_bit_identical, checkpoint_tensors
+from test_pipeline import _recipe, _tiny_qwen3
 
 # Written tolerances (relative to max |logit| of the unrotated model).
 # Every RMSNorm (and some routers) of these models compute in float32 internally even for float64 weights, so a
@@ -220,7 +221,7 @@ def test_export_added_tensors_and_config_overrides(tmp_path):
     extra = torch.ones(3, dtype=torch.bfloat16)
     export_checkpoint(src, tmp_path / "out", Replacements(added={"extra.weight": extra}), None, mode="dequantized",
                       config_overrides={"tie_word_embeddings": False})
-    assert torch.equal(_tensors(tmp_path / "out")["extra.weight"], extra)
+    assert torch.equal(checkpoint_tensors(tmp_path / "out")["extra.weight"], extra)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     with pytest.raises(ValueError, match="replace it through 'tensors'"):
         export_checkpoint(src, tmp_path / "o2", Replacements(added={"model.norm.weight": extra}), None,
@@ -253,7 +254,7 @@ def test_pipeline_rotated_export_matches_in_memory_rotation(tiny, tmp_path):
                                export_format="dequantized")
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False
-    exported = _tensors(tmp_path / "d")
+    exported = checkpoint_tensors(tmp_path / "d")
     assert "lm_head.weight" in exported and torch.all(exported["model.norm.weight"] == 1)
     assert torch.all(exported["model.layers.1.post_attention_layernorm.weight"] == 1)
     ref = _load(tiny)
@@ -290,7 +291,7 @@ def test_pipeline_rotated_pack_quantized_reloads(tiny, tmp_path):
     r = _rot_recipe(symmetric=True)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "p", progress=False)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "d", progress=False, export_format="dequantized")
-    t = _tensors(tmp_path / "p")
+    t = checkpoint_tensors(tmp_path / "p")
     assert "lm_head.weight" in t and "model.layers.0.mlp.gate.weight" in t
     ids = _ids(8000, (2, 32), seed=1)
     a = _logits(_load(tmp_path / "p", torch.bfloat16), ids).float()
@@ -299,23 +300,7 @@ def test_pipeline_rotated_pack_quantized_reloads(tiny, tmp_path):
 
 
 def test_pipeline_rotation_resume_is_bit_identical(tiny, tmp_path):
-    r = _rot_recipe()
-    pipeline.quantize(tiny, r, output_dir=tmp_path / "full", progress=False)
-
-    class Crash(RuntimeError):
-        pass
-
-    def crash(index):
-        if index == 0:
-            raise Crash("after layer 0")
-
-    with pytest.raises(Crash):
-        pipeline.quantize(tiny, r, output_dir=tmp_path / "res", progress=False, _after_layer=crash)
-    pipeline.quantize(tiny, r, output_dir=tmp_path / "res", progress=False, resume=True)
-    a, b = _tensors(tmp_path / "full"), _tensors(tmp_path / "res")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_resume_bit_identical(tiny, _rot_recipe(), tmp_path)
 
 
 def test_pipeline_unsupported_hidden_size_fails_before_work(tmp_path):
