@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     shards = [names[i::n] for i in range(n)]
     procs = []
     for i, shard in enumerate(shards):
+        (out / f"quality_{i}.json").unlink(missing_ok=True)  # quality.py merges into it: no rows of an earlier run
         cmd = [sys.executable, str(HERE / "quality.py"), "--model", args.model, "--text-dir", args.text_dir,
                "--device", args.device, "--configs", ",".join(shard), "--num-samples", str(args.num_samples),
                "--seq-len", str(args.seq_len), "--json", str(out / f"quality_{i}.json"),
