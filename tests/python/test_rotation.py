@@ -323,12 +323,10 @@ def test_pipeline_unsupported_hidden_size_fails_before_work(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ trained model
-@pytest.fixture(scope="module")
-def trained():
-    path = (Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "qwen3moe-tiny").resolve()
-    if not path.is_dir():
-        pytest.skip(f"trained model not found at {path} (expected ../shared next to the repository)")
-    return path
+@pytest.fixture
+def trained(shared_dir):
+    """The trained tiny MoE of ../shared (conftest's ``shared_dir`` skips when it is absent)."""
+    return shared_dir / "models" / "qwen3moe-tiny"
 
 
 def test_trained_model_rotation_preserves_logits_and_routing(trained):
