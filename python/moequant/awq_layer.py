@@ -58,7 +58,7 @@ class _Ctx:
 
     def __init__(self, layer, family: MoEFamily, recipe, prefix, hidden, kwargs, index, device, storage):
         self.layer, self.fam, self.recipe, self.cfg = layer, family, recipe, recipe.awq
-        self.prefix, self.hidden, self.kwargs, self.index = prefix, hidden, kwargs, index
+        self.prefix, self.kwargs, self.index = prefix, kwargs, index
         self.device, self.storage = device, storage
         self.experts = family.experts_of(layer)
         n, self.sel = 0, []
@@ -67,6 +67,8 @@ class _Ctx:
                 break
             self.sel.append(i)
             n += h.shape[0] * h.shape[1]
+        # the selected inputs on the layer's device once (the stages run the layer ~6 times over them)
+        self.inputs = {i: hidden[i].to(device) for i in self.sel}
         from .models import linear_modules
 
         self.linears = set(linear_modules(layer, family))  # layer-relative names the pipeline quantizes
@@ -89,7 +91,7 @@ class _Ctx:
                 handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True) if kind == "pre"
                                else mod.register_forward_hook(fn))
             for i in self.sel:
-                y = self.layer(self.hidden[i].to(self.device), **self.kwargs[i][self.index])
+                y = self.layer(self.inputs[i], **self.kwargs[i][self.index])
                 outs.append(y[0] if isinstance(y, tuple) else y)
         finally:
             for h in handles:
