@@ -32,14 +32,13 @@ import torch
 from torch import nn
 
 from . import awq
+from .awq_pairs import clip_layer, export_experts, smooth_pairs
+from .models import linear_modules
 from .models.base import TRANSPOSED, MoEFamily
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AWQLayerResult", "apply_awq"]
-
-_NO_CLIP = ("q_", "k_", "query", "key")  # AutoAWQ does not clip q/k: their errors meet in the softmax
-
 
 @dataclass
 class AWQLayerResult:
@@ -69,8 +68,6 @@ class _Ctx:
             n += h.shape[0] * h.shape[1]
         # the selected inputs on the layer's device once (the stages run the layer ~6 times over them)
         self.inputs = {i: hidden[i].to(device) for i in self.sel}
-        from .models import linear_modules
-
         self.linears = set(linear_modules(layer, family))  # layer-relative names the pipeline quantizes
         self.tensors: dict = {}
         self.changed_experts: set = set()  # (expert, "gate" | "up" | "down") changed in place
@@ -300,8 +297,6 @@ def apply_awq(layer: nn.Module, family: MoEFamily, recipe, prefix: str, hidden: 
               device, storage: torch.dtype) -> AWQLayerResult:
     """Smooths and clips one decoder layer in place (module docstring); returns the changed high-precision
     tensors by checkpoint name and a per-group log."""
-    from .awq_pairs import clip_layer, export_experts, smooth_pairs
-
     ctx = _Ctx(layer, family, recipe, prefix, hidden, kwargs, index, device, storage)
     if not ctx.sel:
         return AWQLayerResult()

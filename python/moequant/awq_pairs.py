@@ -10,6 +10,8 @@ from .models.base import glu_act_fn, split_expert
 
 __all__ = ["smooth_pairs", "clip_layer", "export_experts"]
 
+_NO_CLIP = ("q_", "k_", "query", "key")  # AutoAWQ does not clip q/k: their errors meet in the softmax
+
 
 def _strided(x: torch.Tensor, n: int) -> torch.Tensor:
     if x.shape[0] <= n:
@@ -178,8 +180,6 @@ def _clip(ctx, w: torch.Tensor, x: torch.Tensor, sc) -> None:
 @torch.no_grad()
 def clip_layer(ctx, info: list) -> None:
     """Clipping search for every quantized matrix of the layer except q/k projections."""
-    from .awq_layer import _NO_CLIP
-
     lins = {n: ctx.layer.get_submodule(n) for n in sorted(ctx.linears)
             if ctx.scheme(n) is not None and not n.rsplit(".", 1)[-1].startswith(_NO_CLIP)}
     per_batch = max(1, -(-ctx.cfg.clip_tokens // max(1, len(ctx.sel))))

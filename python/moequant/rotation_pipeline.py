@@ -13,7 +13,7 @@ from .export import Replacements
 from .models.base import MoEFamily, split_expert
 from .rotation import hidden_size_of, parameter_at, random_hadamard, rotate_globals_, rotate_layer_, rotation_plan
 
-__all__ = ["PipelineRotation", "layer_export_tensors"]
+__all__ = ["PipelineRotation", "rotated_export_tensors"]
 
 
 class PipelineRotation:
@@ -52,7 +52,7 @@ class PipelineRotation:
         return rotate_layer_(layer, self.family, self.rotation)
 
 
-def layer_export_tensors(layer: nn.Module, family: MoEFamily, prefix: str, changed: list[str],
+def rotated_export_tensors(layer: nn.Module, family: MoEFamily, prefix: str, changed: list[str],
                          quantized: set) -> dict[str, torch.Tensor]:
     """On-disk name -> tensor (CPU) for every changed tensor of a layer the quantized export does not cover.
 

@@ -97,9 +97,9 @@ class RotationTransform(LayerTransform):
         return {}
 
     def export_tensors(self, step: LayerStep, quantized: set) -> dict[str, torch.Tensor]:
-        from .rotation_pipeline import layer_export_tensors as rotated_tensors
+        from .rotation_pipeline import rotated_export_tensors
 
-        return rotated_tensors(step.layer, self._rotation.family, step.prefix, self._changed, quantized)
+        return rotated_export_tensors(step.layer, self._rotation.family, step.prefix, self._changed, quantized)
 
     def export_globals(self) -> Optional[Replacements]:
         return self._rotation.globals
