@@ -250,11 +250,11 @@ def model_summary(model_path: str, recipe=None) -> dict:
     import transformers
     from torch import nn
 
-    from moequant.models import get_path, intermediate_size, linear_modules, num_experts
+    from moequant.models import get_path, intermediate_size, linear_modules, num_experts, text_config
     from moequant.recipe import Recipe
 
     config, family = _load_config(_model_dir(model_path))
-    text_cfg = getattr(config, "text_config", None) or config
+    text_cfg = text_config(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     recipe = Recipe() if recipe is None else recipe

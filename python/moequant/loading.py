@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import MoEFamily, detect_family
+from .models import MoEFamily, detect_family, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +158,7 @@ class LazyModel:
                 state[name] = self.reader.get(disk).to(t.dtype)
         missing = [n for n in self.model.state_dict() if not n.startswith(layers_name + ".") and n not in state]
         tied = getattr(self.config, "tie_word_embeddings", False) or getattr(
-            self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config,
-            "tie_word_embeddings", False)
+            text_config(self.config), "tie_word_embeddings", False)
         if tied:
             missing = [n for n in missing if not n.endswith("lm_head.weight")]
         if missing:

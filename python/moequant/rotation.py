@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .models.base import STANDARD, MoEFamily, get_path
+from .models.base import STANDARD, MoEFamily, get_path, text_config
 
 __all__ = ["Rotation", "HadamardRotation", "DenseRotation", "random_hadamard", "hadamard_size_supported",
            "RotationPlan", "rotation_plan", "rotate_layer_", "rotate_globals_", "rotate_model_", "norm_gain",
@@ -290,17 +290,13 @@ def rotate_globals_(model: nn.Module, family: MoEFamily, rotation: Rotation) -> 
     _transform_(emb.weight.data, -1, rotation, None)
     if tied:
         head.weight = nn.Parameter(new_head, requires_grad=False)
-        for cfg in {id(c): c for c in (model.config, _text_config(model.config))}.values():
+        for cfg in {id(c): c for c in (model.config, text_config(model.config))}.values():
             cfg.tie_word_embeddings = False
     else:
         head.weight.data.copy_(new_head)
     norm.weight.fill_(1.0 - family.norm_weight_offset)
     return {f"{names[id(emb)]}.weight": emb.weight, f"{names[id(head)]}.weight": head.weight,
             f"{names[id(norm)]}.weight": norm.weight}
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def rotate_model_(model: nn.Module, family: MoEFamily, rotation: Rotation) -> nn.Module:
@@ -313,7 +309,7 @@ def rotate_model_(model: nn.Module, family: MoEFamily, rotation: Rotation) -> nn
 
 def hidden_size_of(config) -> int:
     """``hidden_size`` of a transformers config (text config for multimodal wrappers)."""
-    h = getattr(_text_config(config), "hidden_size", None)
+    h = getattr(text_config(config), "hidden_size", None)
     if not isinstance(h, int):
         raise ValueError("rotation: the model config has no integer hidden_size; the rotation cannot be sized")
     return h

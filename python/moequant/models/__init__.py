@@ -11,11 +11,12 @@ from .base import (
     linear_modules,
     num_experts,
     split_expert,
+    text_config,
 )
 from .families import FAMILIES, detect_family, supported_model_types
 
 __all__ = [
     "STANDARD", "TRANSPOSED", "ExpertTensors", "MoEFamily", "FAMILIES", "detect_family", "get_path",
     "glu_act_fn", "glu_gpt_oss", "intermediate_size", "linear_modules", "num_experts", "split_expert",
-    "supported_model_types",
+    "supported_model_types", "text_config",
 ]

@@ -235,6 +235,15 @@ def num_experts(experts: nn.Module) -> int:
     return int(experts.gate_up_proj.shape[0])
 
 
+def text_config(config):
+    """The language-model part of a transformers config: ``get_text_config()`` where the config has it (a
+    multimodal wrapper returns its text sub-config, a plain config itself), else ``config.text_config``, else
+    ``config``."""
+    if hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return getattr(config, "text_config", None) or config
+
+
 def intermediate_size(experts: nn.Module, family: MoEFamily) -> int:
     """Expert width I (half the fused 2I axis)."""
     two_i = experts.gate_up_proj.shape[1] if family.layout == STANDARD else experts.gate_up_proj.shape[2]

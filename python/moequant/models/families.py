@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from .base import STANDARD, TRANSPOSED, MoEFamily, glu_gpt_oss
+from .base import TRANSPOSED, MoEFamily, glu_gpt_oss, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def detect_family(config) -> MoEFamily:
     if hasattr(config, "config") and not isinstance(config, str):
         config = config.config
     seen = []
-    for cfg in (config, getattr(config, "text_config", None)):
+    for cfg in (config, text_config(config)):
         mt = cfg if isinstance(cfg, str) else getattr(cfg, "model_type", None)
         if mt is None:
             continue
