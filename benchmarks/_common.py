@@ -51,3 +51,62 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
         if k == 0:
             print("-+-".join("-" * w for w in widths))
+
+
+def timeline_report(fn, title: str, min_gap_us: float = 5.0, top: int = 12) -> None:
+    """Runs fn() once under torch.profiler (CPU + CUDA) and prints where the wall time goes: the CPU time of the
+    call, the GPU's busy time (union of kernels / copies / memsets), every GPU idle gap of at least min_gap_us
+    inside the call with the GPU work around it and the CUDA runtime calls the host was in meanwhile, and the
+    runtime calls by total time. Profiling adds its own host overhead; read the gaps as where, not how much."""
+    import json
+    import os
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("timeline_call"):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f).get("traceEvents", []) if e.get("ph") == "X"]
+    call = [e for e in events if e.get("name") == "timeline_call" and e.get("cat") in ("user_annotation",
+                                                                                         "cpu_op")]
+    if not call:
+        print(f"timeline {title}: no call range in the trace")
+        return
+    t0, t1 = call[0]["ts"], call[0]["ts"] + call[0]["dur"]
+    gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+                  and e["ts"] < t1 + 1e6 and e["ts"] + e["dur"] > t0), key=lambda e: e["ts"])
+    api = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                  and t0 <= e["ts"] <= t1), key=lambda e: e["ts"])
+    if not gpu:
+        print(f"timeline {title}: no GPU work recorded")
+        return
+    busy, end, gaps = 0.0, gpu[0]["ts"], []
+    prev = gpu[0]
+    for e in gpu:
+        s, f = e["ts"], e["ts"] + e["dur"]
+        if s - end >= min_gap_us:
+            during = [a["name"] for a in api if a["ts"] < s and a["ts"] + a["dur"] > end]
+            gaps.append((s - end, prev["name"][:48], e["name"][:48], ", ".join(dict.fromkeys(during))[:90]))
+        busy += max(0.0, f - max(s, end))
+        if f > end:
+            end, prev = f, e
+    span = end - gpu[0]["ts"]
+    print(f"\ntimeline {title}: CPU {(t1 - t0) / 1e3:.3f} ms (call), GPU span {span / 1e3:.3f} ms, "
+          f"busy {busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms in {len(gaps)} gaps >= {min_gap_us} us; "
+          f"launch of the first GPU work {(gpu[0]['ts'] - t0) / 1e3:.3f} ms after the call began")
+    for g in sorted(gaps, reverse=True)[:top]:
+        print(f"  gap {g[0]:8.1f} us  after {g[1]}  before {g[2]}  host in: {g[3]}")
+    totals: dict[str, list[float]] = {}
+    for a in api:
+        t = totals.setdefault(a["name"], [0.0, 0])
+        t[0] += a["dur"]
+        t[1] += 1
+    print("  host runtime calls: " + "; ".join(f"{k} {v[0] / 1e3:.3f} ms x{v[1]}" for k, v in
+                                              sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]))

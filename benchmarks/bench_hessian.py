@@ -34,7 +34,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cuda_time_ms, fp32_gemm_tflops, print_table  # noqa: E402
+from _common import cuda_time_ms, fp32_gemm_tflops, print_table, timeline_report  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from moequant import ops  # noqa: E402
@@ -188,6 +188,7 @@ def profile_table(quick: bool) -> None:
                 torch.cuda.synchronize()
             print(f"profile {model} (dim {d}, {E} experts, {n} rows, x {xin.dtype}) bf16 add:")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+            timeline_report(lambda: acc.add(xin, ids), f"{model} bf16 add, x {xin.dtype}")
         del acc, x, ids, xin
         torch.cuda.empty_cache()
 
