@@ -1,11 +1,20 @@
-"""The vectorised CUDA paths of quantize_rtn (minmax), dequantize, pack and unpack (issue #4) against the CPU core.
+"""The layout switches of the vectorised CUDA paths (issue #4): strided rows and misaligned pointers, through _C.
 
-The launchers pick a vectorised kernel when the shape and the pointers allow it and the general kernel otherwise
-(kernels/src/quant_pack.cu): minmax RTN with a power-of-two group of 16..512 (a team of group/16 lanes per group),
-dequantize with a group size that is a multiple of 4, pack / unpack with rows that are a multiple of 32 elements,
-all with 16-byte aligned buffers. These tests drive both sides of every switch with awkward shapes (group counts
-that leave teams idle, partial chunks, rows not a multiple of the block's work, misaligned views) and require the
-CPU's bits (tolerances.py tier 0), including which element an error names.
+The launchers in kernels/src/quant_pack.cu pick a vectorised kernel only when the shape *and the layout* allow it:
+minmax RTN takes the team kernel for a power-of-two group of 16..512 only if the row stride ``ld`` is a multiple of
+4 floats and ``w`` is 16-byte aligned; dequantize takes the four-codes-per-thread kernel only for 4-byte aligned
+codes; pack / unpack take 16-byte chunk loads only for 16-byte aligned inputs. moequant.ops makes every input
+contiguous first (python/moequant/ops.py), so a strided view given to ops reaches the kernels as a contiguous copy;
+these tests call the bindings (bindings/module.cpp) with the view itself:
+
+* ``_C.quantize_rtn`` accepts rows with unit stride and any row stride >= cols (check_matrix_f32) and hands the
+  stride to the launcher as ``ld`` (bindings/ops_cuda.cpp): strided views and misaligned base pointers both reach
+  launch_quantize_rtn, and each case below says which kernel its layout takes (checked with gpu_helpers.rtn_kernel).
+* ``_C.dequantize``, ``_C.pack_rows`` and ``_C.unpack_rows`` reject non-contiguous inputs (check_contiguous), so
+  their only layout switch is the pointer alignment: they get contiguous inputs one element past a 16-byte boundary.
+
+The shape switches (group sizes, partial chunks) with contiguous inputs are in test_cuda_kernels.py. Every result
+must be the CPU core's bits (tolerances.py tier 0).
 """
 
 from __future__ import annotations
@@ -13,134 +22,87 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moequant import ops
+from gpu_helpers import (
+    assert_same_quantization,
+    dequantize_kernel,
+    in_wider_rows,
+    misaligned,
+    pack_kernel,
+    rtn_kernel,
+)
+from moequant import _C, ops
 from testdata import weight
 from tolerances import assert_equal
 
 pytestmark = pytest.mark.gpu
 
 
-def _misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CUDA copy of t whose data pointer is one element past a 16-byte boundary."""
-    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device="cuda")
-    view = flat[1:].view(t.shape)
-    view.copy_(t)
-    assert view.is_contiguous() and view.data_ptr() % 16 != 0
-    return view
+# --- quantize_rtn (minmax) ------------------------------------------------------------------------------------------
+
+# rows, cols, row stride ld (None: a contiguous misaligned copy), column offset of the view, group size, the kernel
+RTN_LAYOUTS = {
+    # ld % 4 == 0 and a view 32 bytes into an aligned buffer: the team kernel, reading rows ld apart (ld != cols)
+    "team-ld200": (24, 128, 200, 8, 16, "team"),
+    "team-ld264": (6, 128, 264, 8, 32, "team"),
+    # ld = 262 is not a multiple of 4 (every other row starts off a 16-byte boundary): the general kernel with ld
+    "general-ld262": (6, 128, 262, 3, 32, "general"),
+    # ld % 4 == 0 but the view starts 4 bytes past a 16-byte boundary: the general kernel with ld
+    "general-ld264-misaligned": (6, 128, 264, 1, 32, "general"),
+    # a group of 8 (not the team kernel's shape) on a strided view: the general kernel with ld
+    "general-gs8-ld200": (5, 136, 200, 8, 8, "general"),
+    # contiguous rows (ld == cols) whose first element is 4 bytes past a 16-byte boundary: the general kernel
+    "general-contiguous-misaligned": (6, 256, None, 0, 64, "general"),
+}
 
 
-def _same_quant(cpu, gpu) -> None:
-    for name in ("codes", "scale", "zero_point", "dequantized"):
-        a = getattr(gpu, name)
-        assert a.is_cuda, name
-        assert_equal(a.cpu(), getattr(cpu, name), name)
-
-
-# --- quantize_rtn (minmax): the team kernel ------------------------------------------------------------------------
-
-# rows x cols with group sizes 16..512: odd group counts (idle teams in the last warp), a single group, many rows
-QUANT_FAST = [(1, 16, 16), (3, 48, 16), (5, 96, 32), (7, 320, 64), (33, 128, 128), (2, 7168, 128), (9, 768, 256),
-              (3, 1536, 512), (1, 512, 512), (129, 384, 128)]
-
-
-@pytest.mark.parametrize("rows, cols, group_size", QUANT_FAST)
-@pytest.mark.parametrize("bits, symmetric", [(2, False), (3, True), (4, False), (4, True), (8, False)])
-def test_quantize_rtn_team_kernel_bit_exact(rows, cols, group_size, bits, symmetric, gen):
+@pytest.mark.parametrize("rows, cols, ld, col0, group_size, kernel", list(RTN_LAYOUTS.values()), ids=list(RTN_LAYOUTS))
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (3, True)])
+def test_quantize_rtn_layouts_bit_exact(rows, cols, ld, col0, group_size, kernel, bits, symmetric, gen):
     w = weight(rows, cols, gen)
-    _same_quant(ops.quantize_rtn(w, bits, group_size, symmetric), ops.quantize_rtn(w.cuda(), bits, group_size, symmetric))
+    view = misaligned(w) if ld is None else in_wider_rows(w, ld, col0)
+    assert rtn_kernel(view, group_size) == kernel
+    spec = ops.make_spec(bits, group_size, symmetric, in_features=cols)
+    # _C gets the view as it is (its row stride is the kernel's ld; NaN outside it); the CPU core the plain matrix
+    assert_same_quantization(_C.quantize_rtn(w, spec), _C.quantize_rtn(view, spec))
+    # ops hands _C a contiguous copy of a strided view (and a contiguous misaligned one as it is): the same bits
+    assert_same_quantization(ops.quantize_rtn(w, bits, group_size, symmetric),
+                             ops.quantize_rtn(view, bits, group_size, symmetric))
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
-def test_quantize_rtn_team_kernel_scale_dtypes(scale_dtype, gen):
-    w = weight(37, 256, gen)
-    w[7] *= 1e-6  # fp16 subnormal scales
-    for sym in (False, True):
-        cpu = ops.quantize_rtn(w, 4, 32, sym, scale_dtype=scale_dtype)
-        _same_quant(cpu, ops.quantize_rtn(w.cuda(), 4, 32, sym, scale_dtype=scale_dtype))
+# --- dequantize ------------------------------------------------------------------------------------------------------
 
 
-def test_quantize_rtn_fallbacks_bit_exact(gen):
-    """Shapes and pointers the team kernel does not take: group 8 / 96 / per-channel 300, a misaligned w, a row
-    stride that is not a multiple of 4, and a strided view that is (team kernel with ld != cols)."""
-    for rows, cols, gs in [(5, 136, 8), (4, 288, 96), (3, 300, -1)]:
-        w = weight(rows, cols, gen)
-        _same_quant(ops.quantize_rtn(w, 4, gs), ops.quantize_rtn(w.cuda(), 4, gs))
-    w = weight(6, 256, gen)
-    _same_quant(ops.quantize_rtn(w, 4, 64), ops.quantize_rtn(_misaligned(w.cuda()), 4, 64))
-    big = torch.randn(6, 262, generator=gen)  # ld = 262: not a multiple of 4
-    _same_quant(ops.quantize_rtn(big[:, 3:131].contiguous(), 4, 32),
-                ops.quantize_rtn(big.cuda()[:, 3:131], 4, 32))
-    big = torch.randn(6, 264, generator=gen)  # ld = 264, column offset 8: 16-byte aligned rows
-    _same_quant(ops.quantize_rtn(big[:, 8:136].contiguous(), 4, 32),
-                ops.quantize_rtn(big.cuda()[:, 8:136], 4, 32))
-
-
-def test_quantize_rtn_team_kernel_first_nonfinite(gen):
-    """Several non-finite values in different lanes, quads and groups: the error names the first in row-major order."""
-    w = weight(8, 512, gen)
-    w[6, 3] = float("inf")
-    w[2, 300] = float("-inf")  # group 2 of row 2, lane 3 of its team
-    w[2, 261] = float("nan")   # same group, an earlier element in another lane / quad
-    w[2, 511] = float("nan")
-    with pytest.raises(ValueError, match=r"w: .*NaN at \(2, 261\)"):
-        ops.quantize_rtn(w.cuda(), 4, 128, False)
-    with pytest.raises(ValueError, match=r"w: .*NaN at \(2, 261\)"):
-        ops.quantize_rtn(w, 4, 128, False)
-
-
-# --- dequantize --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("rows, cols, group_size", [(1, 4, 4), (3, 20, 4), (7, 300, -1), (33, 384, 128),
-                                                    (5, 7168, 128), (1, 18, 6), (9, 1025, -1)])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_dequantize_paths_bit_exact(rows, cols, group_size, symmetric, gen):
+@pytest.mark.parametrize("rows, cols, group_size, symmetric", [(4, 64, 16, False), (5, 96, -1, True)])
+def test_dequantize_misaligned_codes(rows, cols, group_size, symmetric, gen):
+    """Group sizes the four-codes-per-thread kernel takes, but codes one byte past a 16-byte boundary (not 4-byte
+    aligned): the element-wise kernel."""
     r = ops.quantize_rtn(weight(rows, cols, gen), 4, group_size, symmetric)
-    zp = None if symmetric else r.zero_point
-    got = ops.dequantize(r.codes.cuda(), r.scale.cuda(), None if zp is None else zp.cuda(), group_size)
-    assert_equal(got.cpu(), r.dequantized, "dequantized")
+    spec = ops.make_spec(4, group_size, symmetric, in_features=cols)
+    zp = None if symmetric else r.zero_point.to(torch.int32)
+    codes = misaligned(r.codes)
+    assert dequantize_kernel(codes, group_size) == "element"
+    assert dequantize_kernel(r.codes.cuda(), group_size) == "quads"  # the same codes aligned would take the quads
+    got = _C.dequantize(codes, r.scale.cuda(), None if zp is None else zp.cuda(), spec)
+    assert got.is_cuda
+    assert_equal(got.cpu(), _C.dequantize(r.codes, r.scale, zp, spec), "dequantized vs CPU")
+    assert_equal(got.cpu(), r.dequantized, "dequantized vs quantize_rtn")
 
 
-def test_dequantize_misaligned_codes(gen):
-    r = ops.quantize_rtn(weight(4, 64, gen), 4, 16, False)
-    got = ops.dequantize(_misaligned(r.codes.cuda()), r.scale.cuda(), r.zero_point.cuda(), 16)
-    assert_equal(got.cpu(), r.dequantized, "dequantized")
-
-
-# --- pack / unpack: 32-element chunks ----------------------------------------------------------------------------
-
-PACK_SHAPES = [(1, 32), (3, 64), (37, 96), (2, 7168), (300, 32), (5, 31), (4, 33), (2, 95), (9, 100), (1, 4099)]
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("rows, cols", PACK_SHAPES)
-def test_pack_unpack_chunks_bit_exact(bits, rows, cols, gen):
-    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (rows, cols), generator=gen, dtype=torch.int8)
-    cpu = ops.pack_int32(q, bits)
-    gpu = ops.pack_int32(q.cuda(), bits)
-    assert_equal(gpu.cpu(), cpu, "packed")
-    assert_equal(ops.unpack_int32(gpu, bits, cols).cpu(), q, "unpacked")
+# --- pack / unpack ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_pack_unpack_misaligned(bits, gen):
-    """cols % 32 == 0 but the buffers are not 16-byte aligned: the per-row chunk path."""
+    """cols % 32 == 0 but the input is not 16-byte aligned: the element-wise chunks instead of the 16-byte ones."""
     q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (6, 64), generator=gen, dtype=torch.int8)
-    cpu = ops.pack_int32(q, bits)
-    gpu = ops.pack_int32(_misaligned(q.cuda()), bits)
-    assert_equal(gpu.cpu(), cpu, "packed")
-    assert_equal(ops.unpack_int32(_misaligned(gpu), bits, 64).cpu(), q, "unpacked")
-
-
-@pytest.mark.parametrize("bits", [2, 4, 5, 7])
-@pytest.mark.parametrize("cols", [96, 100])
-def test_pack_first_out_of_range(bits, cols):
-    """Two bad codes in different chunks and rows (and one in the same chunk, later): the first is named."""
-    q = torch.zeros(5, cols, dtype=torch.int8)
-    q[3, 70] = -(2 ** (bits - 1)) - 1
-    q[1, 45] = 2 ** (bits - 1)
-    q[1, 47] = 100
-    with pytest.raises(ValueError, match=r"q: .*element 45 of row 1"):
-        ops.pack_int32(q.cuda(), bits)
-    with pytest.raises(ValueError, match=r"q: .*at element 45\b"):
-        ops.pack_int32(q, bits)  # the CPU names the element within the row
+    qm = misaligned(q)
+    assert pack_kernel(qm, 64) == "scalar" and pack_kernel(q.cuda(), 64) == "16-byte"
+    cpu = _C.pack_rows(q, bits)
+    packed = _C.pack_rows(qm, bits)
+    assert packed.is_cuda
+    assert_equal(packed.cpu(), cpu, "packed")
+    pm = misaligned(packed)
+    assert pack_kernel(pm, 64) == "scalar"
+    back = _C.unpack_rows(pm, bits, 64)
+    assert back.is_cuda
+    assert_equal(back.cpu(), q, "unpacked")

@@ -13,19 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpu_helpers import accumulate_raw, in_wider_rows
 from moequant import _C, ops
+from testdata import routed_batch
 from tolerances import assert_equal
 
 PRECISIONS = ["fp32", "tf32", "bf16"]
 DTYPES = [torch.bfloat16, torch.float16]
-
-
-def _batch(gen, counts, dim, dtype, weighted):
-    ids = torch.cat([torch.full((c,), e, dtype=torch.int64) for e, c in enumerate(counts)])
-    ids = ids[torch.randperm(ids.numel(), generator=gen)]
-    x = (torch.randn(ids.numel(), dim, generator=gen) * 3.0).to(dtype)
-    w = torch.rand(ids.numel(), generator=gen) * 2.0 if weighted else None
-    return x, ids, w
 
 
 def _acc(experts, dim, precision, x, ids, w):
@@ -46,7 +40,7 @@ def _assert_same(a, b, what):
 @pytest.mark.parametrize("dim,weighted", [(64, True), (2600, True), (2600, False), (37, True), (8, False)])
 def test_16bit_rows_equal_float32_rows(precision, dtype, dim, weighted, gen):
     # 2600: the 16-byte-load gather with two steps per thread; 37: the scalar path; expert 1 gets no rows.
-    x, ids, w = _batch(gen, [70, 0, 130, 1], dim, dtype, weighted)
+    x, ids, w = routed_batch(gen, [70, 0, 130, 1], dim, weighted=weighted, dtype=dtype)
     a16 = _acc(4, dim, precision, x.cuda(), ids, w)
     a32 = _acc(4, dim, precision, x.float().cuda(), ids, w)
     _assert_same(a16, a32, f"{dtype} vs float32 rows ({precision}, dim {dim})")
@@ -57,22 +51,15 @@ def test_16bit_rows_equal_float32_rows(precision, dtype, dim, weighted, gen):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_16bit_strided_and_misaligned_rows(precision, dtype, gen):
-    # Straight through _C (ops would copy): row stride 51 elements (102 bytes, no 16-byte loads) and a base pointer
-    # 6 bytes into an allocation; then an aligned stride of 72 (144 bytes) with an aligned base (vector loads).
+    # Straight through _C with the view itself: row stride 51 elements (102 bytes, no 16-byte loads) and a base
+    # pointer 6 bytes into the allocation; then an aligned stride of 72 (144 bytes) with an aligned base (16-byte
+    # loads where the gather has them: bf16 precision, dim 48 a multiple of 8). NaN around the views.
     for ld, lo, dim in ((51, 3, 40), (72, 8, 48)):
-        x, ids, w = _batch(gen, [33, 0, 61], dim, dtype, True)
-        wide = torch.randn(x.shape[0], ld, generator=gen).to(dtype)
-        wide[:, lo:lo + dim] = x
-        view = wide.cuda()[:, lo:lo + dim]
-        code = {"fp32": 0, "tf32": 1, "bf16": 2}[precision]
-        outs = []
-        for xin in (view, x.float().cuda()):
-            H = torch.zeros(3, dim, dim, device="cuda")
-            counts = torch.zeros(3, dtype=torch.int64, device="cuda")
-            mass = torch.zeros(3, dtype=torch.float64, device="cuda")
-            _C.accumulate_hessian(H, counts, mass, xin, ids.int().cuda(), w.cuda(), code, symmetrize=True)
-            outs.append((H, counts, mass))
-        for a, b, name in zip(outs[0], outs[1], ("H", "counts", "mass")):
+        x, ids, w = routed_batch(gen, [33, 0, 61], dim, dtype=dtype)
+        view = in_wider_rows(x, ld, lo)
+        got = accumulate_raw(view, ids, w, 3, precision)
+        want = accumulate_raw(x.float().cuda(), ids, w, 3, precision)
+        for a, b, name in zip(got, want, ("H", "counts", "mass")):
             assert_equal(a, b, f"{name}: strided {dtype} (ld {ld}, offset {lo}) vs float32 ({precision})")
 
 
@@ -81,7 +68,7 @@ def test_16bit_strided_and_misaligned_rows(precision, dtype, gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_16bit_non_finite_rows_rejected_and_state_kept(precision, dtype, gen):
     for dim in (64, 37):
-        x, ids, w = _batch(gen, [30, 0, 20], dim, dtype, True)
+        x, ids, w = routed_batch(gen, [30, 0, 20], dim, dtype=dtype)
         acc = _acc(3, dim, precision, x.cuda(), ids, w)
         before = (acc.hessians.clone(), acc.counts.clone(), acc.mass.clone())
         xb = x.clone()
@@ -113,7 +100,7 @@ def test_16bit_rows_rejected_by_the_cpu_binding():
 def test_mass_of_large_experts_bit_identical_to_cpu(weighted, gen):
     # Several shared-memory tiles of 2048 weights per expert, a partial last tile, exactly one tile, one row, none.
     counts = [5000, 2048, 1, 0, 4097]
-    x, ids, w = _batch(gen, counts, 8, torch.float32, weighted)
+    x, ids, w = routed_batch(gen, counts, 8, weighted=weighted)
     if weighted:
         w = w * torch.exp(torch.randn(w.numel(), generator=gen) * 4)  # wide exponent range: order matters
     gpu = _acc(5, 8, "bf16", x.cuda(), ids, w)

@@ -1,4 +1,6 @@
 """Deterministic test inputs shared by the test modules (no assertions here)."""
+from __future__ import annotations
+
 import torch
 
 
@@ -11,6 +13,37 @@ def weight(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
         w[3] = w[3].abs()
         w[4] = -w[4].abs()
     return w
+
+
+def split_rows(n: int, experts: int, empty: int | None = None) -> list[int]:
+    """Row counts of n rows spread over ``experts`` experts as evenly as possible; expert ``empty`` (if given) gets
+    none. For :func:`routed_batch`."""
+    takers = [e for e in range(experts) if e != empty]
+    base, extra = divmod(n, len(takers))
+    counts = [0] * experts
+    for i, e in enumerate(takers):
+        counts[e] = base + (i < extra)
+    return counts
+
+
+def routed_batch(gen: torch.Generator, counts: list[int], dim: int, *, weighted: bool = True, order: str = "shuffled",
+                 dtype: torch.dtype = torch.float32):
+    """``(x [n, dim], expert_ids int64 [n], weights [n] or None)``: rows routed so that expert e gets exactly
+    ``counts[e]`` rows, in random order (``order="shuffled"``) or grouped by expert (``"sorted"``). Features of very
+    different scales (a factor exp(N(0, 1)) per column, as in activations), x rounded to ``dtype`` last; routing
+    weights in [0, 2) with ~10% exactly 0 when ``weighted``, else None."""
+    if order not in ("shuffled", "sorted"):
+        raise ValueError(f"order: expected 'shuffled' or 'sorted', got {order!r}")
+    ids = torch.cat([torch.full((c,), e, dtype=torch.int64) for e, c in enumerate(counts)])
+    if order == "shuffled":
+        ids = ids[torch.randperm(ids.numel(), generator=gen)]
+    n = ids.numel()
+    x = torch.randn(n, dim, generator=gen) * torch.exp(torch.randn(dim, generator=gen))
+    w = None
+    if weighted:
+        w = torch.rand(n, generator=gen) * 2.0
+        w[torch.rand(n, generator=gen) < 0.1] = 0.0
+    return x.to(dtype), ids, w
 
 
 def tiny_qwen3_checkpoint(path, *, num_experts: int = 4, moe_intermediate_size: int = 64, seed: int = 0,

@@ -90,3 +90,31 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
             f"{what}: {diff.shape[0]} of {actual.numel()} entries differ; first at {i}: "
             f"{actual[i].item()!r} != {expected[i].item()!r}"
         )
+
+
+def assert_hessian_close(acc, x: torch.Tensor, ids: torch.Tensor, w, rtol: float = HESSIAN_FP32_RTOL) -> torch.Tensor:
+    """The Hessian policy above for an accumulator that took the rows ``x`` routed to ``ids`` with weights ``w``
+    (None: 1) from zero. ``acc``: anything with ``hessians`` [E, d, d], ``counts`` and ``mass`` (an
+    ops.HessianAccumulator on any device, or gpu_helpers.RawHessians); ``rtol``: HESSIAN_FP32_RTOL (default),
+    HESSIAN_FP64_RTOL, HESSIAN_TF32_RTOL or HESSIAN_BF16_RTOL.
+
+    Checks every element against the float64 reference within ``rtol`` of the |.|-sum, H exactly symmetric, experts
+    without rows exactly zero, counts exact, mass (float64) within MASS_RTOL, H in the accumulator's dtype (float32
+    for raw CUDA tensors). Returns the |.|-sum ``sum_t c_t |x_t| |x_t|^T`` (float64, CPU) for further budgets."""
+    from moequant.ref import accumulate_hessian_ref
+
+    h = acc.hessians.cpu()
+    experts = h.shape[0]
+    assert h.dtype == getattr(acc, "dtype", torch.float32), f"H: dtype {h.dtype}"
+    h_ref, counts_ref, mass_ref = accumulate_hessian_ref(x, ids, w, experts)
+    h_abs, _, _ = accumulate_hessian_ref(x.abs(), ids, w, experts)
+    err = (h.double() - h_ref).abs()
+    assert (err <= rtol * h_abs + HESSIAN_ATOL).all(), (
+        f"max err / |.|-sum {(err / (h_abs + 1e-300)).max().item():.3g} > rtol {rtol:.3g}"
+    )
+    assert torch.equal(h, h.transpose(1, 2)), "H must be exactly symmetric"
+    assert (h[counts_ref == 0] == 0).all(), "an expert without rows must stay exactly zero"
+    assert_equal(acc.counts.cpu(), counts_ref, "counts")
+    assert acc.mass.dtype == torch.float64, f"mass: dtype {acc.mass.dtype}"
+    assert torch.allclose(acc.mass.cpu(), mass_ref, rtol=MASS_RTOL, atol=0), "mass vs the float64 reference"
+    return h_abs
