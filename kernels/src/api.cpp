@@ -238,34 +238,30 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision, bool symmetrize) {
-  return cuda_accumulate_hessian(static_cast<const void*>(x), kHessianInputF32, n, dim, ldx, expert_ids, weights,
+  return cuda_accumulate_hessian(static_cast<const void*>(x), ElementType::kF32, n, dim, ldx, expert_ids, weights,
                                  num_experts, H, counts, mass, workspace, workspace_bytes, handle, stream, precision,
                                  symmetrize);
 }
 
-static_assert(kHessianInputF32 == cuda_detail::kInputF32 && kHessianInputBf16 == cuda_detail::kInputBf16 &&
-                  kHessianInputF16 == cuda_detail::kInputF16,
-              "kernels.h's HessianInput and hessian_launch.h's input codes must agree");
-
 namespace {
 /// Element (i, j) of x (type x_type) read back and widened to float, for the error message.
-Status read_x_value(const void* x, HessianInput x_type, int64_t i, int64_t ldx, int64_t j, cudaStream_t stream,
+Status read_x_value(const void* x, ElementType x_type, int64_t i, int64_t ldx, int64_t j, cudaStream_t stream,
                     float* v) {
-  const char* p = static_cast<const char*>(x) + (i * ldx + j) * cuda_detail::input_bytes(x_type);
-  if (x_type == kHessianInputF32) return read_back(v, p, sizeof(float), stream, "x value readback");
-  uint16_t h = 0;
-  MQ_RETURN_IF_ERROR(read_back(&h, p, sizeof(h), stream, "x value readback"));
-  *v = x_type == kHessianInputBf16 ? api_detail::bf16_to_float(h) : api_detail::half_to_float(h);
+  const int64_t bytes = static_cast<int64_t>(element_size(x_type));
+  unsigned char raw[sizeof(float)] = {};
+  MQ_RETURN_IF_ERROR(read_back(raw, static_cast<const char*>(x) + (i * ldx + j) * bytes, static_cast<size_t>(bytes),
+                               stream, "x value readback"));
+  *v = api_detail::element_to_float(x_type, raw);
   return {};
 }
 }  // namespace
 
-Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, int64_t dim, int64_t ldx,
+Status cuda_accumulate_hessian(const void* x, ElementType x_type, int64_t n, int64_t dim, int64_t ldx,
                                const int32_t* expert_ids, const float* weights, int64_t num_experts, float* H,
                                int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
                                cublasHandle_t handle, cudaStream_t stream, int precision, bool symmetrize) {
   // The CPU's checks and messages first (accumulate_hessian / validate_hessian_inputs), then the CUDA limits.
-  if (x_type != kHessianInputF32 && x_type != kHessianInputBf16 && x_type != kHessianInputF16)
+  if (x_type != ElementType::kF32 && x_type != ElementType::kBf16 && x_type != ElementType::kF16)
     return Status::invalid("x_type: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}",
                            static_cast<int>(x_type));
   if (precision != kHessianFp32 && precision != kHessianTf32 && precision != kHessianBf16)

@@ -2,13 +2,13 @@
 // pipeline): after the host planned the padded groups and uploaded poffsets, write sqrt(c) * x of every routed row
 // once, directly in the GEMM input type and layout, zero-padded to the expert's group length, validating x.
 // x is fp32, bf16 or fp16 (widened exactly to fp32 on load, so the rows do not depend on x's type for equal values).
+#include "element_type.cuh"
 #include "hessian_launch.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 namespace moequant {
@@ -16,8 +16,6 @@ inline namespace v0 {
 namespace cuda_detail {
 namespace {
 
-__device__ inline void store1(float* p, float v) { *p = v; }
-__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ inline void store4(__nv_bfloat16* p, float4 v) {
   __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
   *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(o);
@@ -46,7 +44,7 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const InT* __restrict_
     const int64_t r = q - poffsets[lo];
     OutT* dst = rows + q * ld;
     if (r >= offsets[lo + 1] - offsets[lo]) {  // padding: zero rows
-      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store1(dst + j, 0.0f);
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store_f32(dst + j, 0.0f);
       continue;
     }
     const int64_t row = perm[offsets[lo] + r];
@@ -63,9 +61,9 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const InT* __restrict_
       }
     } else {
       for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float v = load_x(src + j);
+        const float v = load_f32(src + j);
         if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
-        store1(dst + j, __fmul_rn(s, v));
+        store_f32(dst + j, __fmul_rn(s, v));
       }
     }
   }
@@ -73,7 +71,8 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const InT* __restrict_
 
 // Pass 5, sample-major bf16 with 16-byte stores (dim a multiple of 8, ldx a multiple of 16 bytes / sizeof(InT), x
 // 16-byte aligned): the same values as gather_rows_kernel, 8 features per thread and step (fp32 x: two float4
-// loads; 16-bit x: one 16-byte load; then one uint4 store of 8 bf16), two steps' loads issued before their stores.
+// loads; 16-bit x: one 16-byte load, see load8_f32; then one uint4 store of 8 bf16), two steps' loads issued before
+// their stores.
 __device__ inline uint4 pack8(float4 a, float4 b) {
   __nv_bfloat162 o[4] = {__floats2bfloat162_rn(a.x, a.y), __floats2bfloat162_rn(a.z, a.w),
                          __floats2bfloat162_rn(b.x, b.y), __floats2bfloat162_rn(b.z, b.w)};
@@ -82,26 +81,6 @@ __device__ inline uint4 pack8(float4 a, float4 b) {
 __device__ inline float4 scale4(float s, float4 v) {
   return make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w));
 }
-__device__ inline void load8(const float* p, float4& a, float4& b) {
-  a = __ldg(reinterpret_cast<const float4*>(p));
-  b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-}
-template <typename H2>
-__device__ inline float2 widen2(unsigned u) {
-  H2 h;
-  memcpy(&h, &u, sizeof(u));
-  if constexpr (std::is_same<H2, __nv_bfloat162>::value) return __bfloat1622float2(h);
-  else return __half22float2(h);
-}
-template <typename H2>
-__device__ inline void load8_16(const void* p, float4& a, float4& b) {
-  const uint4 u = __ldg(static_cast<const uint4*>(p));
-  const float2 f0 = widen2<H2>(u.x), f1 = widen2<H2>(u.y), f2 = widen2<H2>(u.z), f3 = widen2<H2>(u.w);
-  a = make_float4(f0.x, f0.y, f1.x, f1.y);
-  b = make_float4(f2.x, f2.y, f3.x, f3.y);
-}
-__device__ inline void load8(const __nv_bfloat16* p, float4& a, float4& b) { load8_16<__nv_bfloat162>(p, a, b); }
-__device__ inline void load8(const __half* p, float4& a, float4& b) { load8_16<__half2>(p, a, b); }
 __device__ inline void check4(float4 v, int64_t at, unsigned long long* flags) {
   if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
     const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
@@ -136,8 +115,8 @@ __global__ void __launch_bounds__(256) gather_rows8_kernel(const InT* __restrict
     for (int64_t c = threadIdx.x; c < chunks; c += 2 * step) {
       const int64_t c2 = c + step;
       float4 a, b, a2 = make_float4(0.f, 0.f, 0.f, 0.f), b2 = a2;
-      load8(src + 8 * c, a, b);
-      if (c2 < chunks) load8(src + 8 * c2, a2, b2);
+      load8_f32(src + 8 * c, a, b);
+      if (c2 < chunks) load8_f32(src + 8 * c2, a2, b2);
       check4(a, row * dim + 8 * c, flags);
       check4(b, row * dim + 8 * c + 4, flags);
       dst[c] = pack8(scale4(s, a), scale4(s, b));
@@ -194,7 +173,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
       const int64_t row = src[k];
       float v = 0.0f;
       if (row >= 0 && f < dim) {
-        v = load_x(x + row * ldx + f);
+        v = load_f32(x + row * ldx + f);
         if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + f));
         v = __fmul_rn(scale[k], v);
       }
@@ -204,7 +183,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
     OutT* out = rows + seg * dim + r0;
     for (int k = sy; k < kGatherCols; k += kStoreSteps) {
       const int64_t ff = f0 + k;
-      if (ff < dim) store1(out + ff * K + sx, tile[sx][k]);
+      if (ff < dim) store_f32(out + ff * K + sx, tile[sx][k]);
     }
     __syncthreads();  // tile, src and scale are rewritten by the next iteration
   }
@@ -212,27 +191,29 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
 
 }  // namespace
 
-cudaError_t launch_hessian_gather_tc(const void* x, int x_type, int64_t dim, int64_t ldx, const float* weights,
+cudaError_t launch_hessian_gather_tc(const void* x, ElementType x_type, int64_t dim, int64_t ldx, const float* weights,
                                      int64_t num_experts, void* workspace, const HessianLayout& layout,
                                      cudaStream_t stream) {
   const HessianWorkspace ws = carve_hessian(workspace, layout);
   if (layout.feature_major) {  // tf32
     const int64_t tiles = layout.row_capacity / kGatherRows * ((dim + kGatherCols - 1) / kGatherCols);
-    dispatch_x(x, x_type, [&](auto* xt) {
+    dispatch_element(x_type, [&](auto tag) {
+      using InT = typename decltype(tag)::type;
       gather_tc_kernel<<<grid_for(tiles, 1), kGatherThreads, 0, stream>>>(
-          xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows),
-          ws.flags);
+          static_cast<const InT*>(x), dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets,
+          static_cast<float*>(ws.rows), ws.flags);
     });
     return cudaGetLastError();
   }
   // 16-byte loads: dim a multiple of 8 (rows8) or 4 (fp32 float4), every row start 16-byte aligned.
-  const int64_t eb = input_bytes(x_type);
+  const int64_t eb = static_cast<int64_t>(element_size(x_type));
   const bool aligned = (ldx * eb) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const unsigned grid = grid_for(layout.row_capacity, 1);
   const int threads = dim >= 1024 ? 256 : 128;
   auto* out = static_cast<__nv_bfloat16*>(ws.rows);
-  dispatch_x(x, x_type, [&](auto* xt) {
-    using InT = std::remove_const_t<std::remove_pointer_t<decltype(xt)>>;
+  dispatch_element(x_type, [&](auto tag) {
+    using InT = typename decltype(tag)::type;
+    const InT* xt = static_cast<const InT*>(x);
     if (aligned && dim % 8 == 0) {
       const int threads8 = dim >= 2048 ? 256 : 128;
       gather_rows8_kernel<InT><<<grid, threads8, 0, stream>>>(xt, dim, ldx, weights, ws.perm, num_experts,
