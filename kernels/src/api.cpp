@@ -66,6 +66,30 @@ class StreamBuffer {
   void* external_ = nullptr;
 };
 
+/// What pack_rows_prologue leaves to a pack_rows entry point: q's device, made current by `guard` until the call
+/// returns, or empty = true when the shape is empty and there is nothing to do.
+struct PackRowsScope {
+  ScopedDevice guard;
+  int device = -1;
+  bool empty = false;
+};
+
+/// The argument checks the pack_rows entry points share, in their order: bits, a non-negative shape, then the
+/// caller's `own_checks()` (a Status; those of its own arguments that are reported even for an empty shape), then --
+/// unless the shape is empty -- q's device, made current, and out on it.
+template <typename OwnChecks>
+Status pack_rows_prologue(const int8_t* q, int64_t rows, int64_t cols, int bits, const int32_t* out,
+                          OwnChecks&& own_checks, PackRowsScope* scope) {
+  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
+  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
+  MQ_RETURN_IF_ERROR(own_checks());
+  scope->empty = rows == 0 || cols == 0;
+  if (scope->empty) return {};
+  MQ_RETURN_IF_ERROR(device_of(q, "q", &scope->device));
+  MQ_RETURN_IF_ERROR(scope->guard.enter(scope->device));
+  return check_on_device(out, "out", scope->device, false);
+}
+
 }  // namespace
 
 // ---- quantize / dequantize / pack -------------------------------------------------------------------------
@@ -135,15 +159,10 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
 Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream,
                       void* flag_workspace) {
-  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
-  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
-  if (rows == 0 || cols == 0) return {};
-  int device = -1;
-  MQ_RETURN_IF_ERROR(device_of(q, "q", &device));
-  ScopedDevice guard;
-  MQ_RETURN_IF_ERROR(guard.enter(device));
-  MQ_RETURN_IF_ERROR(check_on_device(out, "out", device, false));
-  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", device, true));
+  PackRowsScope scope;
+  MQ_RETURN_IF_ERROR(pack_rows_prologue(q, rows, cols, bits, out, [] { return Status(); }, &scope));
+  if (scope.empty) return {};
+  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", scope.device, true));
 
   StreamBuffer flag(stream);
   MQ_RETURN_IF_ERROR(flag.use_or_allocate(flag_workspace, sizeof(unsigned long long)));
@@ -164,20 +183,17 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
 Status cuda_pack_rows_host_flag(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
                                 cudaStream_t stream, void* host_flag) {
-  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
-  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
-  if (host_flag == nullptr)
-    return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
-  if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
-    return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
-  if (rows == 0 || cols == 0) return {};
-  int device = -1;
-  MQ_RETURN_IF_ERROR(device_of(q, "q", &device));
-  ScopedDevice guard;
-  MQ_RETURN_IF_ERROR(guard.enter(device));
-  MQ_RETURN_IF_ERROR(check_on_device(out, "out", device, false));
+  PackRowsScope scope;
+  MQ_RETURN_IF_ERROR(pack_rows_prologue(q, rows, cols, bits, out, [host_flag]() -> Status {
+    if (host_flag == nullptr)
+      return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
+    if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
+      return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
+    return {};
+  }, &scope));
+  if (scope.empty) return {};
   void* device_view = nullptr;
-  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", device, &device_view));
+  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", scope.device, &device_view));
 
   // The host clears the word before the launch (program order: the kernel cannot run before this store); the
   // kernel only ever stores 1 into it; the synchronisation makes its store visible here.
