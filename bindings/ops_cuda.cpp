@@ -11,6 +11,22 @@
 
 namespace moequant {
 namespace bindings {
+namespace {
+
+/// The kernels' ElementType of a float32, bfloat16 or float16 tensor; any other dtype is std::invalid_argument naming
+/// `arg` (module.cpp rejects those before a CUDA op is reached).
+ElementType element_type_of(const at::Tensor& t, const char* arg) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ElementType::kF32;
+    case at::kBFloat16: return ElementType::kBf16;
+    case at::kHalf: return ElementType::kF16;
+    default:
+      throw std::invalid_argument(fmt::format("{}: expected dtype float32, bfloat16 or float16, got {}", arg,
+                                              dtype_str(t.scalar_type())));
+  }
+}
+
+}  // namespace
 
 bool cuda_compiled() { return true; }
 
@@ -74,14 +90,12 @@ void accumulate_hessian_cuda(at::Tensor& H, at::Tensor& counts, at::Tensor& mass
     throw std::invalid_argument(fmt::format(
         "dtype: expected float32 accumulators on CUDA (float64 accumulation runs on the CPU), got {}",
         dtype_str(H.scalar_type())));
+  const ElementType x_type = element_type_of(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(0), dim = x.size(1), experts = H.size(0);
   const size_t ws_bytes = cuda_hessian_workspace_bytes(n, dim, experts, precision);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  const HessianInput x_type = x.scalar_type() == at::kBFloat16 ? kHessianInputBf16
-                              : x.scalar_type() == at::kHalf   ? kHessianInputF16
-                                                               : kHessianInputF32;
   throw_if_error(cuda_accumulate_hessian(x.data_ptr(), x_type, n, dim, x.stride(0), ids.data_ptr<int32_t>(),
                                          weights ? weights->data_ptr<float>() : nullptr, experts, H.data_ptr<float>(),
                                          counts.data_ptr<int64_t>(), mass.data_ptr<double>(), ws.data_ptr(), ws_bytes,
@@ -127,9 +141,9 @@ GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, c
 }
 
 at::Tensor hadamard_cuda(const at::Tensor& x) {
+  const ElementType dtype = element_type_of(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
-  const int dtype = x.scalar_type() == at::kBFloat16 ? 1 : x.scalar_type() == at::kHalf ? 2 : 0;
   at::Tensor out = at::empty_like(x);
   throw_if_error(cuda_hadamard(x.data_ptr(), out.data_ptr(), rows, n, dtype,
                                at::cuda::getCurrentCUDAStream(x.device().index()).stream()));

@@ -66,6 +66,30 @@ class StreamBuffer {
   void* external_ = nullptr;
 };
 
+/// What pack_rows_prologue leaves to a pack_rows entry point: q's device, made current by `guard` until the call
+/// returns, or empty = true when the shape is empty and there is nothing to do.
+struct PackRowsScope {
+  ScopedDevice guard;
+  int device = -1;
+  bool empty = false;
+};
+
+/// The argument checks the pack_rows entry points share, in their order: bits, a non-negative shape, then the
+/// caller's `own_checks()` (a Status; those of its own arguments that are reported even for an empty shape), then --
+/// unless the shape is empty -- q's device, made current, and out on it.
+template <typename OwnChecks>
+Status pack_rows_prologue(const int8_t* q, int64_t rows, int64_t cols, int bits, const int32_t* out,
+                          OwnChecks&& own_checks, PackRowsScope* scope) {
+  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
+  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
+  MQ_RETURN_IF_ERROR(own_checks());
+  scope->empty = rows == 0 || cols == 0;
+  if (scope->empty) return {};
+  MQ_RETURN_IF_ERROR(device_of(q, "q", &scope->device));
+  MQ_RETURN_IF_ERROR(scope->guard.enter(scope->device));
+  return check_on_device(out, "out", scope->device, false);
+}
+
 }  // namespace
 
 // ---- quantize / dequantize / pack -------------------------------------------------------------------------
@@ -135,15 +159,10 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
 Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream,
                       void* flag_workspace) {
-  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
-  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
-  if (rows == 0 || cols == 0) return {};
-  int device = -1;
-  MQ_RETURN_IF_ERROR(device_of(q, "q", &device));
-  ScopedDevice guard;
-  MQ_RETURN_IF_ERROR(guard.enter(device));
-  MQ_RETURN_IF_ERROR(check_on_device(out, "out", device, false));
-  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", device, true));
+  PackRowsScope scope;
+  MQ_RETURN_IF_ERROR(pack_rows_prologue(q, rows, cols, bits, out, [] { return Status(); }, &scope));
+  if (scope.empty) return {};
+  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", scope.device, true));
 
   StreamBuffer flag(stream);
   MQ_RETURN_IF_ERROR(flag.use_or_allocate(flag_workspace, sizeof(unsigned long long)));
@@ -164,20 +183,17 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
 Status cuda_pack_rows_host_flag(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
                                 cudaStream_t stream, void* host_flag) {
-  MQ_RETURN_IF_ERROR(detail::check_bits(bits));
-  if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
-  if (host_flag == nullptr)
-    return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
-  if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
-    return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
-  if (rows == 0 || cols == 0) return {};
-  int device = -1;
-  MQ_RETURN_IF_ERROR(device_of(q, "q", &device));
-  ScopedDevice guard;
-  MQ_RETURN_IF_ERROR(guard.enter(device));
-  MQ_RETURN_IF_ERROR(check_on_device(out, "out", device, false));
+  PackRowsScope scope;
+  MQ_RETURN_IF_ERROR(pack_rows_prologue(q, rows, cols, bits, out, [host_flag]() -> Status {
+    if (host_flag == nullptr)
+      return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
+    if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
+      return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
+    return {};
+  }, &scope));
+  if (scope.empty) return {};
   void* device_view = nullptr;
-  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", device, &device_view));
+  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", scope.device, &device_view));
 
   // The host clears the word before the launch (program order: the kernel cannot run before this store); the
   // kernel only ever stores 1 into it; the synchronisation makes its store visible here.
@@ -238,34 +254,30 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                const float* weights, int64_t num_experts, float* H, int64_t* counts, double* mass,
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision, bool symmetrize) {
-  return cuda_accumulate_hessian(static_cast<const void*>(x), kHessianInputF32, n, dim, ldx, expert_ids, weights,
+  return cuda_accumulate_hessian(static_cast<const void*>(x), ElementType::kF32, n, dim, ldx, expert_ids, weights,
                                  num_experts, H, counts, mass, workspace, workspace_bytes, handle, stream, precision,
                                  symmetrize);
 }
 
-static_assert(kHessianInputF32 == cuda_detail::kInputF32 && kHessianInputBf16 == cuda_detail::kInputBf16 &&
-                  kHessianInputF16 == cuda_detail::kInputF16,
-              "kernels.h's HessianInput and hessian_launch.h's input codes must agree");
-
 namespace {
 /// Element (i, j) of x (type x_type) read back and widened to float, for the error message.
-Status read_x_value(const void* x, HessianInput x_type, int64_t i, int64_t ldx, int64_t j, cudaStream_t stream,
+Status read_x_value(const void* x, ElementType x_type, int64_t i, int64_t ldx, int64_t j, cudaStream_t stream,
                     float* v) {
-  const char* p = static_cast<const char*>(x) + (i * ldx + j) * cuda_detail::input_bytes(x_type);
-  if (x_type == kHessianInputF32) return read_back(v, p, sizeof(float), stream, "x value readback");
-  uint16_t h = 0;
-  MQ_RETURN_IF_ERROR(read_back(&h, p, sizeof(h), stream, "x value readback"));
-  *v = x_type == kHessianInputBf16 ? api_detail::bf16_to_float(h) : api_detail::half_to_float(h);
+  const int64_t bytes = static_cast<int64_t>(element_size(x_type));
+  unsigned char raw[sizeof(float)] = {};
+  MQ_RETURN_IF_ERROR(read_back(raw, static_cast<const char*>(x) + (i * ldx + j) * bytes, static_cast<size_t>(bytes),
+                               stream, "x value readback"));
+  *v = api_detail::element_to_float(x_type, raw);
   return {};
 }
 }  // namespace
 
-Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, int64_t dim, int64_t ldx,
+Status cuda_accumulate_hessian(const void* x, ElementType x_type, int64_t n, int64_t dim, int64_t ldx,
                                const int32_t* expert_ids, const float* weights, int64_t num_experts, float* H,
                                int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
                                cublasHandle_t handle, cudaStream_t stream, int precision, bool symmetrize) {
   // The CPU's checks and messages first (accumulate_hessian / validate_hessian_inputs), then the CUDA limits.
-  if (x_type != kHessianInputF32 && x_type != kHessianInputBf16 && x_type != kHessianInputF16)
+  if (x_type != ElementType::kF32 && x_type != ElementType::kBf16 && x_type != ElementType::kF16)
     return Status::invalid("x_type: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}",
                            static_cast<int>(x_type));
   if (precision != kHessianFp32 && precision != kHessianTf32 && precision != kHessianBf16)

@@ -210,14 +210,22 @@ inline cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
 
 inline const char* nan_or_inf(float v) { return std::isnan(v) ? "NaN" : "Inf"; }
 
-/// bfloat16 / IEEE half bit patterns widened to float (host side, for error messages).
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline float half_to_float(uint16_t h) {
+/// The element of type t (float32, bfloat16 or IEEE half) at the host copy `bytes`, widened exactly to float (host
+/// side, for error messages; the kernels widen with element_type.cuh).
+inline float element_to_float(ElementType t, const void* bytes) {
+  if (t == ElementType::kF32) {
+    float f;
+    std::memcpy(&f, bytes, sizeof(f));
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, bytes, sizeof(h));
+  if (t == ElementType::kBf16) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
   const int exp = (h >> 10) & 0x1f, man = h & 0x3ff;
   const float sign = (h & 0x8000) ? -1.0f : 1.0f;
   if (exp == 0x1f) return man ? std::numeric_limits<float>::quiet_NaN() : sign * std::numeric_limits<float>::infinity();

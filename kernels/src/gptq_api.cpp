@@ -269,13 +269,14 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
   return {};
 }
 
-Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, int dtype, cudaStream_t stream) {
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream) {
   int m = 0;
   int64_t pw = 0;
   if (!hadamard_tables::decompose(n, &m, &pw))
     return Status::invalid("x: expected a last dimension of {}, got {}", hadamard_supported_text(), n);
   if (rows < 0) return Status::invalid("rows: expected >= 0, got {}", rows);
-  if (dtype < 0 || dtype > 2) return Status::invalid("dtype: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}", dtype);
+  if (dtype != ElementType::kF32 && dtype != ElementType::kBf16 && dtype != ElementType::kF16)
+    return Status::invalid("dtype: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}", static_cast<int>(dtype));
   if (rows == 0) return {};
   if (rows > std::numeric_limits<int32_t>::max())
     return Status::invalid("rows: expected at most {} rows per call on CUDA, got {}", std::numeric_limits<int32_t>::max(),

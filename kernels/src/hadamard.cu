@@ -102,7 +102,7 @@ __device__ __forceinline__ void load32(const T* src, float (&v)[kE]) {
     const uint4 raw = __ldg(s4 + q);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) v[q * kPer + i] = to_f32<T>(e[i]);
+    for (int i = 0; i < kPer; ++i) v[q * kPer + i] = to_f32(e[i]);
   }
 }
 
@@ -110,7 +110,7 @@ __device__ __forceinline__ void load32(const T* src, float (&v)[kE]) {
 template <typename T>
 __device__ __forceinline__ void load32_scalar(const T* src, float (&v)[kE]) {
 #pragma unroll
-  for (int i = 0; i < kE; ++i) v[i] = to_f32<T>(src[i]);
+  for (int i = 0; i < kE; ++i) v[i] = to_f32(src[i]);
 }
 
 template <int M, int K, bool P, int... Q>
@@ -285,13 +285,13 @@ cudaError_t launch_typed(const void* xv, void* outv, int64_t rows, int n, int m,
 
 }  // namespace
 
-cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, int dtype,
+cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, ElementType dtype,
                             cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int ni = static_cast<int>(n);
-  if (dtype == 1) return launch_typed<__nv_bfloat16>(x, out, rows, ni, m, logp, stream);
-  if (dtype == 2) return launch_typed<__half>(x, out, rows, ni, m, logp, stream);
-  return launch_typed<float>(x, out, rows, ni, m, logp, stream);
+  return dispatch_element(dtype, [&](auto tag) {
+    return launch_typed<typename decltype(tag)::type>(x, out, rows, ni, m, logp, stream);
+  });
 }
 
 }  // namespace cuda_detail

@@ -1,11 +1,12 @@
-// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: dtype conversions and the m x m mix with
-// compile-time signs (see the top of hadamard.cu). Included by hadamard.cu (through hadamard_small.cuh) only.
+// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: the m x m mix with compile-time signs (see the
+// top of hadamard.cu); the dtype conversions (to_f32 / from_f32) come from element_type.cuh. Included by hadamard.cu
+// (through hadamard_small.cuh) only.
 #pragma once
 
 #include <moequant/hadamard_tables.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "element_type.cuh"
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -15,24 +16,6 @@ namespace moequant {
 inline namespace v0 {
 namespace cuda_detail {
 namespace {
-
-template <typename T>
-__device__ inline float to_f32(T v);
-template <>
-__device__ inline float to_f32<float>(float v) { return v; }
-template <>
-__device__ inline float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ inline float to_f32<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ inline T from_f32(float v);
-template <>
-__device__ inline float from_f32<float>(float v) { return v; }
-template <>
-__device__ inline __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ inline __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // Sign of H_M(a, c) as a compile-time constant (true: -1).
 template <int M>

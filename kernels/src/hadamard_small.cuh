@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(512) hadamard_kernel(const T* __restrict__ x, 
   const int rows_here = static_cast<int>(rows - row0 < rpc ? rows - row0 : rpc);
   const int total = rows_here * n;
   const T* src = x + row0 * n;
-  for (int i = threadIdx.x; i < total; i += blockDim.x) sm[i] = to_f32<T>(src[i]);
+  for (int i = threadIdx.x; i < total; i += blockDim.x) sm[i] = to_f32(src[i]);
   __syncthreads();
   for (int s = 0; s < logp; s += 3) {
     const int nb = logp - s < 3 ? logp - s : 3;

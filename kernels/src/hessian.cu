@@ -21,6 +21,7 @@
 //   cuda_hessian_symmetrize); stats_kernel adds counts / mass.
 // The float operations of the gather (sqrtf, one __fmul_rn) are those of the CPU accumulate_hessian, so the
 // fp32 rows are bit-identical to the CPU's; only the summation order differs.
+#include "element_type.cuh"
 #include "hessian_launch.h"
 
 #include <cuda_runtime.h>
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(256) gather_kernel(const InT* __restrict__ x, 
     const InT* src = x + row * ldx;
     float* dst = gathered + p * dim;
     for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-      const float v = load_x(src + j);
+      const float v = load_f32(src + j);
       if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
       dst[j] = __fmul_rn(s, v);
     }
@@ -266,7 +267,7 @@ inline unsigned capped_blocks(int64_t work, int64_t per_block, int64_t cap) {
 
 }  // namespace
 
-cudaError_t launch_hessian_prepare(const void* x, int x_type, int64_t n, int64_t dim, int64_t ldx,
+cudaError_t launch_hessian_prepare(const void* x, ElementType x_type, int64_t n, int64_t dim, int64_t ldx,
                                    const int32_t* expert_ids, const float* weights, int64_t num_experts,
                                    void* workspace, const HessianLayout& layout, cudaStream_t stream) {
   const HessianWorkspace ws = carve_hessian(workspace, layout);
@@ -294,9 +295,11 @@ cudaError_t launch_hessian_prepare(const void* x, int x_type, int64_t n, int64_t
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (layout.precision != 0) return cudaSuccess;  // the tensor-core gather follows the host's padding plan
   // n bounds the number of routed rows (the exact count is only on the device).
-  dispatch_x(x, x_type, [&](auto* xt) {
-    gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(
-        xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, static_cast<float*>(ws.rows), ws.flags);
+  dispatch_element(x_type, [&](auto tag) {
+    using InT = typename decltype(tag)::type;
+    gather_kernel<<<capped_blocks(n, 1, kMaxBlocks), 256, 0, stream>>>(static_cast<const InT*>(x), dim, ldx, weights,
+                                                                       ws.perm, num_experts, ws.offsets,
+                                                                       static_cast<float*>(ws.rows), ws.flags);
   });
   return cudaGetLastError();
 }

@@ -2,33 +2,35 @@
 // pipeline): after the host planned the padded groups and uploaded poffsets, write sqrt(c) * x of every routed row
 // once, directly in the GEMM input type and layout, zero-padded to the expert's group length, validating x.
 // x is fp32, bf16 or fp16 (widened exactly to fp32 on load, so the rows do not depend on x's type for equal values).
+#include "element_type.cuh"
 #include "hessian_launch.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 namespace moequant {
 inline namespace v0 {
 namespace cuda_detail {
 namespace {
 
-__device__ inline void store1(float* p, float v) { *p = v; }
-__device__ inline void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ inline void store4(__nv_bfloat16* p, float4 v) {
-  __nv_bfloat162 o[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
-  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(o);
+// The expert of padded row q: the last e with poffsets[e] <= q, so poffsets[e] <= q < poffsets[e + 1] (binary
+// search; empty experts have poffsets[e] == poffsets[e + 1] and are skipped by it). q < poffsets[num_experts].
+__device__ __forceinline__ int64_t expert_of_padded_row(const int32_t* poffsets, int64_t num_experts, int64_t q) {
+  int64_t lo = 0, hi = num_experts;  // poffsets[lo] <= q < poffsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (poffsets[mid] <= q) lo = mid; else hi = mid;
+  }
+  return lo;
 }
 
-// Pass 5, sample-major variant (bf16): one block per padded row q (grid-stride) of the [row_capacity, ld] row
-// matrix. Its expert is the last e with poffsets[e] <= q (binary search; empty experts have poffsets[e] ==
-// poffsets[e + 1] and are skipped by it); row r = q - poffsets[e] is sqrt(c) * x[perm[offsets[e] + r]] (one fp32
-// __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. kVec (fp32 x only):
-// float4 loads (dim, ldx multiples of 4, x 16-byte aligned); the rows are 16-byte aligned (ld a multiple of 8).
-template <typename InT, typename OutT, bool kVec>
+// Pass 5, sample-major variant (bf16), scalar: one block per padded row q (grid-stride) of the [row_capacity, ld]
+// row matrix, expert e = expert_of_padded_row(q); row r = q - poffsets[e] is sqrt(c) * x[perm[offsets[e] + r]] (one
+// fp32 __fmul_rn, the fp32 path's value) rounded once to OutT, or zeros past the expert's count. Takes the inputs
+// gather_rows8_kernel cannot (dim not a multiple of 8, or x / ldx not 16-byte aligned).
+template <typename InT, typename OutT>
 __global__ void __launch_bounds__(256) gather_rows_kernel(const InT* __restrict__ x, int64_t dim, int64_t ldx,
                                                           const float* __restrict__ weights,
                                                           const int32_t* __restrict__ perm, int64_t num_experts,
@@ -38,42 +40,28 @@ __global__ void __launch_bounds__(256) gather_rows_kernel(const InT* __restrict_
                                                           unsigned long long* __restrict__ flags) {
   const int64_t total = poffsets[num_experts];
   for (int64_t q = blockIdx.x; q < total; q += gridDim.x) {
-    int64_t lo = 0, hi = num_experts;  // poffsets[lo] <= q < poffsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (poffsets[mid] <= q) lo = mid; else hi = mid;
-    }
-    const int64_t r = q - poffsets[lo];
+    const int64_t e = expert_of_padded_row(poffsets, num_experts, q);
+    const int64_t r = q - poffsets[e];
     OutT* dst = rows + q * ld;
-    if (r >= offsets[lo + 1] - offsets[lo]) {  // padding: zero rows
-      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store1(dst + j, 0.0f);
+    if (r >= offsets[e + 1] - offsets[e]) {  // padding: zero rows
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) store_f32(dst + j, 0.0f);
       continue;
     }
-    const int64_t row = perm[offsets[lo] + r];
+    const int64_t row = perm[offsets[e] + r];
     const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
     const InT* src = x + row * ldx;
-    if constexpr (kVec) {
-      for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < dim; j += 4 * static_cast<int64_t>(blockDim.x)) {
-        const float4 v = __ldg(reinterpret_cast<const float4*>(src + j));
-        if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
-          const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
-          atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j + k));
-        }
-        store4(dst + j, make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w)));
-      }
-    } else {
-      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float v = load_x(src + j);
-        if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
-        store1(dst + j, __fmul_rn(s, v));
-      }
+    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+      const float v = load_f32(src + j);
+      if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + j));
+      store_f32(dst + j, __fmul_rn(s, v));
     }
   }
 }
 
 // Pass 5, sample-major bf16 with 16-byte stores (dim a multiple of 8, ldx a multiple of 16 bytes / sizeof(InT), x
-// 16-byte aligned): the same values as gather_rows_kernel, 8 features per thread and step (fp32 x: two float4
-// loads; 16-bit x: one 16-byte load; then one uint4 store of 8 bf16), two steps' loads issued before their stores.
+// 16-byte aligned): the same values as gather_rows_kernel, 8 features per thread and step (load8_f32: fp32 x two
+// float4 loads, 16-bit x one 16-byte load; then one uint4 store of 8 bf16), two steps' loads issued before their
+// stores.
 __device__ inline uint4 pack8(float4 a, float4 b) {
   __nv_bfloat162 o[4] = {__floats2bfloat162_rn(a.x, a.y), __floats2bfloat162_rn(a.z, a.w),
                          __floats2bfloat162_rn(b.x, b.y), __floats2bfloat162_rn(b.z, b.w)};
@@ -82,26 +70,6 @@ __device__ inline uint4 pack8(float4 a, float4 b) {
 __device__ inline float4 scale4(float s, float4 v) {
   return make_float4(__fmul_rn(s, v.x), __fmul_rn(s, v.y), __fmul_rn(s, v.z), __fmul_rn(s, v.w));
 }
-__device__ inline void load8(const float* p, float4& a, float4& b) {
-  a = __ldg(reinterpret_cast<const float4*>(p));
-  b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-}
-template <typename H2>
-__device__ inline float2 widen2(unsigned u) {
-  H2 h;
-  memcpy(&h, &u, sizeof(u));
-  if constexpr (std::is_same<H2, __nv_bfloat162>::value) return __bfloat1622float2(h);
-  else return __half22float2(h);
-}
-template <typename H2>
-__device__ inline void load8_16(const void* p, float4& a, float4& b) {
-  const uint4 u = __ldg(static_cast<const uint4*>(p));
-  const float2 f0 = widen2<H2>(u.x), f1 = widen2<H2>(u.y), f2 = widen2<H2>(u.z), f3 = widen2<H2>(u.w);
-  a = make_float4(f0.x, f0.y, f1.x, f1.y);
-  b = make_float4(f2.x, f2.y, f3.x, f3.y);
-}
-__device__ inline void load8(const __nv_bfloat16* p, float4& a, float4& b) { load8_16<__nv_bfloat162>(p, a, b); }
-__device__ inline void load8(const __half* p, float4& a, float4& b) { load8_16<__half2>(p, a, b); }
 __device__ inline void check4(float4 v, int64_t at, unsigned long long* flags) {
   if (!(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
     const int k = !isfinite(v.x) ? 0 : !isfinite(v.y) ? 1 : !isfinite(v.z) ? 2 : 3;
@@ -119,25 +87,21 @@ __global__ void __launch_bounds__(256) gather_rows8_kernel(const InT* __restrict
   const int64_t total = poffsets[num_experts];
   const int64_t chunks = dim / 8, step = blockDim.x;
   for (int64_t q = blockIdx.x; q < total; q += gridDim.x) {
-    int64_t lo = 0, hi = num_experts;  // poffsets[lo] <= q < poffsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (poffsets[mid] <= q) lo = mid; else hi = mid;
-    }
-    const int64_t r = q - poffsets[lo];
+    const int64_t e = expert_of_padded_row(poffsets, num_experts, q);
+    const int64_t r = q - poffsets[e];
     uint4* dst = reinterpret_cast<uint4*>(rows + q * ld);
-    if (r >= offsets[lo + 1] - offsets[lo]) {  // padding: zero rows
+    if (r >= offsets[e + 1] - offsets[e]) {  // padding: zero rows
       for (int64_t c = threadIdx.x; c < chunks; c += step) dst[c] = make_uint4(0u, 0u, 0u, 0u);
       continue;
     }
-    const int64_t row = perm[offsets[lo] + r];
+    const int64_t row = perm[offsets[e] + r];
     const float s = weights ? sqrtf(__ldg(weights + row)) : 1.0f;
     const InT* src = x + row * ldx;
     for (int64_t c = threadIdx.x; c < chunks; c += 2 * step) {
       const int64_t c2 = c + step;
       float4 a, b, a2 = make_float4(0.f, 0.f, 0.f, 0.f), b2 = a2;
-      load8(src + 8 * c, a, b);
-      if (c2 < chunks) load8(src + 8 * c2, a2, b2);
+      load8_f32(src + 8 * c, a, b);
+      if (c2 < chunks) load8_f32(src + 8 * c2, a2, b2);
       check4(a, row * dim + 8 * c, flags);
       check4(b, row * dim + 8 * c + 4, flags);
       dst[c] = pack8(scale4(s, a), scale4(s, b));
@@ -175,16 +139,12 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
   const int64_t col_tiles = (dim + kGatherCols - 1) / kGatherCols;
   for (int64_t t = blockIdx.x; t < row_tiles * col_tiles; t += gridDim.x) {
     const int64_t q0 = (t / col_tiles) * kGatherRows, f0 = (t % col_tiles) * kGatherCols;
-    int64_t lo = 0, hi = num_experts;  // the expert: poffsets[lo] <= q0 < poffsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (poffsets[mid] <= q0) lo = mid; else hi = mid;
-    }
-    const int64_t seg = poffsets[lo], K = poffsets[lo + 1] - seg, r0 = q0 - seg;
-    const int64_t count = offsets[lo + 1] - offsets[lo];
+    const int64_t e = expert_of_padded_row(poffsets, num_experts, q0);
+    const int64_t seg = poffsets[e], K = poffsets[e + 1] - seg, r0 = q0 - seg;
+    const int64_t count = offsets[e + 1] - offsets[e];
     if (tid < kGatherRows) {
       const int64_t r = r0 + tid;
-      const int64_t row = r < count ? static_cast<int64_t>(perm[offsets[lo] + r]) : -1;
+      const int64_t row = r < count ? static_cast<int64_t>(perm[offsets[e] + r]) : -1;
       src[tid] = row;
       scale[tid] = row >= 0 && weights ? sqrtf(__ldg(weights + row)) : 1.0f;  // IEEE sqrt, as the fp32 path
     }
@@ -194,7 +154,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
       const int64_t row = src[k];
       float v = 0.0f;
       if (row >= 0 && f < dim) {
-        v = load_x(x + row * ldx + f);
+        v = load_f32(x + row * ldx + f);
         if (!isfinite(v)) atomicMin(flags + 2, static_cast<unsigned long long>(row * dim + f));
         v = __fmul_rn(scale[k], v);
       }
@@ -204,7 +164,7 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
     OutT* out = rows + seg * dim + r0;
     for (int k = sy; k < kGatherCols; k += kStoreSteps) {
       const int64_t ff = f0 + k;
-      if (ff < dim) store1(out + ff * K + sx, tile[sx][k]);
+      if (ff < dim) store_f32(out + ff * K + sx, tile[sx][k]);
     }
     __syncthreads();  // tile, src and scale are rewritten by the next iteration
   }
@@ -212,36 +172,34 @@ __global__ void __launch_bounds__(kGatherThreads) gather_tc_kernel(
 
 }  // namespace
 
-cudaError_t launch_hessian_gather_tc(const void* x, int x_type, int64_t dim, int64_t ldx, const float* weights,
+cudaError_t launch_hessian_gather_tc(const void* x, ElementType x_type, int64_t dim, int64_t ldx, const float* weights,
                                      int64_t num_experts, void* workspace, const HessianLayout& layout,
                                      cudaStream_t stream) {
   const HessianWorkspace ws = carve_hessian(workspace, layout);
   if (layout.feature_major) {  // tf32
     const int64_t tiles = layout.row_capacity / kGatherRows * ((dim + kGatherCols - 1) / kGatherCols);
-    dispatch_x(x, x_type, [&](auto* xt) {
+    dispatch_element(x_type, [&](auto tag) {
+      using InT = typename decltype(tag)::type;
       gather_tc_kernel<<<grid_for(tiles, 1), kGatherThreads, 0, stream>>>(
-          xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, static_cast<float*>(ws.rows),
-          ws.flags);
+          static_cast<const InT*>(x), dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets,
+          static_cast<float*>(ws.rows), ws.flags);
     });
     return cudaGetLastError();
   }
-  // 16-byte loads: dim a multiple of 8 (rows8) or 4 (fp32 float4), every row start 16-byte aligned.
-  const int64_t eb = input_bytes(x_type);
-  const bool aligned = (ldx * eb) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  // bf16: 16-byte loads and stores when dim is a multiple of 8 and every row start of x is 16-byte aligned, else
+  // the scalar kernel.
+  const bool vec8 = dim % 8 == 0 && (ldx * static_cast<int64_t>(element_size(x_type))) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(x) % 16 == 0;
   const unsigned grid = grid_for(layout.row_capacity, 1);
-  const int threads = dim >= 1024 ? 256 : 128;
   auto* out = static_cast<__nv_bfloat16*>(ws.rows);
-  dispatch_x(x, x_type, [&](auto* xt) {
-    using InT = std::remove_const_t<std::remove_pointer_t<decltype(xt)>>;
-    if (aligned && dim % 8 == 0) {
-      const int threads8 = dim >= 2048 ? 256 : 128;
-      gather_rows8_kernel<InT><<<grid, threads8, 0, stream>>>(xt, dim, ldx, weights, ws.perm, num_experts,
-                                                              ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
-    } else if (std::is_same<InT, float>::value && aligned && dim % 4 == 0) {
-      gather_rows_kernel<InT, __nv_bfloat16, std::is_same<InT, float>::value><<<grid, threads, 0, stream>>>(
+  dispatch_element(x_type, [&](auto tag) {
+    using InT = typename decltype(tag)::type;
+    const InT* xt = static_cast<const InT*>(x);
+    if (vec8) {
+      gather_rows8_kernel<InT><<<grid, dim >= 2048 ? 256 : 128, 0, stream>>>(
           xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
     } else {
-      gather_rows_kernel<InT, __nv_bfloat16, false><<<grid, threads, 0, stream>>>(
+      gather_rows_kernel<InT, __nv_bfloat16><<<grid, dim >= 1024 ? 256 : 128, 0, stream>>>(
           xt, dim, ldx, weights, ws.perm, num_experts, ws.offsets, ws.poffsets, out, layout.ld, ws.flags);
     }
   });

@@ -4,6 +4,8 @@
 // Like launch.h, free of fmt / status.h so that nvcc never parses fmt; the launchers return cudaError_t.
 #pragma once
 
+#include <moequant/cuda/element_type.h>
+
 #include <cuda_runtime_api.h>
 
 #include "launch.h"  // align256, kNoBadIndex
@@ -14,11 +16,6 @@
 namespace moequant {
 inline namespace v0 {
 namespace cuda_detail {
-
-/// Element type of x (the values of kernels.h's HessianInput): 32-bit float, bfloat16, or IEEE half. 16-bit inputs
-/// are widened exactly to fp32 on load, so every path computes exactly what it computes for x converted to fp32.
-constexpr int kInputF32 = 0, kInputBf16 = 1, kInputF16 = 2;
-inline int64_t input_bytes(int x_type) { return x_type == kInputF32 ? 4 : 2; }
 
 /// Rows per chunk of the stable counting sort: one warp ranks one chunk, 32 rows at a time.
 constexpr int64_t kSortChunkRows = 1024;
@@ -140,8 +137,9 @@ inline HessianWorkspace carve_hessian(void* base, const HessianLayout& l) {
 /// Stage 1 (never touches H/counts/mass): resets the flags, validates ids and weights, stable counting sort of
 /// the rows by expert; fp32 (layout.precision 0) also writes sqrt(c) * x into `rows` and validates x. Afterwards
 /// the host reads back flags + offsets (readback_bytes from the workspace start).
-/// x: [n, ldx] elements of type x_type (kInputF32 / kInputBf16 / kInputF16).
-cudaError_t launch_hessian_prepare(const void* x, int x_type, int64_t n, int64_t dim, int64_t ldx,
+/// x: [n, ldx] elements of type x_type, widened exactly to fp32 on load (element_type.cuh), so every path computes
+/// exactly what it computes for x converted to fp32.
+cudaError_t launch_hessian_prepare(const void* x, ElementType x_type, int64_t n, int64_t dim, int64_t ldx,
                                    const int32_t* expert_ids, const float* weights, int64_t num_experts,
                                    void* workspace, const HessianLayout& layout, cudaStream_t stream);
 
@@ -149,35 +147,9 @@ cudaError_t launch_hessian_prepare(const void* x, int x_type, int64_t n, int64_t
 /// poffsets[e + 1] - poffsets[e] >= the expert's rows, multiples of kTcPadRows, poffsets[E] <= row_capacity): writes
 /// sqrt(c) * x of expert e's r-th sorted row in the layout of `rows` above (tf32: fp32, feature-major; bf16: rounded
 /// to nearest even from the fp32 product, sample-major), zeros up to its group length, and validates x (flag 2).
-cudaError_t launch_hessian_gather_tc(const void* x, int x_type, int64_t dim, int64_t ldx, const float* weights,
+cudaError_t launch_hessian_gather_tc(const void* x, ElementType x_type, int64_t dim, int64_t ldx, const float* weights,
                                      int64_t num_experts, void* workspace, const HessianLayout& layout,
                                      cudaStream_t stream);
-
-/// Device loads of x widened to fp32 (hessian.cu, hessian_gather_tc.cu; nvcc only).
-#ifdef __CUDACC__
-}  // namespace cuda_detail
-}  // namespace v0
-}  // namespace moequant
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-namespace moequant {
-inline namespace v0 {
-namespace cuda_detail {
-__device__ inline float load_x(const float* p) { return __ldg(p); }
-__device__ inline float load_x(const __nv_bfloat16* p) {
-  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
-}
-__device__ inline float load_x(const __half* p) {
-  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
-}
-/// Calls f(static_cast<const T*>(x)) with T the element type of x_type.
-template <typename F>
-inline auto dispatch_x(const void* x, int x_type, F&& f) {
-  if (x_type == kInputBf16) return f(static_cast<const __nv_bfloat16*>(x));
-  if (x_type == kInputF16) return f(static_cast<const __half*>(x));
-  return f(static_cast<const float*>(x));
-}
-#endif
 
 /// Copies the triangle the updates write (row-major upper: element (a, b), b >= a, at a * dim + b) onto the
 /// row-major strict lower triangle of every expert whose offsets say it received rows (offsets = null: of every

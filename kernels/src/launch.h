@@ -5,6 +5,8 @@
 // stream-ordered memset); api.cpp turns that into Status::cuda naming the operation.
 #pragma once
 
+#include <moequant/cuda/element_type.h>
+
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -62,8 +64,8 @@ inline size_t align256(size_t v) { return (v + 255) & ~static_cast<size_t>(255);
 
 // ---- hadamard.cu ----------------------------------------------------------------------------------------------
 /// out [rows, n] = x (H_m (x) H_{2^logp}) / sqrt(n), n = m << logp <= 32768 (validated by the caller).
-/// dtype: 0 float32, 1 bfloat16, 2 float16 (x and out have the same dtype; they may alias).
-cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, int dtype,
+/// x and out have the same dtype (validated by the caller); they may alias.
+cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, ElementType dtype,
                             cudaStream_t stream);
 
 // ---- gptq_batched.cu (driven by gptq_api.cpp) -------------------------------------------------------------------

@@ -14,6 +14,7 @@
 //   * results are bit-identical to the CPU core (quant.h, pack.h) except where noted.
 #pragma once
 
+#include <moequant/cuda/element_type.h>  // ElementType, element_size
 #include <moequant/gptq.h>
 #include <moequant/quant.h>
 #include <moequant/status.h>
@@ -140,15 +141,12 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
                                void* workspace, size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
                                int precision, bool symmetrize);
 
-/// Element type of x for the overload below.
-enum HessianInput : int { kHessianInputF32 = 0, kHessianInputBf16 = 1, kHessianInputF16 = 2 };
-
-/// The same with x of type x_type: float32, bfloat16 or float16 (IEEE half), each element widened exactly to fp32
-/// on load, so the result (and every error) equals that of the float32 call on x converted to float32: a layer
-/// running in bf16 hands its activations over as they are, and the row pass moves 2 instead of 4 bytes per element
-/// of x. The 16-byte vector loads need ldx * sizeof(element) a multiple of 16, x 16-byte aligned and dim a multiple
-/// of 8 (else a scalar path). Any other x_type is kInvalidArgument naming `x_type`.
-Status cuda_accumulate_hessian(const void* x, HessianInput x_type, int64_t n, int64_t dim, int64_t ldx,
+/// The same with x of ElementType x_type (element_type.h): float32, bfloat16 or float16 (IEEE half), each element
+/// widened exactly to fp32 on load, so the result (and every error) equals that of the float32 call on x converted to
+/// float32: a layer running in bf16 hands its activations over as they are, and the row pass moves 2 instead of 4
+/// bytes per element of x. The 16-byte vector loads need ldx * element_size(x_type) a multiple of 16, x 16-byte
+/// aligned and dim a multiple of 8 (else a scalar path). Any other x_type value is kInvalidArgument naming `x_type`.
+Status cuda_accumulate_hessian(const void* x, ElementType x_type, int64_t n, int64_t dim, int64_t ldx,
                                const int32_t* expert_ids, const float* weights, int64_t num_experts, float* H,
                                int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
                                cublasHandle_t handle, cudaStream_t stream, int precision, bool symmetrize);
@@ -186,10 +184,11 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t num_experts, int64_t 
                          cublasHandle_t handle, cudaStream_t stream);
 
 /// Orthonormal Hadamard transform of `rows` contiguous rows of length n (hadamard.h's contract:
-/// out = x (H_m (x) H_{2^k}) / sqrt(n), n = m 2^k <= 32768, m in {1, 12, 20, 28, 40}); dtype 0 float32, 1 bfloat16,
-/// 2 float16 for both x and out (computed in fp32, rounded once to the dtype). x and out may be the same buffer.
-/// Matches hadamard_transform to fp32 rounding (different butterfly order). Asynchronous.
-Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, int dtype, cudaStream_t stream);
+/// out = x (H_m (x) H_{2^k}) / sqrt(n), n = m 2^k <= 32768, m in {1, 12, 20, 28, 40}); dtype (element_type.h:
+/// float32, bfloat16 or float16) for both x and out (computed in fp32, rounded once to the dtype); any other dtype
+/// value is kInvalidArgument naming `dtype`. x and out may be the same buffer. Matches hadamard_transform to fp32
+/// rounding (different butterfly order). Asynchronous.
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream);
 
 }  // namespace v0
 }  // namespace moequant
