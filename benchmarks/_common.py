@@ -103,6 +103,10 @@ def timeline_report(fn, title: str, min_gap_us: float = 5.0, top: int = 12) -> N
           f"launch of the first GPU work {(gpu[0]['ts'] - t0) / 1e3:.3f} ms after the call began")
     for g in sorted(gaps, reverse=True)[:top]:
         print(f"  gap {g[0]:8.1f} us  after {g[1]}  before {g[2]}  host in: {g[3]}")
+    host = sorted((e for e in events if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver")
+                   and t0 <= e["ts"] <= gpu[0]["ts"] and e.get("name") != "timeline_call"), key=lambda e: e["ts"])
+    print("  host before the first GPU work (start offset, duration, event): " + "; ".join(
+        f"+{(e['ts'] - t0) / 1e3:.3f} {e['dur'] / 1e3:.3f} {e['name'][:40]}" for e in host[:30]))
     totals: dict[str, list[float]] = {}
     for a in api:
         t = totals.setdefault(a["name"], [0.0, 0])

@@ -12,6 +12,10 @@ Columns per (model, x dtype, precision):
   add ms / TFLOP/s / % peak   HessianAccumulator.add on an accumulator that already holds data: validation, sort,
                               the scaled-row pass (bf16: written as bf16), the update; the mirror is deferred to
                               the next read of `hessians` (the steady state of calibration: many adds, one read)
+  b2b ms / % peak             per add of 4 back-to-back adds between one pair of events: an add returns once the
+                              GEMMs are queued, so the host's work before the next add's first launch overlaps
+                              the previous add's GEMMs, as in a calibration loop (the single-call "add ms" includes
+                              that host time; each add still waits for its own two readbacks)
   +read ms / % peak           add followed by reading `hessians` (the mirror pass over all E * d^2 entries): the
                               cost of a single batch used at once
   torch ms / ratio            index_select + per-expert H[e] += xe^T xe in the same precision (fp32 with TF32 off,
@@ -103,6 +107,7 @@ def speed_table(quick: bool) -> None:
             x = xs[xd]
             acc = ops.HessianAccumulator(E, d, device="cuda", precision=p)
             t_add = cuda_time_ms(lambda: acc.add(x, ids), repeats=3, warmup=1)
+            t_b2b = cuda_time_ms(lambda: [acc.add(x, ids) for _ in range(4)], repeats=3, warmup=1) / 4
 
             def add_and_read():
                 acc.add(x, ids)
@@ -118,17 +123,18 @@ def speed_table(quick: bool) -> None:
             torch.backends.cuda.matmul.allow_tf32 = prev
             del H
             torch.cuda.empty_cache()
-            tf_add, tf_read, tf_torch = (flops / (t * 1e-3) / 1e12 for t in (t_add, t_read, t_torch))
+            tf_add, tf_b2b, tf_read, tf_torch = (flops / (t * 1e-3) / 1e12 for t in (t_add, t_b2b, t_read, t_torch))
             rows.append([model, d, E, n, xd, p, f"{t_add:.2f}", f"{tf_add:.1f}",
                          f"{100 * tf_add / PEAK_TFLOPS[p]:.0f}%",
-                         f"{100 * tf_add / gemm[p]:.0f}%", f"{t_read:.2f}", f"{100 * tf_read / PEAK_TFLOPS[p]:.0f}%",
+                         f"{100 * tf_add / gemm[p]:.0f}%", f"{t_b2b:.2f}", f"{100 * tf_b2b / PEAK_TFLOPS[p]:.0f}%",
+                         f"{t_read:.2f}", f"{100 * tf_read / PEAK_TFLOPS[p]:.0f}%",
                          f"{t_torch:.2f}", f"{tf_torch:.1f}", f"{t_torch / t_add:.2f}x"])
             print("  done", rows[-1], flush=True)
         del x, x32, xs, ids, order
         torch.cuda.empty_cache()
     print("measured 8192^3 GEMM TFLOP/s: " + ", ".join(f"{p} {v:.1f}" for p, v in gemm.items()))
     print_table("routed Hessian (65,536 tokens' rows per expert)",
-                ["model", "dim", "E", "rows", "x", "precision", "add ms", "TFLOP/s", "% peak", "% GEMM", "+read ms",
+                ["model", "dim", "E", "rows", "x", "precision", "add ms", "TFLOP/s", "% peak", "% GEMM", "b2b ms", "b2b % peak", "+read ms",
                  "+read % peak", "torch ms", "torch TFLOP/s", "vs torch"], rows)
 
 
@@ -171,7 +177,16 @@ def loss_table(quick: bool) -> None:
 
 def profile_table(quick: bool) -> None:
     """Per-kernel CUDA time of one BF16 add per shape (torch.profiler): where the time goes."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile
+    host = []
+    for _ in range(50):
+        t = time.perf_counter()
+        torch.cuda.current_blas_handle()  # the binding fetches torch's cuBLAS handle before the first launch
+        host.append(time.perf_counter() - t)
+    print(f"host time of torch.cuda.current_blas_handle(): median {1e6 * sorted(host)[25]:.1f} us, "
+          f"max {1e6 * max(host):.1f} us (50 calls)")
     for model, E in CASES[:1] if quick else CASES:
         shp = SHAPES[model]
         d = shp.hidden
