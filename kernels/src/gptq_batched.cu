@@ -37,9 +37,6 @@ inline namespace v0 {
 namespace cuda_detail {
 namespace {
 
-constexpr unsigned kFull = 0xffffffffu;
-constexpr int kWarp = 32;
-
 // ---- quant.h arithmetic, operation for operation (quant_device.cuh, shared with quant_pack.cu) ------------------
 using QP = QParamsT<float>;  // zero point kept as float for the arithmetic
 
@@ -245,7 +242,7 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
                 for (int s3 = 0; s3 < kSlots; ++s3) {
                   for (int l3 = 0; l3 < kWarp; ++l3) {
                     if (kWarp * s3 + l3 >= jj) break;  // warp-uniform
-                    const float em = __shfl_sync(kFull, wv[i][s3], l3);
+                    const float em = __shfl_sync(kFullMask, wv[i][s3], l3);
                     if (valid) v = fmaf(-em, rt[c * C + i1 + kWarp * s3 + l3], v);
                   }
                 }
@@ -257,8 +254,8 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
             }
 #pragma unroll
             for (int off = 16; off > 0; off /= 2) {
-              lo = std_min(lo, __shfl_xor_sync(kFull, lo, off));
-              hi = std_max(hi, __shfl_xor_sync(kFull, hi, off));
+              lo = std_min(lo, __shfl_xor_sync(kFullMask, lo, off));
+              hi = std_max(hi, __shfl_xor_sync(kFullMask, hi, off));
             }
             cur[i] = qparams_from_range<float>(lo, hi, qs);
             if (lane == 0 && r < rows) {
@@ -273,11 +270,11 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
       const float ujj = sR[jj * LDR + jj];
 #pragma unroll
       for (int i = 0; i < RW; ++i) {
-        const float w = __shfl_sync(kFull, wv[i][s], l);
+        const float w = __shfl_sync(kFullMask, wv[i][s], l);
         QP p;
         if constexpr (ACT) {
-          p.scale = __shfl_sync(kFull, sc[i][s], l);
-          p.zero = __shfl_sync(kFull, zp[i][s], l);
+          p.scale = __shfl_sync(kFullMask, sc[i][s], l);
+          p.zero = __shfl_sync(kFullMask, zp[i][s], l);
         } else {
           p = cur[i];
         }

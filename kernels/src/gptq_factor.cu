@@ -14,6 +14,35 @@ namespace cuda_detail {
 namespace {
 
 // ---- factorisation ------------------------------------------------------------------------------------------------
+// Shared-memory helpers of the two diagonal-block kernels below. A block is bk x bk, column-major with ld LD =
+// bk + 1 in shared memory; tid / nt are the thread and block size, tx = tid % 32, ty = tid / 32, ny = nt / 32.
+
+// sA = the block of a at (k0, k0) (a column-major with ld C), sX = I.
+__device__ __forceinline__ void load_block_and_identity(const float* a, int64_t C, int64_t k0, int bk, int LD,
+                                                        float* sA, float* sX, int tid, int nt) {
+  for (int idx = tid; idx < bk * bk; idx += nt) {
+    const int j = idx / bk, i = idx - j * bk;
+    sA[j * LD + i] = a[(k0 + j) * C + k0 + i];
+    sX[j * LD + i] = i == j ? 1.0f : 0.0f;
+  }
+}
+
+// sX = L^-1 for the lower triangle L of sA (sX = I on entry) by column-oriented forward elimination: row p is final
+// once divided by L(p, p). Ends with a __syncthreads().
+__device__ __forceinline__ void invert_lower_block(const float* sA, float* sX, int bk, int LD, int tid, int nt,
+                                                   int tx, int ty, int ny) {
+  for (int p = 0; p < bk; ++p) {
+    const float dp = sA[p * LD + p];
+    for (int c = tid; c <= p; c += nt) sX[c * LD + p] /= dp;
+    __syncthreads();
+    for (int c = ty; c <= p; c += ny) {
+      const float xpc = sX[c * LD + p];
+      for (int i = p + 1 + tx; i < bk; i += 32) sX[c * LD + i] -= sA[p * LD + i] * xpc;
+    }
+    __syncthreads();
+  }
+}
+
 // A(i, j) at j * C + i (column-major) = Hp(C-1-i, C-1-j) = h0(perm[C-1-i], perm[C-1-j]) (h0 is symmetric, read as
 // h0[pj * C + pi] so that consecutive i read consecutive addresses without act-order).
 __global__ void __launch_bounds__(256) build_kernel(float* __restrict__ A, const float* __restrict__ h0, int64_t C,
@@ -45,11 +74,7 @@ __global__ void __launch_bounds__(256) chol_diag_kernel(float* __restrict__ A, i
   const int64_t e = e0 + blockIdx.x;
   float* a = A + e * C * C;
   const int tid = threadIdx.x, tx = tid & 31, ty = tid >> 5, nt = blockDim.x, ny = nt >> 5;
-  for (int idx = tid; idx < bk * bk; idx += nt) {
-    const int j = idx / bk, i = idx - j * bk;
-    sA[j * LD + i] = a[(k0 + j) * C + k0 + i];
-    sX[j * LD + i] = i == j ? 1.0f : 0.0f;
-  }
+  load_block_and_identity(a, C, k0, bk, LD, sA, sX, tid, nt);
   if (tid == 0) s_fail = 0;
   __syncthreads();
   for (int p = 0; p < bk; ++p) {
@@ -68,17 +93,7 @@ __global__ void __launch_bounds__(256) chol_diag_kernel(float* __restrict__ A, i
     }
     __syncthreads();
   }
-  // X = L^-1 by column-oriented forward elimination: row p is final once divided by L(p, p).
-  for (int p = 0; p < bk; ++p) {
-    const float dp = sA[p * LD + p];
-    for (int c = tid; c <= p; c += nt) sX[c * LD + p] /= dp;
-    __syncthreads();
-    for (int c = ty; c <= p; c += ny) {
-      const float xpc = sX[c * LD + p];
-      for (int i = p + 1 + tx; i < bk; i += 32) sX[c * LD + i] -= sA[p * LD + i] * xpc;
-    }
-    __syncthreads();
-  }
+  invert_lower_block(sA, sX, bk, LD, tid, nt, tx, ty, ny);  // X = L^-1
   const bool failed = s_fail != 0;
   float* di = dinv + e * kCholBlock * kCholBlock;
   for (int idx = tid; idx < bk * bk; idx += nt) {
@@ -113,22 +128,9 @@ __global__ void __launch_bounds__(256) diag_inverse_kernel(float* __restrict__ A
   float* sX = smem + bk * LD;
   float* a = A + e * C * C;
   const int tid = threadIdx.x, tx = tid & 31, ty = tid >> 5, nt = blockDim.x, ny = nt >> 5;
-  for (int idx = tid; idx < bk * bk; idx += nt) {
-    const int j = idx / bk, i = idx - j * bk;
-    sA[j * LD + i] = a[(k0 + j) * C + k0 + i];
-    sX[j * LD + i] = i == j ? 1.0f : 0.0f;
-  }
+  load_block_and_identity(a, C, k0, bk, LD, sA, sX, tid, nt);
   __syncthreads();
-  for (int p = 0; p < bk; ++p) {
-    const float dp = sA[p * LD + p];
-    for (int c = tid; c <= p; c += nt) sX[c * LD + p] /= dp;
-    __syncthreads();
-    for (int c = ty; c <= p; c += ny) {
-      const float xpc = sX[c * LD + p];
-      for (int i = p + 1 + tx; i < bk; i += 32) sX[c * LD + i] -= sA[p * LD + i] * xpc;
-    }
-    __syncthreads();
-  }
+  invert_lower_block(sA, sX, bk, LD, tid, nt, tx, ty, ny);
   for (int idx = tid; idx < bk * bk; idx += nt) {
     const int j = idx / bk, i = idx - j * bk;
     a[(k0 + j) * C + k0 + i] = i >= j ? sX[j * LD + i] : 0.0f;

@@ -33,9 +33,6 @@ inline namespace v0 {
 namespace cuda_detail {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarp = 32;
-
 // The expert of row i, or -1 when the row is past the end or its id is out of range (those rows are neither
 // counted nor scattered, so a bad id can never write out of bounds; the flag makes the host report it).
 __device__ inline int row_key(const int32_t* ids, int64_t i, int64_t n, int64_t num_experts) {

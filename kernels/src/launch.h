@@ -26,6 +26,10 @@ inline unsigned grid_for(int64_t work, int64_t per_block) {
   return static_cast<unsigned>(b);
 }
 
+/// Warp width and the full-warp mask of the __shfl_*_sync / __ballot_sync calls of the kernels.
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
 /// "No bad element seen": the initial value of the device-side error flags. The flags hold the smallest
 /// bad linear index (atomicMin), so the host reports the same first offender as the sequential CPU code.
 constexpr unsigned long long kNoBadIndex = ~0ull;

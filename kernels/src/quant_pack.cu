@@ -35,9 +35,6 @@ inline namespace v0 {
 namespace cuda_detail {
 namespace {
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarp = 32;
-
 // Exact, std_min / std_max, round_to_bf16 / round_to_fp16 / round_scale, scale_epsilon and qparams_from_range
 // live in quant_device.cuh (shared with gptq_batched.cu).
 
