@@ -77,21 +77,6 @@ constexpr int64_t smem_floats(int64_t elems) {
   return P ? elems + elems / 32 : elems;
 }
 
-// Butterflies over register-index bits [LO, LO + F) of v[0..32).
-template <int LO, int F>
-__device__ __forceinline__ void butterflies(float (&v)[kE]) {
-#pragma unroll
-  for (int h = LO; h < LO + F; ++h) {
-#pragma unroll
-    for (int r = 0; r < kE; ++r) {
-      if (r & (1 << h)) continue;
-      const float a = v[r], b = v[r | (1 << h)];
-      v[r] = a + b;
-      v[r | (1 << h)] = a - b;
-    }
-  }
-}
-
 // 32 contiguous elements (16-byte aligned) -> fp32 registers.
 template <typename T>
 __device__ __forceinline__ void load32(const T* src, float (&v)[kE]) {

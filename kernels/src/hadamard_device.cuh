@@ -1,4 +1,4 @@
-// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: the m x m mix with compile-time signs (see the
+// kernels/src/hadamard_device.cuh -- device helpers of hadamard.cu: the register butterflies, the m x m mix with compile-time signs (see the
 // top of hadamard.cu); the dtype conversions (to_f32 / from_f32) come from element_type.cuh. Included by hadamard.cu
 // (through hadamard_small.cuh) only.
 #pragma once
@@ -16,6 +16,23 @@ namespace moequant {
 inline namespace v0 {
 namespace cuda_detail {
 namespace {
+
+// In-register butterflies over register-index bits [LO, LO + F) of v[0..R): for each bit h, the pairs (r, r | 2^h)
+// with bit h of r clear become (a + b, a - b). Shared by the main kernel (R = 32) and the small one (R = 2^NB).
+template <int LO, int F, int R>
+__device__ __forceinline__ void butterflies(float (&v)[R]) {
+  static_assert(LO >= 0 && F >= 0 && (1 << (LO + F)) <= R, "the bits must index v");
+#pragma unroll
+  for (int h = LO; h < LO + F; ++h) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (r & (1 << h)) continue;
+      const float a = v[r], b = v[r | (1 << h)];
+      v[r] = a + b;
+      v[r | (1 << h)] = a - b;
+    }
+  }
+}
 
 // Sign of H_M(a, c) as a compile-time constant (true: -1).
 template <int M>

@@ -45,16 +45,7 @@ __device__ inline void butterfly_pass(float* sm, int total, int s) {
     float v[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) v[r] = sm[base + (r << s)];
-#pragma unroll
-    for (int h = 0; h < NB; ++h) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r & (1 << h)) continue;
-        const float a = v[r], b = v[r | (1 << h)];
-        v[r] = a + b;
-        v[r | (1 << h)] = a - b;
-      }
-    }
+    butterflies<0, NB>(v);
 #pragma unroll
     for (int r = 0; r < R; ++r) sm[base + (r << s)] = v[r];
   }
