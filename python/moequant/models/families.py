@@ -145,7 +145,8 @@ def detect_family(config) -> MoEFamily:
     if hasattr(config, "config") and not isinstance(config, str):
         config = config.config
     seen = []
-    for cfg in (config, text_config(config)):
+    text = text_config(config)
+    for cfg in (config,) if text is config else (config, text):
         mt = cfg if isinstance(cfg, str) else getattr(cfg, "model_type", None)
         if mt is None:
             continue
