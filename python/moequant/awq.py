@@ -48,20 +48,43 @@ def activation_absmean(x: torch.Tensor) -> torch.Tensor:
 _ABSMEAN_ROWS = 16384  # rows per fp32 temporary of weight_absmean
 
 
+def _row_chunks(w: torch.Tensor, size: int):
+    """Consecutive ``size``-row blocks of ``w.reshape(-1, C)``. Where that reshape would copy (a transposed
+    fused-expert view, gpt-oss), each block is cut from a slice of the leading (expert) dim instead, so the whole
+    tensor is never copied; the blocks are then contiguous, as the whole copy's rows were (same values)."""
+    c = w.shape[-1]
+    try:
+        flat = w.view(-1, c)
+    except RuntimeError:
+        flat = None
+    if flat is not None:
+        for r0 in range(0, flat.shape[0], size):
+            yield flat[r0:r0 + size]
+        return
+    w3 = w.flatten(0, -3)  # [lead, R, C]; a no-op for the 3-D expert tensors
+    per = w3.shape[1]
+    total = w3.shape[0] * per
+    for r0 in range(0, total, size):
+        r1 = min(r0 + size, total)
+        e0, e1 = r0 // per, (r1 - 1) // per + 1
+        yield w3[e0:e1].reshape(-1, c)[r0 - e0 * per:r1 - e0 * per].contiguous()
+
+
 def weight_absmean(weights: list, group_sizes: list) -> torch.Tensor:
     """AutoAWQ's ``w_mean``: every row of every matrix (``[..., rows, C]``) normalised by the max |w| of its
     quant group, then averaged over all rows of all matrices -> ``[C]`` float32."""
     total, rows = None, 0
     for w, gs in zip(weights, group_sizes):
-        w = w.reshape(-1, w.shape[-1])
-        g = _groups(w.shape[1], gs)
+        g = _groups(w.shape[-1], gs)
+        n = 0
         # Row chunks: fused experts are [E * 2I, H] (DeepSeek-V3: 7.5G elements); one fp32 temporary per chunk.
-        for r0 in range(0, w.shape[0], _ABSMEAN_ROWS):
-            a = w[r0:r0 + _ABSMEAN_ROWS].float().abs()
+        for chunk in _row_chunks(w, _ABSMEAN_ROWS):
+            a = chunk.float().abs()
             a = a.reshape(a.shape[0], -1, g)
             s = (a / (a.amax(-1, keepdim=True) + 1e-6)).reshape(a.shape[0], -1).sum(0)
             total = s if total is None else total + s
-        rows += w.shape[0]
+            n += chunk.shape[0]
+        rows += n
     if total is None:
         raise ValueError("weights: expected at least one matrix")
     return total / rows
