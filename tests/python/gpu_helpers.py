@@ -3,14 +3,19 @@
 comparison follows tolerances.py.
 
 The ``*_kernel`` functions mirror the launchers' choices in kernels/src/quant_pack.cu (launch_quantize_rtn,
-launch_dequantize, launch_pack_rows / launch_unpack_rows) for the tensor ``_C`` receives, so that a test can
-assert that its input really takes the path the test is about. The outputs the bindings allocate are fresh,
-aligned buffers, so only the inputs decide.
+launch_dequantize, launch_pack_rows / launch_unpack_rows) for the tensor ``_C`` receives, so that a test can say
+which path its input is meant to take. A mirror alone would follow a changed launcher nowhere, so the quantize and
+dequantize tests also check the label against the launch itself: ``assert_launches`` runs the call once under
+torch.profiler and asserts that the kernel the label names (RTN_KERNELS, DEQUANTIZE_KERNELS) is the one that ran.
+Pack / unpack's 16-byte vs element-wise chunks are a runtime argument of one kernel (pack_chunks_kernel<B>,
+unpack_chunks_kernel<B>), invisible to the profiler, so pack_kernel stays a mirror only. The outputs the bindings
+allocate are fresh, aligned buffers, so only the inputs decide.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import re
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 
@@ -19,6 +24,12 @@ from tolerances import assert_equal
 
 # _C.accumulate_hessian's precision codes are the indices: 0 fp32, 1 tf32, 2 bf16 (bindings/module.cpp)
 HESSIAN_PRECISIONS = ("fp32", "tf32", "bf16")
+
+# The __global__ kernel each label of rtn_kernel / dequantize_kernel stands for (kernels/src/quant_pack.cu)
+RTN_KERNELS = {"team": "quantize_rtn_minmax_kernel", "general": "quantize_rtn_kernel"}
+DEQUANTIZE_KERNELS = {"quads": "dequantize_quads_kernel", "element": "dequantize_kernel"}
+
+T = TypeVar("T")
 
 
 # --- inputs of a given layout ----------------------------------------------------------------------------------
@@ -71,8 +82,51 @@ def dequantize_kernel(codes: torch.Tensor, group_size: int) -> str:
 def pack_kernel(t: torch.Tensor, cols: int) -> str:
     """``"16-byte"`` (rows a multiple of 32 elements, the input 16-byte aligned: 16-byte loads / stores of each
     32-element chunk) or ``"scalar"`` (the same chunks element by element) for the contiguous input of
-    _C.pack_rows (int8 codes, ``cols`` of them per row) or _C.unpack_rows (int32 words of rows of ``cols``)."""
+    _C.pack_rows (int8 codes, ``cols`` of them per row) or _C.unpack_rows (int32 words of rows of ``cols``).
+
+    A mirror of the ``vec`` flag of launch_pack_rows / launch_unpack_rows only: both paths are one kernel
+    (pack_chunks_kernel<B> / unpack_chunks_kernel<B>) with ``vec`` as a runtime argument, so the profiler cannot
+    tell them apart and no test checks this label against the launch. A test asserting it checks the test's own
+    expectation against this formula, not against the launcher."""
     return "16-byte" if cols % 32 == 0 and t.data_ptr() % 16 == 0 else "scalar"
+
+
+# --- which kernel a call launched ------------------------------------------------------------------------------
+
+
+def launched_kernels(fn: Callable[[], object]) -> list[str]:
+    """The demangled names of the CUDA kernels that one call of fn() launches, in the profiler's order
+    (torch.profiler with ProfilerActivity.CUDA; memcpy / memset records are not kernels and are left out, by
+    name). fn's result is dropped (assert_launches keeps it)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+
+
+def names_kernel(name: str, kernel: str) -> bool:
+    """Whether the demangled kernel name ``name`` is the kernel ``kernel``: ``kernel`` as a whole identifier
+    (neither preceded nor followed by a letter, digit or underscore), so ``dequantize_kernel`` does not match
+    ``...::dequantize_quads_kernel(...)`` nor ``quantize_rtn_kernel`` ``...::quantize_rtn_minmax_kernel<8>(...)``."""
+    return re.search(rf"(?<!\w){re.escape(kernel)}(?!\w)", name) is not None
+
+
+def assert_launches(label: str, kernels: dict[str, str], fn: Callable[[], T]) -> T:
+    """Runs fn() once under launched_kernels and returns its result, asserting that it launched ``kernels[label]``
+    exactly once and none of the other kernels of ``kernels`` (RTN_KERNELS or DEQUANTIZE_KERNELS)."""
+    assert label in kernels, f"unknown label {label!r}, expected one of {sorted(kernels)}"
+    out = []
+    names = launched_kernels(lambda: out.append(fn()))
+    launched = {lab: sum(names_kernel(n, k) for n in names) for lab, k in kernels.items()}
+    expected = {lab: int(lab == label) for lab in kernels}
+    assert launched == expected, (f"expected one launch of {kernels[label]} ({label!r}) and none of the others; "
+                                  f"launch counts {launched}, kernels launched: {names}")
+    return out[0]
 
 
 # --- comparisons ---------------------------------------------------------------------------------------------------

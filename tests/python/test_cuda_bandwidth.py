@@ -9,9 +9,12 @@ these tests call the bindings (bindings/module.cpp) with the view itself:
 
 * ``_C.quantize_rtn`` accepts rows with unit stride and any row stride >= cols (check_matrix_f32) and hands the
   stride to the launcher as ``ld`` (bindings/ops_cuda.cpp): strided views and misaligned base pointers both reach
-  launch_quantize_rtn, and each case below says which kernel its layout takes (checked with gpu_helpers.rtn_kernel).
+  launch_quantize_rtn, and each case below says which kernel its layout takes (checked with gpu_helpers.rtn_kernel
+  and against the kernel the profiler saw launch, gpu_helpers.assert_launches).
 * ``_C.dequantize``, ``_C.pack_rows`` and ``_C.unpack_rows`` reject non-contiguous inputs (check_contiguous), so
-  their only layout switch is the pointer alignment: they get contiguous inputs one element past a 16-byte boundary.
+  their only layout switch is the pointer alignment: they get contiguous inputs one element past a 16-byte boundary
+  (dequantize's kernel is checked against the launch too; pack / unpack's 16-byte path is a runtime argument of one
+  kernel, which the profiler cannot see, so only gpu_helpers.pack_kernel's mirror states it).
 
 The shape switches (group sizes, partial chunks) with contiguous inputs are in test_cuda_kernels.py. Every result
 must be the CPU core's bits (tolerances.py tier 0).
@@ -23,6 +26,9 @@ import pytest
 import torch
 
 from gpu_helpers import (
+    DEQUANTIZE_KERNELS,
+    RTN_KERNELS,
+    assert_launches,
     assert_same_quantization,
     dequantize_kernel,
     in_wider_rows,
@@ -63,7 +69,8 @@ def test_quantize_rtn_layouts_bit_exact(rows, cols, ld, col0, group_size, kernel
     assert rtn_kernel(view, group_size) == kernel
     spec = ops.make_spec(bits, group_size, symmetric, in_features=cols)
     # _C gets the view as it is (its row stride is the kernel's ld; NaN outside it); the CPU core the plain matrix
-    assert_same_quantization(_C.quantize_rtn(w, spec), _C.quantize_rtn(view, spec))
+    gpu = assert_launches(kernel, RTN_KERNELS, lambda: _C.quantize_rtn(view, spec))
+    assert_same_quantization(_C.quantize_rtn(w, spec), gpu)
     # ops hands _C a contiguous copy of a strided view (and a contiguous misaligned one as it is): the same bits
     assert_same_quantization(ops.quantize_rtn(w, bits, group_size, symmetric),
                              ops.quantize_rtn(view, bits, group_size, symmetric))
@@ -82,7 +89,8 @@ def test_dequantize_misaligned_codes(rows, cols, group_size, symmetric, gen):
     codes = misaligned(r.codes)
     assert dequantize_kernel(codes, group_size) == "element"
     assert dequantize_kernel(r.codes.cuda(), group_size) == "quads"  # the same codes aligned would take the quads
-    got = _C.dequantize(codes, r.scale.cuda(), None if zp is None else zp.cuda(), spec)
+    scale, zpc = r.scale.cuda(), None if zp is None else zp.cuda()
+    got = assert_launches("element", DEQUANTIZE_KERNELS, lambda: _C.dequantize(codes, scale, zpc, spec))
     assert got.is_cuda
     assert_equal(got.cpu(), _C.dequantize(r.codes, r.scale, zp, spec), "dequantized vs CPU")
     assert_equal(got.cpu(), r.dequantized, "dequantized vs quantize_rtn")

@@ -9,7 +9,8 @@ near-tie between two different candidates could flip in a tiny fraction of the g
 
 The launchers pick a vectorised kernel when the shape and the pointers allow it and a general kernel otherwise
 (kernels/src/quant_pack.cu); the shape lists here drive both sides of every shape switch with contiguous, aligned
-inputs and say which side each shape takes (checked with the mirrors in gpu_helpers.py). The switches that depend on
+inputs and say which side each shape takes (checked with the mirrors in gpu_helpers.py and, for quantize and
+dequantize, against the kernel the profiler saw launch: gpu_helpers.assert_launches). The switches that depend on
 the layout (row stride, misaligned pointers) are in test_cuda_bandwidth.py, through _C, because ops would copy.
 """
 
@@ -21,7 +22,10 @@ import pytest
 import torch
 
 from gpu_helpers import (
+    DEQUANTIZE_KERNELS,
+    RTN_KERNELS,
     accumulate_raw,
+    assert_launches,
     assert_same_quantization,
     dequantize_kernel,
     in_wider_rows,
@@ -67,8 +71,8 @@ def test_quantize_rtn_minmax_bit_exact(rows, cols, group_size, kernel, bits, sym
     w = weight(rows, cols, gen)
     wc = w.cuda()
     assert rtn_kernel(wc, group_size) == kernel
-    assert_same_quantization(ops.quantize_rtn(w, bits, group_size, symmetric),
-                             ops.quantize_rtn(wc, bits, group_size, symmetric))
+    gpu = assert_launches(kernel, RTN_KERNELS, lambda: ops.quantize_rtn(wc, bits, group_size, symmetric))
+    assert_same_quantization(ops.quantize_rtn(w, bits, group_size, symmetric), gpu)
 
 
 @pytest.mark.parametrize("rows, cols, group_size, kernel", [(48, 256, 64, "team"), (37, 256, 32, "team"),
@@ -83,8 +87,9 @@ def test_quantize_rtn_scale_dtypes_bit_exact(rows, cols, group_size, kernel, sca
     w[7, :128] = 0.0
     wc = w.cuda()
     assert rtn_kernel(wc, group_size) == kernel
-    assert_same_quantization(ops.quantize_rtn(w, 4, group_size, symmetric, scale_dtype=scale_dtype),
-                             ops.quantize_rtn(wc, 4, group_size, symmetric, scale_dtype=scale_dtype))
+    gpu = assert_launches(kernel, RTN_KERNELS,
+                          lambda: ops.quantize_rtn(wc, 4, group_size, symmetric, scale_dtype=scale_dtype))
+    assert_same_quantization(ops.quantize_rtn(w, 4, group_size, symmetric, scale_dtype=scale_dtype), gpu)
 
 
 def test_quantize_rtn_half_inputs_bit_exact(gen):
@@ -113,8 +118,12 @@ def test_quantize_rtn_first_nonfinite(rows, cols, group_size, kernel, bad, first
     wc = w.cuda()
     assert rtn_kernel(wc, group_size) == kernel
     pattern = r"^w: expected finite values, got " + re.escape(first) + "$"
-    with pytest.raises(ValueError, match=pattern):
-        ops.quantize_rtn(wc, 4, group_size, False)
+
+    def gpu_call():
+        with pytest.raises(ValueError, match=pattern):
+            ops.quantize_rtn(wc, 4, group_size, False)
+
+    assert_launches(kernel, RTN_KERNELS, gpu_call)
     with pytest.raises(ValueError, match=pattern):
         ops.quantize_rtn(w, 4, group_size, False)
 
@@ -199,7 +208,8 @@ def test_dequantize_bit_exact(rows, cols, group_size, bits, kernel, symmetric, g
     codes = r.codes.cuda()
     assert dequantize_kernel(codes, group_size) == kernel
     cpu = ops.dequantize(r.codes, r.scale, zp, group_size, bits)
-    gpu = ops.dequantize(codes, r.scale.cuda(), None if zp is None else zp.cuda(), group_size, bits)
+    scale, zpc = r.scale.cuda(), None if zp is None else zp.cuda()
+    gpu = assert_launches(kernel, DEQUANTIZE_KERNELS, lambda: ops.dequantize(codes, scale, zpc, group_size, bits))
     assert gpu.is_cuda
     assert_equal(gpu.cpu(), cpu, "dequantized")
     assert_equal(gpu.cpu(), r.dequantized, "dequantized vs quantize_rtn")
@@ -219,12 +229,10 @@ def test_pack_unpack_bit_exact(bits, rows, cols, gen):
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     q = torch.randint(qmin, qmax + 1, (rows, cols), generator=gen, dtype=torch.int8)
     qc = q.cuda()
-    assert pack_kernel(qc, cols) == ("16-byte" if cols % 32 == 0 else "scalar")
     cpu = ops.pack_int32(q, bits)
     gpu = ops.pack_int32(qc, bits)
     assert gpu.is_cuda and gpu.dtype == torch.int32
     assert_equal(gpu.cpu(), cpu, "packed")
-    assert pack_kernel(gpu, cols) == pack_kernel(qc, cols)  # the packed words (a fresh allocation) are aligned
     back = ops.unpack_int32(gpu, bits, cols)
     assert back.is_cuda
     assert_equal(back.cpu(), q, "unpacked")
