@@ -78,7 +78,6 @@ class QuantizationReport:
                  f"calibration {self.calibration_samples} x {self.calibration_seq_len} tokens"]
         for layer in self.layers:
             losses = [m.loss for m in layer.modules if m.loss is not None and math.isfinite(m.loss)]
-            mean_loss = sum(losses) / len(losses) if losses else float("nan")
             tok = layer.expert_tokens
             util = ""
             if tok:
@@ -86,7 +85,14 @@ class QuantizationReport:
                 util = f" experts: min/median/max tokens {min(tok)}/{sorted(tok)[len(tok) // 2]}/{max(tok)}" \
                        f", {starved} with none,"
             fb = sum(1 for m in layer.modules if m.fallback)
-            loss = f"mean GPTQ loss {mean_loss:.4g}" if losses else "GPTQ loss not reported"
+            if losses:
+                loss = f"mean GPTQ loss {sum(losses) / len(losses):.4g}"
+            elif not self.recipe.get("report_loss", True):
+                loss = "GPTQ loss not reported"
+            elif any(m.loss is not None for m in layer.modules):
+                loss = "GPTQ loss not finite"
+            else:
+                loss = "no GPTQ loss (no GPTQ-solved matrix)"
             lines.append(f"  layer {layer.index:3d}: {len(layer.modules)} matrices,{util} fallbacks {fb}, "
                          f"{loss}, {layer.seconds:.1f} s")
         lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
