@@ -293,9 +293,11 @@ def test_gpu_bf16_hessian_agrees_with_fp32(tiny):
         rep = pipeline.quantize(tiny, Recipe.from_dict({**r.to_dict(), "hessian_precision": p}), progress=False)
         assert rep.hessian_precision == p
         losses[p] = [m.loss for layer in rep.layers for m in layer.modules]
-    # The Hessians agree to ~2e-3 relative (tests/python/test_hessian_tc.py); GPTQ's rounding decisions and the
-    # layer-to-layer propagation of a different quantization move single modules' losses by a few percent (4.2%
-    # at most on the H100), so the bound is the one of test_gpu_path_agrees_with_cpu, per module and in total.
+    # The bf16 Hessians are held to 7.8e-3 of the |.|-sum per element (tolerances.HESSIAN_BF16_RTOL,
+    # test_hessian_tc.py) and 1.5e-2 relative Frobenius error per expert (test_cuda_kernels.py); GPTQ's rounding
+    # decisions and the layer-to-layer propagation of a different quantization move single modules' losses by a few
+    # percent (4.2% at most on the H100), so per module the bound is test_gpu_path_agrees_with_cpu's 10%, and the
+    # total is held to 5% (a bound that test does not have).
     assert losses["fp32"] != losses["bf16"]  # the setting reaches the accumulators
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert abs(a - b) <= 0.1 * abs(a) + 1e-6, (a, b)
