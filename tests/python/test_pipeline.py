@@ -208,17 +208,22 @@ def test_gpu_path_agrees_with_cpu(tiny):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_report_loss_off_changes_only_the_report(tiny, device):
+def test_report_loss_off_changes_only_the_report(tiny, device, tmp_path):
     r = _recipe()
     r.device = device
-    on = pipeline.quantize(tiny, r, progress=False)
+    on = pipeline.quantize(tiny, r, output_dir=tmp_path / "on", progress=False)
     r.report_loss = False
-    off = pipeline.quantize(tiny, r, progress=False)
+    off = pipeline.quantize(tiny, r, output_dir=tmp_path / "off", progress=False)
     for lon, loff in zip(on.layers, off.layers):
         assert [m.name for m in lon.modules] == [m.name for m in loff.modules]
         assert all(m.loss is not None for m in lon.modules) and all(m.loss is None for m in loff.modules)
         assert [m.escalations for m in lon.modules] == [m.escalations for m in loff.modules]
     assert "GPTQ loss not reported" in off.summary() and "mean GPTQ loss" in on.summary()
+    # the quantized weights are the same: both checkpoints hold the same tensors, bit for bit
+    a, b = checkpoint_tensors(tmp_path / "on"), checkpoint_tensors(tmp_path / "off")
+    assert a.keys() == b.keys() and any(k.endswith(".weight_packed") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_top_level_api_accepts_calibration_files_and_token_ids(tiny):
