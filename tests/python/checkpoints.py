@@ -2,7 +2,9 @@
 crash-after-layer-0-then-resume check (a resumed run must write exactly the tensors of an uninterrupted one)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -25,28 +27,34 @@ class CrashAfterLayer0(RuntimeError):
     """Raised by :func:`crash_after_layer_0` to interrupt a run."""
 
 
-def crash_after_layer_0(index: int) -> None:
-    """``_after_layer`` hook of :func:`moequant.pipeline.quantize` that interrupts the run once layer 0 is saved."""
+def crash_after_layer_0(index: int, crash: type = CrashAfterLayer0) -> None:
+    """``_after_layer`` hook of :func:`moequant.pipeline.quantize` that interrupts the run once layer 0 is saved, by
+    raising ``crash`` (any BaseException type, e.g. KeyboardInterrupt)."""
     if index == 0:
-        raise CrashAfterLayer0("simulated crash after layer 0")
+        raise crash("simulated interruption after layer 0")
 
 
 def assert_resume_bit_identical(model, recipe, tmp_path: Path, crash: type = CrashAfterLayer0,
-                                **quantize_kw) -> dict:
+                                while_interrupted: Optional[Callable[[Path], None]] = None, **quantize_kw) -> dict:
     """Runs ``recipe`` on ``model`` uninterrupted (``tmp_path/full``), then interrupted after layer 0 by ``crash``
-    (any BaseException type, e.g. KeyboardInterrupt) and resumed (``tmp_path/resumed``); asserts the two checkpoints
-    hold the same tensors, bit for bit. Returns the full run's."""
+    (:func:`crash_after_layer_0`) and resumed (``tmp_path/resumed``). Asserts that the interruption leaves no output
+    but a resumable ``resumed.partial``, that ``while_interrupted(tmp_path/"resumed")`` (optional: checks on the
+    interrupted state) passes, that the resumed run starts at layer 1 and removes the work directory, and that the two
+    checkpoints hold the same tensors, bit for bit. Returns the full run's."""
     kw = {"progress": False, **quantize_kw}
     pipeline.quantize(model, recipe, output_dir=tmp_path / "full", **kw)
-
-    def interrupt(index: int) -> None:
-        if index == 0:
-            raise crash("simulated interruption after layer 0")
-
+    out = tmp_path / "resumed"
+    work = out.with_name(out.name + ".partial")
     with pytest.raises(crash):
-        pipeline.quantize(model, recipe, output_dir=tmp_path / "resumed", _after_layer=interrupt, **kw)
-    pipeline.quantize(model, recipe, output_dir=tmp_path / "resumed", resume=True, **kw)
-    a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(tmp_path / "resumed")
+        pipeline.quantize(model, recipe, output_dir=out, _after_layer=functools.partial(crash_after_layer_0,
+                                                                                        crash=crash), **kw)
+    assert not out.exists() and work.is_dir()  # no half-written output
+    if while_interrupted is not None:
+        while_interrupted(out)
+    report = pipeline.quantize(model, recipe, output_dir=out, resume=True, **kw)
+    assert report.resumed_from_layer == 1
+    assert not work.exists()
+    a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -362,7 +362,8 @@ def test_pipeline_awq_end_to_end_export_reload_and_resume(tmp_path, monkeypatch)
     derived from its input (the same in the resumed run), so that the MoE input norm and the router change: on this
     random model the real search keeps the identity there, which would make the router check compare equal tensors."""
     from checkpoints import assert_resume_bit_identical, checkpoint_tensors
-    from test_pipeline import CALIB, _tiny_qwen3
+    from test_pipeline import CALIB
+    from testdata import tiny_qwen3_checkpoint
 
     def forced(x_mean, w_mean, loss_fn, grid=20, duo=True, pow2=False):
         seed = int(x_mean.double().abs().sum().item() * 1e6) % (2**31)
@@ -373,7 +374,7 @@ def test_pipeline_awq_end_to_end_export_reload_and_resume(tmp_path, monkeypatch)
 
     monkeypatch.setattr(awq, "search_scale", forced)
 
-    model = _tiny_qwen3(tmp_path / "model")
+    model = tiny_qwen3_checkpoint(tmp_path / "model")
     recipe = Recipe(scheme=QuantScheme(group_size=32), awq=AWQConfig(enabled=True, grid=5, clip_grid=10),
                     calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=64, batch_size=2))
 

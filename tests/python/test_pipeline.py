@@ -15,16 +15,11 @@ import transformers
 
 from moequant import ops, pipeline
 from moequant.recipe import CalibrationConfig, FallbackConfig, Override, QuantScheme, Recipe
-from checkpoints import CrashAfterLayer0, checkpoint_tensors, crash_after_layer_0
+from checkpoints import assert_resume_bit_identical, checkpoint_tensors
 from testdata import tiny_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 CALIB = REPO / "examples" / "data" / "wikitext2_calib.txt"
-
-
-def _tiny_qwen3(path: Path, seed: int = 0) -> Path:
-    """A random Qwen3-MoE (2 layers, hidden 64, 4 experts of width 64, top-2) saved with the shipped tokenizer."""
-    return tiny_qwen3_checkpoint(path, seed=seed)
 
 
 def _recipe(**scheme) -> Recipe:
@@ -34,7 +29,8 @@ def _recipe(**scheme) -> Recipe:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return _tiny_qwen3(tmp_path_factory.mktemp("tiny") / "model")
+    """A random Qwen3-MoE (2 layers, hidden 64, 4 experts of width 64, top-2) saved with the shipped tokenizer."""
+    return tiny_qwen3_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def test_pack_quantized_export_layout_and_report(tiny, tmp_path):
@@ -96,23 +92,18 @@ def test_reload_with_transformers_matches_fake_quant(tiny, tmp_path):
 
 
 def test_resume_is_bit_identical(tiny, tmp_path):
+    """checkpoints.assert_resume_bit_identical (no output after the crash, only the resumable work directory;
+    resumed from layer 1; work directory gone; same tensors), plus: while interrupted, a plain rerun and a resume
+    with a different recipe are refused."""
     r = _recipe()
-    pipeline.quantize(tiny, r, output_dir=tmp_path / "full", progress=False)
-    out = tmp_path / "resumed"
-    with pytest.raises(CrashAfterLayer0):
-        pipeline.quantize(tiny, r, output_dir=out, progress=False, _after_layer=crash_after_layer_0)
-    assert not out.exists() and (tmp_path / "resumed.partial").is_dir()  # no half-written output
-    with pytest.raises(FileExistsError, match="resume"):
-        pipeline.quantize(tiny, r, output_dir=out, progress=False)
-    with pytest.raises(ValueError, match="different"):
-        pipeline.quantize(tiny, _recipe(bits=3), output_dir=out, progress=False, resume=True)
-    report = pipeline.quantize(tiny, r, output_dir=out, progress=False, resume=True)
-    assert report.resumed_from_layer == 1
-    a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(out)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert not (tmp_path / "resumed.partial").exists()
+
+    def while_interrupted(out: Path) -> None:
+        with pytest.raises(FileExistsError, match="resume"):
+            pipeline.quantize(tiny, r, output_dir=out, progress=False)
+        with pytest.raises(ValueError, match="different"):
+            pipeline.quantize(tiny, _recipe(bits=3), output_dir=out, progress=False, resume=True)
+
+    assert_resume_bit_identical(tiny, r, tmp_path, while_interrupted=while_interrupted)
 
 
 @pytest.mark.parametrize("policy", ["mean", "identity", "rtn"])

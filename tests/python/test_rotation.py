@@ -22,7 +22,8 @@ from moequant.ref.rotation import random_hadamard_ref, random_signs_ref, rotate_
 from moequant.rotation_config import RotationConfig
 from test_models import build_tiny, tiny_config
 from checkpoints import assert_resume_bit_identical, checkpoint_tensors
-from test_pipeline import _recipe, _tiny_qwen3
+from test_pipeline import _recipe
+from testdata import tiny_qwen3_checkpoint
 
 # Written tolerances (relative to max |logit| of the unrotated model).
 # Every RMSNorm (and some routers) of these models compute in float32 internally even for float64 weights, so a
@@ -217,7 +218,7 @@ def test_recipe_rotation_round_trip_and_bad_values():
 
 
 def test_export_added_tensors_and_config_overrides(tmp_path):
-    src = _tiny_qwen3(tmp_path / "src")
+    src = tiny_qwen3_checkpoint(tmp_path / "src")
     extra = torch.ones(3, dtype=torch.bfloat16)
     export_checkpoint(src, tmp_path / "out", Replacements(added={"extra.weight": extra}), None, mode="dequantized",
                       config_overrides={"tie_word_embeddings": False})
@@ -234,7 +235,7 @@ def test_export_added_tensors_and_config_overrides(tmp_path):
 # ------------------------------------------------------------------------------------------------ pipeline
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return _tiny_qwen3(tmp_path_factory.mktemp("rot") / "model")  # hidden 64, tied embeddings, bf16
+    return tiny_qwen3_checkpoint(tmp_path_factory.mktemp("rot") / "model")  # hidden 64, tied embeddings, bf16
 
 
 def _rot_recipe(**scheme) -> Recipe:
@@ -305,7 +306,7 @@ def test_pipeline_rotation_resume_is_bit_identical(tiny, tmp_path):
 
 def test_pipeline_unsupported_hidden_size_fails_before_work(tmp_path):
     model = tmp_path / "m"
-    _tiny_qwen3(model)
+    tiny_qwen3_checkpoint(model)
     cfg = json.loads((model / "config.json").read_text())
     small = transformers.Qwen3MoeConfig(**{**{k: v for k, v in cfg.items() if k in (
         "vocab_size", "num_hidden_layers", "num_experts", "num_experts_per_tok", "tie_word_embeddings")},
