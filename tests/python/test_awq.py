@@ -25,6 +25,7 @@ def test_workdir_saves_and_yields_high_precision_tensors(tmp_path):
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import transformers  # noqa: E402
@@ -209,12 +210,14 @@ def _awq_recipe(**awq_fields) -> Recipe:
                   awq=AWQConfig(enabled=True, grid=4, clip_grid=4, **awq_fields))
 
 
-def _forced_scales(monkeypatch):
-    """Every scale search returns random (non-identity) scales, so the folds are exercised whatever wins."""
+def _forced_scales(monkeypatch, seed: Callable[[torch.Tensor, int], int] = lambda x_mean, n: 1000 + n):
+    """Every scale search returns random (non-identity) scales, so the folds are exercised whatever wins. The scales
+    are drawn with ``seed(x_mean, n)``, n = the number of searches before this one (default: 1000 + n); returns the
+    list of the searches' ``pow2`` flags."""
     calls = []
 
     def forced(x_mean, w_mean, loss_fn, grid=20, duo=True, pow2=False):
-        g = torch.Generator().manual_seed(1000 + len(calls))
+        g = torch.Generator().manual_seed(seed(x_mean, len(calls)))
         s = torch.exp(torch.randn(x_mean.numel(), generator=g)).to(x_mean.device)
         s = awq.round_pow2(s) if pow2 else s
         calls.append(pow2)
@@ -359,20 +362,14 @@ def _run_moe(layer, resid):
 def test_pipeline_awq_end_to_end_export_reload_and_resume(tmp_path, monkeypatch):
     """AWQ + GPTQ on the random tiny Qwen3-MoE of the pipeline tests: changed norms/router exported, the checkpoint
     reloads, and an interrupted run resumes bit-identically. The scale search is forced to non-identity scales
-    derived from its input (the same in the resumed run), so that the MoE input norm and the router change: on this
-    random model the real search keeps the identity there, which would make the router check compare equal tensors."""
+    derived from its input (the same in the resumed run, where a count of the searches would restart), so that the
+    MoE input norm and the router change: on this random model the real search keeps the identity there, which would
+    make the router check compare equal tensors."""
     from checkpoints import assert_resume_bit_identical, checkpoint_tensors
     from test_pipeline import CALIB
     from testdata import tiny_qwen3_checkpoint
 
-    def forced(x_mean, w_mean, loss_fn, grid=20, duo=True, pow2=False):
-        seed = int(x_mean.double().abs().sum().item() * 1e6) % (2**31)
-        s = torch.exp(torch.randn(x_mean.numel(), generator=torch.Generator().manual_seed(seed))).to(x_mean.device)
-        s = awq.round_pow2(s) if pow2 else s
-        loss_fn(s)
-        return awq.ScaleSearchResult(s, 0.5, 0.0, 1.0, [])
-
-    monkeypatch.setattr(awq, "search_scale", forced)
+    _forced_scales(monkeypatch, seed=lambda x_mean, n: int(x_mean.double().abs().sum().item() * 1e6) % (2**31))
 
     model = tiny_qwen3_checkpoint(tmp_path / "model")
     recipe = Recipe(scheme=QuantScheme(group_size=32), awq=AWQConfig(enabled=True, grid=5, clip_grid=10),
