@@ -50,28 +50,47 @@ __host__ __device__ inline float dequantize_value(int32_t q, const QP& p) {
   return Exact::mul(static_cast<float>(q - p.zero), p.scale);
 }
 
-// compute_qparams of quant.h after the min/max pass: `err(p)` must return the group's sequential MSE error.
-// A candidate identical to the previously evaluated one is skipped: its error is the same number, which can
-// never pass the strict `<` (either the previous one won and best_err equals it, or it lost and best_err is
-// already <= it), so the result is unchanged and many pow() evaluations are saved (bf16 scales collapse
-// neighbouring shrink factors onto the same scale).
+// Candidate i of compute_qparams' MSE grid (quant.h): 0 is the min/max range itself, i >= 1 the range shrunk by
+// 1 - i / mse_grid.
+__host__ __device__ inline QP mse_candidate(int i, float lo, float hi, const RtnParams& s) {
+  if (i == 0) return qparams_from_range<int32_t>(lo, hi, s);
+  const float shrink = Exact::to_float(Exact::dsub(1.0, Exact::ddiv(static_cast<double>(i), s.mse_grid)));
+  return qparams_from_range<int32_t>(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
+}
+
+// Calls f(p) for the candidates 0..mse_steps in the CPU's order, skipping a candidate identical to the previous one
+// evaluated: its error is the same number, which can never pass the strict `<` (either the previous one won and
+// best_err equals it, or it lost and best_err is already <= it), so the result is unchanged and many pow()
+// evaluations are saved (bf16 scales collapse neighbouring shrink factors onto the same scale). Stops early when f
+// returns false.
+template <class F>
+__host__ __device__ inline void for_each_mse_candidate(float lo, float hi, const RtnParams& s, F&& f) {
+  QP prev{};
+  for (int i = 0; i <= s.mse_steps; ++i) {
+    const QP p = mse_candidate(i, lo, hi, s);
+    if (i > 0 && p.scale == prev.scale && p.zero == prev.zero) continue;
+    prev = p;
+    if (!f(p)) return;
+  }
+}
+
+// compute_qparams of quant.h after the min/max pass: `err(p)` must return the group's sequential MSE error; the
+// first candidate with the smallest error wins (the CPU's strict `<`).
 template <class ErrFn>
 __host__ __device__ QP search_qparams(float lo, float hi, const RtnParams& s, const ErrFn& err) {
-  QP best = qparams_from_range<int32_t>(lo, hi, s);
+  QP best = mse_candidate(0, lo, hi, s);
   if (!s.mse) return best;
-  double best_err = err(best);
-  QP prev = best;
-  for (int i = 1; i <= s.mse_steps; ++i) {
-    const float shrink = Exact::to_float(Exact::dsub(1.0, Exact::ddiv(static_cast<double>(i), s.mse_grid)));
-    const QP p = qparams_from_range<int32_t>(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
-    if (p.scale == prev.scale && p.zero == prev.zero) continue;
-    prev = p;
+  double best_err = 0.0;
+  bool have = false;
+  for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
     const double e = err(p);
-    if (e < best_err) {
+    if (!have || e < best_err) {
       best_err = e;
       best = p;
+      have = true;
     }
-  }
+    return true;
+  });
   return best;
 }
 
@@ -131,58 +150,57 @@ struct WarpGroupErrF {
 //   pass 1  the float error e_f of every candidate (cheap: powf, tree sum) and its minimum m;
 //   pass 2  the candidates in the CPU's order, skipping those with e_f > T, T = (m + tau)(1 + r)/(1 - r) + tau;
 //           the others get the exact double error (the CPU's sequential chain) and the CPU's strict `<` rule.
-// With |e_f - e| <= r e + tau for every candidate (r = kScreenRel = 1e-3, about 10x the worst case of the
-// screen's terms; tau = n * FLT_MIN for terms that underflow in float), a candidate whose exact error equals the
-// minimum always has e_f <= T, so every skipped one is strictly worse and the result is the CPU's: the first
-// candidate with the minimal exact error. A non-finite float error anywhere falls back to the full exact search.
+// With |e_f - e| <= r e + tau for every candidate (r = kScreenRel = 1e-3; tau = n * FLT_MIN for terms that
+// underflow in float), a candidate whose exact error equals the minimum always has e_f <= T, so every skipped one
+// is strictly worse and the result is the CPU's: the first candidate with the minimal exact error.
+// The bound's conditions, checked here (otherwise the full exact search runs):
+//   - n <= kScreenMaxN: each lane adds n / 32 float terms in sequence, relative error <= (n / 32 + 5) 2^-24
+//     (1.2e-4 at 2^16) on top of __powf's ~1e-4, so r keeps a > 4x margin;
+//   - mse_norm >= 1: a difference that __powf flushes to 0 (subnormal) then contributes d^norm <= d < FLT_MIN,
+//     which tau covers; with norm < 1, d^norm could be far above FLT_MIN;
+//   - every float error finite (checked in pass 1).
 // `cache` (kScreenCache floats of the warp's shared memory, or null): pass 1's float errors, so that pass 2 does not
 // recompute them (searches with more candidates recompute).
 constexpr double kScreenRel = 1e-3;
+constexpr int kScreenMaxN = 1 << 16;
 constexpr int kScreenCache = 128;
 template <class ErrD, class ErrF>
 __device__ QP search_qparams_screened(float lo, float hi, const RtnParams& s, int n, const ErrD& err,
                                       const ErrF& errf, float* cache) {
-  const QP first = qparams_from_range<int32_t>(lo, hi, s);
-  if (!s.mse) return first;
-  auto candidate = [&](int i) {
-    if (i == 0) return first;
-    const float shrink = Exact::to_float(Exact::dsub(1.0, Exact::ddiv(static_cast<double>(i), s.mse_grid)));
-    return qparams_from_range<int32_t>(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
-  };
+  if (!s.mse) return mse_candidate(0, lo, hi, s);
+  if (n > kScreenMaxN || !(s.mse_norm >= 1.0)) return search_qparams(lo, hi, s, err);
   if (s.mse_steps + 1 > kScreenCache) cache = nullptr;
   float fmin = __int_as_float(0x7f800000);  // +inf
-  QP prev = first;
-  for (int i = 0, k = 0; i <= s.mse_steps; ++i) {
-    const QP p = candidate(i);
-    if (i > 0 && p.scale == prev.scale && p.zero == prev.zero) continue;
-    prev = p;
+  bool finite = true;
+  int k = 0;
+  for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
     const float ef = errf(p);
-    if (!isfinite(ef)) return search_qparams(lo, hi, s, err);  // warp-uniform
+    finite = isfinite(ef);  // warp-uniform
     fmin = fminf(fmin, ef);
     if (cache && (threadIdx.x & (kWarp - 1)) == 0) cache[k] = ef;
     ++k;
-  }
+    return finite;
+  });
+  if (!finite) return search_qparams(lo, hi, s, err);
   __syncwarp();
   const double tau = static_cast<double>(n) * 1.1754943508222875e-38;  // FLT_MIN per element
   const double limit = (static_cast<double>(fmin) + tau) * ((1.0 + kScreenRel) / (1.0 - kScreenRel)) + tau;
-  QP best = first;
+  QP best = mse_candidate(0, lo, hi, s);
   double best_err = 0.0;
   bool have = false;
-  prev = first;
-  for (int i = 0, k = 0; i <= s.mse_steps; ++i) {
-    const QP p = candidate(i);
-    if (i > 0 && p.scale == prev.scale && p.zero == prev.zero) continue;
-    prev = p;
+  k = 0;
+  for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
     const float ef = cache ? cache[k] : errf(p);
     ++k;
-    if (static_cast<double>(ef) > limit) continue;  // warp-uniform
+    if (static_cast<double>(ef) > limit) return true;  // warp-uniform
     const double e = err(p);
     if (!have || e < best_err) {
       best_err = e;
       best = p;
       have = true;
     }
-  }
+    return true;
+  });
   return best;
 }
 
