@@ -385,11 +385,8 @@ cudaError_t launch_gptq_block(const float* W, const float* H, int64_t E, int64_t
   const size_t smem = static_cast<size_t>(bw) * (bw + 1) * sizeof(float);
   const dim3 grid(static_cast<unsigned>((rows + kBlockWarps * RW - 1) / (kBlockWarps * RW)), static_cast<unsigned>(E));
   auto kernel = act_order ? gptq_block_kernel<true, RW> : gptq_block_kernel<false, RW>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = raise_smem_limit(kernel, smem);
+  if (err != cudaSuccess) return err;
   kernel<<<grid, kBlockWarps * kWarp, smem, stream>>>(W, H, ws.dw, ws.dblk, act_order ? ws.perm : nullptr, ws.dead,
                                                       scales, zeros, codes, dequantized, rows, cols, p.group_size, i1,
                                                       bw, static_cast<int>(l.block), p);

@@ -176,11 +176,8 @@ cudaError_t launch_chol_diag(float* H, int64_t cols, int64_t k0, int bk, int64_t
                              const GptqLayout& l, cudaStream_t stream) {
   const Ws ws = carve(workspace, l);
   const size_t smem = static_cast<size_t>(2 * bk * (bk + 1)) * sizeof(float);
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(chol_diag_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = raise_smem_limit(chol_diag_kernel, smem);
+  if (err != cudaSuccess) return err;
   chol_diag_kernel<<<static_cast<unsigned>(n), 256, smem, stream>>>(H, cols, k0, bk, e0, ws.dinv, ws.fail);
   return cudaGetLastError();
 }
@@ -201,10 +198,8 @@ cudaError_t launch_gptq_invert_prepare(float* H, int64_t cols, int64_t e0, int64
   if (err != cudaSuccess) return err;
   const int bk = static_cast<int>(cols < kCholBlock ? cols : kCholBlock);
   const size_t smem = static_cast<size_t>(2 * bk * (bk + 1)) * sizeof(float);
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(diag_inverse_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  err = raise_smem_limit(diag_inverse_kernel, smem);
+  if (err != cudaSuccess) return err;
   diag_inverse_kernel<<<dim3(static_cast<unsigned>((cols + kCholBlock - 1) / kCholBlock), static_cast<unsigned>(n)), 256,
                         smem, stream>>>(H, cols, e0);
   return cudaGetLastError();

@@ -23,6 +23,8 @@
 // x and out may be the same buffer (every CTA reads its rows completely before it writes them).
 #include "launch.h"
 
+#include "element_type.cuh"
+#include "hadamard_device.cuh"
 #include "hadamard_small.cuh"
 
 
@@ -52,7 +54,9 @@ constexpr int rows_per_cta() {
   return kPerRow < 256 ? (256 + kPerRow - 1) / kPerRow : 1;
 }
 
-// Padded layout unless the padding lowers the CTAs per SM below both three and the unpadded count.
+// Padded layout unless the padding lowers the CTAs per SM below both three and the unpadded count. The count uses
+// sm_90's 228 KiB of shared memory per SM (H100 / H200, where the kernels are tuned); on sm_80 (164 KiB) the choice
+// stays correct but may cost a CTA per SM for some lengths.
 template <int M, int K>
 constexpr bool padded() {
   constexpr long kB = static_cast<long>(rows_per_cta<M, K>()) * (M << K) * 4, kSM = 228 * 1024, kRes = 1024;
@@ -205,14 +209,6 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
   }
 }
 
-// Raises a kernel's dynamic shared-memory limit above the 48 KiB default (a driver call per launch: the library
-// keeps no process-wide cache of which devices were already set up).
-template <typename Kernel>
-cudaError_t raise_smem(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-}
-
 template <typename T, int M, int K>
 cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
   constexpr int kN = M << K, kPerRow = kN >> kLogE, kRpc = rows_per_cta<M, K>();
@@ -222,7 +218,7 @@ cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
   while (threads > max_threads<M>()) threads = (threads + 1) / 2;
   threads = (threads + 31) / 32 * 32;
   auto smem_for = [](int r) { return kDirect ? size_t{0} : smem_floats<padded<M, K>()>(int64_t{r} * kN) * sizeof(float); };
-  const cudaError_t err = raise_smem(hadamard_reg_kernel<T, M, K>, smem_for(kRpc));
+  const cudaError_t err = raise_smem_limit(hadamard_reg_kernel<T, M, K>, smem_for(kRpc));
   if (err != cudaSuccess) return err;
   const int64_t blocks = (rows + rpc - 1) / rpc;
   const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(kN)));

@@ -26,6 +26,15 @@ inline unsigned grid_for(int64_t work, int64_t per_block) {
   return static_cast<unsigned>(b);
 }
 
+/// Raises a kernel's dynamic shared-memory limit when a launch needs more than the 48 KiB default (a driver call per
+/// launch: the library keeps no process-wide record of kernels already raised).
+template <typename Kernel>
+inline cudaError_t raise_smem_limit(Kernel kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(smem));
+}
+
 /// Warp width and the full-warp mask of the __shfl_*_sync / __ballot_sync calls of the kernels.
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
