@@ -22,6 +22,7 @@ namespace {
 
 using cuda_detail::kNoBadIndex;
 
+using api_detail::check_element_type;
 using api_detail::check_on_device;
 using api_detail::CublasStateGuard;
 using api_detail::device_of;
@@ -66,28 +67,18 @@ class StreamBuffer {
   void* external_ = nullptr;
 };
 
-/// What pack_rows_prologue leaves to a pack_rows entry point: q's device, made current by `guard` until the call
-/// returns, or empty = true when the shape is empty and there is nothing to do.
-struct PackRowsScope {
-  ScopedDevice guard;
-  int device = -1;
-  bool empty = false;
-};
-
-/// The argument checks the pack_rows entry points share, in their order: bits, a non-negative shape, then the
-/// caller's `own_checks()` (a Status; those of its own arguments that are reported even for an empty shape), then --
-/// unless the shape is empty -- q's device, made current, and out on it.
-template <typename OwnChecks>
-Status pack_rows_prologue(const int8_t* q, int64_t rows, int64_t cols, int bits, const int32_t* out,
-                          OwnChecks&& own_checks, PackRowsScope* scope) {
+/// The pack_rows entry points' first checks, in their order: bits, then a non-negative shape.
+Status check_pack_args(int64_t rows, int64_t cols, int bits) {
   MQ_RETURN_IF_ERROR(detail::check_bits(bits));
   if (rows < 0 || cols < 0) return Status::invalid("q: expected a non-negative shape, got [{}, {}]", rows, cols);
-  MQ_RETURN_IF_ERROR(own_checks());
-  scope->empty = rows == 0 || cols == 0;
-  if (scope->empty) return {};
-  MQ_RETURN_IF_ERROR(device_of(q, "q", &scope->device));
-  MQ_RETURN_IF_ERROR(scope->guard.enter(scope->device));
-  return check_on_device(out, "out", scope->device, false);
+  return {};
+}
+
+/// For a non-empty shape: q's device, made current by `guard` until the call returns, and out on it.
+Status enter_pack_device(const int8_t* q, const int32_t* out, ScopedDevice* guard, int* device) {
+  MQ_RETURN_IF_ERROR(device_of(q, "q", device));
+  MQ_RETURN_IF_ERROR(guard->enter(*device));
+  return check_on_device(out, "out", *device, false);
 }
 
 }  // namespace
@@ -159,10 +150,12 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
 Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out, cudaStream_t stream,
                       void* flag_workspace) {
-  PackRowsScope scope;
-  MQ_RETURN_IF_ERROR(pack_rows_prologue(q, rows, cols, bits, out, [] { return Status(); }, &scope));
-  if (scope.empty) return {};
-  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", scope.device, true));
+  MQ_RETURN_IF_ERROR(check_pack_args(rows, cols, bits));
+  if (rows == 0 || cols == 0) return {};
+  ScopedDevice guard;
+  int device = -1;
+  MQ_RETURN_IF_ERROR(enter_pack_device(q, out, &guard, &device));
+  MQ_RETURN_IF_ERROR(check_on_device(flag_workspace, "flag_workspace", device, true));
 
   StreamBuffer flag(stream);
   MQ_RETURN_IF_ERROR(flag.use_or_allocate(flag_workspace, sizeof(unsigned long long)));
@@ -183,17 +176,17 @@ Status cuda_pack_rows(const int8_t* q, int64_t rows, int64_t cols, int bits, int
 
 Status cuda_pack_rows_host_flag(const int8_t* q, int64_t rows, int64_t cols, int bits, int32_t* out,
                                 cudaStream_t stream, void* host_flag) {
-  PackRowsScope scope;
-  MQ_RETURN_IF_ERROR(pack_rows_prologue(q, rows, cols, bits, out, [host_flag]() -> Status {
-    if (host_flag == nullptr)
-      return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
-    if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
-      return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
-    return {};
-  }, &scope));
-  if (scope.empty) return {};
+  MQ_RETURN_IF_ERROR(check_pack_args(rows, cols, bits));
+  if (host_flag == nullptr)
+    return Status::invalid("host_flag: expected {} bytes of page-locked host memory, got null", kCudaHostFlagBytes);
+  if (reinterpret_cast<uintptr_t>(host_flag) % alignof(unsigned int) != 0)
+    return Status::invalid("host_flag: expected a {}-byte aligned address, got {}", alignof(unsigned int), host_flag);
+  if (rows == 0 || cols == 0) return {};
+  ScopedDevice guard;
+  int device = -1;
+  MQ_RETURN_IF_ERROR(enter_pack_device(q, out, &guard, &device));
   void* device_view = nullptr;
-  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", scope.device, &device_view));
+  MQ_RETURN_IF_ERROR(api_detail::mapped_host_memory(host_flag, "host_flag", device, &device_view));
 
   // The host clears the word before the launch (program order: the kernel cannot run before this store); the
   // kernel only ever stores 1 into it; the synchronisation makes its store visible here.
@@ -277,9 +270,7 @@ Status cuda_accumulate_hessian(const void* x, ElementType x_type, int64_t n, int
                                int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
                                cublasHandle_t handle, cudaStream_t stream, int precision, bool symmetrize) {
   // The CPU's checks and messages first (accumulate_hessian / validate_hessian_inputs), then the CUDA limits.
-  if (x_type != ElementType::kF32 && x_type != ElementType::kBf16 && x_type != ElementType::kF16)
-    return Status::invalid("x_type: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}",
-                           static_cast<int>(x_type));
+  MQ_RETURN_IF_ERROR(check_element_type(x_type, "x_type"));
   if (precision != kHessianFp32 && precision != kHessianTf32 && precision != kHessianBf16)
     return Status::invalid("precision: expected 0 (fp32), 1 (tf32) or 2 (bf16), got {}", precision);
   if (dim <= 0) return Status::invalid("dim: expected > 0, got {}", dim);
@@ -341,7 +332,7 @@ Status cuda_accumulate_hessian(const void* x, ElementType x_type, int64_t n, int
     MQ_CUDA_RETURN("accumulate_hessian gather", cuda_detail::launch_hessian_gather_tc(x, x_type, dim, ldx, weights,
                                                                                      num_experts, workspace, layout,
                                                                                      stream));
-    // The GEMM plan and its pointer upload need only the padded offsets: built while the gather runs.
+    // The GEMM plan and its pointer upload need only the padded offsets: planned on the host while the gather runs.
     MQ_RETURN_IF_ERROR(hessian_detail::plan_tensor_cores(layout, workspace, poffsets, dim, num_experts, H, stream,
                                                          &tc_plan));
   }

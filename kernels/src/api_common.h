@@ -49,19 +49,24 @@ namespace api_detail {
 /// kGeneric says "host" (gptq_api.cpp). Both wordings are kept as they were before the helpers were shared.
 enum class HostMemoryText { kKind, kGeneric };
 
+/// cudaPointerGetAttributes(p), with the error cleared (not sticky, so that a later launch check does not report it):
+/// a pointer CUDA does not know (older drivers) is an invalid argument "<arg>: expected <expected>, got a pointer CUDA
+/// does not know (<hint>)".
+inline Status pointer_attributes(const void* p, const char* arg, const char* expected, const char* hint,
+                                 cudaPointerAttributes* attr) {
+  const cudaError_t err = cudaPointerGetAttributes(attr, p);
+  if (err == cudaSuccess) return {};
+  (void)cudaGetLastError();
+  if (err == cudaErrorInvalidValue)
+    return Status::invalid("{}: expected {}, got a pointer CUDA does not know ({})", arg, expected, hint);
+  return cuda_error("cudaPointerGetAttributes", err);
+}
+
 /// The device that owns `p`; host or unknown memory is an invalid argument naming `arg`.
 inline Status device_of(const void* p, const char* arg, int* device, HostMemoryText text = HostMemoryText::kKind) {
   if (p == nullptr) return Status::invalid("{}: expected a CUDA device pointer, got null", arg);
   cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err == cudaErrorInvalidValue) {  // older drivers: a pointer CUDA does not know
-    (void)cudaGetLastError();          // not sticky; clear it so it is not reported by a later launch check
-    return Status::invalid("{}: expected CUDA device memory, got a pointer CUDA does not know (host memory?)", arg);
-  }
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return cuda_error("cudaPointerGetAttributes", err);
-  }
+  MQ_RETURN_IF_ERROR(pointer_attributes(p, arg, "CUDA device memory", "host memory?", &attr));
   if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
     if (text == HostMemoryText::kGeneric)
       return Status::invalid("{}: expected CUDA device memory, got host memory", arg);
@@ -88,15 +93,7 @@ inline Status check_on_device(const void* p, const char* arg, int device, bool n
 /// pointer the device uses for it (the same address under unified addressing). Call with `device` current.
 inline Status mapped_host_memory(void* p, const char* arg, int device, void** device_view) {
   cudaPointerAttributes attr{};
-  const cudaError_t err = cudaPointerGetAttributes(&attr, p);
-  if (err == cudaErrorInvalidValue) {
-    (void)cudaGetLastError();
-    return Status::invalid("{}: expected page-locked host memory, got a pointer CUDA does not know (pageable?)", arg);
-  }
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    return cuda_error("cudaPointerGetAttributes", err);
-  }
+  MQ_RETURN_IF_ERROR(pointer_attributes(p, arg, "page-locked host memory", "pageable?", &attr));
   if (attr.type != cudaMemoryTypeHost)
     return Status::invalid("{}: expected page-locked host memory, got {} memory", arg,
                            attr.type == cudaMemoryTypeDevice    ? "device"
@@ -206,6 +203,19 @@ inline cuda_detail::RtnParams to_params(const QuantSpec& s, int64_t cols) {
   p.mse_steps = p.mse ? static_cast<int>(std::floor((1.0 - s.mse_min_shrink) * s.mse_grid + 1e-9)) : 0;
   p.mse_norm = s.mse_norm;
   return p;
+}
+
+// The kernels' element type and the core's scale dtype share one encoding (quant.h cannot be included by nvcc, so the
+// enums stay apart; bindings map both from the same torch dtypes).
+static_assert(static_cast<int>(ElementType::kF32) == static_cast<int>(ScaleDtype::kFloat32) &&
+                  static_cast<int>(ElementType::kBf16) == static_cast<int>(ScaleDtype::kBFloat16) &&
+                  static_cast<int>(ElementType::kF16) == static_cast<int>(ScaleDtype::kFloat16),
+              "ElementType and ScaleDtype must use the same codes");
+
+/// Invalid argument unless t is one of the three element types ("<arg>: expected 0 (float32), ...").
+inline Status check_element_type(ElementType t, const char* arg) {
+  if (t == ElementType::kF32 || t == ElementType::kBf16 || t == ElementType::kF16) return {};
+  return Status::invalid("{}: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}", arg, static_cast<int>(t));
 }
 
 inline const char* nan_or_inf(float v) { return std::isnan(v) ? "NaN" : "Inf"; }

@@ -275,8 +275,7 @@ Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementT
   if (!hadamard_tables::decompose(n, &m, &pw))
     return Status::invalid("x: expected a last dimension of {}, got {}", hadamard_supported_text(), n);
   if (rows < 0) return Status::invalid("rows: expected >= 0, got {}", rows);
-  if (dtype != ElementType::kF32 && dtype != ElementType::kBf16 && dtype != ElementType::kF16)
-    return Status::invalid("dtype: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}", static_cast<int>(dtype));
+  MQ_RETURN_IF_ERROR(api_detail::check_element_type(dtype, "dtype"));
   if (rows == 0) return {};
   if (rows > std::numeric_limits<int32_t>::max())
     return Status::invalid("rows: expected at most {} rows per call on CUDA, got {}", std::numeric_limits<int32_t>::max(),
