@@ -44,12 +44,17 @@ bool on_cuda(const at::Tensor& t, const char* name) {
   return false;
 }
 
+// Rows of a 2-D tensor the kernels read through a row stride: unit stride inside a row, rows not overlapping.
+void check_unit_stride_rows(const at::Tensor& t, const char* name) {
+  if (t.stride(1) != 1 || t.stride(0) < t.size(1))
+    throw std::invalid_argument(fmt::format("{}: expected rows with unit stride (call .contiguous()), got shape {}",
+                                            name, mb::shape_str(t)));
+}
+
 void check_matrix_f32(const at::Tensor& w, const char* name) {
   mb::check_dim(w, name, 2);
   mb::check_dtype(w, name, at::kFloat);
-  if (w.stride(1) != 1 || w.stride(0) < w.size(1))
-    throw std::invalid_argument(fmt::format("{}: expected rows with unit stride (call .contiguous()), got shape {}",
-                                            name, mb::shape_str(w)));
+  check_unit_stride_rows(w, name);
 }
 
 mb::QuantTensors quantize_rtn(const at::Tensor& w, const QuantSpec& spec) {
@@ -150,9 +155,7 @@ void accumulate_hessian(at::Tensor H, at::Tensor counts, at::Tensor mass, const 
     throw std::invalid_argument(fmt::format(
         "x: expected dtype float32{}, got {}", x_cuda ? ", bfloat16 or float16" : " (16-bit rows only on CUDA)",
         mb::dtype_str(x.scalar_type())));
-  if (x.stride(1) != 1 || x.stride(0) < x.size(1))
-    throw std::invalid_argument(fmt::format("x: expected rows with unit stride (call .contiguous()), got shape {}",
-                                            mb::shape_str(x)));
+  check_unit_stride_rows(x, "x");
   mb::check_size(x, "x", 1, dim);
   mb::check_dim(ids, "expert_ids", 1);
   mb::check_dtype(ids, "expert_ids", at::kInt);
