@@ -10,8 +10,8 @@
 //     4. scatter_kernel   one warp per chunk again: perm[offsets[e] + table[chunk][e] + rank] = row, with the
 //                         rank of a row among the same-expert rows before it in the chunk (__match_any_sync)
 //                         -- a *stable* counting sort, so the result is deterministic run to run
-//     5. gather           (x fp32, bf16 or fp16, widened exactly on load) fp32: one block per sorted row, rows[p] = sqrt(c) * x[perm[p]] (validates x);
-//                         tf32 / bf16 (hessian_gather_tc.cu, after the host read the offsets back and uploaded
+//     5. gather           x (fp32, bf16 or fp16) widened exactly on load; fp32: one block per sorted row,
+//                         rows[p] = sqrt(c) * x[perm[p]] (validates x); tf32 / bf16 (hessian_gather_tc.cu, after the host read the offsets back and uploaded
 //                         its padded offsets): the same products in the GEMM input type, zero-padded to the group
 //                         length: bf16 (rounded to nearest even) sample-major, one block per padded row; fp32 (TF32
 //                         math) transposed to feature-major per expert, 32 x 64 tiles through shared memory

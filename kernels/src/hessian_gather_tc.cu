@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(256) gather_rows8_kernel(const InT* __restrict
 // poffsets[e] * dim + f * K_e + r, zeros for r >= the expert's count. Feature-major makes both GEMM operands K-major
 // (the "TN" layout), which Hopper's TF32 tensor-core instructions require. One block per tile of kGatherRows padded
 // rows x kGatherCols features (a tile never straddles two experts: segments are multiples of kGatherRows), through
-// shared memory: coalesced 256-byte row reads of x, coalesced writes along r. The value is sqrt(c) * x (one fp32
+// shared memory: coalesced reads of 64 consecutive features of a row of x (256 bytes fp32, 128 bytes 16-bit), coalesced writes along r. The value is sqrt(c) * x (one fp32
 // __fmul_rn, the fp32 path's value) rounded once to OutT. Validates x (flag 2) for the routed rows it reads.
 constexpr int kGatherRows = 32, kGatherCols = 64, kGatherThreads = 256;
 static_assert(kTcPadRows % kGatherRows == 0, "padded segments must be whole gather tiles");

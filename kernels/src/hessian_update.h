@@ -44,8 +44,9 @@ struct TensorCorePlan {
 /// tf32 / bf16 (layout.precision 1 / 2), host part: the same triangle as square tiles (see tc_tile), every tile
 /// pair i >= j of every expert with rows, grouped into cublasGemmBatchedEx calls by (padded row count, tile shape);
 /// the device pointer arrays are uploaded (asynchronously on `stream`) into the workspace's ptrs region. Depends
-/// only on the padded offsets, so api.cpp runs it while the row pass is still on the GPU, before the readback of
-/// the validation flags, and the GPU does not wait for it.
+/// only on the padded offsets, so api.cpp builds it while the row pass is still on the GPU, before the readback of
+/// the validation flags. The upload is a pageable copy stream-ordered after the row pass; for a large plan the
+/// driver may hold the host until it is staged.
 Status plan_tensor_cores(const cuda_detail::HessianLayout& layout, void* workspace,
                          const std::vector<int32_t>& poffsets, int64_t dim, int64_t num_experts, float* H,
                          cudaStream_t stream, TensorCorePlan* plan);

@@ -144,8 +144,8 @@ Status cuda_accumulate_hessian(const float* x, int64_t n, int64_t dim, int64_t l
 /// The same with x of ElementType x_type (element_type.h): float32, bfloat16 or float16 (IEEE half), each element
 /// widened exactly to fp32 on load, so the result (and every error) equals that of the float32 call on x converted to
 /// float32: a layer running in bf16 hands its activations over as they are, and the row pass moves 2 instead of 4
-/// bytes per element of x. The 16-byte vector loads need ldx * element_size(x_type) a multiple of 16, x 16-byte
-/// aligned and dim a multiple of 8 (else a scalar path). Any other x_type value is kInvalidArgument naming `x_type`.
+/// bytes per element of x. The BF16 row pass uses 16-byte vector loads when ldx * element_size(x_type) is a
+/// multiple of 16, x is 16-byte aligned and dim a multiple of 8 (else a scalar path; layout affects speed only). Any other x_type value is kInvalidArgument naming `x_type`.
 Status cuda_accumulate_hessian(const void* x, ElementType x_type, int64_t n, int64_t dim, int64_t ldx,
                                const int32_t* expert_ids, const float* weights, int64_t num_experts, float* H,
                                int64_t* counts, double* mass, void* workspace, size_t workspace_bytes,
