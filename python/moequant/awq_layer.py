@@ -72,6 +72,7 @@ class _Ctx:
         self.tensors: dict = {}
         self.changed_experts: set = set()  # (expert, "gate" | "up" | "down") changed in place
         self.expert_schemes: dict = {}  # "gate" | "up" | "down" -> [scheme or None per expert], resolved once
+        self.fq_chunks: dict = {}  # "gate" | "up" -> [(bits, group size, symmetric, expert index tensor)], once
 
     def disk(self, rel: str) -> str:
         return self.fam.disk_name(f"{self.prefix}.{rel}")
@@ -177,7 +178,23 @@ def _expert_schemes(ctx: _Ctx, proj: str) -> list:
     return ctx.expert_schemes[proj]
 
 
-_FQ_EXPERT_CHUNK = 16  # experts fake-quantized per call (one fp32 temporary of chunk x I x H)
+# Experts fake-quantized per call: bounds the temporaries to a gathered chunk x I x H block (checkpoint dtype) and
+# a few fp32 chunk x I x H tensors (the scaled block, fake_quantize's work and result).
+_FQ_EXPERT_CHUNK = 16
+
+
+def _fq_chunks(ctx: _Ctx, proj: str, device) -> list:
+    """The quantized experts of ``proj`` grouped by (bits, group size, symmetry) and cut into chunks of
+    ``_FQ_EXPERT_CHUNK``: [(bits, group_size, symmetric, index tensor on ``device``)], built once per layer."""
+    if proj not in ctx.fq_chunks:
+        by_key: dict = {}
+        for e, sc in enumerate(_expert_schemes(ctx, proj)):
+            if sc is not None:
+                by_key.setdefault((sc.bits, sc.group_size, sc.symmetric), []).append(e)
+        ctx.fq_chunks[proj] = [(bits, gs, sym, torch.tensor(experts[c0:c0 + _FQ_EXPERT_CHUNK], device=device))
+                               for (bits, gs, sym), experts in by_key.items()
+                               for c0 in range(0, len(experts), _FQ_EXPERT_CHUNK)]
+    return ctx.fq_chunks[proj]
 
 
 def _fq_experts(ctx: _Ctx, gu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -186,15 +203,9 @@ def _fq_experts(ctx: _Ctx, gu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     group, so the same values as one call per expert)."""
     out = gu.clone()
     for proj, sl in zip(("gate", "up"), _expert_rows(ctx)):
-        by_key: dict = {}
-        for e, sc in enumerate(_expert_schemes(ctx, proj)):
-            if sc is not None:
-                by_key.setdefault((sc.bits, sc.group_size, sc.symmetric), []).append(e)
-        for (bits, gs, sym), experts in by_key.items():
-            for c0 in range(0, len(experts), _FQ_EXPERT_CHUNK):
-                idx = torch.tensor(experts[c0:c0 + _FQ_EXPERT_CHUNK], device=gu.device)
-                w = gu[idx][:, sl].float() * s
-                out[idx, sl] = (awq.fake_quantize(w, bits, gs, sym, ctx.storage) / s).to(gu.dtype)
+        for bits, gs, sym, idx in _fq_chunks(ctx, proj, gu.device):
+            w = gu[idx, sl].float() * s
+            out[idx, sl] = (awq.fake_quantize(w, bits, gs, sym, ctx.storage) / s).to(gu.dtype)
     return out
 
 
