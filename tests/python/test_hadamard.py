@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from gpu_helpers import misaligned
 from moequant import ops
 from moequant.ref import hadamard_matrix, hadamard_ref
 from moequant.ref.hadamard import decompose, special_hadamard, sylvester
@@ -214,10 +215,7 @@ def test_cuda_low_precision_every_kernel(n, dtype, gen):
 def test_cuda_misaligned_input(n, dtype, gen):
     """A contiguous input one element past a 16-byte boundary takes the element-wise loads."""
     x = torch.randn(5, n, generator=gen).to(dtype)
-    flat = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
-    xm = flat[1:].view(5, n)
-    xm.copy_(x)
-    assert xm.data_ptr() % 16 != 0
+    xm = misaligned(x)  # asserts the copy is contiguous and not 16-byte aligned
     got = ops.hadamard_transform(xm).cpu()
     torch.testing.assert_close(got, ops.hadamard_transform(x.cuda()).cpu(), rtol=0, atol=0)
 

@@ -13,29 +13,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_helpers import accumulate_raw, in_wider_rows
+from gpu_helpers import HESSIAN_PRECISIONS, RawHessians, accumulate_raw, in_wider_rows
 from moequant import _C, ops
 from testdata import routed_batch
 from tolerances import assert_equal
 
-PRECISIONS = ["fp32", "tf32", "bf16"]
 DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _acc(experts, dim, precision, x, ids, w):
+    """An ops.HessianAccumulator on CUDA fed one batch through ``add`` (the pipeline's path: ops' dtype handling and
+    the deferred mirror), where gpu_helpers.accumulate_raw calls _C directly."""
     acc = ops.HessianAccumulator(experts, dim, device="cuda", precision=precision)
     acc.add(x, ids.cuda(), None if w is None else w.cuda())
     return acc
 
 
 def _assert_same(a, b, what):
+    """H, counts and mass of ``a`` and ``b`` bit for bit (ops.HessianAccumulator or gpu_helpers.RawHessians)."""
     assert_equal(a.hessians, b.hessians, f"H {what}")
     assert_equal(a.counts, b.counts, f"counts {what}")
     assert_equal(a.mass, b.mass, f"mass {what}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", HESSIAN_PRECISIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim,weighted", [(64, True), (2600, True), (2600, False), (37, True), (8, False)])
 def test_16bit_rows_equal_float32_rows(precision, dtype, dim, weighted, gen):
@@ -48,7 +50,7 @@ def test_16bit_rows_equal_float32_rows(precision, dtype, dim, weighted, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", HESSIAN_PRECISIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_16bit_strided_and_misaligned_rows(precision, dtype, gen):
     # Straight through _C with the view itself: row stride 51 elements (102 bytes, no 16-byte loads) and a base
@@ -59,18 +61,17 @@ def test_16bit_strided_and_misaligned_rows(precision, dtype, gen):
         view = in_wider_rows(x, ld, lo)
         got = accumulate_raw(view, ids, w, 3, precision)
         want = accumulate_raw(x.float().cuda(), ids, w, 3, precision)
-        for a, b, name in zip(got, want, ("H", "counts", "mass")):
-            assert_equal(a, b, f"{name}: strided {dtype} (ld {ld}, offset {lo}) vs float32 ({precision})")
+        _assert_same(got, want, f"strided {dtype} (ld {ld}, offset {lo}) vs float32 ({precision})")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", HESSIAN_PRECISIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_16bit_non_finite_rows_rejected_and_state_kept(precision, dtype, gen):
     for dim in (64, 37):
         x, ids, w = routed_batch(gen, [30, 0, 20], dim, dtype=dtype)
         acc = _acc(3, dim, precision, x.cuda(), ids, w)
-        before = (acc.hessians.clone(), acc.counts.clone(), acc.mass.clone())
+        before = RawHessians(acc.hessians.clone(), acc.counts.clone(), acc.mass.clone())
         xb = x.clone()
         xb[33, dim - 2] = float("-inf")
         xb[40, 1] = float("nan")
@@ -79,8 +80,7 @@ def test_16bit_non_finite_rows_rejected_and_state_kept(precision, dtype, gen):
         xb[33, dim - 2] = 0.0
         with pytest.raises(ValueError, match=r"x: expected finite values, got NaN at \(40, 1\)"):
             acc.add(xb.cuda(), ids.cuda(), w.cuda())
-        for a, b, name in zip((acc.hessians, acc.counts, acc.mass), before, ("H", "counts", "mass")):
-            assert_equal(a, b, f"{name} after a rejected {dtype} batch")
+        _assert_same(acc, before, f"after a rejected {dtype} batch")
 
 
 def test_16bit_rows_rejected_by_the_cpu_binding():
