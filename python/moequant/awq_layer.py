@@ -81,6 +81,14 @@ class _Ctx:
         """The scheme of a layer-relative Linear, None when the pipeline keeps it in high precision."""
         return self.recipe.resolve(self.disk(rel)) if rel in self.linears else None
 
+    def expert_schemes_of(self, proj: str) -> list:
+        """The scheme of every routed expert's ``proj`` ("gate" | "up" | "down"; None: kept in high precision),
+        resolved once per layer."""
+        if proj not in self.expert_schemes:
+            self.expert_schemes[proj] = [self.recipe.resolve(self.fam.disk_expert_names(self.prefix, e)[proj])
+                                         for e in range(self.experts.gate_up_proj.shape[0])]
+        return self.expert_schemes[proj]
+
     def run(self, hooks: list) -> list:
         """Runs the selected batches through the layer with ``hooks`` = [(module, kind, fn)] attached."""
         handles, outs = [], []
@@ -170,14 +178,6 @@ def _gate_up_view(ctx: _Ctx) -> torch.Tensor:
     return gu.transpose(1, 2) if ctx.fam.layout == TRANSPOSED else gu
 
 
-def _expert_schemes(ctx: _Ctx, proj: str) -> list:
-    """The scheme of every expert's ``proj`` (None: kept in high precision), resolved once per layer."""
-    if proj not in ctx.expert_schemes:
-        ctx.expert_schemes[proj] = [ctx.recipe.resolve(ctx.fam.disk_expert_names(ctx.prefix, e)[proj])
-                                    for e in range(ctx.experts.gate_up_proj.shape[0])]
-    return ctx.expert_schemes[proj]
-
-
 # Experts fake-quantized per call: bounds the temporaries to a gathered chunk x I x H block (checkpoint dtype) and
 # a few fp32 chunk x I x H tensors (the scaled block, fake_quantize's work and result).
 _FQ_EXPERT_CHUNK = 16
@@ -188,7 +188,7 @@ def _fq_chunks(ctx: _Ctx, proj: str, device) -> list:
     ``_FQ_EXPERT_CHUNK``: [(bits, group_size, symmetric, index tensor on ``device``)], built once per layer."""
     if proj not in ctx.fq_chunks:
         by_key: dict = {}
-        for e, sc in enumerate(_expert_schemes(ctx, proj)):
+        for e, sc in enumerate(ctx.expert_schemes_of(proj)):
             if sc is not None:
                 by_key.setdefault((sc.bits, sc.group_size, sc.symmetric), []).append(e)
         ctx.fq_chunks[proj] = [(bits, gs, sym, torch.tensor(experts[c0:c0 + _FQ_EXPERT_CHUNK], device=device))
@@ -235,7 +235,7 @@ def _smooth_norm(ctx: _Ctx, norm_name: str, norm: nn.Module, consumers: list, in
     weights, gsz = [], []
     for c, m, k in quant:
         if k == "experts":
-            sc = next((x for x in _expert_schemes(ctx, "gate") if x is not None), None)
+            sc = next((x for x in ctx.expert_schemes_of("gate") if x is not None), None)
             if sc is None:
                 continue
             weights.append(_gate_up_view(ctx))

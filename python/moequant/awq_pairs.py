@@ -40,10 +40,6 @@ def _routed_rows(ctx, batches: list) -> list:
     return [torch.cat(r) if r else torch.zeros(0, H, device=ctx.device) for r in rows]
 
 
-def _intermediate(ctx, t, x: torch.Tensor) -> torch.Tensor:
-    return expert_glu(ctx.experts, ctx.fam, t, x)
-
-
 def _pair_search(ctx, x: torch.Tensor, w: torch.Tensor, sc, x_mean=None, w_mean=None, expand=None):
     """Scale search for ``y = x W^T`` with W quantized by ``sc``; ``expand`` maps the searched scales to W's
     columns (GQA). Returns the search result."""
@@ -151,13 +147,14 @@ def _smooth_v_o(ctx, name, mod, v, o, x, info) -> None:
 def _smooth_experts(ctx, rows: list, info: list) -> None:
     ex, fam = ctx.experts, ctx.fam
     done = skipped = 0
+    down = ctx.expert_schemes_of("down")
     for e, x in enumerate(rows):
-        sd = ctx.recipe.resolve(fam.disk_expert_names(ctx.prefix, e)["down"])
+        sd = down[e]
         if sd is None or x.shape[0] < ctx.cfg.min_tokens:
             skipped += 1
             continue
         t = split_expert(ex, fam, e)
-        res = _pair_search(ctx, _intermediate(ctx, t, x), t.down, sd)
+        res = _pair_search(ctx, expert_glu(ex, fam, t, x), t.down, sd)
         if res.ratio is None:
             continue
         s = res.scales.to(t.up.device)
@@ -195,19 +192,19 @@ def clip_layer(ctx, info: list) -> None:
         _clip(ctx, m.weight, _strided(torch.cat(store[n]), ctx.cfg.clip_tokens), ctx.scheme(n))
     clipped = 0
     if ctx.experts is not None:
+        schemes = {proj: ctx.expert_schemes_of(proj) for proj in ("gate", "up", "down")}
         for e, x in enumerate(_routed_rows(ctx, batches)):
             if x.shape[0] < ctx.cfg.min_tokens:
                 continue
             x = _strided(x, ctx.cfg.clip_tokens)
-            names = ctx.fam.disk_expert_names(ctx.prefix, e)
             t = split_expert(ctx.experts, ctx.fam, e)
             for proj, w in (("gate", t.gate), ("up", t.up)):
-                sc = ctx.recipe.resolve(names[proj])
+                sc = schemes[proj][e]
                 if sc is not None:
                     _clip(ctx, w, x, sc)
-            sd = ctx.recipe.resolve(names["down"])
+            sd = schemes["down"][e]
             if sd is not None:
-                _clip(ctx, t.down, _intermediate(ctx, t, x), sd)
+                _clip(ctx, t.down, expert_glu(ctx.experts, ctx.fam, t, x), sd)
             clipped += 1
     info.append({"group": "clip", "linears": len(lins), "experts": clipped})
 
@@ -217,12 +214,12 @@ def export_experts(ctx) -> None:
     fam = ctx.fam
     fused_changed = False
     for e, proj in sorted(ctx.changed_experts):
-        names = fam.disk_expert_names(ctx.prefix, e)
-        if ctx.recipe.resolve(names[proj]) is not None:
+        if ctx.expert_schemes_of(proj)[e] is not None:
             continue
         if fam.disk_fused:
             fused_changed = True
             continue
+        names = fam.disk_expert_names(ctx.prefix, e)
         ctx.keep(names[proj] + ".weight", getattr(split_expert(ctx.experts, fam, e), proj))
     if fused_changed:
         for leaf in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
