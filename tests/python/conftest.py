@@ -32,6 +32,16 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture
+def shared_tiny_model(shared_dir) -> Path:
+    """The trained tiny Qwen3-MoE ``../shared/models/qwen3moe-tiny``; skips when ../shared or the model's weights
+    are absent."""
+    path = shared_dir / "models" / "qwen3moe-tiny"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip(f"trained tiny model not found at {path} (no model.safetensors)")
+    return path
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed: every test draws its own reproducible data."""
     return torch.Generator().manual_seed(1234)

@@ -1,8 +1,6 @@
 """Routed capture on tiny models of every family: reproduces the experts output, counts, Hessians, hook hygiene."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -10,13 +8,6 @@ from moequant.capture import (ExpertCapture, LayerCapture, LinearCapture, Routed
                               route_tokens)
 from moequant.models import detect_family, split_expert
 from test_models import NAMES, build_tiny
-
-_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-SHARED_MODEL = os.environ.get("MOEQUANT_TINY_MODEL") or next(
-    (p for p in (os.path.join(_ROOT, "..", "shared", "models", "qwen3moe-tiny"),
-                 os.path.join(_ROOT, "shared", "models", "qwen3moe-tiny")) if os.path.isdir(p)),
-    os.path.join(_ROOT, "..", "shared", "models", "qwen3moe-tiny"))
-
 
 class RefAccumulator:
     """Stand-in for ``moequant.ops.HessianAccumulator`` (float64, index_add of outer products)."""
@@ -285,10 +276,9 @@ def test_layer_capture_linears(name):
         assert any(f".{fam.shared_expert}." in n for n in inputs)
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_MODEL), reason=f"trained test model not found at {SHARED_MODEL}")
-def test_qwen3moe_tiny_layer0_reproduced():
+def test_qwen3moe_tiny_layer0_reproduced(shared_tiny_model):
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(SHARED_MODEL, dtype=torch.float32,
+    model = transformers.AutoModelForCausalLM.from_pretrained(shared_tiny_model, dtype=torch.float32,
                                                               experts_implementation="eager").eval()
     fam = detect_family(model.config)
     assert fam.name == "qwen3_moe"

@@ -15,16 +15,6 @@ import torch
 from moequant import cli
 from moequant.cli import main
 
-TINY = Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "qwen3moe-tiny"
-HELDOUT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "evaltext" / "heldout.txt"
-
-
-def _tiny() -> Path:
-    if not (TINY / "model.safetensors").is_file():
-        pytest.skip(f"shared model not found at {TINY.resolve()}")
-    return TINY
-
-
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("moequant: error: "), err
@@ -194,8 +184,8 @@ def test_log_levels(capsys, tmp_path, model_dir, calib, fake_pipeline):
     assert "INFO" not in capsys.readouterr().err
 
 
-def test_inspect_tiny(capsys):
-    assert main(["inspect", str(_tiny())]) == 0
+def test_inspect_tiny(capsys, shared_tiny_model):
+    assert main(["inspect", str(shared_tiny_model)]) == 0
     out = capsys.readouterr().out
     fields = dict(line.split(": ", 1) for line in out.strip().splitlines())
     assert fields["family"].startswith("qwen3_moe")
@@ -214,12 +204,13 @@ def test_inspect_missing_model_exits_2(capsys, tmp_path):
     assert "model directory" in _one_error_line(capsys.readouterr().err)
 
 
-def test_eval_tiny_last_line_is_ppl(capsys, tmp_path):
-    model = _tiny()
-    if not HELDOUT.is_file():
-        pytest.skip(f"evaluation text not found at {HELDOUT.resolve()}")
+def test_eval_tiny_last_line_is_ppl(capsys, tmp_path, shared_dir, shared_tiny_model):
+    model = shared_tiny_model
+    heldout = shared_dir / "data" / "evaltext" / "heldout.txt"
+    if not heldout.is_file():
+        pytest.skip(f"evaluation text not found at {heldout}")
     text = tmp_path / "slice.txt"
-    text.write_text(HELDOUT.read_text(encoding="utf-8")[:1200], encoding="utf-8")
+    text.write_text(heldout.read_text(encoding="utf-8")[:1200], encoding="utf-8")
     assert main(["-q", "eval", str(model), "--text", str(text), "--seq-len", "64", "--device", "cpu",
                  "--batch-size", "4"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -228,8 +219,8 @@ def test_eval_tiny_last_line_is_ppl(capsys, tmp_path):
     assert 1.0 < float(m.group(1)) < 1000.0 and math.isfinite(float(m.group(1)))
 
 
-def test_eval_user_errors_exit_2(capsys, tmp_path):
-    model = _tiny()
+def test_eval_user_errors_exit_2(capsys, tmp_path, shared_tiny_model):
+    model = shared_tiny_model
     assert main(["eval", str(model), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "--text" in _one_error_line(capsys.readouterr().err)
     short = tmp_path / "short.txt"
