@@ -235,15 +235,17 @@ class ExpertCapture(Hooks):
     def _add_all_tokens(self, hs: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Every (unmasked) token once: block-input Hessian and, optionally, every expert's down input."""
         x = hs.reshape(-1, hs.shape[-1])
-        x = (x[mask.to(x.device)] if mask is not None else x).float()
+        if mask is not None:
+            x = x[mask.to(x.device)]
         if not x.shape[0]:
             return
-        if self.all_input is not None:
+        if self.all_input is not None:  # in the hidden-state dtype, like the routed rows (widened exactly)
             self.all_input.add(x, torch.zeros(x.shape[0], dtype=torch.int32, device=x.device))
         if self.down_all is not None:
+            xf = x.float()  # once, not in each expert's expert_glu
             for e in range(self.num_experts):
                 t = split_expert(self.experts, self.family, e)
-                self.down_all.add(expert_glu(self.experts, self.family, t, x),
+                self.down_all.add(expert_glu(self.experts, self.family, t, xf),
                                   torch.full((x.shape[0],), e, dtype=torch.int32, device=x.device))
 
 
