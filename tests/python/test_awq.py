@@ -317,11 +317,11 @@ def test_unsupported_reader_raises_with_remedy(monkeypatch):
         apply_awq(layer, fam, _awq_recipe(), "model.layers.0", hidden, kwargs, 0, "cpu", torch.float64)
 
 
-def test_trained_model_routing_identical_after_awq(shared_dir):
+def test_trained_model_routing_identical_after_awq(shared_dir, shared_tiny_model):
     from moequant.data import calibration_batches
     from moequant.loading import LazyModel, record_layer_inputs
 
-    model = shared_dir / "models" / "qwen3moe-tiny"
+    model = shared_tiny_model
     lazy = LazyModel(model, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(model)
     ids = calibration_batches(tok, CalibrationConfig(text_files=[str(shared_dir / "data/evaltext/calib.txt")],

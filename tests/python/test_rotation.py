@@ -325,9 +325,10 @@ def test_pipeline_unsupported_hidden_size_fails_before_work(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ trained model
 @pytest.fixture
-def trained(shared_dir):
-    """The trained tiny MoE of ../shared (conftest's ``shared_dir`` skips when it is absent)."""
-    return shared_dir / "models" / "qwen3moe-tiny"
+def trained(shared_tiny_model):
+    """The trained tiny MoE of ../shared (conftest's ``shared_tiny_model`` skips, with the reason, when ../shared or
+    the model is absent)."""
+    return shared_tiny_model
 
 
 def test_trained_model_rotation_preserves_logits_and_routing(trained):
