@@ -246,9 +246,12 @@ def _transform_(p: torch.Tensor, dim: int, rotation: Rotation, gain: torch.Tenso
 
 
 def parameter_at(root: nn.Module, name: str) -> torch.Tensor:
-    """The parameter or buffer at dotted ``name`` below ``root`` (``"mlp.experts.gate_up_proj"``)."""
-    mod_path, _, leaf = name.rpartition(".")
-    return getattr(root.get_submodule(mod_path) if mod_path else root, leaf)
+    """The parameter or buffer at dotted ``name`` below ``root`` (``"mlp.experts.gate_up_proj"``); AttributeError
+    when a hop is missing."""
+    t = get_path(root, name)
+    if t is None:
+        raise AttributeError(f"{type(root).__name__} has no parameter or buffer {name!r}")
+    return t
 
 
 @torch.no_grad()
