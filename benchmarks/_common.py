@@ -23,6 +23,12 @@ def cuda_time_ms(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def back_to_back_ms(fn, calls: int = 10, repeats: int = 5) -> float:
+    """Per-call time in ms of `calls` back-to-back calls between one pair of CUDA events (the launch latency hidden
+    behind the previous call): median over `repeats` rounds, after one warm-up round, divided by `calls`."""
+    return cuda_time_ms(lambda: [fn() for _ in range(calls)], repeats=repeats, warmup=1) / calls
+
+
 def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (read + write bytes / time) of a large clone, measured in this process."""
     x = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")

@@ -16,15 +16,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import copy_bandwidth_gbps, cuda_time_ms, print_table  # noqa: E402
+from _common import back_to_back_ms, copy_bandwidth_gbps, cuda_time_ms, print_table  # noqa: E402
 
 from moequant import ops  # noqa: E402
 from moequant.ref import hadamard_matrix  # noqa: E402
-
-
-def back_to_back_ms(fn, calls: int = 10) -> float:
-    """Median over 5 repeats of (time of `calls` back-to-back calls) / calls."""
-    return cuda_time_ms(lambda: [fn() for _ in range(calls)], repeats=5, warmup=1) / calls
 
 
 def main():

@@ -38,7 +38,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import cuda_time_ms, fp32_gemm_tflops, print_table, timeline_report  # noqa: E402
+from _common import back_to_back_ms, cuda_time_ms, fp32_gemm_tflops, print_table, timeline_report  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from moequant import ops  # noqa: E402
@@ -107,7 +107,7 @@ def speed_table(quick: bool) -> None:
             x = xs[xd]
             acc = ops.HessianAccumulator(E, d, device="cuda", precision=p)
             t_add = cuda_time_ms(lambda: acc.add(x, ids), repeats=3, warmup=1)
-            t_b2b = cuda_time_ms(lambda: [acc.add(x, ids) for _ in range(4)], repeats=3, warmup=1) / 4
+            t_b2b = back_to_back_ms(lambda: acc.add(x, ids), calls=4, repeats=3)
 
             def add_and_read():
                 acc.add(x, ids)
