@@ -177,16 +177,8 @@ def loss_table(quick: bool) -> None:
 
 def profile_table(quick: bool) -> None:
     """Per-kernel CUDA time of one BF16 add per shape (torch.profiler): where the time goes."""
-    import time
-
     from torch.profiler import ProfilerActivity, profile
-    host = []
-    for _ in range(50):
-        t = time.perf_counter()
-        torch.cuda.current_blas_handle()  # the binding fetches torch's cuBLAS handle before the first launch
-        host.append(time.perf_counter() - t)
-    print(f"host time of torch.cuda.current_blas_handle(): median {1e6 * sorted(host)[25]:.1f} us, "
-          f"max {1e6 * max(host):.1f} us (50 calls)")
+
     for model, E in CASES[:1] if quick else CASES:
         shp = SHAPES[model]
         d = shp.hidden
