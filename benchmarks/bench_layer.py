@@ -10,8 +10,8 @@ moequant ops are used:
   H down      ops.HessianAccumulator(G, 2048).add(h, ...)
   GPTQ        ops.gptq_quantize_batched: gate+up as one [4096, 7168] problem per expert, down [7168, 2048];
               4-bit asymmetric g128, block 128, compute_loss=False, overwrite_h=True (chunks of experts);
-              --recipe-default: the default recipe's solver instead (act-order, MSE scales, damp 0.1, and the
-              proxy loss of every expert that the pipeline's report shows)
+              --recipe-default: the default recipe's solver instead (the settings of moequant.recipe.QuantScheme(),
+              printed with the results, and the proxy loss of every expert that the pipeline's report shows)
   pack        ops.pack_int32(codes, 4) and ops.pack_zero_points(zero_point, 4) per projection
 Experts are processed in groups of --group (default 32) so that the group's Hessians fit (256 gate_up Hessians
 alone would be 52.6 GB); the weights of a group are generated before its stages and are not timed. Every stage is
@@ -26,6 +26,7 @@ The default Hessian precision is bf16, what the pipeline uses for bf16 layers on
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ from _common import print_table  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from moequant import ops  # noqa: E402
+from moequant.recipe import QuantScheme  # noqa: E402
 
 TARGET_S = 8.0
 
@@ -61,7 +63,7 @@ def make_weights(G, hidden, width, gen):
     return wgu, wd
 
 
-def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args):
+def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args, solver):
     hidden, width = shp.hidden, shp.width
     r0, r1 = int(offsets[g0]), int(offsets[g0 + G])
     counts = (offsets[g0 + 1:g0 + G + 1] - offsets[g0:g0 + G]).tolist()
@@ -102,7 +104,7 @@ def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu
         for c0 in range(0, G, chunk):
             c1 = min(G, c0 + chunk)
             qts = st.run(f"GPTQ {name}", lambda: ops.gptq_quantize_batched(
-                w[c0:c1], H[c0:c1], overwrite_h=True, **gptq_kwargs(args)))
+                w[c0:c1], H[c0:c1], overwrite_h=True, **solver))
 
             def pack():
                 return [(ops.pack_int32(q.codes, 4), ops.pack_zero_points(q.zero_point, 4), q.scale) for q in qts]
@@ -119,12 +121,20 @@ def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu
 
 def gptq_kwargs(args) -> dict:
     """The solver settings: the plain issue configuration, or with --recipe-default what the pipeline's default
-    recipe runs (moequant.recipe.QuantScheme(): act-order, MSE scales, damp 0.1, and the proxy loss of every expert
-    for the report)."""
+    recipe runs (moequant.recipe.QuantScheme().gptq_kwargs(), and the proxy loss of every expert for the report)."""
     if not args.recipe_default:
         return dict(bits=4, group_size=128, symmetric=False, compute_loss=False)
-    from moequant.recipe import QuantScheme
     return {**QuantScheme().gptq_kwargs(), "compute_loss": True}
+
+
+def describe_solver(args, kwargs: dict) -> str:
+    """The solver as run: the default recipe's label, then every setting of ops.gptq_quantize_batched (its own
+    defaults where kwargs leaves one out), so the printout cannot drift from the code."""
+    sig = inspect.signature(ops.gptq_quantize_batched).parameters
+    settings = {k: p.default for k, p in sig.items() if p.default is not inspect.Parameter.empty}
+    settings.update(kwargs, overwrite_h=True)
+    label = f"as the default recipe ({QuantScheme().describe()})" if args.recipe_default else "plain"
+    return f"{label}: " + ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
 def main():
@@ -136,8 +146,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--hessian-precision", default="bf16", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--recipe-default", action="store_true",
-                    help="GPTQ as the default recipe runs it (act-order, MSE scales, damp 0.1, proxy loss)")
+                    help="GPTQ as the default recipe (moequant.recipe.QuantScheme()) runs it, with the proxy "
+                         "loss; the settings are printed with the results")
     args = ap.parse_args()
+    solver = gptq_kwargs(args)
     shp = SHAPES["deepseek-v3"]
     E, K, hidden = shp.experts, shp.top_k, shp.hidden
     G = min(args.group, args.experts)
@@ -153,7 +165,7 @@ def main():
     for w, d in ((wgu, hidden), (wd, shp.width)):
         acc = ops.HessianAccumulator(2, d, device="cuda", precision=args.hessian_precision)
         acc.add(torch.randn(4096, d, device="cuda", generator=gen), torch.arange(4096, device="cuda") % 2)
-        qts = ops.gptq_quantize_batched(w, acc.hessians, overwrite_h=True, **gptq_kwargs(args))
+        qts = ops.gptq_quantize_batched(w, acc.hessians, overwrite_h=True, **solver)
         ops.pack_int32(qts[0].codes, 4), ops.pack_zero_points(qts[0].zero_point, 4)
     del wgu, wd, acc, qts
     torch.cuda.synchronize()
@@ -181,7 +193,8 @@ def main():
         wgu, wd = make_weights(G, hidden, shp.width, gen)
         torch.cuda.synchronize()
         setup_s += time.perf_counter() - t0
-        n_packed += process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args)
+        n_packed += process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args,
+                                  solver)
         del wgu, wd
         done = sum(v for k, v in st.t.items() if k != "route (once)")
         print(f"  experts {g0}..{g0 + G - 1} done: {done:.2f} s of stages so far, peak memory "
@@ -199,11 +212,9 @@ def main():
         rows.append([name, f"{t:.3f}", f"{full:.3f}", "measured" if full == t else "extrapolated"])
     rows.append(["TOTAL", f"{sum(st.t.values()):.3f}", f"{total:.3f}",
                  f"{'MET' if total <= TARGET_S else 'NOT MET'} (target {TARGET_S:.0f} s)"])
-    solver = ("as the default recipe (act-order, MSE, damp 0.1, loss)" if args.recipe_default
-              else "plain (no act-order, min-max, damp 0.01, no loss)")
     print(f"\nrouted rows {args.tokens * K}, experts processed {n_exp}/{E}, Hessian precision "
-          f"{args.hessian_precision}, GPTQ {solver}; untimed weight generation {setup_s:.2f} s; loop wall {wall:.2f} s; "
-          f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+          f"{args.hessian_precision}, GPTQ {describe_solver(args, solver)}; untimed weight generation {setup_s:.2f} s; "
+          f"loop wall {wall:.2f} s; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     print_table(f"DeepSeek-V3 MoE layer, {args.tokens} tokens top-{K}, 4-bit g128 asym ({label})",
                 ["stage", f"s ({n_exp} experts)", "s (256 experts)", "note"], rows)
 
