@@ -242,8 +242,10 @@ def test_cuda_low_precision_equals_rounded_fp32(n, dtype, gen):
 
 def test_shared_memory_layout_model_has_no_conflicts():
     """scripts/hadamard_smem_model.py: the padded shared-memory indexing of hadamard.cu is exact and bank-conflict
-    free for every (m, K) and row batching (a model of the kernel's index arithmetic, CPU only). Run in-process so
-    that a failure shows the script's list of problems."""
+    free for every (m, K) and row batching (a model of the kernel's index arithmetic, CPU only). The model covers
+    the padded layout only: 28 x 1024, which the kernel runs with the XOR swizzle (padded<M, K>()), is checked in
+    its padded form, and the XOR layout is not modelled. Run in-process so that a failure shows the script's list
+    of problems."""
     import runpy
     from pathlib import Path
     script = Path(__file__).resolve().parents[2] / "scripts" / "hadamard_smem_model.py"
