@@ -220,7 +220,6 @@ def test_cuda_misaligned_input(n, dtype, gen):
     torch.testing.assert_close(got, ops.hadamard_transform(x.cuda()).cpu(), rtol=0, atol=0)
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [128, 768, 2048, 4096, 7168, 14336, 16384, 32768])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
