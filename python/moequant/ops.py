@@ -182,6 +182,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[to
 
 
 def _as_codes(q: torch.Tensor, name: str) -> torch.Tensor:
+    if type(q) is torch.Tensor and q.dtype is torch.int8 and q.dim() == 2:
+        return q.contiguous()  # the common call (int8 codes), ahead of the checks it satisfies
     if not isinstance(q, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor of integer codes, got {type(q).__name__}")
     if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
@@ -202,8 +204,6 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
     Element ``i`` of a row occupies bits ``[i*bits, (i+1)*bits)`` of the row's bit stream (offset by
     ``2^(bits-1)``, least significant first). Example: ``pack_int32(tensor([[-8,...,-1]]), 4) == [[0x76543210]]``.
     """
-    if type(q) is torch.Tensor and q.dtype is torch.int8 and q.dim() == 2 and type(bits) is int and 2 <= bits <= 8:
-        return _C.pack_rows(q.contiguous(), bits)  # the common call, with the checks below already satisfied
     return _C.pack_rows(_as_codes(q, "q"), _check_bits(bits))
 
 
@@ -303,6 +303,7 @@ class HessianAccumulator:
         # half the bytes); everything else is converted to float32 first.
         keep = on_cuda and x.dtype in (torch.bfloat16, torch.float16)
         x = x.to(device=self.device, dtype=x.dtype if keep else torch.float32)
+        # the binding's rule for x (check_unit_stride_rows in bindings/module.cpp): unit-stride rows, else a copy
         if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
             x = x.contiguous()
         _C.accumulate_hessian(self._hessians, self.counts, self.mass, x,
