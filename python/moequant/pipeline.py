@@ -33,13 +33,12 @@ from .recipe import Recipe
 from .report import LayerRecord, QuantizationReport
 from .solve import quantize_experts, quantize_linears
 from .transforms import LayerStep, build_transforms, layer_export_tensors
-from .workdir import StoredQuantized, WorkDir
+from .workdir import WORK_VERSION, WorkDir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["quantize", "preflight", "StoredQuantized", "WorkDir"]
-
-_WORK_VERSION = 1
+# WorkDir lives in moequant.workdir; re-exported because tests/python/test_awq.py builds one as pipeline.WorkDir.
+__all__ = ["quantize", "preflight", "WorkDir"]
 
 
 def _as_recipe(recipe) -> Recipe:
@@ -220,7 +219,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ids = _calibration_ids(calibration, tokenizer, recipe)
     batch_size = recipe.calibration.batch_size
-    fingerprint = {"version": _WORK_VERSION, "model": str(model_dir.resolve()), "recipe": recipe.to_dict(),
+    fingerprint = {"version": WORK_VERSION, "model": str(model_dir.resolve()), "recipe": recipe.to_dict(),
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "export_format": export_format}
     import tempfile

@@ -18,7 +18,9 @@ from . import ops
 from .export import Replacements
 from .report import LayerRecord
 
-__all__ = ["StoredQuantized", "WorkDir"]
+__all__ = ["WORK_VERSION", "StoredQuantized", "WorkDir"]
+
+WORK_VERSION = 1  # the format of the files above; part of every run's fingerprint (manifest.json)
 
 
 class StoredQuantized:
