@@ -185,7 +185,7 @@ def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_l
         del w, h
 
 
-def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, compute_loss: bool = True) -> None:
+def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
     """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
     groups: dict = {}
     for job in jobs:
@@ -243,7 +243,7 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
 
 def _finish(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
     """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
-    _run_jobs(jobs, storage, recipe.solver_memory_gb, recipe.report_loss)
+    _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     for job in jobs:
         for name, param, rows in job.outputs:
