@@ -132,9 +132,14 @@ def _model_dir(path: str) -> Path:
 
 
 def _check_device(device: Optional[str]) -> None:
+    """The --device checks with CLI messages and exit code 2: the recipe's device grammar, then whether that CUDA
+    device exists (pipeline.resolve_device checks only that some GPU is available, and the CLI does not import
+    the pipeline before the run)."""
+    from moequant.recipe import _DEVICE_RE
+
     if device is None:
         return
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    if not _DEVICE_RE.fullmatch(device):
         raise CliError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda"):
         import torch
