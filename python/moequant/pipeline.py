@@ -255,7 +255,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             prefix = lazy.layer_prefix(index)
             layer = lazy.load_layer(index, device)
             step = LayerStep(index, prefix, layer, hidden, kwargs, device)
-            early = [tr.before_capture(step) for tr in transforms]  # in order: rotation, then AWQ
+            for tr in transforms:  # in order: rotation, then AWQ
+                tr.before_capture(step)
             with torch.no_grad():
                 cap = LayerCapture(layer, lazy.family, layer_prefix=prefix, weighting=weighting,
                                    shared_weighting="gate" if recipe.routing_weighted else "none",
@@ -273,10 +274,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                  expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
                                  expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [],
                                  modules=rec_l + rec_e)
-            dense = layer_export_tensors(transforms, step, early, {*res_l, *res_e})
+            dense = layer_export_tensors(transforms, step, {*res_l, *res_e})
             work.save_layer(index, {**res_l, **res_e}, record, hidden, tensors=dense)
             report.layers.append(record)
-            del layer, step, early, cap, res_l, res_e
+            del layer, step, cap, res_l, res_e
             logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
             if _after_layer is not None:
                 _after_layer(index)

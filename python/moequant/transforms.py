@@ -7,11 +7,10 @@ every enabled transform there in the order :func:`build_transforms` returns them
    recorded (QuaRot R1 rotates the embeddings, final norm and lm_head here);
 2. per decoder layer, :meth:`~LayerTransform.before_capture` right after the layer is loaded and before its
    Hessians are captured (rotation of the layer; AWQ smoothing and clipping on the layer's recorded inputs);
-   it returns the changed high-precision tensors it already knows, by checkpoint name;
 3. per decoder layer, after it is quantized, :meth:`~LayerTransform.export_tensors` with the on-disk names of
-   the quantized modules: changed tensors that only that set decides (a rotated matrix the recipe leaves in
-   high precision). The layer's export tensors are merged in transform order, each transform's
-   ``export_tensors`` then its ``before_capture`` tensors, so a later version of a tensor wins;
+   the quantized modules: every high-precision tensor the transform changed in that layer, by checkpoint name
+   (a rotated matrix the recipe leaves in high precision, AWQ's scaled norms). The layer's export tensors are
+   merged in transform order, so a later transform's version of a tensor wins;
 4. at the export, :meth:`~LayerTransform.export_globals` (replacements after the layers') and
    :meth:`~LayerTransform.config_overrides` (``config.json`` keys).
 
@@ -61,13 +60,12 @@ class LayerTransform:
     def before_calibration(self, lazy) -> None:
         """Changes the lazily opened model's globals (``lazy.model``) before the calibration inputs are recorded."""
 
-    def before_capture(self, step: LayerStep) -> dict[str, torch.Tensor]:
-        """Changes ``step.layer`` in place; returns changed high-precision tensors by checkpoint name."""
-        return {}
+    def before_capture(self, step: LayerStep) -> None:
+        """Changes ``step.layer`` in place (remembering what it changed for :meth:`export_tensors`)."""
 
     def export_tensors(self, step: LayerStep, quantized: set) -> dict[str, torch.Tensor]:
-        """Changed tensors of the quantized layer, by checkpoint name, that depend on ``quantized`` (the on-disk
-        module names written from their codes)."""
+        """The high-precision tensors this transform changed in the quantized layer, by checkpoint name;
+        ``quantized``: the on-disk module names written from their codes (those are not exported here)."""
         return {}
 
     def export_globals(self) -> Optional[Replacements]:
@@ -92,9 +90,8 @@ class RotationTransform(LayerTransform):
 
         self._rotation = PipelineRotation(lazy, self.seed, self.storage)
 
-    def before_capture(self, step: LayerStep) -> dict[str, torch.Tensor]:
+    def before_capture(self, step: LayerStep) -> None:
         self._changed = self._rotation.rotate_layer(step.layer)
-        return {}
 
     def export_tensors(self, step: LayerStep, quantized: set) -> dict[str, torch.Tensor]:
         from .rotation_pipeline import rotated_export_tensors
@@ -113,12 +110,16 @@ class AWQTransform(LayerTransform):
 
     def __init__(self, recipe: Recipe, family: MoEFamily, storage: torch.dtype):
         self.recipe, self.family, self.storage = recipe, family, storage
+        self._tensors: dict[str, torch.Tensor] = {}  # changed tensors of the current layer, by checkpoint name
 
-    def before_capture(self, step: LayerStep) -> dict[str, torch.Tensor]:
+    def before_capture(self, step: LayerStep) -> None:
         from .awq_layer import apply_awq
 
-        return apply_awq(step.layer, self.family, self.recipe, step.prefix, step.hidden, step.kwargs, step.index,
-                         step.device, self.storage).tensors
+        self._tensors = apply_awq(step.layer, self.family, self.recipe, step.prefix, step.hidden, step.kwargs,
+                                  step.index, step.device, self.storage).tensors
+
+    def export_tensors(self, step: LayerStep, quantized: set) -> dict[str, torch.Tensor]:
+        return self._tensors
 
 
 def build_transforms(recipe: Recipe, family: MoEFamily, storage: torch.dtype) -> list[LayerTransform]:
@@ -134,12 +135,11 @@ def build_transforms(recipe: Recipe, family: MoEFamily, storage: torch.dtype) ->
     return out
 
 
-def layer_export_tensors(transforms: list[LayerTransform], step: LayerStep, early: list[dict],
+def layer_export_tensors(transforms: list[LayerTransform], step: LayerStep,
                          quantized: set) -> Optional[dict[str, torch.Tensor]]:
-    """The high-precision tensors of one quantized layer the export writes in place of the source tensors, or
-    None when there are none. ``early``: what each transform's ``before_capture`` returned (same order)."""
+    """The high-precision tensors of one quantized layer the export writes in place of the source tensors (merged
+    in transform order: a later transform's version wins), or None when there are none."""
     out: dict[str, torch.Tensor] = {}
-    for t, changed in zip(transforms, early):
+    for t in transforms:
         out.update(t.export_tensors(step, quantized))
-        out.update(changed)
     return out or None

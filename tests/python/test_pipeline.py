@@ -309,13 +309,24 @@ def test_transforms_built_in_order_and_export_tensors_merged_later_wins():
     assert [type(t) for t in transforms.build_transforms(r, fam, torch.bfloat16)] == \
         [transforms.RotationTransform, transforms.AWQTransform]
 
-    class Late(transforms.LayerTransform):
+    a, b, c = torch.ones(1), torch.full((1,), 2.0), torch.full((1,), 3.0)
+
+    class Early(transforms.LayerTransform):  # exports only when its module set is quantized
         def export_tensors(self, step, quantized):
             return {"a": torch.zeros(1), "b": torch.zeros(1)} if "m" in quantized else {}
 
-    a, b, c = torch.ones(1), torch.full((1,), 2.0), torch.full((1,), 3.0)
+    class Later(transforms.LayerTransform):  # remembers what before_capture changed, like AWQTransform
+        def before_capture(self, step):
+            self.changed = {"b": b, "c": c}
+
+        def export_tensors(self, step, quantized):
+            return self.changed
+
     step = transforms.LayerStep(0, "model.layers.0", torch.nn.Identity(), [], [], torch.device("cpu"))
-    out = transforms.layer_export_tensors([Late(), transforms.LayerTransform()], step, [{"a": a}, {"b": b, "c": c}],
-                                          {"m"})
-    assert out == {"a": a, "b": b, "c": c}  # before_capture's tensors over export_tensors', later over earlier
-    assert transforms.layer_export_tensors([transforms.LayerTransform()], step, [{}], set()) is None
+    ts = [Early(), Later()]
+    for t in ts:
+        assert t.before_capture(step) is None
+    out = transforms.layer_export_tensors(ts, step, {"m"})
+    assert set(out) == {"a", "b", "c"}
+    assert torch.equal(out["a"], torch.zeros(1)) and out["b"] is b and out["c"] is c  # the later transform wins
+    assert transforms.layer_export_tensors([transforms.LayerTransform()], step, set()) is None
