@@ -181,6 +181,21 @@ def test_quantize_rtn_mse_float_screen(magnitude, bits, symmetric, scale_dtype, 
     assert_mse_close(w, cpu, gpu, bits, 128)
 
 
+@pytest.mark.parametrize("case", ["norm<1", "wide-group"])
+def test_quantize_rtn_mse_screen_fallbacks(case, gen):
+    # Where the float screen's error bound does not hold, the CUDA search runs the exact search for every candidate
+    # (search_qparams_screened): mse_norm < 1 on weights whose quantization errors are subnormal in float (terms the
+    # screen flushes to 0 weigh d^norm >> FLT_MIN), and a group wider than 2^16 (per-channel, 70,000 columns).
+    if case == "norm<1":
+        w, gs, norm = (torch.randn(64, 256, generator=gen) ** 3) * 1e-37, 64, 0.5
+    else:
+        w, gs, norm = torch.randn(3, 70_000, generator=gen) ** 3, -1, 2.4
+    kw = dict(scale_search="mse", mse_norm=norm)
+    cpu = ops.quantize_rtn(w, 4, gs, False, **kw)
+    gpu = ops.quantize_rtn(w.cuda(), 4, gs, False, **kw)
+    assert_mse_close(w, cpu, gpu, 4, gs if gs > 0 else w.shape[1], norm=norm)
+
+
 def test_quantize_rtn_mse_search_parameters(gen):
     w = torch.randn(16, 256, generator=gen) ** 3
     kw = dict(scale_search="mse", mse_grid=37, mse_min_shrink=0.5, mse_norm=2.0)
