@@ -74,15 +74,19 @@ __host__ __device__ inline void for_each_mse_candidate(float lo, float hi, const
   }
 }
 
-// compute_qparams of quant.h after the min/max pass: `err(p)` must return the group's sequential MSE error; the
-// first candidate with the smallest error wins (the CPU's strict `<`).
-template <class ErrFn>
-__host__ __device__ QP search_qparams(float lo, float hi, const RtnParams& s, const ErrFn& err) {
+// compute_qparams of quant.h after the min/max pass, over the candidates `admit(k, p)` lets through (k = the
+// candidate's position among those for_each_mse_candidate visits): `err(p)` must return the group's sequential MSE
+// error; the first admitted candidate with the smallest error wins (the CPU's strict `<`).
+template <class ErrFn, class Admit>
+__host__ __device__ QP search_qparams_admitted(float lo, float hi, const RtnParams& s, const ErrFn& err,
+                                               Admit&& admit) {
   QP best = mse_candidate(0, lo, hi, s);
   if (!s.mse) return best;
   double best_err = 0.0;
   bool have = false;
+  int k = 0;
   for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
+    if (!admit(k++, p)) return true;
     const double e = err(p);
     if (!have || e < best_err) {
       best_err = e;
@@ -92,6 +96,12 @@ __host__ __device__ QP search_qparams(float lo, float hi, const RtnParams& s, co
     return true;
   });
   return best;
+}
+
+// The CPU's search: every candidate admitted.
+template <class ErrFn>
+__host__ __device__ QP search_qparams(float lo, float hi, const RtnParams& s, const ErrFn& err) {
+  return search_qparams_admitted(lo, hi, s, err, [](int, const QP&) { return true; });
 }
 
 // |v - dequant(quant(v))|^norm in double, the CPU's per-element term.
@@ -185,23 +195,10 @@ __device__ QP search_qparams_screened(float lo, float hi, const RtnParams& s, in
   __syncwarp();
   const double tau = static_cast<double>(n) * 1.1754943508222875e-38;  // FLT_MIN per element
   const double limit = (static_cast<double>(fmin) + tau) * ((1.0 + kScreenRel) / (1.0 - kScreenRel)) + tau;
-  QP best = mse_candidate(0, lo, hi, s);
-  double best_err = 0.0;
-  bool have = false;
-  k = 0;
-  for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
-    const float ef = cache ? cache[k] : errf(p);
-    ++k;
-    if (static_cast<double>(ef) > limit) return true;  // warp-uniform
-    const double e = err(p);
-    if (!have || e < best_err) {
-      best_err = e;
-      best = p;
-      have = true;
-    }
-    return true;
+  return search_qparams_admitted(lo, hi, s, err, [&](int j, const QP& p) {
+    const float ef = cache ? cache[j] : errf(p);
+    return static_cast<double>(ef) <= limit;  // warp-uniform
   });
-  return best;
 }
 
 // One warp per (row, group), grid-stride over groups. The group's min/max is a warp reduction (exact: min and
