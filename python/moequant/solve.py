@@ -94,21 +94,27 @@ class ExpertHessians:
         """Mean normalised Hessian of the well-calibrated experts (those with min_tokens), or else of every
         expert that saw any token; None when no expert saw a token."""
         if self._mean is None:
-            ok = [e for e, c in enumerate(self.counts) if c >= self.min_tokens] or \
-                 [e for e, c in enumerate(self.counts) if c > 0]
+            ok = [e for e in range(len(self.counts)) if self.calibrated(e)] or \
+                 [e for e, c in enumerate(self.counts) if c > 0 and float(self.acc.mass[e]) > 0]
             if ok:
                 self._mean = sum(self.acc.hessian(e) for e in ok) / len(ok)
         return self._mean
+
+    def calibrated(self, e: int) -> bool:
+        """Expert ``e`` has its own Hessian: at least ``min_tokens`` rows and a non-zero weight mass. An expert
+        that saw no token (or only zero routing weights) never counts as calibrated, whatever ``min_tokens`` says:
+        its Hessian is all zeros, and GPTQ would set every column of it to zero (dead columns)."""
+        return self.counts[e] >= max(self.min_tokens, 1) and float(self.acc.mass[e]) > 0
 
     def get(self, e: int) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
         """(Hessian or None for RTN, fallback used or None, force RTN)."""
         if self.policy == "shrink":
             h = self._shrunk(e)
             if h is not None:
-                return h, ("shrink" if self.counts[e] < self.min_tokens else None), False
-            if self.counts[e] >= self.min_tokens:
+                return h, (None if self.calibrated(e) else "shrink"), False
+            if self.calibrated(e):
                 return self.acc.hessian(e), None, False
-        elif self.counts[e] >= self.min_tokens:
+        elif self.calibrated(e):
             return self.acc.hessian(e), None, False
         if self.policy == "rtn":
             return None, "rtn", True
@@ -143,11 +149,12 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
         scheme = recipe.resolve(disk)
         if scheme is None:
             continue
-        tokens = int(lc.accumulators[name].counts[0])
-        h = lc.accumulators[name].hessian(0) if tokens > 0 else None
+        acc = lc.accumulators[name]
+        tokens = int(acc.counts[0])
+        h = acc.hessian(0) if tokens > 0 and float(acc.mass[0]) > 0 else None  # no data: RTN, never a zero H
         force_rtn = h is None and scheme.method == "gptq"
         jobs.append(_Job(disk, lin.weight, h, scheme.replace(method="rtn") if force_rtn else scheme, scheme,
-                         [(disk, lin.weight, None)], tokens, None if tokens > 0 else "rtn", force_rtn))
+                         [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn))
     return _finish(jobs, storage, recipe)
 
 
