@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - only when the package was not b
 def quantize(model_or_path, recipe=None, calibration=None, output_dir=None, **kwargs):
     """Quantizes a Hugging Face MoE checkpoint layer by layer; see :func:`moequant.pipeline.quantize`.
 
-    ``recipe``: a :class:`moequant.recipe.Recipe`, its dict, or a YAML/JSON file (default W4 g128 asymmetric
+    ``recipe``: a :class:`moequant.recipe.Recipe`, its dict, or a YAML/JSON file (default W4 g128 symmetric
     GPTQ); ``calibration``: token ids ``[N, seq_len]``, text/JSONL file path(s), or None for the recipe's;
     ``output_dir``: where the compressed-tensors checkpoint goes (None: nothing is written).
     Returns a :class:`moequant.report.QuantizationReport`.

@@ -91,12 +91,14 @@ class QuantScheme(_Dict):
     """
 
     _where: ClassVar[str] = "scheme"
-    # Defaults: the best measured recipe on the trained test MoE (docs/quality.md, issue-5 table): GPTQ with
-    # act-order (static groups), the MSE scale search and damping 0.1 -- among the recipes not worse than RTN out
-    # of domain (WikiText-2) at W4 and W3, the best held-out perplexity within the run-to-run spread, at no cost.
+    # Defaults: W4A16 g128 symmetric, the format every loader reads (vLLM, and transformers, whose MoE loader drops
+    # zero points), as llm-compressor's W4A16 preset; the solver settings are the best measured recipe on the
+    # trained test MoE (docs/quality.md, issue-5 table): GPTQ with act-order (static groups), the MSE scale search
+    # and damping 0.1 -- among the recipes not worse than RTN out of domain (WikiText-2) at W4 and W3, the best
+    # held-out perplexity within the run-to-run spread, at no cost.
     bits: int = 4
     group_size: Optional[int] = 128
-    symmetric: bool = False
+    symmetric: bool = True
     method: str = "gptq"
     scale_search: str = "mse"
     mse_grid: int = 100

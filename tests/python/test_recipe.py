@@ -15,7 +15,7 @@ EXPERT = "model.layers.3.mlp.experts.7.gate_proj"
 def test_defaults():
     s = QuantScheme()
     assert (s.bits, s.group_size, s.symmetric, s.method, s.scale_search, s.act_order) == \
-        (4, 128, False, "gptq", "mse", True)
+        (4, 128, True, "gptq", "mse", True)  # symmetric: the format every loader reads (docs/export.md)
     assert (s.mse_grid, s.mse_min_shrink, s.mse_norm, s.damp, s.block_size) == (100, 0.2, 2.4, 0.1, 128)
     r = Recipe()
     assert r.version == 1 and r.hessian_dtype == "float32" and r.routing_weighted is False and r.device is None
@@ -114,14 +114,14 @@ def test_default_ignores():
 
 def test_resolve_last_matching_override_wins_and_is_not_merged():
     r = Recipe(overrides=[
-        Override("model.layers.*", {"bits": 8, "symmetric": True}),
+        Override("model.layers.*", {"bits": 8, "symmetric": False}),
         Override("model.layers.*.self_attn.*", {"group_size": 64}),
         Override("re:model\\.layers\\.0\\.", skip=True),
     ])
     attn = r.resolve(ATTN)
-    assert (attn.bits, attn.group_size, attn.symmetric) == (4, 64, False)  # last match only, on the base scheme
+    assert (attn.bits, attn.group_size, attn.symmetric) == (4, 64, True)  # last match only, on the base scheme
     ex = r.resolve(EXPERT)
-    assert (ex.bits, ex.group_size, ex.symmetric) == (8, 128, True)
+    assert (ex.bits, ex.group_size, ex.symmetric) == (8, 128, False)
     assert r.resolve("model.layers.0.self_attn.q_proj") is None
     assert r.resolve("model.layers.10.self_attn.q_proj").group_size == 64
     r.overrides.reverse()  # order matters
@@ -228,11 +228,11 @@ def test_from_cli_flags_override_file(tmp_path):
 
 def test_kwargs_for_ops():
     s = QuantScheme(bits=3, scale_search="mse", act_order=True, damp=0.05)
-    assert s.quant_kwargs() == {"bits": 3, "group_size": 128, "symmetric": False, "scale_search": "mse",
+    assert s.quant_kwargs() == {"bits": 3, "group_size": 128, "symmetric": True, "scale_search": "mse",
                                 "mse_grid": 100, "mse_min_shrink": 0.2, "mse_norm": 2.4}
     g = s.gptq_kwargs()
     assert (g["act_order"], g["damp"], g["block_size"]) == (True, 0.05, 128)
-    assert s.describe() == "W3 g128 asym gptq act-order mse"
+    assert s.describe() == "W3 g128 sym gptq act-order mse"
     assert QuantScheme(group_size=-1, symmetric=True, method="rtn", scale_search="minmax").describe() == \
         "W4 per-channel sym rtn"
-    assert QuantScheme(method="rtn").describe() == "W4 g128 asym rtn mse"
+    assert QuantScheme(method="rtn", symmetric=False).describe() == "W4 g128 asym rtn mse"
