@@ -61,11 +61,17 @@ class Replacements:
         changed by a smoothing transform); same shape as the source, cast to the source dtype.
     added: full tensor name -> tensor absent from the source, written as given (dtype included), e.g. the
         ``lm_head.weight`` of a rotated model whose source ties it to the embeddings.
+    removed: source tensor names not written: their content is in ``quantized`` / ``added`` under other names
+        (e.g. GPT-OSS's fused ``mlp.experts.gate_up_proj``, written as per-expert quantized modules).
+    dtypes: on-disk module prefix -> checkpoint dtype, for quantized modules that have no ``<prefix>.weight`` in
+        the source (the per-expert modules of a fused source tensor listed in ``removed``).
     """
 
     quantized: Mapping[str, Any] = field(default_factory=dict)
     tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     added: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    removed: Sequence[str] = ()
+    dtypes: Mapping[str, torch.dtype] = field(default_factory=dict)
 
 
 ReplacementsLike = Union[Replacements, Mapping[str, Mapping], Iterable[Union[Replacements, Mapping[str, Mapping]]]]
@@ -74,12 +80,12 @@ ReplacementsLike = Union[Replacements, Mapping[str, Mapping], Iterable[Union[Rep
 def _as_chunk(obj: Any) -> Replacements:
     if isinstance(obj, Replacements):
         return obj
-    if isinstance(obj, Mapping) and set(obj) <= {"quantized", "tensors", "added"}:
-        return Replacements(quantized=obj.get("quantized", {}), tensors=obj.get("tensors", {}),
-                            added=obj.get("added", {}))
+    keys = ("quantized", "tensors", "added", "removed", "dtypes")
+    if isinstance(obj, Mapping) and set(obj) <= set(keys):
+        return Replacements(**{k: obj[k] for k in keys if k in obj})
     raise TypeError(
-        "replacements: expected a Replacements, a dict with keys 'quantized'/'tensors'/'added', or an iterable of "
-        "those; "
+        "replacements: expected a Replacements, a dict with keys 'quantized'/'tensors'/'added'/'removed'/'dtypes', "
+        "or an iterable of those; "
         f"got {type(obj).__name__}"
     )
 
@@ -172,22 +178,31 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
 
     Args:
         groups: ``(targets, scheme)`` pairs; ``scheme`` has ``bits``, ``group_size`` (<= 0 / None: per-channel)
-            and ``symmetric`` (attributes or mapping keys). Targets are class names (``"Linear"``) or ``"re:"``
-            regexes over on-disk module names. Pairs with the same scheme are merged into one group. With several
-            schemes put the specific ones in ``re:`` targets (compressed-tensors prefers regex matches to class
-            matches; transformers picks the experts' scheme from the group whose ``re:`` target mentions
-            ``experts``) and keep ``"Linear"`` as a target (vLLM's MoE needs it).
+            and ``symmetric``, and optionally ``observer`` (how the scales were chosen: ``"minmax"``, the default,
+            or ``"mse"``) and ``actorder`` (``"weight"``: GPTQ processed the columns in activation order with
+            static groups, no ``g_idx``; None, the default: in their order), as attributes or mapping keys.
+            Targets are class names (``"Linear"``) or ``"re:"`` regexes over on-disk module names. Pairs with the
+            same scheme are merged into one group, in the order of their first pair. With several schemes put the
+            routed experts' group first (transformers dequantizes every expert with the first group that targets
+            a class name, unless a ``re:`` target mentions ``experts``) and keep ``"Linear"`` as a target (vLLM's
+            MoE needs it).
         ignore: module names or ``re:`` patterns left unquantized (``lm_head``, routers ...).
     Returns:
         a JSON-able dict for ``config.json["quantization_config"]``.
     """
-    merged: dict[tuple[int, int, bool], list[str]] = {}
+    merged: dict[tuple, list[str]] = {}
     for targets, scheme in groups:
         if isinstance(targets, str):
             raise TypeError(f"targets: expected a list of strings, got the string {targets!r}")
         key = _scheme_key(_attr(scheme, "bits"), _attr(scheme, "group_size"), _attr(scheme, "symmetric"))
         if not 1 <= key[0] <= 8:
             raise ValueError(f"bits: pack-quantized supports 1..8 bits, got {key[0]}")
+        observer, actorder = _optional(scheme, "observer", "minmax"), _optional(scheme, "actorder", None)
+        if observer not in _OBSERVERS:
+            raise ValueError(f"observer: expected one of {_OBSERVERS}, got {observer!r}")
+        if actorder not in _ACTORDERS:
+            raise ValueError(f"actorder: expected one of {_ACTORDERS}, got {actorder!r}")
+        key = (*key, observer, actorder)
         merged.setdefault(key, [])
         merged[key] += [t for t in targets if t not in merged[key]]
     if not merged:
@@ -195,11 +210,11 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
     if not any(t == "Linear" for ts in merged.values() for t in ts):
         logger.warning("no config group targets 'Linear': vLLM's MoE loader requires one (llm-compressor #2163)")
     config_groups = {}
-    for i, ((bits, gs, sym), targets) in enumerate(merged.items()):
+    for i, ((bits, gs, sym, observer, actorder), targets) in enumerate(merged.items()):
         weights = {
             "num_bits": bits, "type": "int", "symmetric": sym,
             "strategy": "group" if gs > 0 else "channel", "group_size": gs if gs > 0 else None,
-            "dynamic": False, "actorder": None, "observer": "minmax",
+            "dynamic": False, "actorder": actorder, "observer": observer,
         }  # fmt: skip
         config_groups[f"group_{i}"] = {
             "targets": list(targets), "format": _FORMAT, "weights": weights,
@@ -213,6 +228,16 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
         "ignore": list(ignore),
         "kv_cache_scheme": None,
     }
+
+
+_OBSERVERS = ("minmax", "mse")
+_ACTORDERS = (None, "weight")
+
+
+def _optional(scheme: Any, name: str, default: Any) -> Any:
+    if isinstance(scheme, Mapping):
+        return scheme.get(name, default)
+    return getattr(scheme, name, default)
 
 
 def _config_schemes(quantization_config: Mapping) -> set[tuple[int, int, bool]]:
@@ -299,10 +324,21 @@ def _write_replacements(src: SafetensorsSource, writer: CheckpointWriter, replac
     n_chunks = 0
     for chunk in _iter_chunks(replacements):
         n_chunks += 1
+        for name in chunk.removed:
+            claim(name, "removed")
         for prefix, qt in chunk.quantized.items():
             wname = f"{prefix}.weight"
-            claim(wname, "quantized")
-            shape = src.shape(wname)
+            if prefix in chunk.dtypes:  # a module split out of a removed fused source tensor
+                if wname in src:
+                    raise ValueError(f"dtypes: {prefix!r} has a source weight {wname!r}; dtypes is only for modules "
+                                     f"absent from the source")
+                if wname in added:
+                    raise ValueError(f"quantized: {prefix!r} is written twice")
+                added.add(wname)
+                shape, dtype = tuple(qt.codes.shape), chunk.dtypes[prefix]
+            else:
+                claim(wname, "quantized")
+                shape, dtype = src.shape(wname), src.dtype(wname)
             if tuple(qt.codes.shape) != shape:
                 raise ValueError(f"{prefix}: codes shape {tuple(qt.codes.shape)} != source weight shape {shape}")
             keys = _qt_keys(qt, shape[1])
@@ -315,7 +351,6 @@ def _write_replacements(src: SafetensorsSource, writer: CheckpointWriter, replac
                         f"{sorted(seen)}: vLLM requires one scheme for all experts' projections of a layer"
                     )
                 expert_schemes[m.group(1)] = (first, keys & seen)
-            dtype = src.dtype(wname)
             if mode == "dequantized":
                 writer.add(wname, qt.dequantized.detach().to("cpu", dtype))
                 continue

@@ -10,7 +10,9 @@ from .base import (
     intermediate_size,
     linear_modules,
     num_experts,
+    fuse_experts,
     split_expert,
+    split_expert_tensors,
     text_config,
 )
 from .families import FAMILIES, detect_family, supported_model_types
@@ -18,5 +20,6 @@ from .families import FAMILIES, detect_family, supported_model_types
 __all__ = [
     "STANDARD", "TRANSPOSED", "ExpertTensors", "MoEFamily", "FAMILIES", "detect_family", "get_path",
     "glu_act_fn", "glu_gpt_oss", "intermediate_size", "linear_modules", "num_experts", "split_expert",
+    "split_expert_tensors", "fuse_experts",
     "supported_model_types", "text_config",
 ]

@@ -224,9 +224,16 @@ class MoEFamily:
         return False
 
     def ignore_patterns(self) -> list[str]:
-        """compressed-tensors style ``ignore`` list with checkpoint names (``"lm_head"``, ``"re:.*mlp\\.gate$"``)."""
+        """compressed-tensors style ``ignore`` list (``"lm_head"``, ``"re:.*mlp\\.gate$"``) of the high-precision
+        modules, by checkpoint name (vLLM matches those) and, where it differs, by runtime module name
+        (transformers matches those: PhiMoE's router is the ``nn.Linear`` subclass ``mlp.router`` at run time and
+        ``block_sparse_moe.gate`` on disk)."""
         out = [p for p in self.model_high_precision if p == "lm_head"]
-        out += [f"re:.*{re.escape(self.disk_name('L.' + p)[2:])}$" for p in self.high_precision]
+        for p in self.high_precision:
+            for name in (self.disk_name("L." + p)[2:], p):
+                pattern = f"re:.*{re.escape(name)}$"
+                if pattern not in out:
+                    out.append(pattern)
         return out
 
 
@@ -250,18 +257,55 @@ def intermediate_size(experts: nn.Module, family: MoEFamily) -> int:
     return int(two_i) // 2
 
 
+def gate_up_slices(family: MoEFamily, inter: int) -> tuple[slice, slice]:
+    """Where gate and up live along the fused 2I axis: interleaved (GPT-OSS) or gate rows first."""
+    if family.interleaved:
+        return slice(0, None, 2), slice(1, None, 2)
+    return slice(0, inter), slice(inter, None)
+
+
+def split_expert_tensors(family: MoEFamily, gate_up: torch.Tensor, down: torch.Tensor,
+                         gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None
+                         ) -> ExpertTensors:
+    """One expert's ``[out, in]`` views (see :class:`ExpertTensors`) of its slices of the fused tensors
+    (``gate_up_proj[e]``, ``down_proj[e]`` and the biases' ``[e]`` rows), whatever the fused layout."""
+    gu, dn = (gate_up.t(), down.t()) if family.layout == TRANSPOSED else (gate_up, down)  # -> [2I, H], [H, I]
+    sel_g, sel_u = gate_up_slices(family, gu.shape[0] // 2)
+    gb = ub = None
+    if gate_up_bias is not None:
+        gb, ub = gate_up_bias[sel_g], gate_up_bias[sel_u]
+    return ExpertTensors(gu[sel_g], gu[sel_u], dn, gb, ub, down_bias)
+
+
 def split_expert(experts: nn.Module, family: MoEFamily, e: int) -> ExpertTensors:
     """Views of expert ``e`` as ``[out, in]`` matrices (see :class:`ExpertTensors`), whatever the fused layout."""
-    I = intermediate_size(experts, family)
-    gu, dn = experts.gate_up_proj[e], experts.down_proj[e]
+    gub = experts.gate_up_proj_bias[e] if family.has_bias else None
+    db = experts.down_proj_bias[e] if family.has_bias else None
+    return split_expert_tensors(family, experts.gate_up_proj[e], experts.down_proj[e], gub, db)
+
+
+def fuse_experts(family: MoEFamily, experts: list[ExpertTensors]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`split_expert`: the fused runtime tensors (``gate_up_proj``, ``down_proj`` and, when
+    every expert has biases, ``gate_up_proj_bias`` / ``down_proj_bias``) of per-expert ``[out, in]`` matrices, in
+    the family's layout (gate rows first or interleaved; GPT-OSS transposed)."""
+    if not experts:
+        raise ValueError("experts: expected at least one expert")
+    inter, hidden = experts[0].gate.shape
+    sel_g, sel_u = gate_up_slices(family, inter)
+    gate_up = experts[0].gate.new_empty((len(experts), 2 * inter, hidden))
+    gate_up[:, sel_g] = torch.stack([t.gate for t in experts])
+    gate_up[:, sel_u] = torch.stack([t.up for t in experts])
+    down = torch.stack([t.down for t in experts])
+    out = {"gate_up_proj": gate_up, "down_proj": down}
     if family.layout == TRANSPOSED:
-        gu, dn = gu.t(), dn.t()  # -> [2I, H], [H, I]
-    sel_g, sel_u = (slice(0, None, 2), slice(1, None, 2)) if family.interleaved else (slice(0, I), slice(I, None))
-    gb = ub = db = None
-    if family.has_bias:
-        b = experts.gate_up_proj_bias[e]
-        gb, ub, db = b[sel_g], b[sel_u], experts.down_proj_bias[e]
-    return ExpertTensors(gu[sel_g], gu[sel_u], dn, gb, ub, db)
+        out = {k: v.transpose(1, 2).contiguous() for k, v in out.items()}
+    if all(t.gate_bias is not None and t.up_bias is not None and t.down_bias is not None for t in experts):
+        gub = experts[0].gate_bias.new_empty((len(experts), 2 * inter))
+        gub[:, sel_g] = torch.stack([t.gate_bias for t in experts])
+        gub[:, sel_u] = torch.stack([t.up_bias for t in experts])
+        out["gate_up_proj_bias"] = gub
+        out["down_proj_bias"] = torch.stack([t.down_bias for t in experts])
+    return out
 
 
 def linear_modules(layer: nn.Module, family: MoEFamily, layer_prefix: str = "") -> dict[str, nn.Linear]:

@@ -118,7 +118,9 @@ GRANITEMOE = MoEFamily(
     disk_experts="block_sparse_moe.experts",
     disk_proj_names=("w1", "w3", "w2"),
     disk_fused=True,
-    disk_renames=((".block_sparse_moe.router", ".block_sparse_moe.router.layer"),),
+    disk_renames=((".block_sparse_moe.router", ".block_sparse_moe.router.layer"),
+                  (".block_sparse_moe.experts.gate_up_proj", ".block_sparse_moe.input_linear.weight"),
+                  (".block_sparse_moe.experts.down_proj", ".block_sparse_moe.output_linear.weight")),
     residual_norms=(("input_layernorm", ("self_attn",)), ("post_attention_layernorm", ("block_sparse_moe",))),
     notes="Fused GraniteMoeExperts only in recent transformers 5 (older releases kept GraniteMoeParallelExperts "
     "input_linear/output_linear with an (inputs, expert_size) signature: MoEFamily.validate rejects those). "
