@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, help="code width 2..8 (default 4)")
     q.add_argument("--group-size", type=int, help="columns per scale, -1 = per-channel (default 128)")
     q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
-                   help="symmetric codes without zero points (default: asymmetric)")
+                   help="symmetric codes without zero points (default); --no-symmetric: asymmetric, with zero points "
+                        "(loads in vLLM at 4 and 8 bits, not in transformers: docs/export.md)")
     q.add_argument("--method", choices=("gptq", "rtn"), help="default gptq")
     q.add_argument("--calib", action="append", metavar="FILE",
                    help="calibration text file (*.jsonl: JSONL samples); repeat for several")
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive_int, default=512, help="window length (default 512)")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     e.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward pass (default 8)")
+    e.add_argument("--loader", choices=("auto", "transformers", "moequant"), default="auto",
+                   help="who reads the checkpoint: transformers, or moequant's own dequantizing loader for what "
+                   "transformers cannot read (asymmetric, per-layer expert schemes, GPT-OSS/GraniteMoE experts); "
+                   "default auto picks")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("inspect", parents=[common], help="describe a model and what the default recipe quantizes")
@@ -210,7 +215,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from moequant.evaluation import load_token_ids, perplexity
+    from moequant.evaluation import load_model, load_token_ids, perplexity
 
     model_dir = _model_dir(args.model)
     if not Path(args.text).is_file():
@@ -222,14 +227,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     ids = load_token_ids(tokenizer, args.text, seq_len=args.seq_len)
     logger.info("%s: %d tokens; loading %s on %s", args.text, ids.numel(), model_dir, device)
-    # Load in bf16 (compressed-tensors decompresses into the scale dtype); on the CPU, where bf16 matmuls are
-    # slow, the loaded model is then cast to float32 (the bf16 weight values are kept exactly). nn.Module.float
-    # is called directly: transformers refuses .float() on a quantized model, but compressed-tensors has already
-    # decompressed the weights into plain tensors at load time.
-    on_gpu = str(device).startswith("cuda")
-    extra = {} if on_gpu else {"experts_implementation": "eager"}  # eager experts are fastest on CPUs
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, **extra)
-    model = (model if on_gpu else torch.nn.Module.float(model)).to(device)
+    model = load_model(model_dir, device, args.loader)
     ppl = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, device=device,
                      progress=logger.isEnabledFor(logging.INFO))
     print(f"ppl={ppl:.4f}")

@@ -114,16 +114,20 @@ class LazyModel:
     """
 
     def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
-                 experts_implementation: str | None = None):
+                 experts_implementation: str | None = None, reader: Any = None):
         import transformers
 
         self.dir = Path(model_dir)
         if not (self.dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.dir}: no config.json; pass a Hugging Face model directory")
         self.config = transformers.AutoConfig.from_pretrained(self.dir)
+        if reader is not None and hasattr(self.config, "quantization_config"):
+            del self.config.quantization_config  # the reader dequantizes: build the plain model
         self.family: MoEFamily = detect_family(self.config)
         self.dtype = dtype or _config_dtype(self.config)
-        self.reader = CheckpointReader(self.dir)
+        # ``reader``: where tensors come from (default the directory's safetensors files; names(), in, get()),
+        # e.g. moequant.exported.ExportedCheckpoint, the source view of a quantized checkpoint.
+        self.reader = reader if reader is not None else CheckpointReader(self.dir)
         # The capture hook sees the same arguments whatever experts implementation the config dispatches to.
         for attr, value in ((("_experts_implementation", experts_implementation),) if experts_implementation else ()):
             if hasattr(self.config, attr):

@@ -128,12 +128,11 @@ def _ignore_list(lazy: LazyModel, schemes: dict) -> list[str]:
     fam = lazy.family
     for i in range(lazy.num_layers):
         layer, prefix = lazy.meta_layer(i), lazy.layer_prefix(i)
-        names = [fam.disk_name(n) for n in linear_modules(layer, fam, prefix)]
-        experts = fam.experts_of(layer)
-        if experts is not None:
-            for e in range(experts.gate_up_proj.shape[0]):
-                names += list(fam.disk_expert_names(prefix, e).values())
-        ignore += [n for n in names if n not in quantized]
+        for name in linear_modules(layer, fam, prefix):  # by on-disk name (vLLM) and runtime name (transformers)
+            disk = fam.disk_name(name)
+            if disk not in quantized:
+                ignore += [disk] + ([name] if name != disk else [])
+        ignore += [n for n in _expert_module_names(lazy, fam, i) if n not in quantized]
     return ignore
 
 
@@ -184,7 +183,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
 
     Args:
         model_or_path: checkpoint directory (or a loaded model whose ``config._name_or_path`` is one).
-        recipe: :class:`Recipe`, its dict, or a YAML/JSON recipe file (default: W4 g128 asym GPTQ).
+        recipe: :class:`Recipe`, its dict, or a YAML/JSON recipe file (default: W4 g128 symmetric GPTQ).
         calibration: token ids ``[num_samples, seq_len]``, text/JSONL file path(s), or None for the recipe's
             ``calibration`` settings.
         output_dir: where the checkpoint is written (must not exist); None quantizes without writing anything.
@@ -211,6 +210,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage)
     precision = hessian_precision(recipe, device, lazy.dtype)
     preflight(lazy, recipe)
+    support = _loader_support(lazy, recipe, export_format) if out is not None else []
     transforms = build_transforms(recipe, lazy.family, storage)
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
         tr.before_calibration(lazy)
@@ -233,7 +233,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     report = QuantizationReport(model=str(model_dir), family=lazy.family.name, recipe=recipe.to_dict(),
                                 device=str(device), calibration_samples=int(ids.shape[0]),
                                 calibration_seq_len=int(ids.shape[1]), output_dir=str(out) if out else None,
-                                export_format=export_format if out else None, hessian_precision=precision)
+                                export_format=export_format if out else None, hessian_precision=precision,
+                                loaders=[s.to_dict() for s in support])
     try:
         start = work.completed
         batches = list(ids.split(batch_size))
@@ -283,24 +284,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 _after_layer(index)
         report.seconds = round(time.time() - t0, 3)
         if out is not None:
-            schemes = work.schemes(lazy.num_layers)
-            if export_format == "pack-quantized" and any(not sym for (_, _, sym) in schemes):
-                logger.warning("asymmetric pack-quantized checkpoint: vLLM loads it (asymmetric MoE since vLLM PR "
-                               "#44025), transformers 5.23 with compressed-tensors 0.20 does not "
-                               "(docs/export.md); use --symmetric or --format dequantized for transformers")
-            qcfg = quantization_config_block(_config_groups(schemes), _ignore_list(lazy, schemes))
-            chunks = work.iter_replacements(lazy.num_layers)
-            extra = [g for g in (tr.export_globals() for tr in transforms) if g is not None]
-            if extra:
-                import itertools
-
-                chunks = itertools.chain(chunks, extra)
-            overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
-            export_checkpoint(model_dir, out, chunks, qcfg, mode=export_format,
-                              extra_files={"moequant_recipe.json": recipe.to_dict(),
-                                           "moequant_report.json": report.to_dict()},
-                              metadata={"version": _version()},
-                              config_overrides=overrides or None)
+            _export(lazy, work, recipe, transforms, model_dir, out, export_format, report)
             shutil.rmtree(work.path)
             report.seconds = round(time.time() - t0, 3)
     finally:
@@ -315,17 +299,95 @@ def _version() -> str:
     return __version__
 
 
-def _config_groups(schemes: dict) -> list:
-    """One compressed-tensors config group per distinct scheme. The scheme of most modules targets the class
-    "Linear" (vLLM's MoE loader needs that target); the others list their modules by exact name, which
-    compressed-tensors and vLLM match before class names."""
+def _export(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list, model_dir: Path, out: Path,
+            export_format: str, report: QuantizationReport) -> None:
+    """Writes the checkpoint from the work directory's per-layer results (routed experts laid out per
+    :mod:`moequant.expert_layout`), the globals the transforms changed, the recipe and the report."""
+    from .checkpoint_io import SafetensorsSource
+    from .expert_layout import layer_replacements
+    from .models import num_experts
 
-    class _S:
-        def __init__(self, b, g, s):
-            self.bits, self.group_size, self.symmetric = b, g, s
+    fam = lazy.family
+    schemes = work.schemes(lazy.num_layers)
+    qcfg = quantization_config_block(_config_groups(schemes, recipe, fam, lazy), _ignore_list(lazy, schemes))
+    overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
+    with SafetensorsSource(model_dir) as source:
+        def chunks():
+            for index, chunk in enumerate(work.iter_replacements(lazy.num_layers)):
+                experts = fam.experts_of(lazy.meta_layer(index))
+                yield layer_replacements(fam, lazy.layer_prefix(index), num_experts(experts) if experts is not None
+                                         else 0, chunk, source, export_format)
+            for tr in transforms:
+                extra = tr.export_globals()
+                if extra is not None:
+                    yield extra
 
-    main = max(schemes, key=lambda k: (len(schemes[k]), k))
-    return [(["Linear"] if key == main else sorted(names), _S(*key)) for key, names in sorted(schemes.items())]
+        export_checkpoint(model_dir, out, chunks(), qcfg, mode=export_format,
+                          extra_files={"moequant_recipe.json": recipe.to_dict(),
+                                       "moequant_report.json": report.to_dict()},
+                          metadata={"version": _version()}, config_overrides=overrides or None)
+
+
+def _loader_support(lazy: LazyModel, recipe: Recipe, export_format: str) -> list:
+    """Which loaders will read the checkpoint (:mod:`moequant.compat`), from the recipe's plan; every loader that
+    will not is named in a warning before the run starts."""
+    from .compat import describe, loader_support
+    from .models import linear_modules
+
+    fam, schemes, fused_layers = lazy.family, {}, []
+    for i in range(lazy.num_layers):
+        layer, prefix = lazy.meta_layer(i), lazy.layer_prefix(i)
+        for name in linear_modules(layer, fam, prefix):
+            disk = fam.disk_name(name)
+            schemes[disk] = _key(recipe.resolve(disk))
+        experts = _expert_module_names(lazy, fam, i)
+        keys = [_key(recipe.resolve(n)) for n in experts]
+        schemes.update(zip(experts, keys))
+        if experts and all(k is None for k in keys) and not fam.disk_fused:
+            fused_layers.append(f"{prefix}.{fam.experts}")
+    support = loader_support(fam, schemes, export_format, fused_layers)
+    for s in support:
+        if not s.loads:
+            logger.warning("the checkpoint will not load in %s", describe([s]))
+    return support
+
+
+def _key(scheme) -> Optional[tuple]:
+    return None if scheme is None else (scheme.bits, scheme.group_size, scheme.symmetric)
+
+
+def _config_groups(schemes: dict, recipe: Recipe, family, lazy: LazyModel) -> list:
+    """One compressed-tensors config group per distinct format (bits, group size, symmetric) and the recipe's
+    scale search (``observer``) and act-order (``actorder``) of its modules. The routed experts' group comes first
+    and targets the class ``"Linear"`` (vLLM's MoE loader needs that target; transformers dequantizes every expert
+    with the first group that targets a class); the others list their modules by exact name, which
+    compressed-tensors and vLLM match before class names. Without quantized experts the largest group targets
+    ``"Linear"``."""
+    expert_modules = {n for i in range(lazy.num_layers) for n in _expert_module_names(lazy, family, i)}
+    groups: dict = {}
+    for (bits, gs, sym), names in schemes.items():
+        for name in names:
+            sc = recipe.resolve(name)
+            observer = "mse" if sc is not None and sc.scale_search == "mse" else "minmax"
+            actorder = "weight" if sc is not None and sc.method == "gptq" and sc.act_order else None
+            groups.setdefault((bits, gs, sym, observer, actorder), []).append(name)
+    with_experts = [k for k, names in groups.items() if expert_modules.intersection(names)]
+    main = max(with_experts or groups, key=lambda k: (len(groups[k]), str(k)))
+    order = [main] + sorted((k for k in groups if k != main), key=str)
+    return [(["Linear"] if key == main else sorted(groups[key]),
+             {"bits": key[0], "group_size": key[1], "symmetric": key[2], "observer": key[3], "actorder": key[4]})
+            for key in order]
+
+
+def _expert_module_names(lazy: LazyModel, family, index: int) -> list[str]:
+    """On-disk names of the routed expert matrices of layer ``index`` (empty for a dense layer)."""
+    from .models import num_experts
+
+    experts = family.experts_of(lazy.meta_layer(index))
+    if experts is None:
+        return []
+    prefix = lazy.layer_prefix(index)
+    return [n for e in range(num_experts(experts)) for n in family.disk_expert_names(prefix, e).values()]
 
 
 def hessian_precision(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype) -> str:

@@ -59,6 +59,7 @@ class QuantizationReport:
     seconds: float = 0.0
     resumed_from_layer: Optional[int] = None
     hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
+    loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -97,6 +98,10 @@ class QuantizationReport:
                          f"{loss}, {layer.seconds:.1f} s")
         lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
                                                         if self.output_dir else ""))
+        for s in self.loaders:
+            how = "" if s.get("tested", True) else " (from its source, untested)"
+            state = "loads" if s["loads"] else "does NOT load"
+            lines.append(f"  {s['loader']}{how}: {state}" + (f" ({'; '.join(s['reasons'])})" if s["reasons"] else ""))
         return "\n".join(lines)
 
     def utilization_table(self) -> str:

@@ -145,7 +145,13 @@ def test_overrides_skip_and_bits(tiny, tmp_path):
     out = tmp_path / "q"
     pipeline.quantize(tiny, r, output_dir=out, progress=False)
     t = checkpoint_tensors(out)
-    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in t  # skipped: kept in bf16
+    src = checkpoint_tensors(tiny)
+    # skipped: kept in bf16, in transformers' fused layout (docs/export.md), gate rows then up rows per expert
+    assert not any(k.startswith("model.layers.0.mlp.experts.0.") for k in t)
+    gate_up = t["model.layers.0.mlp.experts.gate_up_proj"]
+    assert torch.equal(gate_up[2], torch.cat([src["model.layers.0.mlp.experts.2.gate_proj.weight"],
+                                              src["model.layers.0.mlp.experts.2.up_proj.weight"]]))
+    assert torch.equal(t["model.layers.0.mlp.experts.down_proj"][3], src["model.layers.0.mlp.experts.3.down_proj.weight"])
     assert "model.layers.1.mlp.experts.0.gate_proj.weight_packed" in t
     assert t["model.layers.1.self_attn.q_proj.weight_packed"].shape[1] == 64 * 8 // 32  # 8 bits
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
