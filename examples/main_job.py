@@ -50,16 +50,20 @@ def main() -> int:
     shutil.rmtree(REPO / (out + ".partial"), ignore_errors=True)
 
     run([exe, "inspect", model])
-    # Symmetric: transformers 5.23 + compressed-tensors 0.20 cannot load asymmetric pack-quantized experts
-    # (docs/export.md); vLLM and transformers both load symmetric W4 as it is.
-    run([exe, "quantize", model, "--out", out, "--bits", "4", "--group-size", "128", "--symmetric", "--method", "gptq",
-         "--calib", calib, "--num-samples", "64", "--seq-len", "256", "--device", args.device])
+    # The default recipe (W4 g128 symmetric GPTQ, act-order, MSE scales): a checkpoint vLLM and transformers load.
+    run([exe, "quantize", model, "--out", out, "--calib", calib, "--num-samples", "64", "--seq-len", "256",
+         "--device", args.device])
     rtn_out = out + "-rtn"  # the same scheme by round-to-nearest, for comparison
     shutil.rmtree(REPO / rtn_out, ignore_errors=True)
-    run([exe, "-q", "quantize", model, "--out", rtn_out, "--bits", "4", "--group-size", "128", "--symmetric",
-         "--method", "rtn", "--calib", calib, "--num-samples", "8", "--seq-len", "256", "--device", args.device])
+    run([exe, "-q", "quantize", model, "--out", rtn_out, "--method", "rtn", "--calib", calib, "--num-samples", "8",
+         "--seq-len", "256", "--device", args.device])
+    # Plain transformers, no moequant import: the checkpoint loads as it is.
+    run([sys.executable, "-c", "import sys, transformers; m = transformers.AutoModelForCausalLM.from_pretrained("
+         "sys.argv[1]); print(f'plain transformers loaded {type(m).__name__} from {sys.argv[1]} '"
+         "f'({sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters)')", out])
     base = ppl(run([exe, "eval", model, "--text", heldout, "--seq-len", "256", "--device", args.device]))
-    quant = ppl(run([exe, "eval", out, "--text", heldout, "--seq-len", "256", "--device", args.device]))
+    quant = ppl(run([exe, "eval", out, "--loader", "transformers", "--text", heldout, "--seq-len", "256",
+                     "--device", args.device]))
     rtn = ppl(run([exe, "-q", "eval", rtn_out, "--text", heldout, "--seq-len", "256", "--device", args.device]))
     size = lambda d: sum(f.stat().st_size for f in (REPO / d).glob("*.safetensors"))  # noqa: E731
     print(f"bf16 perplexity       {base:.3f}  ({size(model) / 2**20:.2f} MiB of weights)")
