@@ -91,8 +91,9 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
                ) -> torch.nn.Module:
     """A causal LM ready for :func:`perplexity`: bf16 weights on a GPU; on the CPU, where bf16 matmuls are slow,
     float32 holding exactly the bf16 values. Quantized checkpoints are dequantized at load time: by transformers
-    (``dequantize=True``, so that the float32 copy holds the bf16 weights a GPU would use) or, for what it cannot
-    read, by :func:`moequant.exported.load_model` (see :func:`choose_loader`)."""
+    and compressed-tensors (its dense Linears are decompressed in bf16 before any cast, so that the float32 copy
+    holds the bf16 weights a GPU would use) or, for what transformers cannot read, by
+    :func:`moequant.exported.load_model` (see :func:`choose_loader`)."""
     import transformers
 
     which, why = choose_loader(model_dir, loader)
@@ -106,11 +107,12 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
             model.config._experts_implementation = "eager"
     else:
         extra = {} if on_gpu else {"experts_implementation": "eager"}  # eager experts are fastest on CPUs
-        import json
-
-        if "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text()):
-            extra["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, **extra)
+        # compressed-tensors keeps dense Linears packed until their first forward; decompress them now, in bf16
+        # (CompressedTensorsConfig(dequantize=True) would decompress every dense module with one config group).
+        compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+        if compressor is not None:
+            compressor.decompress_model(model)
     # nn.Module.float is called directly: transformers refuses .float() on a model loaded from a quantized
     # checkpoint, although its weights are plain bf16 tensors here.
     return (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
