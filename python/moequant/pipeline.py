@@ -345,8 +345,8 @@ def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration
     """Fills ``plan.work_bytes`` / ``plan.checkpoint_bytes``: per quantized matrix the work directory holds int8
     codes and float32 scales / int8 zero points per group, the checkpoint its packed codes (bits / 8 bytes a
     weight), scales and zero points (or, dequantized, the weight in the checkpoint dtype); every other tensor is
-    copied as it is; the work directory also holds the activations (num_samples x seq_len x hidden, in the compute
-    dtype) twice while they are replaced."""
+    copied as it is, and so are the side files (config, tokenizer); the work directory also holds the activations
+    (num_samples x seq_len x hidden, in the compute dtype) twice while they are replaced."""
     from .loading import SAFETENSORS_DTYPE_BITS
     from .models import text_config
 
@@ -366,6 +366,8 @@ def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration
         else:
             ckpt += out_f * in_f * scheme.bits // 8 + out_f * groups * (storage_bytes + scheme.bits / 8)
     ckpt += max(index.total_bytes - source, 0)
+    ckpt += sum(f.stat().st_size for f in lazy.dir.iterdir()  # config, tokenizer: copied as they are
+                if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")))
     if calibration_shape is not None:
         hidden = int(getattr(text_config(lazy.config), "hidden_size", 0) or 0)
         elem = torch.empty((), dtype=lazy.dtype).element_size()
