@@ -5,7 +5,7 @@ find_package(Python 3.9 REQUIRED COMPONENTS Interpreter Development.Module)
 
 execute_process(
   COMMAND "${Python_EXECUTABLE}" -c
-    "import torch, sys; print(torch.utils.cmake_prefix_path); [print(getattr(torch._C, '_PYBIND11_' + k, None) or '-') for k in ('COMPILER_TYPE', 'STDLIB', 'BUILD_ABI')]"
+    "import torch, sys; print(torch.utils.cmake_prefix_path); [print(getattr(torch._C, '_PYBIND11_' + k, None) or '-') for k in ('COMPILER_TYPE', 'STDLIB', 'BUILD_ABI')]; print(torch.__version__)"
   OUTPUT_VARIABLE _mq_torch_info
   RESULT_VARIABLE _mq_torch_rc
   OUTPUT_STRIP_TRAILING_WHITESPACE)
@@ -18,6 +18,7 @@ list(GET _mq_torch_info 0 _mq_torch_prefix)
 list(GET _mq_torch_info 1 _mq_pb_compiler_type)
 list(GET _mq_torch_info 2 _mq_pb_stdlib)
 list(GET _mq_torch_info 3 _mq_pb_build_abi)
+list(GET _mq_torch_info 4 _mq_torch_version)
 list(APPEND CMAKE_PREFIX_PATH "${_mq_torch_prefix}")
 # A CUDA build of torch probes the GPUs of the build machine unless told which architectures to use; the build
 # machine may have none, and our kernels are not compiled through torch anyway.
@@ -57,3 +58,10 @@ endif()
 # The extension finds torch's libraries through the already-imported torch module; no rpath into the build tree.
 set_target_properties(_C PROPERTIES CXX_VISIBILITY_PRESET hidden)
 install(TARGETS _C LIBRARY DESTINATION moequant)
+# The torch the extension is compiled against, read by moequant/__init__.py before it imports _C (a different
+# torch fails there with a clear ImportError instead of an undefined symbol).
+file(CONFIGURE OUTPUT "${CMAKE_CURRENT_BINARY_DIR}/_build_info.py" CONTENT
+"\"\"\"Written by bindings/extension.cmake at build time: the torch moequant._C was compiled against.\"\"\"
+TORCH_VERSION = \"@_mq_torch_version@\"
+" @ONLY)
+install(FILES "${CMAKE_CURRENT_BINARY_DIR}/_build_info.py" DESTINATION moequant)

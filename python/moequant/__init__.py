@@ -8,6 +8,31 @@ import torch  # noqa: F401  (loads LibTorch before the extension that links agai
 
 __version__ = "0.1.0"
 
+
+def _check_torch_version(built: "str | None" = None, running: "str | None" = None) -> None:
+    """Raises ImportError when the torch moequant._C was compiled against (``moequant/_build_info.py``, written
+    by the build) and the running torch differ in major.minor: LibTorch's C++ ABI changes between releases, so the
+    extension would fail with undefined symbols or worse. A source checkout without the file is not checked."""
+    if built is None:
+        try:
+            from moequant._build_info import TORCH_VERSION as built
+        except ImportError:  # built in place or copied: no record of the build's torch
+            return
+    running = torch.__version__ if running is None else running
+
+    def major_minor(v: str) -> tuple:
+        return tuple(v.split("+")[0].split(".")[:2])
+
+    if major_minor(built) != major_minor(running):
+        raise ImportError(
+            f"moequant was built against torch {built}, but torch {running} is installed: its C++ extension only "
+            f"works with the torch it was compiled with. Install torch=={built.split('+')[0]}, or rebuild moequant "
+            f"against this torch (`pip install --no-build-isolation --force-reinstall --no-deps .` from the "
+            f"repository, or `bash scripts/setup.sh`)")
+
+
+_check_torch_version()
+
 try:
     from moequant import _C  # noqa: F401
 except ImportError as exc:  # pragma: no cover - only when the package was not built

@@ -1,7 +1,8 @@
 """The ``moequant`` command line: ``quantize``, ``eval`` and ``inspect``.
 
 User errors (missing files, bad values, unsupported families, an existing ``--out`` without ``--resume``, a
-CUDA device without a GPU) print one line ``moequant: error: ...`` to stderr and return exit code 2, without a
+CUDA device without a GPU, corrupt safetensors, a missing tokenizer, non-UTF-8 text, an unwritable or full output
+disk: ValueError and OSError) print one line ``moequant: error: ...`` to stderr and return exit code 2, without a
 traceback (``-v`` logs it at DEBUG). Logging goes to stderr (INFO; ``-v`` DEBUG, ``-q`` warnings only); stdout
 carries only the results (the report summary, ``ppl=<number>`` as the last line of ``eval``, the inspection).
 """
@@ -224,7 +225,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CliError(f"--seq-len: expected an integer >= 2, got {args.seq_len}")
     _check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    from moequant.data import load_tokenizer, read_utf8
+    from moequant.loading import check_checkpoint
+
+    read_utf8(args.text, "--text")  # a file that is not UTF-8: its name and the byte offset
+    check_checkpoint(model_dir)  # truncated or corrupt safetensors: one line before transformers reads them
+    tokenizer = load_tokenizer(model_dir)
     ids = load_token_ids(tokenizer, args.text, seq_len=args.seq_len)
     logger.info("%s: %d tokens; loading %s on %s", args.text, ids.numel(), model_dir, device)
     model = load_model(model_dir, device, args.loader)
@@ -323,7 +329,14 @@ def _fmt(values: list) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from moequant.loading import check_checkpoint, has_checkpoint
+
     s = model_summary(args.model)
+    weights = "none (config.json only)"
+    if has_checkpoint(args.model):  # headers and file sizes only: truncated or corrupt files are an error
+        index = check_checkpoint(args.model)
+        weights = f"{len(index.files)} safetensors file(s), {len(index.tensors)} tensors, " \
+                  f"{index.total_bytes / 1e9:.2f} GB (headers checked)"
     total = s["parameters"]
     lines = [
         f"model: {args.model}",
@@ -342,6 +355,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         f"({s['quantized_linears'] + s['quantized_expert_matrices']} weight matrices)",
         "high precision: " + (", ".join(f"{k} (x{v})" if v > 1 else k for k, v in s["high_precision"].items())
                               or "-"),
+        f"weights: {weights}",
     ]
     print("\n".join(lines))
     return 0
@@ -366,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise CliError("-v/--verbose and -q/--quiet exclude each other")
         root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
         return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+    except (CliError, ValueError, OSError) as exc:  # OSError: missing files, unwritable or full output, ...
         if not isinstance(exc, CliError):
             logger.debug("error details", exc_info=True)
         print(f"moequant: error: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ import torch
 from .recipe import CalibrationConfig
 
 __all__ = ["CalibrationSet", "load_calibration", "calibration_batches", "iter_batches", "tokenize_text_files",
-           "read_jsonl_samples"]
+           "read_jsonl_samples", "load_tokenizer", "read_utf8", "TOKENIZER_FILES"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,71 @@ class CalibrationSet:
                       if self.jsonl_dropped else ")")
 
 
+# Files from which transformers builds a tokenizer (one of them must be present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "*.tiktoken", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer saved in a model directory (``AutoTokenizer.from_pretrained``), checked to tokenize text.
+
+    Raises FileNotFoundError when the directory holds none of :data:`TOKENIZER_FILES`, and ValueError when
+    transformers cannot build the tokenizer or it turns text into no tokens; both name the directory, the
+    expected files and the remedy (copy the model's tokenizer files there)."""
+    d = Path(model_dir)
+    remedy = (f"copy the model's tokenizer files into {d} (tokenizer.save_pretrained('{d}')), or give the "
+              "calibration as token ids (a tensor, or JSONL lines of input_ids)")
+    if not any(any(d.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{d}: no tokenizer files (expected tokenizer.json, or one of "
+                                f"{', '.join(TOKENIZER_FILES[1:])}); text needs the model's tokenizer: {remedy}")
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(os.fspath(d))
+        ok = len(tok) > 1 and len(tok("Hello world")["input_ids"]) > 0
+    except Exception as exc:  # transformers raises ValueError/OSError/TypeError/... depending on what is missing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{d}: the tokenizer cannot be loaded ({first}); {remedy}") from None
+    if not ok:
+        raise ValueError(f"{d}: the tokenizer loaded from it turns text into no tokens (vocabulary of {len(tok)}); "
+                         f"its files are incomplete: {remedy}")
+    return tok
+
+
+class _DeferredTokenizer:
+    """The tokenizer of a model directory, loaded (by :func:`load_tokenizer`) at the first text it tokenizes:
+    calibration given as token ids never needs one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self._tok = path, None
+
+    def __call__(self, text: str):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.path)
+        return self._tok(text)
+
+
 def _tokenizer(tokenizer_or_path: Any):
     if isinstance(tokenizer_or_path, (str, os.PathLike)):
-        import transformers
-
-        return transformers.AutoTokenizer.from_pretrained(os.fspath(tokenizer_or_path))
+        return load_tokenizer(tokenizer_or_path)
     return tokenizer_or_path
+
+
+def read_utf8(path: str | os.PathLike, what: str = "text file") -> str:
+    """The text of a UTF-8 file; a file that is not UTF-8 raises ValueError naming it and the first bad byte
+    offset (``not UTF-8 at byte N``), with the remedy."""
+    p = Path(path)
+    data = p.read_bytes()
+    try:  # newlines translated like open(p).read() / Path.read_text() (universal newlines)
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        raise ValueError(_not_utf8(p, what, exc.start, exc)) from None
+
+
+def _not_utf8(p: Path, what: str, offset: int, exc: UnicodeDecodeError) -> str:
+    bad = exc.object[exc.start:exc.start + 4]
+    return (f"{what} {p}: not UTF-8 at byte {offset} ({exc.reason}: {bad!r}); convert it to UTF-8, e.g. "
+            f"iconv -f latin1 -t utf-8 {p} > {p.with_name(p.stem + '.utf8' + p.suffix)}")
 
 
 def _existing(path: str | os.PathLike, what: str) -> Path:
@@ -79,7 +138,7 @@ def tokenize_text_files(tokenizer: Any, paths: list[str]) -> torch.Tensor:
     texts = []
     for path in paths:
         p = _existing(path, "text file")
-        text = p.read_text(encoding="utf-8")
+        text = read_utf8(p, "calibration text")
         if not text.strip():
             raise ValueError(f"calibration text {p} is empty; pass a file with text or remove it from text_files")
         texts.append(text)
@@ -106,8 +165,14 @@ def read_jsonl_samples(tokenizer: Any, path: str | os.PathLike, seq_len: int) ->
     vocab = None
     kept: list[torch.Tensor] = []
     dropped = 0
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(_not_utf8(p, "calibration JSONL", offset + exc.start, exc)) from None
+            offset += len(raw)
             if not line.strip():
                 continue
             where = f"{p}:{lineno}"
@@ -135,7 +200,8 @@ def load_calibration(tokenizer: Any, cfg: CalibrationConfig) -> CalibrationSet:
     """Builds the calibration samples of ``cfg`` (see the module docstring).
 
     Args:
-        tokenizer: a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``) or a path for ``AutoTokenizer``.
+        tokenizer: a Hugging Face tokenizer (``tokenizer(text)["input_ids"]``), or a model directory whose
+            tokenizer is loaded (:func:`load_tokenizer`) only when some text needs it.
         cfg: the :class:`~moequant.recipe.CalibrationConfig`.
     Raises:
         FileNotFoundError: a listed file does not exist. ValueError: no files, empty text, fewer than
@@ -144,6 +210,8 @@ def load_calibration(tokenizer: Any, cfg: CalibrationConfig) -> CalibrationSet:
     if not isinstance(cfg, CalibrationConfig):
         raise ValueError(f"cfg: expected a CalibrationConfig, got {type(cfg).__name__}")
     cfg.validate()
+    if isinstance(tokenizer, (str, os.PathLike)):  # loaded once, and only if some text needs it
+        tokenizer = _DeferredTokenizer(tokenizer)
     n, seq_len = cfg.num_samples, cfg.seq_len
     if not cfg.text_files and not cfg.jsonl_files:
         raise ValueError("calibration: no text_files or jsonl_files given; pass --calib FILE (or set "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from .workdir import WORK_VERSION, WorkDir
 logger = logging.getLogger(__name__)
 
 # WorkDir lives in moequant.workdir; re-exported because tests/python/test_awq.py builds one as pipeline.WorkDir.
-__all__ = ["quantize", "preflight", "WorkDir"]
+__all__ = ["quantize", "preflight", "Plan", "OutputWriteError", "WorkDir"]
 
 
 def _as_recipe(recipe) -> Recipe:
@@ -54,15 +55,21 @@ def _as_recipe(recipe) -> Recipe:
 
 
 def _model_dir(model_or_path) -> Path:
-    if isinstance(model_or_path, (str, os.PathLike)):
-        p = Path(model_or_path)
-    else:
-        p = Path(getattr(getattr(model_or_path, "config", None), "_name_or_path", "") or "")
-        if not (p / "config.json").is_file():
-            raise ValueError("model_or_path: moequant quantizes from a checkpoint on disk, layer by layer; save the "
-                             "model with save_pretrained(dir) and pass dir")
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        from torch import nn
+
+        what = f"a {type(model_or_path).__name__}" + (" (torch.nn.Module)" if isinstance(model_or_path, nn.Module)
+                                                      else "")
+        # A loaded module's weights may differ from the checkpoint at config._name_or_path (edited, fine-tuned,
+        # another dtype): quantizing that file instead would silently ignore them, so a module is refused.
+        raise ValueError(f"model_or_path: expected the path of a checkpoint directory, got {what}; moequant "
+                         f"quantizes a checkpoint on disk, layer by layer; save your model with "
+                         f"model.save_pretrained(DIR) and pass DIR")
+    p = Path(model_or_path)
     if not p.is_dir():
         raise FileNotFoundError(f"model_or_path: {p} is not a directory; pass a local Hugging Face checkpoint")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model_or_path: {p} has no config.json; pass a Hugging Face model directory")
     return p
 
 
@@ -76,7 +83,11 @@ def resolve_device(spec: Optional[str]) -> torch.device:
     return dev
 
 
-def _calibration_ids(calibration, tokenizer, recipe: Recipe) -> torch.Tensor:
+def _calibration_ids(calibration, model_dir: Path, recipe: Recipe, vocab_size: Optional[int] = None
+                     ) -> torch.Tensor:
+    """The calibration token ids ``[num_samples, seq_len]``, checked against the model's vocabulary. Text is
+    tokenized with the tokenizer saved in ``model_dir``, which is loaded only when some text needs it (token ids,
+    as a tensor or JSONL ``input_ids``, need no tokenizer)."""
     from .data import calibration_batches
 
     cfg = recipe.calibration
@@ -84,20 +95,43 @@ def _calibration_ids(calibration, tokenizer, recipe: Recipe) -> torch.Tensor:
         if not cfg.text_files and not cfg.jsonl_files:
             raise ValueError("calibration: no calibration data; pass a text file (CLI: --calib FILE) or set "
                              "calibration.text_files in the recipe")
-        return calibration_batches(tokenizer, cfg)
-    if isinstance(calibration, torch.Tensor):
+        ids = calibration_batches(model_dir, cfg)
+    elif isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"calibration: expected token ids [num_samples, seq_len] (int64), got "
                              f"{calibration.dtype} {tuple(calibration.shape)}")
-        return calibration.long()
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = [calibration]
-    files = [str(c) for c in calibration]
-    import dataclasses
+        if calibration.numel() == 0:
+            raise ValueError(f"calibration: expected token ids [num_samples, seq_len] with at least one sample of "
+                             f"at least one token, got the empty shape {tuple(calibration.shape)}")
+        ids = calibration.detach().cpu().long()
+    elif isinstance(calibration, (str, os.PathLike, list, tuple)):
+        files = [calibration] if isinstance(calibration, (str, os.PathLike)) else list(calibration)
+        if not files or not all(isinstance(f, (str, os.PathLike)) for f in files):
+            raise ValueError(f"calibration: expected a file path or a non-empty list of file paths, got "
+                             f"{calibration!r}")
+        files = [os.fspath(f) for f in files]
+        import dataclasses
 
-    cfg = dataclasses.replace(cfg, text_files=[f for f in files if not f.endswith(".jsonl")],
-                              jsonl_files=[f for f in files if f.endswith(".jsonl")])
-    return calibration_batches(tokenizer, cfg)
+        cfg = dataclasses.replace(cfg, text_files=[f for f in files if not f.endswith(".jsonl")],
+                                  jsonl_files=[f for f in files if f.endswith(".jsonl")])
+        ids = calibration_batches(model_dir, cfg)
+    else:
+        raise ValueError(f"calibration: expected token ids [num_samples, seq_len] (an int64 tensor), a text or "
+                         f"JSONL file path (or a list of them), or None for the recipe's files; got "
+                         f"{type(calibration).__name__}")
+    if ids.numel() == 0:
+        raise ValueError("calibration: the calibration data gave no sample; add text or JSONL samples of at least "
+                         f"seq_len={cfg.seq_len} tokens")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bad = lo if lo < 0 else hi
+        row = int((ids == bad).any(dim=1).nonzero()[0, 0])
+        limit = f"[0, vocab_size={vocab_size}) of {model_dir / 'config.json'}" if vocab_size else "[0, vocab_size)"
+        raise ValueError(f"calibration: token ids must lie in {limit}, got {'min' if lo < 0 else 'max'} id {bad} "
+                         f"(sample {row}); "
+                         f"tokenize with this model's tokenizer (ids from another tokenizer do not fit its "
+                         f"embedding)")
+    return ids
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -136,43 +170,331 @@ def _ignore_list(lazy: LazyModel, schemes: dict) -> list[str]:
     return ignore
 
 
-def preflight(lazy: LazyModel, recipe: Recipe) -> int:
-    """Checks the recipe against every matrix of the model before any work; returns how many are quantized.
+class Plan:
+    """What :func:`preflight` found: the quantized matrices (``quantized``: on-disk name -> ``(scheme, out, in)``)
+    and the estimated bytes a run writes (``work_bytes`` into the work directory, ``checkpoint_bytes`` for the
+    export)."""
 
-    Raises ValueError naming the first module whose input dimension the group size does not divide."""
-    from .models import intermediate_size, linear_modules, num_experts
+    def __init__(self):
+        self.quantized: dict[str, tuple] = {}
+        self.work_bytes = 0
+        self.checkpoint_bytes = 0
 
-    fam, count = lazy.family, 0
+    @property
+    def count(self) -> int:
+        return len(self.quantized)
 
-    def check(disk_name: str, in_features: int) -> None:
-        nonlocal count
+
+def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.PathLike, None] = None,
+              export_format: str = "pack-quantized", calibration_shape: Optional[tuple[int, int]] = None,
+              resume: bool = False, scan: bool = True, progress: bool = False) -> Plan:
+    """Checks everything that can be checked before the first layer starts and before anything is written.
+
+    In order (cheap first): the model is not quantized already; every matrix the recipe quantizes, resolved by its
+    on-disk name (group size divides its input dimension; something is quantized at all); every user ``ignore``
+    pattern and every override pattern matches a module (else the near matches are listed); with a pack-quantized
+    ``output_dir``, every MoE layer's routed experts resolve to one scheme or all to high precision (vLLM runs them
+    as one kernel); every tensor the loader reads exists with the shape the config implies (headers only); the
+    output's directory is writable and its device has room for the estimated work directory and checkpoint
+    (``calibration_shape`` ``(num_samples, seq_len)`` sizes the activations); last, ``scan``: every weight is read
+    once and must be finite (``loading.scan_weights``, a bar "checking weights" with ``progress``).
+
+    Raises ValueError (OSError for an unwritable or full output) naming the module, tensor, layer or pattern, the
+    expected and the actual value, and the remedy. Returns the :class:`Plan`."""
+    from .models import intermediate_size, linear_modules, num_experts, text_config
+
+    fam, plan = lazy.family, Plan()
+    if getattr(lazy.config, "quantization_config", None) or getattr(text_config(lazy.config),
+                                                                     "quantization_config", None):
+        raise ValueError(f"model: {lazy.dir} is quantized already (config.json has a quantization_config); "
+                         f"quantize the original unquantized checkpoint")
+    packed = output_dir is not None and export_format == "pack-quantized"
+
+    def check(disk_name: str, out_features: int, in_features: int):
         scheme = recipe.resolve(disk_name)
         if scheme is None:
-            return
-        count += 1
+            return None
         g = scheme.group_size
         if g not in (None, -1) and in_features % g:
             raise ValueError(f"group_size: {g} does not divide in_features={in_features} of {disk_name}; choose a "
                              f"group size that divides it (or -1 for per-channel), or add a recipe override for "
                              f"that module")
+        plan.quantized[disk_name] = (scheme, out_features, in_features)
+        return scheme
 
+    candidates: list[str] = []
     for i in range(lazy.num_layers):
         layer, prefix = lazy.meta_layer(i), lazy.layer_prefix(i)
         for name, lin in linear_modules(layer, fam, prefix).items():
-            check(fam.disk_name(name), lin.in_features)
+            candidates.append(fam.disk_name(name))
+            check(candidates[-1], lin.out_features, lin.in_features)
         experts = fam.experts_of(layer)
         if experts is not None:
             hidden = experts.gate_up_proj.shape[-1 if fam.layout == "standard" else 1]
             inter = intermediate_size(experts, fam)
+            resolved = []
             for e in range(num_experts(experts)):
                 names = fam.disk_expert_names(prefix, e)
-                check(names["gate"], hidden)
-                check(names["up"], hidden)
-                check(names["down"], inter)
-    if count == 0:
+                for proj, (o, k) in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+                    candidates.append(names[proj])
+                    resolved.append((names[proj], check(names[proj], o, k), k))
+            if packed:
+                _check_expert_schemes(prefix, f"{prefix}.{fam.disk_experts}", resolved)
+    if not plan.quantized:
         raise ValueError("recipe: no module would be quantized (everything is ignored or skipped); check the "
                          "recipe's ignore list and overrides")
-    return count
+    _check_patterns(recipe, candidates, lazy.reader.index.module_names() | set(candidates))
+    lazy.check_layer_tensors()
+    _estimate_bytes(plan, lazy, export_format, calibration_shape)
+    _check_output(Path(output_dir) if output_dir is not None else None, plan, resume)
+    if scan:
+        from .loading import scan_weights
+
+        t = time.time()
+        scan_weights(lazy.reader.index, progress=progress)
+        logger.info("checked %.2f GB of weights for NaN/Inf in %.1f s", lazy.reader.index.total_bytes / 1e9,
+                    time.time() - t)
+    return plan
+
+
+def _scheme_label(s) -> str:
+    return f"W{s.bits} {'per-channel' if s.group_size in (None, -1) else f'g{s.group_size}'} " \
+        f"{'sym' if s.symmetric else 'asym'}"
+
+
+def _check_expert_schemes(prefix: str, experts: str, resolved: list) -> None:
+    """vLLM runs all routed experts of a MoE layer as one fused kernel with one scheme: their gate, up and down
+    matrices must all resolve to one scheme (compared with the export's key: bits, group size, symmetric; one group
+    spanning the row == per-channel) or all to high precision. ``resolved``: ``(name, scheme or None, in_features)``."""
+    from .export import _qt_keys  # the key export._write_replacements compares (it refuses mixed schemes too)
+
+    remedy = (f"give all experts of the layer one scheme with an override of the pattern '{experts}.*' (or "
+              f"skip: true for all of them), or export with --format dequantized")
+    quantized = [(n, s, k) for n, s, k in resolved if s is not None]
+    high = [n for n, s, _ in resolved if s is None]
+    if quantized and high:
+        raise ValueError(f"{prefix}: the routed experts are partly quantized and partly kept in high precision "
+                         f"({quantized[0][0]}: {_scheme_label(quantized[0][1])}; {high[0]}: high precision), but "
+                         f"vLLM runs all experts of a MoE layer as one kernel with one scheme; {remedy}")
+    keys = first = None
+    for name, scheme, in_features in quantized:
+        k = _qt_keys(scheme, in_features)
+        if keys is None:
+            keys, first = k, (name, scheme)
+        elif not keys & k:
+            raise ValueError(f"{prefix}: the routed experts resolve to different schemes ({first[0]}: "
+                             f"{_scheme_label(first[1])}; {name}: {_scheme_label(scheme)}), but vLLM runs all experts "
+                             f"of a MoE layer as one kernel with one scheme; {remedy}")
+        else:
+            keys &= k
+
+
+_GROUP_RE = re.compile(r"\.(\d+)(?=\.|$)")
+
+
+def _near_matches(pattern: str, names: set, n: int = 3) -> list[str]:
+    """Up to ``n`` module names like ``pattern``: for a plain name the closest names (difflib); for a glob or a
+    regex the closest names with every index replaced by ``*`` (``model.layers.*.self_attn.q_proj``), else the
+    names sharing the longest literal prefix with it."""
+    import difflib
+
+    regex = pattern.startswith("re:")
+    body = pattern[3:] if regex else pattern
+    if not regex and not re.search(r"[*?\[]", body):
+        return difflib.get_close_matches(body, sorted(names), n=n, cutoff=0.6)
+    grouped = sorted({_GROUP_RE.sub(".*", x) for x in names})
+    query = body.lstrip("^").rstrip("$").replace("\\.", ".").replace(".*", "*") if regex else body
+    found = difflib.get_close_matches(query, grouped, n=n, cutoff=0.6)
+    if found:
+        return found
+    literal = re.split(r"[*?\[]", query, maxsplit=1)[0]
+    if regex:
+        literal = re.split(r"[\\^$*+?{}()|\[\].]", body.lstrip("^").replace("\\.", "\0"), maxsplit=1)[0]
+        literal = literal.replace("\0", ".")
+    best = max((len(os.path.commonprefix([literal, g])) for g in grouped), default=0)
+    return [g for g in grouped if len(os.path.commonprefix([literal, g])) == best][:n] if best else []
+
+
+def _check_patterns(recipe: Recipe, candidates: list[str], modules: set[str]) -> None:
+    """Every user ``ignore`` pattern must match a module of the checkpoint (``modules``; the built-in
+    DEFAULT_IGNORE patterns are exempt: they cover every family) and every override pattern a module that the
+    recipe resolves (``candidates``, the matrices moequant may quantize): a pattern matching nothing is a typo that
+    would silently quantize the wrong modules."""
+    from .recipe import DEFAULT_IGNORE, match_pattern
+
+    def near(pattern: str, names) -> str:
+        found = _near_matches(pattern, set(names))
+        return f"near matches: {', '.join(found)}" if found else "no module name is close to it"
+
+    for i, pattern in enumerate(recipe.ignore):
+        if pattern in DEFAULT_IGNORE or any(match_pattern(pattern, m) for m in modules):
+            continue
+        raise ValueError(f"ignore[{i}]: pattern {pattern!r} matches no module of the checkpoint "
+                         f"({near(pattern, modules)}); fix or remove it (patterns match whole checkpoint module "
+                         f"names: docs/recipes.md)")
+    for i, o in enumerate(recipe.overrides):
+        if any(o.matches(m) for m in candidates):
+            continue
+        raise ValueError(f"overrides[{i}].pattern: {o.pattern!r} matches no module that moequant quantizes in this "
+                         f"model ({near(o.pattern, candidates)}); fix or remove it (patterns match whole checkpoint "
+                         f"module names; embeddings, lm_head and routers are never quantized: docs/recipes.md)")
+
+
+def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration_shape) -> None:
+    """Fills ``plan.work_bytes`` / ``plan.checkpoint_bytes``: per quantized matrix the work directory holds int8
+    codes and float32 scales / int8 zero points per group, the checkpoint its packed codes (bits / 8 bytes a
+    weight), scales and zero points (or, dequantized, the weight in the checkpoint dtype); every other tensor is
+    copied as it is, and so are the side files (config, tokenizer); the work directory also holds the activations
+    (num_samples x seq_len x hidden, in the compute dtype) twice while they are replaced."""
+    from .loading import SAFETENSORS_DTYPE_BITS
+    from .models import text_config
+
+    index = lazy.reader.index
+    storage_bytes = 2
+    work = ckpt = source = 0
+    for name, (scheme, out_f, in_f) in plan.quantized.items():
+        h = index.tensors.get(name + ".weight")
+        src = (h.end - h.begin) if h is not None else out_f * in_f * storage_bytes
+        if h is not None:
+            storage_bytes = SAFETENSORS_DTYPE_BITS[h.dtype] // 8 or 1
+        source += src
+        groups = 1 if scheme.group_size in (None, -1) else max(in_f // scheme.group_size, 1)
+        work += out_f * in_f + out_f * groups * 5
+        if export_format == "dequantized":
+            ckpt += src
+        else:
+            ckpt += out_f * in_f * scheme.bits // 8 + out_f * groups * (storage_bytes + scheme.bits / 8)
+    ckpt += max(index.total_bytes - source, 0)
+    ckpt += sum(f.stat().st_size for f in lazy.dir.iterdir()  # config, tokenizer: copied as they are
+                if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")))
+    if calibration_shape is not None:
+        hidden = int(getattr(text_config(lazy.config), "hidden_size", 0) or 0)
+        elem = torch.empty((), dtype=lazy.dtype).element_size()
+        work += 2 * calibration_shape[0] * calibration_shape[1] * hidden * elem
+    plan.work_bytes, plan.checkpoint_bytes = int(work), int(ckpt)
+
+
+def _existing_ancestor(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _free_bytes(p: Path) -> int:
+    try:
+        return shutil.disk_usage(_existing_ancestor(p)).free
+    except OSError:
+        return 0
+
+
+def _dir_bytes(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def _check_output(out: Optional[Path], plan: Plan, resume: bool) -> None:
+    """The directory the run writes into (``out``'s parent, created later if missing; the system temporary
+    directory when ``out`` is None) must be writable, and its device must have room for the estimated work
+    directory plus checkpoint (less what a resumed work directory holds already). Raises OSError (PermissionError
+    for an unwritable directory) with the numbers and the remedy."""
+    import errno
+    import tempfile
+
+    target = out.parent if out is not None else Path(tempfile.gettempdir())
+    base = _existing_ancestor(target)
+    if not base.is_dir():
+        raise NotADirectoryError(f"output_dir: {base} is not a directory; choose another --out (output_dir)")
+    partial = out.with_name(out.name + ".partial") if out is not None else None
+    probe_dirs = [base] + ([partial] if resume and partial is not None and partial.is_dir() else [])
+    for d in probe_dirs:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".moequant-probe-", dir=d)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise PermissionError(exc.errno or errno.EACCES,
+                                  f"output_dir: cannot write in {d} ({exc.strerror or exc}); choose a writable --out "
+                                  f"(output_dir) or fix the directory's permissions") from None
+    need = plan.work_bytes + (plan.checkpoint_bytes if out is not None else 0)
+    if resume and partial is not None:
+        need = max(need - _dir_bytes(partial), plan.checkpoint_bytes)
+    free = _free_bytes(base)
+    logger.info("output: about %.2f GB to write (work directory %.2f GB, checkpoint %.2f GB); %.2f GB free in %s",
+                need / 1e9, plan.work_bytes / 1e9, plan.checkpoint_bytes / 1e9 if out is not None else 0.0,
+                free / 1e9, base)
+    if free < need:
+        what = f"{out} and {partial}" if out is not None else f"the temporary work directory in {base}"
+        ckpt = plan.checkpoint_bytes / 1e9 if out is not None else 0.0
+        raise OutputWriteError(errno.ENOSPC, f"not enough free space for {what}: the run writes about "
+                               f"{need / 1e9:.2f} GB (work directory {plan.work_bytes / 1e9:.2f} GB, checkpoint "
+                               f"{ckpt:.2f} GB), {free / 1e9:.2f} GB are free on that device; free space or choose "
+                               f"another --out (output_dir)")
+
+
+class OutputWriteError(OSError):
+    """The output cannot be written: no space (before or during the run), quota, read-only file system, permission.
+    ``errno`` says which (ENOSPC, EDQUOT, EROFS, EACCES, EFBIG; None when the writer gave none); its text is the
+    message alone (no ``[Errno N]`` prefix), so the CLI prints it as its one error line."""
+
+    def __init__(self, code: Optional[int], message: str, filename: Optional[str] = None):
+        super().__init__(code, message)
+        self.message, self.filename = message, filename
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _write_failure(exc: BaseException) -> Optional[tuple]:
+    """``(errno or None, filename or None)`` when ``exc`` (or an exception it was raised from) is a failed write of
+    the kinds that an output's device causes (full, quota, read-only, permission, file too large), else None.
+    safetensors reports ``(os error N)`` in its message; torch.save to a path reports a failed zip write with no
+    errno (None)."""
+    import errno
+
+    codes = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG}
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in codes:
+            return e.errno, e.filename
+        text = str(e)
+        m = re.search(r"os error (\d+)", text)
+        if m and int(m.group(1)) in codes:
+            return int(m.group(1)), None
+        if "PytorchStreamWriter" in text or ("inline_container.cc" in text and "unexpected pos" in text):
+            return None, None
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _is_output_path(filename, out: Optional[Path], work_path: Path) -> bool:
+    """Whether a failed file (None: unknown, assumed to be) lies where the run writes: the work directory, or next
+    to ``out`` (the export's temporary directory); an error reading the model is not a write failure."""
+    if not filename:
+        return True
+    f = Path(filename).absolute()
+    roots = [work_path.absolute()] + ([out.absolute().parent] if out is not None else [])
+    return any(f == r or r in f.parents for r in roots)
+
+
+def _write_error(code: Optional[int], filename, out: Optional[Path], work_path: Path) -> OutputWriteError:
+    import errno
+
+    path = Path(filename) if filename else (work_path if out is None or work_path.exists() else out)
+    free = _free_bytes(path)
+    if code is None and free < 64 * 1024**2:
+        code = errno.ENOSPC  # torch.save gives no errno; a device this full is the likely cause
+    what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EFBIG: "file too large for the file system"}.get(code, "a write failed")
+    remedy = "choose a writable --out (output_dir)" if code in (errno.EROFS, errno.EACCES) else \
+        "free space or choose another --out (output_dir)"
+    if out is not None:
+        kept = (f"the finished layers are kept in {out.with_name(out.name + '.partial')}, continue with --resume "
+                f"(resume=True)")
+    else:
+        kept = "nothing is kept (without output_dir the work directory is temporary)"
+    return OutputWriteError(code, f"{what} writing {path} ({free / 1e9:.2f} GB free); {remedy}; {kept}", str(path))
 
 
 def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calibration=None,
@@ -182,10 +504,12 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     """Quantizes a Hugging Face MoE checkpoint layer by layer and (with ``output_dir``) exports it.
 
     Args:
-        model_or_path: checkpoint directory (or a loaded model whose ``config._name_or_path`` is one).
+        model_or_path: checkpoint directory (a loaded ``nn.Module`` is refused: its weights may differ from the
+            checkpoint it came from; save it with ``save_pretrained(DIR)`` and pass DIR).
         recipe: :class:`Recipe`, its dict, or a YAML/JSON recipe file (default: W4 g128 symmetric GPTQ).
-        calibration: token ids ``[num_samples, seq_len]``, text/JSONL file path(s), or None for the recipe's
-            ``calibration`` settings.
+        calibration: token ids ``[num_samples, seq_len]`` (no tokenizer needed), text/JSONL file path(s), or None
+            for the recipe's ``calibration`` settings. Text is tokenized with the tokenizer saved in the model
+            directory.
         output_dir: where the checkpoint is written (must not exist); None quantizes without writing anything.
         resume: continue the unfinished run in ``<output_dir>.partial``.
         export_format: ``"pack-quantized"`` (compressed-tensors) or ``"dequantized"`` (bf16 weights).
@@ -193,7 +517,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         :class:`QuantizationReport` (also saved as ``moequant_report.json`` in the output).
     """
     t0 = time.time()
-    recipe = _as_recipe(recipe)
+    recipe = _as_recipe(recipe).validated()  # a value set after construction is checked like the constructor's
     if export_format not in ("pack-quantized", "dequantized"):
         raise ValueError(f"export_format: expected 'pack-quantized' or 'dequantized', got {export_format!r}")
     model_dir = _model_dir(model_or_path)
@@ -201,23 +525,24 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     if out is not None and out.exists():
         raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
     device = resolve_device(recipe.device)
-    # On the CPU, layers compute in float32 (faster than bf16 there, and more accurate); on a GPU in the
-    # checkpoint's dtype. Scales and written-back weights always use the checkpoint's dtype.
-    from .loading import _config_dtype
+    # Preflight: everything checkable is checked before the first layer starts and before anything is written.
+    from .loading import _config_dtype, check_checkpoint
+    from .models import text_config
     import transformers as _tf
 
+    index = check_checkpoint(model_dir)  # headers and file sizes of every shard
+    # On the CPU, layers compute in float32 (faster than bf16 there, and more accurate); on a GPU in the
+    # checkpoint's dtype. Scales and written-back weights always use the checkpoint's dtype.
     storage = _config_dtype(_tf.AutoConfig.from_pretrained(model_dir))
-    lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage)
+    lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage, index=index)
     precision = hessian_precision(recipe, device, lazy.dtype)
-    preflight(lazy, recipe)
-    support = _loader_support(lazy, recipe, export_format) if out is not None else []
+    ids = _calibration_ids(calibration, model_dir, recipe, getattr(text_config(lazy.config), "vocab_size", None))
+    plan = preflight(lazy, recipe, output_dir=out, export_format=export_format,
+                     calibration_shape=tuple(ids.shape), resume=resume, progress=progress)
+    support = _loader_support(lazy, plan, export_format) if out is not None else []
     transforms = build_transforms(recipe, lazy.family, storage)
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
         tr.before_calibration(lazy)
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    ids = _calibration_ids(calibration, tokenizer, recipe)
     batch_size = recipe.calibration.batch_size
     fingerprint = {"version": WORK_VERSION, "model": str(model_dir.resolve()), "recipe": recipe.to_dict(),
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
@@ -287,6 +612,11 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             _export(lazy, work, recipe, transforms, model_dir, out, export_format, report)
             shutil.rmtree(work.path)
             report.seconds = round(time.time() - t0, 3)
+    except Exception as exc:  # a full, read-only or forbidden output device: one clear error, the layers kept
+        failure = _write_failure(exc)
+        if failure is None or not _is_output_path(failure[1], out, work.path):
+            raise
+        raise _write_error(*failure, out, work.path) from exc
     finally:
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
@@ -328,23 +658,18 @@ def _export(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list, mo
                           metadata={"version": _version()}, config_overrides=overrides or None)
 
 
-def _loader_support(lazy: LazyModel, recipe: Recipe, export_format: str) -> list:
-    """Which loaders will read the checkpoint (:mod:`moequant.compat`), from the recipe's plan; every loader that
-    will not is named in a warning before the run starts."""
+def _loader_support(lazy: LazyModel, plan: Plan, export_format: str) -> list:
+    """Which loaders will read the checkpoint (:mod:`moequant.compat`), from the preflight's plan; every loader
+    that will not is named in a warning before the run starts."""
     from .compat import describe, loader_support
-    from .models import linear_modules
 
-    fam, schemes, fused_layers = lazy.family, {}, []
+    fam = lazy.family
+    schemes = {name: _key(scheme) for name, (scheme, _, _) in plan.quantized.items()}
+    fused_layers = []
     for i in range(lazy.num_layers):
-        layer, prefix = lazy.meta_layer(i), lazy.layer_prefix(i)
-        for name in linear_modules(layer, fam, prefix):
-            disk = fam.disk_name(name)
-            schemes[disk] = _key(recipe.resolve(disk))
         experts = _expert_module_names(lazy, fam, i)
-        keys = [_key(recipe.resolve(n)) for n in experts]
-        schemes.update(zip(experts, keys))
-        if experts and all(k is None for k in keys) and not fam.disk_fused:
-            fused_layers.append(f"{prefix}.{fam.experts}")
+        if experts and not fam.disk_fused and not any(n in schemes for n in experts):
+            fused_layers.append(f"{lazy.layer_prefix(i)}.{fam.experts}")
     support = loader_support(fam, schemes, export_format, fused_layers)
     for s in support:
         if not s.loads:

@@ -21,6 +21,7 @@ Patterns: ``"re:<regex>"`` uses ``re.match`` on the full name (anchored at the s
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import json
@@ -300,6 +301,15 @@ class Recipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "Recipe":
+        """Checks the whole recipe again, every section and every override, and returns it.
+
+        A recipe is plain mutable data (``r.scheme.bits = 3``, ``r.overrides.append(...)`` are allowed, and the
+        tests and users rely on it), so a value set after construction is only checked here: this raises the
+        same ValueError the constructor raises for the same value. :func:`moequant.quantize` calls it (through
+        :meth:`validated`) before any work. Sections given as mappings are converted to their dataclasses."""
         if self.version != RECIPE_VERSION:
             _fail("version", str(RECIPE_VERSION), self.version,
                   "this moequant reads recipe version 1; upgrade moequant or rewrite the recipe")
@@ -330,6 +340,14 @@ class Recipe:
             _fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
         _check_pos_float("solver_memory_gb", self.solver_memory_gb)
         _check_bool("report_loss", self.report_loss)
+        # The sections' own checks again: a field changed after construction (r.calibration.num_samples = -1).
+        for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, *self.overrides):
+            section.__post_init__()
+        return self
+
+    def validated(self) -> "Recipe":
+        """A validated deep copy (:meth:`validate`): what a run uses, unaffected by later changes to ``self``."""
+        return copy.deepcopy(self).validate()
 
     # ------------------------------------------------------------------ resolution
     def is_ignored(self, module_name: str) -> bool:
