@@ -43,7 +43,9 @@ def load_token_ids(tokenizer_or_path: Any, text_file: str | os.PathLike, seq_len
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_or_path))
     else:
         tokenizer = tokenizer_or_path
-    ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+    from .data import read_utf8  # a file that is not UTF-8: ValueError naming it and the byte offset
+
+    ids = torch.tensor(tokenizer(read_utf8(path, "evaluation text"))["input_ids"], dtype=torch.long)
     if seq_len is not None and ids.numel() < seq_len + 1:
         raise ValueError(
             f"{path} yields {ids.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1} needed for one evaluation "
