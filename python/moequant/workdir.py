@@ -111,8 +111,7 @@ def model_fingerprint(model_dir: str | os.PathLike) -> dict:
 def _differences(old: dict, new: dict) -> str:
     """What differs between two run fingerprints, in words ('' when they match)."""
     said = []
-    keys = sorted(set(old) | set(new), key=lambda k: (k != "version", k))
-    for key in keys:
+    for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key == "model" and isinstance(a, dict) and isinstance(b, dict) and "files" in a and "files" in b:
             fa, fb = a["files"], b["files"]
@@ -124,10 +123,8 @@ def _differences(old: dict, new: dict) -> str:
             continue
         if a == b:
             continue
-        if key == "version":
-            said.append(f"it was made by another moequant version (work format {a}; this one writes {b})")
-        elif key == "model":
-            said.append(f"the model differs ({a} vs {b})")
+        if key == "model":
+            said.append("the model differs")
         elif key == "recipe":
             if isinstance(a, dict) and isinstance(b, dict):
                 parts = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -290,6 +287,10 @@ class WorkDir:
             raise self._damaged(MANIFEST, f"unreadable ({_brief(exc)})") from None
         if not isinstance(old, dict):
             raise self._damaged(MANIFEST, f"expected a JSON object, got {type(old).__name__}")
+        if old.get("version") != fingerprint.get("version"):  # then the other fields may not even be comparable
+            raise ValueError(f"{self.path}: cannot resume: it was made by another moequant version (work format "
+                             f"{old.get('version')}; this one reads {fingerprint.get('version')}); finish it with that "
+                             f"version, or delete {self.path} to start over")
         diff = _differences(old, fingerprint)
         if diff:
             raise ValueError(f"{self.path}: cannot resume: the unfinished run used different settings ({diff}); "

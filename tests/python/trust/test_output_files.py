@@ -35,8 +35,10 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _argv(model: Path, out: Path) -> list:
-    return ["quantize", str(model), "--out", str(out), "--calib", str(CALIB), "--num-samples", "4", "--seq-len",
-            "32", "--group-size", "32", "--device", "cpu"]
+    recipe = out.parent / "recipe.json"  # minmax scales: fast
+    recipe.write_text(json.dumps({"scheme": {"scale_search": "minmax"}}))
+    return ["quantize", str(model), "--out", str(out), "--recipe", str(recipe), "--calib", str(CALIB),
+            "--num-samples", "4", "--seq-len", "32", "--group-size", "32", "--device", "cpu"]
 
 
 def _env() -> dict:
@@ -97,8 +99,8 @@ def test_sigterm_during_export_prints_interrupted_leaves_nothing_and_resume_comp
 def _cli_recipe():
     from moequant.recipe import Recipe
 
-    return Recipe.from_cli(None, bits=None, group_size=32, symmetric=None, method=None, calib=[str(CALIB)],
-                           num_samples=4, seq_len=32, device="cpu")
+    return Recipe.from_cli(Recipe.from_dict({"scheme": {"scale_search": "minmax"}}), group_size=32,
+                           calib=[str(CALIB)], num_samples=4, seq_len=32, device="cpu")
 
 
 def test_killed_export_leaves_a_temporary_that_the_next_run_removes(tiny, tmp_path, caplog):
@@ -206,7 +208,7 @@ from moequant.recipe import CalibrationConfig, QuantScheme, Recipe
 from checkpoints import CrashAfterLayer0, crash_after_layer_0
 
 root, model, calib = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-r = Recipe(scheme=QuantScheme(group_size=32),
+r = Recipe(scheme=QuantScheme(group_size=32, scale_search="minmax"),
            calibration=CalibrationConfig(text_files=[calib], num_samples=2, seq_len=32, batch_size=2))
 for umask in (0o022, 0o027):
     os.umask(umask)

@@ -24,9 +24,17 @@ CALIB = REPO / "examples" / "data" / "wikitext2_calib.txt"
 PYTHON_DIR = str(Path(moequant.__file__).resolve().parents[1])
 
 
-def _recipe(**scheme) -> Recipe:
-    return Recipe(scheme=QuantScheme(group_size=32, **scheme),
-                  calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=32, batch_size=2))
+IDS = torch.randint(0, 8000, (4, 32), generator=torch.Generator().manual_seed(0))  # calibration token ids
+
+
+def _recipe(**scheme) -> Recipe:  # GPTQ (its results depend on the layer inputs), minmax scales (fast)
+    return Recipe(scheme=QuantScheme(group_size=32, scale_search="minmax", **scheme),
+                  calibration=CalibrationConfig(num_samples=4, seq_len=32, batch_size=2))
+
+
+def _quantize(model, out, recipe=None, **kw):
+    return pipeline.quantize(model, recipe or _recipe(), calibration=kw.pop("calibration", IDS), output_dir=out,
+                             progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def tiny(tmp_path_factory) -> Path:
 def expected(tiny, tmp_path_factory) -> dict:
     """The tensors of an uninterrupted run of ``_recipe()``."""
     out = tmp_path_factory.mktemp("full") / "out"
-    pipeline.quantize(tiny, _recipe(), output_dir=out, progress=False)
+    _quantize(tiny, out)
     return checkpoint_tensors(out)
 
 
@@ -47,7 +55,7 @@ def interrupted(tiny, tmp_path_factory) -> Path:
     """A work directory left by a run of ``_recipe()`` interrupted after layer 0 (a template: copy it, do not touch)."""
     out = tmp_path_factory.mktemp("interrupted") / "out"
     with pytest.raises(CrashAfterLayer0):
-        pipeline.quantize(tiny, _recipe(), output_dir=out, progress=False, _after_layer=crash_after_layer_0)
+        _quantize(tiny, out, _after_layer=crash_after_layer_0)
     return out.with_name("out.partial")
 
 
@@ -87,13 +95,13 @@ def test_kill_between_any_two_writes_resumes_bit_identically(tiny, expected, tmp
         out = tmp_path / f"run-{k:03d}"
         state.update(prefix=str(out), count=0, kill_at=k)
         try:
-            pipeline.quantize(tiny, r, output_dir=out, progress=False)
+            _quantize(tiny, out, r)
         except Kill:
             state["kill_at"] = None
         else:
             break  # k is past the last write: every point between two writes was covered
         if not out.exists():  # else the kill came after the checkpoint's own rename: it is complete
-            report = pipeline.quantize(tiny, r, output_dir=out, progress=False, resume=True)
+            report = _quantize(tiny, out, r, resume=True)
             assert report.resumed_from_layer in (None, 0, 1, 2)
             assert not out.with_name(out.name + ".partial").exists()
         _assert_same(checkpoint_tensors(out), expected)
@@ -110,14 +118,14 @@ def test_resume_refuses_another_checkpoint_at_the_same_path(tmp_path, change):
     model = tiny_qwen3_checkpoint(tmp_path / "model")
     out, r = tmp_path / "out", _recipe()
     with pytest.raises(CrashAfterLayer0):
-        pipeline.quantize(model, r, output_dir=out, progress=False, _after_layer=crash_after_layer_0)
+        _quantize(model, out, r, _after_layer=crash_after_layer_0)
     shutil.rmtree(model)
     if change == "weights":
         tiny_qwen3_checkpoint(model, seed=1)
     else:
         tiny_qwen3_checkpoint(model, moe_intermediate_size=32)
     with pytest.raises(ValueError) as info:
-        pipeline.quantize(model, r, output_dir=out, progress=False, resume=True)
+        _quantize(model, out, r, resume=True)
     msg, partial = str(info.value), tmp_path / "out.partial"
     assert "model's content differs" in msg and "model.safetensors" in msg, msg
     assert ("config.json" in msg) == (change == "shapes"), msg
@@ -131,19 +139,23 @@ def test_resume_names_what_differs_and_follows_moved_content(tiny, interrupted, 
     shutil.copytree(interrupted, partial)
     cases = [
         (dict(recipe=_recipe(bits=3)), "the recipe differs (scheme)"),
-        (dict(recipe=Recipe.from_dict({**_recipe().to_dict(), "calibration": {
-            "text_files": [str(CALIB)], "num_samples": 4, "seq_len": 32, "batch_size": 2, "seed": 7}})),
-         "the calibration data differs"),
+        (dict(recipe=_recipe(), calibration=IDS.flip(0)), "the calibration data differs"),
         (dict(recipe=_recipe(), export_format="dequantized"),
          "the format differs (it was pack-quantized, now dequantized)"),
     ]
     for kw, words in cases:
         with pytest.raises(ValueError) as info:
-            pipeline.quantize(tiny, kw.pop("recipe"), output_dir=out, progress=False, resume=True, **kw)
+            _quantize(tiny, out, kw.pop("recipe"), resume=True, **kw)
         assert words in str(info.value) and f"delete {partial}" in str(info.value), str(info.value)
+    manifest = partial / "manifest.json"  # a work directory of an older work format
+    saved = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(saved), "version": 1}))
+    with pytest.raises(ValueError, match=r"made by another moequant version \(work format 1; .*delete "):
+        _quantize(tiny, out, resume=True)
+    manifest.write_text(saved)
     # the same content under another path (a moved or copied checkpoint) resumes
     moved = shutil.copytree(tiny, tmp_path / "moved")
-    report = pipeline.quantize(moved, _recipe(), output_dir=out, progress=False, resume=True)
+    report = _quantize(moved, out, resume=True)
     assert report.resumed_from_layer == 1
     _assert_same(checkpoint_tensors(out), expected)
 
@@ -198,7 +210,7 @@ def test_second_process_is_locked_out_until_the_first_ends(tiny, interrupted, tm
     holder = _hold(partial, manifest, resume=True)
     try:
         with pytest.raises(ValueError, match=f"in use by another moequant run \\(pid {holder.pid} on "):
-            pipeline.quantize(tiny, _recipe(), output_dir=out, progress=False, resume=True)
+            _quantize(tiny, out, resume=True)
         argv = ["quantize", str(tiny), "--out", str(out), "--calib", str(CALIB), "--num-samples", "4",
                 "--seq-len", "32", "--group-size", "32", "--device", "cpu", "-q"]
         for extra in ([], ["--resume"]):
@@ -209,7 +221,7 @@ def test_second_process_is_locked_out_until_the_first_ends(tiny, interrupted, tm
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    report = pipeline.quantize(tiny, _recipe(), output_dir=out, progress=False, resume=True)
+    report = _quantize(tiny, out, resume=True)
     assert report.resumed_from_layer == 1 and not partial.exists()
 
 
@@ -251,7 +263,7 @@ def test_damaged_work_directory_is_one_clear_error(tiny, interrupted, tmp_path, 
     damage(target)
     before = sorted(p.name for p in partial.iterdir())
     with pytest.raises(ValueError) as info:
-        pipeline.quantize(tiny, _recipe(), output_dir=out, progress=False, resume=True)
+        _quantize(tiny, out, resume=True)
     msg = str(info.value)
     assert str(target) in msg and f"delete {partial}" in msg and "\n" not in msg, msg
     assert sorted(p.name for p in partial.iterdir()) == before and not out.exists()
