@@ -3,8 +3,10 @@
 User errors (missing files, bad values, unsupported families, an existing ``--out`` without ``--resume``, a
 CUDA device without a GPU, corrupt safetensors, a missing tokenizer, non-UTF-8 text, an unwritable or full output
 disk: ValueError and OSError) print one line ``moequant: error: ...`` to stderr and return exit code 2, without a
-traceback (``-v`` logs it at DEBUG). Logging goes to stderr (INFO; ``-v`` DEBUG, ``-q`` warnings only); stdout
-carries only the results (the report summary, ``ppl=<number>`` as the last line of ``eval``, the inspection).
+traceback (``-v`` logs it at DEBUG). Ctrl-C (SIGINT) and SIGTERM unwind the run like an exception (temporary
+outputs are removed, a quantize run stays resumable), print ``moequant: interrupted`` and return 130 / 143.
+Logging goes to stderr (INFO; ``-v`` DEBUG, ``-q`` warnings only); stdout carries only the results (the report
+summary, ``ppl=<number>`` as the last line of ``eval``, the inspection).
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import argparse
 import importlib
 import logging
 import re
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +29,19 @@ _EXPERT_PROJS = 3  # gate, up, down
 
 class CliError(Exception):
     """A user error: reported as one ``moequant: error: ...`` line and exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by the CLI's SIGTERM handler: unwinds like Ctrl-C (``finally`` blocks and context
+    managers clean up); ``main`` reports it and returns ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -118,6 +135,9 @@ def _cmd_ebss(args: argparse.Namespace) -> int:
     _load_config(model_dir)  # unsupported families fail here with a clear message
     if not args.out.endswith(".jsonl"):
         raise CliError(f"--out: expected a *.jsonl path, got {args.out!r}")
+    if Path(args.out).exists() or Path(args.out).is_symlink():
+        raise CliError(f"--out {args.out} already exists; choose another --out or delete it")
+    # ebss.run refuses an --out that appears meanwhile, and writes the JSONL and its .meta.json atomically
     res = ebss.run(model_dir, args.out, device=args.device, num_samples=args.num_samples, seq_len=args.seq_len,
                    beam=args.beam, tau=args.tau, balance=not args.no_balance, seed=args.seed,
                    batch_size=args.batch_size)
@@ -181,6 +201,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out} already exists; choose another --out or delete it" +
                        (f" (--resume continues an unfinished run from {partial})" if args.resume else ""))
     if partial.exists() and not args.resume:
+        from moequant.workdir import lock_holder
+
+        holder = lock_holder(partial)
+        if holder is not None:
+            raise CliError(f"{partial} is in use by another moequant run ({holder}); wait for it to finish or stop "
+                           "it")
         raise CliError(f"{partial} holds an unfinished run; pass --resume to continue it, or delete it")
     recipe = Recipe.from_cli(args.recipe, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                              method=args.method, calib=args.calib, num_samples=args.num_samples,
@@ -363,13 +389,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- entry point
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the ``moequant`` command line; returns the exit code (0 ok, 2 user error)."""
+    """Runs the ``moequant`` command line; returns the exit code (0 ok, 2 user error, 130 Ctrl-C, 143 SIGTERM)."""
     parser = build_parser()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("moequant")
     old_level = root.level
     root.addHandler(handler)
+    # SIGTERM unwinds like Ctrl-C (signal handlers can only be set from the main thread; restored on return)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         try:
             args = parser.parse_args(argv)
@@ -385,10 +414,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.debug("error details", exc_info=True)
         print(f"moequant: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("moequant: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     finally:
+        if in_main_thread:  # None: a handler not set from Python, which cannot be restored
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old_sigterm is None else old_sigterm)
         root.removeHandler(handler)
         root.setLevel(old_level)
 

@@ -21,7 +21,9 @@ score, as Eqs. 9-10 minimise), special tokens are never generated (no EOS stop: 
 generator; the final sequence of each sample is the beam with the lowest ``-R/l + sigma/tau``.
 
 Output (:func:`write_jsonl`): one ``{"input_ids": [...]}`` line per sample, read by :mod:`moequant.data` as
-``calibration.jsonl_files``, and a sidecar ``<file>.meta.json`` with the settings and per-sample statistics.
+``calibration.jsonl_files``, and a sidecar ``<file>.meta.json`` with the settings and per-sample statistics. Both
+are written atomically (temporary file, renamed into place; a failure removes both); :func:`run` (the CLI) refuses
+an existing output instead of overwriting it.
 """
 from __future__ import annotations
 
@@ -218,35 +220,55 @@ def generate(model, tokenizer=None, config: Optional[EbssConfig] = None, **kwarg
     return EbssResult(sequences=seqs, sigma=sigma, nll=nll, config=cfg, seconds=round(time.time() - t0, 3))
 
 
-def write_jsonl(result: EbssResult, path: str | os.PathLike, extra_meta: Optional[dict] = None) -> Path:
-    """Writes ``{"input_ids": [...]}`` lines to ``path`` and the settings to ``<path>.meta.json``."""
+def write_jsonl(result: EbssResult, path: str | os.PathLike, extra_meta: Optional[dict] = None, *,
+                overwrite: bool = True) -> Path:
+    """Writes ``{"input_ids": [...]}`` lines to ``path`` and the settings to ``<path>.meta.json``, each atomically
+    (an exception or a kill never leaves a partial file; an exception leaves neither). ``overwrite=False`` raises
+    FileExistsError if ``path`` exists (also if it appears while writing) and leaves it untouched."""
+    from .checkpoint_io import atomic_write
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for s in result.sequences:
-            f.write(json.dumps({"input_ids": [int(t) for t in s]}) + "\n")
-    os.replace(tmp, p)
+    if not overwrite and (p.exists() or p.is_symlink()):
+        raise FileExistsError(f"{p} already exists; choose another output path or delete it")
+
+    def write_lines(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for s in result.sequences:
+                f.write(json.dumps({"input_ids": [int(t) for t in s]}) + "\n")
+
     n = max(len(result.sigma), 1)
     meta = {"generator": "moequant.ebss", "score": "-(R+logP)/(l+1) + sigma/tau (sigma of the parent; lower wins)",
             "sigma": "mean over MoE layers of std(ddof=1) over experts of routed-slot fractions",
             **dataclasses.asdict(result.config), "seconds": result.seconds,
             "mean_sigma": sum(result.sigma) / n, "mean_nll": sum(result.nll) / n,
             "per_sample": [{"sigma": g, "nll": x} for g, x in zip(result.sigma, result.nll)], **(extra_meta or {})}
-    p.with_name(p.name + ".meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    meta_text = json.dumps(meta, indent=2) + "\n"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(p, write_lines, overwrite=overwrite)
+    try:
+        atomic_write(p.with_name(p.name + ".meta.json"), lambda tmp: tmp.write_text(meta_text, encoding="utf-8"))
+    except BaseException:
+        p.unlink(missing_ok=True)  # all or nothing: no JSONL without its sidecar
+        raise
     return p
 
 
-def run(model_dir: str | os.PathLike, out: str | os.PathLike, *, device: Optional[str] = None, **kwargs) -> EbssResult:
-    """Loads a local checkpoint (float32 on the CPU, its dtype on a GPU), generates and writes ``out``."""
+def run(model_dir: str | os.PathLike, out: str | os.PathLike, *, device: Optional[str] = None,
+        overwrite: bool = False, **kwargs) -> EbssResult:
+    """Loads a local checkpoint (float32 on the CPU, its dtype on a GPU), generates and writes ``out``.
+
+    An existing ``out`` raises FileExistsError before any work (``overwrite=True`` replaces it)."""
     import transformers
 
     from .pipeline import resolve_device
 
+    out_path = Path(out)
+    if not overwrite and (out_path.exists() or out_path.is_symlink()):
+        raise FileExistsError(f"{out_path} already exists; choose another output path or delete it")
     dev = resolve_device(device)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.float32 if dev.type == "cpu" else "auto"
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev)
     res = generate(model, tok, EbssConfig(**kwargs))
-    write_jsonl(res, out, {"model": str(Path(model_dir).resolve())})
+    write_jsonl(res, out, {"model": str(Path(model_dir).resolve())}, overwrite=overwrite)
     return res

@@ -34,7 +34,7 @@ from .recipe import Recipe
 from .report import LayerRecord, QuantizationReport
 from .solve import quantize_experts, quantize_linears
 from .transforms import LayerStep, build_transforms, layer_export_tensors
-from .workdir import WORK_VERSION, WorkDir
+from .workdir import WORK_VERSION, WorkDir, model_fingerprint, open_work_dir
 
 logger = logging.getLogger(__name__)
 
@@ -544,14 +544,14 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
         tr.before_calibration(lazy)
     batch_size = recipe.calibration.batch_size
-    fingerprint = {"version": WORK_VERSION, "model": str(model_dir.resolve()), "recipe": recipe.to_dict(),
+    fingerprint = {"version": WORK_VERSION, "model": model_fingerprint(model_dir), "recipe": recipe.to_dict(),
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "export_format": export_format}
     import tempfile
 
     tmp_root = None
     if out is not None:
-        work = WorkDir(out.with_name(out.name + ".partial"), fingerprint, resume)
+        work = open_work_dir(out, fingerprint, resume)  # <out>.partial, locked; stale <out>.tmp-* removed
     else:
         tmp_root = tempfile.mkdtemp(prefix="moequant-work-")
         work = WorkDir(Path(tmp_root) / "work", fingerprint, False)
@@ -618,6 +618,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             raise
         raise _write_error(*failure, out, work.path) from exc
     finally:
+        work.close()
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
     return report
