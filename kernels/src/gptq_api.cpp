@@ -284,12 +284,18 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
 }
 
 Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream) {
+  return cuda_hadamard(x, out, rows, n, dtype, stream, 0);
+}
+
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream,
+                     size_t max_shared_memory_bytes) {
   int m = 0;
   int64_t pw = 0;
   if (!hadamard_tables::decompose(n, &m, &pw))
     return Status::invalid("x: expected a last dimension of {}, got {}", hadamard_supported_text(), n);
   if (rows < 0) return Status::invalid("rows: expected >= 0, got {}", rows);
   MQ_RETURN_IF_ERROR(api_detail::check_element_type(dtype, "dtype"));
+  MQ_RETURN_IF_ERROR(api_detail::check_shared_memory_request(max_shared_memory_bytes));
   if (rows == 0) return {};
   if (rows > std::numeric_limits<int32_t>::max())
     return Status::invalid("rows: expected at most {} rows per call on CUDA, got {}", std::numeric_limits<int32_t>::max(),
@@ -301,7 +307,16 @@ Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementT
   MQ_RETURN_IF_ERROR(check_on_device(out, "out", device));
   int logp = 0;
   while ((int64_t{1} << logp) < pw) ++logp;
-  MQ_CUDA_RETURN("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, stream));
+  size_t smem_limit = 0;
+  MQ_RETURN_IF_ERROR(api_detail::shared_memory_limit(device, max_shared_memory_bytes, &smem_limit));
+  const cuda_detail::HadamardPlan plan = cuda_detail::plan_hadamard(m, logp, rows, smem_limit);
+  if (!plan.fits)
+    return Status::not_supported(
+        "{}: a row of {} needs {} bytes of shared memory per block, CUDA device {} allows {} (max_shared_memory_bytes "
+        "{}, 0 = the device's limit)",
+        logp < 5 ? "hadamard_kernel" : "hadamard_reg_kernel", n, plan.needed_bytes, device, smem_limit,
+        max_shared_memory_bytes);
+  MQ_CUDA_RETURN("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, plan, stream));
   return {};
 }
 

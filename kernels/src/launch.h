@@ -80,9 +80,11 @@ inline size_t align256(size_t v) { return (v + 255) & ~static_cast<size_t>(255);
 
 // ---- hadamard.cu ----------------------------------------------------------------------------------------------
 /// out [rows, n] = x (H_m (x) H_{2^logp}) / sqrt(n), n = m << logp <= 32768 (validated by the caller).
-/// x and out have the same dtype (validated by the caller); they may alias.
+/// x and out have the same dtype (validated by the caller); they may alias. `plan`: plan_hadamard(m, logp, rows,
+/// limit) with plan.fits (smem_plan.h); the scratch kernel allocates its global memory stream-ordered
+/// (cudaMallocAsync / cudaFreeAsync on `stream`).
 cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, ElementType dtype,
-                            cudaStream_t stream);
+                            const HadamardPlan& plan, cudaStream_t stream);
 
 // ---- gptq_batched.cu (driven by gptq_api.cpp) -------------------------------------------------------------------
 /// Byte layout of the batched GPTQ workspace (every region 256-byte aligned). E experts, W [E, rows, cols].

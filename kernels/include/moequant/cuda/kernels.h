@@ -202,5 +202,13 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t num_experts, int64_t 
 /// rounding (different butterfly order). Asynchronous.
 Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream);
 
+/// cuda_hadamard with the shared memory per block capped at max_shared_memory_bytes (0: the device's opt-in limit;
+/// otherwise >= 49152, else kInvalidArgument; lowered to the device's limit). Rows that need more than the cap
+/// (one row of 32768 takes 132 KiB, of 28 x 1024 112 KiB) are transformed with fewer rows per CTA or, when a single row
+/// does not fit, by a kernel that keeps the row in global memory (allocated stream-ordered with cudaMallocAsync,
+/// at most two rows per SM at a time). Bit-identical to the call above.
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream,
+                     size_t max_shared_memory_bytes);
+
 }  // namespace v0
 }  // namespace moequant
