@@ -87,6 +87,9 @@ TEST_CASE("GPTQ plan: every launch fits the limit, narrow matrices and small blo
   // blocks of <= 110 columns fit 48 KiB (110 x 111 x 4 = 48,840 bytes), 111 do not (49,728)
   CHECK(cd::plan_gptq_smem(7168, 110, k48).block_shared);
   CHECK_FALSE(cd::plan_gptq_smem(7168, 111, k48).block_shared);
+  // the column kernel's 66,048-byte copy of U fits a limit of exactly that many bytes
+  CHECK(cd::plan_gptq_smem(7168, 128, 66048).block_shared);
+  CHECK_FALSE(cd::plan_gptq_smem(7168, 128, 66047).block_shared);
   // 99 KiB: one 128 x 129 array fits, two do not
   CHECK(cd::plan_gptq_smem(7168, 128, 2 * 66048 - 1).chol_shared == 1);
   CHECK(cd::plan_gptq_smem(7168, 128, 2 * 66048).chol_shared == 2);
