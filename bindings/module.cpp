@@ -221,8 +221,18 @@ py::tuple gptq(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec, 
   return py::make_tuple(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), d);
 }
 
+// The test-only cap of the CUDA kernels' shared memory per block (kernels.h: 0 = the device's limit); negative values
+// cannot reach the size_t of the kernels.
+size_t shared_memory_cap(int64_t max_shared_memory_bytes) {
+  if (max_shared_memory_bytes < 0)
+    throw std::invalid_argument(fmt::format(
+        "max_shared_memory_bytes: expected 0 (the device's limit) or a byte count >= 49152, got {}",
+        max_shared_memory_bytes));
+  return static_cast<size_t>(max_shared_memory_bytes);
+}
+
 py::tuple gptq_batched(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec, bool act_order, double damp,
-                       int64_t block_size, bool compute_loss, bool overwrite_h) {
+                       int64_t block_size, bool compute_loss, bool overwrite_h, int64_t max_shared_memory_bytes) {
   mb::check_dim(w, "w", 3);
   mb::check_dtype(w, "w", at::kFloat);
   mb::check_contiguous(w, "w");
@@ -233,19 +243,21 @@ py::tuple gptq_batched(const at::Tensor& w, const at::Tensor& h, const QuantSpec
     throw std::invalid_argument(fmt::format("h: expected shape [{}, {}, {}] (experts and in_features of w), got {}",
                                             w.size(0), w.size(2), w.size(2), mb::shape_str(h)));
   mb::check_same_device(h, "h", w, "w");
+  [[maybe_unused]] const size_t smem_cap = shared_memory_cap(max_shared_memory_bytes);
   if (!on_cuda(w, "w"))
     throw std::invalid_argument("w: the batched GPTQ runs on CUDA tensors (use moequant.ops.gptq_quantize_batched, "
                                 "which loops over the CPU solver for CPU tensors)");
 #ifdef MOEQUANT_WITH_CUDA
   mb::GptqOptions opt{act_order, damp, block_size};
-  auto [codes, scales, zeros, deq, losses, esc] = mb::gptq_batched_cuda(w, h, spec, opt, compute_loss, overwrite_h);
+  auto [codes, scales, zeros, deq, losses, esc] =
+      mb::gptq_batched_cuda(w, h, spec, opt, compute_loss, overwrite_h, smem_cap);
   return py::make_tuple(codes, scales, zeros, deq, losses, esc);
 #else
   return py::tuple();
 #endif
 }
 
-at::Tensor hadamard(const at::Tensor& x) {
+at::Tensor hadamard(const at::Tensor& x, int64_t max_shared_memory_bytes) {
   if (x.dim() < 1) throw std::invalid_argument("x: expected a tensor with at least one dimension, got a scalar");
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf)
     throw std::invalid_argument(fmt::format("x: expected dtype float32, bfloat16 or float16, got {}",
@@ -255,9 +267,10 @@ at::Tensor hadamard(const at::Tensor& x) {
   if (!moequant::hadamard_supported(n))
     throw std::invalid_argument(fmt::format("x: expected a last dimension of {}, got {}",
                                             moequant::hadamard_supported_text(), n));
+  [[maybe_unused]] const size_t smem_cap = shared_memory_cap(max_shared_memory_bytes);
   if (on_cuda(x, "x")) {
 #ifdef MOEQUANT_WITH_CUDA
-    return mb::hadamard_cuda(x);
+    return mb::hadamard_cuda(x, smem_cap);
 #endif
   }
   return mb::hadamard_cpu(x);
@@ -364,11 +377,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("block_size"), "GPTQ on the CPU -> (codes, scale, zero, dequantized, info dict)");
   m.def("gptq_batched", &gptq_batched, py::arg("w"), py::arg("h"), py::arg("spec"), py::arg("act_order"),
         py::arg("damp"), py::arg("block_size"), py::arg("compute_loss") = true, py::arg("overwrite_h") = false,
+        py::arg("max_shared_memory_bytes") = 0,
         "batched GPTQ of E experts on CUDA: w [E, out, in], h [E, in, in] float32 -> (codes, scale, zero, "
-        "dequantized, losses f64 [E], escalations int32 [E])");
+        "dequantized, losses f64 [E], escalations int32 [E]); max_shared_memory_bytes (tests): caps the kernels' "
+        "shared memory per block below the device's limit (0: the device's; else >= 49152) to run the "
+        "small-memory configurations, with bit-identical results");
   m.def("greedy_rounding", &greedy_rounding, py::arg("w"), py::arg("h"), py::arg("codes"), py::arg("scale"),
         py::arg("zero_point"), py::arg("spec"), py::arg("passes") = 1, py::arg("outlier_quantile") = 0.99,
         "greedy rounding correction on the CPU -> (codes int8, dequantized f32, info dict)");
-  m.def("hadamard", &hadamard, py::arg("x"),
-        "orthonormal Hadamard transform along the last dimension (CPU or CUDA; float32/bfloat16/float16)");
+  m.def("hadamard", &hadamard, py::arg("x"), py::arg("max_shared_memory_bytes") = 0,
+        "orthonormal Hadamard transform along the last dimension (CPU or CUDA; float32/bfloat16/float16); "
+        "max_shared_memory_bytes (tests, CUDA only; ignored on the CPU): caps the kernel's shared memory per block "
+        "(0: the device's limit; else >= 49152), with bit-identical results");
 }

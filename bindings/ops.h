@@ -74,9 +74,12 @@ void hessian_symmetrize_cuda(at::Tensor& H);
 /// losses [E] f64 (zeros when !compute_loss), escalations [E] int32.
 using GptqBatchedTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 /// w [E, r, c] and h [E, c, c] float32 contiguous CUDA tensors; h is overwritten when overwrite_h (else copied).
+/// max_shared_memory_bytes: kernels.h's cap on the shared memory per block (0: the device's limit; tests force the
+/// small-memory paths with it).
 GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
-                                     const GptqOptions& opt, bool compute_loss, bool overwrite_h);
-at::Tensor hadamard_cuda(const at::Tensor& x);
+                                     const GptqOptions& opt, bool compute_loss, bool overwrite_h,
+                                     size_t max_shared_memory_bytes = 0);
+at::Tensor hadamard_cuda(const at::Tensor& x, size_t max_shared_memory_bytes = 0);
 
 }  // namespace bindings
 }  // namespace moequant

@@ -112,7 +112,8 @@ void hessian_symmetrize_cuda(at::Tensor& H) {
 }
 
 GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
-                                     const GptqOptions& opt, bool compute_loss, bool overwrite_h) {
+                                     const GptqOptions& opt, bool compute_loss, bool overwrite_h,
+                                     size_t max_shared_memory_bytes) {
   throw_if_error(validate(spec, w.size(2)));
   const c10::cuda::CUDAGuard guard(w.device());
   const int64_t E = w.size(0), rows = w.size(1), cols = w.size(2), groups = num_groups(spec, cols);
@@ -136,17 +137,18 @@ GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, c
                                    deq.data_ptr<float>(), compute_loss ? losses.data_ptr<double>() : nullptr,
                                    esc.data_ptr<int32_t>(), ws.data_ptr(), ws_bytes,
                                    at::cuda::getCurrentCUDABlasHandle(),
-                                   at::cuda::getCurrentCUDAStream(w.device().index()).stream()));
+                                   at::cuda::getCurrentCUDAStream(w.device().index()).stream(),
+                                   max_shared_memory_bytes));
   return {codes, scales, zeros, deq, losses, esc};
 }
 
-at::Tensor hadamard_cuda(const at::Tensor& x) {
+at::Tensor hadamard_cuda(const at::Tensor& x, size_t max_shared_memory_bytes) {
   const ElementType dtype = element_type_of(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = x.size(-1), rows = n > 0 ? x.numel() / n : 0;
   at::Tensor out = at::empty_like(x);
   throw_if_error(cuda_hadamard(x.data_ptr(), out.data_ptr(), rows, n, dtype,
-                               at::cuda::getCurrentCUDAStream(x.device().index()).stream()));
+                               at::cuda::getCurrentCUDAStream(x.device().index()).stream(), max_shared_memory_bytes));
   return out;
 }
 

@@ -218,6 +218,30 @@ inline Status check_element_type(ElementType t, const char* arg) {
   return Status::invalid("{}: expected 0 (float32), 1 (bfloat16) or 2 (float16), got {}", arg, static_cast<int>(t));
 }
 
+/// max_shared_memory_bytes of the kernels.h calls that take it: 0 (the device's limit) or at least the 48 KiB every
+/// kernel may use without opting in.
+inline Status check_shared_memory_request(size_t requested) {
+  if (requested == 0 || requested >= cuda_detail::kDefaultSmemBytes) return {};
+  return Status::invalid(
+      "max_shared_memory_bytes: expected 0 (the device's limit) or at least {} (48 KiB, what every CUDA device "
+      "provides), got {}",
+      cuda_detail::kDefaultSmemBytes, requested);
+}
+
+/// The shared memory per block the launches on `device` may plan with (smem_plan.h): the device's opt-in limit
+/// (cudaDevAttrMaxSharedMemoryPerBlockOptin: 227 KiB on sm_90 / sm_100, 163 KiB on sm_80, 99 KiB on sm_86 / sm_89 /
+/// sm_120), lowered to `requested` when that is non-zero and smaller. Read on every call (a host-side attribute
+/// lookup; the library keeps no per-device cache).
+inline Status shared_memory_limit(int device, size_t requested, size_t* limit) {
+  MQ_RETURN_IF_ERROR(check_shared_memory_request(requested));
+  int optin = 0;
+  MQ_CUDA_RETURN("cudaDeviceGetAttribute (cudaDevAttrMaxSharedMemoryPerBlockOptin)",
+                 cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t device_limit = optin > 0 ? static_cast<size_t>(optin) : 0;
+  *limit = requested != 0 && requested < device_limit ? requested : device_limit;
+  return {};
+}
+
 inline const char* nan_or_inf(float v) { return std::isnan(v) ? "NaN" : "Inf"; }
 
 /// The element of type t (float32, bfloat16 or IEEE half) at the host copy `bytes`, widened exactly to float (host

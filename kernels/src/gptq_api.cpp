@@ -20,6 +20,7 @@ inline namespace v0 {
 namespace {
 
 using cuda_detail::GptqLayout;
+using cuda_detail::GptqSmemPlan;
 using cuda_detail::kNoBadIndex;
 
 using api_detail::CublasStateGuard;
@@ -65,8 +66,8 @@ Status tri_inverse(float* a, int64_t C, int64_t off, int64_t size, float* tmp, l
 /// Left-looking blocked Cholesky (column-major lower) of experts [e0, e0 + n) of A (stride cols^2), kCholBlock
 /// columns per step: GEMM update of the block column, diagonal block kernel, panel = A21 * inv(L11)^T (GEMM into the
 /// panel buffer, copied back). ~cols^3/3 flops, all batched over the experts.
-Status factorize(float* A, int64_t C, int64_t e0, int64_t n, void* ws, const GptqLayout& l, cublasHandle_t handle,
-                 cudaStream_t stream) {
+Status factorize(float* A, int64_t C, int64_t e0, int64_t n, void* ws, const GptqLayout& l, const GptqSmemPlan& sp,
+                 cublasHandle_t handle, cudaStream_t stream) {
   const int c = static_cast<int>(C), nbat = static_cast<int>(n);
   const long long sA = static_cast<long long>(C) * C;
   float* a = A + e0 * C * C;
@@ -82,7 +83,7 @@ Status factorize(float* A, int64_t C, int64_t e0, int64_t n, void* ws, const Gpt
                        cublasSgemmStridedBatched(handle, CUBLAS_OP_N, CUBLAS_OP_T, c - static_cast<int>(k0), bk,
                                                  static_cast<int>(k0), &minus_one, a + k0, c, sA, a + k0, c, sA, &one,
                                                  a + k0 * C + k0, c, sA, nbat));
-    MQ_CUDA_RETURN("gptq chol_diag kernel", cuda_detail::launch_chol_diag(A, C, k0, bk, e0, n, ws, l, stream));
+    MQ_CUDA_RETURN("gptq chol_diag kernel", cuda_detail::launch_chol_diag(A, C, k0, bk, e0, n, ws, l, sp, stream));
     if (k1 < C) {
       MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (cholesky panel)",
                        cublasSgemmStridedBatched(
@@ -95,7 +96,7 @@ Status factorize(float* A, int64_t C, int64_t e0, int64_t n, void* ws, const Gpt
     }
   }
   // U = J L^-1 J: blocked triangular inverse, then the reversal
-  MQ_CUDA_RETURN("gptq inverse prepare", cuda_detail::launch_gptq_invert_prepare(A, C, e0, n, stream));
+  MQ_CUDA_RETURN("gptq inverse prepare", cuda_detail::launch_gptq_invert_prepare(A, C, e0, n, ws, l, sp, stream));
   const int64_t t = C / 2 + cuda_detail::kCholBlock;
   float* tmp = reinterpret_cast<float*>(static_cast<char*>(ws) + l.tinv) + e0 * t * t;
   MQ_RETURN_IF_ERROR(tri_inverse(a, C, 0, C, tmp, static_cast<long long>(t) * t, nbat, handle));
@@ -114,6 +115,14 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
                          int8_t* codes, float* scales, int32_t* zeros, float* dequantized, double* losses,
                          int32_t* escalations, void* workspace, size_t workspace_bytes, cublasHandle_t handle,
                          cudaStream_t stream) {
+  return cuda_gptq_batched(W, H, E, rows, cols, args, codes, scales, zeros, dequantized, losses, escalations, workspace,
+                           workspace_bytes, handle, stream, 0);
+}
+
+Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int64_t cols, const GptqArgs& args,
+                         int8_t* codes, float* scales, int32_t* zeros, float* dequantized, double* losses,
+                         int32_t* escalations, void* workspace, size_t workspace_bytes, cublasHandle_t handle,
+                         cudaStream_t stream, size_t max_shared_memory_bytes) {
   // ---- the CPU's argument checks (validate_gptq), then the CUDA limits ----
   const QuantSpec& s = args.spec;
   MQ_RETURN_IF_ERROR(validate(s, cols));
@@ -146,11 +155,16 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
     return Status::invalid("workspace_bytes: expected >= {} (cuda_gptq_workspace_bytes), got {}{}", l.total,
                            workspace_bytes, workspace == nullptr ? " with a null workspace" : "");
   if (handle == nullptr) return Status::invalid("handle: expected a cuBLAS handle, got null");
+  MQ_RETURN_IF_ERROR(api_detail::check_shared_memory_request(max_shared_memory_bytes));
 
   int device = -1;
   MQ_RETURN_IF_ERROR(device_of(W, "w", &device));
   ScopedDevice dev;
   MQ_RETURN_IF_ERROR(dev.enter(device));
+  size_t smem_limit = 0;
+  MQ_RETURN_IF_ERROR(api_detail::shared_memory_limit(device, max_shared_memory_bytes, &smem_limit));
+  // Never fails: every kernel has a configuration without shared memory (smem_plan.h).
+  const GptqSmemPlan sp = cuda_detail::plan_gptq_smem(cols, l.block, smem_limit);
   MQ_RETURN_IF_ERROR(check_on_device(H, "h", device));
   MQ_RETURN_IF_ERROR(check_on_device(codes, "codes", device));
   MQ_RETURN_IF_ERROR(check_on_device(scales, "scales", device));
@@ -180,7 +194,7 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
   std::vector<int> esc(static_cast<size_t>(E), 0);
   std::vector<double> frac(static_cast<size_t>(E), args.damp);  // escalated by repeated multiplication, as the CPU
   MQ_CUDA_RETURN("gptq build", cuda_detail::launch_gptq_build(H, cols, 0, E, args.damp, act, workspace, l, stream));
-  MQ_RETURN_IF_ERROR(factorize(H, cols, 0, E, workspace, l, handle, stream));
+  MQ_RETURN_IF_ERROR(factorize(H, cols, 0, E, workspace, l, sp, handle, stream));
   std::vector<unsigned char> rb(l.readback_bytes);
   MQ_RETURN_IF_ERROR(read_back(rb.data(), ws, rb.size(), stream, "gptq readback"));
   unsigned long long flags[4];
@@ -226,7 +240,7 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
       ++k;
       f *= args.damp_escalation_factor;
       MQ_CUDA_RETURN("gptq build (retry)", cuda_detail::launch_gptq_build(H, cols, e, 1, f, act, workspace, l, stream));
-      MQ_RETURN_IF_ERROR(factorize(H, cols, e, 1, workspace, l, handle, stream));
+      MQ_RETURN_IF_ERROR(factorize(H, cols, e, 1, workspace, l, sp, handle, stream));
     }
     MQ_RETURN_IF_ERROR(read_back(rb.data(), ws, rb.size(), stream, "gptq readback"));
   }
@@ -241,7 +255,7 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
     const int bw = static_cast<int>(i2 - i1);
     MQ_CUDA_RETURN("gptq block kernel", cuda_detail::launch_gptq_block(W, H, E, rows, cols, i1, bw, p, act, codes,
                                                                        scales, zeros, dequantized, workspace, l,
-                                                                       stream));
+                                                                       sp, stream));
     if (i2 < cols)  // dW[:, i2:] (-)= E_blk U[i1:i2, i2:]  (column-major view: dW^T -= U[i1:i2, i2:]^T E_blk^T)
       MQ_CUBLAS_RETURN("cublasSgemmStridedBatched (trailing update)",
                        cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, c - static_cast<int>(i2), r, bw,
@@ -270,12 +284,18 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
 }
 
 Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream) {
+  return cuda_hadamard(x, out, rows, n, dtype, stream, 0);
+}
+
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream,
+                     size_t max_shared_memory_bytes) {
   int m = 0;
   int64_t pw = 0;
   if (!hadamard_tables::decompose(n, &m, &pw))
     return Status::invalid("x: expected a last dimension of {}, got {}", hadamard_supported_text(), n);
   if (rows < 0) return Status::invalid("rows: expected >= 0, got {}", rows);
   MQ_RETURN_IF_ERROR(api_detail::check_element_type(dtype, "dtype"));
+  MQ_RETURN_IF_ERROR(api_detail::check_shared_memory_request(max_shared_memory_bytes));
   if (rows == 0) return {};
   if (rows > std::numeric_limits<int32_t>::max())
     return Status::invalid("rows: expected at most {} rows per call on CUDA, got {}", std::numeric_limits<int32_t>::max(),
@@ -287,7 +307,16 @@ Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementT
   MQ_RETURN_IF_ERROR(check_on_device(out, "out", device));
   int logp = 0;
   while ((int64_t{1} << logp) < pw) ++logp;
-  MQ_CUDA_RETURN("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, stream));
+  size_t smem_limit = 0;
+  MQ_RETURN_IF_ERROR(api_detail::shared_memory_limit(device, max_shared_memory_bytes, &smem_limit));
+  const cuda_detail::HadamardPlan plan = cuda_detail::plan_hadamard(m, logp, rows, smem_limit);
+  if (!plan.fits)
+    return Status::not_supported(
+        "{}: a row of {} needs {} bytes of shared memory per block, CUDA device {} allows {} (max_shared_memory_bytes "
+        "{}, 0 = the device's limit)",
+        logp < 5 ? "hadamard_kernel" : "hadamard_reg_kernel", n, plan.needed_bytes, device, smem_limit,
+        max_shared_memory_bytes);
+  MQ_CUDA_RETURN("hadamard kernel", cuda_detail::launch_hadamard(x, out, rows, n, m, logp, dtype, plan, stream));
   return {};
 }
 

@@ -16,13 +16,15 @@
 //   stats / rank      mean of the fixed diagonal (double, fixed order); act-order permutation (stable ranks)
 //   (gptq_factor.cu)  build_kernel: A = J Hp J + lambda I (column-major, in the caller's H buffer)
 //   chol_diag_kernel  left-looking blocked Cholesky, diagonal block: unblocked factorisation + inverse in shared
-//                     memory (the off-diagonal GEMMs are cuBLAS), pivot check -> fail flag
+//                     memory (the off-diagonal GEMMs are cuBLAS), pivot check -> fail flag; on devices with less
+//                     than 129 KiB of shared memory per block one or both arrays live in global memory (smem_plan.h)
 //   inverse kernels   zero the strict upper part, invert the 128-diagonal blocks in place; the off-diagonal blocks
 //                     come from the recursion X21 = -X22 L21 X11 (cuBLAS, gptq_api.cpp)
 //   reverse_kernel    U = J X J as an in-place reversal of the array, check (finite, positive diagonal)
 //   gptq_block_kernel one warp per RW rows, lane = column of the block: the block's columns live in registers,
 //                     column j is broadcast with shuffles, every lane quantizes redundantly (no __syncthreads in the
-//                     column loop), the owner lane keeps e / q / dequantized; U's block sits in shared memory
+//                     column loop), the owner lane keeps e / q / dequantized; U's block sits in shared memory (or,
+//                     below 64.5 KiB of shared memory per block, is read from global memory)
 //   loss kernels      D = W - Q, then (after a per-expert SSYRK) sum h0 .* (D^T D) in double
 #include "gptq_workspace.cuh"
 #include "launch.h"
@@ -146,21 +148,27 @@ __global__ void __launch_bounds__(256) rank_kernel(const float* __restrict__ h0,
 constexpr int kBlockWarps = 8;
 constexpr int kSlots = kGptqMaxBlock / kWarp;  // register slots per lane: columns lane + 32 s
 
-template <bool ACT, int RW>
+// SMEM: U's diagonal block is copied into shared memory (bw x (bw + 1) floats); otherwise (a device or a forced limit
+// with less shared memory, smem_plan.h) the kernel reads the same values from Rt where they are. Same arithmetic.
+template <bool ACT, int RW, bool SMEM>
 __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
     const float* __restrict__ W, const float* __restrict__ Rt, float* __restrict__ dW, float* __restrict__ Dblk,
     const int32_t* __restrict__ perm, const uint8_t* __restrict__ dead, float* __restrict__ scales,
     int32_t* __restrict__ zeros, int8_t* __restrict__ codes, float* __restrict__ deq, int64_t rows, int64_t C,
     int64_t gs, int64_t i1, int bw, int ldd, RtnParams qs) {
-  extern __shared__ float sR[];  // sR[c * (bw + 1) + j] = U(i1 + j, i1 + c)
+  extern __shared__ float smem[];
   const int64_t e = blockIdx.y, ng = C / gs;
-  const int LDR = bw + 1;
   const float* rt = Rt + e * C * C;
-  for (int idx = threadIdx.x; idx < bw * bw; idx += blockDim.x) {
-    const int c = idx / bw, j = idx - c * bw;
-    sR[c * LDR + j] = rt[(i1 + c) * C + i1 + j];
+  // sR[c * LDR + j] = U(i1 + j, i1 + c) (rt[(i1 + c) * C + i1 + j])
+  const int LDR = SMEM ? bw + 1 : static_cast<int>(C);
+  const float* sR = SMEM ? smem : rt + i1 * C + i1;
+  if constexpr (SMEM) {
+    for (int idx = threadIdx.x; idx < bw * bw; idx += blockDim.x) {
+      const int c = idx / bw, j = idx - c * bw;
+      smem[c * LDR + j] = rt[(i1 + c) * C + i1 + j];
+    }
+    __syncthreads();
   }
-  __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kBlockWarps + warp) * RW;
   if (r0 >= rows) return;  // whole warp (no block-level barrier follows)
@@ -379,12 +387,14 @@ cudaError_t launch_gptq_prepare(const float* W, const float* H, int64_t E, int64
 
 cudaError_t launch_gptq_block(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int bw,
                               const RtnParams& p, bool act_order, int8_t* codes, float* scales, int32_t* zeros,
-                              float* dequantized, void* workspace, const GptqLayout& l, cudaStream_t stream) {
+                              float* dequantized, void* workspace, const GptqLayout& l, const GptqSmemPlan& sp,
+                              cudaStream_t stream) {
   const Ws ws = carve(workspace, l);
   constexpr int RW = 4;
-  const size_t smem = static_cast<size_t>(bw) * (bw + 1) * sizeof(float);
+  const size_t smem = sp.block_shared ? gptq_block_bytes(bw) : 0;
   const dim3 grid(static_cast<unsigned>((rows + kBlockWarps * RW - 1) / (kBlockWarps * RW)), static_cast<unsigned>(E));
-  auto kernel = act_order ? gptq_block_kernel<true, RW> : gptq_block_kernel<false, RW>;
+  auto kernel = act_order ? (sp.block_shared ? gptq_block_kernel<true, RW, true> : gptq_block_kernel<true, RW, false>)
+                          : (sp.block_shared ? gptq_block_kernel<false, RW, true> : gptq_block_kernel<false, RW, false>);
   const cudaError_t err = raise_smem_limit(kernel, smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kBlockWarps * kWarp, smem, stream>>>(W, H, ws.dw, ws.dblk, act_order ? ws.perm : nullptr, ws.dead,

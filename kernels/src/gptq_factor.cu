@@ -14,30 +14,33 @@ namespace cuda_detail {
 namespace {
 
 // ---- factorisation ------------------------------------------------------------------------------------------------
-// Shared-memory helpers of the two diagonal-block kernels below. A block is bk x bk, column-major with ld LD =
-// bk + 1 in shared memory; tid / nt are the thread and block size, tx = tid % 32, ty = tid / 32, ny = nt / 32.
+// Helpers of the two diagonal-block kernels below. A block is bk x bk, column-major; the kernels keep its two work
+// arrays A (the block) and X (its inverse) in shared memory (ld bk + 1) or, where the device's shared memory is too
+// small (S < 2, smem_plan.h), in global memory with their own leading dimensions (ldA, ldX; the pointers start at
+// the block, so indices stay below 128 * 65536). The arithmetic is the same either way. tid / nt are the thread and block size, tx = tid % 32, ty = tid / 32, ny = nt / 32.
 
-// sA = the block of a at (k0, k0) (a column-major with ld C), sX = I.
-__device__ __forceinline__ void load_block_and_identity(const float* a, int64_t C, int64_t k0, int bk, int LD,
-                                                        float* sA, float* sX, int tid, int nt) {
+// sA = the block of a at (k0, k0) (a column-major with ld C) when copy_a (else sA is that block itself); sX = I.
+__device__ __forceinline__ void load_block_and_identity(const float* a, int64_t C, int64_t k0, int bk, bool copy_a,
+                                                        float* sA, int ldA, float* sX, int ldX, int tid,
+                                                        int nt) {
   for (int idx = tid; idx < bk * bk; idx += nt) {
     const int j = idx / bk, i = idx - j * bk;
-    sA[j * LD + i] = a[(k0 + j) * C + k0 + i];
-    sX[j * LD + i] = i == j ? 1.0f : 0.0f;
+    if (copy_a) sA[j * ldA + i] = a[(k0 + j) * C + k0 + i];
+    sX[j * ldX + i] = i == j ? 1.0f : 0.0f;
   }
 }
 
 // sX = L^-1 for the lower triangle L of sA (sX = I on entry) by column-oriented forward elimination: row p is final
 // once divided by L(p, p). Ends with a __syncthreads().
-__device__ __forceinline__ void invert_lower_block(const float* sA, float* sX, int bk, int LD, int tid, int nt,
-                                                   int tx, int ty, int ny) {
+__device__ __forceinline__ void invert_lower_block(const float* sA, int ldA, float* sX, int ldX, int bk,
+                                                   int tid, int nt, int tx, int ty, int ny) {
   for (int p = 0; p < bk; ++p) {
-    const float dp = sA[p * LD + p];
-    for (int c = tid; c <= p; c += nt) sX[c * LD + p] /= dp;
+    const float dp = sA[p * ldA + p];
+    for (int c = tid; c <= p; c += nt) sX[c * ldX + p] /= dp;
     __syncthreads();
     for (int c = ty; c <= p; c += ny) {
-      const float xpc = sX[c * LD + p];
-      for (int i = p + 1 + tx; i < bk; i += 32) sX[c * LD + i] -= sA[p * LD + i] * xpc;
+      const float xpc = sX[c * ldX + p];
+      for (int i = p + 1 + tx; i < bk; i += 32) sX[c * ldX + i] = fmaf(-sA[p * ldA + i], xpc, sX[c * ldX + i]);
     }
     __syncthreads();
   }
@@ -63,43 +66,43 @@ __global__ void __launch_bounds__(256) build_kernel(float* __restrict__ A, const
 }
 
 // One block per expert: factorise the bk x bk diagonal block at (k0, k0) (already updated by the left-looking
-// GEMM), write L11 back (lower part) and L11^-1 (column-major, ld kCholBlock) to dinv.
+// GEMM), write L11 back (lower part) and L11^-1 (column-major, ld kCholBlock) to dinv. S work arrays in shared memory
+// (smem_plan.h): 2 both; 1 A only, X built in dinv directly; 0 also A, factorised in place in `a`.
+template <int S>
 __global__ void __launch_bounds__(256) chol_diag_kernel(float* __restrict__ A, int64_t C, int64_t k0, int bk, int64_t e0,
                                                         float* __restrict__ dinv, int32_t* __restrict__ fail) {
   extern __shared__ float smem[];
-  const int LD = bk + 1;
-  float* sA = smem;            // column-major, ld LD
-  float* sX = smem + bk * LD;  // inverse, column-major
-  __shared__ int s_fail;
   const int64_t e = e0 + blockIdx.x;
   float* a = A + e * C * C;
+  float* di = dinv + e * kCholBlock * kCholBlock;
+  const int ldA = S >= 1 ? bk + 1 : static_cast<int>(C), ldX = S == 2 ? bk + 1 : kCholBlock;
+  float* sA = S >= 1 ? smem : a + k0 * C + k0;     // column-major, ld ldA
+  float* sX = S == 2 ? smem + bk * (bk + 1) : di;  // inverse, column-major, ld ldX
   const int tid = threadIdx.x, tx = tid & 31, ty = tid >> 5, nt = blockDim.x, ny = nt >> 5;
-  load_block_and_identity(a, C, k0, bk, LD, sA, sX, tid, nt);
-  if (tid == 0) s_fail = 0;
+  load_block_and_identity(a, C, k0, bk, S >= 1, sA, ldA, sX, ldX, tid, nt);
+  bool failed = false;  // the same in every thread: all read the same pivots
   __syncthreads();
   for (int p = 0; p < bk; ++p) {
-    float piv = sA[p * LD + p];
+    float piv = sA[p * ldA + p];
     const bool bad = !(piv > 0.0f) || !isfinite(piv);  // the same value in every thread
     if (bad) piv = 1.0f;
+    failed = failed || bad;
     const float d = sqrtf(piv), inv = 1.0f / d;
     __syncthreads();  // everyone has read the pivot
-    if (bad && tid == 0) s_fail = 1;
-    for (int i = p + 1 + tid; i < bk; i += nt) sA[p * LD + i] *= inv;
-    if (tid == 0) sA[p * LD + p] = d;
+    for (int i = p + 1 + tid; i < bk; i += nt) sA[p * ldA + i] *= inv;
+    if (tid == 0) sA[p * ldA + p] = d;
     __syncthreads();
     for (int j = p + 1 + ty; j < bk; j += ny) {
-      const float lj = sA[p * LD + j];
-      for (int i = j + tx; i < bk; i += 32) sA[j * LD + i] -= sA[p * LD + i] * lj;
+      const float lj = sA[p * ldA + j];
+      for (int i = j + tx; i < bk; i += 32) sA[j * ldA + i] = fmaf(-sA[p * ldA + i], lj, sA[j * ldA + i]);
     }
     __syncthreads();
   }
-  invert_lower_block(sA, sX, bk, LD, tid, nt, tx, ty, ny);  // X = L^-1
-  const bool failed = s_fail != 0;
-  float* di = dinv + e * kCholBlock * kCholBlock;
+  invert_lower_block(sA, ldA, sX, ldX, bk, tid, nt, tx, ty, ny);  // X = L^-1
   for (int idx = tid; idx < bk * bk; idx += nt) {
     const int j = idx / bk, i = idx - j * bk;
-    if (i >= j) a[(k0 + j) * C + k0 + i] = failed ? (i == j ? 1.0f : 0.0f) : sA[j * LD + i];
-    di[j * kCholBlock + i] = failed ? (i == j ? 1.0f : 0.0f) : sX[j * LD + i];
+    if (i >= j) a[(k0 + j) * C + k0 + i] = failed ? (i == j ? 1.0f : 0.0f) : sA[j * ldA + i];
+    di[j * kCholBlock + i] = failed ? (i == j ? 1.0f : 0.0f) : sX[j * ldX + i];
   }
   if (failed && tid == 0) fail[e] = 1;
 }
@@ -119,21 +122,27 @@ __global__ void __launch_bounds__(256) zero_upper_kernel(float* __restrict__ A, 
   if (i < j) A[e * C * C + j * C + i] = 0.0f;
 }
 
-// Block (b, e): the kCholBlock diagonal block b of L (lower, column-major) is replaced by its inverse (lower).
-__global__ void __launch_bounds__(256) diag_inverse_kernel(float* __restrict__ A, int64_t C, int64_t e0) {
+// Block (b, e): the kCholBlock diagonal block b of L (lower, column-major) is replaced by its inverse (lower). S work
+// arrays in shared memory as in chol_diag_kernel: with S < 2 the inverse is built in `scratch` (the panel region of
+// the workspace: kCholBlock x kCholBlock floats per block, C x kCholBlock per expert), with S = 0 L is read where it
+// is (the final copy follows the last __syncthreads of the inverse, so no thread still reads it).
+template <int S>
+__global__ void __launch_bounds__(256) diag_inverse_kernel(float* __restrict__ A, int64_t C, int64_t e0,
+                                                           float* __restrict__ scratch) {
   extern __shared__ float smem[];
   const int64_t e = e0 + blockIdx.y, k0 = static_cast<int64_t>(blockIdx.x) * kCholBlock;
-  const int bk = static_cast<int>(C - k0 < kCholBlock ? C - k0 : kCholBlock), LD = bk + 1;
-  float* sA = smem;
-  float* sX = smem + bk * LD;
+  const int bk = static_cast<int>(C - k0 < kCholBlock ? C - k0 : kCholBlock);
   float* a = A + e * C * C;
+  const int ldA = S >= 1 ? bk + 1 : static_cast<int>(C), ldX = S == 2 ? bk + 1 : kCholBlock;
+  float* sA = S >= 1 ? smem : a + k0 * C + k0;
+  float* sX = S == 2 ? smem + bk * (bk + 1) : scratch + e * C * kCholBlock + k0 * kCholBlock;
   const int tid = threadIdx.x, tx = tid & 31, ty = tid >> 5, nt = blockDim.x, ny = nt >> 5;
-  load_block_and_identity(a, C, k0, bk, LD, sA, sX, tid, nt);
+  load_block_and_identity(a, C, k0, bk, S >= 1, sA, ldA, sX, ldX, tid, nt);
   __syncthreads();
-  invert_lower_block(sA, sX, bk, LD, tid, nt, tx, ty, ny);
+  invert_lower_block(sA, ldA, sX, ldX, bk, tid, nt, tx, ty, ny);
   for (int idx = tid; idx < bk * bk; idx += nt) {
     const int j = idx / bk, i = idx - j * bk;
-    a[(k0 + j) * C + k0 + i] = i >= j ? sX[j * LD + i] : 0.0f;
+    a[(k0 + j) * C + k0 + i] = i >= j ? sX[j * ldX + i] : 0.0f;
   }
 }
 
@@ -159,6 +168,27 @@ __global__ void __launch_bounds__(256) reverse_kernel(float* __restrict__ A, int
   if (bad) rbad[e] = 1;
 }
 
+template <int S>
+cudaError_t launch_chol_diag_s(float* H, int64_t cols, int64_t k0, int bk, int64_t e0, int64_t n, const Ws& ws,
+                               cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(S) * chol_array_bytes(bk);
+  const cudaError_t err = raise_smem_limit(chol_diag_kernel<S>, smem);
+  if (err != cudaSuccess) return err;
+  chol_diag_kernel<S><<<static_cast<unsigned>(n), 256, smem, stream>>>(H, cols, k0, bk, e0, ws.dinv, ws.fail);
+  return cudaGetLastError();
+}
+
+template <int S>
+cudaError_t launch_diag_inverse_s(float* H, int64_t cols, int64_t e0, int64_t n, const Ws& ws, cudaStream_t stream) {
+  const int bk = static_cast<int>(cols < kCholBlock ? cols : kCholBlock);
+  const size_t smem = static_cast<size_t>(S) * chol_array_bytes(bk);
+  const cudaError_t err = raise_smem_limit(diag_inverse_kernel<S>, smem);
+  if (err != cudaSuccess) return err;
+  diag_inverse_kernel<S><<<dim3(static_cast<unsigned>((cols + kCholBlock - 1) / kCholBlock), static_cast<unsigned>(n)),
+                           256, smem, stream>>>(H, cols, e0, ws.panel);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_gptq_build(float* H, int64_t cols, int64_t e0, int64_t n, double frac, bool act_order,
@@ -173,13 +203,14 @@ cudaError_t launch_gptq_build(float* H, int64_t cols, int64_t e0, int64_t n, dou
 }
 
 cudaError_t launch_chol_diag(float* H, int64_t cols, int64_t k0, int bk, int64_t e0, int64_t n, void* workspace,
-                             const GptqLayout& l, cudaStream_t stream) {
+                             const GptqLayout& l, const GptqSmemPlan& sp, cudaStream_t stream) {
   const Ws ws = carve(workspace, l);
-  const size_t smem = static_cast<size_t>(2 * bk * (bk + 1)) * sizeof(float);
-  const cudaError_t err = raise_smem_limit(chol_diag_kernel, smem);
-  if (err != cudaSuccess) return err;
-  chol_diag_kernel<<<static_cast<unsigned>(n), 256, smem, stream>>>(H, cols, k0, bk, e0, ws.dinv, ws.fail);
-  return cudaGetLastError();
+  switch (sp.chol_shared) {
+    case 2: return launch_chol_diag_s<2>(H, cols, k0, bk, e0, n, ws, stream);
+    case 1: return launch_chol_diag_s<1>(H, cols, k0, bk, e0, n, ws, stream);
+    case 0: return launch_chol_diag_s<0>(H, cols, k0, bk, e0, n, ws, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t launch_chol_panel_copy(float* H, int64_t cols, int64_t k0, int64_t k1, int bk, int64_t e0, int64_t n,
@@ -190,19 +221,20 @@ cudaError_t launch_chol_panel_copy(float* H, int64_t cols, int64_t k0, int64_t k
   return cudaGetLastError();
 }
 
-cudaError_t launch_gptq_invert_prepare(float* H, int64_t cols, int64_t e0, int64_t n, cudaStream_t stream) {
+cudaError_t launch_gptq_invert_prepare(float* H, int64_t cols, int64_t e0, int64_t n, void* workspace,
+                                       const GptqLayout& l, const GptqSmemPlan& sp, cudaStream_t stream) {
   zero_upper_kernel<<<dim3(static_cast<unsigned>((cols + 255) / 256), static_cast<unsigned>(cols),
                            static_cast<unsigned>(n)),
                       256, 0, stream>>>(H, cols, e0);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int bk = static_cast<int>(cols < kCholBlock ? cols : kCholBlock);
-  const size_t smem = static_cast<size_t>(2 * bk * (bk + 1)) * sizeof(float);
-  err = raise_smem_limit(diag_inverse_kernel, smem);
-  if (err != cudaSuccess) return err;
-  diag_inverse_kernel<<<dim3(static_cast<unsigned>((cols + kCholBlock - 1) / kCholBlock), static_cast<unsigned>(n)), 256,
-                        smem, stream>>>(H, cols, e0);
-  return cudaGetLastError();
+  const Ws ws = carve(workspace, l);
+  switch (sp.chol_shared) {
+    case 2: return launch_diag_inverse_s<2>(H, cols, e0, n, ws, stream);
+    case 1: return launch_diag_inverse_s<1>(H, cols, e0, n, ws, stream);
+    case 0: return launch_diag_inverse_s<0>(H, cols, e0, n, ws, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t launch_gptq_finish_factor(float* H, int64_t cols, int64_t e0, int64_t n, void* workspace,

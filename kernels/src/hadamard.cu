@@ -20,6 +20,9 @@
 // free of bank conflicts, and a thread's 32 addresses are one register plus compile-time offsets. Where the padding
 // would cost a CTA per SM (28 * 1024) the XOR swizzle i ^ ((i / 32) % 32) is used instead (same conflict freedom).
 // Small p (< 32: n = 1..16, 12..m*16) takes the general kernel of hadamard_small.cuh.
+// Shared memory per block (smem_plan.h, plan_hadamard): the launch takes the rows per CTA that fit the device; a row
+// that does not fit alone (32768 and 28 * 1024 on 99 KiB devices) runs in hadamard_scratch_kernel, the same code with
+// the row in global memory.
 // x and out may be the same buffer (every CTA reads its rows completely before it writes them).
 #include "launch.h"
 
@@ -46,39 +49,36 @@ constexpr int min_ctas() {
   return M == 1 ? 1 : 3;
 }
 
-// Rows per CTA. m = 1: >= 256 items of 32 elements; m > 1: >= 512 columns (a mix thread's work, two per thread).
-template <int M, int K>
-constexpr int rows_per_cta() {
-  constexpr int kPerRow = (M << K) >> kLogE;
-  if constexpr (M > 1) return K < 9 ? 512 >> K : 1;
-  return kPerRow < 256 ? (256 + kPerRow - 1) / kPerRow : 1;
-}
-
-// Padded layout unless the padding lowers the CTAs per SM below both three and the unpadded count. The count uses
-// sm_90's 228 KiB of shared memory per SM (H100 / H200, where the kernels are tuned); on sm_80 (164 KiB) the choice
-// stays correct but may cost a CTA per SM for some lengths.
+// Rows per CTA (hadamard_rows_per_cta) and the padded layout (hadamard_padded) are in smem_plan.h, shared with the
+// host-side plan: m = 1 batches >= 256 items of 32 elements, m > 1 >= 512 columns (fewer where the device's shared
+// memory per block is smaller); the padding is dropped where it would cost a CTA per SM on sm_90 (only 28 x 1024; on
+// sm_80 the choice stays correct but may cost a CTA per SM).
 template <int M, int K>
 constexpr bool padded() {
-  constexpr long kB = static_cast<long>(rows_per_cta<M, K>()) * (M << K) * 4, kSM = 228 * 1024, kRes = 1024;
-  return kSM / (kB + kB / 32 + kRes) >= 3 || kSM / (kB + kB / 32 + kRes) == kSM / (kB + kRes);
+  return hadamard_padded(M, K);
 }
 
-// Shared-memory index of element base + off (off compile-time; no carry from base into off's bits, or off a
-// multiple of 32: pad(base + off) = pad(base) + pad(off)).
-template <bool P>
+// Layout of the working copy: shared memory is padded (kPadded) or XOR-swizzled (kSwizzled), see padded(); the
+// global scratch of hadamard_scratch_kernel is linear (kLinear: no banks to avoid, and a thread's 32 elements of
+// stage 0 are then 128 contiguous bytes, stored as eight float4 instead of 32 scattered words).
+constexpr int kSwizzled = 0, kPadded = 1, kLinear = 2;
+template <int M, int K>
+constexpr int shared_layout() {
+  return padded<M, K>() ? kPadded : kSwizzled;
+}
+
+// Index of element base + off in layout L (off compile-time; no carry from base into off's bits, or off a multiple
+// of 32: pad(base + off) = pad(base) + pad(off)).
+template <int L>
 __device__ __forceinline__ int sidx(int base, int off) {
-  if constexpr (P) {
+  if constexpr (L == kPadded) {
     return base + (base >> kLogE) + off + (off >> kLogE);
-  } else {
+  } else if constexpr (L == kSwizzled) {
     const int i = base + off;
     return i ^ ((i >> kLogE) & 31);
+  } else {
+    return base + off;
   }
-}
-
-// Floats of shared memory for `elems` elements (a multiple of 32).
-template <bool P>
-constexpr int64_t smem_floats(int64_t elems) {
-  return P ? elems + elems / 32 : elems;
 }
 
 // 32 contiguous elements (16-byte aligned) -> fp32 registers.
@@ -102,13 +102,13 @@ __device__ __forceinline__ void load32_scalar(const T* src, float (&v)[kE]) {
   for (int i = 0; i < kE; ++i) v[i] = to_f32(src[i]);
 }
 
-template <int M, int K, bool P, int... Q>
+template <int M, int K, int L, int... Q>
 __device__ __forceinline__ void mix_all(float (&acc)[M], const float* sm, int base, std::integer_sequence<int, Q...>) {
   auto block = [&](auto qc) {
     constexpr int q = decltype(qc)::value;
     float x[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = sm[sidx<P>(base, (4 * q + i) << K)];
+    for (int i = 0; i < 4; ++i) x[i] = sm[sidx<L>(base, (4 * q + i) << K)];
     mix_rows<M, q>(acc, x);
   };
   (block(std::integral_constant<int, Q>{}), ...);
@@ -123,7 +123,7 @@ constexpr bool staged_store() {
 }
 
 // Stage S >= 1 of the transform of segments of 2^K (see the top of the file); all shifts are compile-time.
-template <typename T, int M, int K, bool P, int S>
+template <typename T, int M, int K, int L, int S>
 __device__ __forceinline__ void reg_stage(float* sm, T* dst, int items, float scale) {
   constexpr int kStages = (K + kLogE - 1) / kLogE, kVBits = K - kLogE;
   constexpr int kW0 = kLogE * S < kVBits ? kLogE * S : kVBits;
@@ -135,30 +135,30 @@ __device__ __forceinline__ void reg_stage(float* sm, T* dst, int items, float sc
     const int base = (seg << K) + (((vv >> kW0) << (kW0 + kLogE)) | (vv & ((1 << kW0) - 1)));
     float v[kE];
 #pragma unroll
-    for (int j = 0; j < kE; ++j) v[j] = sm[sidx<P>(base, j << kW0)];
+    for (int j = 0; j < kE; ++j) v[j] = sm[sidx<L>(base, j << kW0)];
     butterflies<kLogE - kF, kF>(v);
     if constexpr (kLastGlobal) {
 #pragma unroll
       for (int j = 0; j < kE; ++j) dst[base + (j << kW0)] = from_f32<T>(v[j] * scale);
     } else {
 #pragma unroll
-      for (int j = 0; j < kE; ++j) sm[sidx<P>(base, j << kW0)] = v[j];
+      for (int j = 0; j < kE; ++j) sm[sidx<L>(base, j << kW0)] = v[j];
     }
   }
 }
 
-template <typename T, int M, int K, bool P, int... S>
+template <typename T, int M, int K, int L, int... S>
 __device__ __forceinline__ void reg_stages(float* sm, T* dst, int items, float scale, std::integer_sequence<int, S...>) {
-  (reg_stage<T, M, K, P, S + 1>(sm, dst, items, scale), ...);
+  (reg_stage<T, M, K, L, S + 1>(sm, dst, items, scale), ...);
 }
 
-// See the top of the file. n = M << K with K >= 5; rpc rows per CTA; threads loop over the items of a stage.
-template <typename T, int M, int K>
-__global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
-    hadamard_reg_kernel(const T* x, T* out, int64_t rows, int rpc, bool vec, bool vec_out, float scale) {
-  extern __shared__ float sm[];
+// See the top of the file. n = M << K with K >= 5; rpc rows per CTA; threads loop over the items of a stage. `sm`:
+// the CTA's fp32 working copy of its rows in layout kL: shared memory (hadamard_reg_bytes(M, K, rpc) bytes) or the
+// linear global scratch (n floats, 16-byte aligned).
+template <typename T, int M, int K, int kL>
+__device__ __forceinline__ void hadamard_reg_body(const T* x, T* out, int64_t rows, int rpc, bool vec, bool vec_out,
+                                                  float scale, float* sm) {
   constexpr int kN = M << K, kStages = (K + kLogE - 1) / kLogE;
-  constexpr bool kP = padded<M, K>();
   constexpr bool kDirect = M == 1 && kStages == 1;  // n = 32: stage 0 is the whole transform
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * rpc;
   const int rows_here = static_cast<int>(rows - row0 < rpc ? rows - row0 : rpc);
@@ -173,12 +173,16 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
     if constexpr (kDirect) {
 #pragma unroll
       for (int j = 0; j < kE; ++j) dst[u * kE + j] = from_f32<T>(v[j] * scale);
+    } else if constexpr (kL == kLinear) {
+      float4* d4 = reinterpret_cast<float4*>(sm + u * kE);
+#pragma unroll
+      for (int q = 0; q < kE / 4; ++q) d4[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
     } else {
 #pragma unroll
-      for (int j = 0; j < kE; ++j) sm[sidx<kP>(u * kE, j)] = v[j];
+      for (int j = 0; j < kE; ++j) sm[sidx<kL>(u * kE, j)] = v[j];
     }
   }
-  reg_stages<T, M, K, kP>(sm, dst, items, scale, std::make_integer_sequence<int, kStages - 1>{});
+  reg_stages<T, M, K, kL>(sm, dst, items, scale, std::make_integer_sequence<int, kStages - 1>{});
   if constexpr (staged_store<M, K>()) {
     __syncthreads();
     constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte store; a CTA's rows are a multiple of 64 elements
@@ -186,7 +190,7 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
     for (int e = threadIdx.x * kPer; e < total; e += blockDim.x * kPer) {
       alignas(16) T o[kPer];
 #pragma unroll
-      for (int i = 0; i < kPer; ++i) o[i] = from_f32<T>(sm[sidx<kP>(e, i)] * scale);
+      for (int i = 0; i < kPer; ++i) o[i] = from_f32<T>(sm[sidx<kL>(e, i)] * scale);
       if (vec_out) {
         *reinterpret_cast<uint4*>(dst + e) = *reinterpret_cast<const uint4*>(o);
       } else {
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
       const int lr = t >> K, b = t & ((1 << K) - 1);
       const int base = lr * kN + b;
       float acc[M];
-      mix_all<M, K, kP>(acc, sm, base, std::make_integer_sequence<int, M / 4>{});
+      mix_all<M, K, kL>(acc, sm, base, std::make_integer_sequence<int, M / 4>{});
 #pragma unroll
       for (int c = 0; c < M; ++c) dst[base + (c << K)] = from_f32<T>(acc[c] * scale);
     }
@@ -210,68 +214,117 @@ __global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
 }
 
 template <typename T, int M, int K>
-cudaError_t launch_reg(const T* x, T* out, int64_t rows, cudaStream_t stream) {
-  constexpr int kN = M << K, kPerRow = kN >> kLogE, kRpc = rows_per_cta<M, K>();
-  constexpr bool kDirect = M == 1 && K == kLogE;
-  const int rpc = rows < kRpc ? static_cast<int>(rows) : kRpc;
+__global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
+    hadamard_reg_kernel(const T* x, T* out, int64_t rows, int rpc, bool vec, bool vec_out, float scale) {
+  extern __shared__ float sm[];
+  hadamard_reg_body<T, M, K, shared_layout<M, K>()>(x, out, rows, rpc, vec, vec_out, scale, sm);
+}
+
+// The same transform, one row per CTA, with the row's fp32 working copy in global memory (scratch + blockIdx.x *
+// scratch_floats, linear layout) instead of shared memory: for rows longer than the device's shared memory per block
+// (smem_plan.h; e.g. 32768 or 28 x 1024 on the 99 KiB of sm_86 / sm_89 / sm_120). __syncthreads orders the block's
+// global accesses as it orders shared ones; the arithmetic is that of hadamard_reg_kernel (the layout only moves
+// where a value is kept).
+template <typename T, int M, int K>
+__global__ void __launch_bounds__(max_threads<M>(), min_ctas<M>())
+    hadamard_scratch_kernel(const T* x, T* out, int64_t rows, bool vec, bool vec_out, float scale, float* scratch,
+                            int64_t scratch_floats) {
+  hadamard_reg_body<T, M, K, kLinear>(x, out, rows, 1, vec, vec_out, scale, scratch + blockIdx.x * scratch_floats);
+}
+
+template <typename T, int M, int K>
+cudaError_t launch_reg(const T* x, T* out, int64_t rows, const HadamardPlan& plan, cudaStream_t stream) {
+  constexpr int kN = M << K, kPerRow = kN >> kLogE;
+  const int rpc = plan.rpc;
   int threads = M > 1 ? rpc << K : rpc * kPerRow;  // m > 1: columns >= items (m < 32)
   while (threads > max_threads<M>()) threads = (threads + 1) / 2;
   threads = (threads + 31) / 32 * 32;
-  auto smem_for = [](int r) { return kDirect ? size_t{0} : smem_floats<padded<M, K>()>(int64_t{r} * kN) * sizeof(float); };
-  const cudaError_t err = raise_smem_limit(hadamard_reg_kernel<T, M, K>, smem_for(kRpc));
-  if (err != cudaSuccess) return err;
-  const int64_t blocks = (rows + rpc - 1) / rpc;
   const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(kN)));
   const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0;  // rows are 32 elements = 64 or 128 bytes apart
   const bool vec_out = reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  hadamard_reg_kernel<T, M, K><<<static_cast<unsigned>(blocks), threads, smem_for(rpc), stream>>>(
-      x, out, rows, rpc, vec, vec_out, scale);
-  return cudaGetLastError();
+  if (plan.kernel == HadamardKernel::kShared) {
+    if (plan.smem_bytes != hadamard_reg_bytes(M, K, rpc)) return cudaErrorInvalidValue;
+    const cudaError_t err = raise_smem_limit(hadamard_reg_kernel<T, M, K>, plan.smem_bytes);
+    if (err != cudaSuccess) return err;
+    const int64_t blocks = (rows + rpc - 1) / rpc;
+    hadamard_reg_kernel<T, M, K><<<static_cast<unsigned>(blocks), threads, plan.smem_bytes, stream>>>(
+        x, out, rows, rpc, vec, vec_out, scale);
+    return cudaGetLastError();
+  }
+  if constexpr (hadamard_has_scratch(M, K)) {
+    if (plan.kernel != HadamardKernel::kScratch || rpc != 1 || plan.scratch_bytes != hadamard_scratch_bytes(M, K))
+      return cudaErrorInvalidValue;
+    // One row per CTA; the rows go in launches of at most two CTAs per SM, which share one scratch buffer (the
+    // launches are ordered on the stream).
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+    const int64_t chunk = rows < 2 * static_cast<int64_t>(sms) ? rows : 2 * static_cast<int64_t>(sms);
+    const int64_t floats = static_cast<int64_t>(plan.scratch_bytes / sizeof(float));
+    void* scratch = nullptr;
+    if ((err = cudaMallocAsync(&scratch, static_cast<size_t>(chunk) * plan.scratch_bytes, stream)) != cudaSuccess)
+      return err;
+    for (int64_t r0 = 0; r0 < rows && err == cudaSuccess; r0 += chunk) {
+      const int64_t n_rows = rows - r0 < chunk ? rows - r0 : chunk;
+      hadamard_scratch_kernel<T, M, K><<<static_cast<unsigned>(n_rows), threads, 0, stream>>>(
+          x + r0 * kN, out + r0 * kN, n_rows, vec, vec_out, scale, static_cast<float*>(scratch), floats);
+      err = cudaGetLastError();
+    }
+    const cudaError_t free_err = cudaFreeAsync(scratch, stream);
+    return err != cudaSuccess ? err : free_err;
+  } else {
+    return cudaErrorInvalidValue;  // no scratch kernel for this length: its rows always fit (plan_hadamard)
+  }
 }
 
 // K = log2 p in [5, KMax]: one instantiation per supported length.
 template <typename T, int M, int K, int KMax>
-cudaError_t launch_reg_k(const T* x, T* out, int64_t rows, int logp, cudaStream_t stream) {
+cudaError_t launch_reg_k(const T* x, T* out, int64_t rows, int logp, const HadamardPlan& plan, cudaStream_t stream) {
   if constexpr (K < KMax) {
-    if (logp != K) return launch_reg_k<T, M, K + 1, KMax>(x, out, rows, logp, stream);
+    if (logp != K) return launch_reg_k<T, M, K + 1, KMax>(x, out, rows, logp, plan, stream);
   }
-  return launch_reg<T, M, K>(x, out, rows, stream);
+  return launch_reg<T, M, K>(x, out, rows, plan, stream);
 }
 
 template <typename T>
-cudaError_t launch_typed(const void* xv, void* outv, int64_t rows, int n, int m, int logp, cudaStream_t stream) {
+cudaError_t launch_typed(const void* xv, void* outv, int64_t rows, int n, int m, int logp, const HadamardPlan& plan,
+                         cudaStream_t stream) {
   const T* x = static_cast<const T*>(xv);
   T* out = static_cast<T*>(outv);
   if (logp >= kLogE) {
     switch (m) {  // 40 * 2^k is decomposed as 20 * 2^(k+1) (hadamard_tables::decompose), so m is 1, 12, 20 or 28
-      case 12: return launch_reg_k<T, 12, kLogE, 11>(x, out, rows, logp, stream);  // 12 * 2048 <= 32768
-      case 20: return launch_reg_k<T, 20, kLogE, 10>(x, out, rows, logp, stream);
-      case 28: return launch_reg_k<T, 28, kLogE, 10>(x, out, rows, logp, stream);
-      default: return launch_reg_k<T, 1, kLogE, 15>(x, out, rows, logp, stream);
+      case 12: return launch_reg_k<T, 12, kLogE, 11>(x, out, rows, logp, plan, stream);  // 12 * 2048 <= 32768
+      case 20: return launch_reg_k<T, 20, kLogE, 10>(x, out, rows, logp, plan, stream);
+      case 28: return launch_reg_k<T, 28, kLogE, 10>(x, out, rows, logp, plan, stream);
+      default: return launch_reg_k<T, 1, kLogE, 15>(x, out, rows, logp, plan, stream);
     }
   }
-  // p < 32: the general kernel. At least ~2048 elements per CTA (rows of small n are batched), one thread per 8
-  // elements of a pass.
-  const int rpc = n >= 2048 ? 1 : 2048 / n;
+  // p < 32: the general kernel. At least ~2048 elements per CTA (rows of small n are batched; fewer where the
+  // plan's limit says so), one thread per 8 elements of a pass.
+  if (plan.kernel != HadamardKernel::kSmall || plan.smem_bytes != hadamard_small_bytes(n, plan.rpc))
+    return cudaErrorInvalidValue;
+  const int rpc = plan.rpc;
   const int64_t elems = static_cast<int64_t>(rpc) * n;
   int threads = static_cast<int>(elems / 8);
   if (threads < 128) threads = 128;
   if (threads > 512) threads = 512;
-  const size_t smem = static_cast<size_t>(elems) * sizeof(float);
   const int64_t blocks = (rows + rpc - 1) / rpc;
   const float scale = static_cast<float>(1.0 / sqrt(static_cast<double>(n)));
-  hadamard_kernel<T><<<static_cast<unsigned>(blocks), threads, smem, stream>>>(x, out, rows, n, m, logp, rpc, scale);
+  hadamard_kernel<T><<<static_cast<unsigned>(blocks), threads, plan.smem_bytes, stream>>>(x, out, rows, n, m, logp, rpc,
+                                                                                        scale);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, ElementType dtype,
-                            cudaStream_t stream) {
+                            const HadamardPlan& plan, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (!plan.fits) return cudaErrorInvalidValue;  // the API reports it (needed and available bytes) before launching
   const int ni = static_cast<int>(n);
   return dispatch_element(dtype, [&](auto tag) {
-    return launch_typed<typename decltype(tag)::type>(x, out, rows, ni, m, logp, stream);
+    return launch_typed<typename decltype(tag)::type>(x, out, rows, ni, m, logp, plan, stream);
   });
 }
 

@@ -7,6 +7,8 @@
 
 #include <moequant/cuda/element_type.h>
 
+#include "smem_plan.h"
+
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
@@ -27,10 +29,11 @@ inline unsigned grid_for(int64_t work, int64_t per_block) {
 }
 
 /// Raises a kernel's dynamic shared-memory limit when a launch needs more than the 48 KiB default (a driver call per
-/// launch: the library keeps no process-wide record of kernels already raised).
+/// launch: the library keeps no process-wide record of kernels already raised). `smem` comes from a plan of
+/// smem_plan.h made for the device's opt-in limit, so it never exceeds what the device allows.
 template <typename Kernel>
 inline cudaError_t raise_smem_limit(Kernel kernel, size_t smem) {
-  if (smem <= 48 * 1024) return cudaSuccess;
+  if (smem <= kDefaultSmemBytes) return cudaSuccess;
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(smem));
 }
@@ -77,15 +80,13 @@ inline size_t align256(size_t v) { return (v + 255) & ~static_cast<size_t>(255);
 
 // ---- hadamard.cu ----------------------------------------------------------------------------------------------
 /// out [rows, n] = x (H_m (x) H_{2^logp}) / sqrt(n), n = m << logp <= 32768 (validated by the caller).
-/// x and out have the same dtype (validated by the caller); they may alias.
+/// x and out have the same dtype (validated by the caller); they may alias. `plan`: plan_hadamard(m, logp, rows,
+/// limit) with plan.fits (smem_plan.h); the scratch kernel allocates its global memory stream-ordered
+/// (cudaMallocAsync / cudaFreeAsync on `stream`).
 cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, int m, int logp, ElementType dtype,
-                            cudaStream_t stream);
+                            const HadamardPlan& plan, cudaStream_t stream);
 
 // ---- gptq_batched.cu (driven by gptq_api.cpp) -------------------------------------------------------------------
-/// Columns per diagonal block of the batched Cholesky and the largest GPTQ block the column kernel supports.
-constexpr int kGptqMaxBlock = 128;
-constexpr int kCholBlock = 128;
-
 /// Byte layout of the batched GPTQ workspace (every region 256-byte aligned). E experts, W [E, rows, cols].
 ///   flags    4 x u64: min bad linear index of W (e, r, c), of H (e, r, c), of a negative diag (e, i); spare
 ///   fail     E x i32: 1 when the expert's last factorisation hit a non-positive / non-finite pivot
@@ -158,25 +159,31 @@ cudaError_t launch_gptq_build(float* H, int64_t cols, int64_t e0, int64_t n, dou
 
 /// Factorises the diagonal block [k0, k0 + bk) of A (experts [e0, e0 + n)) in place and writes its inverse to dinv;
 /// a non-positive or non-finite pivot sets fail[e] (the block becomes the identity so the rest stays finite).
+/// `sp` (plan_gptq_smem for the device) says how many of its two work arrays live in shared memory.
 cudaError_t launch_chol_diag(float* H, int64_t cols, int64_t k0, int bk, int64_t e0, int64_t n, void* workspace,
-                             const GptqLayout& l, cudaStream_t stream);
+                             const GptqLayout& l, const GptqSmemPlan& sp, cudaStream_t stream);
 
 /// Copies panel rows [k1, cols) of columns [k0, k0 + bk) back into A (experts [e0, e0 + n)).
 cudaError_t launch_chol_panel_copy(float* H, int64_t cols, int64_t k0, int64_t k1, int bk, int64_t e0, int64_t n,
                                    void* workspace, const GptqLayout& l, cudaStream_t stream);
 
-/// Before the blocked inverse of L (experts [e0, e0 + n)): zero the strict upper part, invert the diagonal blocks.
-cudaError_t launch_gptq_invert_prepare(float* H, int64_t cols, int64_t e0, int64_t n, cudaStream_t stream);
+/// Before the blocked inverse of L (experts [e0, e0 + n)): zero the strict upper part, invert the diagonal blocks
+/// (work arrays as `sp` says; with fewer than two in shared memory the inverses are built in the panel region of
+/// the workspace, free once the factorisation is done).
+cudaError_t launch_gptq_invert_prepare(float* H, int64_t cols, int64_t e0, int64_t n, void* workspace,
+                                       const GptqLayout& l, const GptqSmemPlan& sp, cudaStream_t stream);
 
 /// X = L^-1 (lower, column-major) -> U = J X J with U(k, j) at j * cols + k (the upper factor of Hp^-1). Sets
 /// rbad[e] for a non-finite upper entry or a diagonal entry <= 0. Experts [e0, e0 + n).
 cudaError_t launch_gptq_finish_factor(float* H, int64_t cols, int64_t e0, int64_t n, void* workspace,
                                       const GptqLayout& l, cudaStream_t stream);
 
-/// The column loop of block [i1, i1 + bw) for all experts (see gptq_batched.cu).
+/// The column loop of block [i1, i1 + bw) for all experts (see gptq_batched.cu); U's diagonal block in shared
+/// memory when sp.block_shared, else read from H.
 cudaError_t launch_gptq_block(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int bw,
                               const RtnParams& p, bool act_order, int8_t* codes, float* scales, int32_t* zeros,
-                              float* dequantized, void* workspace, const GptqLayout& l, cudaStream_t stream);
+                              float* dequantized, void* workspace, const GptqLayout& l, const GptqSmemPlan& sp,
+                              cudaStream_t stream);
 
 /// dw = W - dequantized (all experts), the operand of the loss SYRK.
 cudaError_t launch_gptq_loss_diff(const float* W, const float* dequantized, int64_t E, int64_t rows, int64_t cols,

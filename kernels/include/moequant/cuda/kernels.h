@@ -183,12 +183,32 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t num_experts, int64_t 
                          double* losses, int32_t* escalations, void* workspace, size_t workspace_bytes,
                          cublasHandle_t handle, cudaStream_t stream);
 
+/// cuda_gptq_batched with the shared memory per block its kernels may use capped at max_shared_memory_bytes (0: the
+/// device's opt-in limit, which the call above uses; otherwise >= 49152 (48 KiB), else kInvalidArgument naming
+/// `max_shared_memory_bytes`; values above the device's limit are lowered to it). The diagonal-block Cholesky kernels
+/// need 129 KiB for their two work arrays in shared memory, the column kernel 64.5 KiB (block_size 128): below that
+/// they keep one or both arrays in global memory (docs/kernels.md, "Shared memory per architecture"), with the same
+/// arithmetic, so the result is bit-identical to that of the call above. A lower cap than the device's exists for
+/// tests of those paths on large-memory GPUs.
+Status cuda_gptq_batched(const float* W, float* H, int64_t num_experts, int64_t rows, int64_t cols,
+                         const GptqArgs& args, int8_t* codes, float* scales, int32_t* zeros, float* dequantized,
+                         double* losses, int32_t* escalations, void* workspace, size_t workspace_bytes,
+                         cublasHandle_t handle, cudaStream_t stream, size_t max_shared_memory_bytes);
+
 /// Orthonormal Hadamard transform of `rows` contiguous rows of length n (hadamard.h's contract:
 /// out = x (H_m (x) H_{2^k}) / sqrt(n), n = m 2^k <= 32768, m in {1, 12, 20, 28, 40}); dtype (element_type.h:
 /// float32, bfloat16 or float16) for both x and out (computed in fp32, rounded once to the dtype); any other dtype
 /// value is kInvalidArgument naming `dtype`. x and out may be the same buffer. Matches hadamard_transform to fp32
 /// rounding (different butterfly order). Asynchronous.
 Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream);
+
+/// cuda_hadamard with the shared memory per block capped at max_shared_memory_bytes (0: the device's opt-in limit;
+/// otherwise >= 49152, else kInvalidArgument; lowered to the device's limit). Rows that need more than the cap
+/// (one row of 32768 takes 132 KiB, of 28 x 1024 112 KiB) are transformed with fewer rows per CTA or, when a single row
+/// does not fit, by a kernel that keeps the row in global memory (allocated stream-ordered with cudaMallocAsync,
+/// at most two rows per SM at a time). Bit-identical to the call above.
+Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream,
+                     size_t max_shared_memory_bytes);
 
 }  // namespace v0
 }  // namespace moequant
