@@ -174,6 +174,15 @@ def _write_replacements(src: CheckpointReader, writer: CheckpointWriter, replace
             raise ValueError(f"{what}: {name!r} is replaced twice")
         consumed.add(name)
 
+    def add_new(name: str, in_source: str, twice: str) -> None:
+        """Records a tensor name the source lacks; ``in_source`` / ``twice``: the errors if it has it or if it
+        was written already."""
+        if name in src:
+            raise ValueError(in_source)
+        if name in added:
+            raise ValueError(twice)
+        added.add(name)
+
     n_chunks = 0
     for chunk in _iter_chunks(replacements):
         n_chunks += 1
@@ -182,12 +191,8 @@ def _write_replacements(src: CheckpointReader, writer: CheckpointWriter, replace
         for prefix, qt in chunk.quantized.items():
             wname = f"{prefix}.weight"
             if prefix in chunk.dtypes:  # a module split out of a removed fused source tensor
-                if wname in src:
-                    raise ValueError(f"dtypes: {prefix!r} has a source weight {wname!r}; dtypes is only for modules "
-                                     f"absent from the source")
-                if wname in added:
-                    raise ValueError(f"quantized: {prefix!r} is written twice")
-                added.add(wname)
+                add_new(wname, f"dtypes: {prefix!r} has a source weight {wname!r}; dtypes is only for modules absent "
+                        f"from the source", f"quantized: {prefix!r} is written twice")
                 shape, dtype = tuple(qt.codes.shape), chunk.dtypes[prefix]
             else:
                 claim(wname, "quantized")
@@ -220,12 +225,8 @@ def _write_replacements(src: CheckpointReader, writer: CheckpointWriter, replace
                 raise ValueError(f"tensors: {name!r} has shape {tuple(t.shape)}, source has {src.shape(name)}")
             writer.add(name, t.detach().to("cpu", src.dtype(name)))
         for name, t in chunk.added.items():
-            if name in src:
-                raise ValueError(f"added: {name!r} is a tensor of the source checkpoint; replace it through "
-                                 f"'tensors' instead")
-            if name in added:
-                raise ValueError(f"added: {name!r} is added twice")
-            added.add(name)
+            add_new(name, f"added: {name!r} is a tensor of the source checkpoint; replace it through 'tensors' "
+                    f"instead", f"added: {name!r} is added twice")
             writer.add(name, t.detach().cpu())
     logger.info("exported %d replacement chunk(s), %d source tensors replaced", n_chunks, len(consumed))
     return consumed

@@ -10,26 +10,11 @@
   adapter each).
 
 A new rounding method is ``methods/<name>/`` with a :class:`Solver` registered in :func:`default_solvers` (plus its
-core, kernel, binding, :mod:`moequant.ops` entry and :mod:`moequant.ref` twin). Names are re-exported lazily:
-the recipe imports the method sections (``methods.awq.config``) while it is itself being imported.
+core, kernel, binding, :mod:`moequant.ops` entry and :mod:`moequant.ref` twin). This package imports only
+``base`` and ``registry`` (light): the recipe imports the registry and the method sections.
 """
-from __future__ import annotations
+from .base import LayerStep, LayerTransform, Solver, layer_export_tensors
+from .registry import TRANSFORMS, SolverRegistry, build_transforms, default_solvers
 
-import importlib
-
-_EXPORTS = {
-    "Solver": "base", "LayerStep": "base", "LayerTransform": "base", "layer_export_tensors": "base",
-    "SolverRegistry": "registry", "default_solvers": "registry", "build_transforms": "registry",
-    "TRANSFORMS": "registry",
-}
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__all__ = ["Solver", "LayerStep", "LayerTransform", "layer_export_tensors", "SolverRegistry", "default_solvers",
+           "build_transforms", "TRANSFORMS"]
