@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out} already exists; choose another --out or delete it" +
                        (f" (--resume continues an unfinished run from {partial})" if args.resume else ""))
     if partial.exists() and not args.resume:
-        from moequant.pipeline.workdir import lock_holder
+        from moequant.pipeline.lock import lock_holder
 
         holder = lock_holder(partial)
         if holder is not None:

@@ -5,7 +5,8 @@
 * :mod:`~moequant.pipeline.jobs`: per-layer solve decisions (solver, Hessian, fallback), :func:`solve_matrix`;
 * :mod:`~moequant.pipeline.preflight`: the checks before any work (:func:`preflight`, :class:`Plan`);
 * :mod:`~moequant.pipeline.output`: writability, free space, write failures (:class:`OutputWriteError`);
-* :mod:`~moequant.pipeline.workdir`: the resumable work directory; :mod:`~moequant.pipeline.report`: the report;
+* :mod:`~moequant.pipeline.workdir`: the resumable work directory (its lock: :mod:`~moequant.pipeline.lock`);
+  :mod:`~moequant.pipeline.report`: the report;
 * :mod:`~moequant.pipeline.export`: the export step (config groups, ignore list, loader support).
 
 Methods plug in only through :mod:`moequant.methods` (solvers by name, layer transforms).

@@ -3,13 +3,14 @@
 Files:
 
 * ``manifest.json``: the run's fingerprint (:func:`moequant.io.fingerprint.model_fingerprint` of the checkpoint's
-  content, recipe,
-  calibration hash, export format, :data:`WORK_VERSION`); a resume must present the same one;
-* per finished layer ``layer_NNNNN.safetensors`` (codes, scales and zero points of every quantized matrix, plus
-  ``dense::<name>`` high-precision tensors a transform changed) and ``layer_NNNNN.json`` (its report record);
+  content, recipe, calibration hash, export format, :data:`WORK_VERSION`); a resume must present the same one;
+* per finished layer ``layer_NNNNN.safetensors`` (codes, scales and zero points of every quantized matrix, their
+  formats as ``[bits, group_size, symmetric]`` in the metadata, plus ``dense::<name>`` high-precision tensors a
+  transform changed) and ``layer_NNNNN.json`` (its report record);
 * ``activations_NNNNN.pt``: the calibration activations after layer NNNNN;
 * ``progress.json``: ``{"completed_layers": n, "activations": "activations_<n-1>.pt"}``, the commit marker;
-* ``lock``: held (``flock``) by the process that uses the directory; it names that process (pid, host).
+* ``lock``: held (``flock``) by the process that uses the directory; it names that process (pid, host)
+  (:mod:`moequant.pipeline.lock`).
 
 Atomicity: every file is written to a temporary name, flushed and renamed into place, and a layer is committed by
 one rename, that of ``progress.json``. A layer's files and its activations are written under names no committed
@@ -24,12 +25,10 @@ directory; a directory another live process holds is refused with that process's
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -40,13 +39,14 @@ from ..io.export import Replacements
 from ..io.files import (OWNER_FILE, atomic_write, atomic_write_json, current_umask, make_owned_tmpdir,
                         remove_stale_temporaries)
 from ..ops import QuantizedTensor
+from .lock import try_lock
 from .report import LayerRecord
 
-__all__ = ["WORK_VERSION", "WorkDir", "open_work_dir", "lock_holder"]
+__all__ = ["WORK_VERSION", "WorkDir", "open_work_dir"]
 
 WORK_VERSION = 2  # the format of the files above; part of every run's fingerprint (manifest.json)
 
-MANIFEST, PROGRESS, LOCK = "manifest.json", "progress.json", "lock"
+MANIFEST, PROGRESS = "manifest.json", "progress.json"
 _ACTIVATIONS = re.compile(r"activations_(\d{5})\.pt")
 
 
@@ -89,68 +89,6 @@ def _brief(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-# ------------------------------------------------------------------------------------------ locking
-def _holder(fd: int) -> str:
-    try:
-        text = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
-        return f"pid {int(text[0])} on {text[1]}"
-    except (OSError, ValueError, IndexError):
-        return "pid unknown"
-
-
-def _try_lock(directory: Path) -> Optional[int]:
-    """An fd holding an exclusive flock on ``directory/lock``, stamped with this process's pid and host; None when
-    the directory vanished meanwhile. Raises ValueError naming the holder when another process holds it."""
-    lock = directory / LOCK
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ENOTDIR:
-            raise ValueError(f"{directory}: expected a moequant work directory, found a file; delete it") from None
-        raise ValueError(f"{lock}: cannot open the lock file ({exc.strerror}); check the permissions of "
-                         f"{directory}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"{directory} is in use by another moequant run ({_holder(fd)}); wait for it to "
-                             "finish or stop it") from None
-        try:  # the directory may have been removed (a finished run) between open and flock: then start over
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            os.close(fd)
-            return None
-        stamp = f"{os.getpid()} {socket.gethostname()}\n".encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, stamp, 0)
-        return fd
-    except BaseException:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        raise
-
-
-def lock_holder(directory: str | os.PathLike) -> Optional[str]:
-    """``"pid N on HOST"`` when another process holds the work directory's lock, else None (never takes it)."""
-    try:
-        fd = os.open(Path(directory) / LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(fd)
-    finally:
-        os.close(fd)
-    return None
-
-
 # ------------------------------------------------------------------------------------------ the work directory
 class WorkDir:
     """The resumable state of one run: per-layer results, activations after the last finished layer, progress.
@@ -180,7 +118,7 @@ class WorkDir:
                 if self._create(fingerprint):
                     return
                 continue  # another process created it first: now it exists
-            self._lock_fd = _try_lock(self.path)
+            self._lock_fd = try_lock(self.path)
             if self._lock_fd is None:
                 continue  # removed meanwhile
             if not resume:
@@ -199,7 +137,7 @@ class WorkDir:
         tmp = make_owned_tmpdir(self.path, self._umask)
         fd = None
         try:
-            fd = _try_lock(tmp)
+            fd = try_lock(tmp)
             atomic_write_json(tmp / MANIFEST, fingerprint, umask=self._umask)
             try:
                 os.rename(tmp, self.path)  # fails if the path exists (unless it is an empty directory)

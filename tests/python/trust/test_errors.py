@@ -211,7 +211,7 @@ def test_output_disk_full_or_unwritable(tiny, tmp_path, capsys, monkeypatch):
 
     from safetensors import SafetensorError
 
-    from moequant.io.writer import CheckpointWriter
+    from moequant.io import writer as checkpoint_writer
     from moequant.pipeline.workdir import WorkDir
 
     out = tmp_path / "deep" / "q"  # the parent does not exist yet: created by the run, checked before it
@@ -262,10 +262,10 @@ def test_output_disk_full_or_unwritable(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
 
     # (d) during the export, from safetensors' writer (no OSError, an "(os error 28)" message): CLI, then resume
-    def full_flush(self):
+    def full_save(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(CheckpointWriter, "_flush", full_flush)
+    monkeypatch.setattr(checkpoint_writer, "save_file", full_save)  # the checkpoint writer's shards
     assert cli_quantize(tiny, out, "--resume") == 2
     line = one_error_line(capsys)
     assert "no space left on device writing" in line and "continue with --resume" in line, line
