@@ -1,7 +1,8 @@
 """The layer-sequential pipeline: :func:`quantize` and its parts.
 
-* :mod:`~moequant.pipeline.run`: :func:`quantize`, the layer loop (observers: :class:`LayerObserver`);
-* :mod:`~moequant.pipeline.layer`: one step of the loop (:class:`LayerQuantizer`), :func:`hessian_precision`;
+* :mod:`~moequant.pipeline.run`: :func:`quantize`, the layer loop;
+* :mod:`~moequant.pipeline.layer`: one step of the loop (:class:`LayerQuantizer`), its callbacks
+  (:class:`LayerObserver`), :func:`hessian_precision`;
 * :mod:`~moequant.pipeline.jobs`: per-layer solve decisions (solver, Hessian, fallback), :func:`solve_matrix`;
 * :mod:`~moequant.pipeline.preflight`: the checks before any work (:func:`preflight`, :class:`Plan`);
 * :mod:`~moequant.pipeline.output`: writability, free space, write failures (:class:`OutputWriteError`);
