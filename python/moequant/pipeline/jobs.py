@@ -30,14 +30,16 @@ def _solver(scheme: QuantScheme, h: Optional[torch.Tensor]):
     """The scheme's solver, or the registry's fallback (RTN) for a matrix without a Hessian whose method needs one."""
     solver = scheme.solver
     if h is None and solver.needs_hessian:
-        solver = scheme.solver_registry().get(scheme.solver_registry().fallback)
+        registry = scheme.solver_registry()
+        solver = registry.get(registry.fallback)
     return solver
 
 
 def solve_matrix(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
                  storage: torch.dtype) -> ops.QuantizedTensor:
     """Quantizes ``w`` by ``scheme`` (its solver; RTN when there is no Hessian ``h`` and the solver needs one) with
-    scales representable in ``storage`` (the checkpoint dtype), then :func:`_finish_solve`."""
+    scales representable in ``storage`` (the checkpoint dtype), then applies the greedy rounding correction
+    (``scheme.rounding_passes``, with a Hessian) and gives the result the recipe's format."""
     return _finish_solve(_solver(scheme, h).solve(w, h, scheme, storage), w, h, scheme)
 
 
