@@ -87,7 +87,7 @@ def parse_config(name: str) -> tuple[dict, dict, set]:
 def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str, seq_len: int) -> dict:
     import transformers
 
-    from moequant.evaluation import perplexity
+    from moequant.eval import perplexity
 
     # bf16 matmuls are slow on most CPUs: evaluate in float32 there (the weights are bf16 values either way)
     on_gpu = str(device).startswith("cuda")
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from moequant import pipeline
-    from moequant.evaluation import load_token_ids
+    from moequant.eval import load_token_ids
 
     td = Path(args.text_dir)
     for f in ("calib.txt", "heldout.txt", "wt2_test.txt"):

@@ -1,15 +1,17 @@
 """moequant: post-training quantization of Mixture-of-Experts LLMs.
 
 Layers: a header-first C++ core (libmoequant), CUDA kernels, the pybind11 extension ``moequant._C``,
-and this package. Start with :mod:`moequant.ops` (tensor operations) and :mod:`moequant.ref` (their
-plain-PyTorch reference twins).
+and this package, whose folders are roles (README.md "Layout", docs/architecture.md): :mod:`moequant.ops` (tensor
+operations) and :mod:`moequant.ref` (their plain-PyTorch reference twins), :mod:`moequant.formats`,
+:mod:`moequant.recipe`, :mod:`moequant.models`, :mod:`moequant.calibration`, :mod:`moequant.methods`,
+:mod:`moequant.pipeline`, :mod:`moequant.io`, :mod:`moequant.eval`, :mod:`moequant.cli`.
 """
 import torch  # noqa: F401  (loads LibTorch before the extension that links against it)
 
 __version__ = "0.1.0"
 
 
-def _check_torch_version(built: "str | None" = None, running: "str | None" = None) -> None:
+def check_torch_version(built: "str | None" = None, running: "str | None" = None) -> None:
     """Raises ImportError when the torch moequant._C was compiled against (``moequant/_build_info.py``, written
     by the build) and the running torch differ in major.minor: LibTorch's C++ ABI changes between releases, so the
     extension would fail with undefined symbols or worse. A source checkout without the file is not checked."""
@@ -31,7 +33,7 @@ def _check_torch_version(built: "str | None" = None, running: "str | None" = Non
             f"repository, or `bash scripts/setup.sh`)")
 
 
-_check_torch_version()
+check_torch_version()
 
 try:
     from moequant import _C  # noqa: F401
@@ -49,7 +51,7 @@ def quantize(model_or_path, recipe=None, calibration=None, output_dir=None, **kw
     ``recipe``: a :class:`moequant.recipe.Recipe`, its dict, or a YAML/JSON file (default W4 g128 symmetric
     GPTQ); ``calibration``: token ids ``[N, seq_len]``, text/JSONL file path(s), or None for the recipe's;
     ``output_dir``: where the compressed-tensors checkpoint goes (None: nothing is written).
-    Returns a :class:`moequant.report.QuantizationReport`.
+    Returns a :class:`moequant.pipeline.report.QuantizationReport`.
     """
     from .pipeline import quantize as _quantize
 
@@ -61,4 +63,8 @@ def __getattr__(name):  # lazy re-exports: importing moequant stays cheap
         from . import recipe
 
         return getattr(recipe, name)
+    if name == "IntFormat":
+        from .formats import IntFormat
+
+        return IntFormat
     raise AttributeError(f"module 'moequant' has no attribute {name!r}")

@@ -2,7 +2,6 @@
 crash-after-layer-0-then-resume check (a resumed run must write exactly the tensors of an uninterrupted one)."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -11,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from moequant import pipeline
+from moequant.pipeline import LayerObserver
 
 
 def checkpoint_tensors(d: Path) -> dict:
@@ -28,10 +28,24 @@ class CrashAfterLayer0(RuntimeError):
 
 
 def crash_after_layer_0(index: int, crash: type = CrashAfterLayer0) -> None:
-    """``_after_layer`` hook of :func:`moequant.pipeline.quantize` that interrupts the run once layer 0 is saved, by
-    raising ``crash`` (any BaseException type, e.g. KeyboardInterrupt)."""
+    """Interrupts a run once layer 0 is saved, by raising ``crash`` (any BaseException type, e.g.
+    KeyboardInterrupt); :func:`crash_observer` calls it from the pipeline."""
     if index == 0:
         raise crash("simulated interruption after layer 0")
+
+
+class _CrashAfterLayer0(LayerObserver):
+    def __init__(self, crash: type):
+        self.crash = crash
+
+    def layer_done(self, index, result) -> None:
+        crash_after_layer_0(index, self.crash)
+
+
+def crash_observer(crash: type = CrashAfterLayer0) -> list:
+    """``observers`` of :func:`moequant.pipeline.quantize` that interrupt the run once layer 0 is committed
+    (:func:`crash_after_layer_0`)."""
+    return [_CrashAfterLayer0(crash)]
 
 
 def assert_resume_bit_identical(model, recipe, tmp_path: Path, crash: type = CrashAfterLayer0,
@@ -46,8 +60,7 @@ def assert_resume_bit_identical(model, recipe, tmp_path: Path, crash: type = Cra
     out = tmp_path / "resumed"
     work = out.with_name(out.name + ".partial")
     with pytest.raises(crash):
-        pipeline.quantize(model, recipe, output_dir=out, _after_layer=functools.partial(crash_after_layer_0,
-                                                                                        crash=crash), **kw)
+        pipeline.quantize(model, recipe, output_dir=out, observers=crash_observer(crash), **kw)
     assert not out.exists() and work.is_dir()  # no half-written output
     if while_interrupted is not None:
         while_interrupted(out)

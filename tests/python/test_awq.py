@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from moequant import pipeline
-from moequant.report import LayerRecord
+from moequant.pipeline.report import LayerRecord
+from moequant.pipeline.workdir import WorkDir
 
 
 def test_workdir_saves_and_yields_high_precision_tensors(tmp_path):
     """WorkDir.save_layer(tensors=...) round-trips any on-disk name -> tensor into Replacements.tensors."""
-    work = pipeline.WorkDir(tmp_path / "w", {"v": 1}, resume=False)
+    work = WorkDir(tmp_path / "w", {"v": 1}, resume=False)
     t = {"model.layers.0.post_attention_layernorm.weight": torch.randn(8, dtype=torch.bfloat16),
          "model.layers.0.mlp.gate.weight": torch.randn(4, 8)}
     work.save_layer(0, {}, LayerRecord(index=0, prefix="p", seconds=0.0, moe=False), [torch.zeros(1)], tensors=t)
@@ -30,8 +30,9 @@ from typing import Callable  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
-from moequant import awq, ops  # noqa: E402
-from moequant.awq_layer import apply_awq  # noqa: E402
+from moequant import ops  # noqa: E402
+from moequant.methods.awq import search as awq  # noqa: E402
+from moequant.methods.awq import apply_awq  # noqa: E402
 from moequant.models import detect_family, split_expert  # noqa: E402
 from moequant.recipe import AWQConfig, CalibrationConfig, QuantScheme, Recipe  # noqa: E402
 from moequant.ref import fake_quantize_ref, search_clip_ref  # noqa: E402
@@ -318,8 +319,8 @@ def test_unsupported_reader_raises_with_remedy(monkeypatch):
 
 
 def test_trained_model_routing_identical_after_awq(shared_dir, shared_tiny_model):
-    from moequant.data import calibration_batches
-    from moequant.loading import LazyModel, record_layer_inputs
+    from moequant.calibration.data import calibration_batches
+    from moequant.models.lazy import LazyModel, record_layer_inputs
 
     model = shared_tiny_model
     lazy = LazyModel(model, dtype=torch.float32)

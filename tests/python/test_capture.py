@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moequant.capture import (ExpertCapture, LayerCapture, LinearCapture, RoutedBatch, expert_intermediate, expert_output,
-                              route_tokens)
+from moequant.calibration.capture import ExpertCapture, LayerCapture, LinearCapture
+from moequant.calibration.routing import RoutedBatch, expert_intermediate, expert_output, route_tokens
 from moequant.models import detect_family, split_expert
 from test_models import NAMES, build_tiny
 

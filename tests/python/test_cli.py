@@ -99,7 +99,7 @@ def test_quantize_existing_out_exits_2_before_work(capsys, tmp_path, model_dir, 
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors").write_text("previous run")
-    monkeypatch.setattr(cli, "_load_config", lambda *a: pytest.fail("work started despite the existing --out"))
+    monkeypatch.setattr(cli.common, "load_config", lambda *a: pytest.fail("work started despite the existing --out"))
     rc = main(["quantize", str(model_dir), "--out", str(out), "--calib", str(calib)] + ["--resume"] * resume)
     line = _one_error_line(capsys.readouterr().err)
     assert rc == 2 and f"--out {out} already exists" in line and ("out.partial" in line) == resume

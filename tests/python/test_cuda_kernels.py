@@ -34,7 +34,7 @@ from gpu_helpers import (
 )
 from moequant import _C, ops
 from moequant.ref import accumulate_hessian_ref
-from moequant.ref.quant import _abs_pow_sum_f64
+from moequant.ref.quant import abs_pow_sum_f64
 from testdata import routed_batch, split_rows, weight
 from tolerances import (
     HESSIAN_BF16_RTOL,
@@ -140,7 +140,7 @@ def _group_errors(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     q = torch.clamp(torch.round(g / s + z), qmin, qmax)
     deq = (q - z) * s
-    return _abs_pow_sum_f64(g.double() - deq.double(), norm)
+    return abs_pow_sum_f64(g.double() - deq.double(), norm)
 
 
 def assert_mse_close(w, cpu, gpu, bits, gs, norm=2.4) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moequant.data import CalibrationSet, calibration_batches, iter_batches, load_calibration
+from moequant.calibration.data import CalibrationSet, calibration_batches, iter_batches, load_calibration
 from moequant.recipe import CalibrationConfig
 
 TINY = Path(__file__).resolve().parents[2] / ".." / "shared" / "models" / "qwen3moe-tiny"
@@ -84,7 +84,7 @@ def test_jsonl_samples_first_then_windows(tmp_path, text_file, caplog):
     j = _jsonl(tmp_path / "s.jsonl", [{"input_ids": list(range(40))}, {"text": "x" * 10},
                                       {"text": "y" * 20}, {"input_ids": [1] * 5}])
     cfg = CalibrationConfig(text_files=[str(text_file)], jsonl_files=[str(j)], num_samples=5, seq_len=20)
-    with caplog.at_level(logging.WARNING, logger="moequant.data"):
+    with caplog.at_level(logging.WARNING, logger="moequant.calibration.data"):
         cs = load_calibration(CharTokenizer(), cfg)
     assert "dropped 2 of 4 JSONL samples" in caplog.text
     assert (cs.num_jsonl, cs.jsonl_dropped, cs.num_windows) == (2, 2, 3)
@@ -106,7 +106,7 @@ def test_jsonl_more_than_num_samples_is_seeded_subset(tmp_path):
 def test_jsonl_only_too_few_warns(tmp_path, caplog):
     j = _jsonl(tmp_path / "s.jsonl", [{"input_ids": [3] * 8}] * 3)
     cfg = CalibrationConfig(jsonl_files=[str(j)], num_samples=10, seq_len=8)
-    with caplog.at_level(logging.WARNING, logger="moequant.data"):
+    with caplog.at_level(logging.WARNING, logger="moequant.calibration.data"):
         ids = calibration_batches(CharTokenizer(), cfg)
     assert ids.shape == (3, 8) and "only 3 samples" in caplog.text
 

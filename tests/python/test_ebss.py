@@ -10,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from moequant import cli, ebss
-from moequant.data import read_jsonl_samples
+from moequant import cli
+from moequant.calibration import ebss
+from moequant.calibration.data import read_jsonl_samples
 from moequant.recipe import CalibrationConfig
 from testdata import tiny_qwen3_checkpoint
 
@@ -49,7 +50,7 @@ def test_generate_shapes_determinism_and_jsonl(tiny, tmp_path):
     kept, dropped = read_jsonl_samples(tok, out, 12)
     assert dropped == 0 and [k.tolist() for k in kept] == a.sequences
     # the pipeline's calibration loader mixes them with nothing else here
-    from moequant.data import load_calibration
+    from moequant.calibration.data import load_calibration
 
     cal = load_calibration(tok, CalibrationConfig(jsonl_files=[str(out)], num_samples=3, seq_len=10))
     assert cal.input_ids.shape == (3, 10) and cal.num_jsonl == 3

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from moequant import ops
-from moequant.checkpoint_io import CheckpointWriter, SafetensorsSource
-from moequant.evaluation import load_token_ids, perplexity
-from moequant.export import Replacements, compressed_tensor_names, export_checkpoint, quantization_config_block
+from moequant.io.safetensors import CheckpointReader
+from moequant.io.writer import CheckpointWriter
+from moequant.eval import load_token_ids, perplexity
+from moequant.formats import compressed_tensor_names, quantization_config_block
+from moequant.io.export import Replacements, export_checkpoint
 
 SHARED = (Path(__file__).resolve().parents[2] / ".." / "shared").resolve()
 TINY = SHARED / "models" / "qwen3moe-tiny"
@@ -124,7 +126,7 @@ def _synthetic_source(root: Path, gen) -> Path:
 
 
 def _expert_results(src: Path, bits=4, group_size=32, symmetric=True):
-    with SafetensorsSource(src) as s:
+    with CheckpointReader(src) as s:
         return {n[: -len(".weight")]: ops.quantize_rtn(s.get(n), bits, group_size, symmetric)
                 for n in s.names() if ".experts." in n}  # fmt: skip
 
@@ -195,7 +197,7 @@ def test_writer_shards_and_index(tmp_path, gen):
     index = json.loads((tmp_path / "ck" / files[-1]).read_text())
     assert set(index["weight_map"]) == set(tensors) | {"big"}
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in tensors.values()) + 4000
-    with SafetensorsSource(tmp_path / "ck") as s:
+    with CheckpointReader(tmp_path / "ck") as s:
         for name, t in tensors.items():
             assert torch.equal(s.get(name), t)
     with CheckpointWriter(tmp_path / "one") as w:
@@ -208,7 +210,7 @@ def test_writer_shards_and_index(tmp_path, gen):
 def _quantize_tiny(expert_scheme, attn_scheme):
     """RTN results for every attention and expert projection of qwen3moe-tiny, keyed by on-disk prefix."""
     out = {}
-    with SafetensorsSource(TINY) as s:
+    with CheckpointReader(TINY) as s:
         for n in s.names():
             if n.endswith("_proj.weight") and (".experts." in n or ".self_attn." in n):
                 sch = expert_scheme if ".experts." in n else attn_scheme
@@ -326,7 +328,7 @@ def test_dequantized_export_reloads_with_plain_transformers(tmp_path):
     out = export_checkpoint(TINY, tmp_path / "dq", chunks, None, mode="dequantized", max_shard_bytes=8 * 2**20)
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["moequant"]["export_mode"] == "dequantized"
-    with SafetensorsSource(out) as s:
+    with CheckpointReader(out) as s:
         assert "lm_head.weight" not in s and not any("weight_packed" in n for n in s.names())
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
     reference = _fake_quantized_model(results)
@@ -336,7 +338,7 @@ def test_dequantized_export_reloads_with_plain_transformers(tmp_path):
     _compare_logits(loaded, reference)
     # a sharded checkpoint is a valid source too: re-export it unchanged
     again = export_checkpoint(out, tmp_path / "dq2", None, None, mode="dequantized")
-    with SafetensorsSource(out) as a, SafetensorsSource(again) as b:
+    with CheckpointReader(out) as a, CheckpointReader(again) as b:
         assert sorted(a.names()) == sorted(b.names()) and all(torch.equal(a.get(n), b.get(n)) for n in a.names())
 
 

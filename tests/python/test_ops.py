@@ -17,7 +17,7 @@ from moequant.ref import (
     quantize_ref,
     quantize_rtn_ref,
 )
-from moequant.ref.quant import _abs_pow_sum_f64
+from moequant.ref.quant import abs_pow_sum_f64
 from testdata import routed_batch, split_rows, weight
 from tolerances import (
     GPTQ_CODE_MATCH_FRACTION,
@@ -104,7 +104,7 @@ def _check_mse(w, bits, group_size, symmetric, mismatch_allowed, **search):
 
     def err(scale, zero):
         s, z = scale.unsqueeze(-1), zero.to(torch.int32).unsqueeze(-1)
-        return _abs_pow_sum_f64(xg.double() - dequantize_values_ref(quantize_ref(xg, s, z, bits), s, z).double(), norm)
+        return abs_pow_sum_f64(xg.double() - dequantize_values_ref(quantize_ref(xg, s, z, bits), s, z).double(), norm)
 
     e_ops, e_ref = err(r.scale.cpu(), r.zero_point.cpu()), err(ref.scale, ref.zero_point)
     assert (e_ops[differ] <= e_ref[differ] * (1 + MSE_TIE_RTOL)).all(), "a differing MSE choice is not a tie"

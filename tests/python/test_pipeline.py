@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 CALIB = REPO / "examples" / "data" / "wikitext2_calib.txt"
 
 
-def _recipe(**scheme) -> Recipe:
+def small_recipe(**scheme) -> Recipe:
+    """GPTQ at group size 32 on 4 x 64 tokens of the shipped calibration text (the tiny models' recipe)."""
     return Recipe(scheme=QuantScheme(group_size=32, **scheme),
                   calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=64, batch_size=2))
 
@@ -35,7 +36,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def test_pack_quantized_export_layout_and_report(tiny, tmp_path):
     out = tmp_path / "q"
-    report = pipeline.quantize(tiny, _recipe(symmetric=True), output_dir=out, progress=False)
+    report = pipeline.quantize(tiny, small_recipe(symmetric=True), output_dir=out, progress=False)
     assert out.is_dir() and not (tmp_path / "q.partial").exists()
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -65,7 +66,7 @@ def test_pack_quantized_export_layout_and_report(tiny, tmp_path):
 
 def test_dequantized_export_matches_packed_codes(tiny, tmp_path):
     """The dequantized export holds exactly (codes - zero) * scale of the pack-quantized export."""
-    r = _recipe(symmetric=False)
+    r = small_recipe(symmetric=False)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "p", progress=False)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "d", progress=False, export_format="dequantized")
     packed, deq = checkpoint_tensors(tmp_path / "p"), checkpoint_tensors(tmp_path / "d")
@@ -79,7 +80,7 @@ def test_dequantized_export_matches_packed_codes(tiny, tmp_path):
 
 def test_reload_with_transformers_matches_fake_quant(tiny, tmp_path):
     pytest.importorskip("compressed_tensors")
-    r = _recipe(symmetric=True)
+    r = small_recipe(symmetric=True)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "p", progress=False)
     pipeline.quantize(tiny, r, output_dir=tmp_path / "d", progress=False, export_format="dequantized")
     ids = torch.randint(0, 8000, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -95,20 +96,20 @@ def test_resume_is_bit_identical(tiny, tmp_path):
     """checkpoints.assert_resume_bit_identical (no output after the crash, only the resumable work directory;
     resumed from layer 1; work directory gone; same tensors), plus: while interrupted, a plain rerun and a resume
     with a different recipe are refused."""
-    r = _recipe()
+    r = small_recipe()
 
     def while_interrupted(out: Path) -> None:
         with pytest.raises(FileExistsError, match="resume"):
             pipeline.quantize(tiny, r, output_dir=out, progress=False)
         with pytest.raises(ValueError, match="different"):
-            pipeline.quantize(tiny, _recipe(bits=3), output_dir=out, progress=False, resume=True)
+            pipeline.quantize(tiny, small_recipe(bits=3), output_dir=out, progress=False, resume=True)
 
     assert_resume_bit_identical(tiny, r, tmp_path, while_interrupted=while_interrupted)
 
 
 @pytest.mark.parametrize("policy", ["mean", "identity", "rtn"])
 def test_starved_experts_fall_back_and_are_reported(tiny, policy):
-    r = _recipe()
+    r = small_recipe()
     r.fallback = FallbackConfig(min_tokens=10**9, policy=policy)  # every expert counts as starved
     report = pipeline.quantize(tiny, r, progress=False)
     for layer in report.layers:
@@ -121,7 +122,7 @@ def test_starved_experts_fall_back_and_are_reported(tiny, policy):
 
 
 def test_expert_hessian_fallbacks_on_a_zero_token_expert():
-    from moequant.solve import ExpertHessians
+    from moequant.pipeline.jobs import ExpertHessians
 
     acc = ops.HessianAccumulator(3, 8)
     g = torch.Generator().manual_seed(0)
@@ -139,7 +140,7 @@ def test_expert_hessian_fallbacks_on_a_zero_token_expert():
 
 
 def test_overrides_skip_and_bits(tiny, tmp_path):
-    r = _recipe(symmetric=True)
+    r = small_recipe(symmetric=True)
     r.overrides = [Override(pattern="model.layers.*.self_attn.*", scheme={"bits": 8}),
                    Override(pattern="re:model\\.layers\\.0\\.mlp\\.experts\\..*", skip=True)]
     out = tmp_path / "q"
@@ -162,7 +163,7 @@ def test_overrides_skip_and_bits(tiny, tmp_path):
 @pytest.mark.parametrize("case", ["existing_out", "bad_group", "empty_calib", "unsupported", "missing_model"])
 def test_bad_input_leaves_nothing_behind(tiny, tmp_path, case):
     out = tmp_path / "q"
-    r, model, err = _recipe(), tiny, ValueError
+    r, model, err = small_recipe(), tiny, ValueError
     if case == "existing_out":
         out.mkdir()
         err = FileExistsError
@@ -192,7 +193,7 @@ def test_bad_input_leaves_nothing_behind(tiny, tmp_path, case):
 
 @pytest.mark.gpu
 def test_gpu_path_agrees_with_cpu(tiny):
-    r = _recipe()
+    r = small_recipe()
     cpu = pipeline.quantize(tiny, r, progress=False)
     r.device = "cuda"
     gpu = pipeline.quantize(tiny, r, progress=False)
@@ -206,7 +207,7 @@ def test_gpu_path_agrees_with_cpu(tiny):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_report_loss_off_changes_only_the_report(tiny, device, tmp_path):
-    r = _recipe()
+    r = small_recipe()
     r.device = device
     on = pipeline.quantize(tiny, r, output_dir=tmp_path / "on", progress=False)
     r.report_loss = False
@@ -226,7 +227,7 @@ def test_report_loss_off_changes_only_the_report(tiny, device, tmp_path):
 def test_top_level_api_accepts_calibration_files_and_token_ids(tiny):
     import moequant
 
-    r = _recipe()
+    r = small_recipe()
     r.calibration = CalibrationConfig(num_samples=4, seq_len=64, batch_size=2)  # no files in the recipe
     with pytest.raises(ValueError, match="calibration"):
         moequant.quantize(tiny, r)
@@ -244,7 +245,7 @@ def test_layers_are_loaded_one_at_a_time(tiny, monkeypatch):
     import gc
     import weakref
 
-    from moequant.loading import LazyModel
+    from moequant.models.lazy import LazyModel
 
     alive, seen = [], []
     original = LazyModel.load_layer
@@ -259,13 +260,13 @@ def test_layers_are_loaded_one_at_a_time(tiny, monkeypatch):
         return layer
 
     monkeypatch.setattr(LazyModel, "load_layer", tracking)
-    pipeline.quantize(tiny, _recipe(), progress=False)
+    pipeline.quantize(tiny, small_recipe(), progress=False)
     assert seen == [0, 1]
 
 
 def test_hessian_precision_resolution_and_errors(tiny):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    r = _recipe()
+    r = small_recipe()
     assert r.hessian_precision == "auto"
     assert pipeline.hessian_precision(r, cuda, torch.bfloat16) == "bf16"
     assert pipeline.hessian_precision(r, cuda, torch.float16) == "fp32"
@@ -288,7 +289,7 @@ def test_hessian_precision_resolution_and_errors(tiny):
 @pytest.mark.gpu
 def test_gpu_bf16_hessian_agrees_with_fp32(tiny):
     """bf16 tensor-core Hessian updates (inputs are bf16 activations already) against fp32 SIMT updates."""
-    r = _recipe()
+    r = small_recipe()
     r.device = "cuda"
     losses = {}
     for p in ("fp32", "bf16"):
@@ -307,13 +308,15 @@ def test_gpu_bf16_hessian_agrees_with_fp32(tiny):
 
 
 def test_transforms_built_in_order_and_export_tensors_merged_later_wins():
-    from moequant import transforms
+    from moequant import methods as transforms
+    from moequant.methods.awq import AWQTransform
+    from moequant.methods.rotation import RotationTransform
 
     fam = object()
-    assert transforms.build_transforms(_recipe(), fam, torch.bfloat16) == []
-    r = Recipe.from_dict({**_recipe().to_dict(), "rotation": {"enabled": True}, "awq": {"enabled": True}})
+    assert transforms.build_transforms(small_recipe(), fam, torch.bfloat16) == []
+    r = Recipe.from_dict({**small_recipe().to_dict(), "rotation": {"enabled": True}, "awq": {"enabled": True}})
     assert [type(t) for t in transforms.build_transforms(r, fam, torch.bfloat16)] == \
-        [transforms.RotationTransform, transforms.AWQTransform]
+        [RotationTransform, AWQTransform]
 
     a, b, c = torch.ones(1), torch.full((1,), 2.0), torch.full((1,), 3.0)
 

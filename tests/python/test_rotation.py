@@ -13,16 +13,17 @@ import pytest
 import torch
 import transformers
 
-from moequant import pipeline, rotation
-from moequant.export import Replacements, export_checkpoint
+from moequant import pipeline
+from moequant.methods import rotation
+from moequant.io.export import Replacements, export_checkpoint
 from moequant.models import detect_family
 from moequant.models.base import get_path
 from moequant.recipe import Recipe
 from moequant.ref.rotation import random_hadamard_ref, random_signs_ref, rotate_along_ref
-from moequant.rotation_config import RotationConfig
+from moequant.methods.rotation import RotationConfig
 from test_models import build_tiny, tiny_config
 from checkpoints import assert_resume_bit_identical, checkpoint_tensors
-from test_pipeline import _recipe
+from test_pipeline import small_recipe
 from testdata import tiny_qwen3_checkpoint
 
 # Written tolerances (relative to max |logit| of the unrotated model).
@@ -239,7 +240,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _rot_recipe(**scheme) -> Recipe:
-    r = _recipe(**scheme)
+    r = small_recipe(**scheme)
     r.rotation = RotationConfig(enabled=True, seed=1)
     return r
 

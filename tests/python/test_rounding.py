@@ -6,7 +6,7 @@ import torch
 
 from moequant import ops
 from moequant.recipe import QuantScheme
-from moequant.solve import _solve
+from moequant.pipeline.jobs import solve_matrix
 
 
 def _problem(rows=32, cols=128, seed=0):
@@ -94,10 +94,10 @@ def test_scheme_field_and_solve_wiring():
     s = QuantScheme(group_size=32, rounding_passes=1)
     assert "round1" in s.describe()
     w, h = _problem()
-    plain = _solve(w, h, QuantScheme(group_size=32), torch.float32)
-    refined = _solve(w, h, s, torch.float32)
+    plain = solve_matrix(w, h, QuantScheme(group_size=32), torch.float32)
+    refined = solve_matrix(w, h, s, torch.float32)
     assert refined.loss < plain.loss and "rounding" in refined.info
-    rtn = _solve(w, None, s, torch.float32)  # no Hessian (forced RTN): nothing to refine against
+    rtn = solve_matrix(w, None, s, torch.float32)  # no Hessian (forced RTN): nothing to refine against
     assert "rounding" not in rtn.info
-    per_channel = _solve(w, h, QuantScheme(group_size=-1, rounding_passes=1), torch.float32)
+    per_channel = solve_matrix(w, h, QuantScheme(group_size=-1, rounding_passes=1), torch.float32)
     assert per_channel.group_size == -1 and per_channel.info["rounding"]["flips"] > 0

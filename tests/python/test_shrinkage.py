@@ -14,10 +14,10 @@ import torch
 import transformers
 
 from moequant import ops, pipeline
-from moequant.capture import LayerCapture
+from moequant.calibration.capture import LayerCapture
 from moequant.models import detect_family, split_expert
 from moequant.recipe import CalibrationConfig, FallbackConfig, QuantScheme, Recipe
-from moequant.solve import ExpertHessians
+from moequant.pipeline.jobs import ExpertHessians
 from testdata import tiny_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .quant import _check_bits, _group_size, dequantize_values_ref, mse_qparams_ref, qparams_ref, quantize_ref
+from .quant import check_bits, group_size_of, dequantize_values_ref, mse_qparams_ref, qparams_ref, quantize_ref
 
 __all__ = ["GptqRefResult", "gptq_quantize_ref", "quadratic_loss_ref"]
 
@@ -96,12 +96,12 @@ def gptq_quantize_ref(
     algorithms, but a float32 implementation may round a value sitting on a code boundary the other way,
     and the error feedback then carries the difference along the row.
     """
-    _check_bits(bits)
+    check_bits(bits)
     _check_inputs(w, h, damp, block_size)
     if scale_search not in ("minmax", "mse"):
         raise ValueError(f"scale_search: expected 'minmax' or 'mse', got {scale_search!r}")
     rows, cols = w.shape
-    gs = _group_size(cols, group_size)
+    gs = group_size_of(cols, group_size)
     n_groups = cols // gs
 
     def params(cols_now: Tensor) -> tuple[Tensor, Tensor]:  # [rows, gs] float64 -> ([rows], [rows])

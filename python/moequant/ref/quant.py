@@ -43,7 +43,9 @@ class RtnResult(NamedTuple):
     dequantized: Tensor  # float32 [out, in]
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+    """ValueError unless ``bits`` is an integer in [2, 8] (the twins check their own arguments, independently of
+    the package's validation)."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
         raise ValueError(f"bits: expected an integer in [2, 8], got {bits!r}")
 
@@ -55,7 +57,7 @@ def _check_scale_dtype(scale_dtype: torch.dtype) -> None:
 
 def qrange(bits: int) -> tuple[int, int]:
     """``(qmin, qmax) = (-2**(bits-1), 2**(bits-1) - 1)``."""
-    _check_bits(bits)
+    check_bits(bits)
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
@@ -103,7 +105,7 @@ def dequantize_values_ref(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return (q.to(torch.int32) - zero.to(torch.int32)).float() * scale.float()
 
 
-def _abs_pow_sum_f64(err: Tensor, norm: float) -> Tensor:
+def abs_pow_sum_f64(err: Tensor, norm: float) -> Tensor:
     """``sum |err|**norm`` over the last dim, left to right in float64, with the C library's ``pow``.
 
     quant.h accumulates ``std::pow(fabs(v - d), norm)`` in a sequential double loop. ``math.pow`` is that
@@ -152,12 +154,12 @@ def mse_qparams_ref(
     scale_c, zero_c = _qparams_from_range(lo_c, hi_c, bits, symmetric, scale_dtype)
     q = quantize_ref(x.unsqueeze(0), scale_c.unsqueeze(-1), zero_c.unsqueeze(-1), bits)
     deq = dequantize_values_ref(q, scale_c.unsqueeze(-1), zero_c.unsqueeze(-1))
-    err = _abs_pow_sum_f64(x.unsqueeze(0).double() - deq.double(), norm)  # [C, ...]
+    err = abs_pow_sum_f64(x.unsqueeze(0).double() - deq.double(), norm)  # [C, ...]
     best = torch.argmin(err, dim=0, keepdim=True)  # argmin returns the first minimum: the strict-< scan
     return scale_c.gather(0, best).squeeze(0), zero_c.gather(0, best).squeeze(0)
 
 
-def _group_size(cols: int, group_size: int | None) -> int:
+def group_size_of(cols: int, group_size: int | None) -> int:
     """Effective group size: ``None`` or ``<= 0`` means one group per row (per-channel)."""
     if group_size is None or group_size <= 0:
         return cols
@@ -185,7 +187,7 @@ def quantize_rtn_ref(
     dequantized float32 [out, in])`` with ``G = in / group_size`` (``group_size`` ``None``/``-1``: G = 1).
     Bit-exact with quant.h ``quantize_rtn`` and hence with ``moequant.ops.quantize_rtn``.
     """
-    _check_bits(bits)
+    check_bits(bits)
     if w.dim() != 2:
         raise ValueError(f"w: expected a 2-D tensor [out_features, in_features], got {w.dim()}-D")
     if scale_search not in ("minmax", "mse"):
@@ -194,7 +196,7 @@ def quantize_rtn_ref(
     if not torch.isfinite(x).all():
         raise ValueError("w: expected finite values, got NaN or Inf")
     out, cols = x.shape
-    gs = _group_size(cols, group_size)
+    gs = group_size_of(cols, group_size)
     xg = x.reshape(out, cols // gs, gs)
     if scale_search == "mse":
         scale, zero = mse_qparams_ref(xg, bits, symmetric, scale_dtype, mse_grid, mse_min_shrink, mse_norm)
@@ -216,7 +218,7 @@ def dequantize_ref(codes: Tensor, scale: Tensor, zero: Tensor | None, group_size
     Returns float32 [out, in]. Bit-exact with quant.h ``dequantize`` / ``moequant.ops.dequantize``.
     """
     out, cols = codes.shape
-    gs = _group_size(cols, group_size)
+    gs = group_size_of(cols, group_size)
     g = cols // gs
     if tuple(scale.shape) != (out, g):
         raise ValueError(f"scale: expected shape [{out}, {g}], got {list(scale.shape)}")

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from moequant import pipeline
 from moequant.cli import main
-from moequant.loading import LazyModel
+from moequant.models.lazy import LazyModel
 from moequant.recipe import DEFAULT_IGNORE, CalibrationConfig, Override, QuantScheme, Recipe
 from testdata import tiny_qwen3_checkpoint
 
@@ -211,14 +211,14 @@ def test_output_disk_full_or_unwritable(tiny, tmp_path, capsys, monkeypatch):
 
     from safetensors import SafetensorError
 
-    from moequant import checkpoint_io
-    from moequant.workdir import WorkDir
+    from moequant.io import writer as checkpoint_writer
+    from moequant.pipeline.workdir import WorkDir
 
     out = tmp_path / "deep" / "q"  # the parent does not exist yet: created by the run, checked before it
     # (a) preflight: 1 kB free
     usage = namedtuple("usage", "total used free")
     real_usage = shutil.disk_usage
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(OSError) as info:
         pipeline.quantize(tiny, _recipe(), output_dir=out, progress=False)
     assert info.value.errno == errno.ENOSPC
@@ -227,7 +227,7 @@ def test_output_disk_full_or_unwritable(tiny, tmp_path, capsys, monkeypatch):
                      str(info.value)), str(info.value)
     assert cli_quantize(tiny, out) == 2 and "not enough free space" in one_error_line(capsys)
     assert not (tmp_path / "deep").exists()
-    monkeypatch.setattr(pipeline.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
 
     # (b) preflight: a directory the run cannot write in (probe refused, as on a read-only mount)
     import tempfile
@@ -262,10 +262,10 @@ def test_output_disk_full_or_unwritable(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.undo()
 
     # (d) during the export, from safetensors' writer (no OSError, an "(os error 28)" message): CLI, then resume
-    def full_flush(self):
+    def full_save(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint_io.CheckpointWriter, "_flush", full_flush)
+    monkeypatch.setattr(checkpoint_writer, "save_file", full_save)  # the checkpoint writer's shards
     assert cli_quantize(tiny, out, "--resume") == 2
     line = one_error_line(capsys)
     assert "no space left on device writing" in line and "continue with --resume" in line, line
@@ -490,5 +490,5 @@ def test_packaging_declares_what_the_wheel_needs(monkeypatch):
     assert any(d.startswith("compressed-tensors>=0.20") for d in deps)
     with pytest.raises(ImportError, match=r"built against torch 2\.4\.1\+cu121, but torch .* is installed.*Install "
                                           r"torch==2\.4\.1, or rebuild moequant"):
-        moequant._check_torch_version("2.4.1+cu121")
-    moequant._check_torch_version(torch.__version__.split("+")[0] + "+other")  # same version, other variant: fine
+        moequant.check_torch_version("2.4.1+cu121")
+    moequant.check_torch_version(torch.__version__.split("+")[0] + "+other")  # same version, other variant: fine

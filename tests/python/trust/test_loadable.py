@@ -19,8 +19,8 @@ from family_checkpoints import CALIB_TEXT, HELDOUT_TEXT, NAMES, family_checkpoin
 
 import moequant
 from moequant import cli
-from moequant.compat import loader_support
-from moequant.exported import checkpoint_schemes, fused_expert_layers, load_model
+from moequant.io.compat import loader_support
+from moequant.io.exported import checkpoint_schemes, fused_expert_layers, load_model
 from moequant.recipe import DEFAULT_IGNORE, Recipe
 
 # The matrix: default (W4 g128 symmetric), asymmetric, W8, W3, per-channel, attention W8, layer 0 kept in

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import moequant
-from moequant import cli, ebss, pipeline
-from moequant.checkpoint_io import CheckpointWriter
+from moequant import cli, pipeline
+from moequant.calibration import ebss
+from moequant.io.writer import CheckpointWriter
 from checkpoints import checkpoint_tensors
 from testdata import tiny_qwen3_checkpoint
 
@@ -49,9 +50,10 @@ def _env() -> dict:
 # signalled; it announces the stall by creating the file argv[1].
 STALLED_EXPORT = """
 import os, sys, time
-from moequant import checkpoint_io, cli
+from moequant import cli
+from moequant.io import writer
 
-marker, real_add = sys.argv[1], checkpoint_io.CheckpointWriter.add
+marker, real_add = sys.argv[1], writer.CheckpointWriter.add
 
 def stalling_add(self, name, tensor):
     if not os.path.exists(marker):
@@ -59,7 +61,7 @@ def stalling_add(self, name, tensor):
         time.sleep(120)
     return real_add(self, name, tensor)
 
-checkpoint_io.CheckpointWriter.add = stalling_add
+writer.CheckpointWriter.add = stalling_add
 sys.exit(cli.main(sys.argv[2:]))
 """
 
@@ -120,7 +122,7 @@ def test_stale_temporaries_removed_only_when_their_owner_is_gone(tmp_path, caplo
     """Next to an output: a temporary directory is removed when its owner process (same host) has ended, also when
     its pid now belongs to another process or the host rebooted; kept when the owner runs, is on another host, or
     is unknown (no or a garbled owner file)."""
-    from moequant.checkpoint_io import OWNER_FILE
+    from moequant.io.files import OWNER_FILE
 
     probe = CheckpointWriter(tmp_path / "probe")  # a real owner record of this process
     me = json.loads((probe.tmp_dir / OWNER_FILE).read_text())
@@ -202,10 +204,11 @@ WRITE_UNDER_UMASKS = """
 import os, sys
 from pathlib import Path
 import torch
-from moequant import ebss, pipeline
-from moequant.checkpoint_io import CheckpointWriter
+from moequant import pipeline
+from moequant.calibration import ebss
+from moequant.io.writer import CheckpointWriter
 from moequant.recipe import CalibrationConfig, QuantScheme, Recipe
-from checkpoints import CrashAfterLayer0, crash_after_layer_0
+from checkpoints import CrashAfterLayer0, crash_observer
 
 root, model, calib = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 r = Recipe(scheme=QuantScheme(group_size=32, scale_search="minmax"),
@@ -215,7 +218,7 @@ for umask in (0o022, 0o027):
     d = root / f"{umask:03o}"
     pipeline.quantize(model, r, output_dir=d / "out", progress=False)
     try:
-        pipeline.quantize(model, r, output_dir=d / "run", progress=False, _after_layer=crash_after_layer_0)
+        pipeline.quantize(model, r, output_dir=d / "run", progress=False, observers=crash_observer())
     except CrashAfterLayer0:
         pass
     with CheckpointWriter(d / "sharded", max_shard_bytes=64) as w:

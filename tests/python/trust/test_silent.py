@@ -11,7 +11,7 @@ from checkpoints import checkpoint_tensors
 from testdata import tiny_qwen3_checkpoint
 
 from moequant import pipeline
-from moequant.exported import load_model
+from moequant.io.exported import load_model
 from moequant.recipe import Recipe
 
 

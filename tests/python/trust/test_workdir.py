@@ -16,7 +16,7 @@ import torch
 import moequant
 from moequant import cli, pipeline
 from moequant.recipe import CalibrationConfig, QuantScheme, Recipe
-from checkpoints import CrashAfterLayer0, checkpoint_tensors, crash_after_layer_0
+from checkpoints import CrashAfterLayer0, checkpoint_tensors, crash_observer
 from testdata import tiny_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parents[3]
@@ -55,7 +55,7 @@ def interrupted(tiny, tmp_path_factory) -> Path:
     """A work directory left by a run of ``_recipe()`` interrupted after layer 0 (a template: copy it, do not touch)."""
     out = tmp_path_factory.mktemp("interrupted") / "out"
     with pytest.raises(CrashAfterLayer0):
-        _quantize(tiny, out, _after_layer=crash_after_layer_0)
+        _quantize(tiny, out, observers=crash_observer())
     return out.with_name("out.partial")
 
 
@@ -118,7 +118,7 @@ def test_resume_refuses_another_checkpoint_at_the_same_path(tmp_path, change):
     model = tiny_qwen3_checkpoint(tmp_path / "model")
     out, r = tmp_path / "out", _recipe()
     with pytest.raises(CrashAfterLayer0):
-        _quantize(model, out, r, _after_layer=crash_after_layer_0)
+        _quantize(model, out, r, observers=crash_observer())
     shutil.rmtree(model)
     if change == "weights":
         tiny_qwen3_checkpoint(model, seed=1)
@@ -164,7 +164,7 @@ def test_resume_names_what_differs_and_follows_moved_content(tiny, interrupted, 
 HOLDER = """
 import json, sys
 from pathlib import Path
-from moequant.workdir import WorkDir
+from moequant.pipeline.workdir import WorkDir
 work = WorkDir(Path(sys.argv[1]), json.loads(sys.argv[2]), resume=sys.argv[3] == "1")
 print("ready", flush=True)
 sys.stdin.read()  # hold until the test closes stdin or kills us
@@ -185,7 +185,7 @@ def _hold(path: Path, fingerprint: dict, resume: bool) -> subprocess.Popen:
 def test_second_process_is_locked_out_until_the_first_ends(tiny, interrupted, tmp_path, capsys):
     """A fresh run holding a new work directory locks out a fresh run and a resume of the same --out (one line
     naming the directory and the holder's pid); the lock goes with the holder, also when it is killed."""
-    from moequant.workdir import WorkDir
+    from moequant.pipeline.workdir import WorkDir
 
     fingerprint = {"v": 1}
     fresh = tmp_path / "fresh.partial"

@@ -1,0 +1,127 @@
+"""Routed tokens of one experts call, grouped by expert (:class:`RoutedBatch`, :func:`route_tokens`), and the
+per-expert math on them (:func:`expert_glu`, :func:`expert_intermediate`, :func:`expert_output`): pure functions
+on tensors, used by the capture hooks (:mod:`moequant.calibration.capture`) and AWQ."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.base import MoEFamily, intermediate_size, split_expert
+
+__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "expert_output"]
+
+
+@dataclass
+class RoutedBatch:
+    """Routed (token, slot) pairs of one experts call, grouped by expert with one stable sort.
+
+    N = number of routed pairs after dropping pads (index outside ``[0, E)``, e.g. the value E) and masked tokens.
+
+    Attributes:
+        x: ``[N, H]`` expert inputs in the dtype of ``hidden_states`` (bf16 for a bf16 layer: the CUDA Hessian
+            kernels read it as it is); rows of expert e are ``offsets[e]:offsets[e+1]``.
+        expert_ids: ``[N]`` int32, non-decreasing.
+        weights: ``[N]`` float32 routing weight the module multiplies that row's output by.
+        token_index: ``[N]`` int64 row of the flattened ``hidden_states`` each routed row came from.
+        offsets: ``[E+1]`` int64 prefix sums of per-expert counts (on the input's device).
+        h: ``[N, I]`` float32 down_proj inputs ``glu(gate, up)`` (None until computed).
+        num_tokens: T, rows of the flattened ``hidden_states``.
+    """
+
+    x: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    token_index: torch.Tensor
+    offsets: torch.Tensor
+    num_tokens: int
+    h: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[E]`` int64 routed rows per expert."""
+        return self.offsets.diff()
+
+
+def route_tokens(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 num_experts: int, token_mask: torch.Tensor | None = None) -> RoutedBatch:
+    """Group the routed rows of one experts call by expert (one stable argsort; no per-token loop).
+
+    Args:
+        hidden_states: ``[T, H]`` (any leading dims are flattened).
+        top_k_index: ``[T, k]`` expert ids; values outside ``[0, E)`` are "no expert" pads and dropped.
+        top_k_weights: ``[T, k]`` routing weights, or ``[T, E]`` dense scores (gathered at ``top_k_index``).
+        num_experts: E.
+        token_mask: optional bool ``[T]`` (any shape with T elements); False rows are dropped (padding).
+    """
+    H = hidden_states.shape[-1]
+    hs = hidden_states.reshape(-1, H)
+    T = hs.shape[0]
+    idx = top_k_index.reshape(T, -1).long()
+    k = idx.shape[1]
+    w = top_k_weights.reshape(T, -1)
+    if w.shape[1] != k:  # dense [T, E] scores (older GPT-OSS router): weight of the chosen slots
+        w = w.gather(1, idx.clamp(0, w.shape[1] - 1))
+    flat = idx.reshape(-1)
+    tok = torch.arange(T, device=idx.device).repeat_interleave(k)
+    valid = (flat >= 0) & (flat < num_experts)
+    if token_mask is not None:
+        valid &= token_mask.reshape(-1).to(device=idx.device, dtype=torch.bool).repeat_interleave(k)
+    ids = flat[valid]
+    order = torch.argsort(ids, stable=True)
+    ids = ids[order]
+    tok = tok[valid][order]
+    counts = torch.bincount(ids, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return RoutedBatch(
+        x=hs[tok], expert_ids=ids.to(torch.int32), weights=w.reshape(-1)[valid][order].float(),
+        token_index=tok, offsets=offsets, num_tokens=T)
+
+
+def _expert_ranges(batch: RoutedBatch) -> list[tuple[int, int, int]]:
+    off = batch.offsets.tolist()
+    return [(e, off[e], off[e + 1]) for e in range(batch.num_experts) if off[e + 1] > off[e]]
+
+
+def expert_glu(experts: nn.Module, family: MoEFamily, t, x: torch.Tensor) -> torch.Tensor:
+    """``glu(x gate^T + b_gate, x up^T + b_up)`` in fp32 for rows ``x`` of one expert ``t`` (``split_expert``)."""
+    x = x.float()
+    gate, up = x @ t.gate.float().t(), x @ t.up.float().t()
+    if t.gate_bias is not None:
+        gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
+    return family.glu(experts, gate, up)
+
+
+@torch.no_grad()
+def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatch) -> torch.Tensor:
+    """``h [N, I]`` float32: the down_proj input of every routed row, ``glu(gate, up)`` computed per expert
+    (loop over experts, not tokens) from the fused weights in fp32, exactly as the module does (biases included).
+    """
+    h = torch.zeros(batch.x.shape[0], intermediate_size(experts, family), dtype=torch.float32,
+                    device=batch.x.device)
+    for e, a, b in _expert_ranges(batch):
+        h[a:b] = expert_glu(experts, family, split_expert(experts, family, e), batch.x[a:b])
+    return h
+
+
+@torch.no_grad()
+def expert_output(experts: nn.Module, family: MoEFamily, batch: RoutedBatch) -> torch.Tensor:
+    """Recompute the experts module output ``[T, H]`` float32 from a captured batch (``batch.h`` required):
+    ``out[t] += c * (h @ down.T + down_bias)`` over routed rows. For tests and sanity checks."""
+    if batch.h is None:
+        raise ValueError("batch.h is None: capture with compute_h=True")
+    H = batch.x.shape[1]
+    out = torch.zeros(batch.num_tokens, H, dtype=torch.float32, device=batch.x.device)
+    for e, a, b in _expert_ranges(batch):
+        t = split_expert(experts, family, e)
+        y = batch.h[a:b] @ t.down.float().t()
+        if t.down_bias is not None:
+            y = y + t.down_bias.float()
+        out.index_add_(0, batch.token_index[a:b], y * batch.weights[a:b, None])
+    return out

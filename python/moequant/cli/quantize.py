@@ -1,0 +1,88 @@
+"""``moequant quantize MODEL --out DIR``: a recipe (file and flags) through the pipeline into a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from ..methods.registry import default_solvers
+from . import common
+from .common import CliError, positive_int
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub, parent) -> None:
+    """Adds the ``quantize`` subcommand (``parent``: the shared -v/-q parser)."""
+    q = sub.add_parser("quantize", parents=[parent], help="quantize a model into a compressed-tensors checkpoint",
+                       description="Quantize MODEL into --out. Flags given explicitly override the recipe file; "
+                       "flags left out keep the recipe's values (or the defaults without --recipe).")
+    q.add_argument("model", metavar="MODEL", help="local Hugging Face model directory")
+    q.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
+    q.add_argument("--recipe", metavar="FILE", help="recipe file (.yaml/.yml/.json), see docs/recipes.md")
+    q.add_argument("--bits", type=int, help="code width 2..8 (default 4)")
+    q.add_argument("--group-size", type=int, help="columns per scale, -1 = per-channel (default 128)")
+    q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric codes without zero points (default); --no-symmetric: asymmetric, with zero points "
+                        "(loads in vLLM at 4 and 8 bits, not in transformers: docs/export.md)")
+    q.add_argument("--method", choices=default_solvers().names(),
+                   help="the solver, a registered method (default gptq)")
+    q.add_argument("--calib", action="append", metavar="FILE",
+                   help="calibration text file (*.jsonl: JSONL samples); repeat for several")
+    q.add_argument("--num-samples", type=positive_int, help="calibration samples (default 128)")
+    q.add_argument("--seq-len", type=positive_int, help="calibration sample length in tokens (default 512)")
+    q.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's, else chosen by the pipeline)")
+    q.add_argument("--resume", action="store_true", help="continue the unfinished run in DIR.partial")
+    q.add_argument("--format", choices=("pack-quantized", "dequantized"), default="pack-quantized",
+                   help="checkpoint format (default pack-quantized)")
+    q.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``moequant quantize``: checks, then :func:`moequant.pipeline.quantize`, then the report summary."""
+    from moequant.recipe import Recipe
+
+    model = common.model_dir(args.model)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():  # the pipeline writes --out atomically at the end; an unfinished run lives in <out>.partial
+        raise CliError(f"--out {out} already exists; choose another --out or delete it" +
+                       (f" (--resume continues an unfinished run from {partial})" if args.resume else ""))
+    if partial.exists() and not args.resume:
+        from moequant.pipeline.lock import lock_holder
+
+        holder = lock_holder(partial)
+        if holder is not None:
+            raise CliError(f"{partial} is in use by another moequant run ({holder}); wait for it to finish or stop "
+                           "it")
+        raise CliError(f"{partial} holds an unfinished run; pass --resume to continue it, or delete it")
+    recipe = Recipe.from_cli(args.recipe, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                             method=args.method, calib=args.calib, num_samples=args.num_samples,
+                             seq_len=args.seq_len, device=args.device)
+    common.check_device(recipe.device)
+    cal = recipe.calibration
+    if not (cal.text_files or cal.jsonl_files):  # the pipeline calibrates layer by layer, even for rtn
+        raise CliError("no calibration data; pass --calib FILE (or set calibration.text_files in the recipe)")
+    for f in cal.text_files + cal.jsonl_files:
+        if not Path(f).is_file():
+            raise CliError(f"calibration file {f} not found; pass an existing file with --calib")
+    config, family = common.load_config(model)
+    common.logger.info("model %s: family %s; recipe %s", model, family.name, recipe.scheme.describe())
+    try:
+        pipeline = importlib.import_module("moequant.pipeline")
+    except ModuleNotFoundError as exc:
+        if exc.name != "moequant.pipeline":
+            raise
+        print("moequant: error: this installation has no quantization pipeline (moequant.pipeline)", file=sys.stderr)
+        return 1
+    report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
+                               export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
+    print(report.summary() if hasattr(report, "summary") else report)
+    table = report.utilization_table() if hasattr(report, "utilization_table") else ""
+    if table:
+        print("tokens per expert (columns: experts, darker = more tokens):")
+        print(table)
+    return 0
+

@@ -1,0 +1,334 @@
+"""Lazy, layer-at-a-time model loading from a safetensors checkpoint.
+
+The pipeline never materialises the whole model. :class:`LazyModel` builds the transformers model on the
+``meta`` device, loads only the small non-layer parts (embeddings, final norm, lm_head, rotary tables) into
+memory, and hands out one decoder layer at a time with its weights read from the checkpoint
+(:meth:`LazyModel.load_layer`). Checkpoint names come from the family adapter: per-expert tensors
+(``...experts.{e}.gate_proj.weight``) are stacked into the fused runtime parameters (``experts.gate_up_proj``),
+other names are mapped with :meth:`MoEFamily.disk_name`.
+
+:func:`record_layer_inputs` runs the cheap part of the model's forward (embeddings, masks, rotary tables)
+with every decoder layer replaced by a recorder, which yields exactly the arguments the model would pass to
+each layer, for any family, without running a single layer.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..io.safetensors import WEIGHT_DTYPES, CheckpointIndex, CheckpointReader, layer_of
+from .base import MoEFamily, text_config
+from .families import detect_family
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LazyModel", "LayerInputs", "DiskTensor", "PlannedTensor", "config_dtype", "fused_expert_disk_name",
+           "layer_plan", "record_layer_inputs"]
+
+
+class LayerInputs:
+    """What the model passes to each decoder layer for one calibration batch (recorded, not computed here)."""
+
+    def __init__(self, hidden_states: torch.Tensor, kwargs_per_layer: list[dict]):
+        self.hidden_states = hidden_states
+        self.kwargs_per_layer = kwargs_per_layer
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index``: records its keyword arguments and passes hidden states through."""
+
+    def __init__(self, like: nn.Module, sink: list):
+        super().__init__()
+        self._sink = sink
+        for k, v in vars(like).items():  # plain attributes the model loop may read (layer_type, attention_type)
+            if not k.startswith("_") and isinstance(v, (str, int, float, bool)):
+                setattr(self, k, v)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("moequant: decoder layers are expected to receive keyword arguments after "
+                               "hidden_states; this model's loop passes positional ones")
+        self._sink.append(kwargs)
+        return hidden_states
+
+
+def _move(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+class LazyModel:
+    """A causal LM whose decoder layers are loaded from disk one at a time.
+
+    Args:
+        model_dir: a Hugging Face checkpoint directory (config.json + safetensors).
+        dtype: dtype of the layers (default: the checkpoint's ``config.dtype``, else bfloat16).
+        index: the directory's :func:`check_checkpoint` result, when the caller has it already (else made here).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                 experts_implementation: str | None = None, index: CheckpointIndex | None = None,
+                 reader: Any = None):
+        import transformers
+
+        self.dir = Path(model_dir)
+        if not (self.dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.dir}: no config.json; pass a Hugging Face model directory")
+        self.config = transformers.AutoConfig.from_pretrained(self.dir)
+        if reader is not None and hasattr(self.config, "quantization_config"):
+            del self.config.quantization_config  # the reader dequantizes: build the plain model
+        self.family: MoEFamily = detect_family(self.config)
+        self.dtype = dtype or config_dtype(self.config)
+        # ``reader``: where tensors come from (default the directory's safetensors files, validated by their
+        # headers; names(), in, get()), e.g. moequant.io.exported.ExportedCheckpoint, the source view of a quantized
+        # checkpoint: a reader without an ``index`` of headers gets no header checks (load_state_dict still checks
+        # every shape).
+        self.reader = reader if reader is not None else CheckpointReader(self.dir, index)
+        # The capture hook sees the same arguments whatever experts implementation the config dispatches to.
+        for attr, value in ((("_experts_implementation", experts_implementation),) if experts_implementation else ()):
+            if hasattr(self.config, attr):
+                setattr(self.config, attr, value)
+        with torch.device("meta"):
+            self.model = transformers.AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+        self.model.eval()
+        self.layers = self.family.layers(self.model)
+        self._meta_layers = list(self.layers)
+        self._load_non_layer_parts()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._meta_layers)
+
+    def layer_prefix(self, index: int) -> str:
+        return self.family.layer_prefix(self.model, index)
+
+    def meta_layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` as built on the meta device (structure and names only, no weights)."""
+        return self._meta_layers[index]
+
+    # ------------------------------------------------------------------------------------------ non-layer parts
+    def _load_non_layer_parts(self) -> None:
+        layers_name = self.family.layer_prefix(self.model, 0).rsplit(".", 1)[0]
+        state = {}
+        for name, t in self.model.state_dict().items():
+            if name.startswith(layers_name + "."):
+                continue
+            disk = self.family.disk_name(name)
+            if disk in self.reader:
+                _check_disk_tensor(getattr(self.reader, "index", None), DiskTensor(disk, tuple(t.shape)), t.dtype,
+                                   f"model state {name!r}")
+                state[name] = self.reader.get(disk).to(t.dtype)
+        missing = [n for n in self.model.state_dict() if not n.startswith(layers_name + ".") and n not in state]
+        tied = getattr(self.config, "tie_word_embeddings", False) or getattr(
+            text_config(self.config), "tie_word_embeddings", False)
+        if tied:
+            missing = [n for n in missing if not n.endswith("lm_head.weight")]
+        if missing:
+            raise ValueError(f"{self.dir}: the checkpoint has no tensor for {missing[:5]} (checkpoint names "
+                             f"{[self.family.disk_name(n) for n in missing[:5]]}); it does not match its config.json: "
+                             f"re-download it or re-save the model")
+        self.model.load_state_dict(state, strict=False, assign=True)
+        if tied and hasattr(self.model, "get_output_embeddings") and self.model.get_output_embeddings() is not None:
+            self.model.get_output_embeddings().weight = self.model.get_input_embeddings().weight
+        # Non-persistent buffers (rotary inverse frequencies) are computed at construction: rebuild those modules.
+        for name, module in list(self.model.named_modules()):
+            if name.startswith(layers_name):
+                continue
+            meta_bufs = [b for b, t in module.named_buffers(recurse=False) if t.is_meta]
+            if not meta_bufs:
+                continue
+            try:
+                fresh = type(module)(config=self.config)
+            except TypeError as exc:
+                raise ValueError(
+                    f"moequant cannot rebuild module {name!r} ({type(module).__name__}) with buffers {meta_bufs}; "
+                    f"this model family is not supported by the lazy loader") from exc
+            parent, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, fresh)
+        leftovers = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+                     if t.is_meta and not n.startswith(layers_name + ".")]
+        if leftovers:
+            raise ValueError(f"moequant: could not materialise {leftovers[:5]} from {self.dir}")
+
+    # ------------------------------------------------------------------------------------------ layers
+    def load_layer(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
+        """Decoder layer ``index`` with its checkpoint weights, on ``device`` (a fresh module each call)."""
+        layer = copy.deepcopy(self._meta_layers[index])
+        prefix = self.layer_prefix(index)
+        state = self._layer_state(layer, prefix)
+        layer.load_state_dict(state, strict=True, assign=True)
+        still_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
+        if still_meta:
+            raise ValueError(f"moequant: layer {index} has tensors not stored in the checkpoint "
+                                      f"{still_meta[:5]}; this family is not supported by the lazy loader")
+        return layer.to(device).eval()
+
+    def layer_plan(self, index: int) -> list["PlannedTensor"]:
+        """Which checkpoint tensors (names and shapes) layer ``index`` is read from (:func:`layer_plan`)."""
+        return layer_plan(self.family, self._meta_layers[index], self.layer_prefix(index))
+
+    def check_layer_tensors(self) -> int:
+        """Checks, from the headers alone, that every tensor :meth:`load_layer` will read for every layer exists
+        with the shape (and a floating dtype where the model has one) that the config implies; raises ValueError
+        naming the first bad tensor, its layer, the expected and the actual shape. Returns the number checked."""
+        n = 0
+        for i in range(self.num_layers):
+            for entry in self.layer_plan(i):
+                for group in entry.groups:
+                    for d in group:
+                        _check_disk_tensor(getattr(self.reader, "index", None), d, entry.dtype,
+                                           f"layer {i} state {entry.state!r}")
+                        n += 1
+        return n
+
+    def _layer_state(self, layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        def read(d: DiskTensor, entry: PlannedTensor) -> torch.Tensor:
+            _check_disk_tensor(getattr(self.reader, "index", None), d, entry.dtype, f"{prefix} state {entry.state!r}")
+            return self.reader.get(d.name)
+
+        out: dict[str, torch.Tensor] = {}
+        for entry in layer_plan(self.family, layer, prefix):
+            mats = [torch.cat([read(d, entry) for d in g], dim=0) if len(g) > 1 else read(g[0], entry)
+                    for g in entry.groups]
+            out[entry.state] = (torch.stack(mats) if entry.stacked else mats[0]).to(entry.dtype)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- load plan
+class DiskTensor(NamedTuple):
+    """A checkpoint tensor and the shape the model's config implies for it."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One entry of a decoder layer's state dict and the checkpoint tensors it is read from.
+
+    ``groups``: one tuple of :class:`DiskTensor` per stacked slice (per expert), concatenated along dim 0 inside a
+    group (gate then up); ``stacked``: the groups are stacked into a new leading (expert) dim, else there is one
+    group of one tensor, read as it is."""
+
+    state: str                  # layer-relative state-dict name ("mlp.experts.gate_up_proj")
+    shape: tuple[int, ...]      # its runtime shape
+    dtype: torch.dtype          # its runtime dtype
+    groups: tuple[tuple[DiskTensor, ...], ...]
+    stacked: bool = False
+
+
+def fused_expert_disk_name(family: MoEFamily, layer_prefix: str, state: str) -> str:
+    """Checkpoint name of a fused expert tensor (``experts.gate_up_proj`` / ``down_proj`` and their biases) of a
+    family whose checkpoint stores the experts fused (``family.disk_fused``).
+
+    This is the one place where a family's own on-disk names for fused experts belong (GraniteMoE:
+    ``block_sparse_moe.input_linear.weight`` / ``output_linear.weight``); today the runtime name goes through
+    :meth:`MoEFamily.disk_name`, like every other non-expert tensor."""
+    return family.disk_name(f"{layer_prefix}.{state}")
+
+
+def layer_plan(family: MoEFamily, layer: nn.Module, prefix: str) -> list[PlannedTensor]:
+    """The load plan of one decoder layer (``layer`` may live on the meta device): for every entry of its state
+    dict, the checkpoint tensors it is read from and their expected shapes. Per-expert checkpoint tensors
+    (``...experts.{e}.gate_proj.weight [I, H]``, ``up_proj`` ``[I, H]``, ``down_proj`` ``[H, I]``) are stacked
+    into the fused runtime parameters (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``); other names map
+    through :meth:`MoEFamily.disk_name` (fused expert tensors through :func:`fused_expert_disk_name`).
+    :meth:`LazyModel.load_layer` reads by this plan and :meth:`LazyModel.check_layer_tensors` checks it against the
+    checkpoint's headers, so both always agree."""
+    fam = family
+    experts = fam.experts_of(layer)
+    out: list[PlannedTensor] = []
+    for name, t in layer.state_dict().items():
+        full = f"{prefix}.{name}"
+        leaf = name.rsplit(".", 1)[-1]
+        shape = tuple(t.shape)
+        in_experts = experts is not None and name.startswith(fam.experts + ".")
+        if in_experts and not fam.disk_fused and leaf in ("gate_up_proj", "down_proj"):
+            if fam.layout != "standard":
+                raise ValueError(f"{fam.name}: per-expert checkpoints of a transposed layout are not supported")
+            n_exp = shape[0]
+            groups = []
+            for e in range(n_exp):
+                names = fam.disk_expert_names(prefix, e)
+                if leaf == "gate_up_proj":  # [E, 2I, H]: gate rows first, then up
+                    half = (shape[1] // 2, shape[2])
+                    groups.append((DiskTensor(names["gate"] + ".weight", half),
+                                   DiskTensor(names["up"] + ".weight", half)))
+                else:  # [E, H, I]
+                    groups.append((DiskTensor(names["down"] + ".weight", shape[1:]),))
+            out.append(PlannedTensor(name, shape, t.dtype, tuple(groups), stacked=True))
+        else:
+            disk = fused_expert_disk_name(fam, prefix, name) if in_experts else fam.disk_name(full)
+            out.append(PlannedTensor(name, shape, t.dtype, ((DiskTensor(disk, shape),),)))
+    return out
+
+
+def _check_disk_tensor(index: CheckpointIndex | None, d: DiskTensor, runtime_dtype: torch.dtype, what: str) -> None:
+    """Raises ValueError unless checkpoint tensor ``d`` exists with the expected shape (and a floating dtype where
+    the runtime tensor is floating). No ``index`` (a reader without headers): nothing to check here."""
+    if index is None:
+        return
+    h = index.tensors.get(d.name)
+    if h is None:
+        raise ValueError(f"{index.dir}: the checkpoint has no tensor {d.name!r} (needed for {what}, expected shape "
+                         f"{list(d.shape)}); the weights do not match config.json: re-download the model or re-save it")
+    if h.shape != d.shape:
+        raise ValueError(f"{d.name} ({layer_of(d.name)}, {h.file.name}): shape {list(h.shape)}, but config.json "
+                         f"implies {list(d.shape)}; the weights do not belong to this config: use the config.json "
+                         f"saved with these weights, or re-save the model")
+    if runtime_dtype.is_floating_point and h.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{d.name} ({layer_of(d.name)}, {h.file.name}): dtype {h.dtype}, expected one of "
+                         f"{', '.join(WEIGHT_DTYPES)}; moequant quantizes unquantized checkpoints: start from the "
+                         f"BF16/F16/F32 weights (dequantize an FP8/FP4 checkpoint first)")
+
+
+def config_dtype(config) -> torch.dtype:
+    """The checkpoint dtype a transformers config declares (``dtype`` / ``torch_dtype``), else bfloat16."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.bfloat16
+
+
+@torch.no_grad()
+def record_layer_inputs(lazy: LazyModel, input_ids: torch.Tensor, device: torch.device | str = "cpu"
+                        ) -> LayerInputs:
+    """Arguments the model passes to every decoder layer for ``input_ids`` ``[B, S]`` (embeddings included).
+
+    Runs the model's own forward with each decoder layer replaced by a recorder, so masks, position ids and
+    rotary tables are exactly the model's. Returned tensors live on ``device``.
+    """
+    model = lazy.model
+    sink: list[dict] = []
+    recorders = nn.ModuleList(_Recorder(layer, sink) for layer in lazy._meta_layers)
+    base = model.get_submodule(lazy.layer_prefix(0).rsplit(".", 2)[0]) if "." in lazy.layer_prefix(0) else model
+    original = base.layers
+    base.layers = recorders
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, kwargs):
+        captured["h"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    hook = recorders[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        base.to(device)
+        base(input_ids=input_ids.to(device), use_cache=False)
+    finally:
+        hook.remove()
+        base.layers = original
+    kwargs = [{k: v for k, v in kw.items() if k not in ("past_key_values",)} for kw in sink]
+    return LayerInputs(captured["h"], kwargs)

@@ -1,0 +1,34 @@
+"""Tensor-level operations of moequant, backed by the C++ core (CPU) and the CUDA kernels (GPU).
+
+Every function takes torch tensors, converts them to the layout the extension wants (float32, contiguous,
+int8 codes, int32 expert ids) and returns torch tensors. The plain-PyTorch twins in :mod:`moequant.ref`
+define the exact semantics, file for file (``ops.quant`` ~ ``ref.quant``, ``ops.pack`` ~ ``ref.pack``, ...); each
+function here is tested against its twin (``tests/python/test_ops.py``) under the policy in
+``tests/python/tolerances.py``.
+
+One module per op family: :mod:`~moequant.ops.quant` (``QuantizedTensor``, ``quantize_rtn``, ``dequantize``,
+``make_spec``), :mod:`~moequant.ops.pack`, :mod:`~moequant.ops.hessian` (``HessianAccumulator``),
+:mod:`~moequant.ops.gptq`, :mod:`~moequant.ops.hadamard`, :mod:`~moequant.ops.rounding` (``refine_rounding``).
+"""
+from .gptq import gptq_quantize, gptq_quantize_batched
+from .hadamard import hadamard_transform
+from .hessian import HessianAccumulator
+from .pack import pack_int32, pack_zero_points, unpack_int32, unpack_zero_points
+from .quant import QuantizedTensor, dequantize, make_spec, quantize_rtn
+from .rounding import refine_rounding
+
+__all__ = [
+    "QuantizedTensor",
+    "quantize_rtn",
+    "dequantize",
+    "pack_int32",
+    "unpack_int32",
+    "pack_zero_points",
+    "unpack_zero_points",
+    "HessianAccumulator",
+    "gptq_quantize",
+    "gptq_quantize_batched",
+    "hadamard_transform",
+    "make_spec",
+    "refine_rounding",
+]

@@ -1,0 +1,268 @@
+"""Per-layer quantization jobs: which solver, which Hessian, which fallback (orchestration, no math).
+
+The solvers are the registered methods (:mod:`moequant.methods`: a scheme's ``method`` names one); their math is in
+:mod:`moequant.ops` (C++ core / CUDA kernels). This module maps a calibrated decoder layer (a
+:class:`moequant.calibration.capture.LayerCapture` after the calibration forward) and a recipe to quantized
+weights, writes the dequantized weights back into the layer (so the next layer is calibrated on the quantized
+model), and returns the per-matrix results keyed by on-disk module name. :func:`solve_matrix` is the solve of one
+matrix (solver, greedy rounding correction, the recipe's format).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+from .. import ops
+from ..methods.rounding import refine
+from ..models import MoEFamily, split_expert
+from ..recipe.recipe import Recipe
+from ..recipe.scheme import QuantScheme
+from .report import ModuleRecord
+
+__all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts"]
+
+logger = logging.getLogger(__name__)
+
+
+def _solver(scheme: QuantScheme, h: Optional[torch.Tensor]):
+    """The scheme's solver, or the registry's fallback (RTN) for a matrix without a Hessian whose method needs one."""
+    solver = scheme.solver
+    if h is None and solver.needs_hessian:
+        registry = scheme.solver_registry()
+        solver = registry.get(registry.fallback)
+    return solver
+
+
+def solve_matrix(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
+                 storage: torch.dtype) -> ops.QuantizedTensor:
+    """Quantizes ``w`` by ``scheme`` (its solver; RTN when there is no Hessian ``h`` and the solver needs one) with
+    scales representable in ``storage`` (the checkpoint dtype), then applies the greedy rounding correction
+    (``scheme.rounding_passes``, with a Hessian) and gives the result the recipe's format."""
+    return _finish_solve(_solver(scheme, h).solve(w, h, scheme, storage), w, h, scheme)
+
+
+def _finish_solve(qt: ops.QuantizedTensor, w: torch.Tensor, h: Optional[torch.Tensor],
+                  scheme: QuantScheme) -> ops.QuantizedTensor:
+    """Optional greedy rounding correction; the result carries the recipe's format (per-channel stays -1 for the
+    export, where the solver gives the group of in_features)."""
+    qt = refine(qt, w, h, scheme)
+    if scheme.per_channel:
+        qt.format = scheme.format
+    return qt
+
+
+def _write_back(param: torch.Tensor, qt: ops.QuantizedTensor, storage: torch.dtype) -> None:
+    """The layer keeps computing with exactly what a loader reconstructs: the dequantized weight in ``storage``."""
+    param.copy_(qt.dequantized.to(storage).to(param.dtype))
+
+
+class ExpertHessians:
+    """Normalised expert Hessians of one accumulator with the recipe's fallback for starved experts.
+
+    Policy ``"shrink"`` applies to every expert: ``H_e' = (n_e H_e + k T_e) / (n_e + k)`` with n_e the expert's
+    weight mass (rows, or routing mass when routing-weighted), k = ``shrinkage_tokens`` and the target
+    ``T_e = prior(e)`` (the layer's all-token Hessian of that input; None or no prior: the pooled Hessian of all
+    routed rows of the layer, ``sum_e H_e_raw / sum_e n_e``).
+    """
+
+    def __init__(self, acc: ops.HessianAccumulator, min_tokens: int, policy: str, shrinkage_tokens: float = 64.0,
+                 prior: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
+        self.acc, self.min_tokens, self.policy = acc, min_tokens, policy
+        self.k, self.prior = float(shrinkage_tokens), prior
+        self.counts = [int(c) for c in acc.counts.tolist()]
+        self._mean: Optional[torch.Tensor] = None
+        self._pooled: Optional[torch.Tensor] = None
+        self._warned = False
+
+    def _target(self, e: int) -> Optional[torch.Tensor]:
+        t = self.prior(e) if self.prior is not None else None
+        if t is not None:
+            return t.to(device=self.acc.device, dtype=self.acc.dtype)
+        if self._pooled is None:
+            m = float(self.acc.mass.sum())
+            if m > 0:
+                self._pooled = self.acc.hessians.sum(0) / m
+        return self._pooled
+
+    def _shrunk(self, e: int) -> Optional[torch.Tensor]:
+        """(raw H_e + k T_e) / (n_e + k), i.e. (n_e H_e + k T_e) / (n_e + k) with the normalised H_e."""
+        t = self._target(e)
+        if t is None:
+            return None
+        n = float(self.acc.mass[e])
+        return (self.acc.hessians[e] + self.k * t) / (n + self.k)
+
+    def _layer_mean(self) -> Optional[torch.Tensor]:
+        """Mean normalised Hessian of the well-calibrated experts (those with min_tokens), or else of every
+        expert that saw any token; None when no expert saw a token."""
+        if self._mean is None:
+            ok = [e for e in range(len(self.counts)) if self.calibrated(e)] or \
+                 [e for e, c in enumerate(self.counts) if c > 0 and float(self.acc.mass[e]) > 0]
+            if ok:
+                self._mean = sum(self.acc.hessian(e) for e in ok) / len(ok)
+        return self._mean
+
+    def calibrated(self, e: int) -> bool:
+        """Expert ``e`` has its own Hessian: at least ``min_tokens`` rows and a non-zero weight mass. An expert
+        that saw no token (or only zero routing weights) never counts as calibrated, whatever ``min_tokens`` says:
+        its Hessian is all zeros, and GPTQ would set every column of it to zero (dead columns)."""
+        return self.counts[e] >= max(self.min_tokens, 1) and float(self.acc.mass[e]) > 0
+
+    def get(self, e: int) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
+        """(Hessian or None for RTN, fallback used or None, force RTN)."""
+        if self.policy == "shrink":
+            h = self._shrunk(e)
+            if h is not None:
+                return h, (None if self.calibrated(e) else "shrink"), False
+            if self.calibrated(e):
+                return self.acc.hessian(e), None, False
+        elif self.calibrated(e):
+            return self.acc.hessian(e), None, False
+        if self.policy == "rtn":
+            return None, "rtn", True
+        if self.policy == "mean":
+            mean = self._layer_mean()
+            if mean is not None:
+                return mean, "mean", False
+            if not self._warned:
+                logger.warning("no expert of this layer saw a calibration token: identity Hessian fallback")
+                self._warned = True
+        dim = self.acc.dim
+        return torch.eye(dim, dtype=self.acc.dtype, device=self.acc.device), "identity", False
+
+
+def _fallback(scheme: QuantScheme) -> QuantScheme:
+    """The scheme with the registry's fallback solver (RTN): a matrix without a Hessian whose method needs one."""
+    return scheme.replace(method=scheme.solver_registry().fallback)
+
+
+def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor, fallback: Optional[str],
+            forced_rtn: bool, report_loss: bool) -> ModuleRecord:
+    used = _fallback(scheme) if forced_rtn else scheme
+    return ModuleRecord(name=name, scheme=used.describe(), method=used.method, tokens=tokens,
+                        loss=qt.loss if report_loss else None,
+                        fallback=fallback,
+                        escalations=qt.escalations, dead_columns=qt.dead_columns)
+
+
+@torch.no_grad()
+def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype) -> tuple[dict, list]:
+    """Quantizes the captured plain Linears of a layer in place (on a GPU, same-shape Linears such as k/v are
+    solved in one batched call); returns ({disk_name: qt}, [ModuleRecord])."""
+    lc = capture.linears
+    jobs = []
+    for name, lin in lc.modules.items():
+        disk = family.disk_name(name)
+        scheme = recipe.resolve(disk)
+        if scheme is None:
+            continue
+        acc = lc.accumulators[name]
+        tokens = int(acc.counts[0])
+        h = acc.hessian(0) if tokens > 0 and float(acc.mass[0]) > 0 else None  # no data: RTN, never a zero H
+        force_rtn = h is None and scheme.solver.needs_hessian
+        jobs.append(_Job(disk, lin.weight, h, _fallback(scheme) if force_rtn else scheme, scheme,
+                         [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn))
+    return _finish(jobs, storage, recipe)
+
+
+class _Job:
+    """One matrix to quantize: its weight, Hessian and scheme, and where its rows go (name -> row slice)."""
+
+    def __init__(self, record: str, w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
+                 record_scheme: QuantScheme, outputs: list, tokens: int, fallback: Optional[str], force_rtn: bool):
+        self.record, self.w, self.h, self.scheme, self.record_scheme = record, w, h, scheme, record_scheme
+        self.outputs, self.tokens, self.fallback, self.force_rtn = outputs, tokens, fallback, force_rtn
+        self.qt: Optional[ops.QuantizedTensor] = None
+
+
+def _batchable(job: _Job) -> bool:
+    """The job's solver has a batched path that handles it (GPTQ with a Hessian, on CUDA, within its limits)."""
+    return _solver(job.scheme, job.h).batchable(job.w, job.h, job.scheme)
+
+
+def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_loss: bool) -> None:
+    """Solves same-shape, same-scheme jobs with their solver's batched path, in chunks that fit ``memory_gb``."""
+    rows, cols = jobs[0].w.shape
+    s = jobs[0].scheme
+    solver = _solver(s, jobs[0].h)
+    chunk = max(1, int(memory_gb * 2**30 // solver.batch_bytes(rows, cols)))
+    for i in range(0, len(jobs), chunk):
+        part = jobs[i:i + chunk]
+        w = torch.stack([j.w.float() for j in part])
+        h = torch.stack([j.h.float() for j in part])
+        out = solver.solve_batched(w, h, s, storage, compute_loss)
+        for job, qt in zip(part, out):
+            job.qt = _finish_solve(qt, job.w, job.h, job.scheme)
+        del w, h
+
+
+def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
+    """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
+    groups: dict = {}
+    for job in jobs:
+        if _batchable(job):
+            key = (tuple(job.w.shape), tuple(sorted(job.scheme.to_dict().items())))
+            groups.setdefault(key, []).append(job)
+        else:
+            job.qt = solve_matrix(job.w, job.h, job.scheme, storage)
+    for group in groups.values():
+        _solve_batched(group, storage, memory_gb, compute_loss)
+
+
+@torch.no_grad()
+def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: str,
+                     storage: torch.dtype) -> tuple[dict, list]:
+    """Quantizes every routed expert of a layer in place (gate and up share one Hessian and, when their
+    schemes agree, one solve; on a GPU all experts of a projection are solved in one batched call);
+    returns ({disk_name: qt}, [ModuleRecord])."""
+    ec = capture.experts
+    if ec is None:
+        return {}, []
+    experts = ec.experts
+    fb = recipe.fallback
+    all_in, down_all = getattr(ec, "all_input", None), getattr(ec, "down_all", None)
+    h_all = all_in.hessian(0) if all_in is not None and float(all_in.mass[0]) > 0 else None
+    hgu = ExpertHessians(ec.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                         (lambda e: h_all) if h_all is not None else None)
+    hdn = ExpertHessians(ec.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                         (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
+                         if down_all is not None else None)
+    jobs: list = []
+    for e in range(ec.num_experts):
+        names = family.disk_expert_names(layer_prefix, e)
+        t = split_expert(experts, family, e)
+        sg, su, sd = (recipe.resolve(names[k]) for k in ("gate", "up", "down"))
+        tokens = hgu.counts[e]
+        h, fallback, force_rtn = hgu.get(e)
+        if sg is not None and sg == su:
+            I = t.gate.shape[0]
+            jobs.append(_Job(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
+                             _fallback(sg) if force_rtn else sg, sg,
+                             [(names["gate"], t.gate, slice(0, I)), (names["up"], t.up, slice(I, None))],
+                             tokens, fallback, force_rtn))
+        else:
+            for key, w, sc in (("gate", t.gate, sg), ("up", t.up, su)):
+                if sc is not None:
+                    jobs.append(_Job(names[key], w, h, _fallback(sc) if force_rtn else sc, sc,
+                                     [(names[key], w, None)], tokens, fallback, force_rtn))
+        if sd is not None:
+            h, fallback, force_rtn = hdn.get(e)
+            jobs.append(_Job(names["down"], t.down, h, _fallback(sd) if force_rtn else sd, sd,
+                             [(names["down"], t.down, None)], tokens, fallback, force_rtn))
+    return _finish(jobs, storage, recipe)
+
+
+def _finish(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
+    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
+    _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
+    results, records = {}, []
+    for job in jobs:
+        for name, param, rows in job.outputs:
+            qt = job.qt if rows is None else job.qt.rows(rows)
+            _write_back(param, qt, storage)
+            results[name] = qt
+        records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
+                               recipe.report_loss))
+    return results, records

@@ -1,0 +1,158 @@
+"""One step of the layer loop: calibrate and quantize one decoder layer on given inputs (:class:`LayerQuantizer`).
+
+:func:`moequant.pipeline.quantize` repeats it for L = 0 .. N-1, feeding layer L+1 the outputs of the *quantized*
+layer L (:meth:`LayerQuantizer.run_layer` on :attr:`LayerResult.layer`). The step is public so that a caller can
+calibrate a layer on inputs of its choice (the propagation tests calibrate every layer on the unquantized model's
+hidden states and compare); :func:`layer_inputs` records the inputs of layer 0 and the keyword arguments of every
+layer, exactly as the pipeline does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..calibration.capture import LayerCapture
+from ..methods.base import LayerStep
+from ..models.lazy import LazyModel, record_layer_inputs
+from ..recipe.recipe import Recipe
+from .jobs import quantize_experts, quantize_linears
+from .report import LayerRecord
+
+__all__ = ["LayerQuantizer", "LayerResult", "LayerObserver", "layer_inputs", "hessian_precision", "accumulator_factory"]
+
+
+def hessian_precision(recipe: Recipe, device: torch.device, compute_dtype: torch.dtype) -> str:
+    """The Hessian update precision a run uses: the recipe's ``hessian_precision`` with ``"auto"`` resolved
+    (bf16 tensor cores when the layer computes in bf16 on CUDA, else fp32)."""
+    p = recipe.hessian_precision
+    if device.type != "cuda":
+        if p not in ("auto", "fp32"):
+            raise ValueError(f"hessian_precision: expected 'auto' or 'fp32' on {device.type}, got {p!r}; tf32/bf16 "
+                             "use CUDA tensor cores: run on a GPU or set hessian_precision to 'auto'")
+        return "fp32"
+    if p == "auto":
+        return "bf16" if compute_dtype == torch.bfloat16 and recipe.hessian_dtype == "float32" else "fp32"
+    return p
+
+
+def accumulator_factory(recipe: Recipe, device: torch.device, precision: str = "fp32"):
+    """``make(num_experts, dim, device) -> HessianAccumulator`` in the recipe's ``hessian_dtype`` (float64 ones live
+    on the CPU) with the update ``precision`` on CUDA."""
+    dtype = torch.float64 if recipe.hessian_dtype == "float64" else torch.float32
+
+    def make(num_experts: int, dim: int, dev):
+        d = dev if dtype == torch.float32 else torch.device("cpu")
+        return ops.HessianAccumulator(num_experts, dim, dtype=dtype, device=d,
+                                      precision=precision if d.type == "cuda" else "fp32")
+
+    return make
+
+
+def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
+    """``(hidden, kwargs)`` of the calibration token ids ``[N, S]`` in batches of ``batch_size``: per batch the
+    inputs of layer 0 (on the CPU) and the keyword arguments the model passes to every layer
+    (``kwargs[batch][layer]``, on ``device``), recorded by the model's own forward
+    (:func:`moequant.models.lazy.record_layer_inputs`)."""
+    recorded = [record_layer_inputs(lazy, b, device) for b in ids.split(batch_size)]
+    return [r.hidden_states.cpu() for r in recorded], [r.kwargs_per_layer for r in recorded]
+
+
+@dataclass
+class LayerResult:
+    """One quantized decoder layer.
+
+    Attributes:
+        index, prefix: the layer; layer: the module on the compute device, computing with the dequantized weights
+            (what a loader reconstructs); step: the :class:`~moequant.methods.base.LayerStep` the transforms saw.
+        results: on-disk module name -> :class:`~moequant.ops.QuantizedTensor`, linears then experts.
+        modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
+            routed calibration rows and routing-weight mass per expert (empty for a dense layer).
+    """
+
+    index: int
+    prefix: str
+    layer: nn.Module
+    step: LayerStep
+    results: dict
+    modules: list
+    moe: bool
+    expert_tokens: list = field(default_factory=list)
+    expert_mass: list = field(default_factory=list)
+
+    def record(self, seconds: float) -> LayerRecord:
+        """The layer's report record."""
+        return LayerRecord(index=self.index, prefix=self.prefix, seconds=seconds, moe=self.moe,
+                           expert_tokens=self.expert_tokens, expert_mass=self.expert_mass, modules=self.modules)
+
+
+class LayerQuantizer:
+    """Calibrates and quantizes decoder layers of a lazily opened model (:meth:`quantize_layer`) and runs a layer on
+    calibration batches (:meth:`run_layer`).
+
+    Args:
+        lazy: the :class:`~moequant.models.LazyModel` (layers are loaded from it one at a time).
+        recipe: the validated recipe; its schemes' solvers are looked up in its registry.
+        device: the compute device; storage: the checkpoint dtype (scales and written-back weights).
+        transforms: the run's :class:`~moequant.methods.base.LayerTransform` list, applied in order before the
+            capture.
+        precision: the resolved Hessian update precision (:func:`hessian_precision`).
+    """
+
+    def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
+                 precision: str = "fp32"):
+        self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
+        self.transforms = list(transforms)
+        self.factory = accumulator_factory(recipe, self.device, precision)
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, index: int, hidden: list, kwargs: list) -> list:
+        """The outputs (CPU) of ``layer`` (layer ``index``) on the batches ``hidden`` with their recorded
+        ``kwargs``."""
+        out = []
+        for h, kw in zip(hidden, kwargs):
+            y = layer(h.to(self.device), **kw[index])
+            out.append((y[0] if isinstance(y, tuple) else y).cpu())
+        return out
+
+    def quantize_layer(self, index: int, hidden: list, kwargs: list) -> LayerResult:
+        """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the
+        layer's inputs, per batch, with the recorded ``kwargs``), quantizes it by the recipe and writes the
+        dequantized weights back into it."""
+        lazy, recipe, fam = self.lazy, self.recipe, self.lazy.family
+        prefix = lazy.layer_prefix(index)
+        layer = lazy.load_layer(index, self.device)
+        step = LayerStep(index, prefix, layer, hidden, kwargs, self.device)
+        for tr in self.transforms:  # in order: rotation, then AWQ
+            tr.before_capture(step)
+        with torch.no_grad():
+            shrink = recipe.fallback.policy == "shrink"
+            cap = LayerCapture(layer, fam, layer_prefix=prefix, weighting="routing" if recipe.routing_weighted
+                               else "none", shared_weighting="gate" if recipe.routing_weighted else "none",
+                               all_tokens=shrink, all_token_down=shrink and recipe.fallback.calibrate_all_experts,
+                               accumulator_factory=self.factory)
+            with cap.attach():
+                self.run_layer(layer, index, hidden, kwargs)
+            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+            res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage)
+        ec = cap.experts
+        return LayerResult(index, prefix, layer, step, {**res_l, **res_e}, rec_l + rec_e, moe=ec is not None,
+                           expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
+                           expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [])
+
+
+class LayerObserver:
+    """Callbacks of the layer loop of :func:`moequant.pipeline.quantize` (``observers=[...]``), a public seam for
+    tests and tools; every method does nothing by default. An exception raised here ends the run like any other
+    (the finished layers stay in the work directory)."""
+
+    def layer_inputs(self, index: int, prefix: str, hidden: list, kwargs: list) -> None:
+        """Before layer ``index`` is calibrated: its inputs (per batch, CPU) and the recorded keyword arguments
+        (``kwargs[batch][index]``). The tensors are the pipeline's: do not change them."""
+
+    def layer_done(self, index: int, result: Optional[LayerResult]) -> None:
+        """After layer ``index`` is committed to the work directory (resumable from the next layer)."""
+

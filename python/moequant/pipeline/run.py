@@ -1,0 +1,195 @@
+"""The layer-sequential quantization run (:func:`quantize`): calibrate, solve and export one decoder layer at a time.
+
+Flow: the model is opened lazily (:class:`moequant.models.LazyModel`: only embeddings, norm, lm_head in memory)
+and checked (:func:`moequant.pipeline.preflight.preflight`); calibration windows are embedded and the arguments of
+every layer recorded; then for each layer L: :meth:`~moequant.pipeline.layer.LayerQuantizer.quantize_layer` (load
+its weights onto the compute device, apply the transforms, capture the Hessians, solve, write the dequantized
+weights back), run the batches through the *quantized* layer to produce layer L+1's inputs, and save the layer's
+results, the activations and a progress marker into a work directory ``<out>.partial``
+(:mod:`moequant.pipeline.workdir`). After the last layer the checkpoint is exported atomically
+(:mod:`moequant.pipeline.export`) and the work directory removed. Peak memory: one layer plus the calibration
+activations.
+
+A crash or Ctrl-C leaves ``<out>`` absent and ``<out>.partial`` resumable: ``resume=True`` (``--resume``) continues
+after the last finished layer, bit-identically to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence, Union
+
+import torch
+
+from ..calibration.data import calibration_ids
+from ..io.fingerprint import model_fingerprint
+from ..io.safetensors import check_checkpoint
+from ..methods.base import layer_export_tensors
+from ..methods.registry import build_transforms
+from ..models import text_config
+from ..models.lazy import LazyModel, config_dtype
+from ..recipe.device import resolve_device
+from ..recipe.recipe import Recipe
+from .export import export_run, run_loader_support
+from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
+from .output import output_write_error
+from .preflight import preflight
+from .report import QuantizationReport
+from .workdir import WORK_VERSION, WorkDir, open_work_dir
+
+__all__ = ["quantize"]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("pack-quantized", "dequantized")
+
+
+def _as_recipe(recipe, solvers) -> Recipe:
+    if recipe is None:
+        return Recipe(solvers=solvers)
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe, solvers)
+    if isinstance(recipe, (str, os.PathLike)):
+        return Recipe.load(recipe, solvers)
+    raise ValueError(f"recipe: expected a Recipe, a dict or a recipe file path, got {type(recipe).__name__}")
+
+
+def _model_dir(model_or_path) -> Path:
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        from torch import nn
+
+        what = f"a {type(model_or_path).__name__}" + (" (torch.nn.Module)" if isinstance(model_or_path, nn.Module)
+                                                      else "")
+        # A loaded module's weights may differ from the checkpoint at config._name_or_path (edited, fine-tuned,
+        # another dtype): quantizing that file instead would silently ignore them, so a module is refused.
+        raise ValueError(f"model_or_path: expected the path of a checkpoint directory, got {what}; moequant "
+                         f"quantizes a checkpoint on disk, layer by layer; save your model with "
+                         f"model.save_pretrained(DIR) and pass DIR")
+    p = Path(model_or_path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model_or_path: {p} is not a directory; pass a local Hugging Face checkpoint")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model_or_path: {p} has no config.json; pass a Hugging Face model directory")
+    return p
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calibration=None,
+             output_dir: Union[str, os.PathLike, None] = None, *, resume: bool = False,
+             export_format: str = "pack-quantized", progress: bool = True, solvers=None,
+             observers: Sequence[LayerObserver] = ()) -> QuantizationReport:
+    """Quantizes a Hugging Face MoE checkpoint layer by layer and (with ``output_dir``) exports it.
+
+    Args:
+        model_or_path: checkpoint directory (a loaded ``nn.Module`` is refused: its weights may differ from the
+            checkpoint it came from; save it with ``save_pretrained(DIR)`` and pass DIR).
+        recipe: :class:`Recipe`, its dict, or a YAML/JSON recipe file (default: W4 g128 symmetric GPTQ).
+        calibration: token ids ``[num_samples, seq_len]`` (no tokenizer needed), text/JSONL file path(s), or None
+            for the recipe's ``calibration`` settings. Text is tokenized with the tokenizer saved in the model
+            directory.
+        output_dir: where the checkpoint is written (must not exist); None quantizes without writing anything.
+        resume: continue the unfinished run in ``<output_dir>.partial``.
+        export_format: ``"pack-quantized"`` (compressed-tensors) or ``"dequantized"`` (bf16 weights).
+        solvers: the :class:`~moequant.methods.SolverRegistry` the recipe's methods are looked up in (default: the
+            recipe's own, the built-in solvers unless it was made with another).
+        observers: :class:`~moequant.pipeline.layer.LayerObserver` callbacks of the layer loop.
+    Returns:
+        :class:`QuantizationReport` (also saved as ``moequant_report.json`` in the output).
+    """
+    t0 = time.time()
+    # a value set after construction is checked like the constructor's
+    recipe = _as_recipe(recipe, solvers).validated(solvers)
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format: expected 'pack-quantized' or 'dequantized', got {export_format!r}")
+    model_dir = _model_dir(model_or_path)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and out.exists():
+        raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
+    device = resolve_device(recipe.device)
+    # Preflight: everything checkable is checked before the first layer starts and before anything is written.
+    import transformers
+
+    index = check_checkpoint(model_dir)  # headers and file sizes of every shard
+    # On the CPU, layers compute in float32 (faster than bf16 there, and more accurate); on a GPU in the
+    # checkpoint's dtype. Scales and written-back weights always use the checkpoint's dtype.
+    storage = config_dtype(transformers.AutoConfig.from_pretrained(model_dir))
+    lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage, index=index)
+    precision = hessian_precision(recipe, device, lazy.dtype)
+    ids = calibration_ids(calibration, model_dir, recipe.calibration,
+                          getattr(text_config(lazy.config), "vocab_size", None))
+    plan = preflight(lazy, recipe, output_dir=out, export_format=export_format,
+                     calibration_shape=tuple(ids.shape), resume=resume, progress=progress)
+    support = run_loader_support(lazy, plan, export_format) if out is not None else []
+    transforms = build_transforms(recipe, lazy.family, storage)
+    for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
+        tr.before_calibration(lazy)
+    fingerprint = {"version": WORK_VERSION, "model": model_fingerprint(model_dir), "recipe": recipe.to_dict(),
+                   "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+                   "export_format": export_format}
+    tmp_root = None
+    if out is not None:
+        work = open_work_dir(out, fingerprint, resume)  # <out>.partial, locked; stale <out>.tmp-* removed
+    else:
+        tmp_root = tempfile.mkdtemp(prefix="moequant-work-")
+        work = WorkDir(Path(tmp_root) / "work", fingerprint, False)
+    report = QuantizationReport(model=str(model_dir), family=lazy.family.name, recipe=recipe.to_dict(),
+                                device=str(device), calibration_samples=int(ids.shape[0]),
+                                calibration_seq_len=int(ids.shape[1]), output_dir=str(out) if out else None,
+                                export_format=export_format if out else None, hessian_precision=precision,
+                                loaders=[s.to_dict() for s in support])
+    try:
+        start = work.completed
+        hidden, kwargs = layer_inputs(lazy, ids, recipe.calibration.batch_size, device)
+        if start > 0:
+            report.resumed_from_layer = start
+            hidden = work.load_activations()
+            report.layers = [work.load_record(i) for i in range(start)]
+            logger.info("resuming after layer %d of %d", start - 1, lazy.num_layers)
+        quantizer = LayerQuantizer(lazy, recipe, device, storage, transforms=transforms, precision=precision)
+        for index in _progress(range(start, lazy.num_layers), lazy.num_layers - start, "quantizing layers",
+                               progress):
+            t = time.time()
+            for obs in observers:
+                obs.layer_inputs(index, lazy.layer_prefix(index), hidden, kwargs)
+            result = quantizer.quantize_layer(index, hidden, kwargs)
+            # layer L+1 is calibrated on the outputs of the *quantized* layer L
+            hidden = quantizer.run_layer(result.layer, index, hidden, kwargs)
+            record = result.record(round(time.time() - t, 3))
+            dense = layer_export_tensors(transforms, result.step, set(result.results))
+            work.save_layer(index, result.results, record, hidden, tensors=dense)
+            report.layers.append(record)
+            for obs in observers:
+                obs.layer_done(index, result)
+            del result
+            logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
+        report.seconds = round(time.time() - t0, 3)
+        if out is not None:
+            export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
+            shutil.rmtree(work.path)
+            report.seconds = round(time.time() - t0, 3)
+    except Exception as exc:  # a full, read-only or forbidden output device: one clear error, the layers kept
+        error = output_write_error(exc, out, work.path)
+        if error is None:
+            raise
+        raise error from exc
+    finally:
+        work.close()
+        if tmp_root is not None:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+    return report

@@ -1,0 +1,339 @@
+"""The work directory of a pipeline run (``<out>.partial``): what makes :func:`moequant.pipeline.quantize` resumable.
+
+Files:
+
+* ``manifest.json``: the run's fingerprint (:func:`moequant.io.fingerprint.model_fingerprint` of the checkpoint's
+  content, recipe, calibration hash, export format, :data:`WORK_VERSION`); a resume must present the same one;
+* per finished layer ``layer_NNNNN.safetensors`` (codes, scales and zero points of every quantized matrix, their
+  formats as ``[bits, group_size, symmetric]`` in the metadata, plus ``dense::<name>`` high-precision tensors a
+  transform changed) and ``layer_NNNNN.json`` (its report record);
+* ``activations_NNNNN.pt``: the calibration activations after layer NNNNN;
+* ``progress.json``: ``{"completed_layers": n, "activations": "activations_<n-1>.pt"}``, the commit marker;
+* ``lock``: held (``flock``) by the process that uses the directory; it names that process (pid, host)
+  (:mod:`moequant.pipeline.lock`).
+
+Atomicity: every file is written to a temporary name, flushed and renamed into place, and a layer is committed by
+one rename, that of ``progress.json``. A layer's files and its activations are written under names no committed
+state refers to (the layer's own index) before the marker moves to them; the previous activations are removed only
+after it has moved. A kill at any point therefore leaves either the state before the layer or the state after it,
+and a resume continues bit-identically. The directory itself appears fully formed (manifest and held lock) by one
+rename of a temporary directory.
+
+Every damaged or foreign file is reported as a one-line ValueError naming the file and saying to delete the
+directory; a directory another live process holds is refused with that process's pid.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from ..formats import IntFormat
+from ..io.export import Replacements
+from ..io.files import (OWNER_FILE, atomic_write, atomic_write_json, current_umask, make_owned_tmpdir,
+                        remove_stale_temporaries)
+from ..ops import QuantizedTensor
+from .lock import try_lock
+from .report import LayerRecord
+
+__all__ = ["WORK_VERSION", "WorkDir", "open_work_dir"]
+
+WORK_VERSION = 2  # the format of the files above; part of every run's fingerprint (manifest.json)
+
+MANIFEST, PROGRESS = "manifest.json", "progress.json"
+_ACTIVATIONS = re.compile(r"activations_(\d{5})\.pt")
+
+
+def _differences(old: dict, new: dict) -> str:
+    """What differs between two run fingerprints, in words ('' when they match)."""
+    said = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict) and "files" in a and "files" in b:
+            fa, fb = a["files"], b["files"]
+            if fa != fb:
+                changed = sorted(n for n in set(fa) | set(fb) if fa.get(n) != fb.get(n))
+                where = f" (it was made from {a.get('path')})" if a.get("path") != b.get("path") else ""
+                said.append(f"the model's content differs: {', '.join(changed[:3])}"
+                            f"{' ...' if len(changed) > 3 else ''} changed{where}")
+            continue
+        if a == b:
+            continue
+        if key == "model":
+            said.append("the model differs")
+        elif key == "recipe":
+            if isinstance(a, dict) and isinstance(b, dict):
+                parts = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                said.append(f"the recipe differs ({', '.join(parts)})")
+            else:
+                said.append("the recipe differs")
+        elif key == "calibration_sha256":
+            said.append("the calibration data differs (another text, sample count, length or seed)")
+        elif key == "export_format":
+            said.append(f"the format differs (it was {a}, now {b})")
+        else:
+            said.append(f"{key} differs")
+    return "; ".join(said)
+
+
+def _brief(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 160 characters: for one-line error messages."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}".rstrip(": ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ------------------------------------------------------------------------------------------ the work directory
+class WorkDir:
+    """The resumable state of one run: per-layer results, activations after the last finished layer, progress.
+
+    Opening it takes its lock (released by :meth:`close` or when the process ends, also by a kill)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, resume: bool):
+        self.path = Path(path)
+        self._lock_fd: Optional[int] = None
+        self._umask = current_umask()
+        self._completed, self._activations = 0, None
+        self.created = False  # True when this call created the directory (a fresh run)
+        try:
+            self._open(fingerprint, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening -------------------------------------------------------------------------------------
+    def _damaged(self, name: str, what: str) -> ValueError:
+        return ValueError(f"{self.path / name}: {what}; the work directory is damaged: delete {self.path} and run "
+                          "again (the finished layers are recomputed)")
+
+    def _open(self, fingerprint: dict, resume: bool) -> None:
+        for _ in range(5):
+            if not (self.path.exists() or self.path.is_symlink()):
+                if self._create(fingerprint):
+                    return
+                continue  # another process created it first: now it exists
+            self._lock_fd = try_lock(self.path)
+            if self._lock_fd is None:
+                continue  # removed meanwhile
+            if not resume:
+                raise FileExistsError(f"{self.path} holds an unfinished run; pass resume=True (CLI: --resume) to "
+                                      "continue it, or delete it")
+            self._check_manifest(fingerprint)
+            self._read_progress()
+            self._remove_orphans()
+            return
+        raise ValueError(f"{self.path} keeps appearing and disappearing; is another moequant run using it?")
+
+    def _create(self, fingerprint: dict) -> bool:
+        """Creates the directory with its manifest and held lock by renaming a prepared temporary directory into
+        place; False when another process created it first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_owned_tmpdir(self.path, self._umask)
+        fd = None
+        try:
+            fd = try_lock(tmp)
+            atomic_write_json(tmp / MANIFEST, fingerprint, umask=self._umask)
+            try:
+                os.rename(tmp, self.path)  # fails if the path exists (unless it is an empty directory)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    os.close(fd)
+                    fd = None
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return False
+                raise
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._lock_fd, self.created = fd, True
+        (self.path / OWNER_FILE).unlink(missing_ok=True)  # the lock now says who uses it
+        return True
+
+    def _check_manifest(self, fingerprint: dict) -> None:
+        p = self.path / MANIFEST
+        try:
+            old = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise self._damaged(MANIFEST, "missing (not a moequant work directory, or a damaged one)") from None
+        except (OSError, ValueError) as exc:
+            raise self._damaged(MANIFEST, f"unreadable ({_brief(exc)})") from None
+        if not isinstance(old, dict):
+            raise self._damaged(MANIFEST, f"expected a JSON object, got {type(old).__name__}")
+        if old.get("version") != fingerprint.get("version"):  # then the other fields may not even be comparable
+            raise ValueError(f"{self.path}: cannot resume: it was made by another moequant version (work format "
+                             f"{old.get('version')}; this one reads {fingerprint.get('version')}); finish it with that "
+                             f"version, or delete {self.path} to start over")
+        diff = _differences(old, fingerprint)
+        if diff:
+            raise ValueError(f"{self.path}: cannot resume: the unfinished run used different settings ({diff}); "
+                             f"rerun with its settings, or delete {self.path} to start over")
+
+    def _read_progress(self) -> None:
+        p = self.path / PROGRESS
+        if not p.exists():
+            self._completed, self._activations = 0, None
+            return
+        try:
+            progress = json.loads(p.read_text())
+            n, act = progress["completed_layers"], progress["activations"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise self._damaged(PROGRESS, f"unreadable ({_brief(exc)})") from None
+        m = _ACTIVATIONS.fullmatch(act) if isinstance(act, str) else None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or m is None or int(m.group(1)) != n - 1:
+            raise self._damaged(PROGRESS, f"expected completed_layers >= 1 and its activations file, got {progress}")
+        for name in [act] + [f"layer_{i:05d}.{ext}" for i in range(n) for ext in ("safetensors", "json")]:
+            if not (self.path / name).is_file():
+                raise self._damaged(name, f"missing, but {PROGRESS} counts {n} finished layer(s)")
+        self._completed, self._activations = n, act
+        for i in range(n):  # headers and records only (cheap): damage shows now, not after hours of work
+            self._read_layer(i, False)
+            self.load_record(i)
+
+    def _remove_orphans(self) -> None:
+        """Removes what no committed state refers to: activations of earlier layers (the marker has moved past
+        them) and temporary files of interrupted writes."""
+        for p in self.path.iterdir():
+            name = p.name
+            stale_act = name.startswith("activations") and name != self._activations
+            if stale_act or ".tmp-" in name or name == OWNER_FILE:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Releases the lock (idempotent)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "WorkDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- progress ------------------------------------------------------------------------------------
+    @property
+    def completed(self) -> int:
+        """Layers finished (committed)."""
+        return self._completed
+
+    def save_layer(self, index: int, results: dict, record: LayerRecord, hidden: list,
+                   tensors: Optional[dict] = None) -> None:
+        """Commits layer ``index`` (= :attr:`completed`): its results, record and the activations after it.
+
+        ``tensors``: optional on-disk tensor name -> high-precision tensor (e.g. a norm or router weight changed
+        by a smoothing or rotation transform) that the export writes in place of the source tensor."""
+        from safetensors.torch import save_file
+
+        if index != self._completed:
+            raise ValueError(f"index: expected the next layer {self._completed}, got {index}")
+        stored, meta = {}, {}
+        for name, qt in results.items():
+            stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
+            stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
+            stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
+            meta[name] = list(qt.format.key)
+        for name, t in (tensors or {}).items():
+            stored[f"dense::{name}"] = t.detach().contiguous().cpu()
+        # 1. files of this layer, under its own index: no committed state refers to them yet
+        atomic_write(self.path / f"layer_{index:05d}.safetensors",
+                     lambda tmp: save_file(stored, str(tmp), metadata={"schemes": json.dumps(meta)}),
+                     umask=self._umask)
+        atomic_write_json(self.path / f"layer_{index:05d}.json", record.to_dict(), umask=self._umask)
+        act = f"activations_{index:05d}.pt"
+        acts = [h.cpu() for h in hidden]
+        atomic_write(self.path / act, lambda tmp: torch.save(acts, tmp), umask=self._umask)
+        # 2. the commit: one rename
+        atomic_write_json(self.path / PROGRESS, {"completed_layers": index + 1, "activations": act},
+                          umask=self._umask)
+        self._completed, self._activations = index + 1, act
+        # 3. what the marker no longer refers to
+        self._remove_orphans()
+
+    # -- reading -------------------------------------------------------------------------------------
+    def load_record(self, index: int) -> LayerRecord:
+        name = f"layer_{index:05d}.json"
+        try:
+            return LayerRecord.from_dict(json.loads((self.path / name).read_text()))
+        except FileNotFoundError:
+            raise self._damaged(name, "missing") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
+
+    def load_activations(self) -> list:
+        """The activations after the last finished layer."""
+        name = self._activations
+        if name is None:
+            raise ValueError(f"{self.path}: no finished layer, hence no saved activations")
+        try:
+            acts = torch.load(self.path / name, weights_only=True)
+        except FileNotFoundError:
+            raise self._damaged(name, "missing") from None
+        except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+            raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
+        if not isinstance(acts, list) or not acts or not all(isinstance(a, torch.Tensor) for a in acts):
+            raise self._damaged(name, "expected a list of activation tensors")
+        return acts
+
+    def _read_layer(self, index: int, tensors: bool):
+        from safetensors import safe_open
+
+        name = f"layer_{index:05d}.safetensors"
+        try:
+            with safe_open(str(self.path / name), "pt") as f:
+                meta = json.loads(f.metadata()["schemes"])
+                if not tensors:
+                    return meta, None
+                quantized = {n: QuantizedTensor(codes=f.get_tensor(f"{n}::codes"), scale=f.get_tensor(f"{n}::scale"),
+                                                zero_point=f.get_tensor(f"{n}::zero"), format=IntFormat(*key))
+                             for n, key in meta.items()}
+                dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
+                return quantized, dense
+        except FileNotFoundError:
+            raise self._damaged(name, "missing") from None
+        except Exception as exc:  # SafetensorError, JSON errors, missing keys, a wrong metadata layout
+            raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
+
+    def iter_replacements(self, num_layers: int) -> Iterator[Replacements]:
+        for index in range(num_layers):
+            quantized, dense = self._read_layer(index, True)
+            yield Replacements(quantized=quantized, tensors=dense)
+
+    def schemes(self, num_layers: int) -> dict:
+        """{:class:`~moequant.formats.IntFormat`: [module names]} over all finished layers."""
+        out: dict = {}
+        for index in range(num_layers):
+            meta, _ = self._read_layer(index, False)
+            try:
+                for name, key in meta.items():
+                    out.setdefault(IntFormat(*key), []).append(name)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise self._damaged(f"layer_{index:05d}.safetensors", f"unreadable schemes ({_brief(exc)})") from None
+        return out
+
+
+def open_work_dir(out: str | os.PathLike, fingerprint: dict, resume: bool) -> WorkDir:
+    """The work directory ``<out>.partial`` of a run writing ``out``, opened and locked (:class:`WorkDir`), after
+    removing temporary directories that killed runs left next to ``out`` (:func:`remove_stale_temporaries`).
+    Raises FileExistsError when ``out`` exists (also when it appeared while another run held the lock)."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(partial)
+    work = WorkDir(partial, fingerprint, resume)
+    if out.exists():  # written meanwhile by another run: never touch it
+        if work.created:
+            shutil.rmtree(work.path, ignore_errors=True)
+        work.close()
+        raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
+    return work
