@@ -168,8 +168,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             for obs in observers:
                 obs.layer_inputs(index, lazy.layer_prefix(index), hidden, kwargs)
             result = quantizer.quantize_layer(index, hidden, kwargs)
-            # layer L+1 is calibrated on the outputs of the *quantized* layer L
-            hidden = quantizer.run_layer(result.layer, index, hidden, kwargs)
+            # layer L+1 is calibrated on the outputs of the *quantized* layer L (a MoE layer's engine computed them)
+            hidden = result.outputs if result.outputs is not None else \
+                quantizer.run_layer(result.layer, index, hidden, kwargs)
             record = result.record(round(time.time() - t, 3))
             dense = layer_export_tensors(transforms, result.step, set(result.results))
             work.save_layer(index, result.results, record, hidden, tensors=dense)
