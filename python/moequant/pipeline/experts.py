@@ -160,7 +160,7 @@ def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int
     if size < 1:
         raise ValueError(
             f"device_memory_gb: {budget_bytes / GIB:.2f} GiB leaves room for no expert of {what or 'the layer'}: "
-            f"one expert needs {per / GIB:.2f} GiB (weights {expert_weight_bytes / GIB:.2f}, Hessians and solver "
+            f"one expert needs {per / GIB:.2f} GiB (weights {expert_weight_bytes / GIB:.2f}, Hessians "
             f"{expert_work_bytes / GIB:.2f}) after {fixed_bytes / GIB:.2f} GiB for the rest of the layer and its "
             f"calibration activations; raise device_memory_gb (--device-memory-gb), or lower "
             f"calibration.num_samples / seq_len")
@@ -175,21 +175,21 @@ def _dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:
 def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int, dtype: torch.dtype,
                budget_bytes: Optional[int], prefix: str = "") -> GroupPlan:
     """The :class:`GroupPlan` of a MoE layer (its structure alone: the meta-device layer works) for ``tokens``
-    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed), its two
-    Hessians (and the all-token down Hessian of ``calibrate_all_experts``) and the solver's workspace; the layer's
-    other weights, the two recorded passes of expert inputs, the fp32 output sums and 0.5 GiB are fixed."""
+    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed) and its two
+    Hessians (and the all-token down Hessian of ``calibrate_all_experts``); the layer's other weights, the two
+    recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 0.5 GiB
+    are fixed."""
     ex = family.experts_of(layer)
     num = num_experts(ex)
     hidden, inter = _dims(ex, family)
     weight = sum(p.numel() * p.element_size() for p in ex.parameters()) // num
     acc = 8 if recipe.hessian_dtype == "float64" else 4
     hess = (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
-    solver = 4 * (3 * hidden * hidden + 8 * inter * hidden) + 4 * (3 * inter * inter + 4 * hidden * inter)
     rest = sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
                if not n.startswith(family.experts + "."))
     elt = torch.empty((), dtype=dtype).element_size()
-    fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + GIB // 2
-    return experts_per_group(num, weight, hess + solver, fixed, budget_bytes, recipe.experts_per_group, prefix)
+    fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + GIB // 2
+    return experts_per_group(num, weight, hess, fixed, budget_bytes, recipe.experts_per_group, prefix)
 
 
 @dataclass
