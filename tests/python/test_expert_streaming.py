@@ -101,7 +101,7 @@ def test_budget_too_small_for_one_expert_is_one_clear_error(models, tmp_path):
     with pytest.raises(ValueError, match=r"^device_memory_gb: .* leaves room for no expert of model\.layers\.0"):
         pipeline.quantize(str(src), _recipe(device_memory_gb=0.01), calibration=str(CALIB_TEXT), output_dir=out,
                           progress=False)
-    assert not out.exists()
+    assert not out.exists() and not out.with_name("q.partial").exists()  # refused before anything is written
 
 
 def test_crash_in_the_middle_of_a_layers_groups_resumes_bit_identically(models, tmp_path, monkeypatch):
@@ -169,3 +169,43 @@ def test_group_plan_errors_and_override():
     assert engine.experts_per_group(8, 1, 1, 1, None).size == 8
     assert engine.experts_per_group(8, 1, 1, 1, None, override=3).size == 3
     assert engine.experts_per_group(8, 1, 1, 1, None, override=99).size == 8
+
+
+def test_prefetch_and_background_commits_change_nothing(tmp_path, monkeypatch):
+    """Layer L+1 read on the prefetch thread while layer L computes, and commits on their own thread: the
+    checkpoint is bit for bit the one of a plain run, and the reads really happen on the background thread."""
+    import threading
+
+    from testdata import tiny_qwen3_checkpoint
+    from moequant.models.lazy import LazyModel
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", num_experts=4)
+    ids = torch.randint(0, 8000, (4, 16), generator=torch.Generator().manual_seed(5))
+    recipe = Recipe.from_dict({"scheme": {"group_size": 32}, "calibration": {"num_samples": 4, "seq_len": 16,
+                                                                            "batch_size": 2}})
+    pipeline.quantize(src, recipe, calibration=ids, output_dir=tmp_path / "plain", progress=False, prefetch=False)
+    threads = {}
+    original = LazyModel.load_layer
+
+    def load(self, index, device="cpu", **kw):
+        threads[index] = threading.current_thread().name
+        return original(self, index, device, **kw)
+
+    monkeypatch.setattr(LazyModel, "load_layer", load)
+    pipeline.quantize(src, recipe, calibration=ids, output_dir=tmp_path / "prefetched", progress=False,
+                      prefetch=True)
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("moequant-prefetch"), threads
+    a, b = checkpoint_tensors(tmp_path / "plain"), checkpoint_tensors(tmp_path / "prefetched")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_device_memory_gb_too_small_is_one_error_line(models, tmp_path, capsys):
+    from moequant import cli
+
+    src = models("qwen3_moe")
+    capsys.readouterr()
+    rc = cli.main(["-q", "quantize", str(src), "--out", str(tmp_path / "q"), "--calib", str(CALIB_TEXT),
+                   "--num-samples", "4", "--seq-len", "64", "--device-memory-gb", "0.01"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("moequant: error: device_memory_gb: "), err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()  # refused before any write

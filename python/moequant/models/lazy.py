@@ -178,6 +178,11 @@ class LazyModel:
         if still_meta:
             raise ValueError(f"moequant: layer {index} has tensors not stored in the checkpoint "
                                       f"{still_meta[:5]}; this family is not supported by the lazy loader")
+        return self.place_layer(layer, device, experts_device)
+
+    def place_layer(self, layer: nn.Module, device: torch.device | str,
+                    experts_device: torch.device | str | None = None) -> nn.Module:
+        """Moves a loaded layer to ``device``, its fused routed experts to ``experts_device`` when given."""
         experts = self.family.experts_of(layer)
         if experts is None or experts_device is None or torch.device(experts_device) == torch.device(device):
             return layer.to(device).eval()

@@ -40,8 +40,8 @@ from ..models import MoEFamily, intermediate_size, num_experts
 from ..recipe.recipe import Recipe
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
-__all__ = ["GIB", "ExpertsRecorder", "GroupPlan", "experts_per_group", "plan_layer", "expert_view", "MoELayerEngine",
-           "MoELayerOutput"]
+__all__ = ["GIB", "ExpertsRecorder", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_view",
+           "MoELayerEngine", "MoELayerOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,17 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     elt = torch.empty((), dtype=dtype).element_size()
     fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + GIB // 2
     return experts_per_group(num, weight, hess, fixed, budget_bytes, recipe.experts_per_group, prefix)
+
+
+def check_layers_fit(lazy, recipe: Recipe, tokens: int, budget_bytes: Optional[int]) -> list:
+    """The :class:`GroupPlan` of every MoE layer of a lazily opened model, before the run: raises the
+    ``device_memory_gb`` error of :func:`experts_per_group` for the first layer where not one expert fits."""
+    plans = []
+    for i in range(lazy.num_layers):
+        layer = lazy.meta_layer(i)
+        if lazy.family.experts_of(layer) is not None:
+            plans.append(plan_layer(layer, lazy.family, recipe, tokens, lazy.dtype, budget_bytes, lazy.layer_prefix(i)))
+    return plans
 
 
 @dataclass

@@ -9,6 +9,7 @@ layer, exactly as the pipeline does.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -112,10 +113,35 @@ class LayerQuantizer:
     """
 
     def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
-                 precision: str = "fp32"):
+                 precision: str = "fp32", prefetch: bool = False):
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
         self.transforms = list(transforms)
         self.factory = accumulator_factory(recipe, self.device, precision)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
+        self._next: Optional[tuple[int, Future]] = None
+
+    def close(self) -> None:
+        """Stops the prefetch thread (a layer being read is finished first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._next = None, None
+
+    def _load(self, index: int, experts_device) -> nn.Module:
+        """Layer ``index`` on the device (its experts on ``experts_device`` when given): the one a background
+        read prepared (in host memory), else read now."""
+        lazy = self.lazy
+        if self._next is not None and self._next[0] == index:
+            layer = self._next[1].result()
+            self._next = None
+            return lazy.place_layer(layer, self.device, experts_device)
+        self._next = None
+        return lazy.load_layer(index, self.device, experts_device=experts_device)
+
+    def _prefetch(self, index: int) -> None:
+        """Starts reading layer ``index`` into host memory on the background thread (prefetch on, and only while
+        the current layer's weights are on the device, so that host memory holds one layer)."""
+        if self._pool is not None and index < self.lazy.num_layers:
+            self._next = (index, self._pool.submit(self.lazy.load_layer, index, "cpu"))
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, index: int, hidden: list, kwargs: list) -> list:
@@ -127,7 +153,7 @@ class LayerQuantizer:
         y = layer(h.to(self.device), **kw[index])
         return y[0] if isinstance(y, tuple) else y
 
-    def _budget(self) -> Optional[int]:
+    def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
         driver's free memory plus what torch's allocator caches unused) less 2 GiB, else unbounded."""
         if self.recipe.device_memory_gb is not None:
@@ -146,7 +172,7 @@ class LayerQuantizer:
         lazy, recipe, fam = self.lazy, self.recipe, self.lazy.family
         prefix = lazy.layer_prefix(index)
         t0 = time.perf_counter()
-        budget = self._budget()
+        budget = self.budget()
         plan = None
         if fam.experts_of(lazy.meta_layer(index)) is not None:
             plan = plan_layer(lazy.meta_layer(index), fam, recipe, sum(h.shape[0] * h.shape[1] for h in hidden),
@@ -155,9 +181,11 @@ class LayerQuantizer:
                 raise ValueError(f"device_memory_gb: {prefix} does not fit the device ({plan.describe_budget()}), "
                                  f"but awq / rotation transform the whole layer on the device; raise "
                                  f"device_memory_gb or turn awq and rotation off")
-        layer = lazy.load_layer(index, self.device,
-                                experts_device=None if plan is None or plan.resident else "cpu")
+        resident = plan is None or plan.resident
+        layer = self._load(index, None if resident else "cpu")
         load_s = time.perf_counter() - t0
+        if resident:  # the layer's weights left host memory for the device: the next one may come in
+            self._prefetch(index + 1)
         step = LayerStep(index, prefix, layer, hidden, kwargs, self.device)
         for tr in self.transforms:  # in order: rotation, then AWQ
             tr.before_capture(step)
@@ -195,5 +223,7 @@ class LayerObserver:
         (``kwargs[batch][index]``). The tensors are the pipeline's: do not change them."""
 
     def layer_done(self, index: int, result: Optional[LayerResult]) -> None:
-        """After layer ``index`` is committed to the work directory (resumable from the next layer)."""
+        """After layer ``index`` is committed to the work directory (resumable from the next layer); the commit runs
+        while the next layer computes, so this comes after that layer's :meth:`layer_inputs`. ``result`` no longer
+        holds the layer module (``result.layer`` / ``result.step`` are None)."""
 
