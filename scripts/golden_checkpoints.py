@@ -116,6 +116,7 @@ def checkpoint_manifest(d: Path) -> dict:
         report.pop(k, None)
     for layer in report.get("layers", []):
         layer.pop("seconds", None)
+        layer.pop("phases", None)  # seconds per step
     return {"tensors": tensors, "config": json.loads((d / "config.json").read_text()),
             "recipe": json.loads((d / "moequant_recipe.json").read_text()), "report": report, "files": files}
 

@@ -250,11 +250,11 @@ def test_layers_are_loaded_one_at_a_time(tiny, monkeypatch):
     alive, seen = [], []
     original = LazyModel.load_layer
 
-    def tracking(self, index, device="cpu"):
+    def tracking(self, index, device="cpu", **kw):
         gc.collect()
         assert sum(r() is not None for r in alive) == 0, f"a previous layer is still alive when loading {index}"
         assert all(p.is_meta for p in self.model.parameters() if p.dim() == 3)  # the skeleton stays empty
-        layer = original(self, index, device)
+        layer = original(self, index, device, **kw)
         alive.append(weakref.ref(layer))
         seen.append(index)
         return layer

@@ -30,8 +30,8 @@ from torch import nn
 from ..models.base import STANDARD, MoEFamily, intermediate_size, linear_modules, num_experts, split_expert
 from .routing import RoutedBatch, expert_glu, expert_intermediate, route_tokens
 
-__all__ = ["WEIGHTINGS", "AccumulatorFactory", "default_accumulator_factory", "flat_mask", "Hooks", "ExpertCapture",
-           "LinearCapture", "LayerCapture"]
+__all__ = ["WEIGHTINGS", "AccumulatorFactory", "default_accumulator_factory", "flat_mask", "Hooks", "ExpertsCall",
+           "ExpertCapture", "LinearCapture", "LayerCapture"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,27 @@ class Hooks(abc.ABC):
         self.remove()
 
 
+class ExpertsCall:
+    """How a fused experts module is called: ``experts(hidden_states, top_k_index, top_k_weights)``, the last two
+    under the names of its ``forward`` (GPT-OSS: ``router_indices`` / ``routing_weights``), positionally or by
+    keyword. :meth:`bind` returns the three tensors of one call."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        try:
+            names = list(inspect.signature(experts.forward).parameters)[:3]
+        except (TypeError, ValueError):
+            names = []
+        self.names = names if len(names) == 3 else ["hidden_states", "top_k_index", "top_k_weights"]
+
+    def bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        vals = list(args[:3])
+        for name in self.names[len(vals):]:
+            if name not in kwargs:
+                raise TypeError(f"experts called without {name!r}: args={len(args)} kwargs={list(kwargs)}")
+            vals.append(kwargs[name])
+        return vals
+
+
 class ExpertCapture(Hooks):
     """Capture the routed inputs of one fused experts module.
 
@@ -128,28 +149,22 @@ class ExpertCapture(Hooks):
                 self.all_input = make(1, int(self.hidden_size), dev)
             if all_token_down:
                 self.down_all = make(self.num_experts, self.intermediate_size, dev)
-        try:
-            names = list(inspect.signature(experts.forward).parameters)[:3]
-        except (TypeError, ValueError):
-            names = []
-        self._arg_names = names if len(names) == 3 else ["hidden_states", "top_k_index", "top_k_weights"]
+        self._call = ExpertsCall(experts)
 
     def attach(self) -> "ExpertCapture":
         if not self.attached:
             self._handles.append(self.experts.register_forward_pre_hook(self._hook, with_kwargs=True))
         return self
 
-    def _bind(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-        vals = list(args[:3])
-        for name in self._arg_names[len(vals):]:
-            if name not in kwargs:
-                raise TypeError(f"experts called without {name!r}: args={len(args)} kwargs={list(kwargs)}")
-            vals.append(kwargs[name])
-        return vals
-
     @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hs, idx, w = self._bind(args, kwargs)
+        self.add_call(*self._call.bind(args, kwargs))
+
+    @torch.no_grad()
+    def add_call(self, hs: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """Feeds one experts call ``(hidden_states, top_k_index, top_k_weights)`` as the hook does (ids outside
+        ``[0, num_experts)`` are pads: the expert streaming engine passes a group's view of the experts with the
+        other experts' slots padded)."""
         mask = flat_mask(self.token_mask, hs.reshape(-1, hs.shape[-1]).shape[0])
         batch = route_tokens(hs, idx, w, self.num_experts, mask)
         if self.compute_h:
@@ -163,7 +178,6 @@ class ExpertCapture(Hooks):
             self._add_all_tokens(hs, mask)
         if self.on_batch is not None:
             self.on_batch(batch)
-
 
     @torch.no_grad()
     def _add_all_tokens(self, hs: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -283,6 +297,7 @@ class LayerCapture(Hooks):
         shared_weighting: ``"none"`` | ``"gate"`` -- weight the gated shared expert's Linears by
             ``sigmoid(shared_expert_gate(x))`` (ignored when the family has no shared_expert_gate).
         on_batch, accumulator_factory, compute_h, all_tokens, all_token_down: forwarded to :class:`ExpertCapture`.
+        experts: False captures the Linears only (the expert streaming engine feeds the experts itself).
 
     Attributes: ``experts`` (:class:`ExpertCapture` or None for a dense layer), ``linears`` (:class:`LinearCapture`).
     """
@@ -290,12 +305,13 @@ class LayerCapture(Hooks):
     def __init__(self, layer: nn.Module, family: MoEFamily, *, layer_prefix: str = "", weighting: str = "none",
                  shared_weighting: str = "none", on_batch: Callable[[RoutedBatch], None] | None = None,
                  accumulator_factory: AccumulatorFactory | None = None, compute_h: bool = True,
-                 accumulate: bool = True, all_tokens: bool = False, all_token_down: bool = False) -> None:
+                 accumulate: bool = True, all_tokens: bool = False, all_token_down: bool = False,
+                 experts: bool = True) -> None:
         super().__init__()
         if shared_weighting not in ("none", "gate"):
             raise ValueError(f"shared_weighting must be 'none' or 'gate', got {shared_weighting!r}")
         self.layer, self.family = layer, family
-        ex = family.experts_of(layer)
+        ex = family.experts_of(layer) if experts else None
         self.experts = None if ex is None else ExpertCapture(
             ex, family, on_batch=on_batch, weighting=weighting, compute_h=compute_h,
             accumulator_factory=accumulator_factory, accumulate=accumulate, all_tokens=all_tokens,

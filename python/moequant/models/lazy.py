@@ -165,8 +165,11 @@ class LazyModel:
             raise ValueError(f"moequant: could not materialise {leftovers[:5]} from {self.dir}")
 
     # ------------------------------------------------------------------------------------------ layers
-    def load_layer(self, index: int, device: torch.device | str = "cpu") -> nn.Module:
-        """Decoder layer ``index`` with its checkpoint weights, on ``device`` (a fresh module each call)."""
+    def load_layer(self, index: int, device: torch.device | str = "cpu",
+                   experts_device: torch.device | str | None = None) -> nn.Module:
+        """Decoder layer ``index`` with its checkpoint weights, on ``device`` (a fresh module each call); its fused
+        routed experts on ``experts_device`` when given (the expert streaming engine keeps them in host memory and
+        brings a group at a time to the device)."""
         layer = copy.deepcopy(self._meta_layers[index])
         prefix = self.layer_prefix(index)
         state = self._layer_state(layer, prefix)
@@ -175,7 +178,22 @@ class LazyModel:
         if still_meta:
             raise ValueError(f"moequant: layer {index} has tensors not stored in the checkpoint "
                                       f"{still_meta[:5]}; this family is not supported by the lazy loader")
-        return layer.to(device).eval()
+        return self.place_layer(layer, device, experts_device)
+
+    def place_layer(self, layer: nn.Module, device: torch.device | str,
+                    experts_device: torch.device | str | None = None) -> nn.Module:
+        """Moves a loaded layer to ``device``, its fused routed experts to ``experts_device`` when given."""
+        experts = self.family.experts_of(layer)
+        if experts is None or experts_device is None or torch.device(experts_device) == torch.device(device):
+            return layer.to(device).eval()
+        parent_path, _, leaf = self.family.experts.rpartition(".")
+        parent = layer.get_submodule(parent_path) if parent_path else layer
+        parent._modules[leaf] = nn.Identity()  # moved without the experts, which go to experts_device
+        try:
+            layer.to(device)
+        finally:
+            parent._modules[leaf] = experts.to(experts_device)
+        return layer.eval()
 
     def layer_plan(self, index: int) -> list["PlannedTensor"]:
         """Which checkpoint tensors (names and shapes) layer ``index`` is read from (:func:`layer_plan`)."""

@@ -21,7 +21,7 @@ from ..recipe.recipe import Recipe
 from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
-__all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts"]
+__all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,18 @@ class ExpertHessians:
     """
 
     def __init__(self, acc: ops.HessianAccumulator, min_tokens: int, policy: str, shrinkage_tokens: float = 64.0,
-                 prior: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
+                 prior: Optional[Callable[[int], Optional[torch.Tensor]]] = None, *,
+                 layer_mean: Optional[Callable[[], Optional[torch.Tensor]]] = None,
+                 pooled: Optional[Callable[[], Optional[torch.Tensor]]] = None):
+        """``acc`` may hold only some of the layer's experts (a group of the expert streaming engine): then
+        ``layer_mean`` / ``pooled`` give the layer-wide mean Hessian of the well-calibrated experts and the pooled
+        Hessian of all routed rows, which this accumulator alone cannot."""
         self.acc, self.min_tokens, self.policy = acc, min_tokens, policy
         self.k, self.prior = float(shrinkage_tokens), prior
         self.counts = [int(c) for c in acc.counts.tolist()]
         self._mean: Optional[torch.Tensor] = None
         self._pooled: Optional[torch.Tensor] = None
+        self._mean_fn, self._pooled_fn = layer_mean, pooled
         self._warned = False
 
     def _target(self, e: int) -> Optional[torch.Tensor]:
@@ -81,9 +87,12 @@ class ExpertHessians:
         if t is not None:
             return t.to(device=self.acc.device, dtype=self.acc.dtype)
         if self._pooled is None:
-            m = float(self.acc.mass.sum())
-            if m > 0:
-                self._pooled = self.acc.hessians.sum(0) / m
+            if self._pooled_fn is not None:
+                self._pooled = self._pooled_fn()
+            else:
+                m = float(self.acc.mass.sum())
+                if m > 0:
+                    self._pooled = self.acc.hessians.sum(0) / m
         return self._pooled
 
     def _shrunk(self, e: int) -> Optional[torch.Tensor]:
@@ -97,6 +106,8 @@ class ExpertHessians:
     def _layer_mean(self) -> Optional[torch.Tensor]:
         """Mean normalised Hessian of the well-calibrated experts (those with min_tokens), or else of every
         expert that saw any token; None when no expert saw a token."""
+        if self._mean_fn is not None:
+            return self._mean_fn()
         if self._mean is None:
             ok = [e for e in range(len(self.counts)) if self.calibrated(e)] or \
                  [e for e, c in enumerate(self.counts) if c > 0 and float(self.acc.mass[e]) > 0]
@@ -120,6 +131,11 @@ class ExpertHessians:
                 return self.acc.hessian(e), None, False
         elif self.calibrated(e):
             return self.acc.hessian(e), None, False
+        return self.fallback()
+
+    def fallback(self) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
+        """The policy's Hessian for an expert without its own (``get`` of a starved expert; ``"shrink"`` never
+        gets here unless the layer has no target at all)."""
         if self.policy == "rtn":
             return None, "rtn", True
         if self.policy == "mean":
@@ -164,7 +180,7 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
         force_rtn = h is None and scheme.solver.needs_hessian
         jobs.append(_Job(disk, lin.weight, h, _fallback(scheme) if force_rtn else scheme, scheme,
                          [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn))
-    return _finish(jobs, storage, recipe)
+    return finish_jobs(jobs, storage, recipe)
 
 
 class _Job:
@@ -220,7 +236,6 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
     ec = capture.experts
     if ec is None:
         return {}, []
-    experts = ec.experts
     fb = recipe.fallback
     all_in, down_all = getattr(ec, "all_input", None), getattr(ec, "down_all", None)
     h_all = all_in.hessian(0) if all_in is not None and float(all_in.mass[0]) > 0 else None
@@ -229,32 +244,45 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
     hdn = ExpertHessians(ec.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
                          (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
                          if down_all is not None else None)
+    experts = range(ec.num_experts)
+    jobs = expert_jobs(ec.experts, family, recipe, layer_prefix, list(experts), experts, hgu.get, hdn.get,
+                       hgu.counts)
+    return finish_jobs(jobs, storage, recipe)
+
+
+def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, ids: list, local, gate_up, down,
+                tokens) -> list:
+    """The solve jobs of the routed experts ``local`` (indices into the fused ``experts`` module, which may be a
+    view of some of the layer's experts; ``ids[j]`` is local expert j's index in the layer, for its on-disk
+    names): gate and up share one Hessian and one job when their schemes agree. ``gate_up(j)`` / ``down(j)`` give
+    ``(Hessian or None, fallback used or None, force RTN)`` (:meth:`ExpertHessians.get`); ``tokens[j]`` the
+    expert's calibration rows. Jobs come in expert order, gate(+up) before down."""
     jobs: list = []
-    for e in range(ec.num_experts):
-        names = family.disk_expert_names(layer_prefix, e)
-        t = split_expert(experts, family, e)
+    for j in local:
+        names = family.disk_expert_names(layer_prefix, ids[j])
+        t = split_expert(experts, family, j)
         sg, su, sd = (recipe.resolve(names[k]) for k in ("gate", "up", "down"))
-        tokens = hgu.counts[e]
-        h, fallback, force_rtn = hgu.get(e)
+        n = int(tokens[j])
+        h, fallback, force_rtn = gate_up(j)
         if sg is not None and sg == su:
-            I = t.gate.shape[0]
+            inter = t.gate.shape[0]
             jobs.append(_Job(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
                              _fallback(sg) if force_rtn else sg, sg,
-                             [(names["gate"], t.gate, slice(0, I)), (names["up"], t.up, slice(I, None))],
-                             tokens, fallback, force_rtn))
+                             [(names["gate"], t.gate, slice(0, inter)), (names["up"], t.up, slice(inter, None))],
+                             n, fallback, force_rtn))
         else:
             for key, w, sc in (("gate", t.gate, sg), ("up", t.up, su)):
                 if sc is not None:
                     jobs.append(_Job(names[key], w, h, _fallback(sc) if force_rtn else sc, sc,
-                                     [(names[key], w, None)], tokens, fallback, force_rtn))
+                                     [(names[key], w, None)], n, fallback, force_rtn))
         if sd is not None:
-            h, fallback, force_rtn = hdn.get(e)
+            h, fallback, force_rtn = down(j)
             jobs.append(_Job(names["down"], t.down, h, _fallback(sd) if force_rtn else sd, sd,
-                             [(names["down"], t.down, None)], tokens, fallback, force_rtn))
-    return _finish(jobs, storage, recipe)
+                             [(names["down"], t.down, None)], n, fallback, force_rtn))
+    return jobs
 
 
-def _finish(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
+def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
     """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
     _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []

@@ -8,6 +8,8 @@ layer, exactly as the pipeline does.
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,6 +21,7 @@ from ..calibration.capture import LayerCapture
 from ..methods.base import LayerStep
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
+from .experts import GIB, MoELayerEngine, plan_layer
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
 
@@ -68,6 +71,9 @@ class LayerResult:
     Attributes:
         index, prefix: the layer; layer: the module on the compute device, computing with the dequantized weights
             (what a loader reconstructs); step: the :class:`~moequant.methods.base.LayerStep` the transforms saw.
+        outputs: the layer's outputs on the calibration batches (CPU), when the step computed them (the expert
+            streaming engine does; else :meth:`LayerQuantizer.run_layer` on ``layer``). phases: seconds per step of
+            the layer (load, forwards, solves, ...). groups: how the routed experts went through the device.
         results: on-disk module name -> :class:`~moequant.ops.QuantizedTensor`, linears then experts.
         modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
             routed calibration rows and routing-weight mass per expert (empty for a dense layer).
@@ -82,11 +88,15 @@ class LayerResult:
     moe: bool
     expert_tokens: list = field(default_factory=list)
     expert_mass: list = field(default_factory=list)
+    outputs: Optional[list] = None
+    phases: dict = field(default_factory=dict)
+    groups: Optional[str] = None
 
     def record(self, seconds: float) -> LayerRecord:
         """The layer's report record."""
         return LayerRecord(index=self.index, prefix=self.prefix, seconds=seconds, moe=self.moe,
-                           expert_tokens=self.expert_tokens, expert_mass=self.expert_mass, modules=self.modules)
+                           expert_tokens=self.expert_tokens, expert_mass=self.expert_mass, modules=self.modules,
+                           phases=dict(self.phases), groups=self.groups)
 
 
 class LayerQuantizer:
@@ -103,31 +113,90 @@ class LayerQuantizer:
     """
 
     def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
-                 precision: str = "fp32"):
+                 precision: str = "fp32", prefetch: bool = False):
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
         self.transforms = list(transforms)
         self.factory = accumulator_factory(recipe, self.device, precision)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
+        self._next: Optional[tuple[int, Future]] = None
+
+    def close(self) -> None:
+        """Stops the prefetch thread (a layer being read is finished first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool, self._next = None, None
+
+    def _load(self, index: int, experts_device) -> nn.Module:
+        """Layer ``index`` on the device (its experts on ``experts_device`` when given): the one a background
+        read prepared (in host memory), else read now."""
+        lazy = self.lazy
+        if self._next is not None and self._next[0] == index:
+            layer = self._next[1].result()
+            self._next = None
+            return lazy.place_layer(layer, self.device, experts_device)
+        self._next = None
+        return lazy.load_layer(index, self.device, experts_device=experts_device)
+
+    def _prefetch(self, index: int) -> None:
+        """Starts reading layer ``index`` into host memory on the background thread (prefetch on, and only while
+        the current layer's weights are on the device, so that host memory holds one layer)."""
+        if self._pool is not None and index < self.lazy.num_layers:
+            self._next = (index, self._pool.submit(self.lazy.load_layer, index, "cpu"))
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, index: int, hidden: list, kwargs: list) -> list:
         """The outputs (CPU) of ``layer`` (layer ``index``) on the batches ``hidden`` with their recorded
         ``kwargs``."""
-        out = []
-        for h, kw in zip(hidden, kwargs):
-            y = layer(h.to(self.device), **kw[index])
-            out.append((y[0] if isinstance(y, tuple) else y).cpu())
-        return out
+        return [self._forward(layer, index, h, kw).cpu() for h, kw in zip(hidden, kwargs)]
+
+    def _forward(self, layer: nn.Module, index: int, h: torch.Tensor, kw: list) -> torch.Tensor:
+        y = layer(h.to(self.device), **kw[index])
+        return y[0] if isinstance(y, tuple) else y
+
+    def budget(self) -> Optional[int]:
+        """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
+        driver's free memory plus what torch's allocator caches unused) less 2 GiB, else unbounded."""
+        if self.recipe.device_memory_gb is not None:
+            return int(self.recipe.device_memory_gb * GIB)
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return max(0, free + cached - 2 * GIB)
 
     def quantize_layer(self, index: int, hidden: list, kwargs: list) -> LayerResult:
         """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the
         layer's inputs, per batch, with the recorded ``kwargs``), quantizes it by the recipe and writes the
-        dequantized weights back into it."""
+        dequantized weights back into it. A MoE layer goes through the expert streaming engine
+        (:class:`~moequant.pipeline.experts.MoELayerEngine`), which also computes the layer's outputs."""
         lazy, recipe, fam = self.lazy, self.recipe, self.lazy.family
         prefix = lazy.layer_prefix(index)
-        layer = lazy.load_layer(index, self.device)
+        t0 = time.perf_counter()
+        budget = self.budget()
+        plan = None
+        if fam.experts_of(lazy.meta_layer(index)) is not None:
+            plan = plan_layer(lazy.meta_layer(index), fam, recipe, sum(h.shape[0] * h.shape[1] for h in hidden),
+                              lazy.dtype, budget, prefix)
+            if not plan.resident and self.transforms:
+                raise ValueError(f"device_memory_gb: {prefix} does not fit the device ({plan.describe_budget()}), "
+                                 f"but awq / rotation transform the whole layer on the device; raise "
+                                 f"device_memory_gb or turn awq and rotation off")
+        resident = plan is None or plan.resident
+        layer = self._load(index, None if resident else "cpu")
+        load_s = time.perf_counter() - t0
+        if resident:  # the layer's weights left host memory for the device: the next one may come in
+            self._prefetch(index + 1)
         step = LayerStep(index, prefix, layer, hidden, kwargs, self.device)
         for tr in self.transforms:  # in order: rotation, then AWQ
             tr.before_capture(step)
+        if plan is not None:
+            engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
+                                    len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]))
+            out = engine.run()
+            return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
+                               expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
+                               phases={"load": round(load_s, 4), **out.phases},
+                               groups=plan.describe(out.num_experts))
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
             cap = LayerCapture(layer, fam, layer_prefix=prefix, weighting="routing" if recipe.routing_weighted
@@ -154,5 +223,7 @@ class LayerObserver:
         (``kwargs[batch][index]``). The tensors are the pipeline's: do not change them."""
 
     def layer_done(self, index: int, result: Optional[LayerResult]) -> None:
-        """After layer ``index`` is committed to the work directory (resumable from the next layer)."""
+        """After layer ``index`` is committed to the work directory (resumable from the next layer); the commit runs
+        while the next layer computes, so this comes after that layer's :meth:`layer_inputs`. ``result`` no longer
+        holds the layer module (``result.layer`` / ``result.step`` are None)."""
 

@@ -31,6 +31,8 @@ class LayerRecord:
     expert_tokens: list = dataclasses.field(default_factory=list)  # routed rows per expert
     expert_mass: list = dataclasses.field(default_factory=list)    # routing-weight mass per expert
     modules: list = dataclasses.field(default_factory=list)        # ModuleRecord
+    phases: dict = dataclasses.field(default_factory=dict)         # seconds per step (load, forwards, solves, ...)
+    groups: Optional[str] = None                                   # how the experts went through the device
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

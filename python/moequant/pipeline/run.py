@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -36,6 +36,8 @@ from ..models.lazy import LazyModel, config_dtype
 from ..recipe.device import resolve_device
 from ..recipe.recipe import Recipe
 from .export import export_run, run_loader_support
+from .commits import LayerCommits
+from .experts import check_layers_fit
 from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
 from .output import output_write_error
 from .preflight import preflight
@@ -93,7 +95,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calibration=None,
              output_dir: Union[str, os.PathLike, None] = None, *, resume: bool = False,
              export_format: str = "pack-quantized", progress: bool = True, solvers=None,
-             observers: Sequence[LayerObserver] = ()) -> QuantizationReport:
+             observers: Sequence[LayerObserver] = (), prefetch: Optional[bool] = None) -> QuantizationReport:
     """Quantizes a Hugging Face MoE checkpoint layer by layer and (with ``output_dir``) exports it.
 
     Args:
@@ -109,6 +111,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         solvers: the :class:`~moequant.methods.SolverRegistry` the recipe's methods are looked up in (default: the
             recipe's own, the built-in solvers unless it was made with another).
         observers: :class:`~moequant.pipeline.layer.LayerObserver` callbacks of the layer loop.
+        prefetch: read layer L+1 from the checkpoint on a background thread while layer L computes (None: on a GPU,
+            where the layer's weights leave host memory for the device; the results are the same either way).
     Returns:
         :class:`QuantizationReport` (also saved as ``moequant_report.json`` in the output).
     """
@@ -135,6 +139,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                           getattr(text_config(lazy.config), "vocab_size", None))
     plan = preflight(lazy, recipe, output_dir=out, export_format=export_format,
                      calibration_shape=tuple(ids.shape), resume=resume, progress=progress)
+    # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)
+    quantizer = LayerQuantizer(lazy, recipe, device, storage, precision=precision,
+                               prefetch=device.type == "cuda" if prefetch is None else prefetch)
+    check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
     support = run_loader_support(lazy, plan, export_format) if out is not None else []
     transforms = build_transforms(recipe, lazy.family, storage)
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
@@ -161,23 +169,25 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             hidden = work.load_activations()
             report.layers = [work.load_record(i) for i in range(start)]
             logger.info("resuming after layer %d of %d", start - 1, lazy.num_layers)
-        quantizer = LayerQuantizer(lazy, recipe, device, storage, transforms=transforms, precision=precision)
-        for index in _progress(range(start, lazy.num_layers), lazy.num_layers - start, "quantizing layers",
-                               progress):
-            t = time.time()
-            for obs in observers:
-                obs.layer_inputs(index, lazy.layer_prefix(index), hidden, kwargs)
-            result = quantizer.quantize_layer(index, hidden, kwargs)
-            # layer L+1 is calibrated on the outputs of the *quantized* layer L
-            hidden = quantizer.run_layer(result.layer, index, hidden, kwargs)
-            record = result.record(round(time.time() - t, 3))
-            dense = layer_export_tensors(transforms, result.step, set(result.results))
-            work.save_layer(index, result.results, record, hidden, tensors=dense)
-            report.layers.append(record)
-            for obs in observers:
-                obs.layer_done(index, result)
-            del result
-            logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
+        quantizer.transforms = list(transforms)
+        with LayerCommits(work, observers) as commits:
+            for index in _progress(range(start, lazy.num_layers), lazy.num_layers - start, "quantizing layers",
+                                   progress):
+                t = time.time()
+                for obs in observers:
+                    obs.layer_inputs(index, lazy.layer_prefix(index), hidden, kwargs)
+                result = quantizer.quantize_layer(index, hidden, kwargs)
+                # layer L+1 is calibrated on the outputs of the *quantized* layer L (a MoE layer's engine computed
+                # them)
+                hidden = result.outputs if result.outputs is not None else \
+                    quantizer.run_layer(result.layer, index, hidden, kwargs)
+                record = result.record(round(time.time() - t, 3))
+                dense = layer_export_tensors(transforms, result.step, set(result.results))
+                result.layer = result.step = None  # the module is not needed any more: its memory goes now
+                commits.submit(index, result, record, hidden, dense)  # written while the next layer computes
+                report.layers.append(record)
+                del result
+                logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
         report.seconds = round(time.time() - t0, 3)
         if out is not None:
             export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
@@ -189,6 +199,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             raise
         raise error from exc
     finally:
+        quantizer.close()
         work.close()
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)

@@ -20,7 +20,6 @@ Patterns: ``"re:<regex>"`` uses ``re.match`` on the full name (anchored at the s
 (``"model.layers.*.self_attn.*"``; a plain name such as ``"lm_head"`` matches only itself).
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import copy
 import json
@@ -135,6 +134,11 @@ class Recipe:
         report_loss: record every matrix's GPTQ proxy loss in the report (default). False skips it: on a GPU the
             loss is one fp32 SYRK per expert, ~12% of a DeepSeek-V3 layer's solve; the report then shows no loss.
         rotation: offline Hadamard rotation of the residual stream before calibration (:class:`RotationConfig`).
+        device_memory_gb: memory of the compute device one MoE layer may use (docs/pipeline.md, "Expert
+            streaming"): its routed experts go through the device in groups that fit. None (default): on a GPU the
+            memory free when the layer starts, less 2 GiB; on the CPU unbounded (one group).
+        experts_per_group: routed experts per group, overriding what ``device_memory_gb`` allows (None: from the
+            budget). Results do not depend on it beyond the rounding of summing the groups' outputs.
         solvers (init only): the :class:`~moequant.methods.SolverRegistry` the schemes' ``method`` names are looked
             up in (default: the built-in solvers); given to the scheme and the overrides, not serialized.
     """
@@ -152,6 +156,8 @@ class Recipe:
     solver_memory_gb: float = 8.0
     report_loss: bool = True
     rotation: RotationConfig = field(default_factory=RotationConfig)
+    device_memory_gb: Optional[float] = None
+    experts_per_group: Optional[int] = None
     version: int = RECIPE_VERSION
     solvers: InitVar[Any] = None
 
@@ -199,6 +205,11 @@ class Recipe:
             fail("device", "'cpu', 'cuda', 'cuda:N' or null", self.device)
         check_pos_float("solver_memory_gb", self.solver_memory_gb)
         check_bool("report_loss", self.report_loss)
+        if self.device_memory_gb is not None:
+            check_pos_float("device_memory_gb", self.device_memory_gb,
+                            remedy="the GPU memory a layer may use, e.g. 70 on an 80 GB card; null: the free memory")
+        if self.experts_per_group is not None:
+            check_int("experts_per_group", self.experts_per_group, 1, "null chooses it from device_memory_gb")
         if solvers is not None:  # the recipe's registry reaches its scheme and overrides (their method names)
             for section in (self.scheme, *self.overrides):
                 section.use_solvers(solvers)
@@ -249,7 +260,8 @@ class Recipe:
                 "hessian_precision": self.hessian_precision,
                 "routing_weighted": self.routing_weighted, "device": self.device,
                 "solver_memory_gb": self.solver_memory_gb, "report_loss": self.report_loss,
-                "rotation": self.rotation.to_dict()}
+                "rotation": self.rotation.to_dict(), "device_memory_gb": self.device_memory_gb,
+                "experts_per_group": self.experts_per_group}
 
     @classmethod
     def from_dict(cls, data: dict, solvers: Any = None) -> "Recipe":
@@ -288,7 +300,7 @@ class Recipe:
     def from_cli(cls, base: "Recipe | str | os.PathLike | None" = None, *, bits: Optional[int] = None,
                  group_size: Optional[int] = None, symmetric: Optional[bool] = None, method: Optional[str] = None,
                  calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
-                 device: Optional[str] = None) -> "Recipe":
+                 device: Optional[str] = None, device_memory_gb: Optional[float] = None) -> "Recipe":
         """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
@@ -310,6 +322,8 @@ class Recipe:
                 cal[key] = val
         if device is not None:
             data["device"] = device
+        if device_memory_gb is not None:
+            data["device_memory_gb"] = device_memory_gb
         return cls.from_dict(data)
 
 

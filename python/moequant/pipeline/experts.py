@@ -1,0 +1,460 @@
+"""The expert-streaming engine of a MoE decoder layer: route once, then stream the routed experts through the
+compute device in groups that fit a memory budget, instead of holding every expert's Hessians at once.
+
+:meth:`MoELayerEngine.run` calibrates, quantizes and propagates one MoE layer:
+
+1. **pass 1** (calibration): the layer runs on the calibration batches with the fused experts module's forward
+   replaced by a recorder (:class:`ExpertsRecorder`): the Linears' Hessians are captured as usual (attention,
+   shared expert), and each experts call's inputs ``(hidden_states, top_k_index, top_k_weights)`` are kept;
+   the experts themselves do not run;
+2. the Linears are quantized and written back;
+3. **pass 2**: the layer runs again, with its quantized Linears, recording the experts calls again: the routing
+   and expert inputs the quantized layer produces (what the next layer will see);
+4. the experts, **group by group** (:func:`experts_per_group`): the group's Hessians are accumulated from pass 1's
+   calls (batch by batch, exactly as the whole-layer capture feeds them), the group is solved and written back,
+   and its quantized outputs on pass 2's calls are computed by the experts module itself, on a view of the group's
+   experts with the other experts' slots padded, and summed. Experts without enough calibration tokens are solved
+   after all groups when their fallback needs the layer's mean Hessian;
+5. **pass 3**: the layer runs once more with the experts forward replaced by the replay of those outputs, which
+   gives the layer's outputs: exactly what the quantized layer computes.
+
+With one group (every expert fits; always on the CPU unless a budget is set) the checkpoint is bit-identical to
+the whole-layer path; with several groups the Hessians, solves and written-back weights still are, and the
+propagated outputs differ only by the rounding of summing the groups' outputs (fp32 accumulation of each group's
+output in the layer's dtype). The attention runs three times instead of twice; the experts once per pass-2 call.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..calibration.capture import ExpertCapture, ExpertsCall, LayerCapture
+from ..models import MoEFamily, intermediate_size, num_experts
+from ..recipe.recipe import Recipe
+from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
+
+__all__ = ["GIB", "ExpertsRecorder", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_view",
+           "MoELayerEngine", "MoELayerOutput"]
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+class ExpertsRecorder:
+    """Stands in for a fused experts module's forward while a layer runs: :meth:`recording` keeps every call's
+    ``(hidden_states, top_k_index, top_k_weights)`` (in ``calls``) and returns zeros; :meth:`replaying` returns the
+    given outputs, one per call, in order. The module itself is untouched (its instance ``forward`` is set and
+    removed again), so the MoE block around it runs its own code."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        self.experts = experts
+        self.call = ExpertsCall(experts)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @contextlib.contextmanager
+    def _forward(self, fn) -> Iterator[None]:
+        if "forward" in vars(self.experts):
+            raise RuntimeError("ExpertsRecorder: the experts module already has an instance forward")
+        self.experts.forward = fn
+        try:
+            yield
+        finally:
+            del self.experts.forward
+
+    def recording(self):
+        """Records every call into :attr:`calls` (appended) and returns zeros of the hidden states' shape."""
+        def record(*args, **kwargs):
+            hs, idx, w = self.call.bind(args, kwargs)
+            self.calls.append((hs, idx, w))
+            return torch.zeros_like(hs)
+        return self._forward(record)
+
+    def replaying(self, outputs: list):
+        """Returns ``outputs[i]`` for the i-th call; a call more, or a shape that differs, is an error."""
+        it = iter(outputs)
+
+        def replay(*args, **kwargs):
+            hs, _, _ = self.call.bind(args, kwargs)
+            out = next(it, None)
+            if out is None or out.shape != hs.shape:
+                raise RuntimeError("ExpertsRecorder: the layer called its experts differently than when recorded")
+            return out
+        return self._forward(replay)
+
+
+def expert_view(experts: nn.Module, ids: torch.Tensor | slice, device) -> nn.Module:
+    """A fused experts module holding only the experts ``ids`` (a slice: views of the layer's parameters when
+    they are on ``device`` already; an index tensor or another device: copies) that computes like the original.
+    Its ``num_experts`` is the view's, so index ``num_experts`` is the "no expert" pad; with the grouped_mm
+    implementation the pad rows are masked (``_is_expert_parallel``)."""
+    view = nn.Module.__new__(type(experts))
+    view.__dict__.update(experts.__dict__)
+    view._parameters, view._buffers, view._modules = {}, dict(experts._buffers), dict(experts._modules)
+    for name, p in experts._parameters.items():
+        t = p.data[ids] if isinstance(ids, slice) else p.data.index_select(0, ids.to(p.device))
+        view._parameters[name] = nn.Parameter(t.to(device), requires_grad=False)
+    n = int(view._parameters["gate_up_proj"].shape[0])
+    for attr in ("num_experts", "num_local_experts"):
+        if attr in view.__dict__:
+            setattr(view, attr, n)
+    view._is_expert_parallel = True
+    return view
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How a MoE layer's experts go through the device: ``size`` experts at a time; ``resident``: all of the
+    layer's expert weights stay on the device (else each group's are copied there); the estimate behind it
+    (bytes)."""
+
+    size: int
+    resident: bool
+    per_expert: int
+    fixed: int
+    budget: Optional[int]
+
+    def describe(self, total: int) -> str:
+        groups = math.ceil(total / self.size)
+        where = "on the device" if self.resident else "streamed from host memory"
+        return f"{total} experts in {groups} group(s) of up to {self.size}, weights {where}"
+
+    def describe_budget(self) -> str:
+        budget = "unbounded" if self.budget is None else f"{self.budget / GIB:.2f} GiB"
+        return (f"budget {budget}, {self.fixed / GIB:.2f} GiB fixed, {self.per_expert / GIB:.3f} GiB per streamed "
+                f"expert")
+
+
+def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int, fixed_bytes: int,
+                      budget_bytes: Optional[int], override: Optional[int] = None, what: str = "") -> GroupPlan:
+    """Chooses the group size of a layer's experts (pure).
+
+    Args:
+        num: experts in the layer. expert_weight_bytes: one expert's weights on the device; expert_work_bytes: its
+            Hessians and solver workspace. fixed_bytes: what the layer needs besides its experts (the other
+            weights, the recorded calls, the outputs). budget_bytes: the device memory the layer may use (None:
+            unbounded: one group). override: ``experts_per_group`` from the recipe (None: from the budget).
+        what: the layer, for the error message.
+    Raises ValueError naming ``device_memory_gb`` when not even one expert fits.
+    """
+    if override is not None:
+        size = max(1, min(int(override), num))
+        resident = budget_bytes is None or fixed_bytes + num * expert_weight_bytes + size * expert_work_bytes \
+            <= budget_bytes
+        return GroupPlan(size, resident, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes)
+    if budget_bytes is None:
+        return GroupPlan(num, True, expert_weight_bytes + expert_work_bytes, fixed_bytes, None)
+    resident_room = budget_bytes - fixed_bytes - num * expert_weight_bytes
+    if resident_room >= expert_work_bytes:
+        size = min(num, resident_room // expert_work_bytes)
+        return GroupPlan(int(size), True, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes)
+    per = expert_weight_bytes + expert_work_bytes
+    size = (budget_bytes - fixed_bytes) // per
+    if size < 1:
+        raise ValueError(
+            f"device_memory_gb: {budget_bytes / GIB:.2f} GiB leaves room for no expert of {what or 'the layer'}: "
+            f"one expert needs {per / GIB:.2f} GiB (weights {expert_weight_bytes / GIB:.2f}, Hessians "
+            f"{expert_work_bytes / GIB:.2f}) after {fixed_bytes / GIB:.2f} GiB for the rest of the layer and its "
+            f"calibration activations; raise device_memory_gb (--device-memory-gb), or lower "
+            f"calibration.num_samples / seq_len")
+    return GroupPlan(int(min(size, num)), False, per, fixed_bytes, budget_bytes)
+
+
+def _dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:
+    """(hidden size, expert width) of a fused experts module."""
+    return int(experts.gate_up_proj.shape[-1 if family.layout == "standard" else 1]), intermediate_size(experts, family)
+
+
+def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int, dtype: torch.dtype,
+               budget_bytes: Optional[int], prefix: str = "") -> GroupPlan:
+    """The :class:`GroupPlan` of a MoE layer (its structure alone: the meta-device layer works) for ``tokens``
+    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed) and its two
+    Hessians (and the all-token down Hessian of ``calibrate_all_experts``); the layer's other weights, the two
+    recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 0.5 GiB
+    are fixed."""
+    ex = family.experts_of(layer)
+    num = num_experts(ex)
+    hidden, inter = _dims(ex, family)
+    weight = sum(p.numel() * p.element_size() for p in ex.parameters()) // num
+    acc = 8 if recipe.hessian_dtype == "float64" else 4
+    hess = (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
+    rest = sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
+               if not n.startswith(family.experts + "."))
+    elt = torch.empty((), dtype=dtype).element_size()
+    fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + GIB // 2
+    return experts_per_group(num, weight, hess, fixed, budget_bytes, recipe.experts_per_group, prefix)
+
+
+def check_layers_fit(lazy, recipe: Recipe, tokens: int, budget_bytes: Optional[int]) -> list:
+    """The :class:`GroupPlan` of every MoE layer of a lazily opened model, before the run: raises the
+    ``device_memory_gb`` error of :func:`experts_per_group` for the first layer where not one expert fits."""
+    plans = []
+    for i in range(lazy.num_layers):
+        layer = lazy.meta_layer(i)
+        if lazy.family.experts_of(layer) is not None:
+            plans.append(plan_layer(layer, lazy.family, recipe, tokens, lazy.dtype, budget_bytes, lazy.layer_prefix(i)))
+    return plans
+
+
+@dataclass
+class MoELayerOutput:
+    """What :meth:`MoELayerEngine.run` returns: the layer's results and records (as the whole-layer path's), the
+    routed tokens and routing mass per expert, the layer's outputs on the calibration batches (CPU), the group
+    plan and the seconds per phase."""
+
+    results: dict
+    records: list
+    expert_tokens: list
+    expert_mass: list
+    outputs: list
+    plan: GroupPlan
+    num_experts: int
+    phases: dict = field(default_factory=dict)
+
+
+class _Phases:
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.t = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+class MoELayerEngine:
+    """Runs the steps of the module docstring on one loaded MoE layer.
+
+    Args:
+        layer: the decoder layer, its non-expert modules on ``device`` (the experts on ``device`` or the CPU).
+        family, prefix, recipe, storage: the model's family, the layer's name, the validated recipe, the checkpoint
+            dtype. device: the compute device. factory: the Hessian accumulator factory.
+        plan: the :class:`GroupPlan` (:func:`plan_layer`). num_batches, run_batch: the calibration batches and
+            ``run_batch(b) -> the layer's output on batch b`` (on the device).
+    """
+
+    def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
+                 device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch) -> None:
+        self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
+        self.storage, self.device, self.factory = storage, torch.device(device), factory
+        self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
+        self.experts = family.experts_of(layer)
+        self.num = num_experts(self.experts)
+        self.phases = _Phases(self.device)
+
+    # ------------------------------------------------------------------ passes
+    def _pass(self, ctx, keep: bool) -> list:
+        outs = []
+        with ctx:
+            for b in range(self.num_batches):
+                y = self.run_batch(b)
+                if keep:
+                    outs.append(y.cpu())
+        return outs
+
+    @torch.no_grad()
+    def run(self) -> MoELayerOutput:
+        recipe, fam, ph = self.recipe, self.family, self.phases
+        rec1 = ExpertsRecorder(self.experts)
+        weighted = recipe.routing_weighted
+        cap = LayerCapture(self.layer, fam, layer_prefix=self.prefix, weighting="routing" if weighted else "none",
+                           shared_weighting="gate" if weighted else "none", accumulator_factory=self.factory,
+                           experts=False)
+        with ph("pass1_forward"):
+            with cap.attach():
+                self._pass(rec1.recording(), keep=False)
+        with ph("linear_solve"):
+            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+        del cap
+        rec2 = ExpertsRecorder(self.experts)
+        with ph("pass2_forward"):
+            self._pass(rec2.recording(), keep=False)
+        plan = self.plan
+        logger.debug("%s: %s", self.prefix, plan.describe(self.num))
+        res_e, rec_e, tokens, mass, expert_out = self._experts(plan, rec1.calls, rec2.calls)
+        del rec1, rec2
+        rec3 = ExpertsRecorder(self.experts)
+        with ph("pass3_forward"):
+            outputs = self._pass(rec3.replaying(expert_out), keep=True)
+        return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
+                              dict(ph.t))
+
+    # ------------------------------------------------------------------ experts
+    def _dims(self) -> tuple[int, int]:
+        return _dims(self.experts, self.family)
+
+    def _groups(self, size: int) -> list[slice]:
+        return [slice(a, min(a + size, self.num)) for a in range(0, self.num, size)]
+
+    def _lut(self, ids: list[int], pad: int) -> torch.Tensor:
+        """Layer expert id -> id in a view holding ``ids`` (``pad``, the view's "no expert", for the others)."""
+        lut = torch.full((self.num,), pad, dtype=torch.long)
+        lut[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        return lut
+
+    @staticmethod
+    def _local(idx: torch.Tensor, lut: torch.Tensor, pad: int) -> torch.Tensor:
+        i = idx.long()
+        valid = (i >= 0) & (i < lut.numel())
+        return torch.where(valid, lut.to(i.device)[i.clamp(0, lut.numel() - 1)], torch.full_like(i, pad))
+
+    def _experts(self, plan: GroupPlan, calls1: list, calls2: list):
+        recipe, fam, ph = self.recipe, self.family, self.phases
+        fb = recipe.fallback
+        weighting = "routing" if recipe.routing_weighted else "none"
+        shrink = fb.policy == "shrink"
+        defer = fb.policy == "mean"  # a starved expert's Hessian is then the mean of the layer's other experts
+        groups = self._groups(plan.size)
+        single = len(groups) == 1 and plan.resident
+        prior = pooled = None
+        if shrink:
+            with ph("expert_hessians"):
+                prior = self._all_token_hessian(calls1)
+                if not single:
+                    pooled = self._pooled(calls1, groups, weighting)
+        tokens, mass = [0] * self.num, [0.0] * self.num
+        results, records = {}, {}
+        means = (_RunningMean(), _RunningMean())  # gate/up, down: the "mean" fallback's layer means
+        deferred: list[int] = []
+        out_acc = None if single else [torch.zeros(c[0].shape, dtype=torch.float32, device=c[0].device)
+                                       for c in calls2]
+        last = None
+        for g in groups:
+            ids = list(range(g.start, g.stop))
+            view = expert_view(self.experts, g, self.device)
+            lut = self._lut(ids, len(ids))
+            with ph("expert_hessians"):
+                cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=self.factory,
+                                    all_token_down=shrink and fb.calibrate_all_experts)
+                for hs, idx, w in calls1:
+                    cap.add_call(hs, self._local(idx, lut, len(ids)), w)
+            down_all = cap.down_all
+            hgu = ExpertHessians(cap.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                                 (lambda e: prior) if prior is not None else None,
+                                 pooled=(lambda: pooled[0]) if pooled is not None else None,
+                                 layer_mean=means[0].value)
+            hdn = ExpertHessians(cap.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                                 (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
+                                 if down_all is not None else None,
+                                 pooled=(lambda: pooled[1]) if pooled is not None else None,
+                                 layer_mean=means[1].value)
+            for j, e in enumerate(ids):
+                tokens[e], mass[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6)
+                if defer:
+                    for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
+                        running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
+            now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
+            deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
+            with ph("expert_solve"):
+                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts)
+                res, recs = finish_jobs(jobs, self.storage, recipe)
+            self._keep(res, recs, results, records, view, g)
+            last = (hgu, hdn)
+            del cap, jobs
+            if not single:
+                with ph("expert_outputs"):
+                    self._outputs(view, ids, [ids[j] for j in now], calls2, out_acc)
+            del view
+        if deferred:  # starved experts: their fallback needs the layer's mean Hessians, final only now
+            ids = sorted(deferred)
+            sel = torch.tensor(ids, dtype=torch.long)
+            view = expert_view(self.experts, sel, self.device)
+            hgu, hdn = last
+            with ph("expert_solve"):
+                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
+                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids])
+                res, recs = finish_jobs(jobs, self.storage, recipe)
+            self._keep(res, recs, results, records, view, sel)
+            if not single:
+                with ph("expert_outputs"):
+                    self._outputs(view, ids, ids, calls2, out_acc)
+        with ph("expert_outputs"):
+            if single:  # every expert in one group, written back in place: the experts module itself
+                expert_out = [self.experts(hs, idx, w) for hs, idx, w in calls2]
+            else:
+                expert_out = [a.to(c[0].dtype) for a, c in zip(out_acc, calls2)]
+        return results, [r for e in sorted(records) for r in records[e]], tokens, mass, expert_out
+
+    def _keep(self, res: dict, recs: list, results: dict, records: dict, view: nn.Module, where) -> None:
+        """Collects a group's results and records (by expert, for the whole-layer order) and copies the view's
+        dequantized weights back into the layer where the view holds copies."""
+        results.update(res)
+        for r in recs:
+            e = int(r.name.split("+")[0].rsplit(".", 2)[-2])
+            records.setdefault(e, []).append(r)
+        for name, p in self.experts._parameters.items():
+            v = view._parameters[name].data
+            if isinstance(where, slice):
+                if v.data_ptr() != p.data[where].data_ptr():
+                    p.data[where].copy_(v.to(p.device))
+            else:
+                p.data.index_copy_(0, where.to(p.device), v.to(p.device))
+
+    def _outputs(self, view: nn.Module, ids: list[int], solved: list[int], calls2: list, out_acc: list) -> None:
+        """Adds the quantized outputs of the experts ``solved`` (layer ids; ``ids``: the experts the view holds)
+        on pass 2's calls; every other slot is a pad."""
+        pad = len(ids)
+        lut = torch.full((self.num,), pad, dtype=torch.long)
+        pos = {e: j for j, e in enumerate(ids)}
+        for e in solved:
+            lut[e] = pos[e]
+        for acc, (hs, idx, w) in zip(out_acc, calls2):
+            acc += view(hs, self._local(idx, lut, pad), w).float()
+
+    def _all_token_hessian(self, calls1: list) -> Optional[torch.Tensor]:
+        """``shrink``: the Hessian of the MoE block's input over all tokens, the gate/up shrinkage target."""
+        hidden, _ = self._dims()
+        acc = self.factory(1, hidden, self.device)
+        for hs, _, _ in calls1:
+            x = hs.reshape(-1, hs.shape[-1])
+            acc.add(x, torch.zeros(x.shape[0], dtype=torch.int32, device=x.device))
+        return acc.hessian(0) if float(acc.mass[0]) > 0 else None
+
+    def _pooled(self, calls1: list, groups: list, weighting: str) -> list:
+        """``shrink`` over several groups: the pooled Hessians (gate/up, down) of all routed rows of the layer, the
+        target where no all-token one exists, by a first sweep over the groups (accumulation only)."""
+        sums, m = [None, None], 0.0
+        for g in groups:
+            view = expert_view(self.experts, g, self.device)
+            cap = ExpertCapture(view, self.family, weighting=weighting, accumulator_factory=self.factory)
+            n = g.stop - g.start
+            lut = self._lut(list(range(g.start, g.stop)), n)
+            for hs, idx, w in calls1:
+                cap.add_call(hs, self._local(idx, lut, n), w)
+            for k, a in enumerate((cap.gate_up, cap.down)):
+                s = a.hessians.sum(0)
+                sums[k] = s if sums[k] is None else sums[k] + s
+            m += float(cap.gate_up.mass.sum())
+        return [s / m for s in sums] if m > 0 else [None, None]
+
+
+class _RunningMean:
+    """The mean normalised Hessian of a layer's well-calibrated experts (else of those that saw any token), summed
+    group by group in expert order, as :class:`~moequant.pipeline.jobs.ExpertHessians` computes it for one
+    accumulator."""
+
+    def __init__(self) -> None:
+        self.ok, self.n_ok, self.any, self.n_any = None, 0, None, 0
+
+    def add(self, acc, j: int, hessians: ExpertHessians) -> None:
+        if hessians.calibrated(j):
+            h = acc.hessian(j)
+            self.ok, self.n_ok = (h if self.ok is None else self.ok + h), self.n_ok + 1
+        elif hessians.counts[j] > 0 and float(acc.mass[j]) > 0:
+            h = acc.hessian(j)
+            self.any, self.n_any = (h if self.any is None else self.any + h), self.n_any + 1
+
+    def value(self) -> Optional[torch.Tensor]:
+        if self.n_ok:
+            return self.ok / self.n_ok
+        return self.any / self.n_any if self.n_any else None

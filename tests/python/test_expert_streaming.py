@@ -1,0 +1,211 @@
+"""The expert streaming engine (moequant.pipeline.experts): a MoE layer's experts in groups.
+
+- every family, groups of 1, 3 and all experts: the first MoE layer's quantized tensors are bit-identical (same
+  Hessians, same solves: its inputs do not depend on the grouping) and the whole checkpoint computes the same
+  function (the later layers see the first one's outputs summed group by group: fp32 rounding only);
+- the mean fallback of starved experts with several groups equals the one-group result;
+- a budget too small for one expert is one clear error naming device_memory_gb, before anything is written;
+- a run killed in the middle of a layer's groups resumes bit-identically;
+- the group plan (pure) on real shapes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints import checkpoint_tensors
+from family_checkpoints import CALIB_TEXT, NAMES, family_checkpoint
+
+from moequant import pipeline
+from moequant.io.exported import load_model
+from moequant.pipeline import experts as engine
+from moequant.recipe import Recipe
+
+CALIBRATION = {"num_samples": 4, "seq_len": 64, "batch_size": 2}
+IDS = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _recipe(**kw) -> Recipe:
+    return Recipe.from_dict({"calibration": CALIBRATION, **kw})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming-models")
+    return lambda name: family_checkpoint(name, root)
+
+
+def _first_moe_layer(t: dict) -> str:
+    layers = sorted({int(k.split(".")[2]) for k in t if ".experts." in k and k.startswith("model.layers.")})
+    return f"model.layers.{layers[0]}."
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_groups_of_1_and_3_match_one_group(models, family, tmp_path):
+    src = models(family)
+    outs = {}
+    for size in (None, 1, 3):
+        d = tmp_path / f"g{size}"
+        report = pipeline.quantize(str(src), _recipe(experts_per_group=size), calibration=str(CALIB_TEXT),
+                                   output_dir=d, progress=False)
+        moe = [layer for layer in report.layers if layer.moe]
+        assert moe and all(layer.groups for layer in moe)
+        n = len(moe[0].expert_tokens)
+        want = 1 if size is None else -(-n // size)
+        assert f"in {want} group(s)" in moe[0].groups, moe[0].groups
+        outs[size] = d
+    ref = checkpoint_tensors(outs[None])
+    first = _first_moe_layer(ref)
+    with torch.no_grad():
+        logits = load_model(outs[None], dtype=torch.float32)(IDS).logits
+    for size in (1, 3):
+        t = checkpoint_tensors(outs[size])
+        assert t.keys() == ref.keys()
+        for k in ref:
+            if k.startswith(first):  # the first MoE layer: same inputs, same Hessians, same codes
+                assert torch.equal(t[k], ref[k]), f"groups of {size}: {k} differs in the first MoE layer"
+        with torch.no_grad():
+            other = load_model(outs[size], dtype=torch.float32)(IDS).logits
+        err = (other - logits).norm() / logits.norm()
+        assert err < 5e-3, f"groups of {size}: logits differ by {err:.2e} (relative)"
+
+
+def test_starved_experts_mean_fallback_across_groups(tmp_path):
+    """min_tokens high enough that some experts of every group are starved: their Hessian is the mean of the layer's
+    well-calibrated ones, the same whether those sit in one group or many (the first layer is bit-identical)."""
+    from testdata import tiny_qwen3_checkpoint
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", num_experts=8)
+    ids = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for size in (None, 3):
+        r = Recipe.from_dict({"scheme": {"group_size": 32}, "fallback": {"min_tokens": 10, "policy": "mean"},
+                              "calibration": {"num_samples": 2, "seq_len": 16}, "experts_per_group": size})
+        report = pipeline.quantize(src, r, calibration=ids, output_dir=tmp_path / f"q{size}", progress=False)
+        runs[size] = (checkpoint_tensors(tmp_path / f"q{size}"), report)
+    (a, ra), (b, rb) = runs[None], runs[3]
+    fallbacks = [m.fallback for m in rb.layers[0].modules if m.fallback]
+    assert fallbacks and set(fallbacks) == {"mean"}, "the test needs starved experts"
+    assert [m.name for m in ra.layers[0].modules] == [m.name for m in rb.layers[0].modules]  # same order
+    for k in a:
+        if k.startswith("model.layers.0."):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_budget_too_small_for_one_expert_is_one_clear_error(models, tmp_path):
+    src = models("qwen3_moe")
+    out = tmp_path / "q"
+    with pytest.raises(ValueError, match=r"^device_memory_gb: .* leaves room for no expert of model\.layers\.0"):
+        pipeline.quantize(str(src), _recipe(device_memory_gb=0.01), calibration=str(CALIB_TEXT), output_dir=out,
+                          progress=False)
+    assert not out.exists() and not out.with_name("q.partial").exists()  # refused before anything is written
+
+
+def test_crash_in_the_middle_of_a_layers_groups_resumes_bit_identically(models, tmp_path, monkeypatch):
+    src = models("mixtral")  # 4 experts: groups of 1 -> four solves per layer
+    recipe = _recipe(experts_per_group=1)
+    pipeline.quantize(str(src), recipe, calibration=str(CALIB_TEXT), output_dir=tmp_path / "full", progress=False)
+    calls = {"n": 0}
+    original = engine.finish_jobs
+
+    def crash_on_the_third_group_of_layer_1(jobs, storage, recipe_):
+        calls["n"] += 1
+        if calls["n"] == 4 + 3:  # layer 0's 4 groups, layer 1's first 2, then the third
+            raise KeyboardInterrupt("simulated kill in the middle of layer 1's expert groups")
+        return original(jobs, storage, recipe_)
+
+    monkeypatch.setattr(engine, "finish_jobs", crash_on_the_third_group_of_layer_1)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(str(src), recipe, calibration=str(CALIB_TEXT), output_dir=out, progress=False)
+    monkeypatch.setattr(engine, "finish_jobs", original)
+    assert not out.exists() and out.with_name("resumed.partial").is_dir()
+    report = pipeline.quantize(str(src), recipe, calibration=str(CALIB_TEXT), output_dir=out, resume=True,
+                               progress=False)
+    assert report.resumed_from_layer == 1
+    a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_has_phases_and_groups(models, tmp_path):
+    report = pipeline.quantize(str(models("olmoe")), _recipe(experts_per_group=2), calibration=str(CALIB_TEXT),
+                               output_dir=tmp_path / "q", progress=False)
+    saved = json.loads((tmp_path / "q" / "moequant_report.json").read_text())
+    for layer in saved["layers"]:
+        assert {"load", "pass1_forward", "linear_solve", "pass2_forward", "expert_hessians", "expert_solve",
+                "expert_outputs", "pass3_forward"} <= set(layer["phases"])
+        assert layer["groups"] == "4 experts in 2 group(s) of up to 2, weights on the device"
+    assert report.layers[0].phases["expert_solve"] >= 0
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("name, hidden, inter, experts, budget_gb, want", [
+    # DeepSeek-V3 on an 80 GB H100 with 70 GB for the layer, 128 x 2048 tokens: the 22.5 GB of expert weights stay
+    # on the device, the Hessians (0.21 GB each) go in groups of ~90 (all 256 at once would be 57 GB)
+    ("deepseek-v3", 7168, 2048, 256, 70, (True, range(60, 128))),
+    ("kimi-k2", 7168, 2048, 384, 70, (True, range(20, 128))),
+    ("qwen3-30b-a3b", 2048, 768, 128, 70, (True, range(128, 129))),
+    ("deepseek-v3 in 40 GB", 7168, 2048, 256, 40, (False, range(30, 60))),  # weights streamed from the host
+])
+def test_group_plan_on_real_shapes(name, hidden, inter, experts, budget_gb, want):
+    weight = 3 * inter * hidden * 2
+    work = (hidden * hidden + inter * inter) * 4  # the two fp32 Hessians
+    tokens = 128 * 2048
+    # two recorded passes (bf16), the fp32 output sums, the solver's 8 GiB, 0.5 GiB, ~2 GiB of attention weights
+    fixed = 2 * tokens * hidden * 2 + tokens * hidden * 4 + 8 * GIB + GIB // 2 + 2 * GIB
+    plan = engine.experts_per_group(experts, weight, work, fixed, budget_gb * GIB, what=name)
+    resident, sizes = want
+    assert plan.resident == resident and plan.size in sizes, (name, plan)
+
+
+def test_group_plan_errors_and_override():
+    with pytest.raises(ValueError, match="device_memory_gb: 1.00 GiB leaves room for no expert of L"):
+        engine.experts_per_group(8, GIB // 4, GIB // 2, GIB // 2, GIB, what="L")
+    assert engine.experts_per_group(8, 1, 1, 1, None).size == 8
+    assert engine.experts_per_group(8, 1, 1, 1, None, override=3).size == 3
+    assert engine.experts_per_group(8, 1, 1, 1, None, override=99).size == 8
+
+
+def test_prefetch_and_background_commits_change_nothing(tmp_path, monkeypatch):
+    """Layer L+1 read on the prefetch thread while layer L computes, and commits on their own thread: the
+    checkpoint is bit for bit the one of a plain run, and the reads really happen on the background thread."""
+    import threading
+
+    from testdata import tiny_qwen3_checkpoint
+    from moequant.models.lazy import LazyModel
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", num_experts=4)
+    ids = torch.randint(0, 8000, (4, 16), generator=torch.Generator().manual_seed(5))
+    recipe = Recipe.from_dict({"scheme": {"group_size": 32}, "calibration": {"num_samples": 4, "seq_len": 16,
+                                                                            "batch_size": 2}})
+    pipeline.quantize(src, recipe, calibration=ids, output_dir=tmp_path / "plain", progress=False, prefetch=False)
+    threads = {}
+    original = LazyModel.load_layer
+
+    def load(self, index, device="cpu", **kw):
+        threads[index] = threading.current_thread().name
+        return original(self, index, device, **kw)
+
+    monkeypatch.setattr(LazyModel, "load_layer", load)
+    pipeline.quantize(src, recipe, calibration=ids, output_dir=tmp_path / "prefetched", progress=False,
+                      prefetch=True)
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("moequant-prefetch"), threads
+    a, b = checkpoint_tensors(tmp_path / "plain"), checkpoint_tensors(tmp_path / "prefetched")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_device_memory_gb_too_small_is_one_error_line(models, tmp_path, capsys):
+    from moequant import cli
+
+    src = models("qwen3_moe")
+    capsys.readouterr()
+    rc = cli.main(["-q", "quantize", str(src), "--out", str(tmp_path / "q"), "--calib", str(CALIB_TEXT),
+                   "--num-samples", "4", "--seq-len", "64", "--device-memory-gb", "0.01"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("moequant: error: device_memory_gb: "), err
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()  # refused before any write
