@@ -508,6 +508,22 @@ at::Tensor decode_mxfp4_blocks(const at::Tensor& blocks, const at::Tensor& scale
   return out.reshape(out_shape);
 }
 
+at::Tensor encode_elements(const at::Tensor& x, ElementKind element) {
+  check_fp_element(element);
+  mb::check_dtype(x, "x", at::kFloat);
+  mb::check_contiguous(x, "x");
+  if (!x.is_cpu()) throw std::invalid_argument("x: expected a CPU tensor (the codec functions are CPU-only)");
+  return mb::encode_elements_cpu(x, element);
+}
+
+at::Tensor decode_elements(const at::Tensor& codes, ElementKind element) {
+  check_fp_element(element);
+  mb::check_dtype(codes, "codes", at::kByte);
+  mb::check_contiguous(codes, "codes");
+  if (!codes.is_cpu()) throw std::invalid_argument("codes: expected a CPU tensor (the codec functions are CPU-only)");
+  return mb::decode_elements_cpu(codes, element);
+}
+
 py::tuple format_scale_shape(const Format& f, int64_t rows, int64_t cols) {
   mb::throw_if_error(moequant::validate(f, rows, cols));
   return py::make_tuple(moequant::scale_rows(f, rows), moequant::scale_cols(f, cols));
@@ -660,6 +676,10 @@ PYBIND11_MODULE(_C, m) {
       });
   m.def("format_scale_shape", &format_scale_shape, py::arg("format"), py::arg("rows"), py::arg("cols"),
         "(scale_rows, scale_cols) of a [rows, cols] weight in this format");
+  m.def("encode_elements", &encode_elements, py::arg("x"), py::arg("element"),
+        "the element codec of format.h (CPU): float32 values -> uint8 codes (round to nearest even, saturating)");
+  m.def("decode_elements", &decode_elements, py::arg("codes"), py::arg("element"),
+        "the element codec of format.h (CPU): uint8 codes -> float32 values");
   m.def("format_quantize", &format_quantize, py::arg("w"), py::arg("format"), py::arg("global_scale") = py::none(),
         py::arg("dequantized") = true,
         "RTN quantization of w [rows, cols] (float32 / bfloat16 / float16, unit-stride rows) -> (codes uint8 [rows, "

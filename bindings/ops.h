@@ -71,6 +71,9 @@ at::Tensor decode_fp8_block_scaled_cpu(const at::Tensor& weight, const at::Tenso
                                        int64_t block_cols, ScaleDtype out_dtype);
 /// blocks uint8 [rows, groups, 16], scales uint8 [rows, groups] (contiguous, flattened by module.cpp) -> [rows, groups * 32].
 at::Tensor decode_mxfp4_blocks_cpu(const at::Tensor& blocks, const at::Tensor& scales, ScaleDtype out_dtype);
+/// The element codecs of format.h, elementwise on contiguous CPU tensors: x float32 -> uint8 codes, and back.
+at::Tensor encode_elements_cpu(const at::Tensor& x, ElementKind k);
+at::Tensor decode_elements_cpu(const at::Tensor& codes, ElementKind k);
 
 // ---- CUDA (ops_cuda.cpp; only when built with MOEQUANT_WITH_CUDA) --------------------------------------------
 bool cuda_compiled();

@@ -240,5 +240,23 @@ at::Tensor decode_mxfp4_blocks_cpu(const at::Tensor& blocks, const at::Tensor& s
   return out;
 }
 
+at::Tensor encode_elements_cpu(const at::Tensor& x, ElementKind k) {
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const float* src = x.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int e = static_cast<int>(k);
+  for (int64_t i = 0; i < x.numel(); ++i) dst[i] = encode_element(e, src[i]);
+  return out;
+}
+
+at::Tensor decode_elements_cpu(const at::Tensor& codes, ElementKind k) {
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const int e = static_cast<int>(k);
+  for (int64_t i = 0; i < codes.numel(); ++i) dst[i] = decode_element(e, src[i]);
+  return out;
+}
+
 }  // namespace bindings
 }  // namespace moequant

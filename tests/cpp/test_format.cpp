@@ -234,7 +234,7 @@ TEST_CASE("MX scale exponent: compressed-tensors' round-to-power-of-two rule", "
   REQUIRE(mq::mx_scale_exponent(fp4, 1.0f) == 125);
   REQUIRE(mq::mx_scale_exponent(fp4, 0.0f) == 0);
   REQUIRE(mq::mx_scale_exponent(fp4, std::ldexp(1.0f, -130)) == 0);  // clamped at 0
-  REQUIRE(mq::mx_scale_exponent(fp4, std::numeric_limits<float>::max()) == 254);  // ct: 255 (inf); clamped
+  REQUIRE(mq::mx_scale_exponent(fp4, std::numeric_limits<float>::max()) == 253);  // 2^128's exponent (ct: 255)
   REQUIRE(mq::mx_scale_exponent(fp6, 7.5f) == 127);            // 1.875 * 4: fraction < 15/16 stays
   REQUIRE(mq::mx_scale_exponent(fp6, 7.75f) == 128);           // 1.9375 * 4 rounds up
   // 448 = 1.75 * 2^8 has fraction 0.75: compressed-tensors rounds it up to 2^9 for FP8 too (mantissa 1), e = 127 + 9 - 8
@@ -344,6 +344,7 @@ TEST_CASE("every format: dequantize(quantize(w)) is the quantizer's dequantized 
         REQUIRE(same_bits(back[i], q.deq[i]));  // the loader's reconstruction is the quantizer's, bit for bit
         if (f.scale == mq::ScaleKind::kFp8E4M3) REQUIRE(mq::e4m3_decode(q.scale_codes[s]) == q.scales[s]);
         if (f.scale == mq::ScaleKind::kE8M0) REQUIRE(mq::e8m0_decode(q.scale_codes[s]) == q.scales[s]);
+        if (f.scale == mq::ScaleKind::kE8M0 && r == 2) REQUIRE(q.scale_codes[s] == 0);  // all-zero row: 2^-127
         if (f.element == mq::ElementKind::kInt) continue;  // test_quant.cpp bounds the int error
         const float eff = f.global_scale ? q.scales[s] / q.global : q.scales[s];
         const float v = w[i] / eff;

@@ -290,11 +290,11 @@ MQ_FORMAT_HD inline float storage_epsilon(int dtype) {
   if (dtype == 2) return 0.0009765625f;  // 2^-10
   return 1.1920928955078125e-07f;        // 2^-23
 }
-/// bfloat16 bits of a float, round to nearest even; NaN -> 0x7FC0 with the sign (the same on CPU and GPU).
+/// bfloat16 bits of a float, round to nearest even; NaN -> 0x7FC0 (torch's float -> bfloat16; the same on CPU and GPU).
 MQ_FORMAT_HD inline uint16_t bf16_bits_of(float f) {
   using namespace fmt_detail;
   const uint32_t u = bits_of(f);
-  if (is_nan_bits(u)) return static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7FC0u);
+  if (is_nan_bits(u)) return 0x7FC0u;
   return static_cast<uint16_t>(bits_of(round_to_bf16_value(f)) >> 16);
 }
 /// A bfloat16 / IEEE half widened exactly to float.
@@ -386,15 +386,16 @@ MQ_FORMAT_HD inline float global_scale_from_amax(const FormatCore& f, float amax
 
 /// E8M0 exponent byte of a group with absmax `amax` (compressed-tensors' generate_mx_scales + round_to_quantized_type_
 /// dtype(uint8)): p = amax rounded to a power of two (upwards when its mantissa fraction is >= 1 - 2^-(m+1), m =
-/// element_mx_round_mantissa), e = clamp(127 + log2(p) - emax, 0, 254). amax = 0 gives 0 (2^-127). compressed-tensors
-/// would give 255 (an infinite scale) for amax >= 1.75 * 2^127; this clamps to 254.
+/// element_mx_round_mantissa), e = clamp(127 + log2(p) - emax, 0, 254). amax = 0 gives 0 (2^-127). When amax rounds up
+/// to 2^128 (amax >= 1.75 * 2^127 for FP4) compressed-tensors' float power of two overflows to inf and it stores 255 (an
+/// infinite scale); this uses log2(p) = 128 (e = 253 for FP4), the scale the rule means.
 MQ_FORMAT_HD inline uint8_t mx_scale_exponent(int element, float amax) {
   using namespace fmt_detail;
   const uint32_t add = 1u << (23 - element_mx_round_mantissa(element) - 1);
   const uint32_t p = (bits_of(amax) + add) & 0xFF800000u;  // sign (0) and exponent of the rounded power of two
   if (p == 0) return 0;
-  if (p >= 0x7F800000u) return 254;
-  const int e = 127 + (static_cast<int>(p >> 23) - 127) - element_emax(element);
+  const int log2p = static_cast<int>(p >> 23) - 127;       // 128 when the rounding overflowed to inf
+  const int e = 127 + log2p - element_emax(element);
   return static_cast<uint8_t>(e < 0 ? 0 : (e > 254 ? 254 : e));
 }
 
@@ -427,7 +428,7 @@ MQ_FORMAT_HD inline GroupParams derive_group_params(const FormatCore& f, float l
     p.effective = p.scale;
     return p;
   }
-  const float amax = std_max(-lo, hi);
+  const float amax = std_max(mq_fsub(0.0f, lo), hi);  // +0 for an all-zero group (-lo would be -0.0)
   if (f.scale_kind == static_cast<int>(ScaleKind::kE8M0)) {
     p.scale_code = mx_scale_exponent(f.element, amax);
     p.scale = e8m0_decode(p.scale_code);
@@ -462,12 +463,19 @@ MQ_FORMAT_HD inline uint8_t quantize_element(const FormatCore& f, float x, const
   return encode_element(f.element, mq_fdiv(x, p.effective));
 }
 
-/// The dequantized value of a code: kInt (int8(code) - zero) * scale; float decode(code) * effective.
+/// NaN results are returned as the one quiet NaN 0x7FC00000 (CPUs and GPUs produce different NaN bits for 0 * inf or
+/// NaN * x; torch's default NaN is this one), so outputs compare bit for bit everywhere.
+MQ_FORMAT_HD inline float canonical_nan(float v) {
+  return fmt_detail::is_nan_bits(fmt_detail::bits_of(v)) ? fmt_detail::float_of(fmt_detail::kQuietNan) : v;
+}
+
+/// The dequantized value of a code: kInt (int8(code) - zero) * scale; float decode(code) * effective. NaN (an FP8 NaN
+/// code, or 0 * an infinite fp16 scale) is the canonical quiet NaN.
 MQ_FORMAT_HD inline float dequantize_element(const FormatCore& f, uint8_t code, float effective, int32_t zero) {
   using namespace fmt_detail;
   if (f.element == static_cast<int>(ElementKind::kInt))
-    return mq_fmul(static_cast<float>(static_cast<int32_t>(static_cast<int8_t>(code)) - zero), effective);
-  return mq_fmul(decode_element(f.element, code), effective);
+    return canonical_nan(mq_fmul(static_cast<float>(static_cast<int32_t>(static_cast<int8_t>(code)) - zero), effective));
+  return canonical_nan(mq_fmul(decode_element(f.element, code), effective));
 }
 
 /// gpt-oss MXFP4 (transformers' convert_moe_packed_tensors): byte j of a 16-byte block holds elements 2j (low nibble)
@@ -475,7 +483,8 @@ MQ_FORMAT_HD inline float dequantize_element(const FormatCore& f, uint8_t code, 
 /// the block's scale byte e gives x = value * 2^(e - 127) (ldexp). The product is exact in fp32; e = 0xFF (NaN in
 /// E8M0) gives NaN for every element of the block.
 MQ_FORMAT_HD inline float mxfp4_block_value(uint8_t byte, int high, uint8_t scale_exp) {
-  return fmt_detail::mq_fmul(e2m1_decode(static_cast<uint8_t>(high ? byte >> 4 : byte & 0xF)), e8m0_decode(scale_exp));
+  return canonical_nan(
+      fmt_detail::mq_fmul(e2m1_decode(static_cast<uint8_t>(high ? byte >> 4 : byte & 0xF)), e8m0_decode(scale_exp)));
 }
 
 }  // namespace v0
@@ -784,19 +793,12 @@ inline Status format_quantize(const FloatMatrix& w, const Format& f, const float
       MQ_RETURN_IF_ERROR(fmt_detail::check_global_scale(*global_scale_in));
       g = *global_scale_in;
     } else {
-      g = global_scale_from_amax(core, fmt_detail::std_max(-tlo, thi));
+      g = global_scale_from_amax(core, fmt_detail::std_max(fmt_detail::mq_fsub(0.0f, tlo), thi));
     }
     if (out.global_scale) *out.global_scale = g;
   }
-  if (w.rows == 0 || w.cols == 0) {
-    if (f.group == GroupKind::kTensor) {  // the one scale of an empty tensor: that of an all-zero group
-      const GroupParams p = derive_group_params(core, 0.0f, 0.0f, g);
-      if (out.scales) out.scales[0] = p.scale;
-      if (out.scale_codes) out.scale_codes[0] = p.scale_code;
-      if (out.zeros) out.zeros[0] = p.zero;
-    }
-    return {};
-  }
+  // A group without elements (the one scale of an empty tensor, the row scales of a [rows, 0] matrix) gets the
+  // parameters of an all-zero group.
   const int64_t tr = tile_rows(f, w.rows), tc = tile_cols(f, w.cols);
   const int64_t sr = scale_rows(f, w.rows), sc = scale_cols(f, w.cols);
   for (int64_t br = 0; br < sr; ++br)
