@@ -139,13 +139,14 @@ struct MinifloatSpec {
   int exp_bits, man_bits, bias;
   uint32_t max_mag;  // largest finite magnitude code
 };
-constexpr MinifloatSpec kE4M3 = {4, 3, 7, 0x7E};   // max 448 (0x7F is NaN)
-constexpr MinifloatSpec kE2M1 = {2, 1, 1, 0x7};    // max 6
-constexpr MinifloatSpec kE2M3 = {2, 3, 1, 0x1F};   // max 7.5
-constexpr MinifloatSpec kE3M2 = {3, 2, 3, 0x1F};   // max 28
+// (functions rather than constants: device code cannot read host variables)
+MQ_FORMAT_HD constexpr MinifloatSpec spec_e4m3() { return {4, 3, 7, 0x7E}; }  // max 448 (0x7F is NaN)
+MQ_FORMAT_HD constexpr MinifloatSpec spec_e2m1() { return {2, 1, 1, 0x7}; }   // max 6
+MQ_FORMAT_HD constexpr MinifloatSpec spec_e2m3() { return {2, 3, 1, 0x1F}; }  // max 7.5
+MQ_FORMAT_HD constexpr MinifloatSpec spec_e3m2() { return {3, 2, 3, 0x1F}; }  // max 28
 
 /// Magnitude code of |x| (x finite or +-inf; NaN is the caller's business): round to nearest even, saturating.
-MQ_FORMAT_HD inline uint32_t minifloat_encode_magnitude(float x, const MinifloatSpec& s) {
+MQ_FORMAT_HD inline uint32_t minifloat_encode_magnitude(float x, MinifloatSpec s) {
   using namespace fmt_detail;
   const uint32_t a = bits_of(x) & 0x7FFFFFFFu;
   const int emin = 1 - s.bias;                                  // exponent of the smallest normal
@@ -167,7 +168,7 @@ MQ_FORMAT_HD inline uint32_t minifloat_encode_magnitude(float x, const Minifloat
 }
 
 /// Value of a magnitude code (no NaN handling).
-MQ_FORMAT_HD inline float minifloat_decode_magnitude(uint32_t mag, const MinifloatSpec& s) {
+MQ_FORMAT_HD inline float minifloat_decode_magnitude(uint32_t mag, MinifloatSpec s) {
   using namespace fmt_detail;
   const uint32_t exp = mag >> s.man_bits, man = mag & ((1u << s.man_bits) - 1u);
   if (exp == 0)  // man * 2^(1 - B - M), exact
@@ -181,14 +182,14 @@ MQ_FORMAT_HD inline uint8_t e4m3_encode(float x) {
   using namespace fmt_detail;
   const uint32_t u = bits_of(x), sign = (u >> 24) & 0x80u;
   if (is_nan_bits(u)) return static_cast<uint8_t>(sign | 0x7Fu);
-  return static_cast<uint8_t>(sign | minifloat_encode_magnitude(x, kE4M3));
+  return static_cast<uint8_t>(sign | minifloat_encode_magnitude(x, spec_e4m3()));
 }
 /// float8_e4m3fn decode: exact; 0x7F / 0xFF -> NaN (quiet, with the code's sign).
 MQ_FORMAT_HD inline float e4m3_decode(uint8_t code) {
   using namespace fmt_detail;
   const uint32_t sign = static_cast<uint32_t>(code & 0x80u) << 24;
   if ((code & 0x7Fu) == 0x7Fu) return float_of(sign | kQuietNan);
-  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x7Fu, kE4M3)));
+  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x7Fu, spec_e4m3())));
 }
 
 /// FP4 E2M1 encode (code = sign << 3 | magnitude index into {0, 0.5, 1, 1.5, 2, 3, 4, 6}): round to nearest even,
@@ -200,13 +201,13 @@ MQ_FORMAT_HD inline uint8_t e2m1_encode(float x) {
   using namespace fmt_detail;
   if (is_nan_bits(bits_of(x))) return 0x7;
   const uint32_t sign = x < 0.0f ? 0x8u : 0u;
-  return static_cast<uint8_t>(sign | minifloat_encode_magnitude(x, kE2M1));
+  return static_cast<uint8_t>(sign | minifloat_encode_magnitude(x, spec_e2m1()));
 }
 /// FP4 E2M1 decode of the low 4 bits of `code` (0x8 is -0.0).
 MQ_FORMAT_HD inline float e2m1_decode(uint8_t code) {
   using namespace fmt_detail;
   const uint32_t sign = static_cast<uint32_t>(code & 0x8u) << 28;
-  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x7u, kE2M1)));
+  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x7u, spec_e2m1())));
 }
 
 /// FP6 E2M3 encode (6-bit code, sign in bit 5): round to nearest even, saturating at +-7.5; the sign bit is the sign
@@ -215,12 +216,12 @@ MQ_FORMAT_HD inline uint8_t e2m3_encode(float x) {
   using namespace fmt_detail;
   const uint32_t u = bits_of(x);
   if (is_nan_bits(u)) return 0x1F;
-  return static_cast<uint8_t>(((u >> 26) & 0x20u) | minifloat_encode_magnitude(x, kE2M3));
+  return static_cast<uint8_t>(((u >> 26) & 0x20u) | minifloat_encode_magnitude(x, spec_e2m3()));
 }
 MQ_FORMAT_HD inline float e2m3_decode(uint8_t code) {
   using namespace fmt_detail;
   const uint32_t sign = static_cast<uint32_t>(code & 0x20u) << 26;
-  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x1Fu, kE2M3)));
+  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x1Fu, spec_e2m3())));
 }
 
 /// FP6 E3M2 encode (OCP MX): round to nearest even, saturating at +-28, sign bit of x (-0.0 -> 0x20). NaN -> 0x1F.
@@ -228,12 +229,12 @@ MQ_FORMAT_HD inline uint8_t e3m2_encode(float x) {
   using namespace fmt_detail;
   const uint32_t u = bits_of(x);
   if (is_nan_bits(u)) return 0x1F;
-  return static_cast<uint8_t>(((u >> 26) & 0x20u) | minifloat_encode_magnitude(x, kE3M2));
+  return static_cast<uint8_t>(((u >> 26) & 0x20u) | minifloat_encode_magnitude(x, spec_e3m2()));
 }
 MQ_FORMAT_HD inline float e3m2_decode(uint8_t code) {
   using namespace fmt_detail;
   const uint32_t sign = static_cast<uint32_t>(code & 0x20u) << 26;
-  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x1Fu, kE3M2)));
+  return float_of(sign | bits_of(minifloat_decode_magnitude(code & 0x1Fu, spec_e3m2())));
 }
 
 /// E8M0 decode: 2^(e - 127) (e = 0 is 2^-127, an fp32 subnormal), 0xFF -> NaN (OCP MX).
