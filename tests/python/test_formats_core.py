@@ -346,12 +346,9 @@ class TestCompressedTensors:
         sd = {"weight": w, "weight_scale": scale}
         if g is not None:
             sd["weight_global_scale"] = g
-        comp = BaseCompressor.get_value_from_registry(scheme.format) if scheme.format else None
-        if comp is None:
-            from compressed_tensors.compressors.format import infer_module_format  # noqa: F401
-            name = {"NVFP4A16": "nvfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
-                    "MXFP6A16": "mxfp6-pack-quantized"}.get(preset, "naive-quantized")
-            comp = BaseCompressor.get_value_from_registry(name)
+        name = {"NVFP4A16": "nvfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
+                "MXFP6A16": "mxfp6-pack-quantized"}.get(preset, "naive-quantized")
+        comp = BaseCompressor.get_value_from_registry(name)
         out = comp.compress(sd, scheme)
         if "weight_packed" in out:
             bits_equal(out["weight_packed"], _C.pack_fp_codes(r.codes, fmt.element), "weight_packed")

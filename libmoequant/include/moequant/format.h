@@ -4,7 +4,7 @@
 // of the two source-checkpoint formats (DeepSeek-V3 / Kimi-K2 FP8 128x128 blocks, gpt-oss MXFP4 blocks).
 //
 // docs/formats.md restates the contract; the Python twin is moequant.ref.formats; the CUDA kernels
-// (kernels/src/format_*.cu) run the very same scalar code below, so CPU and GPU agree bit for bit.
+// (kernels/src/format.cu) run the very same scalar code below, so CPU and GPU agree bit for bit.
 //
 // Layout of this header:
 //   1. the scalar part: plain functions of floats and bytes, `MQ_FORMAT_HD` (__host__ __device__ under nvcc), no

@@ -23,7 +23,6 @@ The contract (docs/formats.md), for a weight ``w [rows, cols]`` read as float32:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -366,7 +365,3 @@ def decode_mxfp4_blocks_ref(blocks: Tensor, scales: Tensor) -> Tensor:
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)  # [..., G, 32]
     v = e2m1_decode_ref(codes) * e8m0_decode_ref(scales).unsqueeze(-1)
     return _canonical_nan(v.flatten(-2))
-
-
-def _self_check() -> None:  # pragma: no cover - a quick sanity aid, not used by the tests
-    assert math.isclose(float(e4m3_decode_ref(torch.tensor([0x7E], dtype=torch.uint8))), 448.0)
