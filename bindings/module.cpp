@@ -7,6 +7,7 @@
 #include "checks.h"
 #include "ops.h"
 
+#include <moequant/format.h>
 #include <moequant/hadamard.h>
 #include <moequant/pack.h>
 #include <moequant/quant.h>
@@ -15,9 +16,14 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
+using moequant::ElementKind;
+using moequant::Format;
+using moequant::GroupKind;
 using moequant::QuantSpec;
+using moequant::ScaleKind;
 using moequant::ScaleDtype;
 using moequant::ScaleSearch;
 namespace mb = moequant::bindings;
@@ -316,6 +322,213 @@ py::tuple greedy_rounding(const at::Tensor& w, const at::Tensor& h, const at::Te
   return py::make_tuple(q, deq, d);
 }
 
+
+// ---- formats (moequant/format.h) ----------------------------------------------------------------------------------
+
+void check_2d_dtype(const at::Tensor& t, const char* name, at::ScalarType dt) {
+  mb::check_dim(t, name, 2);
+  mb::check_dtype(t, name, dt);
+}
+
+/// A float32 tensor of one element on `ref`'s device (the global scale).
+void check_global_scale_tensor(const at::Tensor& g, const at::Tensor& ref, const char* ref_name) {
+  mb::check_dtype(g, "global_scale", at::kFloat);
+  if (g.numel() != 1)
+    throw std::invalid_argument(
+        fmt::format("global_scale: expected a tensor of one element, got shape {}", mb::shape_str(g)));
+  mb::check_contiguous(g, "global_scale");
+  mb::check_same_device(g, "global_scale", ref, ref_name);
+}
+
+void check_out_dtype(ScaleDtype d) {
+  if (d != ScaleDtype::kFloat32 && d != ScaleDtype::kBFloat16)
+    throw std::invalid_argument(
+        fmt::format("out_dtype: expected ScaleDtype.float32 or ScaleDtype.bfloat16, got {}", static_cast<int>(d)));
+}
+
+py::tuple format_quantize(const at::Tensor& w, const Format& f, const std::optional<at::Tensor>& global_scale,
+                          bool dequantized) {
+  mb::check_dim(w, "w", 2);
+  if (w.scalar_type() != at::kFloat && w.scalar_type() != at::kBFloat16 && w.scalar_type() != at::kHalf)
+    throw std::invalid_argument(fmt::format("w: expected dtype float32, bfloat16 or float16, got {}",
+                                            mb::dtype_str(w.scalar_type())));
+  if (w.size(0) > 0 && w.size(1) > 0) check_unit_stride_rows(w, "w");
+  mb::throw_if_error(moequant::validate(f, w.size(0), w.size(1)));
+  if (global_scale) {
+    if (!f.global_scale)
+      throw std::invalid_argument("global_scale: expected None for a format without a global scale, got a tensor");
+    check_global_scale_tensor(*global_scale, w, "w");
+  }
+  const at::Tensor* gp = global_scale ? &*global_scale : nullptr;
+  mb::FormatTensors t;
+  if (on_cuda(w, "w")) {
+#ifdef MOEQUANT_WITH_CUDA
+    t = mb::format_quantize_cuda(w, f, gp, dequantized);
+#endif
+  } else {
+    t = mb::format_quantize_cpu(w, f, gp, dequantized);
+  }
+  return py::make_tuple(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t),
+                        std::get<5>(t));
+}
+
+at::Tensor format_dequantize(const at::Tensor& codes, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                             const std::optional<at::Tensor>& global_scale, const Format& f, ScaleDtype out_dtype) {
+  check_2d_dtype(codes, "codes", at::kByte);
+  mb::check_contiguous(codes, "codes");
+  mb::throw_if_error(moequant::validate(f, codes.size(0), codes.size(1)));
+  check_out_dtype(out_dtype);
+  const int64_t sr = moequant::scale_rows(f, codes.size(0)), sc = moequant::scale_cols(f, codes.size(1));
+  check_2d_dtype(scales, "scales", at::kFloat);
+  mb::check_contiguous(scales, "scales");
+  mb::check_same_device(scales, "scales", codes, "codes");
+  if (scales.size(0) != sr || scales.size(1) != sc)
+    throw std::invalid_argument(fmt::format("scales: expected shape [{}, {}] ({} scales of a [{}, {}] weight), got {}",
+                                            sr, sc, moequant::group_kind_name(f.group), codes.size(0), codes.size(1),
+                                            mb::shape_str(scales)));
+  if (zeros) {
+    if (f.element != ElementKind::kInt || f.symmetric)
+      throw std::invalid_argument("zeros: expected None for a format without zero points (only asymmetric int), got "
+                                  "a tensor");
+    check_2d_dtype(*zeros, "zeros", at::kInt);
+    mb::check_contiguous(*zeros, "zeros");
+    mb::check_same_device(*zeros, "zeros", codes, "codes");
+    if (zeros->size(0) != sr || zeros->size(1) != sc)
+      throw std::invalid_argument(
+          fmt::format("zeros: expected shape [{}, {}], got {}", sr, sc, mb::shape_str(*zeros)));
+  }
+  if (f.global_scale && !global_scale)
+    throw std::invalid_argument("global_scale: expected a float32 tensor of one element for a format with a global "
+                                "scale, got None");
+  if (!f.global_scale && global_scale)
+    throw std::invalid_argument("global_scale: expected None for a format without a global scale, got a tensor");
+  if (global_scale) check_global_scale_tensor(*global_scale, codes, "codes");
+  const at::Tensor* zp = zeros ? &*zeros : nullptr;
+  const at::Tensor* gp = global_scale ? &*global_scale : nullptr;
+  if (on_cuda(codes, "codes")) {
+#ifdef MOEQUANT_WITH_CUDA
+    return mb::format_dequantize_cuda(codes, scales, zp, gp, f, out_dtype);
+#endif
+  }
+  return mb::format_dequantize_cpu(codes, scales, zp, gp, f, out_dtype);
+}
+
+void check_fp_element(ElementKind k) {
+  const int v = static_cast<int>(k);
+  if (v < 1 || v > 4)
+    throw std::invalid_argument(fmt::format(
+        "element: expected ElementKind.fp8_e4m3, fp4_e2m1, fp6_e2m3 or fp6_e3m2 (int codes use pack_rows), got {}", v));
+}
+
+at::Tensor pack_fp_codes(const at::Tensor& codes, ElementKind element) {
+  check_fp_element(element);
+  check_2d_dtype(codes, "codes", at::kByte);
+  mb::check_contiguous(codes, "codes");
+  if (on_cuda(codes, "codes")) {
+#ifdef MOEQUANT_WITH_CUDA
+    return mb::pack_fp_codes_cuda(codes, element);
+#endif
+  }
+  return mb::pack_fp_codes_cpu(codes, element);
+}
+
+at::Tensor unpack_fp_codes(const at::Tensor& packed, ElementKind element, int64_t cols) {
+  check_fp_element(element);
+  check_2d_dtype(packed, "packed", at::kByte);
+  mb::check_contiguous(packed, "packed");
+  if (cols < 0) throw std::invalid_argument(fmt::format("cols: expected >= 0, got {}", cols));
+  const int64_t pb = moequant::packed_row_bytes(element, cols);
+  if (packed.size(1) != pb)
+    throw std::invalid_argument(fmt::format(
+        "cols: expected a value whose {} packing takes {} bytes per row (packed has that width), got {} which takes {}",
+        moequant::element_kind_name(element), packed.size(1), cols, pb));
+  if (on_cuda(packed, "packed")) {
+#ifdef MOEQUANT_WITH_CUDA
+    return mb::unpack_fp_codes_cuda(packed, element, cols);
+#endif
+  }
+  return mb::unpack_fp_codes_cpu(packed, element, cols);
+}
+
+at::Tensor decode_fp8_block_scaled(const at::Tensor& weight, const at::Tensor& scale_inv, int64_t block_rows,
+                                   int64_t block_cols, ScaleDtype out_dtype) {
+  mb::check_dim(weight, "weight", 2);
+  if (weight.scalar_type() != at::kFloat8_e4m3fn && weight.scalar_type() != at::kByte)
+    throw std::invalid_argument(fmt::format("weight: expected dtype float8_e4m3fn (or its uint8 view), got {}",
+                                            mb::dtype_str(weight.scalar_type())));
+  mb::check_contiguous(weight, "weight");
+  check_out_dtype(out_dtype);
+  if (block_rows <= 0 || block_cols <= 0)
+    throw std::invalid_argument(
+        fmt::format("block_size: expected two values > 0, got [{}, {}]", block_rows, block_cols));
+  const int64_t sr = (weight.size(0) + block_rows - 1) / block_rows, sc = (weight.size(1) + block_cols - 1) / block_cols;
+  check_2d_dtype(scale_inv, "weight_scale_inv", at::kFloat);
+  mb::check_contiguous(scale_inv, "weight_scale_inv");
+  mb::check_same_device(scale_inv, "weight_scale_inv", weight, "weight");
+  if (scale_inv.size(0) != sr || scale_inv.size(1) != sc)
+    throw std::invalid_argument(fmt::format(
+        "weight_scale_inv: expected shape [{}, {}] (ceil of weight {} / [{}, {}]), got {}", sr, sc,
+        mb::shape_str(weight), block_rows, block_cols, mb::shape_str(scale_inv)));
+  const at::Tensor w8 = weight.scalar_type() == at::kByte ? weight : weight.view(at::kByte);
+  if (on_cuda(weight, "weight")) {
+#ifdef MOEQUANT_WITH_CUDA
+    return mb::decode_fp8_block_scaled_cuda(w8, scale_inv, block_rows, block_cols, out_dtype);
+#endif
+  }
+  return mb::decode_fp8_block_scaled_cpu(w8, scale_inv, block_rows, block_cols, out_dtype);
+}
+
+at::Tensor decode_mxfp4_blocks(const at::Tensor& blocks, const at::Tensor& scales, ScaleDtype out_dtype) {
+  if (blocks.dim() < 2 || blocks.size(-1) != 16)
+    throw std::invalid_argument(
+        fmt::format("blocks: expected shape [..., groups, 16], got {}", mb::shape_str(blocks)));
+  mb::check_dtype(blocks, "blocks", at::kByte);
+  mb::check_contiguous(blocks, "blocks");
+  mb::check_dtype(scales, "scales", at::kByte);
+  mb::check_contiguous(scales, "scales");
+  mb::check_same_device(scales, "scales", blocks, "blocks");
+  check_out_dtype(out_dtype);
+  const auto lead = blocks.sizes().slice(0, blocks.dim() - 1);
+  if (scales.sizes() != lead)
+    throw std::invalid_argument(fmt::format("scales: expected shape {} (blocks' shape without the last 16), got {}",
+                                            mb::shape_str(blocks.select(-1, 0)), mb::shape_str(scales)));
+  const int64_t groups = blocks.size(-2), rows = groups > 0 ? blocks.numel() / (16 * groups) : 0;
+  const at::Tensor b3 = blocks.reshape({rows, groups, 16});
+  const at::Tensor s2 = scales.reshape({rows, groups});
+  std::vector<int64_t> out_shape(lead.begin(), lead.end());
+  out_shape.back() = groups * 32;
+  at::Tensor out;
+  if (on_cuda(blocks, "blocks")) {
+#ifdef MOEQUANT_WITH_CUDA
+    out = mb::decode_mxfp4_blocks_cuda(b3, s2, out_dtype);
+#endif
+  } else {
+    out = mb::decode_mxfp4_blocks_cpu(b3, s2, out_dtype);
+  }
+  return out.reshape(out_shape);
+}
+
+at::Tensor encode_elements(const at::Tensor& x, ElementKind element) {
+  check_fp_element(element);
+  mb::check_dtype(x, "x", at::kFloat);
+  mb::check_contiguous(x, "x");
+  if (!x.is_cpu()) throw std::invalid_argument("x: expected a CPU tensor (the codec functions are CPU-only)");
+  return mb::encode_elements_cpu(x, element);
+}
+
+at::Tensor decode_elements(const at::Tensor& codes, ElementKind element) {
+  check_fp_element(element);
+  mb::check_dtype(codes, "codes", at::kByte);
+  mb::check_contiguous(codes, "codes");
+  if (!codes.is_cpu()) throw std::invalid_argument("codes: expected a CPU tensor (the codec functions are CPU-only)");
+  return mb::decode_elements_cpu(codes, element);
+}
+
+py::tuple format_scale_shape(const Format& f, int64_t rows, int64_t cols) {
+  mb::throw_if_error(moequant::validate(f, rows, cols));
+  return py::make_tuple(moequant::scale_rows(f, rows), moequant::scale_cols(f, cols));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -389,4 +602,106 @@ PYBIND11_MODULE(_C, m) {
         "orthonormal Hadamard transform along the last dimension (CPU or CUDA; float32/bfloat16/float16); "
         "max_shared_memory_bytes (tests, CUDA only; ignored on the CPU): caps the kernel's shared memory per block "
         "(0: the device's limit; else >= 49152), with bit-identical results");
+  // ---- formats (moequant/format.h) ------------------------------------------------------------------------------
+  py::enum_<ElementKind>(m, "ElementKind")
+      .value("int", ElementKind::kInt)
+      .value("fp8_e4m3", ElementKind::kFp8E4M3)
+      .value("fp4_e2m1", ElementKind::kFp4E2M1)
+      .value("fp6_e2m3", ElementKind::kFp6E2M3)
+      .value("fp6_e3m2", ElementKind::kFp6E3M2);
+  py::enum_<GroupKind>(m, "GroupKind")
+      .value("tensor", GroupKind::kTensor)
+      .value("channel", GroupKind::kChannel)
+      .value("group", GroupKind::kGroup)
+      .value("block", GroupKind::kBlock);
+  py::enum_<ScaleKind>(m, "ScaleKind")
+      .value("float", ScaleKind::kFloat)
+      .value("fp8_e4m3", ScaleKind::kFp8E4M3)
+      .value("e8m0", ScaleKind::kE8M0);
+  auto checked = [](Format f) {
+    mb::throw_if_error(moequant::validate(f));
+    return f;
+  };
+  py::class_<Format>(m, "Format")
+      .def(py::init([checked](ElementKind element, int bits, bool symmetric, GroupKind group, int64_t group_size,
+                              int64_t block_rows, int64_t block_cols, ScaleKind scale, ScaleDtype scale_dtype,
+                              bool global_scale) {
+             Format f;
+             f.element = element;
+             f.bits = bits > 0 ? bits : f.element_bits();
+             f.symmetric = symmetric;
+             f.group = group;
+             f.group_size = group_size;
+             f.block_rows = block_rows;
+             f.block_cols = block_cols;
+             f.scale = scale;
+             f.scale_dtype = scale_dtype;
+             f.global_scale = global_scale;
+             return checked(f);
+           }),
+           py::arg("element"), py::arg("bits") = 0, py::arg("symmetric") = true, py::arg("group") = GroupKind::kChannel,
+           py::arg("group_size") = 0, py::arg("block_rows") = 0, py::arg("block_cols") = 0,
+           py::arg("scale") = ScaleKind::kFloat, py::arg("scale_dtype") = ScaleDtype::kFloat32,
+           py::arg("global_scale") = false,
+           "A weight format (moequant/format.h); bits=0 takes the element's width (int needs 2..8)")
+      .def_static("int_", [checked](int bits, bool symmetric, int64_t group_size, ScaleDtype scale_dtype) {
+             return checked(moequant::format_int(bits, symmetric, group_size, scale_dtype));
+           }, py::arg("bits"), py::arg("symmetric"), py::arg("group_size"), py::arg("scale_dtype") = ScaleDtype::kFloat32)
+      .def_static("fp8_channel", [checked](ScaleDtype d) { return checked(moequant::format_fp8_channel(d)); },
+                  py::arg("scale_dtype") = ScaleDtype::kFloat32)
+      .def_static("fp8_tensor", [checked](ScaleDtype d) { return checked(moequant::format_fp8_tensor(d)); },
+                  py::arg("scale_dtype") = ScaleDtype::kFloat32)
+      .def_static("fp8_block", [checked](int64_t r, int64_t c, ScaleDtype d) {
+             return checked(moequant::format_fp8_block(r, c, d));
+           }, py::arg("block_rows") = 128, py::arg("block_cols") = 128, py::arg("scale_dtype") = ScaleDtype::kFloat32)
+      .def_static("nvfp4", [checked]() { return checked(moequant::format_nvfp4()); })
+      .def_static("mxfp4", [checked]() { return checked(moequant::format_mxfp4()); })
+      .def_static("mx", [checked](ElementKind e) { return checked(moequant::format_mx(e)); }, py::arg("element"))
+      .def_readonly("element", &Format::element)
+      .def_readonly("bits", &Format::bits)
+      .def_readonly("symmetric", &Format::symmetric)
+      .def_readonly("group", &Format::group)
+      .def_readonly("group_size", &Format::group_size)
+      .def_readonly("block_rows", &Format::block_rows)
+      .def_readonly("block_cols", &Format::block_cols)
+      .def_readonly("scale", &Format::scale)
+      .def_readonly("scale_dtype", &Format::scale_dtype)
+      .def_readonly("global_scale", &Format::global_scale)
+      .def("__repr__", [](const Format& f) {
+        return fmt::format("Format(element={}, bits={}, symmetric={}, group={}, group_size={}, block=[{}, {}], "
+                           "scale={}, scale_dtype={}, global_scale={})",
+                           moequant::element_kind_name(f.element), f.bits, f.symmetric,
+                           moequant::group_kind_name(f.group), f.group_size, f.block_rows, f.block_cols,
+                           moequant::scale_kind_name(f.scale), static_cast<int>(f.scale_dtype), f.global_scale);
+      });
+  m.def("format_scale_shape", &format_scale_shape, py::arg("format"), py::arg("rows"), py::arg("cols"),
+        "(scale_rows, scale_cols) of a [rows, cols] weight in this format");
+  m.def("encode_elements", &encode_elements, py::arg("x"), py::arg("element"),
+        "the element codec of format.h (CPU): float32 values -> uint8 codes (round to nearest even, saturating)");
+  m.def("decode_elements", &decode_elements, py::arg("codes"), py::arg("element"),
+        "the element codec of format.h (CPU): uint8 codes -> float32 values");
+  m.def("format_quantize", &format_quantize, py::arg("w"), py::arg("format"), py::arg("global_scale") = py::none(),
+        py::arg("dequantized") = true,
+        "RTN quantization of w [rows, cols] (float32 / bfloat16 / float16, unit-stride rows) -> (codes uint8 [rows, "
+        "cols], scales f32 [sr, sc] (values), scale_codes uint8 [sr, sc] (FP8 / E8M0 bytes, 0 for float scales), "
+        "zeros int32 [sr, sc] (asymmetric int, else 0), global_scale f32 [1] (1 without one), dequantized f32 [rows, "
+        "cols] ([0, 0] when dequantized=False)); global_scale: a caller's f32 tensor of one element (NVFP4 fused "
+        "partners), else computed from w's absmax");
+  m.def("format_dequantize", &format_dequantize, py::arg("codes"), py::arg("scales"), py::arg("zeros") = py::none(),
+        py::arg("global_scale") = py::none(), py::arg("format"), py::arg("out_dtype") = ScaleDtype::kFloat32,
+        "codes uint8 [rows, cols] + scale values f32 [sr, sc] (+ zeros int32, + global scale f32 [1]) -> float32 or "
+        "bfloat16 [rows, cols]");
+  m.def("pack_fp_codes", &pack_fp_codes, py::arg("codes"), py::arg("element"),
+        "FP4: two codes per byte, low nibble first; FP6: four codes per three bytes (little-endian 24-bit word); "
+        "FP8: the bytes -> uint8 [rows, packed_row_bytes]");
+  m.def("unpack_fp_codes", &unpack_fp_codes, py::arg("packed"), py::arg("element"), py::arg("cols"),
+        "inverse of pack_fp_codes -> uint8 codes [rows, cols]");
+  m.def("decode_fp8_block_scaled", &decode_fp8_block_scaled, py::arg("weight"), py::arg("weight_scale_inv"),
+        py::arg("block_rows") = 128, py::arg("block_cols") = 128, py::arg("out_dtype") = ScaleDtype::kBFloat16,
+        "DeepSeek-V3 / Kimi-K2 FP8: weight float8_e4m3fn [r, c] * weight_scale_inv f32 [ceil(r/128), ceil(c/128)] "
+        "per block -> bfloat16 / float32 [r, c]");
+  m.def("decode_mxfp4_blocks", &decode_mxfp4_blocks, py::arg("blocks"), py::arg("scales"),
+        py::arg("out_dtype") = ScaleDtype::kBFloat16,
+        "gpt-oss MXFP4: blocks uint8 [..., G, 16] + E8M0 scales uint8 [..., G] -> bfloat16 / float32 [..., G * 32] "
+        "(transformers' convert_moe_packed_tensors before its transpose)");
 }

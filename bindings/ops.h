@@ -4,6 +4,7 @@
 // map tensors to pointers and call the torch-free core (CPU) or kernels (CUDA). No math lives here.
 #pragma once
 
+#include <moequant/format.h>
 #include <moequant/quant.h>
 
 #include <ATen/ATen.h>
@@ -54,6 +55,26 @@ std::tuple<at::Tensor, at::Tensor, RoundingInfo> greedy_rounding_cpu(const at::T
                                                                     const at::Tensor* zeros, const QuantSpec& spec,
                                                                     int passes, double outlier_quantile);
 
+/// format_quantize's results: codes uint8 [r, c], scales f32 [sr, sc], scale_codes uint8 [sr, sc], zeros int32 [sr, sc],
+/// global_scale f32 [1], dequantized f32 [r, c] (an empty [0] tensor when not requested).
+using FormatTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+/// w: float32 / bfloat16 / float16 [r, c] with unit-stride rows (module.cpp checks); global_scale: null or a float32
+/// tensor of one element on w's device.
+FormatTensors format_quantize_cpu(const at::Tensor& w, const Format& f, const at::Tensor* global_scale,
+                                  bool dequantized);
+at::Tensor format_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
+                                 const at::Tensor* global_scale, const Format& f, ScaleDtype out_dtype);
+at::Tensor pack_fp_codes_cpu(const at::Tensor& codes, ElementKind k);
+at::Tensor unpack_fp_codes_cpu(const at::Tensor& packed, ElementKind k, int64_t cols);
+/// weight: uint8 view of the float8_e4m3fn [r, c] weight; scale_inv f32 [ceil(r / br), ceil(c / bc)].
+at::Tensor decode_fp8_block_scaled_cpu(const at::Tensor& weight, const at::Tensor& scale_inv, int64_t block_rows,
+                                       int64_t block_cols, ScaleDtype out_dtype);
+/// blocks uint8 [rows, groups, 16], scales uint8 [rows, groups] (contiguous, flattened by module.cpp) -> [rows, groups * 32].
+at::Tensor decode_mxfp4_blocks_cpu(const at::Tensor& blocks, const at::Tensor& scales, ScaleDtype out_dtype);
+/// The element codecs of format.h, elementwise on contiguous CPU tensors: x float32 -> uint8 codes, and back.
+at::Tensor encode_elements_cpu(const at::Tensor& x, ElementKind k);
+at::Tensor decode_elements_cpu(const at::Tensor& codes, ElementKind k);
+
 // ---- CUDA (ops_cuda.cpp; only when built with MOEQUANT_WITH_CUDA) --------------------------------------------
 bool cuda_compiled();
 QuantTensors quantize_rtn_cuda(const at::Tensor& w, const QuantSpec& spec);
@@ -80,6 +101,15 @@ GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, c
                                      const GptqOptions& opt, bool compute_loss, bool overwrite_h,
                                      size_t max_shared_memory_bytes = 0);
 at::Tensor hadamard_cuda(const at::Tensor& x, size_t max_shared_memory_bytes = 0);
+FormatTensors format_quantize_cuda(const at::Tensor& w, const Format& f, const at::Tensor* global_scale,
+                                   bool dequantized);
+at::Tensor format_dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
+                                  const at::Tensor* global_scale, const Format& f, ScaleDtype out_dtype);
+at::Tensor pack_fp_codes_cuda(const at::Tensor& codes, ElementKind k);
+at::Tensor unpack_fp_codes_cuda(const at::Tensor& packed, ElementKind k, int64_t cols);
+at::Tensor decode_fp8_block_scaled_cuda(const at::Tensor& weight, const at::Tensor& scale_inv, int64_t block_rows,
+                                        int64_t block_cols, ScaleDtype out_dtype);
+at::Tensor decode_mxfp4_blocks_cuda(const at::Tensor& blocks, const at::Tensor& scales, ScaleDtype out_dtype);
 
 }  // namespace bindings
 }  // namespace moequant

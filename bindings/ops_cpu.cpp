@@ -2,6 +2,7 @@
 #include "checks.h"
 #include "ops.h"
 
+#include <moequant/format.h>
 #include <moequant/gptq.h>
 #include <moequant/hadamard.h>
 #include <moequant/hessian.h>
@@ -144,6 +145,117 @@ std::tuple<at::Tensor, at::Tensor, RoundingInfo> greedy_rounding_cpu(const at::T
   }
   throw_if_error(s);
   return {q, deq, RoundingInfo{rep.loss_before, rep.loss_after, rep.flips, rep.excluded, rep.rows_reverted}};
+}
+
+// ---- formats (moequant/format.h) -------------------------------------------------------------------------------
+
+namespace {
+ScaleDtype dtype_code(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? ScaleDtype::kBFloat16
+                                          : (t.scalar_type() == at::kHalf ? ScaleDtype::kFloat16 : ScaleDtype::kFloat32);
+}
+at::ScalarType out_scalar_type(ScaleDtype d) { return d == ScaleDtype::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+}  // namespace
+
+FormatTensors format_quantize_cpu(const at::Tensor& w, const Format& f, const at::Tensor* global_scale,
+                                  bool dequantized) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  throw_if_error(validate(f, rows, cols));
+  const int64_t sr = scale_rows(f, rows), sc = scale_cols(f, cols);
+  auto opts = w.options();
+  at::Tensor codes = at::empty({rows, cols}, opts.dtype(at::kByte));
+  at::Tensor scales = at::empty({sr, sc}, opts.dtype(at::kFloat));
+  at::Tensor scale_codes = at::zeros({sr, sc}, opts.dtype(at::kByte));
+  at::Tensor zeros = at::zeros({sr, sc}, opts.dtype(at::kInt));
+  at::Tensor g = at::ones({1}, opts.dtype(at::kFloat));
+  at::Tensor deq = at::empty({dequantized ? rows : 0, dequantized ? cols : 0}, opts.dtype(at::kFloat));
+  FormatQuantized out;
+  out.codes = codes.data_ptr<uint8_t>();
+  out.scales = scales.data_ptr<float>();
+  out.scale_codes = f.scale == ScaleKind::kFloat ? nullptr : scale_codes.data_ptr<uint8_t>();
+  out.zeros = f.element == ElementKind::kInt && !f.symmetric ? zeros.data_ptr<int32_t>() : nullptr;
+  out.global_scale = g.data_ptr<float>();
+  out.dequantized = dequantized ? deq.data_ptr<float>() : nullptr;
+  const FloatMatrix m{w.data_ptr(), dtype_code(w), rows, cols, w.stride(0)};
+  const float* gin = global_scale ? global_scale->data_ptr<float>() : nullptr;
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    s = format_quantize(m, f, gin, out);
+  }
+  throw_if_error(s);
+  return {codes, scales, scale_codes, zeros, g, deq};
+}
+
+at::Tensor format_dequantize_cpu(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
+                                 const at::Tensor* global_scale, const Format& f, ScaleDtype out_dtype) {
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(out_scalar_type(out_dtype)));
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    s = format_dequantize(codes.data_ptr<uint8_t>(), codes.size(0), codes.size(1), scales.data_ptr<float>(),
+                          zeros ? zeros->data_ptr<int32_t>() : nullptr,
+                          global_scale ? global_scale->data_ptr<float>() : nullptr, f, out.data_ptr(), out_dtype);
+  }
+  throw_if_error(s);
+  return out;
+}
+
+at::Tensor pack_fp_codes_cpu(const at::Tensor& codes, ElementKind k) {
+  at::Tensor out =
+      at::empty({codes.size(0), packed_row_bytes(k, codes.size(1))}, codes.options().dtype(at::kByte));
+  throw_if_error(pack_codes(codes.data_ptr<uint8_t>(), codes.size(0), codes.size(1), k, out.data_ptr<uint8_t>()));
+  return out;
+}
+
+at::Tensor unpack_fp_codes_cpu(const at::Tensor& packed, ElementKind k, int64_t cols) {
+  at::Tensor out = at::empty({packed.size(0), cols}, packed.options().dtype(at::kByte));
+  throw_if_error(unpack_codes(packed.data_ptr<uint8_t>(), packed.size(0), cols, k, out.data_ptr<uint8_t>()));
+  return out;
+}
+
+at::Tensor decode_fp8_block_scaled_cpu(const at::Tensor& weight, const at::Tensor& scale_inv, int64_t block_rows,
+                                       int64_t block_cols, ScaleDtype out_dtype) {
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(out_scalar_type(out_dtype)));
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    s = decode_fp8_block_scaled(weight.data_ptr<uint8_t>(), weight.size(0), weight.size(1),
+                                scale_inv.data_ptr<float>(), block_rows, block_cols, out.data_ptr(), out_dtype);
+  }
+  throw_if_error(s);
+  return out;
+}
+
+at::Tensor decode_mxfp4_blocks_cpu(const at::Tensor& blocks, const at::Tensor& scales, ScaleDtype out_dtype) {
+  const int64_t rows = blocks.size(0), groups = blocks.size(1);
+  at::Tensor out = at::empty({rows, groups * 32}, blocks.options().dtype(out_scalar_type(out_dtype)));
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    s = decode_mxfp4_blocks(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), rows, groups, out.data_ptr(),
+                            out_dtype);
+  }
+  throw_if_error(s);
+  return out;
+}
+
+at::Tensor encode_elements_cpu(const at::Tensor& x, ElementKind k) {
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  const float* src = x.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const int e = static_cast<int>(k);
+  for (int64_t i = 0; i < x.numel(); ++i) dst[i] = encode_element(e, src[i]);
+  return out;
+}
+
+at::Tensor decode_elements_cpu(const at::Tensor& codes, ElementKind k) {
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+  const uint8_t* src = codes.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  const int e = static_cast<int>(k);
+  for (int64_t i = 0; i < codes.numel(); ++i) dst[i] = decode_element(e, src[i]);
+  return out;
 }
 
 }  // namespace bindings

@@ -152,5 +152,85 @@ at::Tensor hadamard_cuda(const at::Tensor& x, size_t max_shared_memory_bytes) {
   return out;
 }
 
+// ---- formats (moequant/format.h) --------------------------------------------------------------------------------
+
+namespace {
+ElementType out_element_type(ScaleDtype d) { return d == ScaleDtype::kBFloat16 ? ElementType::kBf16 : ElementType::kF32; }
+at::ScalarType out_scalar(ScaleDtype d) { return d == ScaleDtype::kBFloat16 ? at::kBFloat16 : at::kFloat; }
+cudaStream_t stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+}  // namespace
+
+FormatTensors format_quantize_cuda(const at::Tensor& w, const Format& f, const at::Tensor* global_scale,
+                                   bool dequantized) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  throw_if_error(validate(f, rows, cols));
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t sr = scale_rows(f, rows), sc = scale_cols(f, cols);
+  auto opts = w.options();
+  at::Tensor codes = at::empty({rows, cols}, opts.dtype(at::kByte));
+  at::Tensor scales = at::empty({sr, sc}, opts.dtype(at::kFloat));
+  at::Tensor scale_codes = at::zeros({sr, sc}, opts.dtype(at::kByte));
+  at::Tensor zeros = at::zeros({sr, sc}, opts.dtype(at::kInt));
+  at::Tensor g = at::ones({1}, opts.dtype(at::kFloat));
+  at::Tensor deq = at::empty({dequantized ? rows : 0, dequantized ? cols : 0}, opts.dtype(at::kFloat));
+  at::Tensor ws = at::empty({static_cast<int64_t>(kCudaFormatWorkspaceBytes)}, opts.dtype(at::kByte));
+  throw_if_error(cuda_format_quantize(
+      w.data_ptr(), element_type_of(w, "w"), rows, cols, rows > 0 ? w.stride(0) : cols, f,
+      global_scale ? global_scale->data_ptr<float>() : nullptr, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+      f.scale == ScaleKind::kFloat ? nullptr : scale_codes.data_ptr<uint8_t>(),
+      f.element == ElementKind::kInt && !f.symmetric ? zeros.data_ptr<int32_t>() : nullptr,
+      f.global_scale ? g.data_ptr<float>() : nullptr, dequantized ? deq.data_ptr<float>() : nullptr, stream_of(w),
+      ws.data_ptr()));
+  return {codes, scales, scale_codes, zeros, g, deq};
+}
+
+at::Tensor format_dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,
+                                  const at::Tensor* global_scale, const Format& f, ScaleDtype out_dtype) {
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(out_scalar(out_dtype)));
+  throw_if_error(cuda_format_dequantize(codes.data_ptr<uint8_t>(), codes.size(0), codes.size(1),
+                                        scales.data_ptr<float>(), zeros ? zeros->data_ptr<int32_t>() : nullptr,
+                                        global_scale ? global_scale->data_ptr<float>() : nullptr, f, out.data_ptr(),
+                                        out_element_type(out_dtype), stream_of(codes)));
+  return out;
+}
+
+at::Tensor pack_fp_codes_cuda(const at::Tensor& codes, ElementKind k) {
+  const c10::cuda::CUDAGuard guard(codes.device());
+  at::Tensor out =
+      at::empty({codes.size(0), packed_row_bytes(k, codes.size(1))}, codes.options().dtype(at::kByte));
+  at::Tensor flag = at::empty({static_cast<int64_t>(kCudaFlagBytes)}, codes.options().dtype(at::kByte));
+  throw_if_error(cuda_pack_fp_codes(codes.data_ptr<uint8_t>(), codes.size(0), codes.size(1), k,
+                                    out.data_ptr<uint8_t>(), stream_of(codes), flag.data_ptr()));
+  return out;
+}
+
+at::Tensor unpack_fp_codes_cuda(const at::Tensor& packed, ElementKind k, int64_t cols) {
+  const c10::cuda::CUDAGuard guard(packed.device());
+  at::Tensor out = at::empty({packed.size(0), cols}, packed.options().dtype(at::kByte));
+  throw_if_error(cuda_unpack_fp_codes(packed.data_ptr<uint8_t>(), packed.size(0), cols, k, out.data_ptr<uint8_t>(),
+                                      stream_of(packed)));
+  return out;
+}
+
+at::Tensor decode_fp8_block_scaled_cuda(const at::Tensor& weight, const at::Tensor& scale_inv, int64_t block_rows,
+                                        int64_t block_cols, ScaleDtype out_dtype) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  at::Tensor out = at::empty(weight.sizes(), weight.options().dtype(out_scalar(out_dtype)));
+  throw_if_error(cuda_decode_fp8_block_scaled(weight.data_ptr<uint8_t>(), weight.size(0), weight.size(1),
+                                              scale_inv.data_ptr<float>(), block_rows, block_cols, out.data_ptr(),
+                                              out_element_type(out_dtype), stream_of(weight)));
+  return out;
+}
+
+at::Tensor decode_mxfp4_blocks_cuda(const at::Tensor& blocks, const at::Tensor& scales, ScaleDtype out_dtype) {
+  const c10::cuda::CUDAGuard guard(blocks.device());
+  const int64_t rows = blocks.size(0), groups = blocks.size(1);
+  at::Tensor out = at::empty({rows, groups * 32}, blocks.options().dtype(out_scalar(out_dtype)));
+  throw_if_error(cuda_decode_mxfp4_blocks(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), rows, groups,
+                                          out.data_ptr(), out_element_type(out_dtype), stream_of(blocks)));
+  return out;
+}
+
 }  // namespace bindings
 }  // namespace moequant

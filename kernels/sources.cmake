@@ -9,4 +9,6 @@ set(MOEQUANT_CUDA_SOURCES
   ${CMAKE_CURRENT_LIST_DIR}/src/gptq_factor.cu
   ${CMAKE_CURRENT_LIST_DIR}/src/hadamard.cu
   ${CMAKE_CURRENT_LIST_DIR}/src/gptq_api.cpp
+  ${CMAKE_CURRENT_LIST_DIR}/src/format.cu
+  ${CMAKE_CURRENT_LIST_DIR}/src/api_format.cpp
 )

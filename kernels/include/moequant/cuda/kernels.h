@@ -15,6 +15,7 @@
 #pragma once
 
 #include <moequant/cuda/element_type.h>  // ElementType, element_size
+#include <moequant/format.h>
 #include <moequant/gptq.h>
 #include <moequant/quant.h>
 #include <moequant/status.h>
@@ -209,6 +210,56 @@ Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementT
 /// at most two rows per SM at a time). Bit-identical to the call above.
 Status cuda_hadamard(const void* x, void* out, int64_t rows, int64_t n, ElementType dtype, cudaStream_t stream,
                      size_t max_shared_memory_bytes);
+
+// ---- weight formats (moequant/format.h) -----------------------------------------------------------------------------
+// The CPU core's functions of format.h on the GPU, bit-identical to them (the kernels run format.h's own scalar code):
+// codes, scales, scale bytes, zero points, global scales and dequantized values compare with torch.equal. Matrices are
+// row-major; outputs contiguous; every output pointer may be null to skip it.
+
+/// Bytes of the device scratch of cuda_format_quantize (flags, the tensor range, the global scale).
+constexpr size_t kCudaFormatWorkspaceBytes = 64;
+
+/// format_quantize on the GPU: w [rows, cols] of ElementType w_type (float32, bfloat16 or float16, widened exactly) with
+/// row stride ld >= cols; codes [rows, cols] uint8, scales [scale_rows, scale_cols] float32 (values), scale_codes
+/// (FP8 / E8M0 bytes), zeros int32 (asymmetric int), global_scale_out [1], dequantized [rows, cols] float32.
+/// global_scale_in: a device float (the caller's global scale, e.g. shared by fused gate / up) or null (computed from
+/// w's absmax); ignored by formats without a global scale. Errors are the CPU's: a non-finite w names the first (row,
+/// col); a caller's global scale that is not finite or <= 0 names its value. Per-tensor scales and computed global scales
+/// read w twice (a range pass first). Synchronizes `stream` once (the error flags). workspace: kCudaFormatWorkspaceBytes
+/// of device memory on w's device used stream-ordered, or null (allocated per call with cudaMallocAsync).
+Status cuda_format_quantize(const void* w, ElementType w_type, int64_t rows, int64_t cols, int64_t ld, const Format& f,
+                            const float* global_scale_in, uint8_t* codes, float* scales, uint8_t* scale_codes,
+                            int32_t* zeros, float* global_scale_out, float* dequantized, cudaStream_t stream,
+                            void* workspace);
+
+/// format_dequantize on the GPU: codes [rows, cols] uint8, scales [scale_rows, scale_cols] float32 values, zeros int32
+/// (nullable), global_scale a device float (required by formats with a global scale; its value is not checked on the
+/// device: a value that is not finite or <= 0 gives inf / NaN outputs instead of the CPU's error) -> out [rows, cols]
+/// of out_type (float32 or bfloat16, rounded to nearest even). Asynchronous.
+Status cuda_format_dequantize(const uint8_t* codes, int64_t rows, int64_t cols, const float* scales,
+                              const int32_t* zeros, const float* global_scale, const Format& f, void* out,
+                              ElementType out_type, cudaStream_t stream);
+
+/// pack_codes on the GPU: codes [rows, cols] -> out [rows, packed_row_bytes(element, cols)] (FP4 two codes per byte, low
+/// nibble first; FP6 four codes per three bytes; FP8 a copy). A code too wide for the element is the CPU's error naming
+/// the first one; FP4 / FP6 synchronize `stream` once for it. flag_workspace: kCudaFlagBytes of device memory or null.
+Status cuda_pack_fp_codes(const uint8_t* codes, int64_t rows, int64_t cols, ElementKind element, uint8_t* out,
+                          cudaStream_t stream, void* flag_workspace);
+
+/// unpack_codes on the GPU (the inverse of cuda_pack_fp_codes). Asynchronous.
+Status cuda_unpack_fp_codes(const uint8_t* packed, int64_t rows, int64_t cols, ElementKind element, uint8_t* codes,
+                            cudaStream_t stream);
+
+/// decode_fp8_block_scaled on the GPU (DeepSeek-V3 / Kimi-K2 weights): weight float8_e4m3fn bytes [rows, cols],
+/// scale_inv float32 [ceil(rows / block_rows), ceil(cols / block_cols)] -> out (float32 or bfloat16). Asynchronous.
+Status cuda_decode_fp8_block_scaled(const uint8_t* weight, int64_t rows, int64_t cols, const float* scale_inv,
+                                    int64_t block_rows, int64_t block_cols, void* out, ElementType out_type,
+                                    cudaStream_t stream);
+
+/// decode_mxfp4_blocks on the GPU (gpt-oss weights): blocks [rows, groups, 16] bytes, scales [rows, groups] E8M0 bytes ->
+/// out [rows, groups * 32] (float32 or bfloat16). Asynchronous.
+Status cuda_decode_mxfp4_blocks(const uint8_t* blocks, const uint8_t* scales, int64_t rows, int64_t groups, void* out,
+                                ElementType out_type, cudaStream_t stream);
 
 }  // namespace v0
 }  // namespace moequant
