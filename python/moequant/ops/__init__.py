@@ -8,8 +8,11 @@ function here is tested against its twin (``tests/python/test_ops.py``) under th
 
 One module per op family: :mod:`~moequant.ops.quant` (``QuantizedTensor``, ``quantize_rtn``, ``dequantize``,
 ``make_spec``), :mod:`~moequant.ops.pack`, :mod:`~moequant.ops.hessian` (``HessianAccumulator``),
-:mod:`~moequant.ops.gptq`, :mod:`~moequant.ops.hadamard`, :mod:`~moequant.ops.rounding` (``refine_rounding``).
+:mod:`~moequant.ops.gptq`, :mod:`~moequant.ops.hadamard`, :mod:`~moequant.ops.rounding` (``refine_rounding``),
+:mod:`~moequant.ops.formats` (FP8 / FP4 / FP6 / MX formats and the FP8-block and MXFP4 source decoders).
 """
+from .formats import (Format, FormatQuantized, decode_fp8_block_scaled, decode_mxfp4_blocks, format_dequantize,
+                      format_quantize, pack_fp_codes, unpack_fp_codes)
 from .gptq import gptq_quantize, gptq_quantize_batched
 from .hadamard import hadamard_transform
 from .hessian import HessianAccumulator
@@ -31,4 +34,12 @@ __all__ = [
     "hadamard_transform",
     "make_spec",
     "refine_rounding",
+    "Format",
+    "FormatQuantized",
+    "format_quantize",
+    "format_dequantize",
+    "pack_fp_codes",
+    "unpack_fp_codes",
+    "decode_fp8_block_scaled",
+    "decode_mxfp4_blocks",
 ]
