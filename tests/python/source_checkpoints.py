@@ -3,8 +3,10 @@
 
 * FP8 block-scaled (DeepSeek-V3 / R1, Kimi-K2, Qwen3 FP8 releases): every Linear weight of the decoder layers
   (attention, dense MLP, shared and routed experts, per expert) stored as F8_E4M3 plus ``weight_scale_inv`` F32
-  ``[ceil(out/128), ceil(in/128)]``; routers, norms, embeddings and lm_head stay bf16, and so does DeepSeek's
-  ``kv_a_proj_with_mqa`` (mixed, as releases may be); config.json gets DeepSeek-V3's ``quantization_config``.
+  ``[ceil(out/128), ceil(in/128)]`` (DeepSeek's ``kv_a_proj_with_mqa`` [144, 128] and ``kv_b_proj`` [192, 128] have
+  partial edge blocks, as the release's [576, 7168] with [5, 56]); routers, norms, embeddings and lm_head stay bf16,
+  and so does Qwen3-MoE's layer-0 ``o_proj`` (a Linear a release lists in ``modules_to_not_convert``: the reader
+  must read the headers); config.json gets DeepSeek-V3's ``quantization_config``.
   DeepSeek-V3 is written in two shards with an index, Qwen3-MoE as one file.
 * MXFP4 (gpt-oss): ``mlp.experts.{gate_up,down}_proj`` replaced by ``*_blocks`` U8 ``[E, rows, G, 16]`` and
   ``*_scales`` U8 ``[E, rows, G]`` of the transposed weights (``[E, 2I, H]``, ``[E, H, I]``), biases and the rest
@@ -32,7 +34,7 @@ FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp
 MXFP4_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                            "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
 SOURCES = {"deepseek_v3": "fp8", "qwen3_moe": "fp8", "gpt_oss": "mxfp4"}
-KEEP_BF16 = ("kv_a_proj_with_mqa",)  # DeepSeek releases keep some Linears in bf16: the reader must read the headers
+KEEP_BF16 = ("model.layers.0.self_attn.o_proj.weight",)  # a bf16 Linear among the FP8 ones
 
 
 def fp8_decode_plain(codes: torch.Tensor, scale_inv: torch.Tensor, block=(128, 128)) -> torch.Tensor:
@@ -43,8 +45,8 @@ def fp8_decode_plain(codes: torch.Tensor, scale_inv: torch.Tensor, block=(128, 1
 
 
 def _fp8_quantized(name: str, t: torch.Tensor) -> bool:
-    return (".layers." in name and name.endswith("_proj.weight") and t.dim() == 2
-            and not any(k in name for k in KEEP_BF16))
+    module = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+    return ".layers." in name and "_proj" in module and t.dim() == 2 and name not in KEEP_BF16
 
 
 def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoints import checkpoint_tensors
+from checkpoints import checkpoint_tensors, transformers_logits
 from family_checkpoints import CALIB_TEXT
 from source_checkpoints import SOURCES, source_checkpoint
 
@@ -42,22 +40,6 @@ RUNS = {
     "gpt_oss": ("gpt_oss", {}, "pack-quantized", False),
     "gpt_oss-dequantized": ("gpt_oss", {}, "dequantized", True),
 }
-_LOADER = r"""
-import sys, json, torch, transformers
-transformers.logging.set_verbosity_error()
-ids, out = torch.load(sys.argv[1]), {}
-for arg in sys.argv[2:]:
-    path, _, quant = arg.partition("=")
-    kw = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if quant == "mxfp4" else {}
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw)
-        with torch.no_grad():
-            torch.save(model(ids).logits, path + "/logits.pt")
-        out[path] = "ok"
-    except Exception as exc:
-        out[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-print(json.dumps(out))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +138,7 @@ def test_outputs_load_in_plain_transformers(runs, root):
         assert report.loaders[0]["loads"] == RUNS[n][3], n
     mx_src, mx_ref = source_checkpoint("gpt_oss", root)
     args = [str(p) for n in loaded for p in runs(n)[:2]] + [f"{mx_src}=mxfp4", str(mx_ref)]
-    proc = subprocess.run([sys.executable, "-c", _LOADER, str(root / "ids.pt"), *args], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    outcome = transformers_logits(root / "ids.pt", args)
     assert set(outcome.values()) == {"ok"}, outcome
     for n in loaded:
         out, twin, _ = runs(n)
@@ -263,8 +242,8 @@ def test_a_decoded_shape_that_does_not_match_the_config_is_named(root, tmp_path)
         t[blocks.replace("blocks", "scales")] = t[blocks.replace("blocks", "scales")][:, :, :2].contiguous()
     d = _damaged(root, "gpt_oss", tmp_path, halve)
     with pytest.raises(ValueError, match=r"^model\.layers\.0\.mlp\.experts\.down_proj \(layer 0, model\.safetensors\): "
-                                         r"shape \[4, 64, 128\] \(decoded from .*down_proj_blocks \+ .*down_proj_scales\), "
-                                         r"but config\.json implies \[4, 128, 128\]"):
+                                         r"shape \[4, 64, 128\] \(decoded from .*down_proj_blocks \+ "
+                                         r".*down_proj_scales\), but config\.json implies \[4, 128, 128\]"):
         _quantize(d)
 
 
