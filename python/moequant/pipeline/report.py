@@ -62,6 +62,7 @@ class QuantizationReport:
     resumed_from_layer: Optional[int] = None
     hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
+    source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -77,7 +78,9 @@ class QuantizationReport:
 
     def summary(self) -> str:
         """A short human-readable summary: one line per layer, then totals."""
-        lines = [f"moequant: {self.family} model {self.model}, {len(self.layers)} layers on {self.device}, "
+        source = f" (source {self.source_format['quant_method']}, decoded to bf16 on load)" if self.source_format \
+            else ""
+        lines = [f"moequant: {self.family} model {self.model}{source}, {len(self.layers)} layers on {self.device}, "
                  f"calibration {self.calibration_samples} x {self.calibration_seq_len} tokens"]
         for layer in self.layers:
             losses = [m.loss for m in layer.modules if m.loss is not None and math.isfinite(m.loss)]
