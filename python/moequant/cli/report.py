@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> int:
     from moequant.io.files import atomic_write
 
     run_ = load_run(args.out, args.compare)
+    path = Path(args.html) if args.html else run_.dir / HTML_FILE
+    if not args.no_html and not path.parent.is_dir():
+        raise CliError(f"--html {path}: directory {path.parent} not found; pass a path in an existing directory")
     page = None
     if not args.no_html:
         try:
@@ -36,9 +39,6 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{exc}; or pass --no-html") from None
     print(render_text(run_))
     if page is not None:
-        path = Path(args.html) if args.html else run_.dir / HTML_FILE
-        if not path.parent.is_dir():
-            raise CliError(f"--html {path}: directory {path.parent} not found; pass a path in an existing directory")
         atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         common.logger.info("wrote %s", path)
     return 0

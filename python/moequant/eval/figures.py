@@ -37,6 +37,31 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _plain_log(ax, axis: str = "y") -> None:
+    """Log axis with plain number labels (0.004, 200) instead of 4x10^-3."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())
+
+
+def _layer_colors(fig, ax, sc, layers: list) -> None:
+    """A colour bar with one integer tick per layer (at most 12 labelled)."""
+    cb = fig.colorbar(sc, ax=ax, label="layer")
+    step = max(1, math.ceil(len(layers) / 12))
+    cb.set_ticks(layers[::step])
+
+
+def _expert_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+
+
 def _layer_ticks(ax, labels: list, axis: str = "x") -> None:
     step = max(1, math.ceil(len(labels) / 24))
     pos = list(range(0, len(labels), step))
@@ -58,7 +83,7 @@ def utilization(report) -> Optional[bytes]:
         total = sum(x.expert_tokens) or 1
         for e, t in enumerate(x.expert_tokens):
             share[r, e] = t * len(x.expert_tokens) / total if t > 0 else np.nan
-    fig = _figure(min(14, 4 + E * 0.12), min(10, 1.8 + 0.32 * len(layers)))
+    fig = _figure(min(14, max(7.5, 4 + E * 0.12)), min(10, max(3.0, 1.8 + 0.32 * len(layers))))
     ax = fig.add_subplot()
     ax.set_facecolor("#BBBBBB")
     finite = share[np.isfinite(share)]
@@ -69,9 +94,11 @@ def utilization(report) -> Optional[bytes]:
         fb = [e for e, (_, _, f) in x.expert_errors().items() if f]
         if fb:
             ax.scatter(fb, [r] * len(fb), marker="x", color="red", s=30, linewidths=1.5)
-    fig.colorbar(im, ax=ax, label="tokens / uniform share")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    cb = fig.colorbar(im, ax=ax, label="tokens / uniform share")
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 50, 100) if 1 / span <= t <= span]
+    cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    cb.minorticks_off()
+    _expert_axis(ax)
     _layer_ticks(ax, [x.index for x in layers], "y")
     ax.set_title("Expert utilization in calibration (grey: no token, x: fallback)")
     return _png(fig)
@@ -85,14 +112,17 @@ def layer_errors(report) -> Optional[bytes]:
     kinds = [k for k in MODULE_KINDS if any(k in p and p[k][1] > 0 for p in per)]
     if not kinds:
         return None
-    fig = _figure(min(14, 4 + 0.45 * len(per) * len(kinds)), 3.6)
+    fig = _figure(min(14, max(7.5, 4 + 0.45 * len(per) * len(kinds))), 3.6)
     ax = fig.add_subplot()
     width = 0.8 / len(kinds)
     for j, k in enumerate(kinds):
         xs = [i + (j - (len(kinds) - 1) / 2) * width for i, p in enumerate(per) if k in p and p[k][1] > 0]
         ys = [p[k][0] / p[k][1] for p in per if k in p and p[k][1] > 0]
         ax.bar(xs, ys, width, label=k, color=KIND_COLORS[k])
-    ax.set_yscale("log")
+    vals = [p[k][0] / p[k][1] for p in per for k in kinds if k in p and p[k][1] > 0 and p[k][0] > 0]
+    if vals and max(vals) / min(vals) > 20:
+        ax.set_yscale("log")
+        _plain_log(ax)
     _layer_ticks(ax, [x.index for x in report.layers])
     ax.set_xlabel("layer")
     ax.set_ylabel("tr(dW H dWᵀ) / tr(W H Wᵀ)")
@@ -117,9 +147,13 @@ def expert_errors(report) -> Optional[bytes]:
     ok = [p for p in pts if not p[3]]
     floor = 0.5
     if ok:
+        from matplotlib.colors import BoundaryNorm
+
+        layers = sorted({p[2] for p in pts})
+        bounds = [v - 0.5 for v in layers] + [layers[-1] + 0.5]
         sc = ax.scatter([max(p[0], floor) for p in ok], [p[1] for p in ok], c=[p[2] for p in ok], cmap="viridis",
-                        s=14, alpha=0.8)
-        fig.colorbar(sc, ax=ax, label="layer")
+                        norm=BoundaryNorm(bounds, 256), s=14, alpha=0.8)
+        _layer_colors(fig, ax, sc, layers)
     fb = [p for p in pts if p[3]]
     if fb:
         ax.scatter([max(p[0], floor) for p in fb], [p[1] for p in fb], marker="x", color="red", s=30,
@@ -127,6 +161,8 @@ def expert_errors(report) -> Optional[bytes]:
         ax.legend(fontsize="small")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log(ax, "x")
+    _plain_log(ax)
     ax.set_xlabel("calibration tokens routed to the expert (0 plotted at 0.5)")
     ax.set_ylabel("relative error")
     ax.set_title("Per-expert error against tokens seen")
@@ -141,7 +177,7 @@ def routing_drift(compare) -> Optional[bytes]:
     has_h = any(x.hidden_drift is not None for x in compare.layers)
     if not moe and not has_h:
         return None
-    fig = _figure(min(14, 4 + 0.5 * len(compare.layers)), 6.0 if (moe and has_h) else 3.4)
+    fig = _figure(min(14, max(7.5, 4 + 0.5 * len(compare.layers))), 6.0 if (moe and has_h) else 3.4)
     axes = fig.subplots(2 if (moe and has_h) else 1, 1, squeeze=False)[:, 0]
     if moe:
         ax = axes[0]
@@ -166,6 +202,8 @@ def routing_drift(compare) -> Optional[bytes]:
                 ax.plot([i for i, v in zip(idx, vals) if v is not None], [v for v in vals if v is not None], style,
                         label=label, markersize=4)
         ax.set_yscale("log")
+        _plain_log(ax)
+        ax.set_xticks(idx[:: max(1, math.ceil(len(idx) / 24))])
         ax.set_xlabel("layer")
         ax.set_ylabel("relative Frobenius error")
         ax.legend(fontsize="small")
@@ -186,12 +224,11 @@ def load_change(compare) -> Optional[bytes]:
     for r, x in enumerate(moe):
         d[r, : len(x.load_base)] = [100 * v for v in x.load_change]
     lim = max(float(np.abs(d).max()), 1e-3)
-    fig = _figure(min(14, 4 + E * 0.12), min(10, 1.8 + 0.32 * len(moe)))
+    fig = _figure(min(14, max(7.5, 4 + E * 0.12)), min(10, max(3.0, 1.8 + 0.32 * len(moe))))
     ax = fig.add_subplot()
     im = ax.imshow(d, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
     fig.colorbar(im, ax=ax, label="load change (percentage points)")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
+    _expert_axis(ax)
     _layer_ticks(ax, [x.index for x in moe], "y")
     ax.set_title("Expert load change under quantization (red: more tokens)")
     return _png(fig)
@@ -207,6 +244,7 @@ def kl_histogram(compare) -> Optional[bytes]:
     ax.bar(e[:-1], compare.kl_hist, width=[b - a for a, b in zip(e[:-1], e[1:])], align="edge", color="#4C72B0",
            edgecolor="white")
     ax.set_xscale("log")
+    _plain_log(ax, "x")
     ax.axvline(compare.kl_mean, color="#C44E52", linestyle="--", label=f"mean {compare.kl_mean:.3g}")
     ax.set_xlabel("KL(original || quantized) per token, nats (values below 1e-7 in the first bin)")
     ax.set_ylabel("tokens")

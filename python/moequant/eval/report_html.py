@@ -185,7 +185,7 @@ def render_html(run: Run) -> str:
     title = f"moequant report: {run.dir.name}"
     out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-           "<h2>Summary</h2>", _table(["", "value"], _summary_rows(run))]
+           "<h2>Summary</h2>", _table(["", "value"], _summary_rows(run), left=2)]
     headers, rows = _layer_rows(run)
     out += ["<h2>Per layer</h2>", _table(headers, rows)]
     if rep is not None:
