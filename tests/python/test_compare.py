@@ -147,18 +147,27 @@ def other_model(tmp_path_factory) -> Path:
     return tiny_qwen3_checkpoint(tmp_path_factory.mktemp("other") / "model", num_experts=8)
 
 
-@pytest.mark.parametrize("case", ["missing_base", "missing_text", "mismatch", "no_tokens", "bad_out", "errwin"])
+@pytest.mark.parametrize("case", ["missing_base", "missing_text", "mismatch", "no_tokens", "bad_out", "errwin",
+                                  "fp8"])
 def test_cli_compare_user_errors_exit_2(capsys, tiny, other_model, tmp_path, case):
     text = tmp_path / "t.txt"
     text.write_text("a few words only\n" if case == "no_tokens" else TEXT.read_text())
+    fp8 = tmp_path / "fp8"
+    if case == "fp8":  # a quantization compare does not read
+        shutil.copytree(tiny, fp8)
+        cfg = json.loads((fp8 / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+        (fp8 / "config.json").write_text(json.dumps(cfg))
     args = {"missing_base": [str(tmp_path / "nope"), str(tiny), "--text", str(text)],
             "missing_text": [str(tiny), str(tiny), "--text", str(tmp_path / "none.txt")],
             "mismatch": [str(tiny), str(other_model), "--text", str(text), "--out", str(tmp_path / "c.json")],
             "no_tokens": [str(tiny), str(tiny), "--text", str(text), "--out", str(tmp_path / "c.json")],
             "bad_out": [str(tiny), str(tiny), "--text", str(text), "--out", str(tmp_path / "no" / "c.json")],
-            "errwin": [str(tiny), str(tiny), "--text", str(text), "--error-windows", "-2"]}[case]
+            "errwin": [str(tiny), str(tiny), "--text", str(text), "--error-windows", "-2"],
+            "fp8": [str(tiny), str(fp8), "--text", str(text), "--out", str(tmp_path / "c.json")]}[case]
     match = {"missing_base": "model directory", "missing_text": "--text", "mismatch": "not the same model",
-             "no_tokens": "fewer than seq_len", "bad_out": "pass --out FILE", "errwin": "--error-windows"}[case]
+             "no_tokens": "fewer than seq_len", "bad_out": "pass --out FILE", "errwin": "--error-windows",
+             "fp8": "is not read"}[case]
     assert main(["compare", *args, "--seq-len", "32", "-q"]) == 2
     assert match in _one_error_line(capsys.readouterr().err)
     assert not (tiny / COMPARE_FILE).exists()

@@ -62,9 +62,14 @@ def open_model(model_dir: str | os.PathLike, dtype: torch.dtype, experts_impleme
     qcfg = json.loads((d / "config.json").read_text()).get("quantization_config")
     if not qcfg:
         return LazyModel(d, dtype=dtype, experts_implementation=experts_implementation)
-    if qcfg.get("format") != "pack-quantized" and qcfg.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{d}: quantization format {qcfg.get('format') or qcfg.get('quant_method')!r} is not read; "
-                         f"compare reads original checkpoints and compressed-tensors pack-quantized ones")
+    fmt = qcfg.get("format")
+    if fmt == "mixed-precision":  # llm-compressor: one format per config group
+        fmts = {g.get("format") for g in (qcfg.get("config_groups") or {}).values()}
+        fmt = fmts.pop() if len(fmts) == 1 else f"mixed {sorted(map(str, fmts))}"
+    if qcfg.get("quant_method") != "compressed-tensors" or fmt != "pack-quantized":
+        raise ValueError(f"{d}: quantization {qcfg.get('quant_method')!r} format {fmt!r} is not read; compare reads "
+                         f"unquantized checkpoints and compressed-tensors pack-quantized ones (moequant's, "
+                         f"llm-compressor's W4A16 / W8A16)")
     return LazyModel(d, dtype=dtype, experts_implementation=experts_implementation, reader=ExportedCheckpoint(d))
 
 
@@ -286,10 +291,12 @@ def compare(base: str | os.PathLike, quant: str | os.PathLike, text: str | os.Pa
                     if same_basis:
                         norms.add("drift", yq - yb)
                         norms.add("ref", yb)
-                        if b < err_batches:
-                            hooks and setattr(hooks[0], "enabled", False)
+                        if b < err_batches:  # the original layer on the quantized stream: not routing drift
+                            for h in hooks or ():
+                                h.enabled = False
                             yr = _forward(lb, hq, kwargs[1][b][i])
-                            hooks and setattr(hooks[0], "enabled", True)
+                            for h in hooks or ():
+                                h.enabled = True
                             norms.add("err", yq - yr)
                             norms.add("out", yr)
                             norms.add("upd", yr - hq)
