@@ -43,6 +43,9 @@ def row(run: Path, args) -> dict:
                final_drift=c.layers[-1].hidden_drift if c.layers else None,
                worst_drift_layer=(lambda w: (w.index, w.topk_changed))(c.worst_layer("topk_changed")),
                worst_error_layer=(lambda w: (w.index, w.layer_error))(c.worst_layer("layer_error")),
+               worst_update_layer=(lambda w: (w.index, w.update_error))(c.worst_layer("update_error")),
+               load_changes=sorted(((x.index, e, d) for x in moe for e, d in enumerate(x.load_change)),
+                                   key=lambda r: -abs(r[2]))[:3],
                seconds=c.seconds)
     rp = run / "moequant_report.json"
     if rp.is_file():
@@ -83,6 +86,9 @@ def main(argv=None) -> int:
               + (f"L{wr[0]} {wr[1]:.4f}" if wr else "–") + " |")
     print()
     for r in rows:
+        wu = r["worst_update_layer"]
+        print(f"{r['run']}: largest error relative to the layer update: L{wu[0]} {wu[1]:.4f}; largest load changes: "
+              + ", ".join(f"L{li} e{e} {100 * d:+.2f}pt" for li, e, d in r["load_changes"]))
         if r.get("worst_experts"):
             print(f"{r['run']}: experts with the largest calibration error: " + ", ".join(
                 f"L{li} e{e} ({rel:.4f}, {tok} tokens)" for li, e, rel, tok in r["worst_experts"]))

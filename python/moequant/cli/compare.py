@@ -21,7 +21,8 @@ def add_parser(sub, parent) -> None:
                        "drift. Prints a summary and saves JSON (moequant report renders it).")
     c.add_argument("base", metavar="BASE", help="the original model directory")
     c.add_argument("quant", metavar="QUANT", help="the quantized model directory (moequant or llm-compressor output)")
-    c.add_argument("--text", required=True, metavar="FILE", help="held-out UTF-8 text (tokenized with BASE's tokenizer)")
+    c.add_argument("--text", required=True, metavar="FILE",
+                   help="held-out UTF-8 text (tokenized with BASE's tokenizer)")
     c.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
     c.add_argument("--max-windows", type=positive_int, help="use at most this many windows (default: all)")
     c.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")

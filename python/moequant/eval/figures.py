@@ -89,18 +89,20 @@ def utilization(report) -> Optional[bytes]:
     finite = share[np.isfinite(share)]
     lo, hi = (finite.min(), finite.max()) if finite.size else (0.1, 10)
     span = max(hi, 1 / lo, 1.5)
-    im = ax.imshow(share, aspect="auto", cmap="viridis", norm=LogNorm(1 / span, span), interpolation="nearest")
+    im = ax.imshow(share, aspect="auto", cmap="RdBu", norm=LogNorm(1 / span, span), interpolation="nearest")
     for r, x in enumerate(layers):
         fb = [e for e, (_, _, f) in x.expert_errors().items() if f]
         if fb:
-            ax.scatter(fb, [r] * len(fb), marker="x", color="red", s=30, linewidths=1.5)
+            ax.scatter(fb, [r] * len(fb), marker="x", color="black", s=40, linewidths=2)
     cb = fig.colorbar(im, ax=ax, label="tokens / uniform share")
-    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 50, 100) if 1 / span <= t <= span]
+    steps = (0.5, 0.7, 1, 1.5, 2) if span <= 2 else (0.1, 0.2, 0.5, 1, 2, 5, 10) if span <= 10 else \
+        (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000)
+    ticks = [t for t in steps if 1 / span <= t <= span]
     cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     cb.minorticks_off()
     _expert_axis(ax)
     _layer_ticks(ax, [x.index for x in layers], "y")
-    ax.set_title("Expert utilization in calibration (grey: no token, x: fallback)")
+    ax.set_title("Expert utilization in calibration (red: rare, grey: no token, x: fallback)")
     return _png(fig)
 
 
@@ -227,7 +229,7 @@ def load_change(compare) -> Optional[bytes]:
     fig = _figure(min(14, max(7.5, 4 + E * 0.12)), min(10, max(3.0, 1.8 + 0.32 * len(moe))))
     ax = fig.add_subplot()
     im = ax.imshow(d, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="load change (percentage points)")
+    fig.colorbar(im, ax=ax, label="Δ load (pct. points)")
     _expert_axis(ax)
     _layer_ticks(ax, [x.index for x in moe], "y")
     ax.set_title("Expert load change under quantization (red: more tokens)")

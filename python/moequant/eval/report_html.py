@@ -196,7 +196,8 @@ def render_html(run: Run) -> str:
                            [(li, e, f"{r:.4g}", t, "yes" if fb else "") for li, e, r, t, fb in worst], left=0)]
         out += ["<h2>Calibration</h2>",
                 _figure(figures.utilization(rep), "Tokens routed to each expert during calibration, relative to a "
-                        "uniform share (grey: none; red x: the expert's Hessian came from the fallback policy)."),
+                        "uniform share, log scale (red: rare, blue: busy, grey: none; x: the expert's Hessian came "
+                        "from the fallback policy)."),
                 _figure(figures.layer_errors(rep), "Relative error tr(dW H dW^T) / tr(W H W^T) summed per layer and "
                         "module kind, with H the normalised calibration Hessian and dW the stored weight's error."),
                 _figure(figures.expert_errors(rep), "Each routed expert's relative error against the calibration "
