@@ -3,10 +3,14 @@ each, plus where the damage is (from each run's compare result and calibration r
 
     python benchmarks/compare_table.py --model ../shared/models/qwen3moe-tiny \
         --text ../shared/data/evaltext/heldout.txt OUT/rtn-w4 OUT/gptq-w4 ... [--max-windows N] [--json table.json]
+    python benchmarks/compare_table.py ... --quantize --calib ../shared/data/evaltext/calib.txt --num-samples 32 \
+        OUT/rtn-w4 OUT/default-w3 ...   # first quantizes each RUN named like a benchmarks/quality.py config
 
-Each RUN is a ``moequant quantize`` output (``benchmarks/quality.py``'s config names make good directory names); its
-compare result is saved as ``RUN/moequant_compare.json`` (reused when present with the same settings, unless
-``--force``), so ``moequant report RUN`` shows the run afterwards.
+Each RUN is a ``moequant quantize`` output; with ``--quantize`` a missing RUN is made first, its directory name read
+as a ``benchmarks/quality.py`` config (``rtn-w4``, ``gptq-w3``, ``default-w4``: the recipe that script builds, on
+``--num-samples`` x 512 tokens of ``--calib``, pack-quantized). Its compare result is saved as
+``RUN/moequant_compare.json`` (reused when present with the same settings, unless ``--force``), so ``moequant report
+RUN`` shows the run afterwards.
 """
 from __future__ import annotations
 
@@ -20,6 +24,23 @@ from pathlib import Path
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+def quantize(run: Path, args) -> None:
+    """Quantizes the model into ``run`` by the quality.py config its name spells."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import quality
+
+    from moequant import pipeline
+
+    calib = Path(args.calib)
+    ns = argparse.Namespace(group_size=128, num_samples=args.num_samples, seq_len=512, device=args.device or "cpu",
+                            ebss_jsonl=None)
+    recipe = quality.build_recipe(run.name, ns, calib.parent, run.parent)
+    recipe.calibration.text_files = [str(calib)]
+    t = time.time()
+    pipeline.quantize(args.model, recipe, output_dir=run, progress=False)
+    print(f"{run.name}: quantized in {time.time() - t:.0f} s", file=sys.stderr, flush=True)
 
 
 def row(run: Path, args) -> dict:
@@ -72,8 +93,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default=None)
     ap.add_argument("--force", action="store_true", help="recompute compare results that exist")
+    ap.add_argument("--quantize", action="store_true", help="make missing RUNs first (module docstring)")
+    ap.add_argument("--calib", help="calibration text for --quantize")
+    ap.add_argument("--num-samples", type=int, default=32, help="calibration windows of 512 tokens (--quantize)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
+    for r in args.runs:
+        if args.quantize and not (r / "moequant_report.json").is_file():
+            quantize(r, args)
     rows = [row(r, args) for r in args.runs]
     print("| run | KL mean | KL p99 | top-1 agreement | ppl (orig. → quant.) | top-k set changed | top-1 flip | "
           "hidden drift, last layer | most drift | largest layer error | worst routed layer (calib.) |")

@@ -102,6 +102,17 @@ def test_quantized_equals_a_direct_computation_from_full_logits(tiny, tiny_q):
     assert all(0 < x.hidden_drift < 0.5 and 0 < x.layer_error < 0.5 for x in r.layers)
 
 
+def test_dequantized_export_compares_like_the_packed_one(tiny, tiny_q, tmp_path):
+    """Both of moequant's export formats hold the same weights: the same comparison, to the bit."""
+    out = tmp_path / "deq"
+    recipe = Recipe(scheme=QuantScheme(group_size=32, symmetric=True),
+                    calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=64, batch_size=2))
+    pipeline.quantize(tiny, recipe, output_dir=out, progress=False, export_format="dequantized")
+    a, b = compare(tiny, tiny_q, TEXT, **KW), compare(tiny, out, TEXT, **KW)
+    assert (a.kl_mean, a.top1_agreement, a.ppl_quant) == (b.kl_mean, b.top1_agreement, b.ppl_quant)
+    assert [x.topk_changed for x in a.layers] == [x.topk_changed for x in b.layers]
+
+
 def test_trained_model_at_w3_rtn_gives_plausible_numbers(shared_tiny_model, shared_dir, tmp_path):
     out = tmp_path / "rtn3"
     recipe = Recipe(scheme=QuantScheme(bits=3, method="rtn", symmetric=False, scale_search="minmax", act_order=False),
