@@ -91,9 +91,18 @@ class IntFormat:
         gs = matrix_group_size(self.group_size, in_features)
         return 1 if gs == -1 else in_features // gs
 
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """The shape of the scale (and zero-point) tensor of an ``[out, in]`` matrix: ``[out, groups]``."""
+        return (out_features, self.groups(in_features))
+
     def divides(self, in_features: int) -> bool:
         """Whether the group size fits a matrix of ``in_features`` columns."""
         return self.per_channel or in_features % self.group_size == 0
+
+    def splits_rows(self, rows: int) -> bool:
+        """Whether a matrix quantized whole can be cut after ``rows`` rows into two quantized the same: always
+        (scales are per row)."""
+        return True
 
     def equivalents(self, in_features: int) -> frozenset:
         """The formats a matrix of ``in_features`` columns quantized in this format is stored correctly under: one

@@ -9,7 +9,9 @@ function here is tested against its twin (``tests/python/test_ops.py``) under th
 One module per op family: :mod:`~moequant.ops.quant` (``QuantizedTensor``, ``quantize_rtn``, ``dequantize``,
 ``make_spec``), :mod:`~moequant.ops.pack`, :mod:`~moequant.ops.hessian` (``HessianAccumulator``),
 :mod:`~moequant.ops.gptq`, :mod:`~moequant.ops.hadamard`, :mod:`~moequant.ops.rounding` (``refine_rounding``),
-:mod:`~moequant.ops.formats` (FP8 / FP4 / FP6 / MX formats and the FP8-block and MXFP4 source decoders).
+:mod:`~moequant.ops.formats` (FP8 / FP4 / FP6 / MX formats and the FP8-block and MXFP4 source decoders),
+:mod:`~moequant.ops.float_quant` (``FloatQuantizedTensor``, ``quantize_float``: the pipeline's results in a
+:class:`~moequant.formats.FloatFormat`).
 """
 from .formats import (Format, FormatQuantized, decode_fp8_block_scaled, decode_mxfp4_blocks, format_dequantize,
                       format_quantize, pack_fp_codes, unpack_fp_codes)
@@ -19,6 +21,8 @@ from .hessian import HessianAccumulator
 from .pack import pack_int32, pack_zero_points, unpack_int32, unpack_zero_points
 from .quant import QuantizedTensor, dequantize, make_spec, quantize_rtn
 from .rounding import refine_rounding
+from .float_quant import FloatQuantizedTensor, from_format_quantized, quantize_float
+from .formats import ElementKind
 
 __all__ = [
     "QuantizedTensor",
@@ -42,4 +46,8 @@ __all__ = [
     "unpack_fp_codes",
     "decode_fp8_block_scaled",
     "decode_mxfp4_blocks",
+    "ElementKind",
+    "FloatQuantizedTensor",
+    "quantize_float",
+    "from_format_quantized",
 ]

@@ -323,6 +323,7 @@ class MoELayerEngine:
                 if not single:
                     pooled = self._pooled(calls1, groups, weighting)
         tokens, mass = [0] * self.num, [0.0] * self.num
+        amax = [(0.0, 0.0)] * self.num  # per expert, the largest |x| of its gate / up and down inputs
         results, records = {}, {}
         means = (_RunningMean(), _RunningMean())  # gate/up, down: the "mean" fallback's layer means
         deferred: list[int] = []
@@ -348,15 +349,16 @@ class MoELayerEngine:
                                  if down_all is not None else None,
                                  pooled=(lambda: pooled[1]) if pooled is not None else None,
                                  layer_mean=means[1].value)
-            for j, e in enumerate(ids):
-                tokens[e], mass[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6)
+            for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
+                tokens[e], mass[e], amax[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6), (a_gu, a_dn)
                 if defer:
                     for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
                         running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
             deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
-                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts)
+                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
+                                   lambda j: amax[ids[j]])
                 res, recs = finish_jobs(jobs, self.storage, recipe)
             self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
@@ -372,7 +374,8 @@ class MoELayerEngine:
             hgu, hdn = last
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
-                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids])
+                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
+                                   lambda j: amax[ids[j]])
                 res, recs = finish_jobs(jobs, self.storage, recipe)
             self._keep(res, recs, results, records, view, sel)
             if not single:

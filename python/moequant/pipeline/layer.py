@@ -21,6 +21,7 @@ from ..calibration.capture import LayerCapture
 from ..methods.base import LayerStep
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
+from .activations import complete_input_scales
 from .experts import GIB, MoELayerEngine, plan_layer
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
@@ -193,6 +194,7 @@ class LayerQuantizer:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]))
             out = engine.run()
+            complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
@@ -208,6 +210,8 @@ class LayerQuantizer:
             res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
             res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage)
         ec = cap.experts
+        complete_input_scales(res_e, recipe)
+        complete_input_scales(res_l, recipe)
         return LayerResult(index, prefix, layer, step, {**res_l, **res_e}, rec_l + rec_e, moe=ec is not None,
                            expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
                            expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [])

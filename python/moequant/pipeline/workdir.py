@@ -4,9 +4,10 @@ Files:
 
 * ``manifest.json``: the run's fingerprint (:func:`moequant.io.fingerprint.model_fingerprint` of the checkpoint's
   content, recipe, calibration hash, export format, :data:`WORK_VERSION`); a resume must present the same one;
-* per finished layer ``layer_NNNNN.safetensors`` (codes, scales and zero points of every quantized matrix, their
-  formats as ``[bits, group_size, symmetric]`` in the metadata, plus ``dense::<name>`` high-precision tensors a
-  transform changed) and ``layer_NNNNN.json`` (its report record);
+* per finished layer ``layer_NNNNN.safetensors`` (of every quantized matrix its codes and scales, and zero points
+  for an integer format, or the scale bytes, NVFP4's global scale and input global scale for a floating-point one;
+  their formats as ``[bits, group_size, symmetric]`` or ``[kind]`` in the metadata, plus ``dense::<name>``
+  high-precision tensors a transform changed) and ``layer_NNNNN.json`` (its report record);
 * ``activations_NNNNN.pt``: the calibration activations after layer NNNNN;
 * ``progress.json``: ``{"completed_layers": n, "activations": "activations_<n-1>.pt"}``, the commit marker;
 * ``lock``: held (``flock``) by the process that uses the directory; it names that process (pid, host)
@@ -34,17 +35,17 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..formats import IntFormat
+from ..formats import FloatFormat, weight_format_from_key
 from ..io.export import Replacements
 from ..io.files import (OWNER_FILE, atomic_write, atomic_write_json, current_umask, make_owned_tmpdir,
                         remove_stale_temporaries)
-from ..ops import QuantizedTensor
+from ..ops import FloatQuantizedTensor, QuantizedTensor
 from .lock import try_lock
 from .report import LayerRecord
 
 __all__ = ["WORK_VERSION", "WorkDir", "open_work_dir"]
 
-WORK_VERSION = 2  # the format of the files above; part of every run's fingerprint (manifest.json)
+WORK_VERSION = 3  # the format of the files above; part of every run's fingerprint (manifest.json)
 
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
 _ACTIVATIONS = re.compile(r"activations_(\d{5})\.pt")
@@ -241,7 +242,13 @@ class WorkDir:
         for name, qt in results.items():
             stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
             stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
-            stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
+            if isinstance(qt.format, FloatFormat):
+                stored[f"{name}::scale_codes"] = qt.scale_codes.contiguous().cpu()
+                for key, t in (("global", qt.global_scale), ("input_global", qt.input_global_scale)):
+                    if t is not None:
+                        stored[f"{name}::{key}"] = t.detach().reshape(1).float().cpu().clone()
+            else:
+                stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
             meta[name] = list(qt.format.key)
         for name, t in (tensors or {}).items():
             stored[f"dense::{name}"] = t.detach().contiguous().cpu()
@@ -294,9 +301,7 @@ class WorkDir:
                 meta = json.loads(f.metadata()["schemes"])
                 if not tensors:
                     return meta, None
-                quantized = {n: QuantizedTensor(codes=f.get_tensor(f"{n}::codes"), scale=f.get_tensor(f"{n}::scale"),
-                                                zero_point=f.get_tensor(f"{n}::zero"), format=IntFormat(*key))
-                             for n, key in meta.items()}
+                quantized = {n: _stored_result(f, n, weight_format_from_key(key)) for n, key in meta.items()}
                 dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
                 return quantized, dense
         except FileNotFoundError:
@@ -310,16 +315,28 @@ class WorkDir:
             yield Replacements(quantized=quantized, tensors=dense)
 
     def schemes(self, num_layers: int) -> dict:
-        """{:class:`~moequant.formats.IntFormat`: [module names]} over all finished layers."""
+        """{weight format (:class:`~moequant.formats.IntFormat` / :class:`~moequant.formats.FloatFormat`): [module
+        names]} over all finished layers."""
         out: dict = {}
         for index in range(num_layers):
             meta, _ = self._read_layer(index, False)
             try:
                 for name, key in meta.items():
-                    out.setdefault(IntFormat(*key), []).append(name)
+                    out.setdefault(weight_format_from_key(key), []).append(name)
             except (AttributeError, TypeError, ValueError) as exc:
                 raise self._damaged(f"layer_{index:05d}.safetensors", f"unreadable schemes ({_brief(exc)})") from None
         return out
+
+
+def _stored_result(f, name: str, fmt):
+    """The quantized result ``name`` of an open layer file ``f`` in the weight format ``fmt``."""
+    codes, scale = f.get_tensor(f"{name}::codes"), f.get_tensor(f"{name}::scale")
+    if not isinstance(fmt, FloatFormat):
+        return QuantizedTensor(codes=codes, scale=scale, zero_point=f.get_tensor(f"{name}::zero"), format=fmt)
+    keys = set(f.keys())
+    opt = {k: f.get_tensor(f"{name}::{k}") if f"{name}::{k}" in keys else None for k in ("global", "input_global")}
+    return FloatQuantizedTensor(codes=codes, scale=scale, scale_codes=f.get_tensor(f"{name}::scale_codes"), format=fmt,
+                                global_scale=opt["global"], input_global_scale=opt["input_global"])
 
 
 def open_work_dir(out: str | os.PathLike, fingerprint: dict, resume: bool) -> WorkDir:

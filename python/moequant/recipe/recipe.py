@@ -28,6 +28,7 @@ from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from ..formats import IntFormat
 from ..methods.awq.config import AWQConfig
 from ..methods.rotation.config import RotationConfig
 from .device import DEVICE_PATTERN
@@ -119,7 +120,7 @@ class Recipe:
     """A full quantization recipe (see the module docstring for the resolution rules).
 
     Attributes:
-        scheme: the base :class:`QuantScheme`. ignore: patterns of modules kept in high precision
+        scheme: the base :class:`QuantScheme` (or a preset name, ``"NVFP4"``: :meth:`QuantScheme.from_dict`). ignore: patterns of modules kept in high precision
             (default :data:`DEFAULT_IGNORE`: lm_head, embeddings, routers, shared_expert_gate).
         overrides: ordered :class:`Override` list, the last match wins. calibration, fallback, awq: see those classes.
         hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
@@ -177,13 +178,16 @@ class Recipe:
         if self.version != RECIPE_VERSION:
             fail("version", str(RECIPE_VERSION), self.version,
                   "this moequant reads recipe version 1; upgrade moequant or rewrite the recipe")
+        if isinstance(self.scheme, str):  # a preset name: scheme: NVFP4
+            self.scheme = QuantScheme.from_dict(self.scheme, solvers)
         for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig),
                           ("awq", AWQConfig), ("rotation", RotationConfig)):
             if isinstance(getattr(self, name), dict):
                 data = getattr(self, name)
                 setattr(self, name, QuantScheme.from_dict(data, solvers) if cls is QuantScheme else cls.from_dict(data))
             if not isinstance(getattr(self, name), cls):
-                fail(name, f"a {cls.__name__} or a mapping", getattr(self, name))
+                fail(name, f"a {cls.__name__}, a mapping" + (" or a preset name (e.g. NVFP4)" if cls is QuantScheme
+                                                             else ""), getattr(self, name))
         if not isinstance(self.ignore, (list, tuple)):
             fail("ignore", "a list of patterns", self.ignore)
         self.ignore = list(self.ignore)
@@ -216,6 +220,16 @@ class Recipe:
         # The sections' own checks again: a field changed after construction (r.calibration.num_samples = -1).
         for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, *self.overrides):
             section.__post_init__()
+        for where, sc in [("scheme", self.scheme)] + [(f"overrides[{o.pattern!r}].scheme",
+                                                       self.scheme.replace(**o.scheme))
+                                                      for o in self.overrides if not o.skip]:
+            if not sc.solver.supports(sc.format):
+                names = [s.name for s in sc.solver_registry() if s.supports(sc.format)]
+                fail(f"{where}.method", f"a method that solves {sc.format.label()} weights ({', '.join(names)})",
+                     sc.method)
+            if self.awq.enabled and not isinstance(sc.format, IntFormat):  # AWQ searches with the int quantizer
+                fail("awq.enabled", f"false with the {sc.preset} scheme of {where} (AWQ searches integer formats)",
+                     True, "turn awq off, or use an integer scheme")
         return self
 
     def validated(self, solvers: Any = None) -> "Recipe":
@@ -300,15 +314,21 @@ class Recipe:
     def from_cli(cls, base: "Recipe | str | os.PathLike | None" = None, *, bits: Optional[int] = None,
                  group_size: Optional[int] = None, symmetric: Optional[bool] = None, method: Optional[str] = None,
                  calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
-                 device: Optional[str] = None, device_memory_gb: Optional[float] = None) -> "Recipe":
+                 device: Optional[str] = None, device_memory_gb: Optional[float] = None,
+                 scheme: Optional[str] = None) -> "Recipe":
         """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
-        ``bits``/``group_size``/``symmetric``/``method`` change the *base* scheme (overrides still apply on top).
+        ``scheme`` (a preset name, ``--scheme NVFP4``) replaces the base scheme's preset first (as an override's
+        ``{preset: ...}`` would: the fields it fixes come from it); then ``bits``/``group_size``/``symmetric``/``method``
+        change the *base* scheme (overrides still apply on top).
         ``calib`` replaces both calibration file lists: ``*.jsonl`` paths go to ``jsonl_files``, others to
         ``text_files``.
         """
-        data = (base if isinstance(base, Recipe) else cls() if base is None else cls.load(base)).to_dict()
+        base = base if isinstance(base, Recipe) else cls() if base is None else cls.load(base)
+        data = base.to_dict()
+        if scheme is not None:
+            data["scheme"] = base.scheme.replace(preset=scheme).to_dict()
         for key, val in (("bits", bits), ("group_size", group_size), ("symmetric", symmetric), ("method", method)):
             if val is not None:
                 data["scheme"][key] = val
