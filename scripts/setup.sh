@@ -3,6 +3,8 @@
 # dependencies, and the moequant build (C++ core, CUDA kernels when nvcc is on PATH, the _C extension).
 # Re-running it only redoes what is missing; the extension build is incremental.
 # MOEQUANT_CUDA=AUTO|ON|OFF (environment) chooses whether the CUDA kernels are built (AUTO: if nvcc is found).
+# MOEQUANT_BROWSER=1 (environment) also installs Debian's headless Chromium, which the HTML report's browser test
+# uses (tests/python/test_report.py; skipped without it); CI sets it (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,7 @@ log() { printf '[setup] %s\n' "$*"; }
 # ---- Debian packages -----------------------------------------------------------------------------------------
 pkgs=(libeigen3-dev libfmt-dev catch2 g++ cmake git)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3-venv)
+if [ "${MOEQUANT_BROWSER:-0}" = 1 ]; then pkgs+=(chromium); fi
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -27,13 +30,13 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 PY=.venv/bin/python
-if ! $PY -c 'import torch, transformers, safetensors, compressed_tensors, pytest, scikit_build_core, pybind11, yaml, tqdm' >/dev/null 2>&1; then
+if ! $PY -c 'import torch, transformers, safetensors, compressed_tensors, pytest, scikit_build_core, pybind11, yaml, tqdm, matplotlib' >/dev/null 2>&1; then
   log "installing Python dependencies into .venv (torch is large: a few minutes)"
   $PY -m pip install -q --upgrade pip
   # transformers and compressed-tensors are pinned to the versions the round-trip tests were written against
-  # (docs/export.md records what loads with them); torch is the newest wheel.
+  # (docs/export.md records what loads with them); torch is the newest wheel. matplotlib: the report's figures.
   $PY -m pip install -q torch numpy safetensors "transformers==5.23.0" tqdm pyyaml "compressed-tensors==0.20.0" \
-    pytest pybind11 "scikit-build-core>=0.10" ninja cmake
+    pytest pybind11 "scikit-build-core>=0.10" ninja cmake matplotlib
 fi
 
 # ---- build ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""Checkpoint helpers shared by the pipeline, rotation and AWQ tests: read a saved checkpoint, and the
-crash-after-layer-0-then-resume check (a resumed run must write exactly the tensors of an uninterrupted one)."""
+"""Checkpoint helpers shared by the pipeline, rotation, AWQ and loading tests: read a saved checkpoint, load
+checkpoints in plain transformers (a subprocess without moequant), and the crash-after-layer-0-then-resume check
+(a resumed run must write exactly the tensors of an uninterrupted one)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,6 +25,36 @@ def checkpoint_tensors(d: Path) -> dict:
             for k in h.keys():
                 out[k] = h.get_tensor(k)
     return out
+
+
+# Loads each given checkpoint with plain transformers (no moequant import) and saves its logits on the token ids in
+# ``<checkpoint>/logits.pt``, or the error's first line; ``PATH=mxfp4`` loads with transformers' MXFP4 dequantization.
+_LOADER = r"""
+import sys, json, torch, transformers
+transformers.logging.set_verbosity_error()
+ids, out = torch.load(sys.argv[1]), {}
+for arg in sys.argv[2:]:
+    path, _, quant = arg.partition("=")
+    kw = {"quantization_config": transformers.Mxfp4Config(dequantize=True)} if quant == "mxfp4" else {}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw)
+        with torch.no_grad():
+            torch.save(model(ids).logits, path + "/logits.pt")
+        out[path] = "ok"
+    except Exception as exc:
+        out[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+print(json.dumps(out))
+"""
+
+
+def transformers_logits(ids_file: Path, checkpoints: list) -> dict:
+    """Loads ``checkpoints`` (paths, or ``"PATH=mxfp4"``) in one subprocess that never imports moequant and saves
+    their logits on the token ids saved in ``ids_file`` as ``<checkpoint>/logits.pt``; returns {path: "ok" or the
+    error's first line}."""
+    proc = subprocess.run([sys.executable, "-c", _LOADER, str(ids_file), *map(str, checkpoints)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 class CrashAfterLayer0(RuntimeError):

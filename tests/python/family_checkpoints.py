@@ -56,8 +56,7 @@ def family_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
     """``root/name``: a tiny bf16 checkpoint of family ``name`` (see the module docstring), built once."""
     import transformers
 
-    from moequant.models import detect_family
-    from moequant.models.base import STANDARD
+    from testdata import redraw_experts
 
     path = Path(root) / name
     if (path / "config.json").is_file():
@@ -69,16 +68,7 @@ def family_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
                                           **{**_COMMON, **kw})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-    fam = detect_family(model.config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # experts drawn with std 1/sqrt(fan_in) so that activations are O(1)
-        for layer in fam.layers(model):
-            ex = fam.experts_of(layer)
-            if ex is None:
-                continue
-            for p in ex.parameters(recurse=False):
-                fan_in = p.shape[-1] if fam.layout == STANDARD else p.shape[1]
-                p.copy_(torch.randn(p.shape, generator=g) * (fan_in ** -0.5 if p.dim() == 3 else 0.1))
+    redraw_experts(model, bias_std=0.1, seed=seed + 1)  # activations O(1)
     model.to(torch.bfloat16).save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers
 
+from testdata import redraw_experts
+
 from moequant.models import FAMILIES, MoEFamily, detect_family, linear_modules, split_expert
 from moequant.models.base import STANDARD, intermediate_size, num_experts
 
@@ -65,17 +67,7 @@ def build_tiny(name: str, seed: int = 0, experts_implementation: str | None = "e
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(name, experts_implementation))
     model.eval().float()
-    fam = detect_family(model.config)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in fam.layers(model):
-            ex = fam.experts_of(layer)
-            if ex is None:
-                continue
-            for pname, p in ex.named_parameters(recurse=False):
-                fan_in = p.shape[-1] if fam.layout == STANDARD else p.shape[1]
-                std = scale / fan_in ** 0.5 if p.dim() == 3 else 0.5
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    redraw_experts(model, scale=scale, seed=seed + 1)
     return model
 
 

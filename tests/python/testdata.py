@@ -65,3 +65,21 @@ def tiny_qwen3_checkpoint(path, *, num_experts: int = 4, moe_intermediate_size: 
     transformers.Qwen3MoeForCausalLM(cfg).to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def redraw_experts(model, scale: float = 1.0, bias_std: float = 0.5, seed: int = 1) -> None:
+    """Re-draws the fused routed experts of every MoE layer of ``model`` in place with std ``scale / sqrt(fan_in)``
+    (biases: ``bias_std``), so that activations stay O(1) in a random model (``torch.Generator`` seeded ``seed``)."""
+    from moequant.models import detect_family
+    from moequant.models.base import STANDARD
+
+    fam = detect_family(model.config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in fam.layers(model):
+            ex = fam.experts_of(layer)
+            if ex is None:
+                continue
+            for p in ex.parameters(recurse=False):
+                fan_in = p.shape[-1] if fam.layout == STANDARD else p.shape[1]
+                p.copy_(torch.randn(p.shape, generator=g) * (scale / fan_in ** 0.5 if p.dim() == 3 else bias_std))

@@ -112,12 +112,16 @@ def run(args: argparse.Namespace) -> int:
     from moequant.io.safetensors import check_checkpoint, has_checkpoint
 
     s = model_summary(args.model)
-    weights = "none (config.json only)"
+    weights, index = "none (config.json only)", None
     if has_checkpoint(args.model):  # headers and file sizes only: truncated or corrupt files are an error
         index = check_checkpoint(args.model)
         weights = f"{len(index.files)} safetensors file(s), {len(index.tensors)} tensors, " \
                   f"{index.total_bytes / 1e9:.2f} GB (headers checked)"
     total = s["parameters"]
+    if index is not None and index.source is not None:  # an FP8 / MXFP4 source, read in its bf16 view
+        decoded = sum(1 for v in index.view.values() if v.codec)
+        weights += f"\nsource format: {index.source.describe()}; {decoded} tensors decoded to bf16 on load " \
+                   f"({len(index.view)} tensors, {index.view_bytes / 1e9:.2f} GB as read)"
     lines = [
         f"model: {args.model}",
         f"family: {s['family']} (model_type {s['model_type']})",

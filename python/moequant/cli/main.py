@@ -1,4 +1,5 @@
-"""The ``moequant`` command line: ``quantize``, ``eval``, ``inspect`` and ``ebss`` (one module each).
+"""The ``moequant`` command line: ``quantize``, ``eval``, ``compare``, ``report``, ``inspect`` and ``ebss`` (one
+module each).
 
 User errors (missing files, bad values, unsupported families, an existing ``--out`` without ``--resume``, a
 CUDA device without a GPU, corrupt safetensors, a missing tokenizer, non-UTF-8 text, an unwritable or full output
@@ -17,14 +18,14 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from . import ebss, evaluate, inspect_model, quantize
+from . import compare, ebss, evaluate, inspect_model, quantize, report
 from .common import CliError, Parser
 
 __all__ = ["main", "build_parser", "Terminated"]
 
 logger = logging.getLogger("moequant.cli")
 
-_SUBCOMMANDS = (quantize, evaluate, inspect_model, ebss)  # in the order of the help
+_SUBCOMMANDS = (quantize, evaluate, compare, report, inspect_model, ebss)  # in the order of the help
 
 
 class Terminated(KeyboardInterrupt):
@@ -42,14 +43,15 @@ def _raise_terminated(signum, frame):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``moequant`` (subcommands ``quantize``, ``eval``, ``inspect``, ``ebss``)."""
+    """The argument parser of ``moequant`` (subcommands ``quantize``, ``eval``, ``compare``, ``report``, ``inspect``,
+    ``ebss``)."""
     common = Parser(add_help=False)  # -v/-q also after the subcommand; SUPPRESS keeps a value given before it
     g = common.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
     parser = Parser(prog="moequant", parents=[common],
                     description="Post-training quantization of Mixture-of-Experts LLMs to compressed-tensors.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,inspect,ebss}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,compare,report,inspect,ebss}")
     for module in _SUBCOMMANDS:
         module.add_parser(sub, common)
     return parser

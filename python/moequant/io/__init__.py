@@ -2,6 +2,7 @@
 
 * :mod:`~moequant.io.safetensors`: the one safetensors reader (:func:`check_checkpoint`, :class:`CheckpointIndex`,
   :class:`CheckpointReader`, :func:`scan_weights`);
+* :mod:`~moequant.io.source`: FP8 block-scaled and MXFP4 source checkpoints, read decoded in their bf16 view;
 * :mod:`~moequant.io.files`: atomic files, owned temporary directories, umask modes;
 * :mod:`~moequant.io.writer`: the atomic, sharded :class:`CheckpointWriter`;
 * :mod:`~moequant.io.export`: :func:`export_checkpoint` (pack-quantized or dequantized) from :class:`Replacements`;

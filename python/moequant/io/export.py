@@ -111,6 +111,7 @@ def export_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: Mapping[str, Any] | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    decode_device: torch.device | str | None = None,
 ) -> Path:
     """Writes `out_dir` = the source checkpoint with the replacements applied, atomically.
 
@@ -127,6 +128,10 @@ def export_checkpoint(
         metadata: JSON-able dict stored in config.json under ``"moequant"`` (with ``export_mode``).
         config_overrides: top-level config.json keys set to these values (e.g. ``{"tie_word_embeddings": False}``
             when a chunk adds an untied ``lm_head.weight``).
+        decode_device: where the tensors of an FP8 / MXFP4 source (:mod:`moequant.io.source`) are decoded (None:
+            the CPU). Such a source is exported in its bf16 view: every tensor under its runtime name, the copied
+            FP8 / MXFP4 tensors decoded, their scale companions dropped, its ``quantization_config`` replaced and
+            ``dtype`` / ``torch_dtype`` bfloat16.
     Returns:
         the committed output directory.
     """
@@ -141,10 +146,15 @@ def export_checkpoint(
             raise FileNotFoundError(f"{config_path} not found; source_dir must be a Hugging Face checkpoint")
         with open(config_path) as f:
             config = json.load(f)
-        if "quantization_config" in config:
-            raise ValueError(f"{source_dir} is already quantized; export from the unquantized checkpoint")
         allowed = _config_formats(quantization_config) if mode == "pack-quantized" else None
-        with CheckpointReader(source_dir) as src:
+        with CheckpointReader(source_dir, decode_device=decode_device) as src:
+            if src.index.source is not None:  # read in its bf16 view, written as a bf16 checkpoint would be
+                config.pop("quantization_config", None)
+                if isinstance(config.get("text_config"), dict):
+                    config["text_config"].pop("quantization_config", None)
+                config.update({k: "bfloat16" for k in ("dtype", "torch_dtype") if k in config} or {"dtype": "bfloat16"})
+            if "quantization_config" in config:
+                raise ValueError(f"{source_dir} is already quantized; export from the unquantized checkpoint")
             consumed = _write_replacements(src, writer, replacements, mode, allowed)
             for name in src.names():
                 if name not in consumed:

@@ -5,6 +5,11 @@ header length and JSON, dtypes, data offsets, exact file size) into a :class:`Ch
 :class:`CheckpointReader` reads tensors lazily, one at a time, from a validated single-file or sharded checkpoint
 (the source model, an exported checkpoint); :func:`scan_weights` reads every floating-point tensor once and names
 the first holding NaN or Inf.
+
+A checkpoint whose config.json declares an FP8 block-scaled or MXFP4 source (:mod:`moequant.io.source`) is presented
+in its *view*: runtime names, bf16 dtypes and decoded shapes (``CheckpointIndex.view``, ``CheckpointReader.names /
+shape / dtype / get``), its scale companions hidden; ``CheckpointIndex.tensors`` stays the raw headers (what the
+NaN scan and the fingerprint read).
 """
 from __future__ import annotations
 
@@ -53,22 +58,31 @@ class TensorHeader(NamedTuple):
 
 
 class CheckpointIndex:
-    """The validated headers of every safetensors file of a checkpoint directory: ``tensors`` maps each tensor
-    name to its :class:`TensorHeader`; ``files`` lists the files; ``total_bytes`` is their tensor data size."""
+    """The validated headers of every safetensors file of a checkpoint directory: ``tensors`` maps each raw tensor
+    name to its :class:`TensorHeader`; ``files`` lists the files; ``total_bytes`` is their tensor data size.
 
-    def __init__(self, directory: Path, tensors: dict[str, TensorHeader], files: list[Path]):
-        self.dir, self.tensors, self.files = directory, tensors, files
+    ``source``: the :class:`~moequant.io.source.SourceFormat` config.json declares (FP8 / MXFP4), else None;
+    ``view``: the runtime-visible tensors (name -> :class:`~moequant.io.source.ViewTensor`: every raw tensor as it
+    is, or, for a source format, the decoded ones in bf16 with their companions hidden); ``view_bytes``: their
+    size as read; ``scan_kinds``: raw scale tensors -> how :func:`scan_weights` checks them."""
+
+    def __init__(self, directory: Path, tensors: dict[str, TensorHeader], files: list[Path], source=None):
+        from .source import source_view
+
+        self.dir, self.tensors, self.files, self.source = directory, tensors, files, source
         self.total_bytes = sum(t.end - t.begin for t in tensors.values())
+        self.view, self.scan_kinds = source_view(tensors, source)
+        self.view_bytes = sum(v.nbytes for v in self.view.values())
 
     def __contains__(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.view
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.tensors[name].shape
+        return self.view[name].shape
 
     def module_names(self) -> set[str]:
         """Module names of the checkpoint: tensor names without their last component (``.weight``, ``.bias``)."""
-        return {n.rsplit(".", 1)[0] for n in self.tensors if "." in n}
+        return {n.rsplit(".", 1)[0] for n in self.view if "." in n}
 
 
 def has_checkpoint(model_dir: str | os.PathLike) -> bool:
@@ -135,10 +149,15 @@ def check_checkpoint(model_dir: str | os.PathLike) -> CheckpointIndex:
     known and its data offsets match its shape and lie within the file; and that the file size is exactly
     8 + header + the end of the tensor data (which catches truncation without reading any tensor data).
 
+    A config.json declaring an FP8 block-scaled or MXFP4 source (:mod:`moequant.io.source`) adds the checks of its
+    view: every quantized weight has its scale companion with the right dtype and shape.
+
     Raises:
         FileNotFoundError: no safetensors weights, or a file the index names is missing.
         ValueError: anything else, naming the file, what is wrong and the remedy (re-download / re-save).
     """
+    from .source import config_quantization, source_format
+
     d = Path(model_dir)
     index, single = d / INDEX_FILE, d / SINGLE_FILE
     if index.is_file():
@@ -172,7 +191,7 @@ def check_checkpoint(model_dir: str | os.PathLike) -> CheckpointIndex:
         raise FileNotFoundError(
             f"{d}: no {SINGLE_FILE} or {INDEX_FILE}; moequant reads Hugging Face safetensors checkpoints "
             f"(convert .bin checkpoints with save_pretrained(safe_serialization=True))")
-    return CheckpointIndex(d, tensors, files)
+    return CheckpointIndex(d, tensors, files, source_format(config_quantization(d)))
 
 
 class CheckpointReader:
@@ -180,16 +199,22 @@ class CheckpointReader:
     were validated by :func:`check_checkpoint` (done here unless ``index`` is given). :meth:`get` reads one tensor;
     names, shapes and dtypes come from the headers. A context manager (closes the open files).
 
+    Names, shapes, dtypes and tensors are those of the index's view: an FP8 / MXFP4 source is read in bf16 under
+    its runtime names, each decoded tensor decoded when it is read, on ``decode_device`` when given (a GPU: its raw
+    bytes go there and are decoded by the kernels), else on the device :meth:`get` returns it on.
+
     ``names()`` is in file order: the index's order for a sharded checkpoint, sorted for a single file (the order
     safetensors lists it in), which is the order an export writes the tensors it copies."""
 
-    def __init__(self, model_dir: str | os.PathLike, index: CheckpointIndex | None = None):
+    def __init__(self, model_dir: str | os.PathLike, index: CheckpointIndex | None = None,
+                 decode_device: torch.device | str | None = None):
         from safetensors import safe_open
 
         self.dir = Path(model_dir)
         self.index = index if index is not None else check_checkpoint(self.dir)
-        tensors = self.index.tensors
-        self._names = list(tensors) if (self.dir / INDEX_FILE).is_file() else sorted(tensors)
+        self.decode_device = decode_device
+        view = self.index.view
+        self._names = list(view) if (self.dir / INDEX_FILE).is_file() else sorted(view)
         self._safe_open = safe_open
         self._handles: dict[Path, Any] = {}
 
@@ -198,25 +223,40 @@ class CheckpointReader:
         return list(self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.index.tensors
+        return name in self.index.view
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._header(name).shape
+        return self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return TORCH_DTYPES[self._header(name).dtype]
+        return TORCH_DTYPES[self._entry(name).dtype]
 
-    def get(self, name: str) -> torch.Tensor:
-        """Reads one tensor (a copy owned by the caller)."""
-        path = self._header(name).file
+    def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """Reads one tensor (a copy owned by the caller), on ``device`` (default the CPU); a decoded view tensor
+        is decoded on ``decode_device`` (else ``device``) and then moved to ``device``."""
+        vt = self._entry(name)
+        if vt.codec is None:
+            t = self.raw(name)
+            return t if device is None else t.to(device)
+        from .source import decode
+
+        t = decode(name, vt, self.raw, self.decode_device if self.decode_device is not None else device)
+        return t.to(device if device is not None else "cpu")
+
+    def raw(self, name: str) -> torch.Tensor:
+        """Reads one tensor as it is stored (a scale companion, or a quantized weight's codes), on the CPU."""
+        try:
+            path = self.index.tensors[name].file
+        except KeyError:
+            raise KeyError(f"{self.dir}: the checkpoint has no tensor {name!r}") from None
         handle = self._handles.get(path)
         if handle is None:
             handle = self._handles[path] = self._safe_open(path, "pt")
         return handle.get_tensor(name)
 
-    def _header(self, name: str) -> TensorHeader:
+    def _entry(self, name: str):
         try:
-            return self.index.tensors[name]
+            return self.index.view[name]
         except KeyError:
             raise KeyError(f"{self.dir}: the checkpoint has no tensor {name!r}") from None
 
@@ -231,12 +271,17 @@ class CheckpointReader:
 
 
 # ---------------------------------------------------------------------------------------------- weight scan
-# safetensors dtype -> (same-width integer view, magnitude mask (all bits but the sign), smallest non-finite
-# magnitude (exponent bits all ones: Inf, above it NaN; F8_E4M3 has no Inf, 0x7F is its NaN)).
+# safetensors dtype (or scan kind of a source's scales) -> (same-width integer view, magnitude mask (all bits but
+# the sign), smallest non-finite magnitude (exponent bits all ones: Inf, above it NaN; F8_E4M3 has no Inf, 0x7F is
+# its NaN)). The scales of an FP8 / MXFP4 source (moequant.io.source) are checked for the values that *decode* to
+# NaN/Inf in bf16: an FP8 weight_scale_inv s with bf16(fp32(448 * s)) = inf (|s| >= 0x7B120000 = 7.58e35, NaN and
+# Inf included), an E8M0 byte 255 (NaN) or >= 253 (2^126: every E2M1 code >= 4, which each group of a quantized
+# weight holds, decodes beyond bf16's range).
 _FLOAT_BITS = {
     "BF16": (torch.int16, 0x7FFF, 0x7F80), "F16": (torch.int16, 0x7FFF, 0x7C00),
     "F32": (torch.int32, 0x7FFFFFFF, 0x7F800000), "F64": (torch.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
     "F8_E5M2": (torch.uint8, 0x7F, 0x7C), "F8_E4M3": (torch.uint8, 0x7F, 0x7F),
+    "FP8_SCALE_INV": (torch.int32, 0x7FFFFFFF, 0x7B120000), "E8M0": (torch.uint8, 0xFF, 0xFD),
 }  # fmt: skip
 _SCAN_CHUNK = 64 * 1024**2  # bytes read and tested at a time
 
@@ -252,9 +297,12 @@ def scan_weights(index: CheckpointIndex, progress: bool = False) -> None:
     at most 64 MiB into one reused buffer), and raises ValueError naming the first tensor holding NaN or Inf (its
     layer, file, how many and where). A value is non-finite when its exponent bits are all ones (F8_E4M3: its NaN
     code); that is tested on the raw bits as one integer max per chunk (``max(bits & ~sign) >= exponent mask``), so
-    no tensor is converted. ``progress`` shows a tqdm bar "checking weights"."""
-    todo = sorted((h for h in index.tensors.values() if h.dtype in _FLOAT_BITS), key=lambda h: (h.file, h.begin))
+    no tensor is converted. An FP8 / MXFP4 source is scanned as stored: its FP8 weights for their NaN codes, its
+    scales for the values that decode to NaN/Inf (``_FLOAT_BITS``); FP4 codes have none. ``progress`` shows a tqdm
+    bar "checking weights"."""
     names = {id(h): n for n, h in index.tensors.items()}
+    kinds = {id(h): index.scan_kinds.get(n, h.dtype) for n, h in index.tensors.items()}
+    todo = sorted((h for h in index.tensors.values() if kinds[id(h)] in _FLOAT_BITS), key=lambda h: (h.file, h.begin))
     bar = None
     if progress:
         try:
@@ -273,7 +321,7 @@ def scan_weights(index: CheckpointIndex, progress: bool = False) -> None:
         for path in sorted({h.file for h in todo}):
             with open(path, "rb", buffering=0) as f:
                 for h in (h for h in todo if h.file == path):
-                    idt, mag, inf = _FLOAT_BITS[h.dtype]
+                    idt, mag, inf = _FLOAT_BITS[kinds[id(h)]]
                     size = views[idt].element_size()
                     f.seek(h.begin)
                     for b in range(h.begin, h.end, _SCAN_CHUNK):
@@ -282,7 +330,7 @@ def scan_weights(index: CheckpointIndex, progress: bool = False) -> None:
                             raise ValueError(f"{path}: truncated while reading {names[id(h)]}; {REMEDY}")
                         n = nbytes // size
                         if int(torch.bitwise_and(views[idt][:n], mag, out=masked[idt][:n]).max()) >= inf:
-                            _raise_non_finite(names[id(h)], h, f)
+                            _raise_non_finite(names[id(h)], h, f, kinds[id(h)])
                         if bar is not None:
                             bar.update(nbytes)
     finally:
@@ -291,14 +339,15 @@ def scan_weights(index: CheckpointIndex, progress: bool = False) -> None:
             bar.close()
 
 
-def _raise_non_finite(name: str, h: TensorHeader, f) -> None:
-    idt, mag, inf = _FLOAT_BITS[h.dtype]
+def _raise_non_finite(name: str, h: TensorHeader, f, kind: str) -> None:
+    idt, mag, inf = _FLOAT_BITS[kind]
     f.seek(h.begin)
     x = torch.frombuffer(bytearray(f.read(h.end - h.begin)), dtype=idt)
     bad = x.bitwise_and(mag) >= inf
     n, first = int(bad.sum()), int(bad.nonzero()[0, 0])
     where = list(torch.unravel_index(torch.tensor(first), h.shape)) if h.shape else []
-    raise ValueError(f"{name} ({layer_of(name)}, {h.file.name}): {n} NaN/Inf value(s) of {x.numel()}, the "
+    what = "NaN/Inf value(s)" if kind == h.dtype else f"{kind} scale(s) that decode to NaN/Inf in bf16"
+    raise ValueError(f"{name} ({layer_of(name)}, {h.file.name}): {n} {what} of {x.numel()}, the "
                      f"first at index {[int(i) for i in where]}; the checkpoint is corrupt (or was saved from a "
                      f"diverged model): re-download it or re-save it from good weights")
 

@@ -76,28 +76,34 @@ class LazyModel:
 
     Args:
         model_dir: a Hugging Face checkpoint directory (config.json + safetensors).
-        dtype: dtype of the layers (default: the checkpoint's ``config.dtype``, else bfloat16).
+        dtype: dtype of the layers (default: the checkpoint's ``config.dtype``, else bfloat16; bfloat16 for an FP8 /
+            MXFP4 source).
         index: the directory's :func:`check_checkpoint` result, when the caller has it already (else made here).
+        decode_device: where an FP8 / MXFP4 source's tensors are decoded (the compute device when it is a GPU;
+            None: on the CPU); a layer's decoded tensors stay on the device :meth:`load_layer` puts them on.
     """
 
     def __init__(self, model_dir: str | os.PathLike, dtype: torch.dtype | None = None,
                  experts_implementation: str | None = None, index: CheckpointIndex | None = None,
-                 reader: Any = None):
+                 reader: Any = None, decode_device: torch.device | str | None = None):
         import transformers
 
         self.dir = Path(model_dir)
         if not (self.dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.dir}: no config.json; pass a Hugging Face model directory")
         self.config = transformers.AutoConfig.from_pretrained(self.dir)
-        if reader is not None and hasattr(self.config, "quantization_config"):
-            del self.config.quantization_config  # the reader dequantizes: build the plain model
         self.family: MoEFamily = detect_family(self.config)
         self.dtype = dtype or config_dtype(self.config)
         # ``reader``: where tensors come from (default the directory's safetensors files, validated by their
-        # headers; names(), in, get()), e.g. moequant.io.exported.ExportedCheckpoint, the source view of a quantized
-        # checkpoint: a reader without an ``index`` of headers gets no header checks (load_state_dict still checks
-        # every shape).
-        self.reader = reader if reader is not None else CheckpointReader(self.dir, index)
+        # headers, an FP8 / MXFP4 source in its bf16 view; names(), in, get()), e.g.
+        # moequant.io.exported.ExportedCheckpoint, the source view of a quantized checkpoint: a reader without an
+        # ``index`` of headers gets no header checks (load_state_dict still checks every shape).
+        self.reader = reader if reader is not None else CheckpointReader(self.dir, index, decode_device)
+        # the source format a CheckpointReader decodes (moequant.io.source.SourceFormat), else None
+        self.source = getattr(getattr(self.reader, "index", None), "source", None)
+        self._device_reads = getattr(self.reader, "decode_device", None) is not None
+        if (reader is not None or self.source is not None) and hasattr(self.config, "quantization_config"):
+            del self.config.quantization_config  # the reader dequantizes: build the plain (bf16) model
         # The capture hook sees the same arguments whatever experts implementation the config dispatches to.
         for attr, value in ((("_experts_implementation", experts_implementation),) if experts_implementation else ()):
             if hasattr(self.config, attr):
@@ -172,7 +178,7 @@ class LazyModel:
         brings a group at a time to the device)."""
         layer = copy.deepcopy(self._meta_layers[index])
         prefix = self.layer_prefix(index)
-        state = self._layer_state(layer, prefix)
+        state = self._layer_state(layer, prefix, device, experts_device)
         layer.load_state_dict(state, strict=True, assign=True)
         still_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if still_meta:
@@ -213,10 +219,17 @@ class LazyModel:
                         n += 1
         return n
 
-    def _layer_state(self, layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    def _layer_state(self, layer: nn.Module, prefix: str, device, experts_device) -> dict[str, torch.Tensor]:
+        """The layer's state dict read by its :func:`layer_plan`; on the CPU, except with a ``decode_device``: then
+        each tensor goes straight to where :meth:`place_layer` puts it (decoded on the GPU, not copied back)."""
+        experts = self.family.experts + "."
+
         def read(d: DiskTensor, entry: PlannedTensor) -> torch.Tensor:
             _check_disk_tensor(getattr(self.reader, "index", None), d, entry.dtype, f"{prefix} state {entry.state!r}")
-            return self.reader.get(d.name)
+            if not self._device_reads:
+                return self.reader.get(d.name)
+            to = experts_device if experts_device is not None and entry.state.startswith(experts) else device
+            return self.reader.get(d.name, device=to)
 
         out: dict[str, torch.Tensor] = {}
         for entry in layer_plan(self.family, layer, prefix):
@@ -300,22 +313,32 @@ def _check_disk_tensor(index: CheckpointIndex | None, d: DiskTensor, runtime_dty
     the runtime tensor is floating). No ``index`` (a reader without headers): nothing to check here."""
     if index is None:
         return
-    h = index.tensors.get(d.name)
+    h = index.view.get(d.name)  # the runtime view: an FP8 / MXFP4 source's tensors as decoded (bf16, their shapes)
     if h is None:
         raise ValueError(f"{index.dir}: the checkpoint has no tensor {d.name!r} (needed for {what}, expected shape "
                          f"{list(d.shape)}); the weights do not match config.json: re-download the model or re-save it")
     if h.shape != d.shape:
-        raise ValueError(f"{d.name} ({layer_of(d.name)}, {h.file.name}): shape {list(h.shape)}, but config.json "
+        how = f" ({h.describe()})" if h.codec else ""
+        raise ValueError(f"{d.name} ({layer_of(d.name)}, {h.file.name}): shape {list(h.shape)}{how}, but config.json "
                          f"implies {list(d.shape)}; the weights do not belong to this config: use the config.json "
                          f"saved with these weights, or re-save the model")
     if runtime_dtype.is_floating_point and h.dtype not in WEIGHT_DTYPES:
+        from ..io.source import SUPPORTED
+
         raise ValueError(f"{d.name} ({layer_of(d.name)}, {h.file.name}): dtype {h.dtype}, expected one of "
-                         f"{', '.join(WEIGHT_DTYPES)}; moequant quantizes unquantized checkpoints: start from the "
-                         f"BF16/F16/F32 weights (dequantize an FP8/FP4 checkpoint first)")
+                         f"{', '.join(WEIGHT_DTYPES)}; moequant reads BF16/F16/F32 checkpoints and {SUPPORTED} "
+                         f"declared by config.json's quantization_config: start from the BF16 weights, or from the "
+                         f"release with its original quantization_config")
 
 
 def config_dtype(config) -> torch.dtype:
-    """The checkpoint dtype a transformers config declares (``dtype`` / ``torch_dtype``), else bfloat16."""
+    """The checkpoint dtype a transformers config declares (``dtype`` / ``torch_dtype``), else bfloat16; bfloat16
+    for an FP8 / MXFP4 source (:mod:`moequant.io.source`: decoded to bf16, whatever its config says)."""
+    from ..io.source import source_format
+
+    q = getattr(config, "quantization_config", None) or getattr(text_config(config), "quantization_config", None)
+    if source_format(q if isinstance(q, dict) else getattr(q, "to_dict", lambda: None)()) is not None:
+        return torch.bfloat16
     d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(d, str):
         d = getattr(torch, d, None)

@@ -37,7 +37,10 @@ def export_run(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list,
     schemes = work.schemes(lazy.num_layers)
     qcfg = quantization_config_block(_config_groups(schemes, recipe, lazy), _ignore_list(lazy, schemes))
     overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
-    with CheckpointReader(model_dir) as source:
+    # an FP8 / MXFP4 source: the tensors the export copies are decoded (on the GPU of a GPU run) and written in bf16
+    decode_device = getattr(lazy.reader, "decode_device", None)
+    metadata = {"version": _version(), **({"source_format": lazy.source.to_dict()} if lazy.source else {})}
+    with CheckpointReader(model_dir, decode_device=decode_device) as source:
         def chunks():
             for index, chunk in enumerate(work.iter_replacements(lazy.num_layers)):
                 experts = fam.experts_of(lazy.meta_layer(index))
@@ -51,7 +54,7 @@ def export_run(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list,
         export_checkpoint(model_dir, out, chunks(), qcfg, mode=export_format,
                           extra_files={"moequant_recipe.json": recipe.to_dict(),
                                        "moequant_report.json": report.to_dict()},
-                          metadata={"version": _version()}, config_overrides=overrides or None)
+                          metadata=metadata, config_overrides=overrides or None, decode_device=decode_device)
 
 
 def run_loader_support(lazy: LazyModel, plan, export_format: str) -> list[LoaderSupport]:

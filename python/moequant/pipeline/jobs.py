@@ -21,7 +21,8 @@ from ..recipe.recipe import Recipe
 from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
-__all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs"]
+__all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
+           "matrix_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,36 @@ def _fallback(scheme: QuantScheme) -> QuantScheme:
     return scheme.replace(method=scheme.solver_registry().fallback)
 
 
+@torch.no_grad()
+def matrix_stats(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTensor, storage: torch.dtype,
+                 errors: bool = True) -> dict:
+    """Calibration statistics of one solved matrix (the :class:`ModuleRecord` fields): ``hessian_trace`` tr(H),
+    ``effective_rank`` tr(H)^2 / ||H||_F^2 and, with ``errors``, ``error`` tr(dW H dW^T) of ``dW = w - `` the
+    dequantized weight as stored (rounded to ``storage``), ``energy`` tr(W H W^T) and ``rel_error`` (their
+    ratio). Computed on ``w``'s device (float32 on a GPU); empty without a Hessian ``h``."""
+    if h is None:
+        return {}
+    dtype = torch.float32 if w.device.type == "cuda" or h.dtype != torch.float64 else torch.float64
+    hh = h.to(w.device, dtype)
+    tr = torch.diagonal(hh).sum()
+    vals = [tr, tr * tr / (hh * hh).sum().clamp_min(torch.finfo(dtype).tiny)]
+    if errors:
+        wf = w.detach().to(dtype)
+        d = wf - qt.dequantized.to(w.device).to(storage).to(dtype)
+        vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
+    out = dict(zip(("hessian_trace", "effective_rank", "error", "energy"), torch.stack(vals).tolist()))
+    if errors:
+        out["rel_error"] = out["error"] / out["energy"] if out["energy"] > 0 else None
+    return out
+
+
 def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor, fallback: Optional[str],
-            forced_rtn: bool, report_loss: bool) -> ModuleRecord:
+            forced_rtn: bool, report_loss: bool, stats: Optional[dict] = None) -> ModuleRecord:
     used = _fallback(scheme) if forced_rtn else scheme
     return ModuleRecord(name=name, scheme=used.describe(), method=used.method, tokens=tokens,
                         loss=qt.loss if report_loss else None,
                         fallback=fallback,
-                        escalations=qt.escalations, dead_columns=qt.dead_columns)
+                        escalations=qt.escalations, dead_columns=qt.dead_columns, **(stats or {}))
 
 
 @torch.no_grad()
@@ -287,10 +311,11 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict,
     _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     for job in jobs:
+        stats = matrix_stats(job.w, job.h, job.qt, storage, recipe.report_loss)  # before w is overwritten
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else job.qt.rows(rows)
             _write_back(param, qt, storage)
             results[name] = qt
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
-                               recipe.report_loss))
+                               recipe.report_loss, stats))
     return results, records

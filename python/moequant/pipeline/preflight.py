@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 
 from ..io.safetensors import SAFETENSORS_DTYPE_BITS, scan_weights
+from ..io.source import SUPPORTED, unsupported_reason
 from ..models import intermediate_size, linear_modules, num_experts, text_config
 from ..models.lazy import LazyModel
 from ..recipe.recipe import DEFAULT_IGNORE, Recipe
@@ -57,10 +58,13 @@ def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.Path
     Raises ValueError (OSError for an unwritable or full output) naming the module, tensor, layer or pattern, the
     expected and the actual value, and the remedy. Returns the :class:`Plan`."""
     fam, plan = lazy.family, Plan()
-    if getattr(lazy.config, "quantization_config", None) or getattr(text_config(lazy.config),
-                                                                     "quantization_config", None):
-        raise ValueError(f"model: {lazy.dir} is quantized already (config.json has a quantization_config); "
-                         f"quantize the original unquantized checkpoint")
+    q = getattr(lazy.config, "quantization_config", None) or getattr(text_config(lazy.config),
+                                                                     "quantization_config", None)
+    if q:  # an FP8 / MXFP4 source is read decoded: LazyModel dropped its quantization_config
+        why = unsupported_reason(q if isinstance(q, dict) else q.to_dict())
+        raise ValueError(f"model: {lazy.dir} is quantized already (config.json's quantization_config: {why}); "
+                         f"moequant reads unquantized checkpoints and {SUPPORTED}: quantize the original "
+                         f"unquantized checkpoint")
     packed = output_dir is not None and export_format == "pack-quantized"
 
     def check(disk_name: str, out_features: int, in_features: int):
@@ -188,13 +192,14 @@ def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration
     codes and float32 scales / int8 zero points per group, the checkpoint its packed codes (bits / 8 bytes a
     weight), scales and zero points (or, dequantized, the weight in the checkpoint dtype); every other tensor is
     copied as it is, and so are the side files (config, tokenizer); the work directory also holds the activations
-    (num_samples x seq_len x hidden, in the compute dtype) twice while they are replaced."""
+    (num_samples x seq_len x hidden, in the compute dtype) twice while they are replaced. Sizes are those of the
+    checkpoint's view: an FP8 / MXFP4 source's tensors as decoded (bf16), which is how the export writes them."""
     index = lazy.reader.index
     storage_bytes = 2
     work = ckpt = source = 0
     for name, (scheme, out_f, in_f) in plan.quantized.items():
-        h = index.tensors.get(name + ".weight")
-        src = (h.end - h.begin) if h is not None else out_f * in_f * storage_bytes
+        h = index.view.get(name + ".weight")
+        src = h.nbytes if h is not None else out_f * in_f * storage_bytes
         if h is not None:
             storage_bytes = SAFETENSORS_DTYPE_BITS[h.dtype] // 8 or 1
         source += src
@@ -204,7 +209,7 @@ def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration
             ckpt += src
         else:
             ckpt += out_f * in_f * scheme.bits // 8 + out_f * groups * (storage_bytes + scheme.bits / 8)
-    ckpt += max(index.total_bytes - source, 0)
+    ckpt += max(index.view_bytes - source, 0)
     ckpt += sum(f.stat().st_size for f in lazy.dir.iterdir()  # config, tokenizer: copied as they are
                 if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")))
     if calibration_shape is not None:

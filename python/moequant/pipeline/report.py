@@ -5,7 +5,27 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Optional
+
+MODULE_KINDS = ("attention", "shared", "routed", "dense")
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def module_kind(name: str) -> str:
+    """``"routed"`` (a routed expert's matrix), ``"shared"`` (a shared expert's), ``"attention"`` or ``"dense"`` (a
+    dense MLP's), from a record's on-disk module name."""
+    if _EXPERT.search(name):
+        return "routed"
+    if "shared_expert" in name:
+        return "shared"
+    return "attention" if re.search(r"attn|attention", name) else "dense"
+
+
+def expert_of(name: str) -> Optional[int]:
+    """The routed expert index in a record's module name, else None."""
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
 
 
 @dataclasses.dataclass
@@ -20,6 +40,13 @@ class ModuleRecord:
     fallback: Optional[str] = None  # None, or the fallback policy used for a starved expert
     escalations: int = 0            # damping escalations of the Cholesky factorisation
     dead_columns: int = 0
+    # Calibration statistics (None without a Hessian; error / energy also None with report_loss off), of the
+    # normalised Hessian H the solve used (a starved expert's: its fallback's) and W the weight before quantization:
+    hessian_trace: Optional[float] = None   # tr(H): the mean squared norm of the inputs
+    effective_rank: Optional[float] = None  # tr(H)^2 / ||H||_F^2 (participation ratio of H's eigenvalues)
+    error: Optional[float] = None           # tr(dW H dW^T), dW = W - the stored (dequantized) weight
+    energy: Optional[float] = None          # tr(W H W^T)
+    rel_error: Optional[float] = None       # error / energy
 
 
 @dataclasses.dataclass
@@ -41,8 +68,29 @@ class LayerRecord:
     @classmethod
     def from_dict(cls, d: dict) -> "LayerRecord":
         d = dict(d)
-        d["modules"] = [ModuleRecord(**m) for m in d.get("modules", [])]
+        d["modules"] = [ModuleRecord(**m) if isinstance(m, dict) else m for m in d.get("modules", [])]
         return cls(**d)
+
+    def error_by_kind(self) -> dict:
+        """``{kind: (sum of tr(dW H dW^T), sum of tr(W H W^T), matrices)}`` over the modules with both figures
+        (:func:`module_kind`); the relative error of a kind is the ratio of its sums."""
+        out: dict = {}
+        for m in self.modules:
+            if m.error is not None and m.energy is not None:
+                e, w, n = out.get(module_kind(m.name), (0.0, 0.0, 0))
+                out[module_kind(m.name)] = (e + m.error, w + m.energy, n + 1)
+        return out
+
+    def expert_errors(self) -> dict:
+        """``{expert: (sum of tr(dW H dW^T), sum of tr(W H W^T), any fallback)}`` over its gate/up/down records."""
+        out: dict = {}
+        for m in self.modules:
+            e = expert_of(m.name)
+            if e is None:
+                continue
+            err, en, fb = out.get(e, (0.0, 0.0, False))
+            out[e] = (err + (m.error or 0.0), en + (m.energy or 0.0), fb or bool(m.fallback))
+        return out
 
 
 @dataclasses.dataclass
@@ -62,6 +110,7 @@ class QuantizationReport:
     resumed_from_layer: Optional[int] = None
     hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
+    source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -71,13 +120,28 @@ class QuantizationReport:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "QuantizationReport":
+        """A saved report (``moequant_report.json``); ValueError naming the file when it is not one."""
+        try:
+            d = json.loads(open(path).read())
+            names = {f.name for f in dataclasses.fields(cls)}
+            d = {k: v for k, v in d.items() if k in names}
+            d["layers"] = [LayerRecord.from_dict(x) for x in d.get("layers", [])]
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"{path}: not a moequant report ({type(exc).__name__}: {exc}); it is written by "
+                             f"moequant quantize") from None
+
     @property
     def fallbacks(self) -> list:
         return [(layer.index, m.name, m.fallback) for layer in self.layers for m in layer.modules if m.fallback]
 
     def summary(self) -> str:
         """A short human-readable summary: one line per layer, then totals."""
-        lines = [f"moequant: {self.family} model {self.model}, {len(self.layers)} layers on {self.device}, "
+        source = f" (source {self.source_format['quant_method']}, decoded to bf16 on load)" if self.source_format \
+            else ""
+        lines = [f"moequant: {self.family} model {self.model}{source}, {len(self.layers)} layers on {self.device}, "
                  f"calibration {self.calibration_samples} x {self.calibration_seq_len} tokens"]
         for layer in self.layers:
             losses = [m.loss for m in layer.modules if m.loss is not None and math.isfinite(m.loss)]
@@ -96,8 +160,11 @@ class QuantizationReport:
                 loss = "GPTQ loss not finite"
             else:
                 loss = "no GPTQ loss (no GPTQ-solved matrix)"
+            kinds = layer.error_by_kind()
+            rel = ", ".join(f"{k} {e / w:.3g}" for k, (e, w, _) in sorted(kinds.items(), key=lambda kv:
+                                                                           MODULE_KINDS.index(kv[0])) if w > 0)
             lines.append(f"  layer {layer.index:3d}: {len(layer.modules)} matrices,{util} fallbacks {fb}, "
-                         f"{loss}, {layer.seconds:.1f} s")
+                         f"{loss}" + (f", relative error {rel}" if rel else "") + f", {layer.seconds:.1f} s")
         lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
                                                         if self.output_dir else ""))
         for s in self.loaders:

@@ -132,8 +132,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     index = check_checkpoint(model_dir)  # headers and file sizes of every shard
     # On the CPU, layers compute in float32 (faster than bf16 there, and more accurate); on a GPU in the
     # checkpoint's dtype. Scales and written-back weights always use the checkpoint's dtype.
-    storage = config_dtype(transformers.AutoConfig.from_pretrained(model_dir))
-    lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage, index=index)
+    storage = config_dtype(transformers.AutoConfig.from_pretrained(model_dir))  # bf16 for an FP8 / MXFP4 source
+    # an FP8 / MXFP4 source (moequant.io.source) is decoded per tensor as it is read, on the GPU when there is one
+    lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage, index=index,
+                     decode_device=device if device.type == "cuda" else None)
     precision = hessian_precision(recipe, device, lazy.dtype)
     ids = calibration_ids(calibration, model_dir, recipe.calibration,
                           getattr(text_config(lazy.config), "vocab_size", None))
@@ -160,7 +162,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                 device=str(device), calibration_samples=int(ids.shape[0]),
                                 calibration_seq_len=int(ids.shape[1]), output_dir=str(out) if out else None,
                                 export_format=export_format if out else None, hessian_precision=precision,
-                                loaders=[s.to_dict() for s in support])
+                                loaders=[s.to_dict() for s in support],
+                                source_format=lazy.source.to_dict() if lazy.source is not None else None)
     try:
         start = work.completed
         hidden, kwargs = layer_inputs(lazy, ids, recipe.calibration.batch_size, device)

@@ -8,13 +8,12 @@ that the default recipe applies as it is), 4 x 64 calibration tokens of text.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from checkpoints import transformers_logits
 from family_checkpoints import CALIB_TEXT, HELDOUT_TEXT, NAMES, family_checkpoint
 
 import moequant
@@ -39,24 +38,6 @@ CONFIGS = {
 }
 CALIBRATION = {"num_samples": 4, "seq_len": 64, "batch_size": 4}
 IDS = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
-
-# Loads each given checkpoint with plain transformers (no moequant import) and saves its logits on IDS, or the
-# error's first line.
-_LOADER = r"""
-import sys, json, torch, transformers
-transformers.logging.set_verbosity_error()
-ids = torch.load(sys.argv[1])
-out = {}
-for path in sys.argv[2:]:
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        with torch.no_grad():
-            torch.save(model(ids).logits, path + "/logits.pt")
-        out[path] = "ok"
-    except Exception as exc:
-        out[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-print(json.dumps(out))
-"""
 
 
 def _recipe(name: str, model_dir: Path) -> Recipe:
@@ -88,10 +69,7 @@ def runs(tmp_path_factory):
                           progress=False, export_format="dequantized")
         out["dequantized"] = d
         torch.save(IDS, root / "ids.pt")
-        proc = subprocess.run([sys.executable, "-c", _LOADER, str(root / "ids.pt"), *map(str, out.values())],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+        outcome = transformers_logits(root / "ids.pt", list(out.values()))
         cache[family] = {k: (v, outcome[str(v)]) for k, v in out.items()}
         return cache[family]
 
