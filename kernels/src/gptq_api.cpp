@@ -1,6 +1,9 @@
-// kernels/src/gptq_api.cpp -- cuda_gptq_batched and cuda_hadamard (kernels.h): validation with the CPU core's
-// messages, the driver of the batched GPTQ (kernel launches of gptq_batched.cu + cuBLAS), Status mapping.
-// Host compiler only (fmt stays out of nvcc).
+// kernels/src/gptq_api.cpp -- cuda_gptq_batched, cuda_gptq_batched_format and cuda_hadamard (kernels.h): validation
+// with the CPU core's messages, the drivers of the batched GPTQ (kernel launches of gptq_batched.cu / gptq_format.cu +
+// cuBLAS), Status mapping. Host compiler only (fmt stays out of nvcc).
+// Over 400 lines on purpose: the int and the format drivers share the steps of one solve (factorize_all,
+// trailing_update, finish_solve and their helpers) in this file's anonymous namespace; one translation unit keeps
+// them internal instead of exporting a driver-step header for two callers.
 #include <moequant/cuda/kernels.h>
 #include <moequant/format.h>
 #include <moequant/gptq.h>
