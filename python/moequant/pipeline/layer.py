@@ -155,7 +155,7 @@ class LayerQuantizer:
 
     def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
-        driver's free memory plus what torch's allocator caches unused) less a margin (5 % of the device, at least
+        driver's free memory plus what torch's allocator caches unused) less a margin (10 % of the device, at least
         2 GiB: the CUDA context's growth and what the plan does not itemize), else unbounded."""
         if self.recipe.device_memory_gb is not None:
             return int(self.recipe.device_memory_gb * GIB)
@@ -163,7 +163,7 @@ class LayerQuantizer:
             return None
         free, total = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(0, free + cached - max(2 * GIB, total // 20))
+        return max(0, free + cached - max(2 * GIB, total // 10))
 
     def quantize_layer(self, index: int, hidden: list, kwargs: list) -> LayerResult:
         """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the
