@@ -26,6 +26,7 @@ output in the layer's dtype). The attention runs three times instead of twice; t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -175,8 +176,9 @@ def _dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:
 def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int, dtype: torch.dtype,
                budget_bytes: Optional[int], prefix: str = "") -> GroupPlan:
     """The :class:`GroupPlan` of a MoE layer (its structure alone: the meta-device layer works) for ``tokens``
-    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed) and its two
-    Hessians (and the all-token down Hessian of ``calibrate_all_experts``); the layer's other weights, the two
+    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed), its two
+    Hessians (and the all-token down Hessian of ``calibrate_all_experts``) twice (accumulated and normalized), and
+    its solved matrices' float32 values and int8 codes (a group's results; kept as codes in host memory); the layer's other weights, the two
     recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 0.5 GiB
     are fixed."""
     ex = family.experts_of(layer)
@@ -184,7 +186,10 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     hidden, inter = _dims(ex, family)
     weight = sum(p.numel() * p.element_size() for p in ex.parameters()) // num
     acc = 8 if recipe.hessian_dtype == "float64" else 4
-    hess = (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
+    # The accumulated Hessians, their normalized copies (the group's solve jobs hold both), and the solver's results
+    # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
+    hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
+    hess += 3 * hidden * inter * (4 + 1)
     rest = sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
                if not n.startswith(family.experts + "."))
     elt = torch.empty((), dtype=dtype).element_size()
@@ -230,6 +235,13 @@ class _Phases:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _to_host(qt):
+    """A solved matrix's codes, scales and zero points in host memory, without the solver's dequantized values (the
+    weights were written back already; the work directory and export keep the codes only)."""
+    return dataclasses.replace(qt, codes=qt.codes.cpu(), scale=qt.scale.cpu(), zero_point=qt.zero_point.cpu(),
+                               values=None)
 
 
 class MoELayerEngine:
@@ -391,7 +403,10 @@ class MoELayerEngine:
     def _keep(self, res: dict, recs: list, results: dict, records: dict, view: nn.Module, where) -> None:
         """Collects a group's results and records (by expert, for the whole-layer order) and copies the view's
         dequantized weights back into the layer where the view holds copies."""
-        results.update(res)
+        if isinstance(where, slice) and where == slice(0, self.num) and self.plan.resident:
+            results.update(res)  # the one group: the whole-layer path's results as they are
+        else:  # of many groups, only the codes are kept, in host memory: the device holds one group's results
+            results.update({k: _to_host(qt) for k, qt in res.items()})
         for r in recs:
             e = int(r.name.split("+")[0].rsplit(".", 2)[-2])
             records.setdefault(e, []).append(r)

@@ -156,14 +156,15 @@ class LayerQuantizer:
 
     def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
-        driver's free memory plus what torch's allocator caches unused) less 2 GiB, else unbounded."""
+        driver's free memory plus what torch's allocator caches unused) less a margin (10 % of the device, at least
+        2 GiB: the CUDA context's growth and what the plan does not itemize), else unbounded."""
         if self.recipe.device_memory_gb is not None:
             return int(self.recipe.device_memory_gb * GIB)
         if self.device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(0, free + cached - 2 * GIB)
+        return max(0, free + cached - max(2 * GIB, total // 10))
 
     def quantize_layer(self, index: int, hidden: list, kwargs: list) -> LayerResult:
         """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the
