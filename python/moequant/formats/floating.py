@@ -42,13 +42,15 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
-    """compressed-tensors' ``generate_gparam`` of an absolute maximum, in float32: ``448 * 6 / amax`` (``amax``
-    clamped to the smallest normal float), 1 where that is not finite. The NVFP4 weight global scale of a matrix
+    """compressed-tensors' ``generate_gparam`` of an absolute maximum, in float32: ``448 * 6 / amax`` as torch computes
+    it, ``fl(1 / amax) * 2688`` (``amax`` clamped to the smallest normal float), 1 where that is not finite; the
+    format core's ``global_scale_from_amax`` bit for bit. The NVFP4 weight global scale of a matrix
     (``amax`` its largest ``|w|``; fused partners such as q / k / v or gate / up share the one of their joint
     maximum) and the static ``input_global_scale`` of NVFP4 activations (``amax`` the largest ``|x|`` observed).
     Returns a float32 tensor of one element, on ``amax``'s device."""
     a = torch.as_tensor(amax, dtype=torch.float32).reshape(1)
-    g = torch.tensor(FP8_MAX * FP4_MAX, dtype=torch.float32, device=a.device) / a.clamp_min(_TINY)
+    # torch evaluates generate_gparam's `2688 / amax` (a Python float by a tensor) as `amax.reciprocal() * 2688`
+    g = torch.reciprocal(a.clamp_min(_TINY)) * torch.tensor(FP8_MAX * FP4_MAX, dtype=torch.float32, device=a.device)
     return torch.where(torch.isfinite(g), g, torch.ones_like(g))
 
 

@@ -36,6 +36,8 @@ def export_run(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list,
     fam = lazy.family
     schemes = work.schemes(lazy.num_layers)
     qcfg = quantization_config_block(_config_groups(schemes, recipe, lazy), _ignore_list(lazy, schemes))
+    if export_format != "dequantized":
+        report.quantization_format = qcfg["format"]
     overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
     # an FP8 / MXFP4 source: the tensors the export copies are decoded (on the GPU of a GPU run) and written in bf16
     decode_device = getattr(lazy.reader, "decode_device", None)

@@ -111,6 +111,7 @@ class QuantizationReport:
     hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
     source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
+    quantization_format: Optional[str] = None  # the checkpoint's compressed-tensors format ("mixed-precision", ...)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -165,8 +166,10 @@ class QuantizationReport:
                                                                            MODULE_KINDS.index(kv[0])) if w > 0)
             lines.append(f"  layer {layer.index:3d}: {len(layer.modules)} matrices,{util} fallbacks {fb}, "
                          f"{loss}" + (f", relative error {rel}" if rel else "") + f", {layer.seconds:.1f} s")
-        lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
-                                                        if self.output_dir else ""))
+        fmt = self.export_format if self.export_format == "dequantized" or not self.quantization_format else \
+            f"compressed-tensors {self.quantization_format}"
+        lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({fmt})" if self.output_dir
+                                                        else ""))
         for s in self.loaders:
             how = "" if s.get("tested", True) else " (from its source, untested)"
             state = "loads" if s["loads"] else "does NOT load"
