@@ -238,10 +238,12 @@ class _Phases:
 
 
 def _to_host(qt):
-    """A solved matrix's codes, scales and zero points in host memory, without the solver's dequantized values (the
-    weights were written back already; the work directory and export keep the codes only)."""
-    return dataclasses.replace(qt, codes=qt.codes.cpu(), scale=qt.scale.cpu(), zero_point=qt.zero_point.cpu(),
-                               values=None)
+    """A solved matrix's codes, scales and zero points (or scale bytes and global scales) in host memory, without
+    the solver's dequantized values (the weights were written back already; the work directory and export keep the
+    codes only)."""
+    moved = {f.name: getattr(qt, f.name).cpu() for f in dataclasses.fields(qt)
+             if f.name != "values" and isinstance(getattr(qt, f.name), torch.Tensor)}
+    return dataclasses.replace(qt, **moved, values=None)
 
 
 class MoELayerEngine:
