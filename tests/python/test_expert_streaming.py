@@ -241,3 +241,30 @@ def test_groups_on_the_gpu(models, tmp_path):
         with torch.no_grad():
             other = load_model(outs[name][0], dtype=torch.float32)(IDS).logits
         assert (other - logits).norm() / logits.norm() < 2e-2, name
+
+
+def test_nvfp4_groups_and_starved_experts_match_one_group(tmp_path):
+    """NVFP4 (W4A4) through groups of 3 with starved experts (deferred mean fallback, results moved to host memory):
+    the first layer's tensors -- codes, FP8 scales, global scales, input global scales -- equal the one-group run's,
+    and an expert without tokens has its layer's input global scale."""
+    from testdata import tiny_qwen3_checkpoint
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", num_experts=8)
+    ids = torch.randint(0, 8000, (2, 4), generator=torch.Generator().manual_seed(3))  # 8 tokens: some experts get none
+    runs = {}
+    for size in (None, 3):
+        r = Recipe.from_dict({"scheme": "NVFP4", "fallback": {"min_tokens": 3, "policy": "mean"},
+                              "calibration": {"num_samples": 2, "seq_len": 4}, "experts_per_group": size})
+        report = pipeline.quantize(src, r, calibration=ids, output_dir=tmp_path / f"q{size}", progress=False)
+        runs[size] = (checkpoint_tensors(tmp_path / f"q{size}"), report)
+    (a, ra), (b, rb) = runs[None], runs[3]
+    assert {m.fallback for m in rb.layers[0].modules if m.fallback} == {"mean"}, "the test needs starved experts"
+    layer0 = [k for k in a if k.startswith("model.layers.0.")]
+    assert any(k.endswith("input_global_scale") for k in layer0)
+    for k in layer0:
+        assert torch.equal(a[k], b[k]), k
+    tokens = ra.layers[0].expert_tokens
+    assert 0 in tokens, "the test needs an expert without tokens"
+    gates = {e: float(a[f"model.layers.0.mlp.experts.{e}.gate_proj.input_global_scale"]) for e in range(8)}
+    seen = [g for e, g in gates.items() if tokens[e]]
+    assert all(gates[e] == min(seen) for e in range(8) if tokens[e] == 0)

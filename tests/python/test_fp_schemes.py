@@ -394,3 +394,59 @@ def test_loader_rules_of_the_formats():
     vl = support(scheme("NVFP4"))[1]
     assert vl.loads and not vl.tested and "CUTLASS FP4" in vl.reasons[0]
     assert support(FloatFormat("mxfp4"))[0].loads  # a bare weight format: weight-only
+
+
+def test_linears_get_the_global_scales_of_their_weights_and_inputs(gen):
+    """quantize_linears on a captured attention: q / k / v (one shared input, one accumulator) share the NVFP4 global
+    scale of their joint |w| maximum; o_proj keeps its own; every input_global_scale is compressed-tensors'
+    generate_gparam of the largest |x| its accumulator saw."""
+    from types import SimpleNamespace
+
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    from moequant.pipeline.jobs import quantize_linears
+
+    torch.manual_seed(0)
+    p = "model.layers.0.self_attn."
+    lins = {p + n: torch.nn.Linear(64, o, bias=False) for n, o in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32),
+                                                                 ("o_proj", 64))}
+    with torch.no_grad():
+        lins[p + "k_proj"].weight.mul_(5)  # the partners' maximum is k's
+    shared, own = ops.HessianAccumulator(1, 64), ops.HessianAccumulator(1, 64)
+    x, y = torch.randn(40, 64, generator=gen) * 2, torch.randn(30, 64, generator=gen)
+    shared.add(x, torch.zeros(40, dtype=torch.int32))
+    own.add(y, torch.zeros(30, dtype=torch.int32))
+    accs = {p + "q_proj": shared, p + "k_proj": shared, p + "v_proj": shared, p + "o_proj": own}
+    capture = SimpleNamespace(linears=SimpleNamespace(modules=lins, accumulators=accs))
+    weights = {n: m.weight.detach().clone() for n, m in lins.items()}
+    res, _ = quantize_linears(capture, detect_family("qwen3_moe"), Recipe.from_dict({"scheme": "NVFP4"}), torch.float32)
+    g = shared_global_scale([weights[p + n] for n in ("q_proj", "k_proj", "v_proj")])
+    for n in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(res[p + n].global_scale, g), n
+        assert torch.equal(res[p + n].input_global_scale, generate_gparam(-x.abs().max()[None], x.abs().max()[None]))
+    assert torch.equal(res[p + "o_proj"].global_scale, nvfp4_global_scale(weights[p + "o_proj"].abs().max()))
+    assert not torch.equal(res[p + "o_proj"].global_scale, g)
+    assert torch.equal(res[p + "o_proj"].input_global_scale, generate_gparam(-y.abs().max()[None], y.abs().max()[None]))
+
+
+def test_fp8_blocks_never_straddle_gate_and_up(tmp_path):
+    """Experts of width 64: an FP8 block of the stacked [2I, H] gate+up matrix would hold rows of both, so gate and up
+    are solved apart, each with its own blocks (the checkpoint equals RTN of each source matrix alone)."""
+    from safetensors import safe_open
+
+    from testdata import tiny_qwen3_checkpoint
+
+    from moequant import pipeline
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", moe_intermediate_size=64)
+    recipe = Recipe.from_dict({"scheme": {"preset": "FP8_BLOCK", "method": "rtn"},
+                               "calibration": {"num_samples": 2, "seq_len": 16}})
+    ids = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(3))
+    pipeline.quantize(src, recipe, calibration=ids, output_dir=tmp_path / "q", progress=False)
+    with safe_open(str(next(src.glob("*.safetensors"))), "pt") as f, \
+            safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as g:
+        for proj in ("gate_proj", "up_proj"):
+            name = f"model.layers.0.mlp.experts.1.{proj}"
+            want = ops.quantize_float(f.get_tensor(name + ".weight"), FloatFormat("fp8_block"))
+            assert torch.equal(g.get_tensor(name + ".weight").view(torch.uint8), want.codes), proj
+            assert torch.equal(g.get_tensor(name + ".weight_scale").float(), want.scale), proj
