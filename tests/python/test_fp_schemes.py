@@ -5,6 +5,7 @@ parser against compressed-tensors' own schemes, every tensor layout against comp
 loader rules. The checkpoints of whole models: tests/python/trust/test_loadable_formats.py."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -450,3 +451,63 @@ def test_fp8_blocks_never_straddle_gate_and_up(tmp_path):
             want = ops.quantize_float(f.get_tensor(name + ".weight"), FloatFormat("fp8_block"))
             assert torch.equal(g.get_tensor(name + ".weight").view(torch.uint8), want.codes), proj
             assert torch.equal(g.get_tensor(name + ".weight_scale").float(), want.scale), proj
+
+
+def test_preflight_names_formats_that_do_not_fit(tmp_path):
+    from testdata import tiny_qwen3_checkpoint
+
+    from moequant import pipeline
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", moe_intermediate_size=48)  # down_proj: 48 input columns
+    ids = torch.randint(0, 8000, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def run(recipe: dict):
+        pipeline.quantize(src, Recipe.from_dict({**recipe, "calibration": {"num_samples": 2, "seq_len": 16}}),
+                          calibration=ids, output_dir=tmp_path / "q", progress=False)
+
+    with pytest.raises(ValueError, match=r"preset: MXFP4 quantizes groups of 32 input columns, which do not divide "
+                                         r"in_features=48 of model\.layers\.0\.mlp\.experts\.0\.down_proj"):
+        run({"scheme": "MXFP4"})
+    with pytest.raises(ValueError, match=r"routed experts resolve to different schemes \(model\.layers\.0\.mlp\.experts"
+                                         r"\.0\.gate_proj: NVFP4A16; model\.layers\.0\.mlp\.experts\.1\.gate_proj: NVFP4\)"):
+        run({"scheme": "NVFP4", "overrides": [{"pattern": "*.experts.0.*", "scheme": "NVFP4A16"}]})
+    assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("kind", ["fp8_token", "fp8_group", "nvfp4", "mxfp4", "int8_token"])
+def test_activation_formats_quantize_inputs_token_by_token(kind, gen):
+    """The seam of activation simulation: ActivationFormat.core() applied to an input [tokens, in] quantizes each
+    token (row) on its own, NVFP4 with the module's static input global scale."""
+    x = torch.randn(6, 256, generator=gen) * torch.logspace(-2, 2, 6)[:, None]
+    fmt = ActivationFormat(kind).core()
+    g = nvfp4_global_scale(x.abs().max()) if kind == "nvfp4" else None
+    whole = ops.format_quantize(x, fmt, g)
+    for t in range(6):
+        one = ops.format_quantize(x[t:t + 1], fmt, g)
+        assert torch.equal(one.dequantized, whole.dequantized[t:t + 1]), t
+    cols = {"fp8_token": 1, "fp8_group": 2, "nvfp4": 16, "mxfp4": 8, "int8_token": 1}[kind]
+    assert tuple(whole.scales.shape) == (6, cols)
+    if kind == "fp8_token":
+        assert torch.equal(whole.scales[:, 0], x.abs().amax(1) / 448)
+
+
+def test_cli_scheme_flag(tmp_path, capsys):
+    from testdata import tiny_qwen3_checkpoint
+
+    from moequant import cli
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m")
+    out = tmp_path / "q"
+    args = ["-q", "quantize", str(src), "--out", str(out), "--calib", str(tmp_path / "m" / "calib.txt"),
+            "--num-samples", "2", "--seq-len", "16"]
+    (tmp_path / "m" / "calib.txt").write_text("the quick brown fox jumps over the lazy dog " * 40)
+    assert cli.main(args + ["--scheme", "mxfp4a16", "--method", "rtn"]) == 0
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["format"] == "mxfp4-pack-quantized"
+    assert json.loads((out / "moequant_recipe.json").read_text())["scheme"]["preset"] == "MXFP4A16"
+    capsys.readouterr()
+    for bad, why in ((["--scheme", "NVFP5"], "argument --scheme: expected one of W4A16"),
+                     (["--scheme", "FP8", "--group-size", "64"], "group_size: expected -1 with preset FP8")):
+        assert cli.main(args[:4] + [str(tmp_path / "q2")] + args[5:] + bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("moequant: error:") and why in err[0], err
