@@ -241,3 +241,29 @@ def test_groups_on_the_gpu(models, tmp_path):
         with torch.no_grad():
             other = load_model(outs[name][0], dtype=torch.float32)(IDS).logits
         assert (other - logits).norm() / logits.norm() < 2e-2, name
+
+
+def test_host_copies_on_the_cpu_are_the_tensors():
+    from moequant.pipeline.host import HostCopies, to_host
+    a, b = torch.randn(3, 4), torch.randn(2)
+    c = HostCopies()
+    c.add(a)
+    c.add(b)
+    out = c.done()
+    assert out[0] is a and out[1] is b
+    assert to_host([a])[0] is a
+
+
+@pytest.mark.gpu
+def test_host_copies_of_device_tensors_are_pinned_and_exact():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from moequant.pipeline.host import HostCopies
+    c = HostCopies()
+    src = [torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16) * (i + 1) for i in range(5)]
+    for t in src:
+        c.add(t * 2)  # a temporary: its memory is reused by the next batch while its copy may still be queued
+    out = c.done()
+    for t, h in zip(src, out):
+        assert h.device.type == "cpu" and h.is_pinned()
+        assert torch.equal(h, (t * 2).cpu())

@@ -39,6 +39,7 @@ from torch import nn
 from ..calibration.capture import ExpertCapture, ExpertsCall, LayerCapture
 from ..models import MoEFamily, intermediate_size, num_experts
 from ..recipe.recipe import Recipe
+from .host import HostCopies
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
 __all__ = ["GIB", "ExpertsRecorder", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_view",
@@ -266,13 +267,13 @@ class MoELayerEngine:
 
     # ------------------------------------------------------------------ passes
     def _pass(self, ctx, keep: bool) -> list:
-        outs = []
+        outs = HostCopies()  # pinned, copied while the next batches compute
         with ctx:
             for b in range(self.num_batches):
                 y = self.run_batch(b)
                 if keep:
-                    outs.append(y.cpu())
-        return outs
+                    outs.add(y)
+        return outs.done()
 
     @torch.no_grad()
     def run(self) -> MoELayerOutput:
