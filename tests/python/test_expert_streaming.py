@@ -212,6 +212,25 @@ def test_cli_device_memory_gb_too_small_is_one_error_line(models, tmp_path, caps
 
 
 @pytest.mark.gpu
+def _streaming_budget(lazy) -> float:
+    """device_memory_gb 4 KiB short of holding the first MoE layer's expert weights with room to solve one expert:
+    the experts are streamed from host memory, one at a time."""
+    sizes = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, None)
+    experts = lazy.family.experts_of(lazy.meta_layer(0))
+    weights = sum(p.numel() * p.element_size() for p in experts.parameters())
+    work = sizes.per_expert - weights // engine.num_experts(experts)
+    return (sizes.fixed + weights + work - 4096) / GIB
+
+
+def test_streaming_budget_streams_one_expert_at_a_time(models):
+    from moequant.models.lazy import LazyModel
+
+    lazy = LazyModel(models("qwen3_moe"), dtype=torch.bfloat16)
+    budget = int(_streaming_budget(lazy) * GIB)
+    plan = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, budget)
+    assert not plan.resident and plan.size == 1
+
+
 def test_groups_on_the_gpu(models, tmp_path):
     """On CUDA (bf16 layers, bf16 tensor-core Hessians, the batched solver): groups of 1 with the weights streamed
     from host memory (a budget that does not hold them all) and groups of 3 match one group: the first MoE layer's
@@ -220,8 +239,7 @@ def test_groups_on_the_gpu(models, tmp_path):
 
     src = models("qwen3_moe")
     lazy = LazyModel(src, dtype=torch.bfloat16)
-    sizes = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, None)
-    budget = (sizes.fixed + 2 * sizes.per_expert) / GIB  # two experts fit, all four's weights do not
+    budget = _streaming_budget(lazy)
     outs = {}
     for name, kw in (("one", {}), ("three", {"experts_per_group": 3}), ("streamed", {"device_memory_gb": budget})):
         d = tmp_path / name
