@@ -203,8 +203,13 @@ def main() -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    with HostPeak() as host:
-        report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True)
+    try:
+        with HostPeak() as host:
+            report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True)
+    except BaseException:
+        for d in (out, Path(str(out) + ".partial")) + (() if args.keep else (model_dir,)):
+            shutil.rmtree(d, ignore_errors=True)  # the next run's disk
+        raise
     total = time.time() - t0
     secs = [layer.seconds for layer in report.layers]
     steady = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]

@@ -23,6 +23,7 @@ from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
 from .activations import complete_input_scales
 from .experts import GIB, MoELayerEngine, plan_layer
+from .host import HostCopies, to_host
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
 
@@ -62,7 +63,7 @@ def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device) ->
     (``kwargs[batch][layer]``, on ``device``), recorded by the model's own forward
     (:func:`moequant.models.lazy.record_layer_inputs`)."""
     recorded = [record_layer_inputs(lazy, b, device) for b in ids.split(batch_size)]
-    return [r.hidden_states.cpu() for r in recorded], [r.kwargs_per_layer for r in recorded]
+    return to_host(r.hidden_states for r in recorded), [r.kwargs_per_layer for r in recorded]
 
 
 @dataclass
@@ -148,7 +149,10 @@ class LayerQuantizer:
     def run_layer(self, layer: nn.Module, index: int, hidden: list, kwargs: list) -> list:
         """The outputs (CPU) of ``layer`` (layer ``index``) on the batches ``hidden`` with their recorded
         ``kwargs``."""
-        return [self._forward(layer, index, h, kw).cpu() for h, kw in zip(hidden, kwargs)]
+        copies = HostCopies()
+        for h, kw in zip(hidden, kwargs):
+            copies.add(self._forward(layer, index, h, kw))
+        return copies.done()
 
     def _forward(self, layer: nn.Module, index: int, h: torch.Tensor, kw: list) -> torch.Tensor:
         y = layer(h.to(self.device), **kw[index])

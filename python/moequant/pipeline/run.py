@@ -70,8 +70,10 @@ def _expandable_segments() -> None:
     80 GB H100 ran out of memory with 4.2 GB reserved but unallocated)."""
     if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
         return
+    # torch 2.11 deprecates the CUDA-specific setter (a FutureWarning on every run) for the accelerator one
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     try:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        setter("expandable_segments:True")
     except (AttributeError, RuntimeError) as e:  # an older torch, or a platform without it
         logger.debug("expandable_segments not set: %s", e)
 
