@@ -511,3 +511,19 @@ def test_cli_scheme_flag(tmp_path, capsys):
         assert cli.main(args[:4] + [str(tmp_path / "q2")] + args[5:] + bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("moequant: error:") and why in err[0], err
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path):
+    """The work directory keeps the floating-point results (codes, scale bytes, global and input global scales): a
+    run of mixed schemes interrupted after layer 0 and resumed writes exactly the uninterrupted run's checkpoint."""
+    from checkpoints import assert_resume_bit_identical
+    from family_checkpoints import CALIB_TEXT, family_checkpoint
+
+    src = family_checkpoint("qwen3_moe", tmp_path / "models")
+    recipe = Recipe.from_dict({"scheme": "NVFP4", "overrides": [{"pattern": "re:.*\\.self_attn\\.", "scheme": "FP8"},
+                                                                {"pattern": "re:.*\\.mlp\\.(gate|up|down)_proj",
+                                                                 "scheme": "MXFP4A16"}],
+                               "calibration": {"num_samples": 4, "seq_len": 32, "batch_size": 4}})
+    t = assert_resume_bit_identical(str(src), recipe, tmp_path, calibration=str(CALIB_TEXT))
+    assert any(k.endswith("input_global_scale") for k in t) and any(k.endswith(".weight") and t[k].dtype ==
+                                                                    torch.float8_e4m3fn for k in t)
