@@ -152,6 +152,9 @@ def test_override_presets_and_replace_resets_the_fixed_fields():
     assert (base.replace(preset="MXFP4").group_size, base.replace(preset="MXFP4").scale_search) == (32, "minmax")
     with pytest.raises(ValueError, match="bits: expected 4 with preset NVFP4"):
         r.scheme.replace(bits=8)
+    with pytest.raises(ValueError, match=r"overrides\['re:.\*'\].scheme.bits: expected 4 with preset NVFP4 \(the "
+                                         r"preset fixes it\), got 8; .* \(the base scheme is NVFP4\)"):
+        Recipe.from_dict({"scheme": "NVFP4", "overrides": [{"pattern": "re:.*", "scheme": {"bits": 8}}]})
     with pytest.raises(ValueError, match="overrides.scheme: expected a mapping of QuantScheme fields"):
         Override("x", scheme=3)
 

@@ -220,9 +220,15 @@ class Recipe:
         # The sections' own checks again: a field changed after construction (r.calibration.num_samples = -1).
         for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, *self.overrides):
             section.__post_init__()
-        for where, sc in [("scheme", self.scheme)] + [(f"overrides[{o.pattern!r}].scheme",
-                                                       self.scheme.replace(**o.scheme))
-                                                      for o in self.overrides if not o.skip]:
+        resolved = [("scheme", self.scheme)]
+        for o in self.overrides:  # each override on this recipe's base scheme (a preset fixes some fields)
+            if not o.skip:
+                try:
+                    resolved.append((f"overrides[{o.pattern!r}].scheme", self.scheme.replace(**o.scheme)))
+                except ValueError as exc:
+                    raise ValueError(f"overrides[{o.pattern!r}].scheme.{exc} (the base scheme is "
+                                     f"{self.scheme.preset or self.scheme.format.label()})") from None
+        for where, sc in resolved:
             if not sc.solver.supports(sc.format):
                 names = [s.name for s in sc.solver_registry() if s.supports(sc.format)]
                 fail(f"{where}.method", f"a method that solves {sc.format.label()} weights ({', '.join(names)})",
