@@ -109,7 +109,8 @@ def test_compression_formats():
                     "NVFP4A16": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized",
                     "MXFP4A16": "mxfp4-pack-quantized"}
     for w, a in ((FloatFormat("fp8"), None), (IntFormat(4, 128), ActivationFormat("int8_token")),
-                 (FloatFormat("nvfp4"), ActivationFormat("mxfp4")), (IntFormat(8, 128), ActivationFormat("int8_token"))):
+                 (FloatFormat("nvfp4"), ActivationFormat("mxfp4")),
+                 (IntFormat(8, 128), ActivationFormat("int8_token"))):
         with pytest.raises(ValueError, match="cannot go with"):
             compression_format(w, a)
 
@@ -471,8 +472,9 @@ def test_preflight_names_formats_that_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match=r"preset: MXFP4 quantizes groups of 32 input columns, which do not divide "
                                          r"in_features=48 of model\.layers\.0\.mlp\.experts\.0\.down_proj"):
         run({"scheme": "MXFP4"})
-    with pytest.raises(ValueError, match=r"routed experts resolve to different schemes \(model\.layers\.0\.mlp\.experts"
-                                         r"\.0\.gate_proj: NVFP4A16; model\.layers\.0\.mlp\.experts\.1\.gate_proj: NVFP4\)"):
+    with pytest.raises(ValueError, match=r"routed experts resolve to different schemes \(model\.layers\.0\.mlp\."
+                                         r"experts\.0\.gate_proj: NVFP4A16; model\.layers\.0\.mlp\.experts\.1\."
+                                         r"gate_proj: NVFP4\)"):
         run({"scheme": "NVFP4", "overrides": [{"pattern": "*.experts.0.*", "scheme": "NVFP4A16"}]})
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 

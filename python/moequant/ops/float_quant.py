@@ -93,7 +93,8 @@ class FloatQuantizedTensor:
         if self.format.is_block:
             br = self.format.block[0]
             if start % br or (stop % br and stop != self.codes.shape[0]):
-                raise ValueError(f"rows: an FP8-block matrix is cut only at a multiple of {br} rows, got {start}:{stop}")
+                raise ValueError(f"rows: an FP8-block matrix is cut only at a multiple of {br} rows, got "
+                                 f"{start}:{stop}")
             ssl = slice(start // br, -(-stop // br))
         return dataclasses.replace(self, codes=self.codes[sl].contiguous(), scale=self.scale[ssl].contiguous(),
                                    scale_codes=self.scale_codes[ssl].contiguous(), values=self.dequantized[sl])

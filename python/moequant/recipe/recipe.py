@@ -120,7 +120,8 @@ class Recipe:
     """A full quantization recipe (see the module docstring for the resolution rules).
 
     Attributes:
-        scheme: the base :class:`QuantScheme` (or a preset name, ``"NVFP4"``: :meth:`QuantScheme.from_dict`). ignore: patterns of modules kept in high precision
+        scheme: the base :class:`QuantScheme` (or a preset name, ``"NVFP4"``: :meth:`QuantScheme.from_dict`).
+            ignore: patterns of modules kept in high precision
             (default :data:`DEFAULT_IGNORE`: lm_head, embeddings, routers, shared_expert_gate).
         overrides: ordered :class:`Override` list, the last match wins. calibration, fallback, awq: see those classes.
         hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
@@ -326,8 +327,8 @@ class Recipe:
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
         ``scheme`` (a preset name, ``--scheme NVFP4``) replaces the base scheme's preset first (as an override's
-        ``{preset: ...}`` would: the fields it fixes come from it); then ``bits``/``group_size``/``symmetric``/``method``
-        change the *base* scheme (overrides still apply on top).
+        ``{preset: ...}`` would: the fields it fixes come from it); then ``bits``/``group_size``/``symmetric``/
+        ``method`` change the *base* scheme (overrides still apply on top).
         ``calib`` replaces both calibration file lists: ``*.jsonl`` paths go to ``jsonl_files``, others to
         ``text_files``.
         """
