@@ -85,8 +85,9 @@ class HessianAccumulator:
         _C.accumulate_hessian(self._hessians, self.counts, self.mass, x, ids, w, self._PRECISIONS[self.precision],
                               symmetrize=not on_cuda)
         self._unmirrored = self._unmirrored or on_cuda
-        if x.shape[0]:  # the largest |x| of each expert's rows (exact in any dtype), whatever their weight
-            self.absmax.scatter_reduce_(0, ids.long(), x.abs().amax(1).float(), "amax")
+        if x.shape[0]:  # the largest |x| of each expert's rows (exact in any dtype), whatever their weight; one
+            lo, hi = torch.aminmax(x, dim=1)  # read of x, no |x| copy (a MoE layer's routed rows are large)
+            self.absmax.scatter_reduce_(0, ids.long(), torch.maximum(-lo, hi).float(), "amax")
 
     @property
     def hessians(self) -> torch.Tensor:
