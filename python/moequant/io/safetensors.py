@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "SAFETENSORS_DTYPE_BITS", "TORCH_DTYPES", "WEIGHT_DTYPES", "TensorHeader",
            "CheckpointIndex", "CheckpointReader", "check_checkpoint", "has_checkpoint", "scan_weights", "layer_of",
-           "REMEDY"]
+           "REMEDY", "pread_into", "pwrite_from"]
 
 # ---------------------------------------------------------------------------------------------- checkpoint files
 INDEX_FILE = "model.safetensors.index.json"
@@ -217,6 +217,7 @@ class CheckpointReader:
         self._names = list(view) if (self.dir / INDEX_FILE).is_file() else sorted(view)
         self._safe_open = safe_open
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}  # plain descriptors of read_into
 
     def names(self) -> list[str]:
         """Tensor names in file order (see the class docstring)."""
@@ -243,6 +244,27 @@ class CheckpointReader:
         t = decode(name, vt, self.raw, self.decode_device if self.decode_device is not None else device)
         return t.to(device if device is not None else "cpu")
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Reads one tensor into ``out``, a preallocated tensor of its shape (any dtype and device; a slice of a
+        larger buffer, e.g. one expert's rows of a fused parameter). A tensor stored in ``out``'s dtype goes from
+        the file straight into ``out``'s memory when ``out`` is a contiguous CPU tensor (pinned or not): no
+        intermediate copy. Otherwise it is read (a decoded view tensor decoded, on ``decode_device`` when given) and
+        copied into ``out`` (converting the dtype as ``Tensor.copy_`` does, bit for bit what ``get(name).to(dtype)``
+        gives). Returns ``out``."""
+        vt = self._entry(name)
+        if tuple(out.shape) != tuple(vt.shape):
+            raise ValueError(f"read_into: {name} has shape {list(vt.shape)}, the destination {list(out.shape)}")
+        h = self.index.tensors.get(name) if vt.codec is None else None
+        if (h is not None and out.device.type == "cpu" and out.is_contiguous()
+                and TORCH_DTYPES.get(h.dtype) == out.dtype):
+            if out.numel():
+                fd = self._fds.get(h.file)
+                if fd is None:
+                    fd = self._fds[h.file] = os.open(h.file, os.O_RDONLY)
+                pread_into(fd, out, h.begin)
+            return out
+        return out.copy_(self.get(name, device=out.device if vt.codec is not None else None))
+
     def raw(self, name: str) -> torch.Tensor:
         """Reads one tensor as it is stored (a scale companion, or a quantized weight's codes), on the CPU."""
         try:
@@ -262,12 +284,44 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __enter__(self) -> "CheckpointReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as a flat byte view (no copy)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
+    """Fills the contiguous CPU tensor ``out`` with the bytes of file descriptor ``fd`` from ``offset`` (a loop of
+    ``preadv``: one call reads at most ~2 GiB); EOFError when the file ends first."""
+    view, done = _bytes_of(out), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise EOFError(f"the file ends {len(view) - done} bytes early (reading {len(view)} bytes at {offset})")
+        done += n
+
+
+def pwrite_from(fd: int, t: torch.Tensor, offset: int) -> None:
+    """Writes the bytes of the contiguous CPU tensor ``t`` at ``offset`` of file descriptor ``fd``."""
+    view, done = _bytes_of(t), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 # ---------------------------------------------------------------------------------------------- weight scan

@@ -24,6 +24,7 @@ from ..recipe.recipe import Recipe
 from .experts import GIB, MoELayerEngine, plan_layer
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
+from .states import StatesStore, num_tokens
 
 __all__ = ["LayerQuantizer", "LayerResult", "LayerObserver", "layer_inputs", "hessian_precision", "accumulator_factory"]
 
@@ -55,13 +56,38 @@ def accumulator_factory(recipe: Recipe, device: torch.device, precision: str = "
     return make
 
 
-def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
+def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device, store: Optional[StatesStore] = None,
+                 keep_hidden: bool = True) -> tuple:
     """``(hidden, kwargs)`` of the calibration token ids ``[N, S]`` in batches of ``batch_size``: per batch the
     inputs of layer 0 (on the CPU) and the keyword arguments the model passes to every layer
     (``kwargs[batch][layer]``, on ``device``), recorded by the model's own forward
-    (:func:`moequant.models.lazy.record_layer_inputs`)."""
-    recorded = [record_layer_inputs(lazy, b, device) for b in ids.split(batch_size)]
-    return [r.hidden_states.cpu() for r in recorded], [r.kwargs_per_layer for r in recorded]
+    (:func:`moequant.models.lazy.record_layer_inputs`).
+
+    ``hidden`` is a list of tensors, or with a ``store`` its :class:`~moequant.pipeline.states.HiddenStates` (each
+    batch goes into the store as it is recorded: a disk-backed store never holds them all in memory);
+    ``keep_hidden=False`` drops them (None: a resumed run needs only the keyword arguments)."""
+    batches = ids.split(batch_size)
+    kwargs, sink, hidden = [], None, []
+    try:
+        for b in batches:
+            r = record_layer_inputs(lazy, b, device)
+            kwargs.append(r.kwargs_per_layer)
+            if not keep_hidden:
+                continue
+            h = r.hidden_states.cpu()
+            if store is None:
+                hidden.append(h)
+                continue
+            if sink is None:  # the shapes of every batch: its rows, then the first batch's [seq_len, hidden]
+                sink = store.sink([(len(x), *h.shape[1:]) for x in batches], h.dtype)
+            sink.append(h)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    if not keep_hidden:
+        return None, kwargs
+    return (sink.finish() if store is not None else hidden), kwargs
 
 
 @dataclass
@@ -119,6 +145,8 @@ class LayerQuantizer:
         self.factory = accumulator_factory(recipe, self.device, precision)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
         self._next: Optional[tuple[int, Future]] = None
+        # host copies of a layer bound for a GPU (the prefetched layer, streamed experts) are page-locked
+        self._pin = self.device.type == "cuda"
 
     def close(self) -> None:
         """Stops the prefetch thread (a layer being read is finished first)."""
@@ -135,19 +163,23 @@ class LayerQuantizer:
             self._next = None
             return lazy.place_layer(layer, self.device, experts_device)
         self._next = None
-        return lazy.load_layer(index, self.device, experts_device=experts_device)
+        return lazy.load_layer(index, self.device, experts_device=experts_device, pin_memory=self._pin)
 
     def _prefetch(self, index: int) -> None:
         """Starts reading layer ``index`` into host memory on the background thread (prefetch on, and only while
         the current layer's weights are on the device, so that host memory holds one layer)."""
         if self._pool is not None and index < self.lazy.num_layers:
-            self._next = (index, self._pool.submit(self.lazy.load_layer, index, "cpu"))
+            self._next = (index, self._pool.submit(self.lazy.load_layer, index, "cpu", pin_memory=self._pin))
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, index: int, hidden: list, kwargs: list) -> list:
+    def run_layer(self, layer: nn.Module, index: int, hidden, kwargs: list, out=None):
         """The outputs (CPU) of ``layer`` (layer ``index``) on the batches ``hidden`` with their recorded
-        ``kwargs``."""
-        return [self._forward(layer, index, h, kw).cpu() for h, kw in zip(hidden, kwargs)]
+        ``kwargs``: a list, or appended batch by batch to ``out`` (a states sink, :mod:`moequant.pipeline.states`),
+        which is returned."""
+        out = [] if out is None else out
+        for b in range(len(hidden)):
+            out.append(self._forward(layer, index, hidden[b], kwargs[b]).cpu())
+        return out
 
     def _forward(self, layer: nn.Module, index: int, h: torch.Tensor, kw: list) -> torch.Tensor:
         y = layer(h.to(self.device), **kw[index])
@@ -164,19 +196,20 @@ class LayerQuantizer:
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return max(0, free + cached - 2 * GIB)
 
-    def quantize_layer(self, index: int, hidden: list, kwargs: list) -> LayerResult:
+    def quantize_layer(self, index: int, hidden, kwargs: list, outputs=None) -> LayerResult:
         """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the
-        layer's inputs, per batch, with the recorded ``kwargs``), quantizes it by the recipe and writes the
-        dequantized weights back into it. A MoE layer goes through the expert streaming engine
-        (:class:`~moequant.pipeline.experts.MoELayerEngine`), which also computes the layer's outputs."""
+        layer's inputs, per batch, with the recorded ``kwargs``: a list of tensors or
+        :class:`~moequant.pipeline.states.HiddenStates`), quantizes it by the recipe and writes the dequantized
+        weights back into it. A MoE layer goes through the expert streaming engine
+        (:class:`~moequant.pipeline.experts.MoELayerEngine`), which also computes the layer's outputs: into
+        ``outputs`` (a states sink) when given, else a list (:attr:`LayerResult.outputs`)."""
         lazy, recipe, fam = self.lazy, self.recipe, self.lazy.family
         prefix = lazy.layer_prefix(index)
         t0 = time.perf_counter()
         budget = self.budget()
         plan = None
         if fam.experts_of(lazy.meta_layer(index)) is not None:
-            plan = plan_layer(lazy.meta_layer(index), fam, recipe, sum(h.shape[0] * h.shape[1] for h in hidden),
-                              lazy.dtype, budget, prefix)
+            plan = plan_layer(lazy.meta_layer(index), fam, recipe, num_tokens(hidden), lazy.dtype, budget, prefix)
             if not plan.resident and self.transforms:
                 raise ValueError(f"device_memory_gb: {prefix} does not fit the device ({plan.describe_budget()}), "
                                  f"but awq / rotation transform the whole layer on the device; raise "
@@ -191,7 +224,8 @@ class LayerQuantizer:
             tr.before_capture(step)
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
-                                    len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]))
+                                    len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
+                                    outputs=outputs)
             out = engine.run()
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,

@@ -111,6 +111,7 @@ class QuantizationReport:
     hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
     source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
+    hidden_states: Optional[dict] = None  # where the calibration hidden states lived (hostmem.StatesPlan.to_dict())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

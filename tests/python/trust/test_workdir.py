@@ -245,9 +245,9 @@ DAMAGE = {
     "layer-truncated": ("layer_00000.safetensors", _truncate),
     "layer-garbled": ("layer_00000.safetensors", _garble),
     "layer-missing": ("layer_00000.safetensors", Path.unlink),
-    "activations-truncated": ("activations*.pt", _truncate),
-    "activations-garbled": ("activations*.pt", _garble),
-    "activations-missing": ("activations*.pt", Path.unlink),
+    "activations-truncated": ("activations*.safetensors", _truncate),
+    "activations-garbled": ("activations*.safetensors", _garble),
+    "activations-missing": ("activations*.safetensors", Path.unlink),
 }
 
 
