@@ -246,24 +246,28 @@ class CheckpointReader:
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Reads one tensor into ``out``, a preallocated tensor of its shape (any dtype and device; a slice of a
-        larger buffer, e.g. one expert's rows of a fused parameter). A tensor stored in ``out``'s dtype goes from
-        the file straight into ``out``'s memory when ``out`` is a contiguous CPU tensor (pinned or not): no
-        intermediate copy. Otherwise it is read (a decoded view tensor decoded, on ``decode_device`` when given) and
-        copied into ``out`` (converting the dtype as ``Tensor.copy_`` does, bit for bit what ``get(name).to(dtype)``
-        gives). Returns ``out``."""
+        larger buffer, e.g. one expert's rows of a fused parameter). A stored tensor is read with ``preadv`` (the
+        file is not memory-mapped): straight into ``out``'s memory when ``out`` is a contiguous CPU tensor of its
+        dtype (pinned or not), else into one temporary of its stored dtype that is copied into ``out`` (converting
+        the dtype as ``Tensor.copy_`` does: bit for bit what ``get(name).to(dtype)`` gives). A decoded view tensor
+        (FP8 / MXFP4) is decoded (on ``decode_device`` when given) and copied. Returns ``out``."""
         vt = self._entry(name)
         if tuple(out.shape) != tuple(vt.shape):
             raise ValueError(f"read_into: {name} has shape {list(vt.shape)}, the destination {list(out.shape)}")
-        h = self.index.tensors.get(name) if vt.codec is None else None
-        if (h is not None and out.device.type == "cpu" and out.is_contiguous()
-                and TORCH_DTYPES.get(h.dtype) == out.dtype):
-            if out.numel():
-                fd = self._fds.get(h.file)
-                if fd is None:
-                    fd = self._fds[h.file] = os.open(h.file, os.O_RDONLY)
-                pread_into(fd, out, h.begin)
-            return out
-        return out.copy_(self.get(name, device=out.device if vt.codec is not None else None))
+        if vt.codec is not None:
+            return out.copy_(self.get(name, device=out.device))
+        h = self.index.tensors[name]
+        stored = TORCH_DTYPES.get(h.dtype)
+        if stored is None:  # a dtype torch cannot hold (never a weight: the preflight checks them)
+            return out.copy_(self.get(name))
+        direct = out.device.type == "cpu" and out.is_contiguous() and stored == out.dtype
+        dst = out if direct else torch.empty(h.shape, dtype=stored)
+        if dst.numel():
+            fd = self._fds.get(h.file)
+            if fd is None:
+                fd = self._fds[h.file] = os.open(h.file, os.O_RDONLY)
+            pread_into(fd, dst, h.begin)
+        return out if direct else out.copy_(dst)
 
     def raw(self, name: str) -> torch.Tensor:
         """Reads one tensor as it is stored (a scale companion, or a quantized weight's codes), on the CPU."""

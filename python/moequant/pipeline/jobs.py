@@ -307,7 +307,11 @@ def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, i
 
 
 def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
-    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
+    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord]). The
+    results keep codes, scales and zero points only: the solver's float32 dequantized weights (``values``, 4 bytes
+    a weight, twice the bf16 layer) are dropped once written back (``dequantized`` recomputes them from the codes),
+    so a finished layer's results, which the background commit holds while the next layer computes, are 1 byte a
+    weight."""
     _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     for job in jobs:
@@ -315,7 +319,9 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict,
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else job.qt.rows(rows)
             _write_back(param, qt, storage)
+            qt.values = None
             results[name] = qt
+        job.qt.values = None
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
                                recipe.report_loss, stats))
     return results, records
