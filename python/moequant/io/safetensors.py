@@ -23,9 +23,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .files import pread_into
+
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "SAFETENSORS_DTYPE_BITS", "TORCH_DTYPES", "WEIGHT_DTYPES", "TensorHeader",
            "CheckpointIndex", "CheckpointReader", "check_checkpoint", "has_checkpoint", "scan_weights", "layer_of",
-           "REMEDY", "pread_into", "pwrite_from"]
+           "REMEDY"]
 
 # ---------------------------------------------------------------------------------------------- checkpoint files
 INDEX_FILE = "model.safetensors.index.json"
@@ -303,29 +305,6 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """The memory of a contiguous CPU tensor as a flat byte view (no copy)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
-    """Fills the contiguous CPU tensor ``out`` with the bytes of file descriptor ``fd`` from ``offset`` (a loop of
-    ``preadv``: one call reads at most ~2 GiB); EOFError when the file ends first."""
-    view, done = _bytes_of(out), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise EOFError(f"the file ends {len(view) - done} bytes early (reading {len(view)} bytes at {offset})")
-        done += n
-
-
-def pwrite_from(fd: int, t: torch.Tensor, offset: int) -> None:
-    """Writes the bytes of the contiguous CPU tensor ``t`` at ``offset`` of file descriptor ``fd``."""
-    view, done = _bytes_of(t), 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
 
 
 # ---------------------------------------------------------------------------------------------- weight scan

@@ -1,5 +1,8 @@
 """Lazy, layer-at-a-time model loading from a safetensors checkpoint.
 
+(Over 400 lines: the lazy model, its load plan and the layer-input recorder are one unit; the plan and the loader
+must agree tensor for tensor, and the recorder drives the same meta model.)
+
 The pipeline never materialises the whole model. :class:`LazyModel` builds the transformers model on the
 ``meta`` device, loads only the small non-layer parts (embeddings, final norm, lm_head, rotary tables) into
 memory, and hands out one decoder layer at a time with its weights read from the checkpoint
@@ -93,6 +96,7 @@ class LazyModel:
             raise FileNotFoundError(f"{self.dir}: no config.json; pass a Hugging Face model directory")
         self.config = transformers.AutoConfig.from_pretrained(self.dir)
         self.family: MoEFamily = detect_family(self.config)
+        self._released = False  # release_non_layer_parts() was called
         self.dtype = dtype or config_dtype(self.config)
         # ``reader``: where tensors come from (default the directory's safetensors files, validated by their
         # headers, an FP8 / MXFP4 source in its bf16 view; names(), in, get()), e.g.
@@ -168,6 +172,29 @@ class LazyModel:
                      if t.is_meta and not n.startswith(layers_name + ".")]
         if leftovers:
             raise ValueError(f"moequant: could not materialise {leftovers[:5]} from {self.dir}")
+
+    def release_non_layer_parts(self) -> int:
+        """Frees the embeddings, final norm and lm_head (their tensors become ``meta``; the decoder layers are
+        loaded as before): once the calibration inputs are recorded the pipeline needs none of them, and they are
+        GBs for a large vocabulary (DeepSeek-V3's lm_head 1.85 GB in host memory, its embeddings as much on the
+        GPU). :func:`record_layer_inputs` cannot run afterwards. Returns the bytes freed."""
+        layers_name = self.family.layer_prefix(self.model, 0).rsplit(".", 1)[0]
+        freed, seen = 0, set()
+        for name, module in self.model.named_modules():
+            if name == layers_name or name.startswith(layers_name + "."):
+                continue
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(module, kind)
+                for key, t in list(table.items()):
+                    if t is None or t.is_meta:
+                        continue
+                    if t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        freed += t.numel() * t.element_size()
+                    meta = torch.empty_like(t, device="meta")
+                    table[key] = nn.Parameter(meta, requires_grad=False) if kind == "_parameters" else meta
+        self._released = True
+        return freed
 
     # ------------------------------------------------------------------------------------------ layers
     def load_layer(self, index: int, device: torch.device | str = "cpu",
@@ -373,6 +400,8 @@ def record_layer_inputs(lazy: LazyModel, input_ids: torch.Tensor, device: torch.
     Runs the model's own forward with each decoder layer replaced by a recorder, so masks, position ids and
     rotary tables are exactly the model's. Returned tensors live on ``device``.
     """
+    if getattr(lazy, "_released", False):
+        raise RuntimeError("record_layer_inputs: the model's embeddings were released (release_non_layer_parts)")
     model = lazy.model
     sink: list[dict] = []
     recorders = nn.ModuleList(_Recorder(layer, sink) for layer in lazy._meta_layers)

@@ -97,8 +97,9 @@ class LayerResult:
     Attributes:
         index, prefix: the layer; layer: the module on the compute device, computing with the dequantized weights
             (what a loader reconstructs); step: the :class:`~moequant.methods.base.LayerStep` the transforms saw.
-        outputs: the layer's outputs on the calibration batches (CPU), when the step computed them (the expert
-            streaming engine does; else :meth:`LayerQuantizer.run_layer` on ``layer``). phases: seconds per step of
+        outputs: the layer's outputs on the calibration batches (CPU; a list, or the states sink given to
+            :meth:`LayerQuantizer.quantize_layer`), when the step computed them (the expert streaming engine does;
+            else :meth:`LayerQuantizer.run_layer` on ``layer``). phases: seconds per step of
             the layer (load, forwards, solves, ...). groups: how the routed experts went through the device.
         results: on-disk module name -> :class:`~moequant.ops.QuantizedTensor`, linears then experts.
         modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
@@ -253,11 +254,13 @@ class LayerObserver:
     (the finished layers stay in the work directory)."""
 
     def layer_inputs(self, index: int, prefix: str, hidden: list, kwargs: list) -> None:
-        """Before layer ``index`` is calibrated: its inputs (per batch, CPU) and the recorded keyword arguments
-        (``kwargs[batch][index]``). The tensors are the pipeline's: do not change them."""
+        """Before layer ``index`` is calibrated: its inputs (per batch, CPU: a
+        :class:`~moequant.pipeline.states.HiddenStates`, whose batches a disk-backed store reads when indexed) and
+        the recorded keyword arguments (``kwargs[batch][index]``). The tensors are the pipeline's: do not change
+        them."""
 
     def layer_done(self, index: int, result: Optional[LayerResult]) -> None:
         """After layer ``index`` is committed to the work directory (resumable from the next layer); the commit runs
         while the next layer computes, so this comes after that layer's :meth:`layer_inputs`. ``result`` no longer
-        holds the layer module (``result.layer`` / ``result.step`` are None)."""
+        holds the layer module nor its outputs (``result.layer`` / ``result.step`` / ``result.outputs`` are None)."""
 

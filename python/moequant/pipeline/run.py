@@ -191,6 +191,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         start = work.completed
         hidden, kwargs = layer_inputs(lazy, ids, recipe.calibration.batch_size, device, store=store,
                                       keep_hidden=start == 0)
+        # embeddings, final norm and lm_head are not needed any more (the export reads the checkpoint)
+        logger.debug("released %.2f GB of non-layer weights", lazy.release_non_layer_parts() / 1e9)
         if start > 0:
             report.resumed_from_layer = start
             hidden = work.load_activations(in_memory=not states.on_disk)

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..io.files import current_umask, fsync_path
-from ..io.safetensors import TORCH_DTYPES, pread_into, pwrite_from, read_header
+from ..io.files import current_umask, fsync_path, pread_into, pwrite_from
+from ..io.safetensors import TORCH_DTYPES, read_header
 
 __all__ = ["STATES_FORMAT", "HiddenStates", "MemoryStates", "DiskStates", "StatesSink", "StatesStore",
            "open_states", "num_tokens"]
