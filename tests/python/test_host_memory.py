@@ -382,19 +382,19 @@ def test_peak_host_memory_is_one_layer_plus_hidden_states(tmp_path):
     loop adds to the process stays under the bound below, far from the 8 layers together, and does not grow with
     the number of layers.
 
-    The bound, for a MoE layer on the CPU (float32; the parts a GPU run keeps on the device are marked *): the
-    run's own copy of the embeddings, final norm and lm_head (its LazyModel; the baseline's was dropped); the layer
+    The bound, for a MoE layer on the CPU (float32; the parts a GPU run keeps on the device are marked *): the layer
     as loaded (L); its expert Hessians* (E x (H^2 + I^2) x 4 bytes); the solver's copies of the expert
     weights* and their dequantized results* before the write-back (2 L); its codes and those of the previous layer,
     which the background commit is writing (L / 4 each); the hidden states: inputs and outputs, and the engine's
     two recorded passes* and expert outputs* (6 copies); 32 MiB for the interpreter's and the forward's temporaries
-    and the allocator."""
+    and the allocator. (The embeddings and lm_head are released before the first layer.) Measured: 130 MB with 8
+    layers, 134 MB with 2, bound 147 MB; 295 MB when every loaded layer is kept alive (the probe's --leak)."""
     shape = (16, 256, 512)  # experts, hidden, expert width
     m8 = _moe_checkpoint(tmp_path / "m8", 8, *shape)
     r8 = _probe(m8, tmp_path / "r8.json")
     layer, states = r8["layer"], r8["states"]
     hessians = 16 * (256 * 256 + 512 * 512) * 4
-    bound = r8["nonlayer"] + 3.5 * layer + hessians + 6 * states + 32 * 2**20
+    bound = 3.5 * layer + hessians + 6 * states + 32 * 2**20
     grown = r8["peaks"]["layers"] - r8["base"]
     assert r8["model"] > 1.3 * bound, "the model is too small for the bound to tell one layer from all"
     assert grown <= bound, f"the layer loop added {grown / 1e6:.1f} MB, bound {bound / 1e6:.1f} MB ({r8})"

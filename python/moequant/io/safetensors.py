@@ -256,8 +256,9 @@ class CheckpointReader:
         vt = self._entry(name)
         if tuple(out.shape) != tuple(vt.shape):
             raise ValueError(f"read_into: {name} has shape {list(vt.shape)}, the destination {list(out.shape)}")
-        if vt.codec is not None:
-            return out.copy_(self.get(name, device=out.device))
+        if vt.codec is not None:  # decoded where it decodes, then one copy into out (a GPU's into pinned memory)
+            return out.copy_(self.get(name, device=self.decode_device if self.decode_device is not None
+                                      else out.device))
         h = self.index.tensors[name]
         stored = TORCH_DTYPES.get(h.dtype)
         if stored is None:  # a dtype torch cannot hold (never a weight: the preflight checks them)
