@@ -181,6 +181,20 @@ def test_resume_with_another_host_memory_gb(model, in_memory, tmp_path, first, t
     _same(in_memory, out)
 
 
+def test_resume_with_activations_of_another_dtype_is_one_clear_error(model, tmp_path):
+    """A run's activations are in its compute dtype (float32 on the CPU, bf16 on a GPU): resuming on the other
+    device cannot be bit-identical and is refused with the remedy."""
+    out = tmp_path / "out"
+    with pytest.raises(CrashAfterLayer0):
+        _quantize(model, out, _recipe(), observers=crash_observer())
+    act = tmp_path / "out.partial" / "activations_00000.safetensors"
+    states = open_states(act, True)
+    MemoryStates([t.to(torch.bfloat16) for t in states]).persist(act)  # as a GPU run would have written them
+    with pytest.raises(ValueError, match=r"activations are torch.bfloat16 but this run computes in torch.float32 "
+                                         r"on cpu; resume on the device the run started on .* delete "):
+        _quantize(model, out, _recipe(), resume=True)
+
+
 # ------------------------------------------------------------------------------------------ no room
 def test_no_room_for_the_store_is_one_error_before_the_first_layer(model, tmp_path, monkeypatch, capsys):
     from moequant.pipeline import output

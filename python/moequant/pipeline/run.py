@@ -196,6 +196,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         if start > 0:
             report.resumed_from_layer = start
             hidden = work.load_activations(in_memory=not states.on_disk)
+            if hidden.dtype != lazy.dtype:  # a CPU run (float32) resumed on a GPU (bf16), or the reverse
+                raise ValueError(f"{work.path}: its activations are {hidden.dtype} but this run computes in "
+                                 f"{lazy.dtype} on {device}; resume on the device the run started on (recipe "
+                                 f"device, --device), or delete {work.path} to start over")
             report.layers = [work.load_record(i) for i in range(start)]
             logger.info("resuming after layer %d of %d", start - 1, lazy.num_layers)
         quantizer.transforms = list(transforms)

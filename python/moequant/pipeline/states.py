@@ -18,6 +18,7 @@ compute dtype, so the work directory does not depend on where the states lived (
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -197,7 +198,7 @@ class StatesSink:
             try:
                 os.posix_fallocate(self._fd, 0, size)  # the space now: a full disk fails before the layer computes
             except OSError as exc:
-                if exc.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: a file system without fallocate
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
                     raise
                 os.ftruncate(self._fd, size)
             os.pwrite(self._fd, header, 0)
