@@ -8,12 +8,13 @@ function here is tested against its twin (``tests/python/test_ops.py``) under th
 
 One module per op family: :mod:`~moequant.ops.quant` (``QuantizedTensor``, ``quantize_rtn``, ``dequantize``,
 ``make_spec``), :mod:`~moequant.ops.pack`, :mod:`~moequant.ops.hessian` (``HessianAccumulator``),
-:mod:`~moequant.ops.gptq`, :mod:`~moequant.ops.hadamard`, :mod:`~moequant.ops.rounding` (``refine_rounding``),
+:mod:`~moequant.ops.gptq` (``gptq_quantize`` for ints, ``gptq_quantize_format`` for every format),
+:mod:`~moequant.ops.hadamard`, :mod:`~moequant.ops.rounding` (``refine_rounding``),
 :mod:`~moequant.ops.formats` (FP8 / FP4 / FP6 / MX formats and the FP8-block and MXFP4 source decoders).
 """
 from .formats import (Format, FormatQuantized, decode_fp8_block_scaled, decode_mxfp4_blocks, format_dequantize,
                       format_quantize, pack_fp_codes, unpack_fp_codes)
-from .gptq import gptq_quantize, gptq_quantize_batched
+from .gptq import gptq_quantize, gptq_quantize_batched, gptq_quantize_format, gptq_quantize_format_batched
 from .hadamard import hadamard_transform
 from .hessian import HessianAccumulator
 from .pack import pack_int32, pack_zero_points, unpack_int32, unpack_zero_points
@@ -31,6 +32,8 @@ __all__ = [
     "HessianAccumulator",
     "gptq_quantize",
     "gptq_quantize_batched",
+    "gptq_quantize_format",
+    "gptq_quantize_format_batched",
     "hadamard_transform",
     "make_spec",
     "refine_rounding",

@@ -22,6 +22,7 @@ from ..methods.base import LayerStep
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
 from .experts import GIB, MoELayerEngine, plan_layer
+from .host import HostCopies
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
 from .states import StatesStore, num_tokens
@@ -63,31 +64,30 @@ def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device, st
     (``kwargs[batch][layer]``, on ``device``), recorded by the model's own forward
     (:func:`moequant.models.lazy.record_layer_inputs`).
 
-    ``hidden`` is a list of tensors, or with a ``store`` its :class:`~moequant.pipeline.states.HiddenStates` (each
-    batch goes into the store as it is recorded: a disk-backed store never holds them all in memory);
-    ``keep_hidden=False`` drops them (None: a resumed run needs only the keyword arguments)."""
+    ``hidden`` is a list of tensors (pinned host copies of a GPU's), or with a ``store`` its
+    :class:`~moequant.pipeline.states.HiddenStates` (each batch goes into the store as it is recorded: a disk-backed
+    store never holds them all in memory); ``keep_hidden=False`` drops them (None: a resumed run needs only the
+    keyword arguments)."""
     batches = ids.split(batch_size)
-    kwargs, sink, hidden = [], None, []
+    kwargs, sink = [], None
     try:
         for b in batches:
             r = record_layer_inputs(lazy, b, device)
             kwargs.append(r.kwargs_per_layer)
             if not keep_hidden:
                 continue
-            h = r.hidden_states.cpu()
-            if store is None:
-                hidden.append(h)
-                continue
+            h = r.hidden_states
             if sink is None:  # the shapes of every batch: its rows, then the first batch's [seq_len, hidden]
-                sink = store.sink([(len(x), *h.shape[1:]) for x in batches], h.dtype)
+                sink = HostCopies() if store is None else \
+                    store.sink([(len(x), *h.shape[1:]) for x in batches], h.dtype)
             sink.append(h)
     except BaseException:
-        if sink is not None:
+        if sink is not None and store is not None:
             sink.abort()
         raise
     if not keep_hidden:
         return None, kwargs
-    return (sink.finish() if store is not None else hidden), kwargs
+    return (sink.finish() if store is not None else sink.done()), kwargs
 
 
 @dataclass
@@ -175,12 +175,12 @@ class LayerQuantizer:
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, index: int, hidden, kwargs: list, out=None):
         """The outputs (CPU) of ``layer`` (layer ``index``) on the batches ``hidden`` with their recorded
-        ``kwargs``: a list, or appended batch by batch to ``out`` (a states sink, :mod:`moequant.pipeline.states`),
-        which is returned."""
-        out = [] if out is None else out
+        ``kwargs``: a list (pinned host copies of a GPU's outputs, made while the next batches compute), or appended
+        batch by batch to ``out`` (a states sink, :mod:`moequant.pipeline.states`), which is returned."""
+        sink = HostCopies() if out is None else out
         for b in range(len(hidden)):
-            out.append(self._forward(layer, index, hidden[b], kwargs[b]).cpu())
-        return out
+            sink.append(self._forward(layer, index, hidden[b], kwargs[b]))
+        return sink.done() if out is None else out
 
     def _forward(self, layer: nn.Module, index: int, h: torch.Tensor, kw: list) -> torch.Tensor:
         y = layer(h.to(self.device), **kw[index])
@@ -188,14 +188,15 @@ class LayerQuantizer:
 
     def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
-        driver's free memory plus what torch's allocator caches unused) less 2 GiB, else unbounded."""
+        driver's free memory plus what torch's allocator caches unused) less a margin (10 % of the device, at least
+        2 GiB: the CUDA context's growth and what the plan does not itemize), else unbounded."""
         if self.recipe.device_memory_gb is not None:
             return int(self.recipe.device_memory_gb * GIB)
         if self.device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(0, free + cached - 2 * GIB)
+        return max(0, free + cached - max(2 * GIB, total // 10))
 
     def quantize_layer(self, index: int, hidden, kwargs: list, outputs=None) -> LayerResult:
         """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the

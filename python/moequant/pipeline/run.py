@@ -65,6 +65,21 @@ def _as_recipe(recipe, solvers) -> Recipe:
     raise ValueError(f"recipe: expected a Recipe, a dict or a recipe file path, got {type(recipe).__name__}")
 
 
+def _expandable_segments() -> None:
+    """Lets torch's CUDA allocator grow segments in place (``expandable_segments``) unless the user configured the
+    allocator (``PYTORCH_CUDA_ALLOC_CONF``): the expert groups allocate and free tens of GB of differently sized
+    Hessians and results per layer, which otherwise fragments the cache by several GB (a DeepSeek-V3 layer on an
+    80 GB H100 ran out of memory with 4.2 GB reserved but unallocated)."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    # torch 2.11 deprecates the CUDA-specific setter (a FutureWarning on every run) for the accelerator one
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    try:
+        setter("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:  # an older torch, or a platform without it
+        logger.debug("expandable_segments not set: %s", e)
+
+
 def _model_dir(model_or_path) -> Path:
     if not isinstance(model_or_path, (str, os.PathLike)):
         from torch import nn
@@ -141,6 +156,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     if out is not None and out.exists():
         raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
     device = resolve_device(recipe.device)
+    if device.type == "cuda":
+        _expandable_segments()
     # Preflight: everything checkable is checked before the first layer starts and before anything is written.
     import transformers
 

@@ -31,6 +31,7 @@ import torch
 
 from ..io.files import current_umask, fsync_path, pread_into, pwrite_from
 from ..io.safetensors import TORCH_DTYPES, read_header
+from .host import HostCopies
 
 __all__ = ["STATES_FORMAT", "HiddenStates", "MemoryStates", "DiskStates", "StatesSink", "StatesStore",
            "open_states", "num_tokens"]
@@ -192,7 +193,7 @@ class StatesSink:
         self.path = Path(directory) / f"states.tmp-{secrets.token_hex(4)}.safetensors"
         header, self._offsets = _layout(self.shapes, dtype)
         self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self._count = 0
+        self._count, self._pending = 0, None
         try:
             size = self._offsets[-1]
             try:
@@ -207,43 +208,61 @@ class StatesSink:
             raise
 
     def append(self, t: torch.Tensor) -> None:
-        """Writes the next batch (a CPU tensor of the expected shape and dtype)."""
+        """Writes the next batch (a tensor of the expected shape and dtype). A GPU tensor is copied into page-locked
+        memory without blocking and written when the next batch arrives (or at :meth:`finish`), so the device
+        computes the next batch meanwhile."""
         b = self._count
         if b >= len(self.shapes):
             raise RuntimeError(f"hidden states: more batches than the {len(self.shapes)} expected")
         if tuple(t.shape) != self.shapes[b] or t.dtype != self.dtype:
             raise RuntimeError(f"hidden states: batch {b} is {t.dtype} {list(t.shape)}, expected {self.dtype} "
                                f"{list(self.shapes[b])} (a decoder layer keeps its inputs' shape and dtype)")
-        pwrite_from(self._fd, t.detach().cpu().contiguous(), self._offsets[b])
+        t = t.detach()
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._write_pending()
+            self._pending = (b, host, done)
+        else:
+            self._write_pending()
+            pwrite_from(self._fd, t.contiguous(), self._offsets[b])
         self._count += 1
+
+    def _write_pending(self) -> None:
+        if self._pending is not None:
+            b, host, done = self._pending
+            self._pending = None
+            done.synchronize()
+            pwrite_from(self._fd, host, self._offsets[b])
 
     def finish(self) -> DiskStates:
         """The written states (every batch must have been appended)."""
         if self._count != len(self.shapes):
             raise RuntimeError(f"hidden states: {self._count} of {len(self.shapes)} batches written")
+        self._write_pending()
         fd, self._fd = self._fd, None
         return DiskStates(fd, self.path, self.shapes, self.dtype, self._offsets[:-1], persisted=False)
 
     def abort(self) -> None:
         """Closes and removes the unfinished file."""
+        self._pending = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         self.path.unlink(missing_ok=True)
 
 
-class _MemorySink:
-    def __init__(self) -> None:
-        self.tensors: list = []
-
-    def append(self, t: torch.Tensor) -> None:
-        self.tensors.append(t)
+class _MemorySink(HostCopies):
+    """Keeps the batches in host memory (a GPU's as pinned copies, made while the next batches compute)."""
 
     def finish(self) -> MemoryStates:
-        return MemoryStates(self.tensors)
+        return MemoryStates(self.done())
 
     def abort(self) -> None:
-        self.tensors = []
+        self.done()
+        self.out = []
 
 
 class StatesStore:
