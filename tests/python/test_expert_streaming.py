@@ -211,7 +211,6 @@ def test_cli_device_memory_gb_too_small_is_one_error_line(models, tmp_path, caps
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()  # refused before any write
 
 
-@pytest.mark.gpu
 def _streaming_budget(lazy) -> float:
     """device_memory_gb 4 KiB short of holding the first MoE layer's expert weights with room to solve one expert:
     the experts are streamed from host memory, one at a time."""
@@ -231,6 +230,7 @@ def test_streaming_budget_streams_one_expert_at_a_time(models):
     assert not plan.resident and plan.size == 1
 
 
+@pytest.mark.gpu
 def test_groups_on_the_gpu(models, tmp_path):
     """On CUDA (bf16 layers, bf16 tensor-core Hessians, the batched solver): groups of 1 with the weights streamed
     from host memory (a budget that does not hold them all) and groups of 3 match one group: the first MoE layer's

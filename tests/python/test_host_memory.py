@@ -469,3 +469,40 @@ def test_layer_load_stacks_nothing_and_matches_the_checkpoint(model, monkeypatch
         for (j, name), ref in refs.items():
             if j == i:
                 assert state[name].dtype == torch.float32 and torch.equal(state[name], ref), (i, name)
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+def test_disk_store_on_the_gpu(model, tmp_path):
+    """bf16 layers on CUDA: the disk-backed store (batches written from pinned copies, read back into pinned
+    memory) gives the in-memory run's checkpoint bit for bit, also resumed after an interruption."""
+    a = _quantize(model, tmp_path / "mem", _recipe(device="cuda"))
+    b = _quantize(model, tmp_path / "disk", _recipe(device="cuda", host_memory_gb=0))
+    assert not a.hidden_states["on_disk"] and b.hidden_states["on_disk"]
+    _same(tmp_path / "mem", tmp_path / "disk")
+    out = tmp_path / "resumed"
+    with pytest.raises(CrashAfterLayer0):
+        _quantize(model, out, _recipe(device="cuda", host_memory_gb=0), observers=crash_observer())
+    assert _quantize(model, out, _recipe(device="cuda", host_memory_gb=0), resume=True).resumed_from_layer == 1
+    _same(tmp_path / "mem", out)
+
+
+@pytest.mark.gpu
+def test_layer_loads_pinned_and_on_the_device(model):
+    """A layer read for a GPU: its host tensors page-locked (the prefetch), or each tensor read straight onto the
+    device; both equal the plain CPU load bit for bit."""
+    from moequant.models.lazy import LazyModel
+
+    lazy = LazyModel(model, dtype=torch.bfloat16)
+    for i in range(lazy.num_layers):
+        plain = lazy.load_layer(i).state_dict()
+        pinned = lazy.load_layer(i, "cpu", pin_memory=True)
+        assert all(p.is_pinned() for p in pinned.parameters())
+        device = lazy.load_layer(i, "cuda").state_dict()
+        streamed = lazy.load_layer(i, "cuda", experts_device="cpu", pin_memory=True)
+        for k, v in pinned.state_dict().items():
+            assert torch.equal(v, plain[k]) and torch.equal(device[k].cpu(), plain[k]), (i, k)
+            assert torch.equal(streamed.state_dict()[k].cpu(), plain[k]), (i, k)
+        experts = lazy.family.experts_of(streamed)
+        if experts is not None:
+            assert all(p.device.type == "cpu" and p.is_pinned() for p in experts.parameters())

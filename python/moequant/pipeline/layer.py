@@ -85,7 +85,7 @@ def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device, st
         if sink is not None and store is not None:
             sink.abort()
         raise
-    if not keep_hidden:
+    if not keep_hidden or sink is None:
         return None, kwargs
     return (sink.finish() if store is not None else sink.done()), kwargs
 

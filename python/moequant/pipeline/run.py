@@ -202,7 +202,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                 source_format=lazy.source.to_dict() if lazy.source is not None else None,
                                 hidden_states=states.to_dict())
     # the hidden states between layers: in memory, or in a disk-backed store of the work directory
-    store = StatesStore(states.on_disk, work.path, work.umask)
+    store = StatesStore(states.on_disk, work.path, work.umask, pin_memory=device.type == "cuda")
     hidden = None
     try:
         start = work.completed
@@ -212,7 +212,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         logger.debug("released %.2f GB of non-layer weights", lazy.release_non_layer_parts() / 1e9)
         if start > 0:
             report.resumed_from_layer = start
-            hidden = work.load_activations(in_memory=not states.on_disk)
+            hidden = work.load_activations(in_memory=not states.on_disk, pin_memory=device.type == "cuda")
             if hidden.dtype != lazy.dtype:  # a CPU run (float32) resumed on a GPU (bf16), or the reverse
                 raise ValueError(f"{work.path}: its activations are {hidden.dtype} but this run computes in "
                                  f"{lazy.dtype} on {device}; resume on the device the run started on (recipe "

@@ -285,14 +285,14 @@ class WorkDir:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
 
-    def load_activations(self, in_memory: bool = True) -> HiddenStates:
+    def load_activations(self, in_memory: bool = True, pin_memory: bool = False) -> HiddenStates:
         """The activations after the last finished layer: read into memory, or (``in_memory=False``) kept in their
-        file and read per batch (the disk-backed store)."""
+        file and read per batch (the disk-backed store); page-locked with ``pin_memory`` (a GPU run)."""
         name = self._activations
         if name is None:
             raise ValueError(f"{self.path}: no finished layer, hence no saved activations")
         try:
-            return open_states(self.path / name, in_memory)
+            return open_states(self.path / name, in_memory, pin_memory)
         except FileNotFoundError:
             raise self._damaged(name, "missing") from None
         except (OSError, ValueError, EOFError) as exc:
