@@ -167,6 +167,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/moequant-e2e", help="where the model, outputs and tokens go")
     ap.add_argument("--recipe", help="recipe file (default: the default recipe)")
     ap.add_argument("--device-memory-gb", type=float, help="the GPU memory a MoE layer may use (recipe setting)")
+    ap.add_argument("--host-memory-gb", type=float, help="the host memory the calibration hidden states may use "
+                    "(recipe setting; 0: the disk-backed store)")
     ap.add_argument("--llmcompressor", metavar="PATHS",
                     help="PYTHONPATH (folders joined by ':') under which llm-compressor imports; it replaces this "
                          "process's PYTHONPATH in llm-compressor's subprocess")
@@ -193,6 +195,8 @@ def main() -> int:
         data["scheme"]["group_size"] = GROUP_SIZE[args.model]
     if args.device_memory_gb is not None:
         data["device_memory_gb"] = args.device_memory_gb
+    if args.host_memory_gb is not None:
+        data["host_memory_gb"] = args.host_memory_gb
     recipe = Recipe.from_dict(data)
     out = work / f"{args.model}-{args.layers}l-w4"
     for d in (out, Path(str(out) + ".partial")):
@@ -216,12 +220,14 @@ def main() -> int:
     res = {"model": args.model, "layers": args.layers, "tokens": [args.samples, args.seq_len],
            "device": torch.cuda.get_device_name() if cuda else "cpu", "total_s": round(total, 2), "layer_s": secs,
            "steady_layer_s": steady, "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else 0.0,
-           "host_anon_peak_gb": round(host.peak / 1e9, 2),
+           "host_anon_peak_gb": round(host.peak / 1e9, 2), "hidden_states": report.hidden_states,
            "phases": [layer.phases for layer in report.layers], "groups": [layer.groups for layer in report.layers]}
     print(f"\n== moequant {args.model} x {args.layers} layers, {args.samples} x {args.seq_len} tokens, "
           f"{res['device']} ==")
     print(f"total {total:.1f} s; per layer {', '.join(f'{s:.2f}' for s in secs)} s; steady state {steady:.2f} s")
-    print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB")
+    hs = report.hidden_states or {}
+    print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB; hidden "
+          f"states {'on disk' if hs.get('on_disk') else 'in memory'} (2 x {hs.get('bytes', 0) / 1e9:.2f} GB)")
     print(f"experts: {res['groups'][-1]}")
     if any(res["phases"]):
         keys = sorted({k for p in res["phases"] if p for k in p})

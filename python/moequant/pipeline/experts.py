@@ -259,27 +259,34 @@ class MoELayerEngine:
         family, prefix, recipe, storage: the model's family, the layer's name, the validated recipe, the checkpoint
             dtype. device: the compute device. factory: the Hessian accumulator factory.
         plan: the :class:`GroupPlan` (:func:`plan_layer`). num_batches, run_batch: the calibration batches and
-            ``run_batch(b) -> the layer's output on batch b`` (on the device).
+            ``run_batch(b) -> the layer's output on batch b`` (on the device). outputs: where pass 3 puts the
+            layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
+            :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`.
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
-                 device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch) -> None:
+                 device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
+                 outputs=None) -> None:
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
+        self.outputs = HostCopies() if outputs is None else outputs
         self.experts = family.experts_of(layer)
         self.num = num_experts(self.experts)
         self.phases = _Phases(self.device)
 
     # ------------------------------------------------------------------ passes
-    def _pass(self, ctx, keep: bool) -> list:
-        outs = HostCopies()  # pinned, copied while the next batches compute
+    def _pass(self, ctx, keep: bool):
+        """Runs the calibration batches under ``ctx``; with ``keep`` each output goes to :attr:`outputs` (device
+        tensors as pinned host copies, made while the next batches compute; a disk-backed store writes them)."""
         with ctx:
             for b in range(self.num_batches):
                 y = self.run_batch(b)
                 if keep:
-                    outs.add(y)
-        return outs.done()
+                    self.outputs.append(y)
+        if not keep:
+            return None
+        return self.outputs.done() if isinstance(self.outputs, HostCopies) else self.outputs
 
     @torch.no_grad()
     def run(self) -> MoELayerOutput:

@@ -1,6 +1,7 @@
 """Hidden states between the device and host memory.
 
-The calibration hidden states live in host memory between layers (a layer's inputs and outputs are
+The calibration hidden states live in host memory between layers (or, beyond ``host_memory_gb``, in the disk-backed
+store of :mod:`moequant.pipeline.states`, which writes each batch once its pinned copy is done) (a layer's inputs and outputs are
 ``samples x seq_len x hidden``: 1 GB for Qwen3-30B-A3B at 128 x 2048 tokens, 3.8 GB for DeepSeek-V3). Copied into
 pageable memory, a GPU's device-to-host copies run at 1-2 GB/s (the whole output pass of a Qwen3-30B-A3B layer took
 about 0.7 s of copies on an H100); into page-locked (pinned) memory they run at PCIe speed, and the next layer's
@@ -28,6 +29,8 @@ class HostCopies:
         host.copy_(t, non_blocking=True)
         self.out.append(host)
         self._pending = True
+
+    append = add  # the states sinks' protocol (moequant.pipeline.states)
 
     def done(self) -> list:
         if self._pending:

@@ -339,18 +339,24 @@ def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, i
 
 
 def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
-    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
+    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord]). The
+    results keep codes, scales and zero points only: the solver's float32 dequantized weights (``values``, 4 bytes
+    a weight, twice the bf16 layer) are dropped once written back (``dequantized`` recomputes them from the codes),
+    so a finished layer's results, which the background commit holds while the next layer computes, are 1 byte a
+    weight."""
     _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     for job in jobs:
         act = job.record_scheme.activations
-        if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, input_scales.py)
+        if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
             job.qt.input_global_scale = nvfp4_global_scale(job.input_amax) if job.input_amax > 0 else None
         stats = matrix_stats(job.w, job.h, job.qt, storage, recipe.report_loss)  # before w is overwritten
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else job.qt.rows(rows)
             _write_back(param, qt, storage)
+            qt.values = None
             results[name] = qt
+        job.qt.values = None
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
                                recipe.report_loss, stats))
     return results, records

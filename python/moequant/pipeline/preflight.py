@@ -35,6 +35,7 @@ class Plan:
         self.quantized: dict[str, tuple] = {}
         self.work_bytes = 0
         self.checkpoint_bytes = 0
+        self.states = None  # the run's moequant.pipeline.hostmem.StatesPlan (where the hidden states live)
 
     @property
     def count(self) -> int:
@@ -43,7 +44,7 @@ class Plan:
 
 def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.PathLike, None] = None,
               export_format: str = "pack-quantized", calibration_shape: Optional[tuple[int, int]] = None,
-              resume: bool = False, scan: bool = True, progress: bool = False) -> Plan:
+              resume: bool = False, scan: bool = True, progress: bool = False, states=None) -> Plan:
     """Checks everything that can be checked before the first layer starts and before anything is written.
 
     In order (cheap first): the model is not quantized already; every matrix the recipe quantizes, resolved by its
@@ -52,13 +53,15 @@ def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.Path
     ``output_dir``, every MoE layer's routed experts resolve to one scheme or all to high precision (vLLM runs them
     as one kernel); every tensor the loader reads exists with the shape the config implies (headers only); the
     output's directory is writable and its device has room for the estimated work directory and checkpoint
-    (``calibration_shape`` ``(num_samples, seq_len)`` sizes the activations); last, ``scan``: every weight is read
+    (``calibration_shape`` ``(num_samples, seq_len)`` sizes the activations; ``states``, the run's
+    :class:`~moequant.pipeline.hostmem.StatesPlan`, says whether they are its disk-backed store); last, ``scan``: every weight is read
     once and must be finite (:func:`moequant.io.safetensors.scan_weights`, a bar "checking weights" with
     ``progress``).
 
     Raises ValueError (OSError for an unwritable or full output) naming the module, tensor, layer or pattern, the
     expected and the actual value, and the remedy. Returns the :class:`Plan`."""
     fam, plan = lazy.family, Plan()
+    plan.states = states
     q = getattr(lazy.config, "quantization_config", None) or getattr(text_config(lazy.config),
                                                                      "quantization_config", None)
     if q:  # an FP8 / MXFP4 source is read decoded: LazyModel dropped its quantization_config

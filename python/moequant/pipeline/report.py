@@ -112,6 +112,7 @@ class QuantizationReport:
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
     source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
     quantization_format: Optional[str] = None  # the checkpoint's compressed-tensors format ("mixed-precision", ...)
+    hidden_states: Optional[dict] = None  # where the calibration hidden states lived (hostmem.StatesPlan.to_dict())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

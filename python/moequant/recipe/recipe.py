@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
@@ -141,6 +142,12 @@ class Recipe:
             memory free when the layer starts, less 2 GiB; on the CPU unbounded (one group).
         experts_per_group: routed experts per group, overriding what ``device_memory_gb`` allows (None: from the
             budget). Results do not depend on it beyond the rounding of summing the groups' outputs.
+        host_memory_gb: host memory the calibration hidden states may use (docs/pipeline.md, "Host memory"): a
+            layer holds two copies (its inputs and outputs, ``num_samples x seq_len x hidden`` each); when they need
+            more, they live in a disk-backed store in the work directory, read back per batch. 0 keeps them on
+            disk. None (default): half of the host memory available when the run starts (MemAvailable, or a
+            cgroup limit's room when lower) after one decoder layer. Results are bit-identical either way, so a run
+            may resume with another value (it is not part of the run's fingerprint).
         solvers (init only): the :class:`~moequant.methods.SolverRegistry` the schemes' ``method`` names are looked
             up in (default: the built-in solvers); given to the scheme and the overrides, not serialized.
     """
@@ -160,6 +167,7 @@ class Recipe:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     device_memory_gb: Optional[float] = None
     experts_per_group: Optional[int] = None
+    host_memory_gb: Optional[float] = None
     version: int = RECIPE_VERSION
     solvers: InitVar[Any] = None
 
@@ -215,6 +223,11 @@ class Recipe:
                             remedy="the GPU memory a layer may use, e.g. 70 on an 80 GB card; null: the free memory")
         if self.experts_per_group is not None:
             check_int("experts_per_group", self.experts_per_group, 1, "null chooses it from device_memory_gb")
+        if self.host_memory_gb is not None and not (
+                isinstance(self.host_memory_gb, (int, float)) and not isinstance(self.host_memory_gb, bool)
+                and math.isfinite(self.host_memory_gb) and self.host_memory_gb >= 0):
+            fail("host_memory_gb", "a finite number >= 0 or null", self.host_memory_gb,
+                 "the host memory the calibration hidden states may use; 0 keeps them on disk; null: automatic")
         if solvers is not None:  # the recipe's registry reaches its scheme and overrides (their method names)
             for section in (self.scheme, *self.overrides):
                 section.use_solvers(solvers)
@@ -282,7 +295,7 @@ class Recipe:
                 "routing_weighted": self.routing_weighted, "device": self.device,
                 "solver_memory_gb": self.solver_memory_gb, "report_loss": self.report_loss,
                 "rotation": self.rotation.to_dict(), "device_memory_gb": self.device_memory_gb,
-                "experts_per_group": self.experts_per_group}
+                "experts_per_group": self.experts_per_group, "host_memory_gb": self.host_memory_gb}
 
     @classmethod
     def from_dict(cls, data: dict, solvers: Any = None) -> "Recipe":
@@ -322,7 +335,7 @@ class Recipe:
                  group_size: Optional[int] = None, symmetric: Optional[bool] = None, method: Optional[str] = None,
                  calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
                  device: Optional[str] = None, device_memory_gb: Optional[float] = None,
-                 scheme: Optional[str] = None) -> "Recipe":
+                 host_memory_gb: Optional[float] = None, scheme: Optional[str] = None) -> "Recipe":
         """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
@@ -351,6 +364,8 @@ class Recipe:
             data["device"] = device
         if device_memory_gb is not None:
             data["device_memory_gb"] = device_memory_gb
+        if host_memory_gb is not None:
+            data["host_memory_gb"] = host_memory_gb
         return cls.from_dict(data)
 
 
