@@ -195,8 +195,8 @@ class Recipe:
                 data = getattr(self, name)
                 setattr(self, name, QuantScheme.from_dict(data, solvers) if cls is QuantScheme else cls.from_dict(data))
             if not isinstance(getattr(self, name), cls):
-                fail(name, f"a {cls.__name__}, a mapping" + (" or a preset name (e.g. NVFP4)" if cls is QuantScheme
-                                                             else ""), getattr(self, name))
+                fail(name, f"a {cls.__name__}, a mapping or a preset name (e.g. NVFP4)" if cls is QuantScheme
+                     else f"a {cls.__name__} or a mapping", getattr(self, name))
         if not isinstance(self.ignore, (list, tuple)):
             fail("ignore", "a list of patterns", self.ignore)
         self.ignore = list(self.ignore)
