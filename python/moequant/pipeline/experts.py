@@ -377,7 +377,7 @@ class MoELayerEngine:
                                  pooled=(lambda: pooled[1]) if pooled is not None else None,
                                  layer_mean=means[1].value)
             for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
-                tokens[e], mass[e], amax[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6), (a_gu, a_dn)
+                tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
                 if defer:
                     for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
                         running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
@@ -481,10 +481,10 @@ class _RunningMean:
 
     def add(self, acc, j: int, hessians: ExpertHessians) -> None:
         if hessians.calibrated(j):
-            h = acc.hessian(j)
+            h = acc.hessian(j, mass=hessians.mass[j])
             self.ok, self.n_ok = (h if self.ok is None else self.ok + h), self.n_ok + 1
-        elif hessians.counts[j] > 0 and float(acc.mass[j]) > 0:
-            h = acc.hessian(j)
+        elif hessians.counts[j] > 0 and hessians.mass[j] > 0:
+            h = acc.hessian(j, mass=hessians.mass[j])
             self.any, self.n_any = (h if self.any is None else self.any + h), self.n_any + 1
 
     def value(self) -> Optional[torch.Tensor]:

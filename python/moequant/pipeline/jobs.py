@@ -92,6 +92,7 @@ class ExpertHessians:
         self.acc, self.min_tokens, self.policy = acc, min_tokens, policy
         self.k, self.prior = float(shrinkage_tokens), prior
         self.counts = [int(c) for c in acc.counts.tolist()]
+        self.mass = [float(m) for m in acc.mass.tolist()]  # read once: no device synchronisation per expert
         self._mean: Optional[torch.Tensor] = None
         self._pooled: Optional[torch.Tensor] = None
         self._mean_fn, self._pooled_fn = layer_mean, pooled
@@ -115,7 +116,7 @@ class ExpertHessians:
         t = self._target(e)
         if t is None:
             return None
-        n = float(self.acc.mass[e])
+        n = self.mass[e]
         return (self.acc.hessians[e] + self.k * t) / (n + self.k)
 
     def _layer_mean(self) -> Optional[torch.Tensor]:
@@ -125,16 +126,16 @@ class ExpertHessians:
             return self._mean_fn()
         if self._mean is None:
             ok = [e for e in range(len(self.counts)) if self.calibrated(e)] or \
-                 [e for e, c in enumerate(self.counts) if c > 0 and float(self.acc.mass[e]) > 0]
+                 [e for e, c in enumerate(self.counts) if c > 0 and self.mass[e] > 0]
             if ok:
-                self._mean = sum(self.acc.hessian(e) for e in ok) / len(ok)
+                self._mean = sum(self.acc.hessian(e, mass=self.mass[e]) for e in ok) / len(ok)
         return self._mean
 
     def calibrated(self, e: int) -> bool:
         """Expert ``e`` has its own Hessian: at least ``min_tokens`` rows and a non-zero weight mass. An expert
         that saw no token (or only zero routing weights) never counts as calibrated, whatever ``min_tokens`` says:
         its Hessian is all zeros, and GPTQ would set every column of it to zero (dead columns)."""
-        return self.counts[e] >= max(self.min_tokens, 1) and float(self.acc.mass[e]) > 0
+        return self.counts[e] >= max(self.min_tokens, 1) and self.mass[e] > 0
 
     def get(self, e: int) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
         """(Hessian or None for RTN, fallback used or None, force RTN)."""
@@ -143,9 +144,9 @@ class ExpertHessians:
             if h is not None:
                 return h, (None if self.calibrated(e) else "shrink"), False
             if self.calibrated(e):
-                return self.acc.hessian(e), None, False
+                return self.acc.hessian(e, mass=self.mass[e]), None, False
         elif self.calibrated(e):
-            return self.acc.hessian(e), None, False
+            return self.acc.hessian(e, mass=self.mass[e]), None, False
         return self.fallback()
 
     def fallback(self) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
