@@ -15,6 +15,7 @@ library's default recipe), or ``bf16``. Features (each switches one recipe setti
     mt64    fallback.min_tokens = 64 (default 8): with few calibration samples, makes experts "rare"
     greedy  greedy rounding correction       agq     routing-weighted (affinity-guided) Hessians
     shrink  shrink rare experts' Hessians    awq     AWQ scales (+ clipping), then the method
+    awq2    AWQ with the L2 salience sqrt(E[x^2]) instead of E|x|
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
@@ -48,6 +49,7 @@ FEATURES = {
     "fbmean": ({}, dict(fallback=dict(policy="mean"))),
     "mt64": ({}, dict(fallback=dict(min_tokens=64))),
     "awq": ({}, dict(awq=dict(enabled=True))),
+    "awq2": ({}, dict(awq=dict(enabled=True, salience="l2"))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),
