@@ -22,7 +22,7 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats"]
+           "matrix_stats", "SolveJob", "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class ExpertHessians:
         return torch.eye(dim, dtype=self.acc.dtype, device=self.acc.device), "identity", False
 
 
-def _fallback(scheme: QuantScheme) -> QuantScheme:
+def fallback_scheme(scheme: QuantScheme) -> QuantScheme:
     """The scheme with the registry's fallback solver (RTN): a matrix without a Hessian whose method needs one."""
     return scheme.replace(method=scheme.solver_registry().fallback)
 
@@ -180,7 +180,7 @@ def matrix_stats(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTe
 
 def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor, fallback: Optional[str],
             forced_rtn: bool, report_loss: bool, stats: Optional[dict] = None) -> ModuleRecord:
-    used = _fallback(scheme) if forced_rtn else scheme
+    used = fallback_scheme(scheme) if forced_rtn else scheme
     return ModuleRecord(name=name, scheme=used.describe(), method=used.method, tokens=tokens,
                         loss=qt.loss if report_loss else None,
                         fallback=fallback,
@@ -188,9 +188,10 @@ def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor
 
 
 @torch.no_grad()
-def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype) -> tuple[dict, list]:
+def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype,
+                     probe: Optional[Callable] = None) -> tuple[dict, list]:
     """Quantizes the captured plain Linears of a layer in place (on a GPU, same-shape Linears such as k/v are
-    solved in one batched call); returns ({disk_name: qt}, [ModuleRecord])."""
+    solved in one batched call); returns ({disk_name: qt}, [ModuleRecord]). ``probe``: as :func:`finish_jobs`'."""
     lc = capture.linears
     jobs = []
     for name, lin in lc.modules.items():
@@ -202,12 +203,12 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
         tokens = int(acc.counts[0])
         h = acc.hessian(0) if tokens > 0 and float(acc.mass[0]) > 0 else None  # no data: RTN, never a zero H
         force_rtn = h is None and scheme.solver.needs_hessian
-        jobs.append(_Job(disk, lin.weight, h, _fallback(scheme) if force_rtn else scheme, scheme,
+        jobs.append(SolveJob(disk, lin.weight, h, fallback_scheme(scheme) if force_rtn else scheme, scheme,
                          [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn))
-    return finish_jobs(jobs, storage, recipe)
+    return finish_jobs(jobs, storage, recipe, probe)
 
 
-class _Job:
+class SolveJob:
     """One matrix to quantize: its weight, Hessian and scheme, and where its rows go (name -> row slice)."""
 
     def __init__(self, record: str, w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
@@ -217,7 +218,7 @@ class _Job:
         self.qt: Optional[ops.QuantizedTensor] = None
 
 
-def _batchable(job: _Job) -> bool:
+def _batchable(job: SolveJob) -> bool:
     """The job's solver has a batched path that handles it (GPTQ with a Hessian, on CUDA, within its limits)."""
     return _solver(job.scheme, job.h).batchable(job.w, job.h, job.scheme)
 
@@ -238,7 +239,7 @@ def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_l
         del w, h
 
 
-def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
+def run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
     """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
     groups: dict = {}
     for job in jobs:
@@ -253,7 +254,7 @@ def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_los
 
 @torch.no_grad()
 def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: str,
-                     storage: torch.dtype) -> tuple[dict, list]:
+                     storage: torch.dtype, probe: Optional[Callable] = None) -> tuple[dict, list]:
     """Quantizes every routed expert of a layer in place (gate and up share one Hessian and, when their
     schemes agree, one solve; on a GPU all experts of a projection are solved in one batched call);
     returns ({disk_name: qt}, [ModuleRecord])."""
@@ -271,7 +272,7 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
     experts = range(ec.num_experts)
     jobs = expert_jobs(ec.experts, family, recipe, layer_prefix, list(experts), experts, hgu.get, hdn.get,
                        hgu.counts)
-    return finish_jobs(jobs, storage, recipe)
+    return finish_jobs(jobs, storage, recipe, probe)
 
 
 def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, ids: list, local, gate_up, down,
@@ -290,25 +291,30 @@ def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, i
         h, fallback, force_rtn = gate_up(j)
         if sg is not None and sg == su:
             inter = t.gate.shape[0]
-            jobs.append(_Job(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
-                             _fallback(sg) if force_rtn else sg, sg,
+            jobs.append(SolveJob(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
+                             fallback_scheme(sg) if force_rtn else sg, sg,
                              [(names["gate"], t.gate, slice(0, inter)), (names["up"], t.up, slice(inter, None))],
                              n, fallback, force_rtn))
         else:
             for key, w, sc in (("gate", t.gate, sg), ("up", t.up, su)):
                 if sc is not None:
-                    jobs.append(_Job(names[key], w, h, _fallback(sc) if force_rtn else sc, sc,
+                    jobs.append(SolveJob(names[key], w, h, fallback_scheme(sc) if force_rtn else sc, sc,
                                      [(names[key], w, None)], n, fallback, force_rtn))
         if sd is not None:
             h, fallback, force_rtn = down(j)
-            jobs.append(_Job(names["down"], t.down, h, _fallback(sd) if force_rtn else sd, sd,
+            jobs.append(SolveJob(names["down"], t.down, h, fallback_scheme(sd) if force_rtn else sd, sd,
                              [(names["down"], t.down, None)], n, fallback, force_rtn))
     return jobs
 
 
-def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
-    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord])."""
-    _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
+def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
+                probe: Optional[Callable] = None) -> tuple[dict, list]:
+    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord]).
+    ``probe(jobs, storage, recipe)``, when given, sees the jobs first, while the weights are still the originals
+    (the budget's measurement pass, :class:`moequant.pipeline.budget.CandidateProbe`); it must not change them."""
+    if probe is not None and jobs:
+        probe(jobs, storage, recipe)
+    run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     for job in jobs:
         stats = matrix_stats(job.w, job.h, job.qt, storage, recipe.report_loss)  # before w is overwritten
