@@ -313,6 +313,22 @@ def test_unit_errors_weigh_experts_by_routing_mass_or_tokens():
     assert pbudget.unit_errors(p, probe, [layer], "tokens")[1] == [2.0 * 60 + 3.0 * 40, None]
 
 
+def test_loader_warnings_before_the_run():
+    mats = [Matrix("model.layers.0.self_attn.o_proj", 4, 4, 0), Matrix("model.layers.0.mlp.experts.0.down_proj", 4, 4, 0)]
+    units = build_units(mats)
+
+    def warnings(cands, experts="layer", unfit=()):
+        costs = [[None if k in unfit else 1 for k in range(len(cands))] for _ in units]
+        p = pbudget.BudgetProblem(units, cands, costs, [16, 16], {}, {}, 0, 32, 0, 10.0)
+        return pbudget.loader_warnings(Recipe(budget=BudgetConfig(bits=4, experts=experts)), p)
+
+    w = warnings([{"bits": 3, "group_size": -1}, {"bits": 4, "group_size": -1, "symmetric": False}])
+    assert len(w) == 3 and "transformers 5.23 loads with wrong" in w[0] and "asymmetric" in w[1] and "3-bit" in w[2]
+    assert warnings([{"bits": 4, "group_size": -1}, {"bits": 8, "group_size": -1}], "model") == []
+    assert len(warnings([{"bits": 4, "group_size": -1}, {"bits": 8, "group_size": -1}])) == 1
+    assert warnings([{"bits": 4, "group_size": -1}, {"bits": 3, "group_size": 64}], "layer", unfit=(1,)) == []
+
+
 def test_budget_grid_per_expert_cells():
     units = [{"label": f"mlp.experts.{e}.gate_up", "expert": e, "layers": [1], "params": 10,
               "scheme": "W2 g32" if e < 3 else "W4 g32", "bits": 2.5 if e < 3 else 4.5} for e in range(4)]

@@ -270,6 +270,27 @@ def sizing_recipe(recipe: Recipe, solvers=None) -> Recipe:
     return Recipe.from_dict(data, solvers)
 
 
+def loader_warnings(recipe: Recipe, p: BudgetProblem) -> list[str]:
+    """What the allocation may do to loaders, said before the run (:mod:`moequant.io.compat` names the loaders of
+    the final allocation): transformers reads one expert scheme for all MoE layers and symmetric schemes only,
+    vLLM 4- and 8-bit integers only."""
+    formats = {recipe.scheme.replace(**c).format for k, c in enumerate(p.candidates)
+               if any(row[k] is not None for row in p.costs)}
+    out = []
+    routed = any(u.kind == "routed" for u in p.units)
+    if routed and recipe.budget.experts == "layer" and len(formats) > 1:
+        out.append("the MoE layers' experts may get different schemes, which transformers 5.23 loads with wrong "
+                   "weights (it dequantizes every layer's experts with one scheme); budget.experts: model keeps one "
+                   "scheme for all of them, and moequant eval reads either")
+    if any(not f.symmetric for f in formats):
+        out.append("asymmetric candidates: transformers 5.23 does not load asymmetric modules")
+    odd = sorted({f.bits for f in formats} - {4, 8})
+    if odd:
+        out.append(f"{'/'.join(map(str, odd))}-bit candidates: vLLM's integer weight-only kernels take 4 or 8 bits; "
+                   "keep the candidates at 4 and 8 bits to serve the checkpoint with vLLM")
+    return out
+
+
 def budget_file(out: Path) -> Path:
     """Where a budgeted run keeps its allocation until the export: ``<out>.budget.json``."""
     return out.with_name(out.name + ".budget.json")
@@ -302,6 +323,9 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
                          f"in one scheme); use 'layer' or 'model', or export with --format dequantized")
     scale_bits = torch.finfo(storage).bits
     p = budget_problem(lazy, recipe, plan, scale_bits)
+    if out is not None and export_format == "pack-quantized":
+        for line in loader_warnings(recipe, p):
+            logger.warning("budget: %s", line)
     key = _key(model_dir, recipe, ids, export_format)
     saved = budget_file(out) if out is not None else None
     if resume and saved is not None and saved.is_file():
