@@ -19,6 +19,8 @@ zero points included). Features (each switches one recipe setting on top of the 
     greedy  greedy rounding correction       agq     routing-weighted (affinity-guided) Hessians
     shrink  shrink rare experts' Hessians    awq     AWQ scales (+ clipping), then the method
     awq2    AWQ with the L2 salience sqrt(E[x^2]) instead of E|x|
+    b<bits> budgeted mixed precision at <bits> bits per weight (scales included), default candidates
+    bexp / bmodel   with a budget: routed experts allocated per expert / one scheme for all layers
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
@@ -54,6 +56,8 @@ FEATURES = {
     "mt64": ({}, dict(fallback=dict(min_tokens=64))),
     "awq": ({}, dict(awq=dict(enabled=True))),
     "awq2": ({}, dict(awq=dict(enabled=True, salience="l2"))),
+    "bexp": ({}, dict(budget=dict(experts="expert"))),
+    "bmodel": ({}, dict(budget=dict(experts="model"))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),

@@ -17,8 +17,8 @@ from moequant import cli, ops, pipeline
 from moequant.formats import IntFormat
 from moequant.formats.compressed_tensors import compressed_tensor_names
 from moequant.io.exported import checkpoint_schemes, load_model
-from moequant.methods.budget import (BudgetConfig, Matrix, allocate, build_units, candidate_label, lower_bound,
-                                     min_cost, parse_budget)
+from moequant.methods.budget import (BudgetConfig, Matrix, allocate, build_units, candidate_label, greedy,
+                                     lower_bound, min_cost, parse_budget)
 from moequant.pipeline import budget as pbudget
 from moequant.pipeline.report import LayerRecord, QuantizationReport, budget_grid
 from moequant.recipe import CalibrationConfig, Override, QuantScheme, Recipe, match_pattern
@@ -71,6 +71,9 @@ def test_allocate_equals_enumeration_on_small_instances():
         assert got.error == pytest.approx(sum(opts[i][j][1] for i, j in enumerate(got.choice)), abs=1e-12)
         assert all(opts[i][j] is not None for i, j in enumerate(got.choice))
         assert got.bound <= got.error + 1e-12  # the LP relaxation never exceeds the optimum
+        g = greedy(opts, budget)  # feasible, never better than the optimum
+        assert sum(opts[i][j][0] for i, j in enumerate(g)) <= budget
+        assert sum(opts[i][j][1] for i, j in enumerate(g)) >= ref[2] - 1e-12
         checked += 1
     assert checked > 250 and infeasible > 20
 
@@ -98,6 +101,8 @@ def test_thinned_front_stays_feasible_and_bounded():
     thin = allocate(opts, budget, max_states=3)
     assert exact.exact and not thin.exact
     assert thin.cost <= budget and thin.error >= exact.error - 1e-12 and thin.bound <= exact.error + 1e-12
+    g = greedy(opts, budget)  # a thinned front falls back to the greedy choice when that is better
+    assert thin.error <= sum(opts[i][j][1] for i, j in enumerate(g)) + 1e-12
     assert allocate_ref(opts, budget)[2] == pytest.approx(exact.error, abs=1e-12)
 
 

@@ -10,7 +10,8 @@ those that still leave room for the cheapest options of the remaining units. The
 optimum. Fronts stay small in practice (costs repeat: every unit of one shape costs the same per option), but are
 exponential in the worst case, so a front larger than ``max_states`` is thinned: its cost range is cut into
 ``max_states`` buckets and the least-error choice of each kept; the result is then feasible but may be
-suboptimal (``Allocation.exact`` is False) and :func:`lower_bound` says by how much at most.
+suboptimal (``Allocation.exact`` is False), the greedy Lagrangian choice (:func:`greedy`) is computed too and the
+better of the two returned, and :func:`lower_bound` says how far from optimal it can be at most.
 
 :func:`lower_bound` is the LP relaxation's optimum (each unit's options reduced to their lower convex hull,
 increments taken in order of error saved per bit, the last one fractionally): no choice within the budget has a
@@ -24,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Allocation", "allocate", "lower_bound", "min_cost", "Option"]
+__all__ = ["Allocation", "allocate", "greedy", "lower_bound", "min_cost", "Option"]
 
 Option = Optional[tuple]  # (cost, error), or None where the candidate does not apply to the unit
 
@@ -65,56 +66,90 @@ def min_cost(options: Sequence[Sequence[Option]]) -> float:
     return sum(min(c for _, c, _ in opts) for opts in _check(options, 0.0))
 
 
-def lower_bound(options: Sequence[Sequence[Option]], budget: float) -> float:
-    """The LP relaxation's optimal error at ``budget`` (a lower bound of :func:`allocate`'s error); ``inf`` when
-    even the cheapest choice exceeds the budget."""
-    units = _check(options, budget)
-    base_cost = base_err = 0.0
-    steps = []  # (error saved per bit, cost increment, error increment)
+def _hulls(units: list) -> list[list[tuple[int, float, float]]]:
+    """Per unit the lower convex hull of its non-dominated options, ``(option, cost, error)`` by increasing cost."""
+    out = []
     for opts in units:
-        pts = sorted((c, e) for _, c, e in opts)
-        hull: list[tuple[float, float]] = []
-        for c, e in pts:  # lower convex hull of the non-dominated points, by increasing cost
-            if hull and c == hull[-1][0]:
+        hull: list[tuple[int, float, float]] = []
+        for j, c, e in sorted(opts, key=lambda o: (o[1], o[2])):
+            if hull and c == hull[-1][1]:
                 continue  # same cost: the first (least error) is kept
-            if hull and e >= hull[-1][1]:
+            if hull and e >= hull[-1][2]:
                 continue  # dominated: costs more, saves nothing
             while len(hull) >= 2:
-                (c1, e1), (c2, e2) = hull[-2], hull[-1]
+                (_, c1, e1), (_, c2, e2) = hull[-2], hull[-1]
                 if (e2 - e1) * (c - c1) >= (e - e1) * (c2 - c1):  # hull[-1] on or above the chord: not convex
                     hull.pop()
                 else:
                     break
-            hull.append((c, e))
-        base_cost += hull[0][0]
-        base_err += hull[0][1]
-        for (c1, e1), (c2, e2) in zip(hull, hull[1:]):
-            steps.append(((e1 - e2) / (c2 - c1), c2 - c1, e2 - e1))
-    room = budget - base_cost
+            hull.append((j, c, e))
+        out.append(hull)
+    return out
+
+
+def _steps(hulls: list) -> list[tuple[float, int, int]]:
+    """Every hull increment ``(error saved per bit, unit, position)``, most saved per bit first; within a unit the
+    slopes decrease along its hull, so this order keeps each unit's increments in sequence."""
+    steps = [((h[k][2] - h[k + 1][2]) / (h[k + 1][1] - h[k][1]), u, k)
+             for u, h in enumerate(hulls) for k in range(len(h) - 1)]
+    return sorted(steps, key=lambda s: (-s[0], s[1], s[2]))
+
+
+def lower_bound(options: Sequence[Sequence[Option]], budget: float) -> float:
+    """The LP relaxation's optimal error at ``budget`` (a lower bound of :func:`allocate`'s error); ``inf`` when
+    even the cheapest choice exceeds the budget."""
+    hulls = _hulls(_check(options, budget))
+    room = budget - sum(h[0][1] for h in hulls)
     if room < 0:
         return math.inf
-    err = base_err
-    for _, dc, de in sorted(steps, key=lambda s: -s[0]):  # per unit, slopes decrease: the hull order is kept
-        if dc <= room:
-            room -= dc
-            err += de
+    err = sum(h[0][2] for h in hulls)
+    for _, u, k in _steps(hulls):
+        (_, c1, e1), (_, c2, e2) = hulls[u][k], hulls[u][k + 1]
+        if c2 - c1 <= room:
+            room -= c2 - c1
+            err += e2 - e1
         else:
-            err += de * room / dc
+            err += (e2 - e1) * room / (c2 - c1)
             break
     return max(err, 0.0)
 
 
-def allocate(options: Sequence[Sequence[Option]], budget: float, *, max_states: int = 200_000) -> Allocation:
+def greedy(options: Sequence[Sequence[Option]], budget: float) -> tuple:
+    """The greedy Lagrangian choice: every unit at its hull's cheapest option, then hull increments in order of error
+    saved per bit while they fit (a unit whose next increment does not fit takes no later one). Near the LP bound
+    when units are many and small against the budget; not always optimal. Returns the option index per unit."""
+    hulls = _hulls(_check(options, budget))
+    room = budget - sum(h[0][1] for h in hulls)
+    if room < 0:
+        raise ValueError(f"budget: {budget:.6g} bits is below the cheapest choice")
+    pos, stuck = [0] * len(hulls), set()
+    for _, u, k in _steps(hulls):
+        if u in stuck or pos[u] != k:
+            continue
+        dc = hulls[u][k + 1][1] - hulls[u][k][1]
+        if dc <= room:
+            room -= dc
+            pos[u] = k + 1
+        else:
+            stuck.add(u)
+    return tuple(h[p][0] for h, p in zip(hulls, pos))
+
+
+def allocate(options: Sequence[Sequence[Option]], budget: float, *, max_states: Optional[int] = None) -> Allocation:
     """The least-error choice of one option per unit within ``budget`` (module docstring).
 
     Args:
         options: per unit, per candidate ``(cost, error)`` or None (the candidate does not apply to that unit).
         budget: the most total cost allowed.
-        max_states: the largest Pareto front kept exactly (beyond it the front is thinned, ``exact`` False).
+        max_states: the largest Pareto front kept exactly (beyond it the front is thinned, ``exact`` False); None:
+            200,000, fewer for many units (about 2e8 state-option pairs in all, at least 2,000 states).
     Ties in error go to the cheaper choice. Raises ValueError when even the cheapest choice exceeds the budget,
     naming that cost.
     """
     units = _check(options, budget)
+    if max_states is None:
+        pairs = max(1, sum(len(o) for o in units))
+        max_states = int(min(200_000, max(2_000, 2e8 // pairs)))
     if isinstance(max_states, bool) or not isinstance(max_states, int) or max_states < 1:
         raise ValueError(f"max_states: expected a positive integer, got {max_states!r}")
     mins = [min(c for _, c, _ in opts) for opts in units]
@@ -147,7 +182,8 @@ def allocate(options: Sequence[Sequence[Option]], budget: float, *, max_states: 
         cc, ce, prev, opt = cc[keep], ce[keep], prev[keep], opt[keep]
         if cc.size > max_states:
             exact = False
-            bucket = np.floor(cc / max(budget, 1e-300) * max_states).astype(np.int64)
+            span = max(float(cc[-1] - cc[0]), 1e-300)  # buckets over this front's own cost range
+            bucket = np.floor((cc - cc[0]) / span * (max_states - 1)).astype(np.int64)
             last = np.ones(cc.size, dtype=bool)
             last[:-1] = bucket[1:] != bucket[:-1]  # the last (least-error) state of each bucket
             cc, ce, prev, opt = cc[last], ce[last], prev[last], opt[last]
@@ -159,4 +195,11 @@ def allocate(options: Sequence[Sequence[Option]], budget: float, *, max_states: 
     for prev, opt in reversed(back):
         choice.append(int(opt[k]))
         k = int(prev[k])
-    return Allocation(tuple(reversed(choice)), total_cost, total_err, lower_bound(options, budget), exact)
+    choice = tuple(reversed(choice))
+    if not exact:  # a thinned front: the greedy Lagrangian choice may be better
+        g = greedy(options, budget)
+        g_err = sum(options[i][j][1] for i, j in enumerate(g))
+        if g_err < total_err:
+            choice, total_err = g, float(g_err)
+            total_cost = float(sum(options[i][j][0] for i, j in enumerate(g)))
+    return Allocation(choice, total_cost, total_err, lower_bound(options, budget), exact)
