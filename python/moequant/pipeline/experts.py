@@ -370,7 +370,7 @@ class MoELayerEngine:
             deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts)
-                res, recs = finish_jobs(jobs, self.storage, recipe, self.probe)
+                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
             del cap, jobs
@@ -386,7 +386,7 @@ class MoELayerEngine:
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
                                    lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids])
-                res, recs = finish_jobs(jobs, self.storage, recipe, self.probe)
+                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, sel)
             if not single:
                 with ph("expert_outputs"):
