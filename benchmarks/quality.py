@@ -21,6 +21,7 @@ zero points included). Features (each switches one recipe setting on top of the 
     awq2    AWQ with the L2 salience sqrt(E[x^2]) instead of E|x|
     b<bits> budgeted mixed precision at <bits> bits per weight (scales included), default candidates
     bexp / bmodel   with a budget: routed experts allocated per expert / one scheme for all layers
+    bres    with a budget: each layer's errors relative to the residual stream's energy (budget.layer_scale)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
@@ -58,6 +59,7 @@ FEATURES = {
     "awq2": ({}, dict(awq=dict(enabled=True, salience="l2"))),
     "bexp": ({}, dict(budget=dict(experts="expert"))),
     "bmodel": ({}, dict(budget=dict(experts="model"))),
+    "bres": ({}, dict(budget=dict(layer_scale="residual"))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),

@@ -259,6 +259,7 @@ def test_budget_run_applies_the_allocation_within_the_budget(budget_run):
     b = report.budget
     assert b["target"] == {"bits": 3.4} and b["achieved_bits"] <= 3.4 and b["exact"]
     assert b["lower_bound"] <= b["error"] and b["propagation"] in b["candidates"]
+    assert len(b["residual_energy"]) == 2 and all(v > 0 for v in b["residual_energy"])
     assert [u["label"] for u in b["units"]] == ["self_attn.q_proj+k_proj+v_proj", "self_attn.o_proj",
                                                 "mlp.experts"] * 2
     _, schemes = checkpoint_schemes(out)
@@ -316,6 +317,7 @@ def test_unit_errors_weigh_experts_by_routing_mass_or_tokens():
                         routing_mass=[30.0, 10.0])
     assert pbudget.unit_errors(p, probe, [layer], "mass") == [[100.0, 50.0], [2.0 * 30 + 3.0 * 10, None]]
     assert pbudget.unit_errors(p, probe, [layer], "tokens")[1] == [2.0 * 60 + 3.0 * 40, None]
+    assert pbudget.unit_errors(p, probe, [layer], "mass", {0: 0.5}) == [[50.0, 25.0], [30.0 + 15.0, None]]
 
 
 def test_loader_warnings_before_the_run():

@@ -41,8 +41,9 @@ from ..methods.budget import Matrix, allocate, build_units, candidate_label
 from ..recipe.recipe import Recipe
 from ..recipe.scheme import Override
 from .jobs import SolveJob, fallback_scheme, matrix_stats, run_jobs
+from .layer import LayerObserver
 
-__all__ = ["CandidateProbe", "BudgetProblem", "budget_problem", "run_budget", "budget_file", "sizing_recipe"]
+__all__ = ["CandidateProbe", "ResidualEnergy", "BudgetProblem", "budget_problem", "run_budget", "budget_file", "sizing_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,35 @@ class CandidateProbe:
                 st = matrix_stats(t.w, t.h, t.qt, storage, True)
                 self.records[t.record]["errors"][k] = float(st.get("error", 0.0))
                 t.qt = None
+
+
+class ResidualEnergy(LayerObserver):
+    """Pass 1's mean squared norm of the residual stream per calibration token: ``inputs[L]`` before layer L,
+    ``outputs[L]`` after it (a MoE layer's outputs as the engine computed them; else the next layer's inputs)."""
+
+    def __init__(self) -> None:
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+
+    @staticmethod
+    def _energy(hidden: list) -> float:
+        total = sum(float(h.double().pow(2).sum()) for h in hidden)
+        rows = sum(h.numel() // h.shape[-1] for h in hidden)
+        return total / max(rows, 1)
+
+    def layer_inputs(self, index: int, prefix: str, hidden: list, kwargs: list) -> None:
+        self.inputs[index] = self._energy(hidden)
+
+    def layer_done(self, index: int, result) -> None:
+        if result is not None and getattr(result, "outputs", None) is not None:
+            self.outputs[index] = self._energy(result.outputs)
+
+    def after(self, index: int) -> float:
+        """The residual stream's energy after layer ``index`` (the last layer without outputs: its input's)."""
+        for v in (self.outputs.get(index), self.inputs.get(index + 1), self.inputs.get(index)):
+            if v is not None and v > 0:
+                return v
+        return 1.0
 
 
 @dataclass
@@ -207,10 +237,12 @@ def propagation_candidate(p: BudgetProblem) -> Optional[int]:
     return None if best is None else best[1]
 
 
-def unit_errors(p: BudgetProblem, probe: CandidateProbe, layers: list, expert_weight: str) -> list:
+def unit_errors(p: BudgetProblem, probe: CandidateProbe, layers: list, expert_weight: str,
+                scale: Optional[dict] = None) -> list:
     """Per unit and candidate the weighted error (None where the candidate was not measured for a matrix of it):
     sum over its jobs of weight x ``tr(dW H dW^T)``; a routed expert's weight is its routing mass (or routed
-    tokens), any other matrix's its calibration tokens. ``layers``: pass 1's report records."""
+    tokens), any other matrix's its calibration tokens; ``scale`` (layer -> factor, ``layer_scale: residual``)
+    multiplies the weights of each layer's jobs. ``layers``: pass 1's report records."""
     unit_of = p.unit_of()
     by_layer = {x.index: x for x in layers}
     errs = [[0.0] * len(p.candidates) for _ in p.units]
@@ -228,6 +260,8 @@ def unit_errors(p: BudgetProblem, probe: CandidateProbe, layers: list, expert_we
             e = int(m.group(1))
             src = (layer.routing_mass if expert_weight == "mass" else layer.expert_tokens) if layer else []
             weight = float(src[e]) if e < len(src) else 0.0
+        if scale is not None:
+            weight *= scale.get(p.layer_of[name], 1.0)
         for k, err in enumerate(rec["errors"]):
             if errs[u][k] is not None:
                 errs[u][k] = None if err is None else errs[u][k] + weight * err
@@ -253,7 +287,7 @@ def budget_record(p: BudgetProblem, cfg, errs: list, alloc, propagation: Optiona
                       "choice": k, "scheme": candidate_label(p.candidates[k]),
                       "bits": round(p.costs[u][k] / p.params[u], 6), "costs": p.costs[u], "errors": errs[u]})
     return {"target": {"bits": cfg.bits} if cfg.bits is not None else {"size_gb": cfg.size_gb},
-            "experts": cfg.experts, "expert_weight": cfg.expert_weight,
+            "experts": cfg.experts, "expert_weight": cfg.expert_weight, "layer_scale": cfg.layer_scale,
             "candidates": [candidate_label(c) for c in p.candidates], "candidate_fields": p.candidates,
             "propagation": None if propagation is None else candidate_label(p.candidates[propagation]),
             "achieved_bits": round(chosen / p.total_params, 6), "quantized_params": p.total_params,
@@ -342,15 +376,19 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
         data["overrides"] = [{"pattern": "re:.*", "scheme": dict(p.candidates[prop])}] + data["overrides"]
     pass1 = Recipe.from_dict(data, solvers)
     probe = CandidateProbe(p.candidates)
+    energy = ResidualEnergy()
     logger.info("budget: pass 1 measures %d candidates on %d units (propagating %s)", len(p.candidates),
                 len(p.units), "the base scheme" if prop is None else candidate_label(p.candidates[prop]))
     report1 = quantize(model_dir, pass1, ids, None, progress=progress, solvers=solvers, probe=probe,
-                       prefetch=prefetch, scan=False)
-    errs = unit_errors(p, probe, report1.layers, cfg.expert_weight)
+                       prefetch=prefetch, scan=False, observers=[energy])
+    residual = {x.index: energy.after(x.index) for x in report1.layers}
+    errs = unit_errors(p, probe, report1.layers, cfg.expert_weight,
+                       {i: 1.0 / v for i, v in residual.items()} if cfg.layer_scale == "residual" else None)
     options = [[None if c is None or e is None else (float(c), float(e)) for c, e in zip(cr, er)]
                for cr, er in zip(p.costs, errs)]
     alloc = allocate(options, p.budget_bits)
     record = budget_record(p, cfg, errs, alloc, prop, time.time() - t0)
+    record["residual_energy"] = [round(residual[i], 6) for i in sorted(residual)]
     overrides = allocation_overrides(p, alloc.choice)
     if saved is not None:
         atomic_write_json(saved, {"key": key, "overrides": [o.to_dict() for o in overrides], "record": record})

@@ -20,6 +20,7 @@ DEFAULT_CANDIDATES = (
     {"bits": 6, "group_size": 128}, {"bits": 8, "group_size": -1},
 )
 EXPERT_WEIGHTS = ("mass", "tokens")
+LAYER_SCALES = ("none", "residual")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GB|GiB|MB|MiB|TB|TiB|kB|KiB)\s*$", re.IGNORECASE)
 _UNITS = {"kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30, "tb": 1e12, "tib": 2**40}
 
@@ -66,6 +67,9 @@ class BudgetConfig(Section):
             apart); the last two only with the dequantized export (no loader reads them pack-quantized).
         expert_weight: an expert's measured error counts with its routing mass (``"mass"``: the sum of the routing
             weights of its calibration tokens) or its token count (``"tokens"``).
+        layer_scale: ``"none"``: the errors of all layers count as measured (absolute output errors);
+            ``"residual"``: each layer's errors are divided by the mean squared norm of the residual stream after it
+            (calibration tokens, pass 1), so an error counts relative to the signal it is added to.
     """
 
     _where: ClassVar[str] = "budget"
@@ -74,6 +78,7 @@ class BudgetConfig(Section):
     candidates: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CANDIDATES])
     experts: str = "layer"
     expert_weight: str = "mass"
+    layer_scale: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("bits", "size_gb"):
@@ -112,6 +117,7 @@ class BudgetConfig(Section):
         check_choice("budget.experts", self.experts, EXPERT_GRANULARITIES,
                      "'layer' for vLLM, 'model' for transformers")
         check_choice("budget.expert_weight", self.expert_weight, EXPERT_WEIGHTS)
+        check_choice("budget.layer_scale", self.layer_scale, LAYER_SCALES)
 
     @property
     def enabled(self) -> bool:
