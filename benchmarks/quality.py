@@ -219,7 +219,9 @@ def main(argv=None) -> int:
                         res["bits"] = b["achieved_bits"]
                         res["budget"] = {"measure_seconds": b["measure_seconds"], "error": b["error"],
                                          "lower_bound": b["lower_bound"], "propagation": b["propagation"],
-                                         "units": [[u["key"], u["scheme"], u["bits"]] for u in b["units"]]}
+                                         "candidates": b["candidates"], "residual": b.get("residual_energy"),
+                                         "units": [[u["key"], u["scheme"], u["bits"], u["errors"]]
+                                                   for u in b["units"]]}
                     else:
                         res["bits"] = average_bits(args.model, recipe.scheme.to_dict())
         except Exception as exc:  # noqa: BLE001 -- reported per row with --keep-going
