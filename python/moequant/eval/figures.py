@@ -292,12 +292,17 @@ def budget_allocation(report) -> Optional[bytes]:
     ax.set_title(f"Allocation for {target}: {b['achieved_bits']:.3f} bits per weight")
     if per_expert:
         by = {x.index: x for x in report.layers}
-        pts = []
+        per: dict = {}  # (layer, expert) -> [bits x params, params]: gate+up and down together
         for u in per_expert:
-            x = by.get(u["layers"][0])
+            acc = per.setdefault((u["layers"][0], u["expert"]), [0.0, 0])
+            acc[0] += u["bits"] * u["params"]
+            acc[1] += u["params"]
+        pts = []
+        for (layer, e), (bp, n) in sorted(per.items()):
+            x = by.get(layer)
             mass = x.routing_mass if x is not None and x.routing_mass else []
-            if u["expert"] < len(mass):
-                pts.append((max(mass[u["expert"]], 1e-3), u["bits"], u["layers"][0]))
+            if e < len(mass) and n:
+                pts.append((max(mass[e], 1e-3), bp / n, layer))
         ax2 = fig.add_subplot(1, 2, 2)
         if pts:
             sc = ax2.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=14)
@@ -305,7 +310,7 @@ def budget_allocation(report) -> Optional[bytes]:
         ax2.set_xscale("log")
         _plain_log(ax2, "x")
         ax2.set_xlabel("routing mass of the expert in calibration")
-        ax2.set_ylabel("bits per weight")
-        ax2.set_title("Per-expert allocation")
+        ax2.set_ylabel("bits per weight (gate, up and down)")
+        ax2.set_title("Per-expert allocation against routing mass")
         ax2.grid(alpha=0.3, which="both")
     return _png(fig)
