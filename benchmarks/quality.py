@@ -22,6 +22,7 @@ zero points included). Features (each switches one recipe setting on top of the 
     b<bits> budgeted mixed precision at <bits> bits per weight (scales included), default candidates
     bexp / bmodel   with a budget: routed experts allocated per expert / one scheme for all layers
     bres    with a budget: each layer's errors relative to the residual stream's energy (budget.layer_scale)
+    bfish   with a budget: each layer's errors times the loss's sensitivity to its output (budget.layer_scale)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
@@ -60,6 +61,7 @@ FEATURES = {
     "bexp": ({}, dict(budget=dict(experts="expert"))),
     "bmodel": ({}, dict(budget=dict(experts="model"))),
     "bres": ({}, dict(budget=dict(layer_scale="residual"))),
+    "bfish": ({}, dict(budget=dict(layer_scale="fisher"))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),
@@ -220,6 +222,7 @@ def main(argv=None) -> int:
                         res["budget"] = {"measure_seconds": b["measure_seconds"], "error": b["error"],
                                          "lower_bound": b["lower_bound"], "propagation": b["propagation"],
                                          "candidates": b["candidates"], "residual": b.get("residual_energy"),
+                                         "sensitivity": b.get("sensitivity"),
                                          "units": [[u["key"], u["scheme"], u["bits"], u["errors"]]
                                                    for u in b["units"]]}
                     else:

@@ -320,6 +320,38 @@ def test_unit_errors_weigh_experts_by_routing_mass_or_tokens():
     assert pbudget.unit_errors(p, probe, [layer], "mass", {0: 0.5}) == [[50.0, 25.0], [30.0 + 15.0, None]]
 
 
+def test_residual_sensitivity_equals_whole_model_autograd(tiny):
+    """The layer-by-layer backward gives what autograd through the whole transformers model gives."""
+    import transformers
+
+    from moequant.calibration.sensitivity import residual_sensitivity
+    from moequant.models.lazy import LazyModel
+
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
+    lazy = LazyModel(tiny, dtype=torch.float64, experts_implementation="eager")
+    got = residual_sensitivity(lazy, ids, "cpu", batch_size=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float64,
+                                                              experts_implementation="eager").eval()
+    outs: dict = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+             for i, layer in enumerate(model.model.layers)]
+    want = [0.0] * len(model.model.layers)
+    for b in ids.split(2):
+        logits = model(b).logits
+        for o in outs.values():
+            o.retain_grad()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        loss.backward()
+        for i, o in outs.items():
+            want[i] += float(o.grad.pow(2).sum()) / ids[:, :].numel()
+        model.zero_grad()
+    for h in hooks:
+        h.remove()
+    assert got == pytest.approx(want, rel=1e-9)
+    assert got[0] != pytest.approx(got[1], rel=1e-3)  # the layers differ: the test can tell them apart
+
+
 def test_loader_warnings_before_the_run():
     mats = [Matrix("model.layers.0.self_attn.o_proj", 4, 4, 0), Matrix("model.layers.0.mlp.experts.0.down_proj", 4, 4, 0)]
     units = build_units(mats)
@@ -344,6 +376,20 @@ def test_budget_grid_per_expert_cells():
     cols, grid = budget_grid({"units": units})
     assert cols == ["mlp.experts.*.gate_up", "self_attn.o_proj"]
     assert grid[1]["mlp.experts.*.gate_up"] == ("W2 g32 x3, W4 g32 x1", pytest.approx(3.0))
+
+
+def test_budget_layer_scales_change_the_errors_not_the_costs(tiny, budget_run, tmp_path):
+    plain = budget_run[1].budget
+    fisher = pipeline.quantize(tiny, _recipe(bits=3.4, layer_scale="fisher", sensitivity_samples=2),
+                               progress=False).budget
+    resid = pipeline.quantize(tiny, _recipe(bits=3.4, layer_scale="residual"), progress=False).budget
+    assert len(fisher["sensitivity"]) == 2 and all(v > 0 for v in fisher["sensitivity"])
+    assert plain["sensitivity"] is None and resid["layer_scale"] == "residual"
+    for b, factor in ((fisher, fisher["sensitivity"]), (resid, [1 / v for v in resid["residual_energy"]])):
+        for u, u0 in zip(b["units"], plain["units"]):
+            assert u["costs"] == u0["costs"]
+            f = factor[u["layers"][0]]
+            assert u["errors"] == pytest.approx([e * f for e in u0["errors"]], rel=1e-4)  # separate pass-1 runs
 
 
 def test_budget_model_granularity_loads_in_transformers_and_expert_granularity_exports(tiny, tmp_path):

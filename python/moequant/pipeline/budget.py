@@ -35,6 +35,7 @@ from typing import Optional
 
 import torch
 
+from ..calibration.sensitivity import residual_sensitivity
 from ..io.files import atomic_write_json
 from ..io.fingerprint import model_fingerprint
 from ..methods.budget import Matrix, allocate, build_units, candidate_label
@@ -346,7 +347,7 @@ def _pass2_recipe(recipe: Recipe, overrides: list, solvers) -> Recipe:
 
 def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model_dir: Path, out: Optional[Path],
                export_format: str, resume: bool, storage: torch.dtype, progress: bool, solvers,
-               prefetch) -> tuple[Recipe, dict]:
+               prefetch, device) -> tuple[Recipe, dict]:
     """Pass 1 and the allocation (module docstring): returns the recipe of pass 2 (the allocation as overrides,
     the budget off) and the report's ``budget`` section. ``quantize``: :func:`moequant.pipeline.quantize`, run
     for pass 1 without output, with the probe."""
@@ -369,6 +370,11 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
             overrides = [Override.from_dict(o, solvers) for o in data["overrides"]]
             return _pass2_recipe(recipe, overrides, solvers), data["record"]
     t0 = time.time()
+    sens = None
+    if cfg.layer_scale == "fisher":  # on the unquantized model, before pass 1
+        n = min(cfg.sensitivity_samples, int(ids.shape[0]))
+        sens = residual_sensitivity(lazy, ids[:n], device, recipe.calibration.batch_size)
+        logger.info("budget: loss sensitivity per layer %s", ", ".join(f"{v:.3g}" for v in sens))
     prop = propagation_candidate(p)
     data = recipe.to_dict()
     data["budget"] = {**data["budget"], "bits": None, "size_gb": None}
@@ -382,13 +388,15 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
     report1 = quantize(model_dir, pass1, ids, None, progress=progress, solvers=solvers, probe=probe,
                        prefetch=prefetch, scan=False, observers=[energy])
     residual = {x.index: energy.after(x.index) for x in report1.layers}
-    errs = unit_errors(p, probe, report1.layers, cfg.expert_weight,
-                       {i: 1.0 / v for i, v in residual.items()} if cfg.layer_scale == "residual" else None)
+    scale = {i: 1.0 / v for i, v in residual.items()} if cfg.layer_scale == "residual" else \
+        dict(enumerate(sens)) if sens is not None else None
+    errs = unit_errors(p, probe, report1.layers, cfg.expert_weight, scale)
     options = [[None if c is None or e is None else (float(c), float(e)) for c, e in zip(cr, er)]
                for cr, er in zip(p.costs, errs)]
     alloc = allocate(options, p.budget_bits)
     record = budget_record(p, cfg, errs, alloc, prop, time.time() - t0)
     record["residual_energy"] = [round(residual[i], 6) for i in sorted(residual)]
+    record["sensitivity"] = sens
     overrides = allocation_overrides(p, alloc.choice)
     if saved is not None:
         atomic_write_json(saved, {"key": key, "overrides": [o.to_dict() for o in overrides], "record": record})

@@ -156,7 +156,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                          calibration_shape=tuple(ids.shape), resume=resume, progress=progress, scan=scan)
         recipe, budget = run_budget(quantize, lazy, recipe, plan, ids, model_dir=model_dir, out=out,
                                     export_format=export_format, resume=resume, storage=storage, progress=progress,
-                                    solvers=solvers, prefetch=prefetch)
+                                    solvers=solvers, prefetch=prefetch, device=device)
     plan = preflight(lazy, recipe, output_dir=out, export_format=export_format, calibration_shape=tuple(ids.shape),
                      resume=resume, progress=progress, scan=scan and budget is None)
     # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)

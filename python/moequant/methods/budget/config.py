@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from ...formats import IntFormat
-from ...recipe.fields import Section, check_choice, fail
+from ...recipe.fields import Section, check_choice, check_int, fail
 from .units import EXPERT_GRANULARITIES
 
 __all__ = ["BudgetConfig", "DEFAULT_CANDIDATES", "CANDIDATE_KEYS", "parse_budget", "candidate_label"]
@@ -20,7 +20,7 @@ DEFAULT_CANDIDATES = (
     {"bits": 6, "group_size": 128}, {"bits": 8, "group_size": -1},
 )
 EXPERT_WEIGHTS = ("mass", "tokens")
-LAYER_SCALES = ("none", "residual")
+LAYER_SCALES = ("none", "residual", "fisher")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GB|GiB|MB|MiB|TB|TiB|kB|KiB)\s*$", re.IGNORECASE)
 _UNITS = {"kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30, "tb": 1e12, "tib": 2**40}
 
@@ -67,9 +67,13 @@ class BudgetConfig(Section):
             apart); the last two only with the dequantized export (no loader reads them pack-quantized).
         expert_weight: an expert's measured error counts with its routing mass (``"mass"``: the sum of the routing
             weights of its calibration tokens) or its token count (``"tokens"``).
-        layer_scale: ``"none"``: the errors of all layers count as measured (absolute output errors);
-            ``"residual"``: each layer's errors are divided by the mean squared norm of the residual stream after it
-            (calibration tokens, pass 1), so an error counts relative to the signal it is added to.
+        layer_scale: how errors of different layers compare: ``"none"``: as measured (absolute output errors);
+            ``"residual"``: each layer's errors divided by the mean squared norm of the residual stream after it
+            (pass 1's calibration tokens): relative to the signal they are added to; ``"fisher"``: multiplied by the
+            loss's sensitivity to that residual stream, ``mean_t ||dLoss/dh||^2`` of the unquantized model
+            (:func:`moequant.calibration.sensitivity.residual_sensitivity`: one forward and one backward pass, layer by
+            layer, over ``sensitivity_samples`` calibration windows).
+        sensitivity_samples: calibration windows behind ``"fisher"`` (the first ones).
     """
 
     _where: ClassVar[str] = "budget"
@@ -79,6 +83,7 @@ class BudgetConfig(Section):
     experts: str = "layer"
     expert_weight: str = "mass"
     layer_scale: str = "none"
+    sensitivity_samples: int = 16
 
     def __post_init__(self) -> None:
         for name in ("bits", "size_gb"):
@@ -118,6 +123,7 @@ class BudgetConfig(Section):
                      "'layer' for vLLM, 'model' for transformers")
         check_choice("budget.expert_weight", self.expert_weight, EXPERT_WEIGHTS)
         check_choice("budget.layer_scale", self.layer_scale, LAYER_SCALES)
+        check_int("budget.sensitivity_samples", self.sensitivity_samples, 1, "the default is 16")
 
     @property
     def enabled(self) -> bool:
