@@ -13,11 +13,12 @@ from .units import EXPERT_GRANULARITIES
 __all__ = ["BudgetConfig", "DEFAULT_CANDIDATES", "CANDIDATE_KEYS", "parse_budget", "candidate_label"]
 
 CANDIDATE_KEYS = ("bits", "group_size", "symmetric")
-# int2 .. int8 around the useful range: W2 needs small groups to be usable; W8 per-channel is near lossless
+# int2 .. int8 around the useful range: W2 needs small groups to be usable; W3 per-channel sits between W2 g32 and
+# W3 g128 in size; W8 per-channel is near lossless
 DEFAULT_CANDIDATES = (
-    {"bits": 2, "group_size": 32}, {"bits": 2, "group_size": 64}, {"bits": 3, "group_size": 64},
-    {"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 64}, {"bits": 4, "group_size": 128},
-    {"bits": 6, "group_size": 128}, {"bits": 8, "group_size": -1},
+    {"bits": 2, "group_size": 32}, {"bits": 2, "group_size": 64}, {"bits": 3, "group_size": -1},
+    {"bits": 3, "group_size": 64}, {"bits": 3, "group_size": 128}, {"bits": 4, "group_size": 64},
+    {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": -1},
 )
 EXPERT_WEIGHTS = ("mass", "tokens")
 LAYER_SCALES = ("none", "residual", "fisher")
