@@ -21,8 +21,9 @@ zero points included). Features (each switches one recipe setting on top of the 
     awq2    AWQ with the L2 salience sqrt(E[x^2]) instead of E|x|
     b<bits> budgeted mixed precision at <bits> bits per weight (scales included), default candidates
     bexp / bmodel   with a budget: routed experts allocated per expert / one scheme for all layers
-    bres    with a budget: each layer's errors relative to the residual stream's energy (budget.layer_scale)
-    bfish   with a budget: each layer's errors times the loss's sensitivity to its output (budget.layer_scale)
+    bres    with a budget: each layer's errors relative to the residual stream's energy (budget.sensitivity)
+    bfish   with a budget: each layer's errors times the loss's sensitivity to its output (sensitivity: layer)
+    bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
@@ -60,8 +61,9 @@ FEATURES = {
     "awq2": ({}, dict(awq=dict(enabled=True, salience="l2"))),
     "bexp": ({}, dict(budget=dict(experts="expert"))),
     "bmodel": ({}, dict(budget=dict(experts="model"))),
-    "bres": ({}, dict(budget=dict(layer_scale="residual"))),
-    "bfish": ({}, dict(budget=dict(layer_scale="fisher"))),
+    "bres": ({}, dict(budget=dict(sensitivity="residual"))),
+    "bfish": ({}, dict(budget=dict(sensitivity="layer"))),
+    "bmat": ({}, dict(budget=dict(sensitivity="matrix"))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),

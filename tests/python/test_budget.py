@@ -320,36 +320,81 @@ def test_unit_errors_weigh_experts_by_routing_mass_or_tokens():
     assert pbudget.unit_errors(p, probe, [layer], "mass", {0: 0.5}) == [[50.0, 25.0], [30.0 + 15.0, None]]
 
 
-def test_residual_sensitivity_equals_whole_model_autograd(tiny):
-    """The layer-by-layer backward gives what autograd through the whole transformers model gives."""
+def test_loss_sensitivity_equals_whole_model_autograd(tiny):
+    """The layer-by-layer backward gives what autograd through the whole transformers model gives: per layer output,
+    per Linear output, and per routed expert's gate/up and down outputs (the reference runs the experts as an
+    explicit loop over experts whose outputs keep their gradients)."""
     import transformers
 
-    from moequant.calibration.sensitivity import residual_sensitivity
+    from moequant.calibration.sensitivity import loss_sensitivity
+    from moequant.models import detect_family, split_expert
     from moequant.models.lazy import LazyModel
 
     ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
     lazy = LazyModel(tiny, dtype=torch.float64, experts_implementation="eager")
-    got = residual_sensitivity(lazy, ids, "cpu", batch_size=2)
+    got = loss_sensitivity(lazy, ids, "cpu", batch_size=2, matrices=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float64,
                                                               experts_implementation="eager").eval()
-    outs: dict = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-             for i, layer in enumerate(model.model.layers)]
-    want = [0.0] * len(model.model.layers)
+    fam = detect_family(model.config)
+    kept: dict = {}
+
+    def keep(name, t):
+        t.retain_grad()
+        kept.setdefault(name, []).append(t)
+        return t
+
+    def loop_experts(ex, prefix):
+        def forward(hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in range(ex.gate_up_proj.shape[0]):
+                tok, slot = torch.where(top_k_index == e)
+                if tok.numel() == 0:
+                    continue
+                t = split_expert(ex, fam, e)
+                names = fam.disk_expert_names(prefix, e)
+                x = hidden_states[tok]
+                gate, up = keep(names["gate"], x @ t.gate.t()), keep(names["up"], x @ t.up.t())
+                y = keep(names["down"], fam.glu(ex, gate, up) @ t.down.t())
+                out = out.index_add(0, tok, top_k_weights[tok, slot, None] * y)
+            return out
+        return forward
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        handles.append(layer.register_forward_hook(lambda m, a, o, i=i: keep(i, o[0] if isinstance(o, tuple) else o)))
+        for n, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear) and not n.endswith("mlp.gate"):
+                handles.append(m.register_forward_hook(lambda mod, a, o, n=f"{prefix}.{n}": keep(n, o)))
+        layer.mlp.experts.forward = loop_experts(layer.mlp.experts, prefix)
+    want_layers = [0.0] * len(model.model.layers)
+    want: dict = {}
     for b in ids.split(2):
+        kept.clear()
         logits = model(b).logits
-        for o in outs.values():
-            o.retain_grad()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
                                                  reduction="sum")
         loss.backward()
-        for i, o in outs.items():
-            want[i] += float(o.grad.pow(2).sum()) / ids[:, :].numel()
+        for name, ts in kept.items():
+            for t in ts:
+                v = float(t.grad.pow(2).sum())
+                if isinstance(name, int):
+                    want_layers[name] += v / ids.numel()
+                else:
+                    want[name] = want.get(name, 0.0) + v / t.shape[-1]
         model.zero_grad()
-    for h in hooks:
+    for h in handles:
         h.remove()
-    assert got == pytest.approx(want, rel=1e-9)
-    assert got[0] != pytest.approx(got[1], rel=1e-3)  # the layers differ: the test can tell them apart
+    assert got.layers == pytest.approx(want_layers, rel=1e-9) and got.tokens == ids.numel()
+    assert got.layers[0] != pytest.approx(got.layers[1], rel=1e-3)  # the layers differ: the test can tell them apart
+    assert set(got.matrices) == set(want)
+    assert "model.layers.1.mlp.experts.3.down_proj" in want and "model.layers.0.self_attn.k_proj" in want
+    for name in want:
+        if name.endswith(("gate_proj", "up_proj")):  # gate and up share one value: their outputs' pooled gradient
+            pair = [want[name.rsplit(".", 1)[0] + p] for p in (".gate_proj", ".up_proj")]
+            assert got.matrices[name] == pytest.approx(sum(pair) / 2, rel=1e-7), name
+        else:
+            assert got.matrices[name] == pytest.approx(want[name], rel=1e-7), name
 
 
 def test_loader_warnings_before_the_run():
@@ -380,11 +425,11 @@ def test_budget_grid_per_expert_cells():
 
 def test_budget_layer_scales_change_the_errors_not_the_costs(tiny, budget_run, tmp_path):
     plain = budget_run[1].budget
-    fisher = pipeline.quantize(tiny, _recipe(bits=3.4, layer_scale="fisher", sensitivity_samples=2),
+    fisher = pipeline.quantize(tiny, _recipe(bits=3.4, sensitivity="layer", sensitivity_samples=2),
                                progress=False).budget
-    resid = pipeline.quantize(tiny, _recipe(bits=3.4, layer_scale="residual"), progress=False).budget
+    resid = pipeline.quantize(tiny, _recipe(bits=3.4, sensitivity="residual"), progress=False).budget
     assert len(fisher["sensitivity"]) == 2 and all(v > 0 for v in fisher["sensitivity"])
-    assert plain["sensitivity"] is None and resid["layer_scale"] == "residual"
+    assert plain["sensitivity"] is None and resid["sensitivity_kind"] == "residual"
     for b, factor in ((fisher, fisher["sensitivity"]), (resid, [1 / v for v in resid["residual_energy"]])):
         for u, u0 in zip(b["units"], plain["units"]):
             assert u["costs"] == u0["costs"]

@@ -2,4 +2,4 @@
 self-generated samples in :mod:`~moequant.calibration.ebss`) and what a layer's forward yields from it: the routed
 tokens of each experts call (:mod:`~moequant.calibration.routing`) and the Hessians the capture hooks accumulate
 (:mod:`~moequant.calibration.capture`); the loss's sensitivity to each layer's output
-(:mod:`~moequant.calibration.sensitivity`, the budget's ``layer_scale: fisher``)."""
+(:mod:`~moequant.calibration.sensitivity`, the budget's ``sensitivity: layer`` and ``matrix``)."""

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from ..calibration.sensitivity import residual_sensitivity
+from ..calibration.sensitivity import loss_sensitivity
 from ..io.files import atomic_write_json
 from ..io.fingerprint import model_fingerprint
 from ..methods.budget import Matrix, allocate, build_units, candidate_label
@@ -239,11 +239,12 @@ def propagation_candidate(p: BudgetProblem) -> Optional[int]:
 
 
 def unit_errors(p: BudgetProblem, probe: CandidateProbe, layers: list, expert_weight: str,
-                scale: Optional[dict] = None) -> list:
+                scale: Optional[dict] = None, matrix_weights: Optional[dict] = None) -> list:
     """Per unit and candidate the weighted error (None where the candidate was not measured for a matrix of it):
     sum over its jobs of weight x ``tr(dW H dW^T)``; a routed expert's weight is its routing mass (or routed
-    tokens), any other matrix's its calibration tokens; ``scale`` (layer -> factor, ``layer_scale: residual``)
-    multiplies the weights of each layer's jobs. ``layers``: pass 1's report records."""
+    tokens), any other matrix's its calibration tokens; ``scale`` (layer -> factor) multiplies the weights of each
+    layer's jobs; ``matrix_weights`` (on-disk name -> weight, ``sensitivity: matrix``) replaces them all (a job's:
+    its first matrix's; a matrix without one weighs 0). ``layers``: pass 1's report records."""
     unit_of = p.unit_of()
     by_layer = {x.index: x for x in layers}
     errs = [[0.0] * len(p.candidates) for _ in p.units]
@@ -256,7 +257,9 @@ def unit_errors(p: BudgetProblem, probe: CandidateProbe, layers: list, expert_we
         seen[u] = True
         m = _EXPERT.search(name)
         weight = float(rec["tokens"])
-        if m and p.units[u].kind == "routed":
+        if matrix_weights is not None:
+            weight = float(matrix_weights.get(name, 0.0))
+        elif m and p.units[u].kind == "routed":
             layer = by_layer.get(p.layer_of[name])
             e = int(m.group(1))
             src = (layer.routing_mass if expert_weight == "mass" else layer.expert_tokens) if layer else []
@@ -288,7 +291,7 @@ def budget_record(p: BudgetProblem, cfg, errs: list, alloc, propagation: Optiona
                       "choice": k, "scheme": candidate_label(p.candidates[k]),
                       "bits": round(p.costs[u][k] / p.params[u], 6), "costs": p.costs[u], "errors": errs[u]})
     return {"target": {"bits": cfg.bits} if cfg.bits is not None else {"size_gb": cfg.size_gb},
-            "experts": cfg.experts, "expert_weight": cfg.expert_weight, "layer_scale": cfg.layer_scale,
+            "experts": cfg.experts, "expert_weight": cfg.expert_weight, "sensitivity_kind": cfg.sensitivity,
             "candidates": [candidate_label(c) for c in p.candidates], "candidate_fields": p.candidates,
             "propagation": None if propagation is None else candidate_label(p.candidates[propagation]),
             "achieved_bits": round(chosen / p.total_params, 6), "quantized_params": p.total_params,
@@ -371,10 +374,11 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
             return _pass2_recipe(recipe, overrides, solvers), data["record"]
     t0 = time.time()
     sens = None
-    if cfg.layer_scale == "fisher":  # on the unquantized model, before pass 1
+    if cfg.sensitivity in ("layer", "matrix"):  # on the unquantized model, before pass 1
         n = min(cfg.sensitivity_samples, int(ids.shape[0]))
-        sens = residual_sensitivity(lazy, ids[:n], device, recipe.calibration.batch_size)
-        logger.info("budget: loss sensitivity per layer %s", ", ".join(f"{v:.3g}" for v in sens))
+        sens = loss_sensitivity(lazy, ids[:n], device, recipe.calibration.batch_size,
+                                matrices=cfg.sensitivity == "matrix")
+        logger.info("budget: loss sensitivity per layer %s", ", ".join(f"{v:.3g}" for v in sens.layers))
     prop = propagation_candidate(p)
     data = recipe.to_dict()
     data["budget"] = {**data["budget"], "bits": None, "size_gb": None}
@@ -388,15 +392,16 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
     report1 = quantize(model_dir, pass1, ids, None, progress=progress, solvers=solvers, probe=probe,
                        prefetch=prefetch, scan=False, observers=[energy])
     residual = {x.index: energy.after(x.index) for x in report1.layers}
-    scale = {i: 1.0 / v for i, v in residual.items()} if cfg.layer_scale == "residual" else \
-        dict(enumerate(sens)) if sens is not None else None
-    errs = unit_errors(p, probe, report1.layers, cfg.expert_weight, scale)
+    scale = {i: 1.0 / v for i, v in residual.items()} if cfg.sensitivity == "residual" else \
+        dict(enumerate(sens.layers)) if cfg.sensitivity == "layer" else None
+    errs = unit_errors(p, probe, report1.layers, cfg.expert_weight, scale,
+                       sens.matrices if cfg.sensitivity == "matrix" else None)
     options = [[None if c is None or e is None else (float(c), float(e)) for c, e in zip(cr, er)]
                for cr, er in zip(p.costs, errs)]
     alloc = allocate(options, p.budget_bits)
     record = budget_record(p, cfg, errs, alloc, prop, time.time() - t0)
     record["residual_energy"] = [round(residual[i], 6) for i in sorted(residual)]
-    record["sensitivity"] = sens
+    record["sensitivity"] = None if sens is None else sens.layers
     overrides = allocation_overrides(p, alloc.choice)
     if saved is not None:
         atomic_write_json(saved, {"key": key, "overrides": [o.to_dict() for o in overrides], "record": record})

@@ -21,7 +21,7 @@ DEFAULT_CANDIDATES = (
     {"bits": 4, "group_size": 128}, {"bits": 8, "group_size": -1},
 )
 EXPERT_WEIGHTS = ("mass", "tokens")
-LAYER_SCALES = ("none", "residual", "fisher")
+SENSITIVITIES = ("none", "residual", "layer", "matrix")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GB|GiB|MB|MiB|TB|TiB|kB|KiB)\s*$", re.IGNORECASE)
 _UNITS = {"kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30, "tb": 1e12, "tib": 2**40}
 
@@ -68,13 +68,16 @@ class BudgetConfig(Section):
             apart); the last two only with the dequantized export (no loader reads them pack-quantized).
         expert_weight: an expert's measured error counts with its routing mass (``"mass"``: the sum of the routing
             weights of its calibration tokens) or its token count (``"tokens"``).
-        layer_scale: how errors of different layers compare: ``"none"``: as measured (absolute output errors);
-            ``"residual"``: each layer's errors divided by the mean squared norm of the residual stream after it
-            (pass 1's calibration tokens): relative to the signal they are added to; ``"fisher"``: multiplied by the
-            loss's sensitivity to that residual stream, ``mean_t ||dLoss/dh||^2`` of the unquantized model
-            (:func:`moequant.calibration.sensitivity.residual_sensitivity`: one forward and one backward pass, layer by
-            layer, over ``sensitivity_samples`` calibration windows).
-        sensitivity_samples: calibration windows behind ``"fisher"`` (the first ones).
+        sensitivity: how the measured errors of different matrices are made comparable: ``"none"``: as measured,
+            times the weights above; ``"residual"``: each layer's errors also divided by the mean squared norm of the
+            residual stream after it (pass 1's calibration tokens): relative to the signal they are added to;
+            ``"layer"``: each layer's errors also times the loss's sensitivity to its output, ``mean_t ||dLoss/dh||^2``
+            of the unquantized model; ``"matrix"``: each matrix's error times the loss's sensitivity to that matrix's
+            own output, ``sum_t ||dLoss/dy_t||^2 / d_out`` over the tokens it sees (a routed expert's include its
+            routing weight, so ``expert_weight`` does not apply). ``layer`` and ``matrix`` come from one forward and
+            one backward pass, layer by layer, over ``sensitivity_samples`` calibration windows
+            (:func:`moequant.calibration.sensitivity.loss_sensitivity`).
+        sensitivity_samples: calibration windows behind ``"layer"`` and ``"matrix"`` (the first ones).
     """
 
     _where: ClassVar[str] = "budget"
@@ -83,7 +86,7 @@ class BudgetConfig(Section):
     candidates: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CANDIDATES])
     experts: str = "layer"
     expert_weight: str = "mass"
-    layer_scale: str = "none"
+    sensitivity: str = "none"
     sensitivity_samples: int = 16
 
     def __post_init__(self) -> None:
@@ -123,7 +126,7 @@ class BudgetConfig(Section):
         check_choice("budget.experts", self.experts, EXPERT_GRANULARITIES,
                      "'layer' for vLLM, 'model' for transformers")
         check_choice("budget.expert_weight", self.expert_weight, EXPERT_WEIGHTS)
-        check_choice("budget.layer_scale", self.layer_scale, LAYER_SCALES)
+        check_choice("budget.sensitivity", self.sensitivity, SENSITIVITIES)
         check_int("budget.sensitivity_samples", self.sensitivity_samples, 1, "the default is 16")
 
     @property
