@@ -318,6 +318,8 @@ def test_unit_errors_weigh_experts_by_routing_mass_or_tokens():
     assert pbudget.unit_errors(p, probe, [layer], "mass") == [[100.0, 50.0], [2.0 * 30 + 3.0 * 10, None]]
     assert pbudget.unit_errors(p, probe, [layer], "tokens")[1] == [2.0 * 60 + 3.0 * 40, None]
     assert pbudget.unit_errors(p, probe, [layer], "mass", {0: 0.5}) == [[50.0, 25.0], [30.0 + 15.0, None]]
+    per_matrix = {"model.layers.0.self_attn.o_proj": 4.0, "model.layers.0.mlp.experts.0.gate_proj": 2.0}
+    assert pbudget.unit_errors(p, probe, [layer], "mass", None, per_matrix) == [[4.0, 2.0], [4.0, None]]
 
 
 def test_loss_sensitivity_equals_whole_model_autograd(tiny):
@@ -430,6 +432,9 @@ def test_budget_layer_scales_change_the_errors_not_the_costs(tiny, budget_run, t
     resid = pipeline.quantize(tiny, _recipe(bits=3.4, sensitivity="residual"), progress=False).budget
     assert len(fisher["sensitivity"]) == 2 and all(v > 0 for v in fisher["sensitivity"])
     assert plain["sensitivity"] is None and resid["sensitivity_kind"] == "residual"
+    matrix = pipeline.quantize(tiny, _recipe(bits=3.4, sensitivity="matrix", sensitivity_samples=2),
+                               progress=False).budget
+    assert matrix["sensitivity"] == pytest.approx(fisher["sensitivity"], rel=1e-6) and matrix["achieved_bits"] <= 3.4
     for b, factor in ((fisher, fisher["sensitivity"]), (resid, [1 / v for v in resid["residual_energy"]])):
         for u, u0 in zip(b["units"], plain["units"]):
             assert u["costs"] == u0["costs"]
