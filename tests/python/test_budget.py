@@ -549,3 +549,30 @@ def test_report_renders_the_allocation(budget_run):
     assert "allocation (scheme per layer" in text
     page = report_html.render_html(run)
     assert "<h2>Budget allocation</h2>" in page and page.count("data:image/png;base64,") >= 4
+
+
+@pytest.mark.gpu
+def test_budget_on_the_gpu_measures_with_the_batched_solver(tiny, budget_run, tmp_path, monkeypatch):
+    """On CUDA (bf16 layers): pass 1 solves the candidates with the batched GPTQ; the measured errors are those of
+    the CPU run to within the bf16 layers' difference; the loss sensitivities run on the GPU too."""
+    from moequant.methods.gptq.solver import GPTQSolver
+
+    calls = {"n": 0}
+    real = GPTQSolver.solve_batched
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(GPTQSolver, "solve_batched", counted)
+    r = _recipe(bits=3.4, sensitivity="matrix", sensitivity_samples=2)
+    r.device = "cuda"
+    rep = pipeline.quantize(tiny, r, output_dir=tmp_path / "q", progress=False)
+    assert calls["n"] >= 2 * len(CANDIDATES)  # every candidate of both layers' experts, batched
+    b, cpu = rep.budget, budget_run[1].budget
+    assert b["achieved_bits"] <= 3.4 and len(b["sensitivity"]) == 2
+    r = _recipe(bits=3.4)
+    r.device = "cuda"
+    plain = pipeline.quantize(tiny, r, progress=False).budget
+    for u, c in zip(plain["units"], cpu["units"]):
+        assert u["errors"] == pytest.approx(c["errors"], rel=0.3), u["key"]
