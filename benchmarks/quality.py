@@ -21,6 +21,8 @@ zero points included). Features (each switches one recipe setting on top of the 
     awq2    AWQ with the L2 salience sqrt(E[x^2]) instead of E|x|
     b<bits> budgeted mixed precision at <bits> bits per weight (scales included), default candidates
     bexp / bmodel   with a budget: routed experts allocated per expert / one scheme for all layers
+    bnone   with a budget: the errors as measured (budget.sensitivity none; the default is matrix)
+    bproj   with a budget: routed experts' gate+up and down allocated apart (budget.experts projection)
     bres    with a budget: each layer's errors relative to the residual stream's energy (budget.sensitivity)
     bfish   with a budget: each layer's errors times the loss's sensitivity to its output (sensitivity: layer)
     bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
@@ -61,6 +63,8 @@ FEATURES = {
     "awq2": ({}, dict(awq=dict(enabled=True, salience="l2"))),
     "bexp": ({}, dict(budget=dict(experts="expert"))),
     "bmodel": ({}, dict(budget=dict(experts="model"))),
+    "bnone": ({}, dict(budget=dict(sensitivity="none"))),
+    "bproj": ({}, dict(budget=dict(experts="projection"))),
     "bres": ({}, dict(budget=dict(sensitivity="residual"))),
     "bfish": ({}, dict(budget=dict(sensitivity="layer"))),
     "bmat": ({}, dict(budget=dict(sensitivity="matrix"))),

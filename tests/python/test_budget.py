@@ -225,7 +225,7 @@ def test_budget_config_rejects_bad_values(data, match):
 def test_budget_config_round_trip_and_parse():
     r = Recipe(budget=BudgetConfig(bits=3.5, experts="model"))
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r and r.budget.enabled
-    assert not Recipe().budget.enabled
+    assert not Recipe().budget.enabled and Recipe().budget.sensitivity == "matrix"
     assert parse_budget("3.5") == {"bits": 3.5}
     assert parse_budget("12GB") == {"size_gb": 12.0}
     assert parse_budget("512 MiB") == {"size_gb": pytest.approx(512 * 2**20 / 1e9)}
@@ -238,6 +238,9 @@ def test_budget_config_round_trip_and_parse():
 
 # ------------------------------------------------------------------------------------------------ the run
 def _recipe(**budget) -> Recipe:
+    """The tiny models' budget recipe; the errors as measured unless ``sensitivity`` is given (the default, matrix,
+    is exercised by the tests that name it)."""
+    budget.setdefault("sensitivity", "none")
     return Recipe(scheme=QuantScheme(group_size=32),
                   calibration=CalibrationConfig(text_files=[str(CALIB)], num_samples=4, seq_len=64, batch_size=2),
                   budget=BudgetConfig(candidates=CANDIDATES, **budget))

@@ -68,7 +68,8 @@ class BudgetConfig(Section):
             apart); the last two only with the dequantized export (no loader reads them pack-quantized).
         expert_weight: an expert's measured error counts with its routing mass (``"mass"``: the sum of the routing
             weights of its calibration tokens) or its token count (``"tokens"``).
-        sensitivity: how the measured errors of different matrices are made comparable: ``"none"``: as measured,
+        sensitivity: how the measured errors of different matrices are made comparable (default ``"matrix"``, the best
+            measured on the trained test MoE, docs/quality.md): ``"none"``: as measured,
             times the weights above; ``"residual"``: each layer's errors also divided by the mean squared norm of the
             residual stream after it (pass 1's calibration tokens): relative to the signal they are added to;
             ``"layer"``: each layer's errors also times the loss's sensitivity to its output, ``mean_t ||dLoss/dh||^2``
@@ -86,7 +87,7 @@ class BudgetConfig(Section):
     candidates: list = field(default_factory=lambda: [dict(c) for c in DEFAULT_CANDIDATES])
     experts: str = "layer"
     expert_weight: str = "mass"
-    sensitivity: str = "none"
+    sensitivity: str = "matrix"
     sensitivity_samples: int = 16
 
     def __post_init__(self) -> None:
