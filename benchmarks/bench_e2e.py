@@ -9,8 +9,9 @@ seconds per layer and the ratio. Random weights: timing and memory only, never q
 
 Usage (GPU machine, repository root):
     python benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 [--samples 128 --seq-len 2048]
-        [--work /tmp/e2e] [--llmcompressor DIR_WITH_ITS_WHEELS] [--recipe FILE] [--json OUT.json]
-Models: deepseek-v3, kimi-k2, qwen3-30b-a3b, qwen3-235b-a22b, gpt-oss-120b, mixtral-8x7b.
+        [--work /tmp/e2e] [--llmcompressor ITS_PYTHONPATH] [--recipe FILE] [--json OUT.json]
+Models: deepseek-v3, kimi-k2, qwen3-30b-a3b, qwen3-235b-a22b, gpt-oss-120b, mixtral-8x7b (and smoke: a few-MB
+model to check the script on a CPU with --device cpu).
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ CONFIGS = {
         model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_local_experts=128,
         num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,
         sliding_window=128, tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=131072),
+    # Not a release: a few-MB model of the Qwen3-MoE family for checking this script on a CPU (``--device cpu``).
+    "smoke": dict(
+        model_type="qwen3_moe", hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+        num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        vocab_size=8192, norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=4096,
+        rope_theta=1e6, rms_norm_eps=1e-6, decoder_sparse_step=1, mlp_only_layers=[]),
     "mixtral-8x7b": dict(
         model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_local_experts=8,
         num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
@@ -69,7 +76,7 @@ CONFIGS = {
 GROUP_SIZE = {"gpt-oss-120b": 32}
 
 
-def build_model(name: str, layers: int, out: Path) -> float:
+def build_model(name: str, layers: int, out: Path, device: str) -> float:
     """Saves a random-weight bf16 model of ``layers`` decoder layers (built on the GPU: fast init) with the
     repository's tokenizer files; returns its parameter count in billions."""
     import transformers
@@ -81,12 +88,13 @@ def build_model(name: str, layers: int, out: Path) -> float:
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     config.dtype = "bfloat16"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     n = sum(p.numel() for p in model.parameters()) / 1e9
     model.save_pretrained(out)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REPO / "examples" / "tiny_moe" / "tokenizer" / f, out / f)
     return n
@@ -138,12 +146,14 @@ print(json.dumps({"seconds": time.time() - t, "gpu_peak_gb": torch.cuda.max_memo
 """
 
 
-def run_llmcompressor(wheels: str, model_dir: Path, ids_path: Path, out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=wheels + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_llmcompressor(pythonpath: str, model_dir: Path, ids_path: Path, out: Path) -> dict:
+    # Its own PYTHONPATH only: llm-compressor pins its compressed-tensors (and runs on the image's transformers),
+    # so moequant's folders must not shadow them.
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     proc = subprocess.run([sys.executable, "-c", _LLMC, str(model_dir), str(ids_path), str(out)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        return {"error": "\n".join(proc.stderr.strip().splitlines()[-25:]) or f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -151,12 +161,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(CONFIGS), default="qwen3-30b-a3b")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: only to check the script")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/moequant-e2e", help="where the model, outputs and tokens go")
     ap.add_argument("--recipe", help="recipe file (default: the default recipe)")
     ap.add_argument("--device-memory-gb", type=float, help="the GPU memory a MoE layer may use (recipe setting)")
-    ap.add_argument("--llmcompressor", metavar="DIR", help="folder of llm-compressor's wheels (PYTHONPATH)")
+    ap.add_argument("--host-memory-gb", type=float, help="the host memory the calibration hidden states may use "
+                    "(recipe setting; 0: the disk-backed store)")
+    ap.add_argument("--llmcompressor", metavar="PATHS",
+                    help="PYTHONPATH (folders joined by ':') under which llm-compressor imports; it replaces this "
+                         "process's PYTHONPATH in llm-compressor's subprocess")
     ap.add_argument("--keep", action="store_true", help="keep the built model for the next run")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -166,7 +181,7 @@ def main() -> int:
     model_dir = work / f"{args.model}-{args.layers}l"
     if not (model_dir / "config.json").is_file():
         t = time.time()
-        n = build_model(args.model, args.layers, model_dir)
+        n = build_model(args.model, args.layers, model_dir, args.device)
         print(f"built {args.model} x {args.layers} layers ({n:.2f} B parameters) in {time.time() - t:.1f} s")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 8000, (args.samples, args.seq_len), generator=g)
@@ -174,11 +189,14 @@ def main() -> int:
     torch.save(ids, ids_path)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     data = recipe.to_dict()
-    data["device"] = "cuda"
+    data["device"] = args.device
+    cuda = args.device == "cuda"
     if args.model in GROUP_SIZE:
         data["scheme"]["group_size"] = GROUP_SIZE[args.model]
     if args.device_memory_gb is not None:
         data["device_memory_gb"] = args.device_memory_gb
+    if args.host_memory_gb is not None:
+        data["host_memory_gb"] = args.host_memory_gb
     recipe = Recipe.from_dict(data)
     out = work / f"{args.model}-{args.layers}l-w4"
     for d in (out, Path(str(out) + ".partial")):
@@ -186,22 +204,30 @@ def main() -> int:
 
     import moequant
 
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    with HostPeak() as host:
-        report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True)
+    try:
+        with HostPeak() as host:
+            report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True)
+    except BaseException:
+        for d in (out, Path(str(out) + ".partial")) + (() if args.keep else (model_dir,)):
+            shutil.rmtree(d, ignore_errors=True)  # the next run's disk
+        raise
     total = time.time() - t0
     secs = [layer.seconds for layer in report.layers]
     steady = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
     res = {"model": args.model, "layers": args.layers, "tokens": [args.samples, args.seq_len],
-           "device": torch.cuda.get_device_name(), "total_s": round(total, 2), "layer_s": secs,
-           "steady_layer_s": steady, "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
-           "host_anon_peak_gb": round(host.peak / 1e9, 2),
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "total_s": round(total, 2), "layer_s": secs,
+           "steady_layer_s": steady, "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else 0.0,
+           "host_anon_peak_gb": round(host.peak / 1e9, 2), "hidden_states": report.hidden_states,
            "phases": [layer.phases for layer in report.layers], "groups": [layer.groups for layer in report.layers]}
     print(f"\n== moequant {args.model} x {args.layers} layers, {args.samples} x {args.seq_len} tokens, "
           f"{res['device']} ==")
     print(f"total {total:.1f} s; per layer {', '.join(f'{s:.2f}' for s in secs)} s; steady state {steady:.2f} s")
-    print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB")
+    hs = report.hidden_states or {}
+    print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB; hidden "
+          f"states {'on disk' if hs.get('on_disk') else 'in memory'} (2 x {hs.get('bytes', 0) / 1e9:.2f} GB)")
     print(f"experts: {res['groups'][-1]}")
     if any(res["phases"]):
         keys = sorted({k for p in res["phases"] if p for k in p})

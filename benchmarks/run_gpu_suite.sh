@@ -34,6 +34,7 @@ run() {  # name, timeout seconds, command...
   timeout "$t" "$@" 2>&1 | tee "$OUT/$name.log" | tail -30
 }
 run bench_gptq 170 "$PY" benchmarks/bench_gptq.py $QUICK
+run bench_gptq_format 300 "$PY" benchmarks/bench_gptq_format.py $QUICK
 run bench_hadamard 60 "$PY" benchmarks/bench_hadamard.py
 run bench_quant_pack 45 "$PY" benchmarks/bench_quant_pack.py
 run bench_hessian 120 "$PY" benchmarks/bench_hessian.py

@@ -524,6 +524,97 @@ at::Tensor decode_elements(const at::Tensor& codes, ElementKind element) {
   return mb::decode_elements_cpu(codes, element);
 }
 
+// ---- GPTQ in any format (moequant/gptq_format.h, kernels.h cuda_gptq_batched_format) ------------------------------
+
+py::dict gptq_info_dict(const mb::GptqInfo& info, bool with_loss) {
+  py::dict d;
+  if (with_loss) d["loss"] = info.loss;
+  d["damp"] = info.damp_fraction;
+  d["damp_value"] = info.damp_value;
+  d["escalations"] = info.escalations;
+  d["dead_columns"] = info.dead_columns;
+  return d;
+}
+
+void check_hessian_2d(const at::Tensor& h, int64_t cols) {
+  mb::check_dim(h, "h", 2);
+  if (h.scalar_type() != at::kFloat && h.scalar_type() != at::kDouble)
+    throw std::invalid_argument(
+        fmt::format("h: expected dtype float32 or float64, got {}", mb::dtype_str(h.scalar_type())));
+  if (h.size(0) != cols || h.size(1) != cols)
+    throw std::invalid_argument(
+        fmt::format("h: expected shape [{}, {}] (in_features of w), got {}", cols, cols, mb::shape_str(h)));
+  if (h.stride(1) != 1) throw std::invalid_argument("h: expected rows with unit stride (call .contiguous())");
+}
+
+py::tuple gptq_format(const at::Tensor& w, const at::Tensor& h, const Format& f,
+                      const std::optional<at::Tensor>& global_scale, bool act_order, double damp, int64_t block_size) {
+  check_matrix_f32(w, "w");
+  check_hessian_2d(h, w.size(1));
+  mb::throw_if_error(moequant::validate(f, w.size(0), w.size(1)));
+  if (global_scale) {
+    if (!f.global_scale)
+      throw std::invalid_argument("global_scale: expected None for a format without a global scale, got a tensor");
+    check_global_scale_tensor(*global_scale, w, "w");
+  }
+  if (w.is_cuda() || h.is_cuda())
+    throw std::invalid_argument("w: the GPTQ solver of gptq_format runs on the CPU; pass CPU tensors (the batched "
+                                "CUDA solver is gptq_format_batched)");
+  mb::check_same_device(h, "h", w, "w");
+  mb::GptqOptions opt{act_order, damp, block_size};
+  auto [t, info] = mb::gptq_format_cpu(w, h, f, global_scale ? &*global_scale : nullptr, opt);
+  return py::make_tuple(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t),
+                        std::get<5>(t), gptq_info_dict(info, true));
+}
+
+py::tuple gptq_factor(const at::Tensor& h, bool act_order, double damp) {
+  mb::check_dim(h, "h", 2);
+  check_hessian_2d(h, h.size(0));
+  if (!h.is_cpu()) throw std::invalid_argument("h: expected a CPU tensor (gptq_factor is the CPU solvers' factor)");
+  auto [u, perm, info] = mb::gptq_factor_cpu(h, act_order, damp);
+  return py::make_tuple(u, perm, gptq_info_dict(info, false));
+}
+
+py::tuple gptq_format_batched(const at::Tensor& w, const at::Tensor& h, const Format& f,
+                              const std::optional<at::Tensor>& global_scales, bool act_order, double damp,
+                              int64_t block_size, bool compute_loss, bool overwrite_h,
+                              int64_t max_shared_memory_bytes) {
+  mb::check_dim(w, "w", 3);
+  mb::check_dtype(w, "w", at::kFloat);
+  mb::check_contiguous(w, "w");
+  mb::check_dim(h, "h", 3);
+  mb::check_dtype(h, "h", at::kFloat);
+  mb::check_contiguous(h, "h");
+  if (h.size(0) != w.size(0) || h.size(1) != w.size(2) || h.size(2) != w.size(2))
+    throw std::invalid_argument(fmt::format("h: expected shape [{}, {}, {}] (experts and in_features of w), got {}",
+                                            w.size(0), w.size(2), w.size(2), mb::shape_str(h)));
+  mb::check_same_device(h, "h", w, "w");
+  mb::throw_if_error(moequant::validate(f, w.size(1), w.size(2)));
+  if (global_scales) {
+    if (!f.global_scale)
+      throw std::invalid_argument("global_scale: expected None for a format without a global scale, got a tensor");
+    mb::check_dtype(*global_scales, "global_scale", at::kFloat);
+    mb::check_contiguous(*global_scales, "global_scale");
+    mb::check_same_device(*global_scales, "global_scale", w, "w");
+    if (global_scales->dim() != 1 || global_scales->size(0) != w.size(0))
+      throw std::invalid_argument(fmt::format("global_scale: expected shape [{}] (one per expert), got {}", w.size(0),
+                                              mb::shape_str(*global_scales)));
+  }
+  [[maybe_unused]] const size_t smem_cap = shared_memory_cap(max_shared_memory_bytes);
+  if (!on_cuda(w, "w"))
+    throw std::invalid_argument("w: the batched GPTQ runs on CUDA tensors (use moequant.ops.gptq_quantize_format_batched, "
+                                "which loops over the CPU solver for CPU tensors)");
+#ifdef MOEQUANT_WITH_CUDA
+  mb::GptqOptions opt{act_order, damp, block_size};
+  auto t = mb::gptq_format_batched_cuda(w, h, f, global_scales ? &*global_scales : nullptr, opt, compute_loss,
+                                        overwrite_h, smem_cap);
+  return py::make_tuple(std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t),
+                        std::get<5>(t), std::get<6>(t), std::get<7>(t));
+#else
+  return py::tuple();
+#endif
+}
+
 py::tuple format_scale_shape(const Format& f, int64_t rows, int64_t cols) {
   mb::throw_if_error(moequant::validate(f, rows, cols));
   return py::make_tuple(moequant::scale_rows(f, rows), moequant::scale_cols(f, cols));
@@ -687,6 +778,21 @@ PYBIND11_MODULE(_C, m) {
         "zeros int32 [sr, sc] (asymmetric int, else 0), global_scale f32 [1] (1 without one), dequantized f32 [rows, "
         "cols] ([0, 0] when dequantized=False)); global_scale: a caller's f32 tensor of one element (NVFP4 fused "
         "partners), else computed from w's absmax");
+  m.def("gptq_format", &gptq_format, py::arg("w"), py::arg("h"), py::arg("format"), py::arg("global_scale") = py::none(),
+        py::arg("act_order") = false, py::arg("damp") = 0.01, py::arg("block_size") = 128,
+        "GPTQ of w float32 [rows, cols] in any format on the Hessian h [cols, cols] (float32 / float64), CPU -> "
+        "(codes uint8, scales f32, scale_codes uint8, zeros int32, global_scale f32 [1], dequantized f32, info dict) "
+        "laid out as format_quantize's; global_scale: a caller's f32 tensor of one element (NVFP4 partners)");
+  m.def("gptq_factor", &gptq_factor, py::arg("h"), py::arg("act_order") = false, py::arg("damp") = 0.01,
+        "the CPU GPTQ solvers' inverse factor of h [n, n]: (U f32 [n, n] row-major in processing order, perm int64 "
+        "[n], info dict); tests feed it to moequant.ref.gptq_quantize_format_ref");
+  m.def("gptq_format_batched", &gptq_format_batched, py::arg("w"), py::arg("h"), py::arg("format"),
+        py::arg("global_scale") = py::none(), py::arg("act_order") = false, py::arg("damp") = 0.01,
+        py::arg("block_size") = 128, py::arg("compute_loss") = true, py::arg("overwrite_h") = false,
+        py::arg("max_shared_memory_bytes") = 0,
+        "batched GPTQ of E experts in any format on CUDA: w [E, out, in], h [E, in, in] float32, global_scale None "
+        "or f32 [E] -> (codes uint8 [E, out, in], scales f32 [E, sr, sc], scale_codes uint8, zeros int32, global "
+        "scales f32 [E], dequantized f32 [E, out, in], losses f64 [E], escalations int32 [E])");
   m.def("format_dequantize", &format_dequantize, py::arg("codes"), py::arg("scales"), py::arg("zeros") = py::none(),
         py::arg("global_scale") = py::none(), py::arg("format"), py::arg("out_dtype") = ScaleDtype::kFloat32,
         "codes uint8 [rows, cols] + scale values f32 [sr, sc] (+ zeros int32, + global scale f32 [1]) -> float32 or "

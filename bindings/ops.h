@@ -42,6 +42,13 @@ void accumulate_hessian_cpu(at::Tensor& H, at::Tensor& counts, at::Tensor& mass,
                             const at::Tensor& ids, const at::Tensor* weights);
 std::tuple<QuantTensors, GptqInfo> gptq_cpu(const at::Tensor& w, const at::Tensor& h, const QuantSpec& spec,
                                             const GptqOptions& opt);
+/// GPTQ in any format (moequant/gptq_format.h), CPU: w float32 [r, c] (unit-stride rows), h float32 / float64 [c, c],
+/// global_scale null or a float32 tensor of one element -> format_quantize's six tensors (FormatTensors, below) + info.
+std::tuple<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>, GptqInfo> gptq_format_cpu(
+    const at::Tensor& w, const at::Tensor& h, const Format& f, const at::Tensor* global_scale, const GptqOptions& opt);
+/// The solvers' inverse factor (gptq.h detail::gptq_factor) of h [c, c]: U float32 [c, c] row-major, U[i][j] =
+/// U(i, j) in processing order; perm int64 [c] (processing position -> column); info (no loss).
+std::tuple<at::Tensor, at::Tensor, GptqInfo> gptq_factor_cpu(const at::Tensor& h, bool act_order, double damp);
 /// x (contiguous, float32 / bfloat16 / float16, last dim n supported) -> x H_n / sqrt(n), same dtype.
 at::Tensor hadamard_cpu(const at::Tensor& x);
 /// Greedy rounding correction (moequant/rounding.h): codes int8 [r, c] (copied), scales f32 / zeros int32 (or
@@ -101,6 +108,17 @@ GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, c
                                      const GptqOptions& opt, bool compute_loss, bool overwrite_h,
                                      size_t max_shared_memory_bytes = 0);
 at::Tensor hadamard_cuda(const at::Tensor& x, size_t max_shared_memory_bytes = 0);
+/// Batched GPTQ in any format (kernels.h cuda_gptq_batched_format): codes uint8 [E, r, c], scales f32 [E, sr, sc],
+/// scale_codes uint8 [E, sr, sc], zeros int32 [E, sr, sc], global scales f32 [E] (1 without one), dequantized f32
+/// [E, r, c], losses f64 [E] (zeros when !compute_loss), escalations int32 [E].
+using GptqFormatBatchedTensors =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+/// w [E, r, c] / h [E, c, c] float32 contiguous CUDA tensors (h overwritten when overwrite_h, else copied);
+/// global_scales: null or float32 [E] on w's device (the callers' global scales, formats with one).
+GptqFormatBatchedTensors gptq_format_batched_cuda(const at::Tensor& w, const at::Tensor& h, const Format& f,
+                                                  const at::Tensor* global_scales, const GptqOptions& opt,
+                                                  bool compute_loss, bool overwrite_h,
+                                                  size_t max_shared_memory_bytes = 0);
 FormatTensors format_quantize_cuda(const at::Tensor& w, const Format& f, const at::Tensor* global_scale,
                                    bool dequantized);
 at::Tensor format_dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales, const at::Tensor* zeros,

@@ -4,6 +4,7 @@
 
 #include <moequant/format.h>
 #include <moequant/gptq.h>
+#include <moequant/gptq_format.h>
 #include <moequant/hadamard.h>
 #include <moequant/hessian.h>
 #include <moequant/pack.h>
@@ -107,6 +108,80 @@ std::tuple<QuantTensors, GptqInfo> gptq_cpu(const at::Tensor& w, const at::Tenso
   throw_if_error(s);
   GptqInfo info{report.loss, report.damp_fraction, report.damp_value, report.escalations, report.dead_columns};
   return {out, info};
+}
+
+std::tuple<FormatTensors, GptqInfo> gptq_format_cpu(const at::Tensor& w, const at::Tensor& h, const Format& f,
+                                                    const at::Tensor* global_scale, const GptqOptions& opt) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  throw_if_error(validate(f, rows, cols));
+  const int64_t sr = scale_rows(f, rows), sc = scale_cols(f, cols);
+  auto opts = w.options();
+  at::Tensor codes = at::empty({rows, cols}, opts.dtype(at::kByte));
+  at::Tensor scales = at::empty({sr, sc}, opts.dtype(at::kFloat));
+  at::Tensor scale_codes = at::zeros({sr, sc}, opts.dtype(at::kByte));
+  at::Tensor zeros = at::zeros({sr, sc}, opts.dtype(at::kInt));
+  at::Tensor g = at::ones({1}, opts.dtype(at::kFloat));
+  at::Tensor deq = at::empty({rows, cols}, opts.dtype(at::kFloat));
+  FormatQuantized out;
+  out.codes = codes.data_ptr<uint8_t>();
+  out.scales = scales.data_ptr<float>();
+  out.scale_codes = scale_codes.data_ptr<uint8_t>();
+  out.zeros = zeros.data_ptr<int32_t>();
+  out.global_scale = g.data_ptr<float>();
+  out.dequantized = deq.data_ptr<float>();
+  GptqFormatArgs args;
+  args.format = f;
+  args.act_order = opt.act_order;
+  args.damp = opt.damp;
+  args.block_size = opt.block_size;
+  const float* gin = global_scale ? global_scale->data_ptr<float>() : nullptr;
+  GptqReport report;
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (h.scalar_type() == at::kDouble)
+      s = gptq_solve_format<double>(view_of(w), h.data_ptr<double>(), h.stride(0), args, gin, out, &report);
+    else
+      s = gptq_solve_format<float>(view_of(w), h.data_ptr<float>(), h.stride(0), args, gin, out, &report);
+  }
+  throw_if_error(s);
+  GptqInfo info{report.loss, report.damp_fraction, report.damp_value, report.escalations, report.dead_columns};
+  return {FormatTensors{codes, scales, scale_codes, zeros, g, deq}, info};
+}
+
+std::tuple<at::Tensor, at::Tensor, GptqInfo> gptq_factor_cpu(const at::Tensor& h, bool act_order, double damp) {
+  const int64_t n = h.size(0);
+  GptqArgs args;
+  args.spec.group_size = -1;
+  args.act_order = act_order;
+  args.damp = damp;
+  const std::vector<float> zero_row(static_cast<size_t>(n), 0.0f);  // validate_gptq checks a weight too
+  const MatrixView w{zero_row.data(), 1, n, n};
+  at::Tensor U = at::empty({n, n}, h.options().dtype(at::kFloat));
+  at::Tensor perm = at::empty({n}, h.options().dtype(at::kLong));
+  GptqReport report;
+  Status s;
+  {
+    pybind11::gil_scoped_release no_gil;
+    detail::GptqFactor fac;
+    if (h.scalar_type() == at::kDouble) {
+      s = detail::validate_gptq(w, h.data_ptr<double>(), h.stride(0), args);
+      if (s.ok()) s = detail::gptq_factor(h.data_ptr<double>(), h.stride(0), n, act_order, args, &fac, &report);
+    } else {
+      s = detail::validate_gptq(w, h.data_ptr<float>(), h.stride(0), args);
+      if (s.ok()) s = detail::gptq_factor(h.data_ptr<float>(), h.stride(0), n, act_order, args, &fac, &report);
+    }
+    if (s.ok()) {
+      float* u = U.data_ptr<float>();
+      int64_t* p = perm.data_ptr<int64_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        p[i] = fac.perm[i];
+        for (int64_t j = 0; j < n; ++j) u[i * n + j] = fac.U(i, j);
+      }
+    }
+  }
+  throw_if_error(s);
+  return {U, perm, GptqInfo{0.0, report.damp_fraction, report.damp_value, report.escalations, report.dead_columns}};
 }
 
 at::Tensor hadamard_cpu(const at::Tensor& x) {

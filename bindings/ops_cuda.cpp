@@ -142,6 +142,41 @@ GptqBatchedTensors gptq_batched_cuda(const at::Tensor& w, const at::Tensor& h, c
   return {codes, scales, zeros, deq, losses, esc};
 }
 
+GptqFormatBatchedTensors gptq_format_batched_cuda(const at::Tensor& w, const at::Tensor& h, const Format& f,
+                                                  const at::Tensor* global_scales, const GptqOptions& opt,
+                                                  bool compute_loss, bool overwrite_h,
+                                                  size_t max_shared_memory_bytes) {
+  const int64_t E = w.size(0), rows = w.size(1), cols = w.size(2);
+  throw_if_error(validate(f, rows, cols));
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t sr = scale_rows(f, rows), sc = scale_cols(f, cols);
+  GptqFormatArgs args;
+  args.format = f;
+  args.act_order = opt.act_order;
+  args.damp = opt.damp;
+  args.block_size = opt.block_size;
+  auto o = w.options();
+  at::Tensor codes = at::empty({E, rows, cols}, o.dtype(at::kByte));
+  at::Tensor scales = at::empty({E, sr, sc}, o.dtype(at::kFloat));
+  at::Tensor scale_codes = at::zeros({E, sr, sc}, o.dtype(at::kByte));
+  at::Tensor zeros = at::zeros({E, sr, sc}, o.dtype(at::kInt));
+  at::Tensor g = at::ones({E}, o.dtype(at::kFloat));
+  at::Tensor deq = at::empty({E, rows, cols}, o.dtype(at::kFloat));
+  at::Tensor losses = at::zeros({E}, o.dtype(at::kDouble));
+  at::Tensor esc = at::zeros({E}, o.dtype(at::kInt));
+  at::Tensor hw = overwrite_h ? h : h.clone();
+  const size_t ws_bytes = cuda_gptq_format_workspace_bytes(E, rows, cols, args);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, o.dtype(at::kByte));
+  throw_if_error(cuda_gptq_batched_format(
+      w.data_ptr<float>(), hw.data_ptr<float>(), E, rows, cols, args,
+      global_scales ? global_scales->data_ptr<float>() : nullptr, codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+      scale_codes.data_ptr<uint8_t>(), zeros.data_ptr<int32_t>(), g.data_ptr<float>(), deq.data_ptr<float>(),
+      compute_loss ? losses.data_ptr<double>() : nullptr, esc.data_ptr<int32_t>(), ws.data_ptr(), ws_bytes,
+      at::cuda::getCurrentCUDABlasHandle(), at::cuda::getCurrentCUDAStream(w.device().index()).stream(),
+      max_shared_memory_bytes));
+  return {codes, scales, scale_codes, zeros, g, deq, losses, esc};
+}
+
 at::Tensor hadamard_cuda(const at::Tensor& x, size_t max_shared_memory_bytes) {
   const ElementType dtype = element_type_of(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());

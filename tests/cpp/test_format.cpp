@@ -401,7 +401,24 @@ TEST_CASE("NVFP4: a caller's global scale (fused gate/up) is used as given", "[f
   const Quantized own = run_quantize(w, rows, cols, mq::format_nvfp4());
   float amax = 0.0f;
   for (float v : w) amax = std::max(amax, std::fabs(v));
-  REQUIRE(own.global == 2688.0f / amax);
+  const volatile float inv = 1.0f / amax;  // generate_gparam as torch computes it: amax.reciprocal() * 2688
+  REQUIRE(own.global == inv * 2688.0f);
+}
+
+TEST_CASE("NVFP4: the global scale rounds like torch's 2688 / amax (reciprocal, then product)", "[format]") {
+  const mq::FormatCore c = mq::format_nvfp4().core();
+  // amax values where fl(2688 / a) != fl(fl(1 / a) * 2688): the global scale is the latter, compressed-tensors'
+  int differ = 0;
+  for (uint32_t bits = 0x3F800000u; bits < 0x3F800000u + 4096u; ++bits) {
+    float a;
+    std::memcpy(&a, &bits, sizeof a);
+    const volatile float inv = 1.0f / a;
+    const float want = inv * 2688.0f;
+    REQUIRE(mq::global_scale_from_amax(c, a) == want);
+    const volatile float one_division = 2688.0f / a;
+    differ += one_division != want;
+  }
+  REQUIRE(differ > 0);  // the two roundings matter
 }
 
 TEST_CASE("bfloat16 input is widened exactly", "[format][quantize]") {

@@ -29,6 +29,9 @@ def checkpoint_tensors(d: Path) -> dict:
 
 # Loads each given checkpoint with plain transformers (no moequant import) and saves its logits on the token ids in
 # ``<checkpoint>/logits.pt``, or the error's first line; ``PATH=mxfp4`` loads with transformers' MXFP4 dequantization.
+# A compressed-tensors checkpoint also gets ``logits_weights.pt``: the logits with compressed-tensors' quantization
+# forward turned off (its decompressed weights alone, without the activation fake-quantization of W8A8 / W4A4
+# schemes).
 _LOADER = r"""
 import sys, json, torch, transformers
 transformers.logging.set_verbosity_error()
@@ -40,6 +43,11 @@ for arg in sys.argv[2:]:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **kw)
         with torch.no_grad():
             torch.save(model(ids).logits, path + "/logits.pt")
+            qc = getattr(model.config, "quantization_config", None)
+            if type(qc).__name__ == "CompressedTensorsConfig":
+                from compressed_tensors.quantization import disable_quantization
+                model.apply(disable_quantization)
+                torch.save(model(ids).logits, path + "/logits_weights.pt")
         out[path] = "ok"
     except Exception as exc:
         out[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

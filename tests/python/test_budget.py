@@ -14,8 +14,8 @@ from checkpoints import CrashAfterLayer0, checkpoint_tensors, crash_observer, tr
 from testdata import tiny_qwen3_checkpoint
 
 from moequant import cli, ops, pipeline
-from moequant.formats import IntFormat
-from moequant.formats.compressed_tensors import compressed_tensor_names
+from moequant.formats import (FloatFormat, IntFormat, compressed_tensor_names, compression_format, nvfp4_global_scale,
+                              scheme_storage_bits)
 from moequant.io.exported import checkpoint_schemes, load_model
 from moequant.methods.budget import (BudgetConfig, Matrix, allocate, build_units, candidate_label, greedy,
                                      lower_bound, min_cost, parse_budget)
@@ -137,6 +137,33 @@ def test_storage_bits_equals_the_packed_tensors(bits, shape, gs, sym, gen):
 def test_storage_bits_rejects_a_group_that_does_not_divide():
     with pytest.raises(ValueError, match="group_size"):
         IntFormat(4, 32).storage_bits(8, 100)
+    with pytest.raises(ValueError, match="in_features: NVFP4 g16 needs a multiple of 16"):
+        FloatFormat("nvfp4").storage_bits(8, 40)
+
+
+@pytest.mark.parametrize("name", ["W4A16", "W8A16", "W8A8", "FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16", "MXFP4",
+                                  "MXFP4A16"])
+@pytest.mark.parametrize("shape", [(33, 96), (130, 260), (16, 128)])
+def test_scheme_storage_bits_equals_the_written_tensors_of_every_preset(name, shape, gen):
+    """A pinned module's fixed bits (any preset, floating-point ones included) are the bytes the export writes."""
+    sc = QuantScheme(preset=name)
+    if not sc.format.divides(shape[1]):
+        pytest.skip(f"{name} does not fit {shape}")
+    w = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    fmt = sc.format
+    if isinstance(fmt, FloatFormat):
+        qt = ops.quantize_float(w, fmt, scale_dtype=torch.bfloat16)
+        if sc.activations is not None and sc.activations.static_global_scale:
+            qt.input_global_scale = nvfp4_global_scale(3.0)
+    else:
+        qt = ops.quantize_rtn(w, fmt.bits, fmt.group_size if fmt.divides(shape[1]) else -1, fmt.symmetric,
+                              scale_dtype=torch.bfloat16)
+    if isinstance(fmt, FloatFormat):
+        tensors = compressed_tensor_names("m", qt, torch.bfloat16, activations=sc.activations)
+    else:  # W8A8: int-quantized (the RTN result states its per-channel group as the row's width)
+        tensors = compressed_tensor_names("m", qt, torch.bfloat16, compression_format(fmt, sc.activations))
+    on_disk = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+    assert scheme_storage_bits(sc.format, sc.activations, *shape, 16) == on_disk
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -214,12 +241,28 @@ def test_units_keep_a_lone_sibling_on_its_own():
     ({"candidates": [{"bits": 9, "group_size": 32}]}, r"budget.candidates\[0\].bits: expected an integer"),
     ({"candidates": [{"bits": 3, "group_size": 32}, {"bits": 3, "group_size": 32}]},
      r"budget.candidates\[1\]: expected a candidate not listed before"),
+    ({"candidates": [{"preset": "NVFP4A16"}]},
+     r"budget.candidates\[0\]: expected an integer format .* got 'preset NVFP4A16'; floating-point and named"),
+    ({"bits": 3.5, "candidates": [{"bits": 4, "group_size": 32}, {"preset": "MXFP4A16", "bits": 4, "group_size": 32}]},
+     r"budget.candidates\[1\]: expected an integer format"),
+    ({"candidates": ["MXFP4A16"]}, r"budget.candidates\[0\]: expected an integer format .* got 'preset MXFP4A16'"),
+    ({"candidates": [4]}, r"budget.candidates\[0\]: expected a mapping with bits and group_size"),
     ({"experts": "layers"}, "budget.experts: expected one of"),
     ({"expert_weight": "weight"}, "budget.expert_weight: expected one of"),
 ])
 def test_budget_config_rejects_bad_values(data, match):
     with pytest.raises(ValueError, match=match):
         Recipe.from_dict({"budget": data})
+
+
+def test_budget_needs_an_integer_base_scheme():
+    with pytest.raises(ValueError, match="scheme.preset: expected null .an integer base scheme. with a budget, got "
+                                         "'NVFP4A16'; the budget's candidates are integer formats"):
+        Recipe.from_dict({"scheme": "NVFP4A16", "budget": {"bits": 3.5}})
+    with pytest.raises(ValueError, match="scheme.preset: expected null"):
+        Recipe.from_cli(None, scheme="W8A8", budget="3.5")
+    assert Recipe.from_cli(None, scheme="W4A16", budget="3.5").budget.bits == 3.5  # stored as its integer fields
+    assert Recipe.from_dict({"scheme": "MXFP4A16"}).scheme.preset == "MXFP4A16"  # without a budget: fine
 
 
 def test_budget_config_round_trip_and_parse():
@@ -271,7 +314,7 @@ def test_budget_run_applies_the_allocation_within_the_budget(budget_run):
     for u in b["units"]:
         fields = b["candidate_fields"][u["choice"]]
         want = IntFormat(fields["bits"], fields["group_size"], True)
-        assert {schemes[n] for n in units[u["key"]].members} == {want}, u["key"]
+        assert {schemes[n].format for n in units[u["key"]].members} == {want}, u["key"]
     # the bits the allocation counted are exactly the quantized tensors on disk
     tensors = checkpoint_tensors(out)
     qbits = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items()
@@ -525,7 +568,28 @@ def test_budget_pinned_modules_keep_their_scheme_and_count_as_fixed(tiny, tmp_pa
     assert b["pinned"] == ["model.layers.1.self_attn.o_proj"]
     assert "model.layers.1.self_attn.o_proj" not in [u["key"] for u in b["units"]]
     _, schemes = checkpoint_schemes(tmp_path / "q")
-    assert schemes["model.layers.1.self_attn.o_proj"].bits == 8
+    assert schemes["model.layers.1.self_attn.o_proj"].format.bits == 8
+    assert b["achieved_bits"] <= 3.6
+
+
+def test_budget_pinned_float_modules_count_their_written_bits(tiny, tmp_path):
+    """A floating-point override (MXFP4A16 attention of layer 1, NVFP4A16 o_proj of layer 0) is pinned: not measured
+    (the integer candidates cannot be applied to it), its bits counted as written, the rest allocated."""
+    r = _recipe(bits=3.6)
+    r.overrides = [Override("re:model\\.layers\\.1\\.self_attn\\..*", "MXFP4A16"),
+                   Override("model.layers.0.self_attn.o_proj", "NVFP4A16")]
+    rep = pipeline.quantize(tiny, r, output_dir=tmp_path / "q", progress=False)
+    b = rep.budget
+    assert "model.layers.1.self_attn.q_proj" in b["pinned"] and "model.layers.0.self_attn.o_proj" in b["pinned"]
+    assert not any(k.startswith("model.layers.1.self_attn") for k in (u["key"] for u in b["units"]))
+    _, schemes = checkpoint_schemes(tmp_path / "q")
+    assert schemes["model.layers.1.self_attn.k_proj"].format == FloatFormat("mxfp4")
+    assert schemes["model.layers.0.self_attn.o_proj"].format == FloatFormat("nvfp4")
+    tensors = checkpoint_tensors(tmp_path / "q")
+    quantized = [n for n in schemes]
+    written = sum(t.numel() * t.element_size() * 8 for n, t in tensors.items()
+                  if any(n.startswith(q + ".weight") for q in quantized))
+    assert abs(written / b["quantized_params"] - b["achieved_bits"]) < 1e-5  # pinned and allocated bits as written
     assert b["achieved_bits"] <= 3.6
 
 
@@ -539,6 +603,13 @@ def test_cli_budget_flag(tiny, tmp_path, capsys):
                    "--budget", "1.5"])
     err = capsys.readouterr().err
     assert rc == 2 and "below the cheapest allocation" in err and not (tmp_path / "x").exists()
+    rc = cli.main(["-q", "quantize", str(tiny), "--out", str(tmp_path / "x"), "--calib", str(CALIB),
+                   "--scheme", "NVFP4A16", "--budget", "3.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == ("moequant: error: scheme.preset: expected null (an integer base scheme) with "
+                                       "a budget, got 'NVFP4A16'; the budget's candidates are integer formats "
+                                       "applied to the base scheme; give floating-point or named schemes to modules "
+                                       "through overrides (they are pinned, as fixed bits)")
 
 
 def test_report_renders_the_allocation(budget_run):

@@ -211,6 +211,25 @@ def test_cli_device_memory_gb_too_small_is_one_error_line(models, tmp_path, caps
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()  # refused before any write
 
 
+def _streaming_budget(lazy) -> float:
+    """device_memory_gb 4 KiB short of holding the first MoE layer's expert weights with room to solve one expert:
+    the experts are streamed from host memory, one at a time."""
+    sizes = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, None)
+    experts = lazy.family.experts_of(lazy.meta_layer(0))
+    weights = sum(p.numel() * p.element_size() for p in experts.parameters())
+    work = sizes.per_expert - weights // engine.num_experts(experts)
+    return (sizes.fixed + weights + work - 4096) / GIB
+
+
+def test_streaming_budget_streams_one_expert_at_a_time(models):
+    from moequant.models.lazy import LazyModel
+
+    lazy = LazyModel(models("qwen3_moe"), dtype=torch.bfloat16)
+    budget = int(_streaming_budget(lazy) * GIB)
+    plan = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, budget)
+    assert not plan.resident and plan.size == 1
+
+
 @pytest.mark.gpu
 def test_groups_on_the_gpu(models, tmp_path):
     """On CUDA (bf16 layers, bf16 tensor-core Hessians, the batched solver): groups of 1 with the weights streamed
@@ -220,8 +239,7 @@ def test_groups_on_the_gpu(models, tmp_path):
 
     src = models("qwen3_moe")
     lazy = LazyModel(src, dtype=torch.bfloat16)
-    sizes = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, None)
-    budget = (sizes.fixed + 2 * sizes.per_expert) / GIB  # two experts fit, all four's weights do not
+    budget = _streaming_budget(lazy)
     outs = {}
     for name, kw in (("one", {}), ("three", {"experts_per_group": 3}), ("streamed", {"device_memory_gb": budget})):
         d = tmp_path / name
@@ -241,3 +259,56 @@ def test_groups_on_the_gpu(models, tmp_path):
         with torch.no_grad():
             other = load_model(outs[name][0], dtype=torch.float32)(IDS).logits
         assert (other - logits).norm() / logits.norm() < 2e-2, name
+
+
+def test_host_copies_on_the_cpu_are_the_tensors():
+    from moequant.pipeline.host import HostCopies, to_host
+    a, b = torch.randn(3, 4), torch.randn(2)
+    c = HostCopies()
+    c.add(a)
+    c.add(b)
+    out = c.done()
+    assert out[0] is a and out[1] is b
+    assert to_host([a])[0] is a
+
+
+@pytest.mark.gpu
+def test_host_copies_of_device_tensors_are_pinned_and_exact():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from moequant.pipeline.host import HostCopies
+    c = HostCopies()
+    src = [torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16) * (i + 1) for i in range(5)]
+    for t in src:
+        c.add(t * 2)  # a temporary: its memory is reused by the next batch while its copy may still be queued
+    out = c.done()
+    for t, h in zip(src, out):
+        assert h.device.type == "cpu" and h.is_pinned()
+        assert torch.equal(h, (t * 2).cpu())
+
+
+def test_nvfp4_groups_and_starved_experts_match_one_group(tmp_path):
+    """NVFP4 (W4A4) through groups of 3 with starved experts (deferred mean fallback, results moved to host memory):
+    the first layer's tensors -- codes, FP8 scales, global scales, input global scales -- equal the one-group run's,
+    and an expert without tokens has its layer's input global scale."""
+    from testdata import tiny_qwen3_checkpoint
+
+    src = tiny_qwen3_checkpoint(tmp_path / "m", num_experts=8)
+    ids = torch.randint(0, 8000, (2, 4), generator=torch.Generator().manual_seed(3))  # 8 tokens: some experts get none
+    runs = {}
+    for size in (None, 3):
+        r = Recipe.from_dict({"scheme": "NVFP4", "fallback": {"min_tokens": 3, "policy": "mean"},
+                              "calibration": {"num_samples": 2, "seq_len": 4}, "experts_per_group": size})
+        report = pipeline.quantize(src, r, calibration=ids, output_dir=tmp_path / f"q{size}", progress=False)
+        runs[size] = (checkpoint_tensors(tmp_path / f"q{size}"), report)
+    (a, ra), (b, rb) = runs[None], runs[3]
+    assert {m.fallback for m in rb.layers[0].modules if m.fallback} == {"mean"}, "the test needs starved experts"
+    layer0 = [k for k in a if k.startswith("model.layers.0.")]
+    assert any(k.endswith("input_global_scale") for k in layer0)
+    for k in layer0:
+        assert torch.equal(a[k], b[k]), k
+    tokens = ra.layers[0].expert_tokens
+    assert 0 in tokens, "the test needs an expert without tokens"
+    gates = {e: float(a[f"model.layers.0.mlp.experts.{e}.gate_proj.input_global_scale"]) for e in range(8)}
+    seen = [g for e, g in gates.items() if tokens[e]]
+    assert all(gates[e] == min(seen) for e in range(8) if tokens[e] == 0)

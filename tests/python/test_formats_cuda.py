@@ -163,6 +163,8 @@ def test_deepseek_fp8_decode_bit_exact(rows, cols, misalign, out_dtype, gen):
 @pytest.mark.parametrize("out_dtype", [SD.bfloat16, SD.float32])
 @pytest.mark.parametrize("misalign", [False, True])
 def test_mxfp4_blocks_decode_bit_exact(shape, out_dtype, misalign, gen):
+    if misalign and 0 in shape:
+        pytest.skip("an empty tensor has no data to misalign")
     blocks = torch.randint(0, 256, shape + (16,), generator=gen, dtype=torch.int32).to(torch.uint8)
     scales = torch.randint(0, 256, shape, generator=gen, dtype=torch.int32).to(torch.uint8)  # 255 (NaN) included
     cpu = _C.decode_mxfp4_blocks(blocks, scales, out_dtype)

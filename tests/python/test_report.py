@@ -207,3 +207,23 @@ def test_page_in_a_headless_browser(run_dir, tmp_path, mpl):
     keep = os.environ.get("MOEQUANT_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / "report_screenshot.png")
+
+
+def test_log_axes_within_a_decade_label_several_ticks():
+    """A routing-drift panel spanning 0.06-0.16 showed one labelled tick (0.1) with 1-2-5 steps."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moequant.eval.figures import _plain_log
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [0.06, 0.1, 0.16])
+    ax.set_yscale("log")
+    _plain_log(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    shown = [t for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if lo <= v <= hi and t.get_text()]
+    plt.close(fig)
+    assert len(shown) >= 3, [t.get_text() for t in shown]

@@ -376,12 +376,13 @@ struct GroupParams {
   uint8_t scale_code = 0;  // kFp8E4M3: the FP8 byte; kE8M0: the exponent byte; kFloat: 0
 };
 
-/// NVFP4's global scale from the tensor's absmax: 448 * element_max / max(amax, FLT_MIN) in fp32, 1 when that is not
-/// finite (compressed-tensors' generate_gparam: 2688 / amax for FP4; 1 for an all-zero tensor).
+/// NVFP4's global scale from the tensor's absmax: (448 * element_max) * fl(1 / max(amax, FLT_MIN)) in fp32, 1 when that
+/// is not finite (compressed-tensors' generate_gparam: `2688 / amax` of a Python float by a tensor, which torch computes
+/// as `amax.reciprocal() * 2688` -- two roundings, not one division; 1 for an all-zero tensor).
 MQ_FORMAT_HD inline float global_scale_from_amax(const FormatCore& f, float amax) {
   using namespace fmt_detail;
   const float num = mq_fmul(448.0f, element_max(f.element));
-  const float g = mq_fdiv(num, std_max(amax, 1.17549435e-38f));
+  const float g = mq_fmul(mq_fdiv(1.0f, std_max(amax, 1.17549435e-38f)), num);
   return is_finite_bits(bits_of(g)) ? g : 1.0f;
 }
 

@@ -17,6 +17,7 @@
 // h is taken as symmetric: only its lower triangle (h[r * ldh + c], r >= c) is read, by the solve and by the
 // loss (the whole matrix is still checked for NaN / Inf). report->loss is tr((W - Q) H (W - Q)^T) with the
 // caller's undamped H; it is skipped when report is null, since it costs about as much as the solve.
+// Steps 1, 3 and 4 (dead columns, order, U) are detail::gptq_factor, shared with gptq_format.h (every other format).
 #pragma once
 
 #include <moequant/quant.h>
@@ -163,6 +164,49 @@ inline Status inverse_upper_factor(MatXd& H, const GptqArgs& args, MatXf* U, Gpt
   }
 }
 
+/// Steps 1 and 3-4 of the top of this file, shared by every GPTQ solver of the core (gptq_solve, gptq_solve_format
+/// and its reference twin): the dead columns, the processing order and U.
+struct GptqFactor {
+  std::vector<double> diag;   // [cols] diag(h), dead columns set to 1
+  std::vector<char> dead;     // [cols] 1 where diag(h) == 0
+  std::vector<int64_t> perm;  // [cols] processing position -> original column (identity without act_order)
+  MatXf U;                    // [cols, cols] upper Cholesky factor of (P^T H P + lambda I)^{-1}, processing order
+};
+
+/// Fills `f` for the (validated) Hessian h [cols, cols]: dead columns get H_ii = 1, act_order sorts the columns by
+/// descending diagonal (stable), then U with damping escalation (args.damp, max_damp_escalations,
+/// damp_escalation_factor; args.spec is not read). rep gets dead_columns and the damping, also on failure.
+template <typename HT>
+Status gptq_factor(const HT* h, int64_t ldh, int64_t cols, bool act_order, const GptqArgs& args, GptqFactor* f,
+                   GptqReport* rep) {
+  f->diag.assign(static_cast<size_t>(cols), 0.0);
+  f->dead.assign(static_cast<size_t>(cols), 0);
+  std::vector<double>& diag = f->diag;
+  for (int64_t i = 0; i < cols; ++i) {
+    diag[i] = static_cast<double>(h[i * ldh + i]);
+    if (diag[i] == 0.0) {
+      f->dead[i] = 1;
+      diag[i] = 1.0;
+      ++rep->dead_columns;
+    }
+  }
+  f->perm.resize(static_cast<size_t>(cols));
+  if (act_order) f->perm = act_order_permutation(diag);
+  else std::iota(f->perm.begin(), f->perm.end(), int64_t{0});
+  const std::vector<int64_t>& perm = f->perm;
+
+  // permuted, dead-fixed H in double, and the inverse factor
+  MatXd H(cols, cols);
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t i = j; i < cols; ++i) {
+      const int64_t a = std::max(perm[i], perm[j]), b = std::min(perm[i], perm[j]);
+      const double v = a == b ? diag[a] : static_cast<double>(h[a * ldh + b]);  // lower triangle of h
+      H(i, j) = v;
+      H(j, i) = v;
+    }
+  return inverse_upper_factor(H, args, &f->U, rep);
+}
+
 }  // namespace detail
 
 /// tr((W - Q) H (W - Q)^T) in double. q is [rows, cols] contiguous; h is [cols, cols] with leading dimension
@@ -215,20 +259,14 @@ Status gptq_solve(const MatrixView& w, const HT* h, int64_t ldh, const GptqArgs&
   const int64_t gs = effective_group_size(s, cols), ng = num_groups(s, cols);
   GptqReport rep;
   try {
-    // ---- dead columns, processing order, static group parameters ----
-    std::vector<double> diag(static_cast<size_t>(cols));
-    std::vector<char> dead(static_cast<size_t>(cols), 0);
-    for (int64_t i = 0; i < cols; ++i) {
-      diag[i] = static_cast<double>(h[i * ldh + i]);
-      if (diag[i] == 0.0) {
-        dead[i] = 1;
-        diag[i] = 1.0;
-        ++rep.dead_columns;
-      }
-    }
-    std::vector<int64_t> perm(static_cast<size_t>(cols));
-    if (args.act_order) perm = detail::act_order_permutation(diag);
-    else std::iota(perm.begin(), perm.end(), int64_t{0});
+    // ---- dead columns, processing order, inverse factor (gptq_factor), static group parameters ----
+    detail::GptqFactor fac;
+    const Status fs = detail::gptq_factor(h, ldh, cols, args.act_order, args, &fac, &rep);
+    if (report) *report = rep;
+    MQ_RETURN_IF_ERROR(fs);
+    const std::vector<char>& dead = fac.dead;
+    const std::vector<int64_t>& perm = fac.perm;
+    detail::MatXf& U = fac.U;
 
     std::vector<QParams> params(static_cast<size_t>(rows * ng));  // [rows, groups], original group order
     if (args.act_order) {
@@ -239,21 +277,6 @@ Status gptq_solve(const MatrixView& w, const HT* h, int64_t ldh, const GptqArgs&
           params[r * ng + g] = compute_qparams(tmp.data(), gs, 1, s);
         }
     }
-
-    // ---- permuted, dead-fixed H in double, and the inverse factor ----
-    detail::MatXd H(cols, cols);
-    for (int64_t j = 0; j < cols; ++j)
-      for (int64_t i = j; i < cols; ++i) {
-        const int64_t a = std::max(perm[i], perm[j]), b = std::min(perm[i], perm[j]);
-        const double v = a == b ? diag[a] : static_cast<double>(h[a * ldh + b]);  // lower triangle of h
-        H(i, j) = v;
-        H(j, i) = v;
-      }
-    detail::MatXf U;
-    const Status fs = detail::inverse_upper_factor(H, args, &U, &rep);
-    if (report) *report = rep;
-    MQ_RETURN_IF_ERROR(fs);
-    H.resize(0, 0);
 
     // ---- the column loop (W column-major in processing order, float) ----
     detail::MatXf W(rows, cols);

@@ -14,7 +14,8 @@ exceptions.
 Accumulator protocol (``moequant.ops.HessianAccumulator``): ``acc = factory(num_experts, dim, device)``;
 ``acc.add(x [n,dim], expert_ids [n] int32, weights [n] float32 | None)``, ``x`` in the hidden states' dtype (bf16
 for a bf16 layer; CUDA accumulators widen it exactly, others convert it to float32) or float32 (the down inputs
-``h``); ``acc.hessians [E,dim,dim]``, ``acc.counts [E] int64``, ``acc.mass [E] float64``.
+``h``); ``acc.hessians [E,dim,dim]``, ``acc.counts [E] int64``, ``acc.mass [E] float64``, ``acc.absmax [E]
+float32`` (the largest |x| of each expert's rows).
 """
 from __future__ import annotations
 

@@ -7,11 +7,22 @@ import logging
 import sys
 from pathlib import Path
 
+from ..formats.schemes import PRESET_ALIASES, PRESETS, preset
 from ..methods.registry import default_solvers
 from . import common
 from .common import CliError, positive_int
 
 __all__ = ["add_parser", "run"]
+
+_PRESET_NAMES = list(PRESETS) + list(PRESET_ALIASES)
+
+
+def _preset(value: str) -> str:
+    """``--scheme``: a preset name (case-insensitive), else the parser's one-line error listing them."""
+    try:
+        return preset(value).name
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(_PRESET_NAMES)}, got {value!r}") from None
 
 
 def add_parser(sub, parent) -> None:
@@ -22,6 +33,9 @@ def add_parser(sub, parent) -> None:
     q.add_argument("model", metavar="MODEL", help="local Hugging Face model directory")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     q.add_argument("--recipe", metavar="FILE", help="recipe file (.yaml/.yml/.json), see docs/recipes.md")
+    q.add_argument("--scheme", type=_preset, metavar="NAME",
+                   help="a named scheme (llm-compressor's names): " + ", ".join(_PRESET_NAMES) +
+                   "; applied before --bits / --group-size / --symmetric / --method (docs/recipes.md)")
     q.add_argument("--bits", type=int, help="code width 2..8 (default 4)")
     q.add_argument("--group-size", type=int, help="columns per scale, -1 = per-channel (default 128)")
     q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
@@ -37,6 +51,9 @@ def add_parser(sub, parent) -> None:
     q.add_argument("--device-memory-gb", type=float, metavar="GB",
                    help="memory of the device one MoE layer may use; its experts go through it in groups that fit "
                    "(default: the GPU's free memory less 2 GiB)")
+    q.add_argument("--host-memory-gb", type=float, metavar="GB",
+                   help="host memory the calibration hidden states may use; beyond it they live in a disk-backed "
+                   "store in DIR.partial (0: always; default: half of the available memory after one layer)")
     q.add_argument("--budget", metavar="BITS|SIZE",
                    help="budgeted mixed precision: average bits per weight, scales included (e.g. 3.5), or a "
                    "checkpoint size (e.g. 12GB, 800MiB); each module group gets the candidate scheme that minimises "
@@ -69,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.from_cli(args.recipe, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                              method=args.method, calib=args.calib, num_samples=args.num_samples,
                              seq_len=args.seq_len, device=args.device, device_memory_gb=args.device_memory_gb,
-                             budget=args.budget)
+                             host_memory_gb=args.host_memory_gb, scheme=args.scheme, budget=args.budget)
     common.check_device(recipe.device)
     cal = recipe.calibration
     if not (cal.text_files or cal.jsonl_files):  # the pipeline calibrates layer by layer, even for rtn

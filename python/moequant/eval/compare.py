@@ -51,8 +51,10 @@ _HEAD_ELEMENTS = 1 << 26  # logits per chunk of the head (fp32: 256 MiB per mode
 
 
 def open_model(model_dir: str | os.PathLike, dtype: torch.dtype, experts_implementation: Optional[str] = None):
-    """A :class:`~moequant.models.LazyModel` of an original checkpoint or of a ``pack-quantized`` one (dequantized
-    on load by :class:`~moequant.io.exported.ExportedCheckpoint`); ValueError for other quantization formats."""
+    """A :class:`~moequant.models.LazyModel` of an original checkpoint or of a compressed-tensors one in a format
+    moequant writes (dequantized on load by :class:`~moequant.io.exported.ExportedCheckpoint`: the weights alone, the
+    activation quantization of W8A8 / W4A4 schemes is not simulated); ValueError for other quantization formats."""
+    from ..formats import config_groups
     from ..io.exported import ExportedCheckpoint
     from ..models.lazy import LazyModel
 
@@ -62,14 +64,18 @@ def open_model(model_dir: str | os.PathLike, dtype: torch.dtype, experts_impleme
     qcfg = json.loads((d / "config.json").read_text()).get("quantization_config")
     if not qcfg:
         return LazyModel(d, dtype=dtype, experts_implementation=experts_implementation)
-    fmt = qcfg.get("format")
-    if fmt == "mixed-precision":  # llm-compressor: one format per config group
-        fmts = {g.get("format") for g in (qcfg.get("config_groups") or {}).values()}
-        fmt = fmts.pop() if len(fmts) == 1 else f"mixed {sorted(map(str, fmts))}"
-    if qcfg.get("quant_method") != "compressed-tensors" or fmt != "pack-quantized":
-        raise ValueError(f"{d}: quantization {qcfg.get('quant_method')!r} format {fmt!r} is not read; compare reads "
-                         f"unquantized checkpoints and compressed-tensors pack-quantized ones (moequant's, "
-                         f"llm-compressor's W4A16 / W8A16)")
+    why = None
+    if qcfg.get("quant_method") != "compressed-tensors":
+        why = f"quantization {qcfg.get('quant_method')!r} format {qcfg.get('format')!r}"
+    else:
+        try:
+            config_groups(qcfg)
+        except ValueError as exc:
+            why = str(exc)
+    if why is not None:
+        raise ValueError(f"{d}: {why} is not read; compare reads unquantized checkpoints and the compressed-tensors "
+                         f"formats moequant writes (pack-quantized, int-quantized, float-quantized, "
+                         f"nvfp4-pack-quantized, mxfp4-pack-quantized; llm-compressor's W4A16 / W8A16 too)")
     return LazyModel(d, dtype=dtype, experts_implementation=experts_implementation, reader=ExportedCheckpoint(d))
 
 

@@ -42,7 +42,10 @@ def _plain_log(ax, axis: str = "y") -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     a = ax.yaxis if axis == "y" else ax.xaxis
-    a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    # within about a decade, 1-2-5 would label one tick or none: label every integer multiple instead
+    subs = (1.0, 2.0, 5.0) if lo > 0 and hi / lo > 12 else tuple(float(k) for k in range(1, 10))
+    a.set_major_locator(LogLocator(base=10, subs=subs))
     a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     a.set_minor_formatter(NullFormatter())
 

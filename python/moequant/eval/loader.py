@@ -53,7 +53,8 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
     float32 holding exactly the bf16 values. Quantized checkpoints are dequantized at load time: by transformers
     and compressed-tensors (its dense Linears are decompressed in bf16 before any cast, so that the float32 copy
     holds the bf16 weights a GPU would use) or, for what transformers cannot read, by
-    :func:`moequant.io.exported.load_model` (see :func:`choose_loader`)."""
+    :func:`moequant.io.exported.load_model` (see :func:`choose_loader`). Either way the model computes with the
+    checkpoint's weights alone: the input quantization of W8A8 / W4A4 schemes is not simulated."""
     import transformers
 
     which, why = choose_loader(model_dir, loader)
@@ -73,6 +74,12 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
         compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
         if compressor is not None:
             compressor.decompress_model(model)
+            # the weights alone, as moequant's loader: compressed-tensors would fake-quantize the dense Linears'
+            # inputs of W8A8 / W4A4 schemes (not the routed experts'); simulating the runtime's activation
+            # quantization is moequant.io.exported.ExportedCheckpoint.input_activations' seam, not done here
+            from compressed_tensors.quantization import disable_quantization
+
+            model.apply(disable_quantization)
     # nn.Module.float is called directly: transformers refuses .float() on a model loaded from a quantized
     # checkpoint, although its weights are plain bf16 tensors here.
     return (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()

@@ -1,26 +1,29 @@
-"""The compressed-tensors encoding of :class:`~moequant.formats.IntFormat`: the ``pack-quantized`` tensors of one
-quantized Linear (:func:`compressed_tensor_names`) and the ``quantization_config`` block of ``config.json``
-(:func:`quantization_config_block`, parsed back by :func:`config_formats`). docs/formats.md and docs/export.md
-restate both. A new format (FP8, NVFP4, MXFP4) gets its definition next to :mod:`moequant.formats.integer` and its
-encoding here.
+"""The compressed-tensors ``quantization_config`` block of ``config.json``: one config group per distinct scheme
+(:class:`WeightsConfig`: the weight format, how the solver chose the scales, the input-activation format), each
+with its compressed-tensors ``format`` (``pack-quantized``, ``int-quantized``, ``float-quantized``,
+``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``; the top-level ``format`` is that format, or
+``mixed-precision`` when the groups differ), written by :func:`quantization_config_block` and parsed back by
+:func:`config_groups`. The tensors of one quantized Linear are in :mod:`moequant.formats.tensors`. docs/export.md
+restates both.
 """
 from __future__ import annotations
 
 import logging
-import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-import torch
-
+from .activations import ActivationFormat
+from .floating import FloatFormat
 from .integer import IntFormat
+from .schemes import MIXED_PRECISION, PACK_QUANTIZED, WeightFormat, compression_format
 
-__all__ = ["PACK_QUANTIZED", "WeightsConfig", "as_format", "compressed_tensor_names", "weights_args",
-           "quantization_config_block", "config_formats", "OBSERVERS", "ACTORDERS"]
+__all__ = ["PACK_QUANTIZED", "MIXED_PRECISION", "WeightsConfig", "as_format", "weights_args",
+           "quantization_config_block", "ConfigGroup", "config_groups", "config_formats", "group_of", "OBSERVERS",
+           "ACTORDERS"]
 
 logger = logging.getLogger(__name__)
 
-PACK_QUANTIZED = "pack-quantized"
 OBSERVERS = ("minmax", "mse")
 ACTORDERS = (None, "weight")
 
@@ -29,108 +32,68 @@ def _get(obj: Any, name: str, default: Any = None) -> Any:
     return obj.get(name, default) if isinstance(obj, Mapping) else getattr(obj, name, default)
 
 
-def as_format(obj: Any) -> IntFormat:
-    """The :class:`IntFormat` of ``obj``: a format itself, anything with a ``format`` (a ``QuantScheme``, a
-    ``QuantizedTensor``), or an object / mapping with ``bits``, ``group_size`` (<= 0 or None: per-channel) and
-    ``symmetric``, validated."""
-    if isinstance(obj, IntFormat):
+def as_format(obj: Any) -> WeightFormat:
+    """The weight format of ``obj``: a format itself (:class:`IntFormat` / :class:`FloatFormat`), anything with a
+    ``format`` (a ``QuantScheme``, a quantized tensor), or an object / mapping with ``bits``, ``group_size`` (<= 0 or
+    None: per-channel) and ``symmetric`` (an integer format), validated."""
+    if isinstance(obj, (IntFormat, FloatFormat)):
         return obj
     fmt = _get(obj, "format")
-    if isinstance(fmt, IntFormat):
+    if isinstance(fmt, (IntFormat, FloatFormat)):
         return fmt
     return IntFormat.from_key((_get(obj, "bits"), _get(obj, "group_size"), _get(obj, "symmetric")))
 
 
 @dataclass(frozen=True)
 class WeightsConfig:
-    """The ``weights`` of one config group: the format, how the scales were chosen (``observer``: ``"minmax"`` or
-    ``"mse"``) and whether GPTQ processed the columns in activation order with static groups (``actorder``:
-    ``"weight"``, no ``g_idx``; None: in their order)."""
+    """One config group's scheme: the weight ``format``, how the scales were chosen (``observer``: ``"minmax"`` or
+    ``"mse"``), whether GPTQ processed the columns in activation order with static groups (``actorder``:
+    ``"weight"``, no ``g_idx``; None: in their order) and the runtime's input quantization (``activations``, None
+    for weight-only schemes)."""
 
-    format: IntFormat
+    format: WeightFormat
     observer: str = "minmax"
     actorder: Optional[str] = None
+    activations: Optional[ActivationFormat] = None
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer: expected one of {OBSERVERS}, got {self.observer!r}")
         if self.actorder not in ACTORDERS:
             raise ValueError(f"actorder: expected one of {ACTORDERS}, got {self.actorder!r}")
+        if self.activations is not None and not isinstance(self.activations, ActivationFormat):
+            raise ValueError(f"activations: expected an ActivationFormat or None, got {self.activations!r}")
+        self.compression  # a weight / activation pair no loader reads is an error here
+
+    @property
+    def compression(self) -> str:
+        """The group's compressed-tensors format (:func:`moequant.formats.compression_format`)."""
+        return compression_format(self.format, self.activations)
 
     @classmethod
     def of(cls, obj: Any) -> "WeightsConfig":
-        """``obj`` itself, or the format (:func:`as_format`) and optional ``observer`` / ``actorder`` of a scheme."""
+        """``obj`` itself, or the format (:func:`as_format`) and optional ``observer`` / ``actorder`` /
+        ``activations`` of a scheme."""
         if isinstance(obj, WeightsConfig):
             return obj
-        return cls(as_format(obj), _get(obj, "observer", "minmax"), _get(obj, "actorder", None))
+        return cls(as_format(obj), _get(obj, "observer", "minmax"), _get(obj, "actorder", None),
+                   _get(obj, "activations", None))
 
 
 def weights_args(w: WeightsConfig) -> dict:
-    """compressed-tensors' ``weights`` arguments of a config group (``type`` from the format)."""
+    """compressed-tensors' ``weights`` arguments of a config group (``type`` from the format; no ``scale_dtype``:
+    compressed-tensors 0.11 / 0.12 reject it, and its default is the one each format stores)."""
     fmt = w.format
-    return {
-        "num_bits": fmt.bits, "type": fmt.type, "symmetric": fmt.symmetric,
-        "strategy": "channel" if fmt.per_channel else "group",
-        "group_size": None if fmt.per_channel else fmt.group_size,
-        "dynamic": False, "actorder": w.actorder, "observer": w.observer,
-    }  # fmt: skip
-
-
-def compressed_tensor_names(prefix: str, qt: Any, weight_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The compressed-tensors ``pack-quantized`` tensors of one quantized Linear.
-
-    Args:
-        prefix: on-disk module name, e.g. ``"model.layers.0.mlp.experts.3.gate_proj"``.
-        qt: quantized tensor (a :class:`moequant.ops.QuantizedTensor`, or anything with ``codes`` int8 [out, in],
-            ``scale`` [out, G], ``zero_point`` [out, G] and a format, :func:`as_format`).
-        weight_dtype: the checkpoint's weight dtype; the scales are stored in it and must be exactly representable
-            (quantize with the scale dtype set to the checkpoint dtype).
-
-    Returns (insertion-ordered):
-        ``<prefix>.weight_packed`` int32 [out, ceil(in*bits/32)] (packed along the input dim, LSB first, +2^(b-1));
-        ``<prefix>.weight_scale`` weight_dtype [out, G] (G = 1 for per-channel);
-        ``<prefix>.weight_shape`` int64 [2] = [out, in];
-        ``<prefix>.weight_zero_point`` int32 [ceil(out*bits/32), G] (packed along the output dim), asymmetric only.
-    """
-    from moequant import ops  # the native extension; imported lazily so this module imports without it
-
-    codes = qt.codes
-    if codes.dim() != 2 or codes.dtype != torch.int8:
-        raise ValueError(f"{prefix}: codes: expected int8 [out, in], got {codes.dtype} {tuple(codes.shape)}")
-    out_f, in_f = codes.shape
-    fmt = as_format(qt)
-    bits, gs, sym = fmt.key
-    groups = in_f // gs if 0 < gs < in_f else 1
-    if 0 < gs < in_f and in_f % gs:
-        raise ValueError(f"{prefix}: group_size: expected a divisor of in_features={in_f}, got {gs}")
-    if tuple(qt.scale.shape) != (out_f, groups):
-        raise ValueError(f"{prefix}: scale: expected shape {(out_f, groups)}, got {tuple(qt.scale.shape)}")
-    scale = qt.scale.detach().to("cpu", weight_dtype)
-    if not torch.equal(scale.float(), qt.scale.detach().to("cpu", torch.float32)):
-        raise ValueError(
-            f"{prefix}: scales are not exactly representable in {weight_dtype}; quantize with the scale dtype set "
-            "to the checkpoint's weight dtype so that loaders dequantize to exactly the optimized weights"
-        )
-    packed = ops.pack_int32(codes.detach().cpu(), bits)
-    if packed.dtype != torch.int32 or tuple(packed.shape) != (out_f, math.ceil(in_f * bits / 32)):
-        raise RuntimeError(f"{prefix}: ops.pack_int32 returned {packed.dtype} {tuple(packed.shape)}")
-    result = {
-        f"{prefix}.weight_packed": packed,
-        f"{prefix}.weight_scale": scale,
-        f"{prefix}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
-    }
-    zp = qt.zero_point
-    if sym:
-        if zp is not None and bool((zp != 0).any()):
-            raise ValueError(f"{prefix}: symmetric quantization with non-zero zero points")
+    out = {"num_bits": fmt.bits, "type": fmt.type, "symmetric": fmt.symmetric}
+    if isinstance(fmt, FloatFormat) and fmt.is_block:
+        out.update(strategy="block", group_size=None, block_structure=list(fmt.block))
+    elif isinstance(fmt, FloatFormat) and fmt.kind == "nvfp4":
+        out.update(strategy="tensor_group", group_size=fmt.group_size)
     else:
-        if zp is None or tuple(zp.shape) != (out_f, groups):
-            raise ValueError(f"{prefix}: zero_point: expected int8 [{out_f}, {groups}] for an asymmetric scheme")
-        zpp = ops.pack_zero_points(zp.detach().cpu().to(torch.int8), bits)
-        if zpp.dtype != torch.int32 or tuple(zpp.shape) != (math.ceil(out_f * bits / 32), groups):
-            raise RuntimeError(f"{prefix}: ops.pack_zero_points returned {zpp.dtype} {tuple(zpp.shape)}")
-        result[f"{prefix}.weight_zero_point"] = zpp
-    return result
+        out.update(strategy="channel" if fmt.per_channel else "group",
+                   group_size=None if fmt.per_channel else fmt.group_size)
+    out.update(dynamic=False, actorder=w.actorder, observer=w.observer)
+    return out
 
 
 def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignore: Sequence[str]) -> dict:
@@ -138,15 +101,16 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
 
     Args:
         groups: ``(targets, weights)`` pairs; ``weights`` is a :class:`WeightsConfig`, or a scheme it is made of
-            (:meth:`WeightsConfig.of`: a format, optionally with ``observer`` and ``actorder``, as attributes or
-            mapping keys). Targets are class names (``"Linear"``) or ``"re:"`` regexes over on-disk module names.
-            Pairs with the same weights are merged into one group, in the order of their first pair. With several
-            schemes put the routed experts' group first (transformers dequantizes every expert with the first group
-            that targets a class name, unless a ``re:`` target mentions ``experts``) and keep ``"Linear"`` as a
-            target (vLLM's MoE needs it).
+            (:meth:`WeightsConfig.of`: a format, optionally with ``observer``, ``actorder`` and ``activations``, as
+            attributes or mapping keys). Targets are class names (``"Linear"``) or ``"re:"`` regexes over on-disk
+            module names, or exact module names. Pairs with the same weights are merged into one group, in the
+            order of their first pair. With several schemes put the routed experts' group first (transformers
+            dequantizes every expert with the first group that targets a class name, unless a ``re:`` target
+            mentions ``experts``) and keep ``"Linear"`` as a target (vLLM's MoE needs it).
         ignore: module names or ``re:`` patterns left unquantized (``lm_head``, routers ...).
     Returns:
-        a JSON-able dict for ``config.json["quantization_config"]``.
+        a JSON-able dict for ``config.json["quantization_config"]``: each group has its ``format``; the top-level
+        ``format`` is the groups' common one, else ``"mixed-precision"``.
     """
     merged: dict[WeightsConfig, list[str]] = {}
     for targets, scheme in groups:
@@ -162,12 +126,14 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
     config_groups = {}
     for i, (w, targets) in enumerate(merged.items()):
         config_groups[f"group_{i}"] = {
-            "targets": list(targets), "format": PACK_QUANTIZED, "weights": weights_args(w),
-            "input_activations": None, "output_activations": None,
+            "targets": list(targets), "format": w.compression, "weights": weights_args(w),
+            "input_activations": w.activations.args() if w.activations is not None else None,
+            "output_activations": None,
         }  # fmt: skip
+    formats = {g["format"] for g in config_groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": PACK_QUANTIZED,
+        "format": formats.pop() if len(formats) == 1 else MIXED_PRECISION,
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": list(ignore),
@@ -175,15 +141,73 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
     }
 
 
-def config_formats(quantization_config: Mapping) -> list[tuple[str, list[str], IntFormat]]:
-    """``(group name, targets, format)`` of every config group of a ``quantization_config``, in file order. A
-    group whose weights are not integers raises ValueError (moequant writes and reads integer formats only)."""
+# ------------------------------------------------------------------------------------------ reading a config back
+@dataclass(frozen=True)
+class ConfigGroup:
+    """A parsed config group: its name, targets, weight format, input-activation format (None: weight-only) and
+    compressed-tensors format."""
+
+    name: str
+    targets: tuple
+    format: WeightFormat
+    activations: Optional[ActivationFormat]
+    compression: str
+
+
+def _weight_format(name: str, w: Mapping) -> WeightFormat:
+    typ, bits, strategy, gs = w.get("type", "int"), w.get("num_bits", 8), w.get("strategy"), w.get("group_size")
+    if typ == IntFormat.type:
+        return IntFormat.from_key((bits, gs, w.get("symmetric", True)))
+    if typ == FloatFormat.type:
+        if bits == 8 and strategy == "channel":
+            return FloatFormat("fp8")
+        if bits == 8 and strategy == "block" and list(w.get("block_structure") or []) == list(FloatFormat.block):
+            return FloatFormat("fp8_block")
+        if bits == 4 and gs == 16 and strategy in ("tensor_group", None):
+            return FloatFormat("nvfp4")
+        if bits == 4 and gs == 32 and strategy in ("group", None):
+            return FloatFormat("mxfp4")
+    raise ValueError(f"quantization_config: group {name!r} has weights moequant does not read ({typ}, {bits} bits, "
+                     f"strategy {strategy!r}, group_size {gs!r}); moequant reads the formats it writes "
+                     "(docs/export.md)")
+
+
+def _activation_format(name: str, a: Optional[Mapping]) -> Optional[ActivationFormat]:
+    if not a:
+        return None
+    for kind in ("fp8_token", "fp8_group", "nvfp4", "mxfp4", "int8_token"):
+        want = ActivationFormat(kind).args()
+        if all(a.get(k, None) == v for k, v in want.items() if k != "observer"):
+            return ActivationFormat(kind)
+    raise ValueError(f"quantization_config: group {name!r} has input_activations moequant does not read ({dict(a)})")
+
+
+def config_groups(quantization_config: Mapping) -> list[ConfigGroup]:
+    """Every config group of a ``quantization_config`` moequant wrote, in file order (a group with formats moequant
+    does not write raises ValueError)."""
     out = []
+    top = quantization_config.get("format", PACK_QUANTIZED)
     for name, group in (quantization_config.get("config_groups") or {}).items():
-        w = group.get("weights") or {}
-        if w.get("type", IntFormat.type) != IntFormat.type:
-            raise ValueError(f"quantization_config: group {name!r} has weights of type {w.get('type')!r}; moequant "
-                             "reads integer (pack-quantized) checkpoints")
-        out.append((name, list(group.get("targets") or []),
-                    IntFormat.from_key((w.get("num_bits", 8), w.get("group_size"), w.get("symmetric", True)))))
+        fmt = _weight_format(name, group.get("weights") or {})
+        act = _activation_format(name, group.get("input_activations"))
+        out.append(ConfigGroup(name, tuple(group.get("targets") or ()), fmt, act, group.get("format") or top))
     return out
+
+
+def config_formats(quantization_config: Mapping) -> list[tuple[str, list[str], WeightFormat]]:
+    """``(group name, targets, weight format)`` of every config group (:func:`config_groups`), in file order."""
+    return [(g.name, list(g.targets), g.format) for g in config_groups(quantization_config)]
+
+
+def group_of(module: str, groups: Sequence) -> Optional[Any]:
+    """The config group compressed-tensors (and vLLM) apply to ``module``: a group naming it exactly or by a ``re:``
+    target first, else a group targeting a class (``"Linear"``); None when none does. ``groups``:
+    :class:`ConfigGroup` s (or anything with ``targets``)."""
+    for g in groups:
+        for t in g.targets:
+            if t == module or (t.startswith("re:") and re.match(t[3:], module)):
+                return g
+    for g in groups:
+        if any(not t.startswith("re:") and "." not in t for t in g.targets):
+            return g
+    return None

@@ -91,9 +91,18 @@ class IntFormat:
         gs = matrix_group_size(self.group_size, in_features)
         return 1 if gs == -1 else in_features // gs
 
+    def scale_shape(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """The shape of the scale (and zero-point) tensor of an ``[out, in]`` matrix: ``[out, groups]``."""
+        return (out_features, self.groups(in_features))
+
     def divides(self, in_features: int) -> bool:
         """Whether the group size fits a matrix of ``in_features`` columns."""
         return self.per_channel or in_features % self.group_size == 0
+
+    def splits_rows(self, rows: int) -> bool:
+        """Whether a matrix quantized whole can be cut after ``rows`` rows into two quantized the same: always
+        (scales are per row)."""
+        return True
 
     def equivalents(self, in_features: int) -> frozenset:
         """The formats a matrix of ``in_features`` columns quantized in this format is stored correctly under: one
@@ -105,7 +114,7 @@ class IntFormat:
 
     def storage_bits(self, out_features: int, in_features: int, scale_bits: int = 16) -> int:
         """Bits a ``[out_features, in_features]`` matrix takes in a ``pack-quantized`` checkpoint
-        (:func:`moequant.formats.compressed_tensors.compressed_tensor_names`): the int32-packed codes
+        (:func:`moequant.formats.tensors.compressed_tensor_names`): the int32-packed codes
         (``out * ceil(in * bits / 32)`` words), one ``scale_bits`` scale per row and group (16 for a bf16 / fp16
         checkpoint), asymmetric the int32-packed zero points (``ceil(out * bits / 32)`` words per group) and the
         int64 ``weight_shape`` pair. ValueError if the group size does not divide ``in_features``."""

@@ -2,11 +2,12 @@
 
 Two modes:
 
-* ``"pack-quantized"`` -- the compressed-tensors ``pack-quantized`` format (INT W2..W8 A16, group-wise or
-  per-channel, symmetric or asymmetric): each quantized Linear ``<prefix>`` loses ``<prefix>.weight`` and gains
-  ``weight_packed`` / ``weight_scale`` / ``weight_shape`` (+ ``weight_zero_point`` when asymmetric), and
-  ``config.json`` gets a ``quantization_config`` block (:func:`moequant.formats.quantization_config_block`; the
-  tensors per Linear: :func:`moequant.formats.compressed_tensor_names`);
+* ``"pack-quantized"`` -- a compressed-tensors checkpoint (the mode keeps the name of its first format): each
+  quantized Linear ``<prefix>`` is written in the format of its config group -- ``pack-quantized`` for the
+  integer weight-only schemes (``weight_packed`` / ``weight_scale`` / ``weight_shape`` + ``weight_zero_point``
+  when asymmetric), ``int-quantized`` (W8A8), ``float-quantized`` (FP8, FP8_BLOCK), ``nvfp4-pack-quantized``,
+  ``mxfp4-pack-quantized`` (:func:`moequant.formats.compressed_tensor_names`) -- and ``config.json`` gets a
+  ``quantization_config`` block (:func:`moequant.formats.quantization_config_block`);
 * ``"dequantized"`` -- ``<prefix>.weight`` = the fake-quantized weight in the original dtype, a plain checkpoint
   that any loader reads (no ``quantization_config``).
 
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 
-from ..formats import PACK_QUANTIZED, as_format, compressed_tensor_names, config_formats
+from ..formats import PACK_QUANTIZED, as_format, compressed_tensor_names, config_groups, group_of
 from .safetensors import CheckpointReader
 from .writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter, copy_side_files, write_extra_files
 
@@ -92,13 +93,8 @@ def _iter_chunks(replacements: ReplacementsLike | None) -> Iterator[Replacements
 
 
 def _keys(formats) -> list:
-    """The ``(bits, group_size, symmetric)`` of formats, sorted: for messages."""
-    return sorted(f.key for f in formats)
-
-
-def _config_formats(quantization_config: Mapping) -> set:
-    """Every format a config group of ``quantization_config`` stores."""
-    return {fmt for _, _, fmt in config_formats(quantization_config)}
+    """The labels of formats (``"W4 g128 sym"``, ``"NVFP4 g16"``), sorted: for messages."""
+    return sorted(f.label() for f in formats)
 
 
 def export_checkpoint(
@@ -146,7 +142,7 @@ def export_checkpoint(
             raise FileNotFoundError(f"{config_path} not found; source_dir must be a Hugging Face checkpoint")
         with open(config_path) as f:
             config = json.load(f)
-        allowed = _config_formats(quantization_config) if mode == "pack-quantized" else None
+        groups = config_groups(quantization_config) if mode == "pack-quantized" else None
         with CheckpointReader(source_dir, decode_device=decode_device) as src:
             if src.index.source is not None:  # read in its bf16 view, written as a bf16 checkpoint would be
                 config.pop("quantization_config", None)
@@ -155,7 +151,7 @@ def export_checkpoint(
                 config.update({k: "bfloat16" for k in ("dtype", "torch_dtype") if k in config} or {"dtype": "bfloat16"})
             if "quantization_config" in config:
                 raise ValueError(f"{source_dir} is already quantized; export from the unquantized checkpoint")
-            consumed = _write_replacements(src, writer, replacements, mode, allowed)
+            consumed = _write_replacements(src, writer, replacements, mode, groups)
             for name in src.names():
                 if name not in consumed:
                     writer.add(name, src.get(name))
@@ -171,11 +167,12 @@ def export_checkpoint(
 
 
 def _write_replacements(src: CheckpointReader, writer: CheckpointWriter, replacements: ReplacementsLike | None,
-                        mode: str, allowed: set | None) -> set[str]:  # fmt: skip
-    """Writes every chunk's tensors; returns the source tensor names they replace."""
+                        mode: str, groups: list | None) -> set[str]:  # fmt: skip
+    """Writes every chunk's tensors (each quantized module in the compressed-tensors format of the config group
+    that applies to it, :func:`moequant.formats.group_of`); returns the source tensor names they replace."""
     consumed: set[str] = set()
     added: set[str] = set()
-    expert_schemes: dict[str, tuple[str, frozenset]] = {}  # "<...>.experts" -> (first prefix, compatible formats)
+    expert_schemes: dict = {}  # "<...>.experts" -> (first prefix, its config group)
 
     def claim(name: str, what: str) -> None:
         if name not in src:
@@ -210,24 +207,25 @@ def _write_replacements(src: CheckpointReader, writer: CheckpointWriter, replace
             if tuple(qt.codes.shape) != shape:
                 raise ValueError(f"{prefix}: codes shape {tuple(qt.codes.shape)} != source weight shape {shape}")
             keys = as_format(qt).equivalents(shape[1])
-            m = EXPERT_MODULE_RE.match(prefix) if mode == "pack-quantized" else None
-            if m:  # vLLM resolves one scheme per MoE layer (from expert 0's projections)
-                first, seen = expert_schemes.setdefault(m.group(1), (prefix, keys))
-                if not keys & seen:
-                    raise ValueError(
-                        f"{prefix} uses scheme (bits, group_size, symmetric) {_keys(keys)} but {first} uses "
-                        f"{_keys(seen)}: vLLM requires one scheme for all experts' projections of a layer"
-                    )
-                expert_schemes[m.group(1)] = (first, keys & seen)
             if mode == "dequantized":
                 writer.add(wname, qt.dequantized.detach().to("cpu", dtype))
                 continue
-            if not keys & allowed:
+            group = group_of(prefix, groups)
+            if group is None or group.format not in keys:
                 raise ValueError(
-                    f"{prefix}: scheme (bits, group_size, symmetric) {_keys(keys)} matches no config group of "
-                    f"quantization_config {_keys(allowed)}"
+                    f"{prefix}: scheme {_keys(keys)} is not that of its config group "
+                    f"({group.name + ': ' + group.format.label() if group else 'none applies'}) in quantization_config "
+                    f"(groups: {_keys({g.format for g in groups})})"
                 )
-            for name, t in compressed_tensor_names(prefix, qt, dtype).items():
+            m = EXPERT_MODULE_RE.match(prefix)
+            if m:  # vLLM resolves one scheme per MoE layer (from expert 0's projections)
+                first, seen = expert_schemes.setdefault(m.group(1), (prefix, group))
+                if seen != group:
+                    raise ValueError(
+                        f"{prefix} uses scheme {_keys(keys)} ({group.name}) but {first} uses {seen.format.label()} "
+                        f"({seen.name}): vLLM requires one scheme for all experts' projections of a layer"
+                    )
+            for name, t in compressed_tensor_names(prefix, qt, dtype, group.compression, group.activations).items():
                 writer.add(name, t)
         for name, t in chunk.tensors.items():
             claim(name, "tensors")

@@ -1,8 +1,8 @@
 """Reading back a compressed-tensors checkpoint moequant wrote, without transformers' quantization loader.
 
 :class:`ExportedCheckpoint` presents an exported checkpoint in its *source view*: the tensor names and layout of
-the original model's checkpoint, with every ``pack-quantized`` module dequantized (``(codes - zero) * scale`` in
-the scale dtype, exactly what a loader reconstructs) and the routed-expert layouts of
+the original model's checkpoint, with every quantized module dequantized (in each compressed-tensors format of
+:mod:`moequant.formats.tensors`: exactly what a loader reconstructs) and the routed-expert layouts of
 :mod:`moequant.io.expert_layout` undone (per-expert modules of GPT-OSS / GraniteMoE fused again; high-precision
 experts written in transformers' fused layout split per expert). :func:`load_model` builds the full model from
 it through :class:`moequant.models.LazyModel`, so it reads what transformers cannot (asymmetric schemes,
@@ -19,45 +19,51 @@ from typing import Callable, Optional
 
 import torch
 
-from ..formats import IntFormat, config_formats
+from ..formats import COMPANIONS, config_groups, decompress, group_of
 from ..models import MoEFamily, detect_family, split_expert_tensors
 from ..models.base import ExpertTensors, fuse_experts
 from .expert_layout import fused_disk_names
 from .safetensors import CheckpointReader
 
-__all__ = ["ExportedCheckpoint", "load_model", "checkpoint_schemes", "fused_expert_layers"]
+__all__ = ["ExportedCheckpoint", "load_model", "checkpoint_schemes", "checkpoint_groups", "fused_expert_layers"]
 
-_COMPANIONS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
-
-
-def _scheme_of(module: str, groups: list) -> Optional[IntFormat]:
-    """The scheme compressed-tensors applies to ``module``: a group naming it (exactly or by ``re:``) first, else
-    the group targeting a class (``"Linear"``)."""
-    for _, targets, fmt in groups:
-        for t in targets:
-            if t == module or (t.startswith("re:") and re.match(t[3:], module)):
-                return fmt
-    for _, targets, fmt in groups:
-        if any(not t.startswith("re:") and "." not in t for t in targets):
-            return fmt
-    return None
-
-
-def checkpoint_schemes(directory: str | os.PathLike) -> tuple[dict, dict]:
-    """(config.json, {quantized module name: its :class:`~moequant.formats.IntFormat`}) of a checkpoint directory."""
+def checkpoint_groups(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(config.json, {quantized module name: its :class:`~moequant.formats.ConfigGroup`}) of a checkpoint directory
+    (a quantized module: one with a ``weight_scale``)."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     qcfg = config.get("quantization_config") or {}
-    groups = config_formats(qcfg) if qcfg else []
+    groups = config_groups(qcfg) if qcfg else []
     with CheckpointReader(directory) as src:
-        modules = [n[: -len(".weight_packed")] for n in src.names() if n.endswith(".weight_packed")]
-    schemes = {}
+        modules = [n[: -len(".weight_scale")] for n in src.names() if n.endswith(".weight_scale")]
+    out = {}
     for m in modules:
-        key = _scheme_of(m, groups)
-        if key is None:
-            raise ValueError(f"{directory}: no quantization_config group covers the packed module {m!r}")
-        schemes[m] = key
-    return config, schemes
+        group = group_of(m, groups)
+        if group is None:
+            raise ValueError(f"{directory}: no quantization_config group covers the quantized module {m!r}")
+        out[m] = group
+    return config, out
+
+
+def checkpoint_schemes(directory: str | os.PathLike) -> tuple[dict, dict]:
+    """(config.json, {quantized module name: its :class:`~moequant.io.compat.ModuleScheme`}) of a checkpoint
+    directory: the weight format, the input activations and the matrix shape, what
+    :func:`moequant.io.compat.loader_support` decides from."""
+    from .compat import ModuleScheme
+
+    config, groups = checkpoint_groups(directory)
+    out = {}
+    with CheckpointReader(directory) as src:
+        for m, g in groups.items():
+            if f"{m}.weight_shape" in src:
+                shape = tuple(int(v) for v in src.get(f"{m}.weight_shape").tolist())
+            elif f"{m}.weight_packed" in src:  # FP4: two codes a byte
+                rows, cols = src.shape(f"{m}.weight_packed")
+                shape = (rows, 2 * cols)
+            else:
+                shape = tuple(src.shape(f"{m}.weight"))
+            out[m] = ModuleScheme(g.format, g.activations, shape)
+    return config, out
 
 
 def fused_expert_layers(directory: str | os.PathLike, family: MoEFamily) -> list[str]:
@@ -74,11 +80,9 @@ class ExportedCheckpoint:
     ``in``, ``get(name)``; the interface of :class:`moequant.io.safetensors.CheckpointReader`."""
 
     def __init__(self, directory: str | os.PathLike, family: Optional[MoEFamily] = None):
-        from .. import ops
-
-        self._ops = ops
         self.dir = Path(directory)
-        config, self.schemes = checkpoint_schemes(self.dir)
+        config, self.groups = checkpoint_groups(self.dir)
+        self.schemes = {m: g.format for m, g in self.groups.items()}
         if family is None:
             import transformers
 
@@ -89,7 +93,7 @@ class ExportedCheckpoint:
         names = self.src.names()
         for n in names:
             prefix, _, leaf = n.rpartition(".")
-            if leaf in _COMPANIONS:
+            if leaf in COMPANIONS:
                 continue
             self._view[n] = (lambda n=n: self.src.get(n))
         for m in self.schemes:
@@ -115,18 +119,18 @@ class ExportedCheckpoint:
 
     # ------------------------------------------------------------------ dequantization
     def dequantized(self, module: str) -> torch.Tensor:
-        """``module``'s weight as a loader reconstructs it: ``(codes - zero) * scale`` rounded to the scale dtype."""
-        fmt = self.schemes[module]
-        bits = fmt.bits
-        packed = self.src.get(f"{module}.weight_packed")
-        scale = self.src.get(f"{module}.weight_scale")
-        out_f, in_f = (int(v) for v in self.src.get(f"{module}.weight_shape").tolist())
-        codes = self._ops.unpack_int32(packed, bits, in_f)
-        zp = None
-        if not fmt.symmetric:
-            zp = self._ops.unpack_zero_points(self.src.get(f"{module}.weight_zero_point"), bits, out_f)
-        w = self._ops.dequantize(codes, scale, zp, fmt.group_size, bits)
-        return w.to(scale.dtype)
+        """``module``'s weight as a loader reconstructs it from the tensors of its compressed-tensors format
+        (:func:`moequant.formats.decompress`: integers ``(codes - zero) * scale`` rounded to the scale dtype, FP8
+        ``code * scale`` in it, FP4 in bfloat16)."""
+        g = self.groups[module]
+        return decompress(self.src.get, module, g.format, g.compression)
+
+    def input_activations(self, module: str):
+        """The seam of activation simulation: ``(ActivationFormat or None, input_global_scale or None)`` of a
+        quantized module (what a runtime does to its input; ``moequant eval`` does not simulate it yet)."""
+        g = self.groups[module]
+        name = f"{module}.input_global_scale"
+        return g.activations, (self.src.get(name) if name in self.src else None)
 
     # ------------------------------------------------------------------ expert layouts
     def _fuse_per_expert_modules(self) -> None:

@@ -17,10 +17,13 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["OWNER_FILE", "current_umask", "apply_umask_modes", "fsync_path", "atomic_write", "atomic_write_json",
-           "make_owned_tmpdir", "remove_stale_temporaries"]
+           "make_owned_tmpdir", "remove_stale_temporaries", "pread_into", "pwrite_from"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,31 @@ def fsync_path(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as a flat byte view (no copy)."""
+    import torch
+
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
+    """Fills the contiguous CPU tensor ``out`` with the bytes of file descriptor ``fd`` from ``offset`` (a loop of
+    ``preadv``: one call reads at most ~2 GiB); EOFError when the file ends first."""
+    view, done = _bytes_of(out), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise EOFError(f"the file ends {len(view) - done} bytes early (reading {len(view)} bytes at {offset})")
+        done += n
+
+
+def pwrite_from(fd: int, t: torch.Tensor, offset: int) -> None:
+    """Writes the bytes of the contiguous CPU tensor ``t`` at ``offset`` of file descriptor ``fd``."""
+    view, done = _bytes_of(t), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def atomic_write(path: str | os.PathLike, write_to: Callable[[Path], None], *, overwrite: bool = True,

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .files import pread_into
+
 __all__ = ["INDEX_FILE", "SINGLE_FILE", "SAFETENSORS_DTYPE_BITS", "TORCH_DTYPES", "WEIGHT_DTYPES", "TensorHeader",
            "CheckpointIndex", "CheckpointReader", "check_checkpoint", "has_checkpoint", "scan_weights", "layer_of",
            "REMEDY"]
@@ -217,6 +219,7 @@ class CheckpointReader:
         self._names = list(view) if (self.dir / INDEX_FILE).is_file() else sorted(view)
         self._safe_open = safe_open
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}  # plain descriptors of read_into
 
     def names(self) -> list[str]:
         """Tensor names in file order (see the class docstring)."""
@@ -243,6 +246,32 @@ class CheckpointReader:
         t = decode(name, vt, self.raw, self.decode_device if self.decode_device is not None else device)
         return t.to(device if device is not None else "cpu")
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Reads one tensor into ``out``, a preallocated tensor of its shape (any dtype and device; a slice of a
+        larger buffer, e.g. one expert's rows of a fused parameter). A stored tensor is read with ``preadv`` (the
+        file is not memory-mapped): straight into ``out``'s memory when ``out`` is a contiguous CPU tensor of its
+        dtype (pinned or not), else into one temporary of its stored dtype that is copied into ``out`` (converting
+        the dtype as ``Tensor.copy_`` does: bit for bit what ``get(name).to(dtype)`` gives). A decoded view tensor
+        (FP8 / MXFP4) is decoded (on ``decode_device`` when given) and copied. Returns ``out``."""
+        vt = self._entry(name)
+        if tuple(out.shape) != tuple(vt.shape):
+            raise ValueError(f"read_into: {name} has shape {list(vt.shape)}, the destination {list(out.shape)}")
+        if vt.codec is not None:  # decoded where it decodes, then one copy into out (a GPU's into pinned memory)
+            return out.copy_(self.get(name, device=self.decode_device if self.decode_device is not None
+                                      else out.device))
+        h = self.index.tensors[name]
+        stored = TORCH_DTYPES.get(h.dtype)
+        if stored is None:  # a dtype torch cannot hold (never a weight: the preflight checks them)
+            return out.copy_(self.get(name))
+        direct = out.device.type == "cpu" and out.is_contiguous() and stored == out.dtype
+        dst = out if direct else torch.empty(h.shape, dtype=stored)
+        if dst.numel():
+            fd = self._fds.get(h.file)
+            if fd is None:
+                fd = self._fds[h.file] = os.open(h.file, os.O_RDONLY)
+            pread_into(fd, dst, h.begin)
+        return out if direct else out.copy_(dst)
+
     def raw(self, name: str) -> torch.Tensor:
         """Reads one tensor as it is stored (a scale companion, or a quantized weight's codes), on the CPU."""
         try:
@@ -262,6 +291,15 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __enter__(self) -> "CheckpointReader":
         return self

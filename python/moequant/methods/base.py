@@ -57,10 +57,20 @@ class Solver:
     act_order: ClassVar[bool] = False
     reference: ClassVar[str] = ""
 
-    def solve(self, w: torch.Tensor, h: Optional[torch.Tensor], scheme, storage: torch.dtype) -> "QuantizedTensor":
+    def supports(self, fmt) -> bool:
+        """Whether it solves weights of the format ``fmt`` (a scheme's ``format``; the recipe refuses other
+        schemes for this method). Default: the integer formats (:class:`~moequant.formats.IntFormat`)."""
+        from ..formats import IntFormat
+
+        return isinstance(fmt, IntFormat)
+
+    def solve(self, w: torch.Tensor, h: Optional[torch.Tensor], scheme, storage: torch.dtype,
+              **kwargs) -> "QuantizedTensor":
         """The quantization of ``w`` by ``scheme`` (a :class:`moequant.recipe.QuantScheme`) on the Hessian ``h``
         (None when there is none and the solver does not need one), with scales exactly representable in
-        ``storage`` (the checkpoint dtype)."""
+        ``storage`` (the checkpoint dtype): a :class:`~moequant.ops.QuantizedTensor` (integer formats) or
+        :class:`~moequant.ops.FloatQuantizedTensor`. ``global_scale`` (keyword, given only for NVFP4 matrices
+        with fused partners): the float32 ``[1]`` global scale to use instead of the matrix's own."""
         raise NotImplementedError
 
     def batchable(self, w: torch.Tensor, h: Optional[torch.Tensor], scheme) -> bool:
@@ -72,9 +82,9 @@ class Solver:
         return 0
 
     def solve_batched(self, w: torch.Tensor, h: torch.Tensor, scheme, storage: torch.dtype,
-                      compute_loss: bool) -> list:
+                      compute_loss: bool, **kwargs) -> list:
         """:meth:`solve` of E same-shape matrices ``w [E, out, in]`` on ``h [E, in, in]`` (``h`` may be destroyed);
-        ``compute_loss=False`` may leave ``loss`` None."""
+        ``compute_loss=False`` may leave ``loss`` None; ``global_scale`` (keyword, NVFP4): float32 ``[E]``."""
         raise NotImplementedError
 
 

@@ -1,5 +1,8 @@
 """Lazy, layer-at-a-time model loading from a safetensors checkpoint.
 
+(Over 400 lines: the lazy model, its load plan and the layer-input recorder are one unit; the plan and the loader
+must agree tensor for tensor, and the recorder drives the same meta model.)
+
 The pipeline never materialises the whole model. :class:`LazyModel` builds the transformers model on the
 ``meta`` device, loads only the small non-layer parts (embeddings, final norm, lm_head, rotary tables) into
 memory, and hands out one decoder layer at a time with its weights read from the checkpoint
@@ -93,6 +96,7 @@ class LazyModel:
             raise FileNotFoundError(f"{self.dir}: no config.json; pass a Hugging Face model directory")
         self.config = transformers.AutoConfig.from_pretrained(self.dir)
         self.family: MoEFamily = detect_family(self.config)
+        self._released = False  # release_non_layer_parts() was called
         self.dtype = dtype or config_dtype(self.config)
         # ``reader``: where tensors come from (default the directory's safetensors files, validated by their
         # headers, an FP8 / MXFP4 source in its bf16 view; names(), in, get()), e.g.
@@ -101,7 +105,6 @@ class LazyModel:
         self.reader = reader if reader is not None else CheckpointReader(self.dir, index, decode_device)
         # the source format a CheckpointReader decodes (moequant.io.source.SourceFormat), else None
         self.source = getattr(getattr(self.reader, "index", None), "source", None)
-        self._device_reads = getattr(self.reader, "decode_device", None) is not None
         if (reader is not None or self.source is not None) and hasattr(self.config, "quantization_config"):
             del self.config.quantization_config  # the reader dequantizes: build the plain (bf16) model
         # The capture hook sees the same arguments whatever experts implementation the config dispatches to.
@@ -170,15 +173,40 @@ class LazyModel:
         if leftovers:
             raise ValueError(f"moequant: could not materialise {leftovers[:5]} from {self.dir}")
 
+    def release_non_layer_parts(self) -> int:
+        """Frees the embeddings, final norm and lm_head (their tensors become ``meta``; the decoder layers are
+        loaded as before): once the calibration inputs are recorded the pipeline needs none of them, and they are
+        GBs for a large vocabulary (DeepSeek-V3's lm_head 1.85 GB in host memory, its embeddings as much on the
+        GPU). :func:`record_layer_inputs` cannot run afterwards. Returns the bytes freed."""
+        layers_name = self.family.layer_prefix(self.model, 0).rsplit(".", 1)[0]
+        freed, seen = 0, set()
+        for name, module in self.model.named_modules():
+            if name == layers_name or name.startswith(layers_name + "."):
+                continue
+            for kind in ("_parameters", "_buffers"):
+                table = getattr(module, kind)
+                for key, t in list(table.items()):
+                    if t is None or t.is_meta:
+                        continue
+                    if t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        freed += t.numel() * t.element_size()
+                    meta = torch.empty_like(t, device="meta")
+                    table[key] = nn.Parameter(meta, requires_grad=False) if kind == "_parameters" else meta
+        self._released = True
+        return freed
+
     # ------------------------------------------------------------------------------------------ layers
     def load_layer(self, index: int, device: torch.device | str = "cpu",
-                   experts_device: torch.device | str | None = None) -> nn.Module:
+                   experts_device: torch.device | str | None = None, pin_memory: bool = False) -> nn.Module:
         """Decoder layer ``index`` with its checkpoint weights, on ``device`` (a fresh module each call); its fused
         routed experts on ``experts_device`` when given (the expert streaming engine keeps them in host memory and
-        brings a group at a time to the device)."""
+        brings a group at a time to the device). Every tensor is read straight into its place on its device
+        (:meth:`_layer_state`); ``pin_memory``: tensors that stay in host memory are page-locked (they are copied
+        to a GPU later: a prefetched layer, streamed experts)."""
         layer = copy.deepcopy(self._meta_layers[index])
         prefix = self.layer_prefix(index)
-        state = self._layer_state(layer, prefix, device, experts_device)
+        state = self._layer_state(layer, prefix, device, experts_device, pin_memory)
         layer.load_state_dict(state, strict=True, assign=True)
         still_meta = [n for n, t in list(layer.named_parameters()) + list(layer.named_buffers()) if t.is_meta]
         if still_meta:
@@ -219,24 +247,43 @@ class LazyModel:
                         n += 1
         return n
 
-    def _layer_state(self, layer: nn.Module, prefix: str, device, experts_device) -> dict[str, torch.Tensor]:
-        """The layer's state dict read by its :func:`layer_plan`; on the CPU, except with a ``decode_device``: then
-        each tensor goes straight to where :meth:`place_layer` puts it (decoded on the GPU, not copied back)."""
+    def _layer_state(self, layer: nn.Module, prefix: str, device, experts_device,
+                     pin_memory: bool = False) -> dict[str, torch.Tensor]:
+        """The layer's state dict read by its :func:`layer_plan`. Each entry is allocated once, in its runtime
+        dtype, on the device :meth:`place_layer` puts it on (the routed experts on ``experts_device`` when given;
+        host buffers page-locked with ``pin_memory``), and every checkpoint tensor is read into its slice of it
+        (:meth:`~moequant.io.safetensors.CheckpointReader.read_into`: per-expert tensors straight into their rows
+        of the fused parameter, no ``torch.cat`` / ``torch.stack`` copies; a tensor already in the runtime dtype
+        goes from the file into the buffer directly). Host memory above the layer itself: one checkpoint tensor
+        (when it is converted or decoded), none otherwise."""
         experts = self.family.experts + "."
-
-        def read(d: DiskTensor, entry: PlannedTensor) -> torch.Tensor:
-            _check_disk_tensor(getattr(self.reader, "index", None), d, entry.dtype, f"{prefix} state {entry.state!r}")
-            if not self._device_reads:
-                return self.reader.get(d.name)
-            to = experts_device if experts_device is not None and entry.state.startswith(experts) else device
-            return self.reader.get(d.name, device=to)
-
+        index = getattr(self.reader, "index", None)
         out: dict[str, torch.Tensor] = {}
         for entry in layer_plan(self.family, layer, prefix):
-            mats = [torch.cat([read(d, entry) for d in g], dim=0) if len(g) > 1 else read(g[0], entry)
-                    for g in entry.groups]
-            out[entry.state] = (torch.stack(mats) if entry.stacked else mats[0]).to(entry.dtype)
+            to = torch.device(experts_device if experts_device is not None and entry.state.startswith(experts)
+                              else device)
+            buf = torch.empty(entry.shape, dtype=entry.dtype, device=to,
+                              pin_memory=pin_memory and to.type == "cpu")
+            for e, group in enumerate(entry.groups):
+                dst, row = (buf[e] if entry.stacked else buf), 0
+                for d in group:
+                    _check_disk_tensor(index, d, entry.dtype, f"{prefix} state {entry.state!r}")
+                    part = dst if len(group) == 1 else dst[row:row + d.shape[0]]
+                    if tuple(part.shape) != tuple(d.shape):  # the plan's own consistency (headers checked above)
+                        raise ValueError(f"{d.name}: planned shape {list(d.shape)} does not fill "
+                                         f"{prefix}.{entry.state} {list(entry.shape)}")
+                    self._read_into(d.name, part)
+                    row += d.shape[0]
+            out[entry.state] = buf
         return out
+
+    def _read_into(self, name: str, dst: torch.Tensor) -> None:
+        """Reads checkpoint tensor ``name`` into ``dst`` (a reader without ``read_into``: read, then copied)."""
+        read_into = getattr(self.reader, "read_into", None)
+        if read_into is not None:
+            read_into(name, dst)
+        else:
+            dst.copy_(self.reader.get(name))
 
 
 # ---------------------------------------------------------------------------------------------- load plan
@@ -353,6 +400,8 @@ def record_layer_inputs(lazy: LazyModel, input_ids: torch.Tensor, device: torch.
     Runs the model's own forward with each decoder layer replaced by a recorder, so masks, position ids and
     rotary tables are exactly the model's. Returned tensors live on ``device``.
     """
+    if getattr(lazy, "_released", False):
+        raise RuntimeError("record_layer_inputs: the model's embeddings were released (release_non_layer_parts)")
     model = lazy.model
     sink: list[dict] = []
     recorders = nn.ModuleList(_Recorder(layer, sink) for layer in lazy._meta_layers)

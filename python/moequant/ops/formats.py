@@ -32,14 +32,18 @@ def _out_dtype(dtype: torch.dtype):
 
 @dataclasses.dataclass
 class FormatQuantized:
-    """A weight ``[rows, cols]`` quantized to a :class:`Format` by :func:`format_quantize`.
+    """A weight ``[rows, cols]`` quantized to a :class:`Format` by :func:`format_quantize` (RTN) or
+    :func:`moequant.ops.gptq_quantize_format` (GPTQ).
 
     Attributes:
-        codes: uint8 ``[rows, cols]`` element codes (FP8 byte, FP4/FP6 code in the low bits, int code + 2^(b-1)).
+        codes: uint8 ``[rows, cols]`` element codes (FP8 byte, FP4/FP6 code in the low bits, int: the two's-complement
+            byte of the code).
         scales: float32 ``[scale_rows, scale_cols]`` scale values (what dequantization multiplies by, the global
             scale divided out for NVFP4); scale_codes: uint8, their FP8 / E8M0 bytes (0 for float scales).
         zeros: int32 zero points (asymmetric ints; else 0). global_scale: float32 ``[1]`` (1 without one).
         dequantized: float32 ``[rows, cols]`` (empty when not requested). format: the :class:`Format`.
+        loss: GPTQ's proxy loss ``tr((W - Q) H (W - Q)^T)`` (None for RTN, or when not computed); info: the solver's
+            report (``loss``, ``damp``, ``damp_value``, ``escalations``, ``dead_columns``; empty for RTN).
     """
 
     codes: torch.Tensor
@@ -49,6 +53,8 @@ class FormatQuantized:
     global_scale: torch.Tensor
     dequantized: torch.Tensor
     format: object
+    loss: float | None = None
+    info: dict = dataclasses.field(default_factory=dict)
 
 
 def format_quantize(w: torch.Tensor, fmt, global_scale: torch.Tensor | None = None,

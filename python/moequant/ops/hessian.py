@@ -15,8 +15,8 @@ class HessianAccumulator:
     """Routing-weighted Hessians of many experts: ``H[e] = sum_i c_i x_i x_i^T`` over rows routed to ``e``.
 
     State lives in this object (tensors on ``device``); the math runs in the C++ core (CPU, float32 or
-    float64 accumulation) or the CUDA kernels (float32). Also tracks the token count and the routing-weight
-    mass of each expert. Two accumulators of the same shape merge (e.g. after a multi-process reduce).
+    float64 accumulation) or the CUDA kernels (float32). Also tracks the token count, the routing-weight
+    mass and the largest ``|x|`` (``absmax``, float32: NVFP4's static activation global scale) of each expert. Two accumulators of the same shape merge (e.g. after a multi-process reduce).
 
     ``precision`` (CUDA only) selects the update: ``"fp32"`` (default, fp32 SIMT SYRK, relative error ~1e-6),
     ``"tf32"`` (tensor cores, TF32 products with fp32 accumulation, ~1e-3 relative Frobenius error) or ``"bf16"``
@@ -52,6 +52,7 @@ class HessianAccumulator:
         self._unmirrored = False  # CUDA: only the row-major upper triangle is current (see ``hessians``)
         self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.absmax = torch.zeros(num_experts, dtype=torch.float32, device=device)
 
     def add(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: Optional[torch.Tensor] = None) -> None:
         """Adds rows ``x`` ``[n, dim]`` routed to ``expert_ids`` ``[n]`` with weights ``[n]`` (None: 1).
@@ -80,10 +81,13 @@ class HessianAccumulator:
         # the binding's rule for x (check_unit_stride_rows in bindings/module.cpp): unit-stride rows, else a copy
         if x.stride(-1) != 1 or x.stride(0) < x.shape[1]:
             x = x.contiguous()
-        _C.accumulate_hessian(self._hessians, self.counts, self.mass, x,
-                              ids.to(torch.int32).contiguous(), w, self._PRECISIONS[self.precision],
+        ids = ids.to(torch.int32).contiguous()
+        _C.accumulate_hessian(self._hessians, self.counts, self.mass, x, ids, w, self._PRECISIONS[self.precision],
                               symmetrize=not on_cuda)
         self._unmirrored = self._unmirrored or on_cuda
+        if x.shape[0]:  # the largest |x| of each expert's rows (exact in any dtype), whatever their weight; one
+            lo, hi = torch.aminmax(x, dim=1)  # read of x, no |x| copy (a MoE layer's routed rows are large)
+            self.absmax.scatter_reduce_(0, ids.long(), torch.maximum(-lo, hi).float(), "amax")
 
     @property
     def hessians(self) -> torch.Tensor:
@@ -108,6 +112,7 @@ class HessianAccumulator:
         self.hessians += other.hessians.to(device=self.device, dtype=self.dtype)
         self.counts += other.counts.to(self.device)
         self.mass += other.mass.to(self.device)
+        torch.maximum(self.absmax, other.absmax.to(self.device), out=self.absmax)
 
     def hessian(self, expert: int, normalize: bool = True) -> torch.Tensor:
         """``H[expert]``, divided by its weight mass when ``normalize`` (zeros for an expert with no rows)."""

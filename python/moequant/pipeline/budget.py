@@ -21,6 +21,9 @@ to where they matter, which is the point. The measured errors are those of pass 
 slightly different inputs (those of the mixed allocation), a second-order effect. Matrices a user override names
 keep their scheme and count as fixed bits. The allocation is saved next to the output (``<out>.budget.json``) so
 that ``--resume`` skips pass 1, and in the report (``budget``).
+
+(Over 400 lines: the probe, the problem, the measured errors and the two-pass driver are one procedure; the pure
+parts, units and the allocator, are in :mod:`moequant.methods.budget`.)
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..calibration.sensitivity import loss_sensitivity
+from ..formats import scheme_storage_bits
 from ..io.files import atomic_write_json
 from ..io.fingerprint import model_fingerprint
 from ..methods.budget import Matrix, allocate, build_units, candidate_label
@@ -44,7 +48,8 @@ from ..recipe.scheme import Override
 from .jobs import SolveJob, fallback_scheme, matrix_stats, run_jobs
 from .layer import LayerObserver
 
-__all__ = ["CandidateProbe", "ResidualEnergy", "BudgetProblem", "budget_problem", "run_budget", "budget_file", "sizing_recipe"]
+__all__ = ["CandidateProbe", "ResidualEnergy", "BudgetProblem", "budget_problem", "run_budget", "budget_file",
+           "sizing_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +61,17 @@ class CandidateProbe:
     """A :func:`~moequant.pipeline.jobs.finish_jobs` probe: solves each job under every candidate (``fields``
     applied to the job's scheme) with the run's solvers and records ``tr(dW H dW^T)`` of each result
     (:func:`~moequant.pipeline.jobs.matrix_stats`; 0 for a matrix without a Hessian, None where the candidate's
-    group size does not fit). ``records``: job name -> ``{"members", "tokens", "errors"}``."""
+    group size does not fit). ``records``: job name -> ``{"members", "tokens", "errors"}``. ``pinned``: on-disk
+    names of matrices a user override gives their scheme (not allocated, so not measured; their scheme may be a
+    floating-point preset the integer candidates cannot be applied to)."""
 
-    def __init__(self, candidates: list) -> None:
+    def __init__(self, candidates: list, pinned=()) -> None:
         self.candidates = [dict(c) for c in candidates]
+        self.pinned = frozenset(pinned)
         self.records: dict = {}
 
     def __call__(self, jobs: list, storage: torch.dtype, recipe: Recipe) -> None:
+        jobs = [j for j in jobs if not all(n in self.pinned for n, _, _ in j.outputs)]
         for job in jobs:
             self.records[job.record] = {"members": [n for n, _, _ in job.outputs], "tokens": int(job.tokens),
                                         "errors": [None] * len(self.candidates)}
@@ -180,7 +189,8 @@ def budget_problem(lazy, recipe: Recipe, plan, scale_bits: int) -> BudgetProblem
         if all(row[k] is None for row in costs) and costs:
             logger.warning("budget.candidates[%d]: %s fits no module group of this model (its group size divides "
                            "no input dimension of one); it is not used", k, candidate_label(fields))
-    fixed_bits = sum(sc.format.storage_bits(o, i, scale_bits) for sc, o, i in pinned.values())
+    fixed_bits = sum(scheme_storage_bits(sc.format, sc.activations, o, i, scale_bits)
+                     for sc, o, i in pinned.values())
     total_params = sum(o * i for _, o, i in plan.quantized.values())
     other = _other_bytes(lazy, plan)
     if cfg.bits is not None:
@@ -385,7 +395,7 @@ def run_budget(quantize, lazy, recipe: Recipe, plan, ids: torch.Tensor, *, model
     if prop is not None:
         data["overrides"] = [{"pattern": "re:.*", "scheme": dict(p.candidates[prop])}] + data["overrides"]
     pass1 = Recipe.from_dict(data, solvers)
-    probe = CandidateProbe(p.candidates)
+    probe = CandidateProbe(p.candidates, p.pinned)
     energy = ResidualEnergy()
     logger.info("budget: pass 1 measures %d candidates on %d units (propagating %s)", len(p.candidates),
                 len(p.units), "the base scheme" if prop is None else candidate_label(p.candidates[prop]))

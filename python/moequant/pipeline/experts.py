@@ -26,6 +26,7 @@ output in the layer's dtype). The attention runs three times instead of twice; t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from torch import nn
 from ..calibration.capture import ExpertCapture, ExpertsCall, LayerCapture
 from ..models import MoEFamily, intermediate_size, num_experts
 from ..recipe.recipe import Recipe
+from .host import HostCopies
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
 __all__ = ["GIB", "ExpertsRecorder", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_view",
@@ -175,20 +177,28 @@ def _dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:
 def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int, dtype: torch.dtype,
                budget_bytes: Optional[int], prefix: str = "") -> GroupPlan:
     """The :class:`GroupPlan` of a MoE layer (its structure alone: the meta-device layer works) for ``tokens``
-    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed) and its two
-    Hessians (and the all-token down Hessian of ``calibrate_all_experts``); the layer's other weights, the two
-    recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 0.5 GiB
-    are fixed."""
+    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed), its two
+    Hessians (and the all-token down Hessian of ``calibrate_all_experts``) twice (accumulated and normalized), and
+    its solved matrices' float32 values and int8 codes (a group's results; kept as codes in host memory); the layer's other weights, the two
+    recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 2 GiB
+    are fixed; the per-expert estimate carries a third more for what it does not itemize."""
     ex = family.experts_of(layer)
     num = num_experts(ex)
     hidden, inter = _dims(ex, family)
     weight = sum(p.numel() * p.element_size() for p in ex.parameters()) // num
     acc = 8 if recipe.hessian_dtype == "float64" else 4
-    hess = (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
+    # The accumulated Hessians, their normalized copies (the group's solve jobs hold both), and the solver's results
+    # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
+    hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
+    hess += 3 * hidden * inter * (4 + 1)
+    # What the items above miss (the solver's stacked copies beyond solver_memory_gb, the routed rows a group
+    # gathers, the allocator's rounding): measured on an H100, a DeepSeek-V3 layer with 38 experts per group needed
+    # about 0.93 GiB per expert against 0.70 itemized, and its solve failed 8.8 GiB above the budget.
+    hess = hess * 4 // 3
     rest = sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
                if not n.startswith(family.experts + "."))
     elt = torch.empty((), dtype=dtype).element_size()
-    fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + GIB // 2
+    fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + 2 * GIB
     return experts_per_group(num, weight, hess, fixed, budget_bytes, recipe.experts_per_group, prefix)
 
 
@@ -233,6 +243,15 @@ class _Phases:
         self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
+def _to_host(qt):
+    """A solved matrix's codes, scales and zero points (or scale bytes and global scales) in host memory, without
+    the solver's dequantized values (the weights were written back already; the work directory and export keep the
+    codes only)."""
+    moved = {f.name: getattr(qt, f.name).cpu() for f in dataclasses.fields(qt)
+             if f.name != "values" and isinstance(getattr(qt, f.name), torch.Tensor)}
+    return dataclasses.replace(qt, **moved, values=None)
+
+
 class MoELayerEngine:
     """Runs the steps of the module docstring on one loaded MoE layer.
 
@@ -241,29 +260,36 @@ class MoELayerEngine:
         family, prefix, recipe, storage: the model's family, the layer's name, the validated recipe, the checkpoint
             dtype. device: the compute device. factory: the Hessian accumulator factory.
         plan: the :class:`GroupPlan` (:func:`plan_layer`). num_batches, run_batch: the calibration batches and
-            ``run_batch(b) -> the layer's output on batch b`` (on the device).
+            ``run_batch(b) -> the layer's output on batch b`` (on the device). outputs: where pass 3 puts the
+            layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
+            :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`.
         probe: given to every :func:`~moequant.pipeline.jobs.finish_jobs` (the budget's measurement pass).
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
-                 device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch, probe=None) -> None:
+                 device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
+                 outputs=None, probe=None) -> None:
         self.probe = probe
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
+        self.outputs = HostCopies() if outputs is None else outputs
         self.experts = family.experts_of(layer)
         self.num = num_experts(self.experts)
         self.phases = _Phases(self.device)
 
     # ------------------------------------------------------------------ passes
-    def _pass(self, ctx, keep: bool) -> list:
-        outs = []
+    def _pass(self, ctx, keep: bool):
+        """Runs the calibration batches under ``ctx``; with ``keep`` each output goes to :attr:`outputs` (device
+        tensors as pinned host copies, made while the next batches compute; a disk-backed store writes them)."""
         with ctx:
             for b in range(self.num_batches):
                 y = self.run_batch(b)
                 if keep:
-                    outs.append(y.cpu())
-        return outs
+                    self.outputs.append(y)
+        if not keep:
+            return None
+        return self.outputs.done() if isinstance(self.outputs, HostCopies) else self.outputs
 
     @torch.no_grad()
     def run(self) -> MoELayerOutput:
@@ -336,6 +362,7 @@ class MoELayerEngine:
                 if not single:
                     pooled = self._pooled(calls1, groups, weighting)
         tokens, mass = [0] * self.num, [0.0] * self.num
+        amax = [(0.0, 0.0)] * self.num  # per expert, the largest |x| of its gate / up and down inputs
         results, records = {}, {}
         means = (_RunningMean(), _RunningMean())  # gate/up, down: the "mean" fallback's layer means
         deferred: list[int] = []
@@ -361,15 +388,16 @@ class MoELayerEngine:
                                  if down_all is not None else None,
                                  pooled=(lambda: pooled[1]) if pooled is not None else None,
                                  layer_mean=means[1].value)
-            for j, e in enumerate(ids):
-                tokens[e], mass[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6)
+            for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
+                tokens[e], mass[e], amax[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6), (a_gu, a_dn)
                 if defer:
                     for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
                         running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
             deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
-                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts)
+                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
+                                   lambda j: amax[ids[j]])
                 res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
@@ -385,7 +413,8 @@ class MoELayerEngine:
             hgu, hdn = last
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
-                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids])
+                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
+                                   lambda j: amax[ids[j]])
                 res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, sel)
             if not single:
@@ -401,7 +430,10 @@ class MoELayerEngine:
     def _keep(self, res: dict, recs: list, results: dict, records: dict, view: nn.Module, where) -> None:
         """Collects a group's results and records (by expert, for the whole-layer order) and copies the view's
         dequantized weights back into the layer where the view holds copies."""
-        results.update(res)
+        if isinstance(where, slice) and where == slice(0, self.num) and self.plan.resident:
+            results.update(res)  # the one group: the whole-layer path's results as they are
+        else:  # of many groups, only the codes are kept, in host memory: the device holds one group's results
+            results.update({k: _to_host(qt) for k, qt in res.items()})
         for r in recs:
             e = int(r.name.split("+")[0].rsplit(".", 2)[-2])
             records.setdefault(e, []).append(r)

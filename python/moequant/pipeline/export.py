@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from ..formats import WeightsConfig, quantization_config_block
-from ..io.compat import LoaderSupport, describe, loader_support
+from ..io.compat import LoaderSupport, ModuleScheme, describe, loader_support
 from ..io.expert_layout import layer_replacements
 from ..io.export import export_checkpoint
 from ..io.safetensors import CheckpointReader
@@ -36,6 +36,8 @@ def export_run(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list,
     fam = lazy.family
     schemes = work.schemes(lazy.num_layers)
     qcfg = quantization_config_block(_config_groups(schemes, recipe, lazy), _ignore_list(lazy, schemes))
+    if export_format != "dequantized":
+        report.quantization_format = qcfg["format"]
     overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
     # an FP8 / MXFP4 source: the tensors the export copies are decoded (on the GPU of a GPU run) and written in bf16
     decode_device = getattr(lazy.reader, "decode_device", None)
@@ -61,7 +63,7 @@ def run_loader_support(lazy: LazyModel, plan, export_format: str) -> list[Loader
     """Which loaders will read the checkpoint (:mod:`moequant.io.compat`), from the preflight's ``plan``; every
     loader that will not is named in a warning before the run starts."""
     fam = lazy.family
-    schemes = {name: scheme.format for name, (scheme, _, _) in plan.quantized.items()}
+    schemes = {name: ModuleScheme.of(scheme, (o, i)) for name, (scheme, o, i) in plan.quantized.items()}
     fused_layers = []
     for i in range(lazy.num_layers):
         experts = expert_module_names(lazy, i)
@@ -75,16 +77,17 @@ def run_loader_support(lazy: LazyModel, plan, export_format: str) -> list[Loader
 
 
 def _group_order(key: tuple) -> str:
-    """Sort key of a config group ``(format, observer, actorder)``: the text of ``(bits, group_size, symmetric,
-    observer, actorder)``, which fixes the order of the groups in config.json."""
-    fmt, observer, actorder = key
-    return str((*fmt.key, observer, actorder))
+    """Sort key of a config group ``(format, observer, actorder, activations)``: the text of ``(format key,
+    observer, actorder, activation kind)``, which fixes the order of the groups in config.json."""
+    fmt, observer, actorder, act = key
+    return str((*fmt.key, observer, actorder, act.kind if act is not None else ""))
 
 
 def _config_groups(schemes: dict, recipe: Recipe, lazy: LazyModel) -> list:
-    """One compressed-tensors config group per distinct format and the recipe's scale search (``observer``) and
-    act-order (``actorder``) of its modules. The routed experts' group comes first and targets the class
-    ``"Linear"`` (vLLM's MoE loader needs that target; transformers dequantizes every expert with the first group
+    """One compressed-tensors config group per distinct format and the recipe's scale search (``observer``),
+    act-order (``actorder``) and input activations of its modules. The routed experts' group comes first and
+    targets the class ``"Linear"`` (vLLM's MoE loader needs that target; transformers dequantizes every expert with
+    the first group
     that targets a class); the others list their modules by exact name, which compressed-tensors and vLLM match
     before class names. Without quantized experts the largest group targets ``"Linear"``. ``schemes``:
     {format: [module names]} of the work directory."""
@@ -95,7 +98,7 @@ def _config_groups(schemes: dict, recipe: Recipe, lazy: LazyModel) -> list:
             sc = recipe.resolve(name)
             observer = "mse" if sc is not None and sc.scale_search == "mse" else "minmax"
             actorder = "weight" if sc is not None and sc.solver.act_order and sc.act_order else None
-            groups.setdefault((fmt, observer, actorder), []).append(name)
+            groups.setdefault((fmt, observer, actorder, sc.activations if sc is not None else None), []).append(name)
     with_experts = [k for k, names in groups.items() if expert_modules.intersection(names)]
     main = max(with_experts or groups, key=lambda k: (len(groups[k]), _group_order(k)))
     order = [main] + sorted((k for k in groups if k != main), key=_group_order)

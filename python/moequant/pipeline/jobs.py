@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
+from ..formats import FloatFormat, nvfp4_global_scale
 from ..methods.rounding import refine
 from ..models import MoEFamily, split_expert
 from ..recipe.recipe import Recipe
@@ -22,7 +23,7 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "SolveJob", "run_jobs", "fallback_scheme"]
+           "matrix_stats", "shared_global_scale", "SolveJob", "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,25 @@ def _solver(scheme: QuantScheme, h: Optional[torch.Tensor]):
     return solver
 
 
-def solve_matrix(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
-                 storage: torch.dtype) -> ops.QuantizedTensor:
+def solve_matrix(w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme, storage: torch.dtype,
+                 global_scale: Optional[torch.Tensor] = None):
     """Quantizes ``w`` by ``scheme`` (its solver; RTN when there is no Hessian ``h`` and the solver needs one) with
     scales representable in ``storage`` (the checkpoint dtype), then applies the greedy rounding correction
-    (``scheme.rounding_passes``, with a Hessian) and gives the result the recipe's format."""
-    return _finish_solve(_solver(scheme, h).solve(w, h, scheme, storage), w, h, scheme)
+    (``scheme.rounding_passes``, with a Hessian) and gives the result the recipe's format. ``global_scale``:
+    NVFP4's, shared with the matrix's fused partners (:func:`shared_global_scale`)."""
+    kw = {} if global_scale is None else {"global_scale": global_scale}
+    return _finish_solve(_solver(scheme, h).solve(w, h, scheme, storage, **kw), w, h, scheme)
+
+
+def _nvfp4(scheme: Optional[QuantScheme]) -> bool:
+    return scheme is not None and isinstance(scheme.format, FloatFormat) and scheme.format.global_scale
+
+
+def shared_global_scale(weights: list) -> torch.Tensor:
+    """The NVFP4 global scale fused partners share (q / k / v, gate / up: vLLM runs them as one matrix with one
+    global scale, llm-compressor's ``update_fused_layer_weight_global_scales``): that of their largest ``|w|``."""
+    amax = torch.stack([w.detach().abs().amax().float() for w in weights]).amax()
+    return nvfp4_global_scale(amax)
 
 
 def _finish_solve(qt: ops.QuantizedTensor, w: torch.Tensor, h: Optional[torch.Tensor],
@@ -191,9 +205,11 @@ def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor
 def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype,
                      probe: Optional[Callable] = None) -> tuple[dict, list]:
     """Quantizes the captured plain Linears of a layer in place (on a GPU, same-shape Linears such as k/v are
-    solved in one batched call); returns ({disk_name: qt}, [ModuleRecord]). ``probe``: as :func:`finish_jobs`'."""
+    solved in one batched call); returns ({disk_name: qt}, [ModuleRecord]). NVFP4 Linears that read one input
+    (the capture shares their Hessian: q / k / v, a shared expert's gate / up, DeepSeek's q_a / kv_a) share one
+    global scale (:func:`shared_global_scale`). ``probe``: as :func:`finish_jobs`'."""
     lc = capture.linears
-    jobs = []
+    jobs, partners = [], {}
     for name, lin in lc.modules.items():
         disk = family.disk_name(name)
         scheme = recipe.resolve(disk)
@@ -203,8 +219,17 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
         tokens = int(acc.counts[0])
         h = acc.hessian(0) if tokens > 0 and float(acc.mass[0]) > 0 else None  # no data: RTN, never a zero H
         force_rtn = h is None and scheme.solver.needs_hessian
-        jobs.append(SolveJob(disk, lin.weight, h, fallback_scheme(scheme) if force_rtn else scheme, scheme,
-                         [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn))
+        job = SolveJob(disk, lin.weight, h, fallback_scheme(scheme) if force_rtn else scheme, scheme,
+                       [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn,
+                       input_amax=float(acc.absmax[0]))
+        jobs.append(job)
+        if _nvfp4(scheme):
+            partners.setdefault(id(acc), []).append(job)
+    for group in partners.values():
+        if len(group) > 1:
+            g = shared_global_scale([j.w for j in group])
+            for j in group:
+                j.global_scale = g
     return finish_jobs(jobs, storage, recipe, probe)
 
 
@@ -212,15 +237,17 @@ class SolveJob:
     """One matrix to quantize: its weight, Hessian and scheme, and where its rows go (name -> row slice)."""
 
     def __init__(self, record: str, w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
-                 record_scheme: QuantScheme, outputs: list, tokens: int, fallback: Optional[str], force_rtn: bool):
+                 record_scheme: QuantScheme, outputs: list, tokens: int, fallback: Optional[str], force_rtn: bool,
+                 input_amax: float = 0.0, global_scale: Optional[torch.Tensor] = None):
         self.record, self.w, self.h, self.scheme, self.record_scheme = record, w, h, scheme, record_scheme
         self.outputs, self.tokens, self.fallback, self.force_rtn = outputs, tokens, fallback, force_rtn
-        self.qt: Optional[ops.QuantizedTensor] = None
+        self.input_amax, self.global_scale = input_amax, global_scale  # largest |input|; NVFP4's shared scale
+        self.qt = None
 
 
 def _batchable(job: SolveJob) -> bool:
     """The job's solver has a batched path that handles it (GPTQ with a Hessian, on CUDA, within its limits)."""
-    return _solver(job.scheme, job.h).batchable(job.w, job.h, job.scheme)
+    return job.global_scale is None and _solver(job.scheme, job.h).batchable(job.w, job.h, job.scheme)
 
 
 def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_loss: bool) -> None:
@@ -247,7 +274,7 @@ def run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss
             key = (tuple(job.w.shape), tuple(sorted(job.scheme.to_dict().items())))
             groups.setdefault(key, []).append(job)
         else:
-            job.qt = solve_matrix(job.w, job.h, job.scheme, storage)
+            job.qt = solve_matrix(job.w, job.h, job.scheme, storage, job.global_scale)
     for group in groups.values():
         _solve_batched(group, storage, memory_gb, compute_loss)
 
@@ -270,58 +297,72 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
                          (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
                          if down_all is not None else None)
     experts = range(ec.num_experts)
+    amax = list(zip(ec.gate_up.absmax.tolist(), ec.down.absmax.tolist()))
     jobs = expert_jobs(ec.experts, family, recipe, layer_prefix, list(experts), experts, hgu.get, hdn.get,
-                       hgu.counts)
+                       hgu.counts, amax.__getitem__)
     return finish_jobs(jobs, storage, recipe, probe)
 
 
 def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, ids: list, local, gate_up, down,
-                tokens) -> list:
+                tokens, amax=None) -> list:
     """The solve jobs of the routed experts ``local`` (indices into the fused ``experts`` module, which may be a
     view of some of the layer's experts; ``ids[j]`` is local expert j's index in the layer, for its on-disk
-    names): gate and up share one Hessian and one job when their schemes agree. ``gate_up(j)`` / ``down(j)`` give
-    ``(Hessian or None, fallback used or None, force RTN)`` (:meth:`ExpertHessians.get`); ``tokens[j]`` the
-    expert's calibration rows. Jobs come in expert order, gate(+up) before down."""
+    names): gate and up share one Hessian and one job when their schemes agree (and an FP8 block does not straddle
+    them), else NVFP4 gate and up share one global scale. ``gate_up(j)`` / ``down(j)`` give ``(Hessian or None,
+    fallback used or None, force RTN)`` (:meth:`ExpertHessians.get`); ``tokens[j]`` the expert's calibration rows;
+    ``amax(j)`` (optional) the largest ``|x|`` of its gate / up and down inputs. Jobs come in expert order,
+    gate(+up) before down."""
     jobs: list = []
     for j in local:
         names = family.disk_expert_names(layer_prefix, ids[j])
         t = split_expert(experts, family, j)
         sg, su, sd = (recipe.resolve(names[k]) for k in ("gate", "up", "down"))
         n = int(tokens[j])
+        a_gu, a_dn = amax(j) if amax is not None else (0.0, 0.0)
         h, fallback, force_rtn = gate_up(j)
-        if sg is not None and sg == su:
-            inter = t.gate.shape[0]
+        inter = t.gate.shape[0]
+        if sg is not None and sg == su and sg.format.splits_rows(inter):
             jobs.append(SolveJob(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
-                             fallback_scheme(sg) if force_rtn else sg, sg,
-                             [(names["gate"], t.gate, slice(0, inter)), (names["up"], t.up, slice(inter, None))],
-                             n, fallback, force_rtn))
+                                 fallback_scheme(sg) if force_rtn else sg, sg,
+                                 [(names["gate"], t.gate, slice(0, inter)), (names["up"], t.up, slice(inter, None))],
+                                 n, fallback, force_rtn, a_gu))
         else:
+            g = shared_global_scale([t.gate, t.up]) if _nvfp4(sg) and _nvfp4(su) else None
             for key, w, sc in (("gate", t.gate, sg), ("up", t.up, su)):
                 if sc is not None:
                     jobs.append(SolveJob(names[key], w, h, fallback_scheme(sc) if force_rtn else sc, sc,
-                                     [(names[key], w, None)], n, fallback, force_rtn))
+                                         [(names[key], w, None)], n, fallback, force_rtn, a_gu, g))
         if sd is not None:
             h, fallback, force_rtn = down(j)
             jobs.append(SolveJob(names["down"], t.down, h, fallback_scheme(sd) if force_rtn else sd, sd,
-                             [(names["down"], t.down, None)], n, fallback, force_rtn))
+                                 [(names["down"], t.down, None)], n, fallback, force_rtn, a_dn))
     return jobs
 
 
 def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
                 probe: Optional[Callable] = None) -> tuple[dict, list]:
-    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord]).
-    ``probe(jobs, storage, recipe)``, when given, sees the jobs first, while the weights are still the originals
-    (the budget's measurement pass, :class:`moequant.pipeline.budget.CandidateProbe`); it must not change them."""
+    """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord]). The
+    results keep codes, scales and zero points only: the solver's float32 dequantized weights (``values``, 4 bytes
+    a weight, twice the bf16 layer) are dropped once written back (``dequantized`` recomputes them from the codes),
+    so a finished layer's results, which the background commit holds while the next layer computes, are 1 byte a
+    weight. ``probe(jobs, storage, recipe)``, when given, sees the jobs first, while the weights are still the
+    originals (the budget's measurement pass, :class:`moequant.pipeline.budget.CandidateProbe`); it must not change
+    them."""
     if probe is not None and jobs:
         probe(jobs, storage, recipe)
     run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     for job in jobs:
+        act = job.record_scheme.activations
+        if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
+            job.qt.input_global_scale = nvfp4_global_scale(job.input_amax) if job.input_amax > 0 else None
         stats = matrix_stats(job.w, job.h, job.qt, storage, recipe.report_loss)  # before w is overwritten
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else job.qt.rows(rows)
             _write_back(param, qt, storage)
+            qt.values = None
             results[name] = qt
+        job.qt.values = None
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
                                recipe.report_loss, stats))
     return results, records

@@ -21,9 +21,12 @@ from ..calibration.capture import LayerCapture
 from ..methods.base import LayerStep
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
+from .activations import complete_input_scales
 from .experts import GIB, MoELayerEngine, plan_layer
+from .host import HostCopies
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
+from .states import StatesStore, num_tokens
 
 __all__ = ["LayerQuantizer", "LayerResult", "LayerObserver", "layer_inputs", "hessian_precision", "accumulator_factory"]
 
@@ -55,13 +58,37 @@ def accumulator_factory(recipe: Recipe, device: torch.device, precision: str = "
     return make
 
 
-def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device) -> tuple[list, list]:
+def layer_inputs(lazy: LazyModel, ids: torch.Tensor, batch_size: int, device, store: Optional[StatesStore] = None,
+                 keep_hidden: bool = True) -> tuple:
     """``(hidden, kwargs)`` of the calibration token ids ``[N, S]`` in batches of ``batch_size``: per batch the
     inputs of layer 0 (on the CPU) and the keyword arguments the model passes to every layer
     (``kwargs[batch][layer]``, on ``device``), recorded by the model's own forward
-    (:func:`moequant.models.lazy.record_layer_inputs`)."""
-    recorded = [record_layer_inputs(lazy, b, device) for b in ids.split(batch_size)]
-    return [r.hidden_states.cpu() for r in recorded], [r.kwargs_per_layer for r in recorded]
+    (:func:`moequant.models.lazy.record_layer_inputs`).
+
+    ``hidden`` is a list of tensors (pinned host copies of a GPU's), or with a ``store`` its
+    :class:`~moequant.pipeline.states.HiddenStates` (each batch goes into the store as it is recorded: a disk-backed
+    store never holds them all in memory); ``keep_hidden=False`` drops them (None: a resumed run needs only the
+    keyword arguments)."""
+    batches = ids.split(batch_size)
+    kwargs, sink = [], None
+    try:
+        for b in batches:
+            r = record_layer_inputs(lazy, b, device)
+            kwargs.append(r.kwargs_per_layer)
+            if not keep_hidden:
+                continue
+            h = r.hidden_states
+            if sink is None:  # the shapes of every batch: its rows, then the first batch's [seq_len, hidden]
+                sink = HostCopies() if store is None else \
+                    store.sink([(len(x), *h.shape[1:]) for x in batches], h.dtype)
+            sink.append(h)
+    except BaseException:
+        if sink is not None and store is not None:
+            sink.abort()
+        raise
+    if not keep_hidden or sink is None:
+        return None, kwargs
+    return (sink.finish() if store is not None else sink.done()), kwargs
 
 
 @dataclass
@@ -71,8 +98,9 @@ class LayerResult:
     Attributes:
         index, prefix: the layer; layer: the module on the compute device, computing with the dequantized weights
             (what a loader reconstructs); step: the :class:`~moequant.methods.base.LayerStep` the transforms saw.
-        outputs: the layer's outputs on the calibration batches (CPU), when the step computed them (the expert
-            streaming engine does; else :meth:`LayerQuantizer.run_layer` on ``layer``). phases: seconds per step of
+        outputs: the layer's outputs on the calibration batches (CPU; a list, or the states sink given to
+            :meth:`LayerQuantizer.quantize_layer`), when the step computed them (the expert streaming engine does;
+            else :meth:`LayerQuantizer.run_layer` on ``layer``). phases: seconds per step of
             the layer (load, forwards, solves, ...). groups: how the routed experts went through the device.
         results: on-disk module name -> :class:`~moequant.ops.QuantizedTensor`, linears then experts.
         modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
@@ -123,6 +151,8 @@ class LayerQuantizer:
         self.factory = accumulator_factory(recipe, self.device, precision)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
         self._next: Optional[tuple[int, Future]] = None
+        # host copies of a layer bound for a GPU (the prefetched layer, streamed experts) are page-locked
+        self._pin = self.device.type == "cuda"
 
     def close(self) -> None:
         """Stops the prefetch thread (a layer being read is finished first)."""
@@ -139,19 +169,23 @@ class LayerQuantizer:
             self._next = None
             return lazy.place_layer(layer, self.device, experts_device)
         self._next = None
-        return lazy.load_layer(index, self.device, experts_device=experts_device)
+        return lazy.load_layer(index, self.device, experts_device=experts_device, pin_memory=self._pin)
 
     def _prefetch(self, index: int) -> None:
         """Starts reading layer ``index`` into host memory on the background thread (prefetch on, and only while
         the current layer's weights are on the device, so that host memory holds one layer)."""
         if self._pool is not None and index < self.lazy.num_layers:
-            self._next = (index, self._pool.submit(self.lazy.load_layer, index, "cpu"))
+            self._next = (index, self._pool.submit(self.lazy.load_layer, index, "cpu", pin_memory=self._pin))
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, index: int, hidden: list, kwargs: list) -> list:
+    def run_layer(self, layer: nn.Module, index: int, hidden, kwargs: list, out=None):
         """The outputs (CPU) of ``layer`` (layer ``index``) on the batches ``hidden`` with their recorded
-        ``kwargs``."""
-        return [self._forward(layer, index, h, kw).cpu() for h, kw in zip(hidden, kwargs)]
+        ``kwargs``: a list (pinned host copies of a GPU's outputs, made while the next batches compute), or appended
+        batch by batch to ``out`` (a states sink, :mod:`moequant.pipeline.states`), which is returned."""
+        sink = HostCopies() if out is None else out
+        for b in range(len(hidden)):
+            sink.append(self._forward(layer, index, hidden[b], kwargs[b]))
+        return sink.done() if out is None else out
 
     def _forward(self, layer: nn.Module, index: int, h: torch.Tensor, kw: list) -> torch.Tensor:
         y = layer(h.to(self.device), **kw[index])
@@ -159,28 +193,30 @@ class LayerQuantizer:
 
     def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
-        driver's free memory plus what torch's allocator caches unused) less 2 GiB, else unbounded."""
+        driver's free memory plus what torch's allocator caches unused) less a margin (10 % of the device, at least
+        2 GiB: the CUDA context's growth and what the plan does not itemize), else unbounded."""
         if self.recipe.device_memory_gb is not None:
             return int(self.recipe.device_memory_gb * GIB)
         if self.device.type != "cuda":
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return max(0, free + cached - 2 * GIB)
+        return max(0, free + cached - max(2 * GIB, total // 10))
 
-    def quantize_layer(self, index: int, hidden: list, kwargs: list) -> LayerResult:
+    def quantize_layer(self, index: int, hidden, kwargs: list, outputs=None) -> LayerResult:
         """Loads layer ``index`` onto the device, applies the transforms, captures its Hessians on ``hidden`` (the
-        layer's inputs, per batch, with the recorded ``kwargs``), quantizes it by the recipe and writes the
-        dequantized weights back into it. A MoE layer goes through the expert streaming engine
-        (:class:`~moequant.pipeline.experts.MoELayerEngine`), which also computes the layer's outputs."""
+        layer's inputs, per batch, with the recorded ``kwargs``: a list of tensors or
+        :class:`~moequant.pipeline.states.HiddenStates`), quantizes it by the recipe and writes the dequantized
+        weights back into it. A MoE layer goes through the expert streaming engine
+        (:class:`~moequant.pipeline.experts.MoELayerEngine`), which also computes the layer's outputs: into
+        ``outputs`` (a states sink) when given, else a list (:attr:`LayerResult.outputs`)."""
         lazy, recipe, fam = self.lazy, self.recipe, self.lazy.family
         prefix = lazy.layer_prefix(index)
         t0 = time.perf_counter()
         budget = self.budget()
         plan = None
         if fam.experts_of(lazy.meta_layer(index)) is not None:
-            plan = plan_layer(lazy.meta_layer(index), fam, recipe, sum(h.shape[0] * h.shape[1] for h in hidden),
-                              lazy.dtype, budget, prefix)
+            plan = plan_layer(lazy.meta_layer(index), fam, recipe, num_tokens(hidden), lazy.dtype, budget, prefix)
             if not plan.resident and self.transforms:
                 raise ValueError(f"device_memory_gb: {prefix} does not fit the device ({plan.describe_budget()}), "
                                  f"but awq / rotation transform the whole layer on the device; raise "
@@ -196,8 +232,9 @@ class LayerQuantizer:
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
-                                    probe=self.probe)
+                                    outputs=outputs, probe=self.probe)
             out = engine.run()
+            complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
@@ -213,6 +250,8 @@ class LayerQuantizer:
             res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
             res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage, self.probe)
         ec = cap.experts
+        complete_input_scales(res_e, recipe)
+        complete_input_scales(res_l, recipe)
         return LayerResult(index, prefix, layer, step, {**res_l, **res_e}, rec_l + rec_e, moe=ec is not None,
                            expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
                            expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [])
@@ -224,11 +263,13 @@ class LayerObserver:
     (the finished layers stay in the work directory)."""
 
     def layer_inputs(self, index: int, prefix: str, hidden: list, kwargs: list) -> None:
-        """Before layer ``index`` is calibrated: its inputs (per batch, CPU) and the recorded keyword arguments
-        (``kwargs[batch][index]``). The tensors are the pipeline's: do not change them."""
+        """Before layer ``index`` is calibrated: its inputs (per batch, CPU: a
+        :class:`~moequant.pipeline.states.HiddenStates`, whose batches a disk-backed store reads when indexed) and
+        the recorded keyword arguments (``kwargs[batch][index]``). The tensors are the pipeline's: do not change
+        them."""
 
     def layer_done(self, index: int, result: Optional[LayerResult]) -> None:
         """After layer ``index`` is committed to the work directory (resumable from the next layer); the commit runs
         while the next layer computes, so this comes after that layer's :meth:`layer_inputs`. ``result`` no longer
-        holds the layer module (``result.layer`` / ``result.step`` are None)."""
+        holds the layer module nor its outputs (``result.layer`` / ``result.step`` / ``result.outputs`` are None)."""
 

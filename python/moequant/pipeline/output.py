@@ -67,8 +67,13 @@ def check_output(out: Optional[Path], plan, resume: bool) -> None:
     if free < need:
         what = f"{out} and {partial}" if out is not None else f"the temporary work directory in {base}"
         ckpt = plan.checkpoint_bytes / 1e9 if out is not None else 0.0
+        states = getattr(plan, "states", None)
+        held = ""
+        if states is not None and states.on_disk:  # the hidden states' store is what makes the work directory big
+            held = (f", of which {2 * states.bytes / 1e9:.2f} GB the calibration hidden states' disk-backed store: "
+                    f"they exceed the host budget of {states.budget / 1e9:.2f} GB (host_memory_gb)")
         raise OutputWriteError(errno.ENOSPC, f"not enough free space for {what}: the run writes about "
-                               f"{need / 1e9:.2f} GB (work directory {plan.work_bytes / 1e9:.2f} GB, checkpoint "
+                               f"{need / 1e9:.2f} GB (work directory {plan.work_bytes / 1e9:.2f} GB{held}, checkpoint "
                                f"{ckpt:.2f} GB), {free / 1e9:.2f} GB are free on that device; free space or choose "
                                f"another --out (output_dir)")
 

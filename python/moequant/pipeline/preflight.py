@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -34,6 +35,7 @@ class Plan:
         self.quantized: dict[str, tuple] = {}
         self.work_bytes = 0
         self.checkpoint_bytes = 0
+        self.states = None  # the run's moequant.pipeline.hostmem.StatesPlan (where the hidden states live)
 
     @property
     def count(self) -> int:
@@ -42,7 +44,7 @@ class Plan:
 
 def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.PathLike, None] = None,
               export_format: str = "pack-quantized", calibration_shape: Optional[tuple[int, int]] = None,
-              resume: bool = False, scan: bool = True, progress: bool = False) -> Plan:
+              resume: bool = False, scan: bool = True, progress: bool = False, states=None) -> Plan:
     """Checks everything that can be checked before the first layer starts and before anything is written.
 
     In order (cheap first): the model is not quantized already; every matrix the recipe quantizes, resolved by its
@@ -51,13 +53,15 @@ def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.Path
     ``output_dir``, every MoE layer's routed experts resolve to one scheme or all to high precision (vLLM runs them
     as one kernel); every tensor the loader reads exists with the shape the config implies (headers only); the
     output's directory is writable and its device has room for the estimated work directory and checkpoint
-    (``calibration_shape`` ``(num_samples, seq_len)`` sizes the activations); last, ``scan``: every weight is read
+    (``calibration_shape`` ``(num_samples, seq_len)`` sizes the activations; ``states``, the run's
+    :class:`~moequant.pipeline.hostmem.StatesPlan`, says whether they are its disk-backed store); last, ``scan``: every weight is read
     once and must be finite (:func:`moequant.io.safetensors.scan_weights`, a bar "checking weights" with
     ``progress``).
 
     Raises ValueError (OSError for an unwritable or full output) naming the module, tensor, layer or pattern, the
     expected and the actual value, and the remedy. Returns the :class:`Plan`."""
     fam, plan = lazy.family, Plan()
+    plan.states = states
     q = getattr(lazy.config, "quantization_config", None) or getattr(text_config(lazy.config),
                                                                      "quantization_config", None)
     if q:  # an FP8 / MXFP4 source is read decoded: LazyModel dropped its quantization_config
@@ -72,6 +76,10 @@ def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.Path
         if scheme is None:
             return None
         g = scheme.group_size
+        if not scheme.format.divides(in_features) and scheme.preset is not None:
+            raise ValueError(f"preset: {scheme.preset} quantizes groups of {g} input columns, which do not divide "
+                             f"in_features={in_features} of {disk_name}; add a recipe override for that module (another "
+                             f"scheme, or skip: true)")
         if not scheme.format.divides(in_features):
             raise ValueError(f"group_size: {g} does not divide in_features={in_features} of {disk_name}; choose a "
                              f"group size that divides it (or -1 for per-channel), or add a recipe override for "
@@ -123,19 +131,24 @@ def _check_expert_schemes(prefix: str, experts: str, resolved: list) -> None:
     high = [n for n, s, _ in resolved if s is None]
     if quantized and high:
         raise ValueError(f"{prefix}: the routed experts are partly quantized and partly kept in high precision "
-                         f"({quantized[0][0]}: {quantized[0][1].format.label()}; {high[0]}: high precision), but "
+                         f"({quantized[0][0]}: {_label(quantized[0][1])}; {high[0]}: high precision), but "
                          f"vLLM runs all experts of a MoE layer as one kernel with one scheme; {remedy}")
     keys = first = None
     for name, scheme, in_features in quantized:
-        k = scheme.format.equivalents(in_features)
+        k = {(f, scheme.activations) for f in scheme.format.equivalents(in_features)}
         if keys is None:
             keys, first = k, (name, scheme)
         elif not keys & k:
             raise ValueError(f"{prefix}: the routed experts resolve to different schemes ({first[0]}: "
-                             f"{first[1].format.label()}; {name}: {scheme.format.label()}), but vLLM runs all experts "
+                             f"{_label(first[1])}; {name}: {_label(scheme)}), but vLLM runs all experts "
                              f"of a MoE layer as one kernel with one scheme; {remedy}")
         else:
             keys &= k
+
+
+def _label(scheme) -> str:
+    """``"W4 g128 sym"``, ``"NVFP4"``: a scheme's format (and activations) in messages."""
+    return scheme.preset or scheme.format.label()
 
 
 _GROUP_RE = re.compile(r"\.(\d+)(?=\.|$)")
@@ -188,8 +201,8 @@ def _check_patterns(recipe: Recipe, candidates: list[str], modules: set[str]) ->
 
 
 def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration_shape) -> None:
-    """Fills ``plan.work_bytes`` / ``plan.checkpoint_bytes``: per quantized matrix the work directory holds int8
-    codes and float32 scales / int8 zero points per group, the checkpoint its packed codes (bits / 8 bytes a
+    """Fills ``plan.work_bytes`` / ``plan.checkpoint_bytes``: per quantized matrix the work directory holds one-byte
+    codes and float32 scales / zero points or scale bytes per group (block), the checkpoint its packed codes (bits / 8 bytes a
     weight), scales and zero points (or, dequantized, the weight in the checkpoint dtype); every other tensor is
     copied as it is, and so are the side files (config, tokenizer); the work directory also holds the activations
     (num_samples x seq_len x hidden, in the compute dtype) twice while they are replaced. Sizes are those of the
@@ -203,12 +216,12 @@ def _estimate_bytes(plan: Plan, lazy: LazyModel, export_format: str, calibration
         if h is not None:
             storage_bytes = SAFETENSORS_DTYPE_BITS[h.dtype] // 8 or 1
         source += src
-        groups = 1 if scheme.group_size in (None, -1) else max(in_f // scheme.group_size, 1)
-        work += out_f * in_f + out_f * groups * 5
+        scales = math.prod(scheme.format.scale_shape(out_f, in_f))
+        work += out_f * in_f + scales * 5
         if export_format == "dequantized":
             ckpt += src
         else:
-            ckpt += out_f * in_f * scheme.bits // 8 + out_f * groups * (storage_bytes + scheme.bits / 8)
+            ckpt += out_f * in_f * scheme.bits // 8 + scales * (storage_bytes + scheme.bits / 8)
     ckpt += max(index.view_bytes - source, 0)
     ckpt += sum(f.stat().st_size for f in lazy.dir.iterdir()  # config, tokenizer: copied as they are
                 if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")))

@@ -142,6 +142,8 @@ class QuantizationReport:
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
     source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
     budget: Optional[dict] = None  # budgeted mixed precision: the allocation (pipeline.budget.budget_record)
+    quantization_format: Optional[str] = None  # the checkpoint's compressed-tensors format ("mixed-precision", ...)
+    hidden_states: Optional[dict] = None  # where the calibration hidden states lived (hostmem.StatesPlan.to_dict())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -196,8 +198,10 @@ class QuantizationReport:
                                                                            MODULE_KINDS.index(kv[0])) if w > 0)
             lines.append(f"  layer {layer.index:3d}: {len(layer.modules)} matrices,{util} fallbacks {fb}, "
                          f"{loss}" + (f", relative error {rel}" if rel else "") + f", {layer.seconds:.1f} s")
-        lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({self.export_format})"
-                                                        if self.output_dir else ""))
+        fmt = self.export_format if self.export_format == "dequantized" or not self.quantization_format else \
+            f"compressed-tensors {self.quantization_format}"
+        lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({fmt})" if self.output_dir
+                                                        else ""))
         if self.budget:
             b = self.budget
             target = f"{b['target']['bits']:g} bits per weight" if "bits" in b["target"] else \

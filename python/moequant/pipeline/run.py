@@ -38,10 +38,12 @@ from ..recipe.recipe import Recipe
 from .export import export_run, run_loader_support
 from .commits import LayerCommits
 from .experts import check_layers_fit
+from .hostmem import StatesPlan, available_host_memory, plan_states
 from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
 from .output import output_write_error
 from .preflight import preflight
 from .report import QuantizationReport
+from .states import StatesStore
 from .workdir import WORK_VERSION, WorkDir, open_work_dir
 
 __all__ = ["quantize"]
@@ -63,6 +65,21 @@ def _as_recipe(recipe, solvers) -> Recipe:
     raise ValueError(f"recipe: expected a Recipe, a dict or a recipe file path, got {type(recipe).__name__}")
 
 
+def _expandable_segments() -> None:
+    """Lets torch's CUDA allocator grow segments in place (``expandable_segments``) unless the user configured the
+    allocator (``PYTORCH_CUDA_ALLOC_CONF``): the expert groups allocate and free tens of GB of differently sized
+    Hessians and results per layer, which otherwise fragments the cache by several GB (a DeepSeek-V3 layer on an
+    80 GB H100 ran out of memory with 4.2 GB reserved but unallocated)."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return
+    # torch 2.11 deprecates the CUDA-specific setter (a FutureWarning on every run) for the accelerator one
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    try:
+        setter("expandable_segments:True")
+    except (AttributeError, RuntimeError) as e:  # an older torch, or a platform without it
+        logger.debug("expandable_segments not set: %s", e)
+
+
 def _model_dir(model_or_path) -> Path:
     if not isinstance(model_or_path, (str, os.PathLike)):
         from torch import nn
@@ -80,6 +97,19 @@ def _model_dir(model_or_path) -> Path:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model_or_path: {p} has no config.json; pass a Hugging Face model directory")
     return p
+
+
+def _states_plan(lazy: LazyModel, recipe: Recipe, tokens: int) -> StatesPlan:
+    """Where the run keeps its calibration hidden states (:func:`moequant.pipeline.hostmem.plan_states`): one copy
+    is ``tokens x hidden_size`` in the compute dtype; the automatic budget counts the largest decoder layer as it
+    sits in host memory."""
+    elt = torch.empty((), dtype=lazy.dtype).element_size()
+    hidden = int(getattr(text_config(lazy.config), "hidden_size", 0) or 0)
+    available = layer = 0
+    if recipe.host_memory_gb is None:
+        available = available_host_memory()
+        layer = max(sum(p.numel() for p in lazy.meta_layer(i).parameters()) for i in range(lazy.num_layers)) * elt
+    return plan_states(tokens * hidden * elt, recipe.host_memory_gb, layer, available)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -135,6 +165,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     if out is not None and out.exists():
         raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
     device = resolve_device(recipe.device)
+    if device.type == "cuda":
+        _expandable_segments()
     # Preflight: everything checkable is checked before the first layer starts and before anything is written.
     import transformers
 
@@ -148,17 +180,20 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     precision = hessian_precision(recipe, device, lazy.dtype)
     ids = calibration_ids(calibration, model_dir, recipe.calibration,
                           getattr(text_config(lazy.config), "vocab_size", None))
+    states = _states_plan(lazy, recipe, int(ids.numel()))  # in host memory, or on disk in the work directory
+    logger.info("%s", states.describe())
     budget = None
     if recipe.budget.enabled:  # measure every candidate, allocate, then run with the allocation (pipeline.budget)
         from .budget import run_budget, sizing_recipe
 
         plan = preflight(lazy, sizing_recipe(recipe, solvers), output_dir=out, export_format=export_format,
-                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress, scan=scan)
+                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress, scan=scan,
+                         states=states)
         recipe, budget = run_budget(quantize, lazy, recipe, plan, ids, model_dir=model_dir, out=out,
                                     export_format=export_format, resume=resume, storage=storage, progress=progress,
                                     solvers=solvers, prefetch=prefetch, device=device)
     plan = preflight(lazy, recipe, output_dir=out, export_format=export_format, calibration_shape=tuple(ids.shape),
-                     resume=resume, progress=progress, scan=scan and budget is None)
+                     resume=resume, progress=progress, scan=scan and budget is None, states=states)
     # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)
     quantizer = LayerQuantizer(lazy, recipe, device, storage, precision=precision,
                                prefetch=device.type == "cuda" if prefetch is None else prefetch, probe=probe)
@@ -167,7 +202,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     transforms = build_transforms(recipe, lazy.family, storage)
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
         tr.before_calibration(lazy)
-    fingerprint = {"version": WORK_VERSION, "model": model_fingerprint(model_dir), "recipe": recipe.to_dict(),
+    # host_memory_gb changes where the hidden states live, not a bit of the results: a run may resume with another
+    fingerprint = {"version": WORK_VERSION, "model": model_fingerprint(model_dir),
+                   "recipe": {k: v for k, v in recipe.to_dict().items() if k != "host_memory_gb"},
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "export_format": export_format}
     tmp_root = None
@@ -182,13 +219,23 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                 export_format=export_format if out else None, hessian_precision=precision,
                                 loaders=[s.to_dict() for s in support],
                                 source_format=lazy.source.to_dict() if lazy.source is not None else None,
-                                budget=budget)
+                                hidden_states=states.to_dict(), budget=budget)
+    # the hidden states between layers: in memory, or in a disk-backed store of the work directory
+    store = StatesStore(states.on_disk, work.path, work.umask, pin_memory=device.type == "cuda")
+    hidden = None
     try:
         start = work.completed
-        hidden, kwargs = layer_inputs(lazy, ids, recipe.calibration.batch_size, device)
+        hidden, kwargs = layer_inputs(lazy, ids, recipe.calibration.batch_size, device, store=store,
+                                      keep_hidden=start == 0)
+        # embeddings, final norm and lm_head are not needed any more (the export reads the checkpoint)
+        logger.debug("released %.2f GB of non-layer weights", lazy.release_non_layer_parts() / 1e9)
         if start > 0:
             report.resumed_from_layer = start
-            hidden = work.load_activations()
+            hidden = work.load_activations(in_memory=not states.on_disk, pin_memory=device.type == "cuda")
+            if hidden.dtype != lazy.dtype:  # a CPU run (float32) resumed on a GPU (bf16), or the reverse
+                raise ValueError(f"{work.path}: its activations are {hidden.dtype} but this run computes in "
+                                 f"{lazy.dtype} on {device}; resume on the device the run started on (recipe "
+                                 f"device, --device), or delete {work.path} to start over")
             report.layers = [work.load_record(i) for i in range(start)]
             logger.info("resuming after layer %d of %d", start - 1, lazy.num_layers)
         quantizer.transforms = list(transforms)
@@ -198,19 +245,29 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 t = time.time()
                 for obs in observers:
                     obs.layer_inputs(index, lazy.layer_prefix(index), hidden, kwargs)
-                result = quantizer.quantize_layer(index, hidden, kwargs)
-                # layer L+1 is calibrated on the outputs of the *quantized* layer L (a MoE layer's engine computed
-                # them)
-                hidden = result.outputs if result.outputs is not None else \
-                    quantizer.run_layer(result.layer, index, hidden, kwargs)
+                # layer L+1 is calibrated on the outputs of the *quantized* layer L (a MoE layer's engine computes
+                # them), written batch by batch into the store
+                sink = store.sink(hidden.shapes, hidden.dtype)
+                try:
+                    result = quantizer.quantize_layer(index, hidden, kwargs, outputs=sink)
+                    if result.outputs is None:
+                        quantizer.run_layer(result.layer, index, hidden, kwargs, out=sink)
+                    outputs = sink.finish()
+                except BaseException:
+                    sink.abort()
+                    raise
                 record = result.record(round(time.time() - t, 3))
                 dense = layer_export_tensors(transforms, result.step, set(result.results))
-                result.layer = result.step = None  # the module is not needed any more: its memory goes now
-                commits.submit(index, result, record, hidden, dense)  # written while the next layer computes
+                result.layer = result.step = result.outputs = None  # the module's memory goes now
+                commits.submit(index, result, record, outputs, dense)  # written while the next layer computes
+                # submit waited for the previous commit, the last reader of this layer's inputs
+                hidden.close()
+                hidden = outputs
                 report.layers.append(record)
                 del result
                 logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
         report.seconds = round(time.time() - t0, 3)
+        hidden.close()
         if out is not None:
             export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
             shutil.rmtree(work.path)
@@ -225,6 +282,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             raise
         raise error from exc
     finally:
+        if hidden is not None:
+            hidden.close()
         quantizer.close()
         work.close()
         if tmp_root is not None:

@@ -4,18 +4,22 @@ Files:
 
 * ``manifest.json``: the run's fingerprint (:func:`moequant.io.fingerprint.model_fingerprint` of the checkpoint's
   content, recipe, calibration hash, export format, :data:`WORK_VERSION`); a resume must present the same one;
-* per finished layer ``layer_NNNNN.safetensors`` (codes, scales and zero points of every quantized matrix, their
-  formats as ``[bits, group_size, symmetric]`` in the metadata, plus ``dense::<name>`` high-precision tensors a
-  transform changed) and ``layer_NNNNN.json`` (its report record);
-* ``activations_NNNNN.pt``: the calibration activations after layer NNNNN;
-* ``progress.json``: ``{"completed_layers": n, "activations": "activations_<n-1>.pt"}``, the commit marker;
+* per finished layer ``layer_NNNNN.safetensors`` (of every quantized matrix its codes and scales, and zero points
+  for an integer format, or the scale bytes, NVFP4's global scale and input global scale for a floating-point one;
+  their formats as ``[bits, group_size, symmetric]`` or ``[kind]`` in the metadata, plus ``dense::<name>``
+  high-precision tensors a transform changed) and ``layer_NNNNN.json`` (its report record);
+* ``activations_NNNNN.safetensors``: the calibration hidden states after layer NNNNN, one tensor per batch
+  (:mod:`moequant.pipeline.states`; with the disk-backed store the very file the layer wrote its outputs into,
+  flushed and renamed: the states are written once);
+* ``progress.json``: ``{"completed_layers": n, "activations": "activations_<n-1>.safetensors"}``, the commit marker;
 * ``lock``: held (``flock``) by the process that uses the directory; it names that process (pid, host)
   (:mod:`moequant.pipeline.lock`).
 
 Atomicity: every file is written to a temporary name, flushed and renamed into place, and a layer is committed by
 one rename, that of ``progress.json``. A layer's files and its activations are written under names no committed
 state refers to (the layer's own index) before the marker moves to them; the previous activations are removed only
-after it has moved. A kill at any point therefore leaves either the state before the layer or the state after it,
+after it has moved. A disk-backed store's file being written by the next layer (``states.tmp-*``) is an orphan until
+its layer commits: a resume removes it with the other temporaries. A kill at any point therefore leaves either the state before the layer or the state after it,
 and a resume continues bit-identically. The directory itself appears fully formed (manifest and held lock) by one
 rename of a temporary directory.
 
@@ -34,20 +38,23 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..formats import IntFormat
+from ..formats import FloatFormat, weight_format_from_key
 from ..io.export import Replacements
 from ..io.files import (OWNER_FILE, atomic_write, atomic_write_json, current_umask, make_owned_tmpdir,
                         remove_stale_temporaries)
-from ..ops import QuantizedTensor
+from ..ops import FloatQuantizedTensor, QuantizedTensor
 from .lock import try_lock
 from .report import LayerRecord
+from .states import HiddenStates, MemoryStates, open_states
 
 __all__ = ["WORK_VERSION", "WorkDir", "open_work_dir"]
 
-WORK_VERSION = 2  # the format of the files above; part of every run's fingerprint (manifest.json)
+WORK_VERSION = 4  # the format of the files above; part of every run's fingerprint (manifest.json). 4: floating-point
+# results (scale bytes, NVFP4 global / input global scales), 3: activations in safetensors (moequant.pipeline.states),
+# 2: torch.save lists
 
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
-_ACTIVATIONS = re.compile(r"activations_(\d{5})\.pt")
+_ACTIVATIONS = re.compile(r"activations_(\d{5})\.safetensors")
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -196,10 +203,12 @@ class WorkDir:
         for i in range(n):  # headers and records only (cheap): damage shows now, not after hours of work
             self._read_layer(i, False)
             self.load_record(i)
+        self.load_activations(in_memory=False).close()  # the header and the file size
 
     def _remove_orphans(self) -> None:
-        """Removes what no committed state refers to: activations of earlier layers (the marker has moved past
-        them) and temporary files of interrupted writes."""
+        """Removes what no committed state refers to (when the directory is opened for a resume): activations of
+        earlier layers (the marker has moved past them) and temporary files of interrupted writes (also a
+        disk-backed store's unfinished ``states.tmp-*``)."""
         for p in self.path.iterdir():
             name = p.name
             stale_act = name.startswith("activations") and name != self._activations
@@ -223,13 +232,20 @@ class WorkDir:
 
     # -- progress ------------------------------------------------------------------------------------
     @property
+    def umask(self) -> int:
+        """The umask the directory's files are written under (the process's when it was opened)."""
+        return self._umask
+
+    @property
     def completed(self) -> int:
         """Layers finished (committed)."""
         return self._completed
 
-    def save_layer(self, index: int, results: dict, record: LayerRecord, hidden: list,
+    def save_layer(self, index: int, results: dict, record: LayerRecord, hidden,
                    tensors: Optional[dict] = None) -> None:
-        """Commits layer ``index`` (= :attr:`completed`): its results, record and the activations after it.
+        """Commits layer ``index`` (= :attr:`completed`): its results, record and the activations after it
+        (``hidden``: a :class:`~moequant.pipeline.states.HiddenStates`, or a list of batch tensors; states of the
+        disk-backed store are flushed and renamed into place, others written).
 
         ``tensors``: optional on-disk tensor name -> high-precision tensor (e.g. a norm or router weight changed
         by a smoothing or rotation transform) that the export writes in place of the source tensor."""
@@ -241,7 +257,13 @@ class WorkDir:
         for name, qt in results.items():
             stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
             stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
-            stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
+            if isinstance(qt.format, FloatFormat):
+                stored[f"{name}::scale_codes"] = qt.scale_codes.contiguous().cpu()
+                for key, t in (("global", qt.global_scale), ("input_global", qt.input_global_scale)):
+                    if t is not None:
+                        stored[f"{name}::{key}"] = t.detach().reshape(1).float().cpu().clone()
+            else:
+                stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
             meta[name] = list(qt.format.key)
         for name, t in (tensors or {}).items():
             stored[f"dense::{name}"] = t.detach().contiguous().cpu()
@@ -250,15 +272,16 @@ class WorkDir:
                      lambda tmp: save_file(stored, str(tmp), metadata={"schemes": json.dumps(meta)}),
                      umask=self._umask)
         atomic_write_json(self.path / f"layer_{index:05d}.json", record.to_dict(), umask=self._umask)
-        act = f"activations_{index:05d}.pt"
-        acts = [h.cpu() for h in hidden]
-        atomic_write(self.path / act, lambda tmp: torch.save(acts, tmp), umask=self._umask)
+        act = f"activations_{index:05d}.safetensors"
+        states = hidden if isinstance(hidden, HiddenStates) else MemoryStates([h.cpu() for h in hidden])
+        states.persist(self.path / act, umask=self._umask)
         # 2. the commit: one rename
         atomic_write_json(self.path / PROGRESS, {"completed_layers": index + 1, "activations": act},
                           umask=self._umask)
-        self._completed, self._activations = index + 1, act
-        # 3. what the marker no longer refers to
-        self._remove_orphans()
+        previous, self._completed, self._activations = self._activations, index + 1, act
+        # 3. what the marker no longer refers to (only that: the next layer's store may be writing meanwhile)
+        if previous is not None and previous != act:
+            (self.path / previous).unlink(missing_ok=True)
 
     # -- reading -------------------------------------------------------------------------------------
     def load_record(self, index: int) -> LayerRecord:
@@ -270,20 +293,18 @@ class WorkDir:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
 
-    def load_activations(self) -> list:
-        """The activations after the last finished layer."""
+    def load_activations(self, in_memory: bool = True, pin_memory: bool = False) -> HiddenStates:
+        """The activations after the last finished layer: read into memory, or (``in_memory=False``) kept in their
+        file and read per batch (the disk-backed store); page-locked with ``pin_memory`` (a GPU run)."""
         name = self._activations
         if name is None:
             raise ValueError(f"{self.path}: no finished layer, hence no saved activations")
         try:
-            acts = torch.load(self.path / name, weights_only=True)
+            return open_states(self.path / name, in_memory, pin_memory)
         except FileNotFoundError:
             raise self._damaged(name, "missing") from None
-        except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+        except (OSError, ValueError, EOFError) as exc:
             raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
-        if not isinstance(acts, list) or not acts or not all(isinstance(a, torch.Tensor) for a in acts):
-            raise self._damaged(name, "expected a list of activation tensors")
-        return acts
 
     def _read_layer(self, index: int, tensors: bool):
         from safetensors import safe_open
@@ -294,9 +315,7 @@ class WorkDir:
                 meta = json.loads(f.metadata()["schemes"])
                 if not tensors:
                     return meta, None
-                quantized = {n: QuantizedTensor(codes=f.get_tensor(f"{n}::codes"), scale=f.get_tensor(f"{n}::scale"),
-                                                zero_point=f.get_tensor(f"{n}::zero"), format=IntFormat(*key))
-                             for n, key in meta.items()}
+                quantized = {n: _stored_result(f, n, weight_format_from_key(key)) for n, key in meta.items()}
                 dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
                 return quantized, dense
         except FileNotFoundError:
@@ -310,16 +329,28 @@ class WorkDir:
             yield Replacements(quantized=quantized, tensors=dense)
 
     def schemes(self, num_layers: int) -> dict:
-        """{:class:`~moequant.formats.IntFormat`: [module names]} over all finished layers."""
+        """{weight format (:class:`~moequant.formats.IntFormat` / :class:`~moequant.formats.FloatFormat`): [module
+        names]} over all finished layers."""
         out: dict = {}
         for index in range(num_layers):
             meta, _ = self._read_layer(index, False)
             try:
                 for name, key in meta.items():
-                    out.setdefault(IntFormat(*key), []).append(name)
+                    out.setdefault(weight_format_from_key(key), []).append(name)
             except (AttributeError, TypeError, ValueError) as exc:
                 raise self._damaged(f"layer_{index:05d}.safetensors", f"unreadable schemes ({_brief(exc)})") from None
         return out
+
+
+def _stored_result(f, name: str, fmt):
+    """The quantized result ``name`` of an open layer file ``f`` in the weight format ``fmt``."""
+    codes, scale = f.get_tensor(f"{name}::codes"), f.get_tensor(f"{name}::scale")
+    if not isinstance(fmt, FloatFormat):
+        return QuantizedTensor(codes=codes, scale=scale, zero_point=f.get_tensor(f"{name}::zero"), format=fmt)
+    keys = set(f.keys())
+    opt = {k: f.get_tensor(f"{name}::{k}") if f"{name}::{k}" in keys else None for k in ("global", "input_global")}
+    return FloatQuantizedTensor(codes=codes, scale=scale, scale_codes=f.get_tensor(f"{name}::scale_codes"), format=fmt,
+                                global_scale=opt["global"], input_global_scale=opt["input_global"])
 
 
 def open_work_dir(out: str | os.PathLike, fingerprint: dict, resume: bool) -> WorkDir:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from ..formats import IntFormat
 from ..methods.awq.config import AWQConfig
 from ..methods.budget.config import BudgetConfig, parse_budget
 from ..methods.rotation.config import RotationConfig
@@ -120,7 +122,8 @@ class Recipe:
     """A full quantization recipe (see the module docstring for the resolution rules).
 
     Attributes:
-        scheme: the base :class:`QuantScheme`. ignore: patterns of modules kept in high precision
+        scheme: the base :class:`QuantScheme` (or a preset name, ``"NVFP4"``: :meth:`QuantScheme.from_dict`).
+            ignore: patterns of modules kept in high precision
             (default :data:`DEFAULT_IGNORE`: lm_head, embeddings, routers, shared_expert_gate).
         overrides: ordered :class:`Override` list, the last match wins. calibration, fallback, awq: see those classes.
         hessian_dtype: ``"float32"`` or ``"float64"`` Hessian accumulation.
@@ -144,6 +147,12 @@ class Recipe:
             allocation unit gets the candidate scheme that minimises the measured error within that size
             (:mod:`moequant.pipeline.budget`); the base ``scheme`` then gives the solver settings and the fields a
             candidate leaves out.
+        host_memory_gb: host memory the calibration hidden states may use (docs/pipeline.md, "Host memory"): a
+            layer holds two copies (its inputs and outputs, ``num_samples x seq_len x hidden`` each); when they need
+            more, they live in a disk-backed store in the work directory, read back per batch. 0 keeps them on
+            disk. None (default): half of the host memory available when the run starts (MemAvailable, or a
+            cgroup limit's room when lower) after one decoder layer. Results are bit-identical either way, so a run
+            may resume with another value (it is not part of the run's fingerprint).
         solvers (init only): the :class:`~moequant.methods.SolverRegistry` the schemes' ``method`` names are looked
             up in (default: the built-in solvers); given to the scheme and the overrides, not serialized.
     """
@@ -164,6 +173,7 @@ class Recipe:
     device_memory_gb: Optional[float] = None
     experts_per_group: Optional[int] = None
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    host_memory_gb: Optional[float] = None
     version: int = RECIPE_VERSION
     solvers: InitVar[Any] = None
 
@@ -183,13 +193,16 @@ class Recipe:
         if self.version != RECIPE_VERSION:
             fail("version", str(RECIPE_VERSION), self.version,
                   "this moequant reads recipe version 1; upgrade moequant or rewrite the recipe")
+        if isinstance(self.scheme, str):  # a preset name: scheme: NVFP4
+            self.scheme = QuantScheme.from_dict(self.scheme, solvers)
         for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig),
                           ("awq", AWQConfig), ("rotation", RotationConfig), ("budget", BudgetConfig)):
             if isinstance(getattr(self, name), dict):
                 data = getattr(self, name)
                 setattr(self, name, QuantScheme.from_dict(data, solvers) if cls is QuantScheme else cls.from_dict(data))
             if not isinstance(getattr(self, name), cls):
-                fail(name, f"a {cls.__name__} or a mapping", getattr(self, name))
+                fail(name, f"a {cls.__name__}, a mapping or a preset name (e.g. NVFP4)" if cls is QuantScheme
+                     else f"a {cls.__name__} or a mapping", getattr(self, name))
         if not isinstance(self.ignore, (list, tuple)):
             fail("ignore", "a list of patterns", self.ignore)
         self.ignore = list(self.ignore)
@@ -216,6 +229,11 @@ class Recipe:
                             remedy="the GPU memory a layer may use, e.g. 70 on an 80 GB card; null: the free memory")
         if self.experts_per_group is not None:
             check_int("experts_per_group", self.experts_per_group, 1, "null chooses it from device_memory_gb")
+        if self.host_memory_gb is not None and not (
+                isinstance(self.host_memory_gb, (int, float)) and not isinstance(self.host_memory_gb, bool)
+                and math.isfinite(self.host_memory_gb) and self.host_memory_gb >= 0):
+            fail("host_memory_gb", "a finite number >= 0 or null", self.host_memory_gb,
+                 "the host memory the calibration hidden states may use; 0 keeps them on disk; null: automatic")
         if solvers is not None:  # the recipe's registry reaches its scheme and overrides (their method names)
             for section in (self.scheme, *self.overrides):
                 section.use_solvers(solvers)
@@ -223,6 +241,26 @@ class Recipe:
         for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, self.budget,
                         *self.overrides):
             section.__post_init__()
+        if self.budget.enabled and self.scheme.preset is not None:
+            fail("scheme.preset", "null (an integer base scheme) with a budget", self.scheme.preset,
+                 "the budget's candidates are integer formats applied to the base scheme; give floating-point "
+                 "or named schemes to modules through overrides (they are pinned, as fixed bits)")
+        resolved = [("scheme", self.scheme)]
+        for o in self.overrides:  # each override on this recipe's base scheme (a preset fixes some fields)
+            if not o.skip:
+                try:
+                    resolved.append((f"overrides[{o.pattern!r}].scheme", self.scheme.replace(**o.scheme)))
+                except ValueError as exc:
+                    raise ValueError(f"overrides[{o.pattern!r}].scheme.{exc} (the base scheme is "
+                                     f"{self.scheme.preset or self.scheme.format.label()})") from None
+        for where, sc in resolved:
+            if not sc.solver.supports(sc.format):
+                names = [s.name for s in sc.solver_registry() if s.supports(sc.format)]
+                fail(f"{where}.method", f"a method that solves {sc.format.label()} weights ({', '.join(names)})",
+                     sc.method)
+            if self.awq.enabled and not isinstance(sc.format, IntFormat):  # AWQ searches with the int quantizer
+                fail("awq.enabled", f"false with the {sc.preset} scheme of {where} (AWQ searches integer formats)",
+                     True, "turn awq off, or use an integer scheme")
         return self
 
     def validated(self, solvers: Any = None) -> "Recipe":
@@ -268,7 +306,8 @@ class Recipe:
                 "routing_weighted": self.routing_weighted, "device": self.device,
                 "solver_memory_gb": self.solver_memory_gb, "report_loss": self.report_loss,
                 "rotation": self.rotation.to_dict(), "device_memory_gb": self.device_memory_gb,
-                "experts_per_group": self.experts_per_group, "budget": self.budget.to_dict()}
+                "experts_per_group": self.experts_per_group, "budget": self.budget.to_dict(),
+                "host_memory_gb": self.host_memory_gb}
 
     @classmethod
     def from_dict(cls, data: dict, solvers: Any = None) -> "Recipe":
@@ -308,16 +347,22 @@ class Recipe:
                  group_size: Optional[int] = None, symmetric: Optional[bool] = None, method: Optional[str] = None,
                  calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
                  device: Optional[str] = None, device_memory_gb: Optional[float] = None,
+                 host_memory_gb: Optional[float] = None, scheme: Optional[str] = None,
                  budget: Optional[str] = None) -> "Recipe":
         """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
-        ``bits``/``group_size``/``symmetric``/``method`` change the *base* scheme (overrides still apply on top).
+        ``scheme`` (a preset name, ``--scheme NVFP4``) replaces the base scheme's preset first (as an override's
+        ``{preset: ...}`` would: the fields it fixes come from it); then ``bits``/``group_size``/``symmetric``/
+        ``method`` change the *base* scheme (overrides still apply on top).
         ``calib`` replaces both calibration file lists: ``*.jsonl`` paths go to ``jsonl_files``, others to
         ``text_files``. ``budget``: ``--budget``, bits per weight (``"3.5"``) or a checkpoint size (``"12GB"``):
         sets ``budget.bits`` or ``budget.size_gb`` (and clears the other).
         """
-        data = (base if isinstance(base, Recipe) else cls() if base is None else cls.load(base)).to_dict()
+        base = base if isinstance(base, Recipe) else cls() if base is None else cls.load(base)
+        data = base.to_dict()
+        if scheme is not None:
+            data["scheme"] = base.scheme.replace(preset=scheme).to_dict()
         for key, val in (("bits", bits), ("group_size", group_size), ("symmetric", symmetric), ("method", method)):
             if val is not None:
                 data["scheme"][key] = val
@@ -335,6 +380,8 @@ class Recipe:
             data["device_memory_gb"] = device_memory_gb
         if budget is not None:
             data["budget"].update({"bits": None, "size_gb": None, **parse_budget(budget)})
+        if host_memory_gb is not None:
+            data["host_memory_gb"] = host_memory_gb
         return cls.from_dict(data)
 
 

@@ -13,13 +13,28 @@ import re
 from dataclasses import InitVar, dataclass
 from typing import Any, ClassVar, Optional
 
-from ..formats import IntFormat
+from ..formats import FloatFormat, IntFormat, preset
+from ..formats.schemes import PRESETS
 from ..methods.registry import default_solvers
 from .fields import Section, check_bool, check_choice, check_int, check_keys, check_pos_float, fail
 
-__all__ = ["QuantScheme", "Override", "match_pattern", "check_pattern", "SCALE_SEARCHES"]
+__all__ = ["QuantScheme", "Override", "match_pattern", "check_pattern", "SCALE_SEARCHES", "preset_fields"]
 
 SCALE_SEARCHES = ("minmax", "mse")
+_FIXED = ("bits", "group_size", "symmetric", "scale_search")  # what a preset may fix
+
+
+def preset_fields(name) -> dict:
+    """The scheme fields the preset ``name`` fixes: ``bits``, ``group_size``, ``symmetric`` of its weight format
+    (FP8: 8 / -1, FP8_BLOCK: 8 / 128, NVFP4: 4 / 16, MXFP4: 4 / 32) and, for the floating-point ones,
+    ``scale_search: minmax`` (their scales are min / max ones); none for ``None``."""
+    if name is None:
+        return {}
+    p = preset(name)
+    out = {"bits": p.weights.bits, "group_size": p.weights.group_size, "symmetric": p.weights.symmetric}
+    if isinstance(p.weights, FloatFormat):
+        out["scale_search"] = "minmax"
+    return out
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -48,6 +63,13 @@ class QuantScheme(Section):
     Attributes:
         bits: code width, 2..8. group_size: input columns per scale (a divisor of in_features); ``-1`` (or
             None, stored as -1) = one scale per output channel. symmetric: no zero point.
+        preset: a named scheme (:mod:`moequant.formats.schemes`, llm-compressor's names): ``"W8A8"`` (int8 weights
+            per channel, int8 per-token activations), ``"FP8"`` (= ``"FP8_DYNAMIC"``), ``"FP8_BLOCK"``, ``"NVFP4"``,
+            ``"NVFP4A16"``, ``"MXFP4"``, ``"MXFP4A16"``, or None (integer weights from ``bits`` / ``group_size`` /
+            ``symmetric``, 16-bit activations). ``"W4A16"`` and ``"W8A16"`` are accepted and stored as their integer
+            fields (preset None). A preset fixes ``bits``, ``group_size``, ``symmetric`` (and ``scale_search:
+            minmax`` for the floating-point ones, :func:`preset_fields`): left at their defaults they take its
+            values, other values are an error; changing ``preset`` with :meth:`replace` (an override) resets them.
         method: a registered solver (:mod:`moequant.methods`): ``"gptq"`` (Hessian-aware, needs calibration data)
             or ``"rtn"`` (round to nearest).
         scale_search: ``"minmax"`` or ``"mse"`` (grid search of shrink factors ``1 - i/mse_grid`` down to
@@ -80,6 +102,7 @@ class QuantScheme(Section):
     block_size: int = 128
     rounding_passes: int = 0
     rounding_outlier_quantile: float = 0.99
+    preset: Optional[str] = None
     solvers: InitVar[Any] = None
 
     def __post_init__(self, solvers: Any = None) -> None:
@@ -87,9 +110,13 @@ class QuantScheme(Section):
             self._solvers = solvers
         if self.group_size is None:
             self.group_size = -1
+        self._apply_preset()
         self.format  # bits, group_size and symmetric are validated by the format
         check_choice("method", self.method, self.solver_registry().names(),
                      "use 'rtn' when no calibration data is available")
+        if isinstance(self.format, FloatFormat) and self.rounding_passes:
+            fail("rounding_passes", f"0 with {self.preset} (the greedy rounding correction is for integer formats)",
+                 self.rounding_passes)
         check_choice("scale_search", self.scale_search, SCALE_SEARCHES)
         check_int("mse_grid", self.mse_grid, 1, "the default is 100")
         check_pos_float("mse_min_shrink", self.mse_min_shrink, 1.0, "the default is 0.2")
@@ -100,10 +127,34 @@ class QuantScheme(Section):
         check_int("rounding_passes", self.rounding_passes, 0, "0 turns the greedy rounding correction off")
         check_pos_float("rounding_outlier_quantile", self.rounding_outlier_quantile, 1.0, "the default is 0.99")
 
+    def _apply_preset(self) -> None:
+        """Resolves ``preset`` (aliases, case) and fills or checks the fields it fixes (class docstring)."""
+        if self.preset is None:
+            return
+        if not isinstance(self.preset, str):
+            fail("preset", f"one of {', '.join(PRESETS)} or null", self.preset)
+        p = preset(self.preset)
+        for name, value in preset_fields(p.name).items():
+            current = getattr(self, name)
+            if current != value and current != _DEFAULTS[name]:
+                fail(name, f"{value!r} with preset {p.name} (the preset fixes it)", current,
+                     f"leave {name} out, or set preset: null for an integer format of your own")
+            setattr(self, name, value)
+        self.preset = None if p.weight_only and isinstance(p.weights, IntFormat) else p.name
+
     @property
-    def format(self) -> IntFormat:
-        """The weight format (validated: bits 2..8, group size > 0 or -1, symmetric a bool)."""
+    def format(self):
+        """The weight format: the preset's (an :class:`~moequant.formats.IntFormat` or
+        :class:`~moequant.formats.FloatFormat`), else the :class:`~moequant.formats.IntFormat` of ``bits``,
+        ``group_size``, ``symmetric`` (validated: bits 2..8, group size > 0 or -1, symmetric a bool)."""
+        if self.preset is not None:
+            return preset(self.preset).weights
         return IntFormat(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def activations(self):
+        """The runtime's input quantization (:class:`~moequant.formats.ActivationFormat`), None for weight-only."""
+        return preset(self.preset).activations if self.preset is not None else None
 
     @property
     def per_channel(self) -> bool:
@@ -124,13 +175,29 @@ class QuantScheme(Section):
         return self.solver_registry().get(self.method)
 
     @classmethod
-    def from_dict(cls, data: dict, solvers: Any = None) -> "QuantScheme":
-        """From a mapping of fields (unknown keys are an error); ``solvers`` as the constructor's."""
-        return cls(**check_keys(cls, data, cls._where), solvers=solvers)
+    def from_dict(cls, data: Any, solvers: Any = None) -> "QuantScheme":
+        """From a mapping of fields (unknown keys are an error), or a preset name (``"NVFP4"``); ``solvers`` as the
+        constructor's."""
+        if isinstance(data, str):
+            data = {"preset": data}
+        check_keys(cls, data, cls._where)
+        _check_given(data)
+        return cls(**data, solvers=solvers)
+
+    @classmethod
+    def from_preset(cls, name: str, solvers: Any = None, **fields: Any) -> "QuantScheme":
+        """The scheme of preset ``name`` with other fields (``method``, ``act_order``, ...) as given."""
+        return cls.from_dict({**fields, "preset": name}, solvers)
 
     def replace(self, **changes: Any) -> "QuantScheme":
-        """A copy with some fields changed (validated; unknown field names are an error)."""
+        """A copy with some fields changed (validated; unknown field names are an error). A new ``preset`` resets
+        the fields the old and the new preset fix to the new one's values (or the defaults for None), unless
+        ``changes`` sets them."""
         check_keys(QuantScheme, changes, "scheme")
+        _check_given(changes)
+        if "preset" in changes:
+            for name in set(preset_fields(self.preset)) | set(preset_fields(changes["preset"])):
+                changes.setdefault(name, _DEFAULTS[name])
         return dataclasses.replace(self, solvers=getattr(self, "_solvers", None), **changes)
 
     def quant_kwargs(self) -> dict:
@@ -144,11 +211,25 @@ class QuantScheme(Section):
         return {**self.quant_kwargs(), "act_order": self.act_order, "damp": self.damp, "block_size": self.block_size}
 
     def describe(self) -> str:
-        """Short label, e.g. ``"W4 g128 asym gptq"``."""
+        """Short label, e.g. ``"W4 g128 asym gptq"``, ``"NVFP4 rtn"``."""
         extra = (" act-order" if self.act_order and self.solver.act_order else "") + \
             (" mse" if self.scale_search == "mse" else "") + \
             (f" round{self.rounding_passes}" if self.rounding_passes else "")
-        return f"{self.format.label()} {self.method}{extra}"
+        return f"{self.preset or self.format.label()} {self.method}{extra}"
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QuantScheme) if f.name in _FIXED}
+
+
+def _check_given(data: dict) -> None:
+    """A preset given together with fields it fixes: they must agree (the constructor cannot tell a field given as
+    its default from one left out)."""
+    if data.get("preset") is None:
+        return
+    for name, value in preset_fields(data["preset"]).items():
+        if name in data and data[name] != value and not (name == "group_size" and data[name] is None and value == -1):
+            fail(name, f"{value!r} with preset {preset(data['preset']).name} (the preset fixes it)", data[name],
+                 f"leave {name} out, or set preset: null for an integer format of your own")
 
 
 @dataclass
@@ -157,7 +238,8 @@ class Override(Section):
 
     Attributes:
         pattern: glob on the full module name or ``"re:<regex>"`` (``re.match``).
-        scheme: QuantScheme fields to change relative to the recipe's base scheme (None or {}: the base scheme).
+        scheme: QuantScheme fields to change relative to the recipe's base scheme (None or {}: the base scheme), or a
+            preset name (``"FP8"`` = ``{preset: FP8}``).
         skip: keep matching modules in high precision (then ``scheme`` must be empty).
         solvers (init only): as :class:`QuantScheme`'s, for a ``method`` in ``scheme``.
     """
@@ -175,8 +257,11 @@ class Override(Section):
         check_bool("overrides.skip", self.skip)
         if self.scheme is None:
             self.scheme = {}
+        if isinstance(self.scheme, str):
+            self.scheme = {"preset": self.scheme}
         if not isinstance(self.scheme, dict):
-            fail("overrides.scheme", "a mapping of QuantScheme fields (e.g. {bits: 8})", self.scheme)
+            fail("overrides.scheme", "a mapping of QuantScheme fields (e.g. {bits: 8}) or a preset name (e.g. FP8)",
+                 self.scheme)
         if self.skip and self.scheme:
             fail("overrides.scheme", "nothing when skip is true", self.scheme,
                  f"drop either 'skip' or 'scheme' from the override of {self.pattern!r}")

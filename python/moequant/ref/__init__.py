@@ -7,7 +7,7 @@ its shape/dtype contract and the equivalence it promises.
 
 from .awq import fake_quantize_ref, search_clip_ref
 from .budget import allocate_ref
-from .gptq import GptqRefResult, gptq_quantize_ref, quadratic_loss_ref
+from .gptq import GptqFormatRefResult, GptqRefResult, gptq_quantize_format_ref, gptq_quantize_ref, quadratic_loss_ref
 from .hadamard import hadamard_matrix, hadamard_ref
 from .hessian import accumulate_hessian_ref
 from .pack import (
@@ -29,6 +29,7 @@ from .quant import (
 )
 
 __all__ = [
+    "GptqFormatRefResult",
     "GptqRefResult",
     "RtnResult",
     "accumulate_hessian_ref",
@@ -36,6 +37,7 @@ __all__ = [
     "dequantize_ref",
     "dequantize_values_ref",
     "fake_quantize_ref",
+    "gptq_quantize_format_ref",
     "gptq_quantize_ref",
     "hadamard_matrix",
     "hadamard_ref",

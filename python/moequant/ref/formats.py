@@ -191,9 +191,11 @@ def mx_scale_exponent_ref(amax: Tensor, element: str) -> Tensor:
 
 
 def global_scale_ref(amax_tensor: float | Tensor, element: str = "fp4_e2m1") -> Tensor:
-    """NVFP4's global scale: 448 * max_elem / max(amax, FLT_MIN) in float32, 1 if not finite (generate_gparam)."""
+    """NVFP4's global scale: (448 * max_elem) * fl(1 / max(amax, FLT_MIN)) in float32, 1 if not finite
+    (generate_gparam's ``2688 / amax``, which torch evaluates as ``amax.reciprocal() * 2688``)."""
     amax = torch.as_tensor(amax_tensor, dtype=torch.float32).reshape(1)
-    g = torch.tensor(448.0 * ELEMENTS[element][3], dtype=torch.float32) / torch.clamp(amax, min=_FLT_MIN)
+    g = torch.reciprocal(torch.clamp(amax, min=_FLT_MIN)) * torch.tensor(448.0 * ELEMENTS[element][3],
+                                                                         dtype=torch.float32)
     return torch.where(torch.isfinite(g), g, torch.ones_like(g))
 
 

@@ -17,6 +17,9 @@ It follows ``shared/tools/ref_baseline.py::gptq`` with the integer format of qua
    applied lazily: within a block of ``block_size`` columns at once, to later columns after the block.
 
 The returned ``loss`` is ``tr((W - Q) H (W - Q)^T)`` in float64 with the caller's (undamped) H and W.
+
+:func:`gptq_quantize_format_ref` is GPTQ in any weight format of :mod:`moequant.ref.formats` (the twin of
+``moequant.ops.gptq_quantize_format`` / ``gptq_format.h``); its docstring states the math.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import formats as fref
 from .quant import check_bits, group_size_of, dequantize_values_ref, mse_qparams_ref, qparams_ref, quantize_ref
 
-__all__ = ["GptqRefResult", "gptq_quantize_ref", "quadratic_loss_ref"]
+__all__ = ["GptqRefResult", "GptqFormatRefResult", "gptq_quantize_ref", "gptq_quantize_format_ref",
+           "quadratic_loss_ref"]
 
 
 class GptqRefResult(NamedTuple):
@@ -167,3 +172,118 @@ def gptq_quantize_ref(
         loss=quadratic_loss_ref(w.float(), Q, h),
         dead_columns=int(dead.numel()),
     )
+
+
+# --- GPTQ in any weight format ----------------------------------------------------------------------------------------
+
+
+class GptqFormatRefResult(NamedTuple):
+    codes: Tensor  # uint8 [out, in] (the element's bits; int: the two's-complement byte)
+    scales: Tensor  # float32 [sr, sc] scale values
+    scale_codes: Tensor  # uint8 [sr, sc] (FP8 / E8M0 bytes; 0 for float scales)
+    zeros: Tensor  # int32 [sr, sc] (asymmetric int; else 0)
+    global_scale: Tensor  # float32 [1] (1 without one)
+    dequantized: Tensor  # float32 [out, in]
+    loss: float  # tr((W - Q) H (W - Q)^T), float64
+    dead_columns: int
+    escalations: int
+
+
+def _int_solver_format(spec: "fref.FormatSpec", cols: int) -> bool:
+    """The int layouts quant.h expresses (per channel, groups dividing in_features): solved by the int GPTQ."""
+    return spec.element == "int" and (spec.group == "channel" or (spec.group == "group" and spec.group_size > 0
+                                                                  and cols % spec.group_size == 0))
+
+
+def gptq_quantize_format_ref(
+    w: Tensor,
+    h: Tensor,
+    spec: "fref.FormatSpec",
+    act_order: bool = False,
+    damp: float = 0.01,
+    global_scale: Tensor | float | None = None,
+    factor: Tensor | None = None,
+    max_damp_escalations: int = 8,
+    damp_escalation_factor: float = 10.0,
+) -> GptqFormatRefResult:
+    """GPTQ of ``w`` float [out, in] in the format ``spec`` (:class:`moequant.ref.formats.FormatSpec`) on ``h``.
+
+    The math, for W read as float32 and H as float64:
+
+    1. dead columns (``H_ii = 0``): ``H_ii := 1``, ``W[:, i] := 0``;
+    2. the scales are fixed before any column is quantized: they are RTN's (:func:`moequant.ref.formats.quantize_ref`)
+       of that W -- every tile's scale from its own range, the NVFP4 global scale from the whole matrix first unless
+       ``global_scale`` is given (a partner's, e.g. gate's for up). The quantizer of element (r, c) is
+       ``q(x) = encode(x / s_rc)``, ``dq = decode(q) * s_rc`` with ``s_rc`` the effective scale of its tile (ints:
+       ``clamp(round(x / s + z))``, ``(q - z) * s``);
+    3. the processing order P: columns by descending ``H_ii`` (stable) with ``act_order``, else as they are;
+    4. ``U``: the upper Cholesky factor of ``(P^T H P + lambda I)^-1`` with ``lambda = frac * mean(diag)``, ``frac =
+       damp`` times ``damp_escalation_factor`` per failed factorisation (at most ``max_damp_escalations``), computed
+       here in float64 and rounded to float32 -- or ``factor`` (float32 [in, in], processing order), e.g. the core's
+       own (``moequant._C.gptq_factor``), which makes this function and the core agree bit for bit;
+    5. for each position j in order (column ``c = P[j]``), in float32: ``e = (w_j - dq(w_j)) / U_jj`` and
+       ``w_k := w_k - e * U_jk`` for every later position k (the product rounded, then the difference).
+
+    ``loss`` is ``tr((W - Q) H (W - Q)^T)`` with the caller's W and H. The int layouts quant.h expresses (per channel,
+    groups dividing in_features) are the int GPTQ's (:func:`gptq_quantize_ref`, group parameters from the updated
+    columns without act-order), as in the core.
+    """
+    _check_inputs(w, h, damp, 1)
+    rows, cols = w.shape
+    if _int_solver_format(spec, cols):
+        r = gptq_quantize_ref(w, h, spec.bits, spec.group_size if spec.group == "group" else -1, spec.symmetric,
+                              act_order, damp, scale_dtype=spec.scale_dtype)
+        z = torch.zeros(r.scale.shape, dtype=torch.uint8)
+        return GptqFormatRefResult(r.codes.view(torch.uint8), r.scale, z, r.zero_point.to(torch.int32),
+                                   torch.ones(1), r.dequantized, r.loss, r.dead_columns, 0)
+    H = h.to(torch.float64).clone()
+    W = w.float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    rtn = fref.quantize_ref(W, spec, global_scale)
+    eff = rtn.scales / rtn.global_scale if spec.global_scale else rtn.scales
+    eff = fref._expand(eff, spec, rows, cols)
+    zero = fref._expand(rtn.zeros, spec, rows, cols)
+    if not torch.isfinite(eff).all():
+        raise ValueError("scale_dtype: float16 cannot hold the scale of a tile; use bfloat16 or float32 scales")
+
+    perm = torch.sort(torch.diagonal(H), descending=True, stable=True).indices if act_order else torch.arange(cols)
+    escalations = 0
+    if factor is None:
+        Hp = H[perm][:, perm]
+        mean = torch.diagonal(Hp).mean()
+        frac = damp
+        while True:
+            try:
+                L = torch.linalg.cholesky(Hp + frac * mean * torch.eye(cols, dtype=torch.float64))
+                U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+                break
+            except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
+                if escalations >= max_damp_escalations:
+                    raise
+                escalations += 1
+                frac *= damp_escalation_factor
+    else:
+        U = factor.float()
+
+    Wp = W[:, perm].clone()
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    Q = torch.zeros(rows, cols, dtype=torch.float32)
+    for j in range(cols):
+        c = int(perm[j])
+        x, s, z = Wp[:, j], eff[:, c], zero[:, c]
+        if spec.element == "int":
+            qmin, qmax = -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
+            qi = torch.clamp(torch.round(x / s + z.float()), qmin, qmax).to(torch.int32)
+            q, dq = qi.to(torch.int8).view(torch.uint8), (qi - z).float() * s
+        else:
+            q = fref._encode(spec.element, x / s)
+            dq = fref._decode(spec.element, q) * s
+        codes[:, c], Q[:, c] = q, dq
+        e = (x - dq) / U[j, j]
+        Wp[:, j + 1:] -= e.unsqueeze(1) * U[j, j + 1:].unsqueeze(0)
+
+    return GptqFormatRefResult(codes, rtn.scales, rtn.scale_codes, rtn.zeros, rtn.global_scale, Q,
+                               quadratic_loss_ref(w.float(), Q, h), int(dead.sum()), escalations)

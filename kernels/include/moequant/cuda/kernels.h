@@ -17,6 +17,7 @@
 #include <moequant/cuda/element_type.h>  // ElementType, element_size
 #include <moequant/format.h>
 #include <moequant/gptq.h>
+#include <moequant/gptq_format.h>
 #include <moequant/quant.h>
 #include <moequant/status.h>
 
@@ -195,6 +196,34 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t num_experts, int64_t 
                          const GptqArgs& args, int8_t* codes, float* scales, int32_t* zeros, float* dequantized,
                          double* losses, int32_t* escalations, void* workspace, size_t workspace_bytes,
                          cublasHandle_t handle, cudaStream_t stream, size_t max_shared_memory_bytes);
+
+/// Bytes of device scratch cuda_gptq_batched_format needs (0 when the sizes overflow): cuda_gptq_workspace_bytes plus
+/// 12 bytes per expert and a few flags.
+size_t cuda_gptq_format_workspace_bytes(int64_t num_experts, int64_t rows, int64_t cols, const GptqFormatArgs& args);
+
+/// Batched GPTQ of E experts in any format of format.h (moequant::gptq_solve_format per expert, gptq_format.h): the
+/// solve of cuda_gptq_batched (dead columns, per-expert damping escalation, act-order, lazy blocks of block_size <= 128,
+/// fp32 factorisation and trailing SGEMMs, H consumed) with the format's static tile parameters -- every expert's scales
+/// (and NVFP4 global scale: global_scales_in [E] device floats, the callers' (finite, > 0), or null to compute each from
+/// its expert's dead-zeroed W) derived from its original W with the dead columns zeroed, bit-identical to
+/// format_quantize of that matrix -- and format.h's element rounding in the column loop. Int formats that quant.h can
+/// express (per channel, groups dividing cols) run cuda_gptq_batched itself (its workspace size is smaller).
+///   Outputs (contiguous, on W's device): codes [E, rows, cols] uint8 (as format_quantize: element bits, int two's
+///   complement), scales [E, scale_rows, scale_cols] float32 values, dequantized [E, rows, cols] float32 (required);
+///   scale_codes uint8 (FP8 / E8M0 bytes, 0 for float scales), zeros int32 (required for int elements), global_scales
+///   [E] float32 (1 without one), losses [E] float64, escalations [E] int32 (nullable).
+/// Numerics: the scales, scale codes, zero points and global scales are the CPU's bit for bit; the codes are GPTQ's on
+/// the same inputs with the int solve's rounding differences (not bit-identical to the CPU; identical where U is
+/// diagonal). Errors: the CPU's messages (format fields, a caller global scale that is not finite or > 0 naming its
+/// expert, non-finite W / H, negative diagonal, an fp16 scale that overflows, prefixed with the expert), kNumericalError
+/// for an expert that stays indefinite. Synchronizes `stream` once after the tile parameters (global-scale flag), once
+/// after the factorisation and once per escalation round.
+Status cuda_gptq_batched_format(const float* W, float* H, int64_t num_experts, int64_t rows, int64_t cols,
+                                const GptqFormatArgs& args, const float* global_scales_in, uint8_t* codes,
+                                float* scales, uint8_t* scale_codes, int32_t* zeros, float* global_scales,
+                                float* dequantized, double* losses, int32_t* escalations, void* workspace,
+                                size_t workspace_bytes, cublasHandle_t handle, cudaStream_t stream,
+                                size_t max_shared_memory_bytes = 0);
 
 /// Orthonormal Hadamard transform of `rows` contiguous rows of length n (hadamard.h's contract:
 /// out = x (H_m (x) H_{2^k}) / sqrt(n), n = m 2^k <= 32768, m in {1, 12, 20, 28, 40}); dtype (element_type.h:

@@ -33,11 +33,13 @@ class AWQContext:
         self.device, self.storage = device, storage
         self.experts = family.experts_of(layer)
         n, self.sel = 0, []
-        for i, h in enumerate(hidden):
+        # the shapes without reading the batches (a disk-backed store, moequant.pipeline.states, has them)
+        shapes = getattr(hidden, "shapes", None) or [tuple(h.shape) for h in hidden]
+        for i, shape in enumerate(shapes):
             if n >= self.cfg.max_tokens:
                 break
             self.sel.append(i)
-            n += h.shape[0] * h.shape[1]
+            n += shape[0] * shape[1]
         # the selected inputs on the layer's device once (the stages run the layer ~6 times over them)
         self.inputs = {i: hidden[i].to(device) for i in self.sel}
         self.linears = set(linear_modules(layer, family))  # layer-relative names the pipeline quantizes

@@ -61,7 +61,9 @@ class BudgetConfig(Section):
             high-precision tensors and side files too). At most one of the two.
         candidates: the schemes to choose from, each a mapping of ``bits``, ``group_size`` (-1: per-channel) and
             optionally ``symmetric`` (default: the base scheme's) applied on top of the base scheme, whose solver
-            settings they share.
+            settings they share. Integer weight-only formats only: a floating-point or named scheme (``preset``:
+            NVFP4A16, MXFP4A16, FP8, ...) is refused as a candidate, and the base scheme must be an integer one
+            (no ``preset``); modules a user override gives such a scheme are pinned and count as fixed bits.
         experts: how the routed experts' scheme may vary: ``"layer"`` (per MoE layer, all its experts' gate, up and
             down in one scheme: what vLLM loads; the default), ``"model"`` (one scheme for every layer's experts:
             what transformers loads), ``"projection"`` (gate+up and down apart) or ``"expert"`` (each expert
@@ -110,6 +112,12 @@ class BudgetConfig(Section):
         seen = set()
         for i, c in enumerate(self.candidates):
             where = f"budget.candidates[{i}]"
+            named = c.get("preset") if isinstance(c, dict) else c if isinstance(c, str) else None
+            if named is not None:  # NVFP4A16, MXFP4A16, FP8, ... or W4A16
+                fail(where, "an integer format {bits, group_size[, symmetric]}", f"preset {named}",
+                     "floating-point and named schemes are not budget candidates (the measurement and the bit "
+                     "accounting are those of integer pack-quantized formats); pin such modules with an override, "
+                     "they count as fixed bits")
             if not isinstance(c, dict) or "bits" not in c or "group_size" not in c:
                 fail(where, "a mapping with bits and group_size (and optionally symmetric)", c)
             unknown = sorted(set(c) - set(CANDIDATE_KEYS))
