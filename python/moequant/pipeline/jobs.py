@@ -176,8 +176,18 @@ def matrix_stats(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTe
     ``effective_rank`` tr(H)^2 / ||H||_F^2 and, with ``errors``, ``error`` tr(dW H dW^T) of ``dW = w - `` the
     dequantized weight as stored (rounded to ``storage``), ``energy`` tr(W H W^T) and ``rel_error`` (their
     ratio). Computed on ``w``'s device (float32 on a GPU); empty without a Hessian ``h``."""
+    return stats_dict(matrix_stats_values(w, h, qt, storage, errors))
+
+
+_STATS = ("hessian_trace", "effective_rank", "error", "energy")
+
+
+def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTensor, storage: torch.dtype,
+                        errors: bool = True) -> Optional[torch.Tensor]:
+    """:func:`matrix_stats` as a tensor on ``w``'s device (no host synchronisation; :func:`stats_dict` reads it):
+    ``[tr(H), effective rank]`` and, with ``errors``, ``[error, energy]``; None without a Hessian."""
     if h is None:
-        return {}
+        return None
     dtype = torch.float32 if w.device.type == "cuda" or h.dtype != torch.float64 else torch.float64
     hh = h.to(w.device, dtype)
     tr = torch.diagonal(hh).sum()
@@ -186,9 +196,30 @@ def matrix_stats(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTe
         wf = w.detach().to(dtype)
         d = wf - qt.dequantized.to(w.device).to(storage).to(dtype)
         vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
-    out = dict(zip(("hessian_trace", "effective_rank", "error", "energy"), torch.stack(vals).tolist()))
-    if errors:
+    return torch.stack(vals)
+
+
+def stats_dict(values) -> dict:
+    """The :class:`ModuleRecord` fields of :func:`matrix_stats_values`' values (a tensor or a list of floats)."""
+    if values is None:
+        return {}
+    out = dict(zip(_STATS, values.tolist() if isinstance(values, torch.Tensor) else values))
+    if "error" in out:
         out["rel_error"] = out["error"] / out["energy"] if out["energy"] > 0 else None
+    return out
+
+
+def _stats_lists(values: list) -> list:
+    """Each of ``values`` (tensors of :func:`matrix_stats_values` or None) as a list of floats, with one host
+    synchronisation per device and length instead of one per matrix."""
+    out: list = [None] * len(values)
+    by: dict = {}
+    for i, v in enumerate(values):
+        if v is not None:
+            by.setdefault((v.device, v.dtype, v.numel()), []).append(i)
+    for idx in by.values():
+        for i, row in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
+            out[i] = row
     return out
 
 
@@ -352,11 +383,12 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
         probe(jobs, storage, recipe)
     run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
-    for job in jobs:
+    # before the weights are overwritten; read back to the host at once (not one synchronisation per matrix)
+    stats = _stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
+    for job, st in zip(jobs, stats):
         act = job.record_scheme.activations
         if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
             job.qt.input_global_scale = nvfp4_global_scale(job.input_amax) if job.input_amax > 0 else None
-        stats = matrix_stats(job.w, job.h, job.qt, storage, recipe.report_loss)  # before w is overwritten
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else job.qt.rows(rows)
             _write_back(param, qt, storage)
@@ -364,5 +396,5 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
             results[name] = qt
         job.qt.values = None
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
-                               recipe.report_loss, stats))
+                               recipe.report_loss, stats_dict(st)))
     return results, records
