@@ -5,7 +5,8 @@ The solvers are the registered methods (:mod:`moequant.methods`: a scheme's ``me
 :class:`moequant.calibration.capture.LayerCapture` after the calibration forward) and a recipe to quantized
 weights, writes the dequantized weights back into the layer (so the next layer is calibrated on the quantized
 model), and returns the per-matrix results keyed by on-disk module name. :func:`solve_matrix` is the solve of one
-matrix (solver, greedy rounding correction, the recipe's format).
+matrix (solver, greedy rounding correction, the recipe's format). (About 400 lines: the jobs, their batched solve
+and their statistics are one step; a split would pass the job objects between modules.)
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "shared_global_scale", "SolveJob", "run_jobs", "fallback_scheme"]
+           "matrix_stats", "matrix_stats_values", "stats_dict", "stats_lists", "shared_global_scale", "SolveJob",
+           "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +211,7 @@ def stats_dict(values) -> dict:
     return out
 
 
-def _stats_lists(values: list) -> list:
+def stats_lists(values: list) -> list:
     """Each of ``values`` (tensors of :func:`matrix_stats_values` or None) as a list of floats, with one host
     synchronisation per device and length instead of one per matrix."""
     out: list = [None] * len(values)
@@ -384,7 +386,7 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
     run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
     # before the weights are overwritten; read back to the host at once (not one synchronisation per matrix)
-    stats = _stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
+    stats = stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
     for job, st in zip(jobs, stats):
         act = job.record_scheme.activations
         if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
