@@ -216,8 +216,8 @@ def check_layers_fit(lazy, recipe: Recipe, tokens: int, budget_bytes: Optional[i
 @dataclass
 class MoELayerOutput:
     """What :meth:`MoELayerEngine.run` returns: the layer's results and records (as the whole-layer path's), the
-    routed tokens and routing mass per expert, the layer's outputs on the calibration batches (CPU), the group
-    plan and the seconds per phase."""
+    routed tokens and Hessian mass per expert, the layer's outputs on the calibration batches (CPU), the group
+    plan, the seconds per phase and each expert's routing mass (the sum of its tokens' routing weights)."""
 
     results: dict
     records: list
@@ -227,6 +227,7 @@ class MoELayerOutput:
     plan: GroupPlan
     num_experts: int
     phases: dict = field(default_factory=dict)
+    routing_mass: list = field(default_factory=list)
 
 
 class _Phases:
@@ -263,11 +264,13 @@ class MoELayerEngine:
             ``run_batch(b) -> the layer's output on batch b`` (on the device). outputs: where pass 3 puts the
             layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
             :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`.
+        probe: given to every :func:`~moequant.pipeline.jobs.finish_jobs` (the budget's measurement pass).
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
                  device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
-                 outputs=None) -> None:
+                 outputs=None, probe=None) -> None:
+        self.probe = probe
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
@@ -301,7 +304,7 @@ class MoELayerEngine:
             with cap.attach():
                 self._pass(rec1.recording(), keep=False)
         with ph("linear_solve"):
-            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
         del cap
         rec2 = ExpertsRecorder(self.experts)
         with ph("pass2_forward"):
@@ -309,12 +312,22 @@ class MoELayerEngine:
         plan = self.plan
         logger.debug("%s: %s", self.prefix, plan.describe(self.num))
         res_e, rec_e, tokens, mass, expert_out = self._experts(plan, rec1.calls, rec2.calls)
+        routing = self._routing_mass(rec1.calls)
         del rec1, rec2
         rec3 = ExpertsRecorder(self.experts)
         with ph("pass3_forward"):
             outputs = self._pass(rec3.replaying(expert_out), keep=True)
         return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
-                              dict(ph.t))
+                              dict(ph.t), routing)
+
+    def _routing_mass(self, calls: list) -> list:
+        """Per expert, the sum of the routing weights of the calibration tokens routed to it (pass 1's calls)."""
+        mass = torch.zeros(self.num, dtype=torch.float64)
+        for _, idx, w in calls:
+            i, v = idx.reshape(-1).long().cpu(), w.reshape(-1).double().cpu()
+            ok = (i >= 0) & (i < self.num)
+            mass.index_add_(0, i[ok], v[ok])
+        return [round(float(m), 6) for m in mass]
 
     # ------------------------------------------------------------------ experts
     def _dims(self) -> tuple[int, int]:
@@ -386,7 +399,7 @@ class MoELayerEngine:
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
                                    lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, self.storage, recipe)
+                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
             del cap, jobs
@@ -403,7 +416,7 @@ class MoELayerEngine:
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
                                    lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
                                    lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, self.storage, recipe)
+                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, sel)
             if not single:
                 with ph("expert_outputs"):
