@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..models import linear_modules, num_experts, split_expert
+from ..models.head import final_hidden
 from ..models.lazy import LazyModel, record_layer_inputs
 from .capture import ExpertsCall
 from .routing import route_tokens
@@ -43,22 +44,6 @@ class Sensitivity:
     layers: list
     matrices: dict = field(default_factory=dict)
     tokens: int = 0
-
-
-class _Inject(nn.Module):
-    """Stands in for the decoder layers: returns the given final hidden states (the model's head runs on them)."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden
-
-
-def _decoder(lazy: LazyModel) -> nn.Module:
-    prefix = lazy.layer_prefix(0)
-    return lazy.model.get_submodule(prefix.rsplit(".", 2)[0]) if prefix.count(".") >= 2 else lazy.model
 
 
 def _out(y):
@@ -150,21 +135,16 @@ def loss_sensitivity(lazy: LazyModel, ids: torch.Tensor, device, batch_size: int
             inputs.append([_out(layer(h.to(device), **kw[i])).cpu() for h, kw in zip(inputs[-1], kwargs)])
             del layer
     grads = []
-    dec = _decoder(lazy)
-    saved = dec.layers
-    try:
-        for b, h in zip(batches, inputs[-1]):
-            leaf = h.to(device).detach().requires_grad_(True)
-            dec.layers = nn.ModuleList([_Inject(leaf)])
+    for b, h in zip(batches, inputs[-1]):
+        leaf = h.to(device).detach().requires_grad_(True)
+        with final_hidden(lazy, leaf):
             lazy.model.to(device)  # the head (the meta layers are out of the model meanwhile)
             with torch.enable_grad():
                 logits = lazy.model(input_ids=b.to(device), use_cache=False).logits.float()
                 loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                    b[:, 1:].reshape(-1).to(device), reduction="sum")
                 loss.backward()
-            grads.append(leaf.grad.detach())
-    finally:
-        dec.layers = saved
+        grads.append(leaf.grad.detach())
     tokens = sum(g.numel() // g.shape[-1] for g in grads)
     out = Sensitivity([0.0] * lazy.num_layers, {}, tokens)
     for i in reversed(range(lazy.num_layers)):

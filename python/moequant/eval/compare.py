@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.head import final_hidden
 from .compare_result import CompareResult, LayerDiff
 
 __all__ = ["compare", "CompareResult", "LayerDiff", "open_model", "COMPARE_FILE"]
@@ -91,34 +92,13 @@ def _check_same_model(base, quant) -> None:
                              f"{getattr(b, k, None)}); pass the original checkpoint QUANT was quantized from")
 
 
-def _decoder(lazy) -> nn.Module:
-    prefix = lazy.layer_prefix(0)
-    return lazy.model.get_submodule(prefix.rsplit(".", 2)[0]) if prefix.count(".") >= 2 else lazy.model
-
-
-class _Inject(nn.Module):
-    """Stands in for the decoder layers: returns the given final hidden states (the model's own head runs on them)."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden
-
-
 @torch.no_grad()
 def _logits(lazy, input_ids: torch.Tensor, hidden: torch.Tensor, device) -> torch.Tensor:
     """The model's logits for final hidden states ``hidden`` ``[B, S, H]``: its own forward (embeddings, final norm,
     lm_head, any logit scaling) with the decoder layers replaced by ``hidden``."""
-    dec = _decoder(lazy)
-    layers = dec.layers
-    dec.layers = nn.ModuleList([_Inject(hidden)])
-    try:
+    with final_hidden(lazy, hidden):
         lazy.model.to(device)
         return lazy.model(input_ids=input_ids.to(device), use_cache=False).logits
-    finally:
-        dec.layers = layers
 
 
 class _Routing:
