@@ -138,11 +138,14 @@ class LayerQuantizer:
         transforms: the run's :class:`~moequant.methods.base.LayerTransform` list, applied in order before the
             capture.
         precision: the resolved Hessian update precision (:func:`hessian_precision`).
+        dist: the :class:`~moequant.pipeline.distributed.DistContext` of a multi-process run (the batches given to
+            :meth:`quantize_layer` are this rank's; results and records are complete on rank 0 only), else None.
     """
 
     def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
-                 precision: str = "fp32", prefetch: bool = False):
+                 precision: str = "fp32", prefetch: bool = False, dist=None):
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
+        self.dist = dist  # a DistContext of a multi-process run: the inputs are this rank's batches
         self.transforms = list(transforms)
         self.factory = accumulator_factory(recipe, self.device, precision)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
@@ -228,7 +231,7 @@ class LayerQuantizer:
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
-                                    outputs=outputs)
+                                    outputs=outputs, dist=self.dist)
             out = engine.run()
             complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
@@ -237,13 +240,20 @@ class LayerQuantizer:
                                groups=plan.describe(out.num_experts))
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
+            if self.dist is not None:
+                from .distributed import recording_factory, solve_linears
             cap = LayerCapture(layer, fam, layer_prefix=prefix, weighting="routing" if recipe.routing_weighted
                                else "none", shared_weighting="gate" if recipe.routing_weighted else "none",
                                all_tokens=shrink, all_token_down=shrink and recipe.fallback.calibrate_all_experts,
-                               accumulator_factory=self.factory)
+                               accumulator_factory=self.factory if self.dist is None else recording_factory)
+            if self.dist is not None and cap.experts is not None:
+                raise RuntimeError(f"{prefix}: a MoE layer outside the expert streaming engine in a distributed run")
             with cap.attach():
                 self.run_layer(layer, index, hidden, kwargs)
-            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+            if self.dist is None:
+                res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+            else:  # every rank's inputs in batch order, solved on rank 0, the weights to every rank
+                res_l, rec_l = solve_linears(self.dist, cap, fam, recipe, self.storage, self.factory, layer)
             res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage)
         ec = cap.experts
         complete_input_scales(res_e, recipe)
