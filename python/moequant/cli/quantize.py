@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,8 +99,20 @@ def run(args: argparse.Namespace) -> int:
             raise
         print("moequant: error: this installation has no quantization pipeline (moequant.pipeline)", file=sys.stderr)
         return 1
-    report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
-                               export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
+    # torchrun (WORLD_SIZE > 1): one process per rank, a process group made here (docs/distributed.md)
+    from moequant.pipeline.distributed import init_from_env
+
+    device = recipe.device if recipe.device not in (None, "auto") else \
+        ("cuda" if importlib.import_module("torch").cuda.is_available() else "cpu")
+    owned = init_from_env(device)
+    try:
+        report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
+                                   export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
+    finally:
+        if owned:
+            importlib.import_module("torch.distributed").destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 prints the summary of a distributed run
+        return 0
     print(report.summary() if hasattr(report, "summary") else report)
     table = report.utilization_table() if hasattr(report, "utilization_table") else ""
     if table:

@@ -159,7 +159,11 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     device = resolve_device(recipe.device)
     dist = current_context(device)  # an initialised process group of several ranks (torchrun): docs/distributed.md
     if dist is not None:
-        if device.type == "cuda" and device.index is None:  # each rank on its own GPU (torchrun: LOCAL_RANK)
+        if device.type == "cuda":  # each rank on its own GPU (torchrun: LOCAL_RANK, torch.cuda.set_device)
+            if device.index is not None and device.index != torch.cuda.current_device():
+                raise ValueError(f"device: expected 'cuda' in a distributed run (each rank computes on its own "
+                                 f"GPU, the current one: cuda:{torch.cuda.current_device()} on rank {dist.rank}), "
+                                 f"got {recipe.device!r}")
             device = dist.device = torch.device("cuda", torch.cuda.current_device())
         if recipe.awq.enabled:
             raise ValueError("awq.enabled: expected false in a distributed run (AWQ searches each layer on all "
@@ -218,6 +222,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         tmp_root = tempfile.mkdtemp(prefix="moequant-work-")
         return WorkDir(Path(tmp_root) / "work", fingerprint, False)
 
+    if dist is not None:
+        dist.kept = (f"the finished layers are kept in {out.with_name(out.name + '.partial')}: rerun with --resume "
+                     f"(resume=True), with any number of processes") if out is not None else \
+            "nothing is kept (without output_dir the work directory is temporary)"
     if dist is None:
         work = _open_work()
     else:  # rank 0 owns the work directory; the others learn where it resumes

@@ -30,8 +30,8 @@ class DistributedError(ConnectionError):
 @dataclass
 class DistContext:
     """This process's place in the run: ``rank`` of ``world`` ranks of ``group`` (None: the default group);
-    ``device``: where collectives' tensors live; ``timeout_s``: the group's timeout, for messages; ``layer``: the
-    step in progress, for messages (set by the layer loop)."""
+    ``device``: where collectives' tensors live; ``timeout_s``: the group's timeout; ``where``: the step in progress
+    and ``kept``: what a failure leaves (set by the run), both for messages."""
 
     rank: int
     world: int
@@ -39,6 +39,7 @@ class DistContext:
     timeout_s: Optional[float] = None
     group: Any = None
     where: str = "the run"
+    kept: str = "the finished layers are kept in OUT.partial: rerun with --resume (resume=True)"
 
     @property
     def is_root(self) -> bool:
@@ -70,8 +71,7 @@ class DistContext:
         timeout = f" (timeout {self.timeout_s:g} s)" if self.timeout_s else ""
         return DistributedError(
             f"rank {self.rank} of {self.world}: lost the other ranks during {what} in {self.where}{timeout}: a rank "
-            f"died, hung or failed (see its own error) [{first[:200]}]; every rank stops; the finished layers are "
-            f"kept in OUT.partial: rerun with --resume (resume=True), with any number of processes")
+            f"died, hung or failed (see its own error) [{first[:200]}]; every rank stops; {self.kept}")
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
         try:
@@ -161,10 +161,11 @@ def current_context(device: Optional[torch.device] = None) -> Optional[DistConte
     else:
         comm = torch.device("cpu")
     timeout = None
-    try:  # the group's timeout, for messages only
-        opts = dist.distributed_c10d._get_default_group().options  # noqa: SLF001
-        timeout = opts._timeout.total_seconds()  # noqa: SLF001
-    except Exception:  # noqa: BLE001 - private API; messages then omit it
+    try:  # the group's timeout, for messages only (a private API: messages omit it when it moves)
+        pg = dist.distributed_c10d._get_default_group()  # noqa: SLF001
+        backend_dev = torch.device("cuda") if comm.type == "cuda" else torch.device("cpu")
+        timeout = pg._get_backend(backend_dev).options._timeout.total_seconds()  # noqa: SLF001
+    except Exception:  # noqa: BLE001
         timeout = None
     return DistContext(rank=dist.get_rank(), world=world, device=comm, timeout_s=timeout)
 
