@@ -24,7 +24,7 @@ import torch
 
 from checkpoints import checkpoint_tensors
 from dist_worker import run_ranks
-from family_checkpoints import CALIB_TEXT, family_checkpoint
+from family_checkpoints import CALIB_TEXT, NAMES, family_checkpoint
 
 import moequant
 from moequant import pipeline
@@ -90,7 +90,9 @@ _SLOW = pytest.mark.slow
 @pytest.mark.parametrize("family,world", [("qwen3_moe", 2), ("deepseek_v3", 3), ("qwen2_moe", 2),
                                           pytest.param("qwen3_moe", 3, marks=_SLOW),
                                           pytest.param("deepseek_v3", 2, marks=_SLOW),
-                                          pytest.param("qwen2_moe", 3, marks=_SLOW)])
+                                          pytest.param("qwen2_moe", 3, marks=_SLOW)] +
+                         [pytest.param(f, 2, marks=_SLOW) for f in NAMES if f not in ("qwen3_moe", "deepseek_v3",
+                                                                                       "qwen2_moe")])
 def test_ranks_write_the_one_process_checkpoint(models, reference, family, world, tmp_path):
     recipe = _recipe()
     out = tmp_path / "out"

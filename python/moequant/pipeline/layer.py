@@ -146,6 +146,7 @@ class LayerQuantizer:
                  precision: str = "fp32", prefetch: bool = False, dist=None):
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
         self.dist = dist  # a DistContext of a multi-process run: the inputs are this rank's batches
+        self.plan_tokens: Optional[int] = None  # calibration tokens of all batches (set by a distributed run)
         self.transforms = list(transforms)
         self.factory = accumulator_factory(recipe, self.device, precision)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
@@ -215,7 +216,12 @@ class LayerQuantizer:
         budget = self.budget()
         plan = None
         if fam.experts_of(lazy.meta_layer(index)) is not None:
-            plan = plan_layer(lazy.meta_layer(index), fam, recipe, num_tokens(hidden), lazy.dtype, budget, prefix)
+            def make_plan():
+                # every batch's tokens: a rank holds every batch's pass-1 routed rows
+                tokens = num_tokens(hidden) if self.plan_tokens is None else self.plan_tokens
+                return plan_layer(lazy.meta_layer(index), fam, recipe, tokens, lazy.dtype, budget, prefix)
+            # a distributed run uses rank 0's plan on every rank (the units of distribution are its groups)
+            plan = make_plan() if self.dist is None else self.dist.on_root(make_plan, "the expert group plan")
             if not plan.resident and self.transforms:
                 raise ValueError(f"device_memory_gb: {prefix} does not fit the device ({plan.describe_budget()}), "
                                  f"but awq / rotation transform the whole layer on the device; raise "

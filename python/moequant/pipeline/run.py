@@ -12,6 +12,10 @@ activations.
 
 A crash or Ctrl-C leaves ``<out>`` absent and ``<out>.partial`` resumable: ``resume=True`` (``--resume``) continues
 after the last finished layer, bit-identically to an uninterrupted run.
+
+Under an initialised ``torch.distributed`` group of several ranks (``torchrun``) every rank runs this loop on its
+share of the calibration batches and rank 0 alone writes (:mod:`moequant.pipeline.distributed`,
+``docs/distributed.md``).
 """
 from __future__ import annotations
 
@@ -203,7 +207,12 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)
     quantizer = LayerQuantizer(lazy, recipe, device, storage, precision=precision,
                                prefetch=device.type == "cuda" if prefetch is None else prefetch, dist=dist)
-    check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
+    if dist is None:
+        check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
+    else:  # rank 0's budget decides the groups of every rank
+        dist.on_root(lambda: check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget()) and None,
+                     "the expert group plans")
+        quantizer.plan_tokens = int(ids.numel())
     support = run_loader_support(lazy, plan, export_format) if out is not None and root else []
     transforms = build_transforms(recipe, lazy.family, storage)
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
@@ -321,12 +330,17 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             full.close()
         if dist is not None:
             dist.where = "the export"
-        if out is not None and root:
-            export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
-            shutil.rmtree(work.path)
-            report.seconds = round(time.time() - t0, 3)
-        if dist is not None:  # the checkpoint is complete (or rank 0 failed) when every rank returns
-            report = dist.on_root(lambda: report, "the export on rank 0")
+
+        def _export():
+            if out is not None:
+                export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
+                shutil.rmtree(work.path)
+                report.seconds = round(time.time() - t0, 3)
+            return report
+
+        # a distributed run: rank 0 exports; every rank returns its report once the checkpoint is complete, or
+        # raises its error
+        report = _export() if dist is None else dist.on_root(_export, "the export on rank 0")
     except Exception as exc:  # a full, read-only or forbidden output device: one clear error, the layers kept
         error = output_write_error(exc, out, work.path) if work is not None else None
         if error is None:

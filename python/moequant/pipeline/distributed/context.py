@@ -132,13 +132,23 @@ class DistContext:
                 result, error = fn(), None
             except Exception as exc:  # noqa: BLE001 - handed to every rank, then raised
                 result, error = None, exc
-            try:
-                pickle.dumps(error)
-            except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
-                error = RuntimeError(str(error))
-            self.broadcast_object((result, error), 0, what)
+            payload = None
+            if error is not None:
+                try:
+                    raw = pickle.dumps(error)
+                except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its text
+                    raw = None
+                payload = (raw, f"rank 0: {type(error).__name__}: {error}")
+            self.broadcast_object((result, payload), 0, what)
         else:
-            result, error = self.broadcast_object(None, 0, what)
+            result, payload = self.broadcast_object(None, 0, what)
+            error = None
+            if payload is not None:
+                raw, text = payload
+                try:
+                    error = pickle.loads(raw) if raw is not None else RuntimeError(text)
+                except Exception:  # noqa: BLE001 - one that does not unpickle, as its text
+                    error = RuntimeError(text)
         if error is not None:
             raise error
         return result
