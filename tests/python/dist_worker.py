@@ -3,7 +3,8 @@ each a rank of a gloo group running :func:`moequant.quantize` on one spec, and r
 
 Spec: ``model``, ``out``, ``recipe`` (dict), ``calibration`` (path), ``resume`` (bool), ``timeout_s`` (the process
 group's), ``die_rank`` with ``die_at_layer`` (that rank kills itself with SIGKILL when that layer starts: a crashed
-rank) or ``hang_at_layer`` (it sleeps instead: a hung rank)."""
+rank) or ``hang_at_layer`` (it sleeps instead: a hung rank), ``backend`` ("gloo", or "nccl" with ``gpu_per_rank``:
+rank r on cuda:r)."""
 from __future__ import annotations
 
 import datetime
@@ -30,6 +31,8 @@ def _rank(rank: int, world: int, port: int, spec: dict, result: str) -> None:
 
     torch.set_num_threads(1)
     out = {"rank": rank}
+    if spec.get("gpu_per_rank"):  # NCCL: rank r on cuda:r
+        torch.cuda.set_device(rank)
 
     class Fault(pipeline.LayerObserver):
         def layer_inputs(self, index, prefix, hidden, kwargs):
@@ -40,7 +43,7 @@ def _rank(rank: int, world: int, port: int, spec: dict, result: str) -> None:
 
     t0 = time.time()
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group(spec.get("backend", "gloo"), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=spec.get("timeout_s", 60)))
         report = pipeline.quantize(spec["model"], spec["recipe"], calibration=spec["calibration"],
                                    output_dir=spec.get("out"), resume=spec.get("resume", False), progress=False,
@@ -59,11 +62,12 @@ def _rank(rank: int, world: int, port: int, spec: dict, result: str) -> None:
     os._exit(0)  # no atexit handlers of the parent (pytest) in a forked child
 
 
-def run_ranks(world: int, spec: dict, tmp: Path, wait_s: float = 300, straggle_s: float = 60) -> list:
+def run_ranks(world: int, spec: dict, tmp: Path, wait_s: float = 300, straggle_s: float = 60,
+              start: str = "fork") -> list:
     """Runs ``world`` forked ranks on ``spec``; per rank its result dict, or ``{"rank": r, "exitcode": code}`` for
     one that died. A rank still alive after ``wait_s``, or ``straggle_s`` after the first rank ended, is killed and
-    reported as ``{"rank": r, "hung": True}``."""
-    ctx = mp.get_context("fork")
+    reported as ``{"rank": r, "hung": True}``. ``start``: the start method ("spawn" once the parent has used CUDA)."""
+    ctx = mp.get_context(start)
     port = _free_port()
     files = [tmp / f"rank{r}-{port}.json" for r in range(world)]
     procs = [ctx.Process(target=_rank, args=(r, world, port, spec, str(files[r])), daemon=True)

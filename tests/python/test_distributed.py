@@ -229,3 +229,32 @@ def test_batch_slice():
         s[2]
     s.close()
     assert len(full.tensors) == 5  # a slice closes nothing
+
+
+# ------------------------------------------------------------------------------------------ GPU (the coordinator)
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_gpu_two_ranks_on_one_gpu_with_gloo(models, family, tmp_path):
+    """Both ranks compute on cuda:0 (bf16 layers, CUDA Hessians, batched GPTQ on each rank's unit of experts) and
+    exchange through gloo: the checkpoint of one process on that GPU, bit for bit (docs/distributed.md,
+    "Bit-identity" (a): the batched solver's batches are the ranks' units)."""
+    recipe = _recipe(device="cuda")
+    ref = tmp_path / "ref"
+    pipeline.quantize(str(models(family)), recipe, calibration=str(CALIB_TEXT), output_dir=ref, progress=False)
+    out = tmp_path / "out"
+    _ok(run_ranks(2, _spec(models(family), out, recipe), tmp_path, start="spawn"))
+    _same_checkpoint(ref, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_gpu_nccl_two_gpus(models, family, tmp_path):
+    recipe = _recipe(device="cuda")
+    ref = tmp_path / "ref"
+    pipeline.quantize(str(models(family)), recipe, calibration=str(CALIB_TEXT), output_dir=ref, progress=False)
+    out = tmp_path / "out"
+    _ok(run_ranks(2, _spec(models(family), out, recipe, backend="nccl", gpu_per_rank=True), tmp_path,
+                  start="spawn"))
+    _same_checkpoint(ref, out)
+

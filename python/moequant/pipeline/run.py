@@ -168,7 +168,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 raise ValueError(f"device: expected 'cuda' in a distributed run (each rank computes on its own "
                                  f"GPU, the current one: cuda:{torch.cuda.current_device()} on rank {dist.rank}), "
                                  f"got {recipe.device!r}")
-            device = dist.device = torch.device("cuda", torch.cuda.current_device())
+            device = torch.device("cuda", torch.cuda.current_device())
+            if dist.device.type == "cuda":  # NCCL: the collectives run on the rank's GPU (gloo: on the CPU)
+                dist.device = device
         if recipe.awq.enabled:
             raise ValueError("awq.enabled: expected false in a distributed run (AWQ searches each layer on all "
                              "calibration batches, which no rank holds); run AWQ in one process")
