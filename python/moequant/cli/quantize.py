@@ -30,7 +30,9 @@ def add_parser(sub, parent) -> None:
     """Adds the ``quantize`` subcommand (``parent``: the shared -v/-q parser)."""
     q = sub.add_parser("quantize", parents=[parent], help="quantize a model into a compressed-tensors checkpoint",
                        description="Quantize MODEL into --out. Flags given explicitly override the recipe file; "
-                       "flags left out keep the recipe's values (or the defaults without --recipe).")
+                       "flags left out keep the recipe's values (or the defaults without --recipe). Under torchrun "
+                       "(torchrun --nproc-per-node N -m moequant quantize ...) the ranks share the work and rank 0 "
+                       "writes (docs/distributed.md).")
     q.add_argument("model", metavar="MODEL", help="local Hugging Face model directory")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     q.add_argument("--recipe", metavar="FILE", help="recipe file (.yaml/.yml/.json), see docs/recipes.md")
