@@ -104,7 +104,8 @@ class LayerResult:
             the layer (load, forwards, solves, ...). groups: how the routed experts went through the device.
         results: on-disk module name -> :class:`~moequant.ops.QuantizedTensor`, linears then experts.
         modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
-            routed calibration rows and routing-weight mass per expert (empty for a dense layer).
+            routed calibration rows and Hessian weight mass per expert (the routing mass when routing-weighted, else
+            the rows; empty for a dense layer). routing_mass: per expert the sum of its tokens' routing weights.
     """
 
     index: int
@@ -119,12 +120,13 @@ class LayerResult:
     outputs: Optional[list] = None
     phases: dict = field(default_factory=dict)
     groups: Optional[str] = None
+    routing_mass: list = field(default_factory=list)
 
     def record(self, seconds: float) -> LayerRecord:
         """The layer's report record."""
         return LayerRecord(index=self.index, prefix=self.prefix, seconds=seconds, moe=self.moe,
                            expert_tokens=self.expert_tokens, expert_mass=self.expert_mass, modules=self.modules,
-                           phases=dict(self.phases), groups=self.groups)
+                           phases=dict(self.phases), groups=self.groups, routing_mass=self.routing_mass)
 
 
 class LayerQuantizer:
@@ -138,12 +140,14 @@ class LayerQuantizer:
         transforms: the run's :class:`~moequant.methods.base.LayerTransform` list, applied in order before the
             capture.
         precision: the resolved Hessian update precision (:func:`hessian_precision`).
+        probe: sees every batch of solve jobs before they are solved (:func:`~moequant.pipeline.jobs.finish_jobs`).
         dist: the :class:`~moequant.pipeline.distributed.DistContext` of a multi-process run (the batches given to
             :meth:`quantize_layer` are this rank's; results and records are complete on rank 0 only), else None.
     """
 
     def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
-                 precision: str = "fp32", prefetch: bool = False, dist=None):
+                 precision: str = "fp32", prefetch: bool = False, probe=None, dist=None):
+        self.probe = probe
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
         self.dist = dist  # a DistContext of a multi-process run: the inputs are this rank's batches
         self.plan_tokens: Optional[int] = None  # calibration tokens of all batches (set by a distributed run)
@@ -237,13 +241,13 @@ class LayerQuantizer:
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
-                                    outputs=outputs, dist=self.dist)
+                                    outputs=outputs, probe=self.probe, dist=self.dist)
             out = engine.run()
             complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
-                               groups=plan.describe(out.num_experts))
+                               groups=plan.describe(out.num_experts), routing_mass=out.routing_mass)
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
             if self.dist is not None:
@@ -257,10 +261,11 @@ class LayerQuantizer:
             with cap.attach():
                 self.run_layer(layer, index, hidden, kwargs)
             if self.dist is None:
-                res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+                res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
             else:  # every rank's inputs in batch order, solved on rank 0, the weights to every rank
-                res_l, rec_l = solve_linears(self.dist, cap, fam, recipe, self.storage, self.factory, layer)
-            res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage)
+                res_l, rec_l = solve_linears(self.dist, cap, fam, recipe, self.storage, self.factory, layer,
+                                             probe=self.probe)
+            res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage, self.probe)
         ec = cap.experts
         complete_input_scales(res_e, recipe)
         complete_input_scales(res_l, recipe)

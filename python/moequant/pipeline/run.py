@@ -130,7 +130,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calibration=None,
              output_dir: Union[str, os.PathLike, None] = None, *, resume: bool = False,
              export_format: str = "pack-quantized", progress: bool = True, solvers=None,
-             observers: Sequence[LayerObserver] = (), prefetch: Optional[bool] = None) -> QuantizationReport:
+             observers: Sequence[LayerObserver] = (), prefetch: Optional[bool] = None, probe=None,
+             scan: bool = True) -> QuantizationReport:
     """Quantizes a Hugging Face MoE checkpoint layer by layer and (with ``output_dir``) exports it.
 
     Args:
@@ -148,6 +149,14 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         observers: :class:`~moequant.pipeline.layer.LayerObserver` callbacks of the layer loop.
         prefetch: read layer L+1 from the checkpoint on a background thread while layer L computes (None: on a GPU,
             where the layer's weights leave host memory for the device; the results are the same either way).
+        probe: ``probe(jobs, storage, recipe)`` sees every batch of solve jobs before they are solved
+            (:func:`moequant.pipeline.jobs.finish_jobs`; the budget's measurement pass uses it).
+        scan: read every weight once before the run to check it is finite (the preflight's last step).
+
+    A recipe with a ``budget`` (:class:`moequant.methods.budget.BudgetConfig`) runs twice: a measurement pass that
+    solves every candidate scheme, then the allocation and the run with it (:mod:`moequant.pipeline.budget`); the
+    report's ``budget`` holds the allocation and the saved recipe is the one that ran (the allocation as overrides).
+
     Returns:
         :class:`QuantizationReport` (also saved as ``moequant_report.json`` in the output).
     """
@@ -174,6 +183,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         if recipe.awq.enabled:
             raise ValueError("awq.enabled: expected false in a distributed run (AWQ searches each layer on all "
                              "calibration batches, which no rank holds); run AWQ in one process")
+        if recipe.budget.enabled or probe is not None:
+            raise ValueError("budget.enabled: expected false in a distributed run (its measurement pass is not "
+                             "distributed yet); run the budget in one process")
     if device.type == "cuda":
         _expandable_segments()
     # Preflight: everything checkable is checked before the first layer starts and before anything is written.
@@ -199,16 +211,28 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     logger.info("%s", states.describe())
     root = dist is None or dist.is_root
     progress = progress and root
+    budget = None
+    if recipe.budget.enabled:  # measure every candidate, allocate, then run with the allocation (pipeline.budget)
+        from .budget import run_budget, sizing_recipe
+
+        plan = preflight(lazy, sizing_recipe(recipe, solvers), output_dir=out, export_format=export_format,
+                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress, scan=scan,
+                         states=states)
+        recipe, budget = run_budget(quantize, lazy, recipe, plan, ids, model_dir=model_dir, out=out,
+                                    export_format=export_format, resume=resume, storage=storage, progress=progress,
+                                    solvers=solvers, prefetch=prefetch, device=device)
 
     def _preflight():
         return preflight(lazy, recipe, output_dir=out, export_format=export_format,
-                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress, states=states)
+                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress,
+                         scan=scan and budget is None, states=states)
 
     # a distributed run checks (and later writes) on rank 0; its error is every rank's
     plan = _preflight() if dist is None else dist.on_root(_preflight, "the preflight checks")
     # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)
     quantizer = LayerQuantizer(lazy, recipe, device, storage, precision=precision,
-                               prefetch=device.type == "cuda" if prefetch is None else prefetch, dist=dist)
+                               prefetch=device.type == "cuda" if prefetch is None else prefetch, probe=probe,
+                               dist=dist)
     if dist is None:
         check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
     else:  # rank 0's budget decides the groups of every rank
@@ -247,7 +271,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                 export_format=export_format if out else None, hessian_precision=precision,
                                 loaders=[s.to_dict() for s in support],
                                 source_format=lazy.source.to_dict() if lazy.source is not None else None,
-                                hidden_states=states.to_dict())
+                                hidden_states=states.to_dict(), budget=budget)
     # the hidden states between layers: in memory, or in a disk-backed store of the work directory (rank 0 of a
     # distributed run holds every batch; the others hold theirs, in memory)
     store = StatesStore(states.on_disk and root, work.path if work is not None else None,
@@ -337,6 +361,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             if out is not None:
                 export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
                 shutil.rmtree(work.path)
+                if budget is not None:
+                    from .budget import budget_file
+
+                    budget_file(out).unlink(missing_ok=True)
                 report.seconds = round(time.time() - t0, 3)
             return report
 

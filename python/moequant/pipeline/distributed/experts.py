@@ -95,7 +95,8 @@ def _broadcast_weights(ctx: DistContext, experts, view, where, src: int, what: s
 @torch.no_grad()
 def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistContext):
     """What :meth:`~moequant.pipeline.experts.MoELayerEngine._experts` returns (results and records complete on
-    rank 0, empty elsewhere; tokens, mass and the outputs of this rank's pass-2 calls on every rank)."""
+    rank 0, empty elsewhere; tokens, mass and the outputs of this rank's pass-2 calls on every rank) and the
+    routing mass of every batch's calls (``_routing_mass``)."""
     recipe, fam, ph = engine.recipe, engine.family, engine.phases
     fb = recipe.fallback
     weighting = "routing" if recipe.routing_weighted else "none"
@@ -145,13 +146,13 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                                  pooled=(lambda: pooled[1]) if pooled is not None else None,
                                  layer_mean=means[1].value)
             for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
-                tokens[e], mass[e], amax[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6), (a_gu, a_dn)
+                tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
             starved = [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, engine.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
                                    lambda j, ids=ids: amax[ids[j]])
-                res, recs = finish_jobs(jobs, engine.storage, recipe)
+                res, recs = finish_jobs(jobs, engine.storage, recipe, probe=engine.probe)
             mine[u] = (view, ids, cap, hgu, hdn, res, recs, [ids[j] for j in now], starved)
             last = (hgu, hdn)
         if defer:  # the layer means, summed in expert order: unit by unit, each owner adding its experts
@@ -203,20 +204,21 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                 jobs = expert_jobs(view, fam, recipe, engine.prefix, ids, range(len(ids)),
                                    lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
                                    lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, engine.storage, recipe)
+                res, recs = finish_jobs(jobs, engine.storage, recipe, probe=engine.probe)
             _keep(results, records, {k: _to_host(v) for k, v in res.items()}, recs)
         with ph("expert_exchange"):
             _broadcast_weights(ctx, engine.experts, view, sel, 0, what)
         if not single:
             with ph("expert_outputs"):
                 engine._outputs(expert_view(engine.experts, sel, device), ids, ids, calls2, out_acc)
+    routing = engine._routing_mass(calls)
     del calls
     with ph("expert_outputs"):
         if single:  # every rank holds the whole quantized experts module now: one process's computation
             expert_out = [engine.experts(hs, idx, w) for hs, idx, w in calls2]
         else:
             expert_out = [a.to(c[0].dtype) for a, c in zip(out_acc, calls2)]
-    return results, [r for e in sorted(records) for r in records[e]], tokens, mass, expert_out
+    return results, [r for e in sorted(records) for r in records[e]], tokens, mass, expert_out, routing
 
 
 def _keep(results: dict, records: dict, res: dict, recs: list) -> None:

@@ -114,12 +114,12 @@ def broadcast_parameters(ctx: DistContext, module: nn.Module, skip: frozenset = 
 
 @torch.no_grad()
 def solve_linears(ctx: DistContext, capture, family, recipe, storage: torch.dtype, factory, layer: nn.Module,
-                  skip: frozenset = frozenset()) -> tuple[dict, list]:
+                  skip: frozenset = frozenset(), probe=None) -> tuple[dict, list]:
     """The distributed twin of :func:`~moequant.pipeline.jobs.quantize_linears` on a capture whose accumulators
     recorded this rank's batches: rank 0 gets the whole Hessians, solves and returns the results and records (the
     other ranks: ``{}, []``); every rank then holds the written-back weights of ``layer`` (but ``skip``)."""
     lc = capture.linears
     lc.accumulators = rebuild_accumulators(ctx, lc.accumulators, factory)
-    res, recs = quantize_linears(capture, family, recipe, storage) if ctx.is_root else ({}, [])
+    res, recs = quantize_linears(capture, family, recipe, storage, probe) if ctx.is_root else ({}, [])
     broadcast_parameters(ctx, layer, skip)
     return res, recs
