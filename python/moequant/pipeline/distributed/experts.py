@@ -22,7 +22,7 @@ from ..experts import _RunningMean, _to_host, expert_view
 from ..jobs import ExpertHessians, expert_jobs, finish_jobs
 from .context import DistContext
 
-__all__ = ["all_calls", "units_of", "distributed_experts"]
+__all__ = ["all_calls", "stream_rows", "routing_calls", "units_of", "distributed_experts"]
 
 
 def all_calls(ctx: DistContext, calls: list, device) -> list:
@@ -43,6 +43,57 @@ def all_calls(ctx: DistContext, calls: list, device) -> list:
                 got = [ctx.broadcast_(torch.empty(s, dtype=d, device=ctx.device), src, what).to(device)
                        for s, d in spec]
                 out.append(tuple(got))
+    return out
+
+
+def stream_rows(ctx: DistContext, engine, units: dict, mine: dict, calls: list, counts: list, device) -> None:
+    """Feeds each unit of a round (``units``: unit -> experts slice) on its owner (``mine[u] = (view, ids, capture,
+    lut)``) with pass 1's rows of every batch routed to it: source rank by source rank, call by call (batch
+    order), the rows of a call that route to the unit, in their order (``counts``: calls per rank). A capture fed
+    so holds exactly the Hessians of one process's (each expert's rows, in the same order); the rows are not kept."""
+    ref = calls[0]  # every rank has a call: the trailing shapes and dtypes of everyone's
+    for src in range(ctx.world):
+        for k in range(counts[src]):
+            call = calls[k] if ctx.rank == src else None
+            for u, g in units.items():
+                owner = ctx.owner(u)
+                if ctx.rank not in (src, owner):
+                    continue
+                if owner == src:
+                    hs, idx, w = call
+                elif ctx.rank == src:
+                    hs, idx, w = (t.reshape(-1, t.shape[-1]) for t in call)
+                    sel = ((idx >= g.start) & (idx < g.stop)).any(-1).nonzero().reshape(-1)
+                    what = f"the routed rows of experts {g.start}..{g.stop - 1}"
+                    ctx.send_tensor(torch.tensor([sel.numel()], dtype=torch.int64), owner, what)
+                    if sel.numel():
+                        for t in (hs, idx, w):
+                            ctx.send_tensor(t.index_select(0, sel), owner, what)
+                    continue
+                else:
+                    what = f"the routed rows of experts {g.start}..{g.stop - 1}"
+                    n = int(ctx.recv_tensor((1,), torch.int64, src, what)[0])
+                    if not n:
+                        continue
+                    hs, idx, w = (ctx.recv_tensor((n, t.shape[-1]), t.dtype, src, what).to(device) for t in ref)
+                view, ids, cap, lut = mine[u]
+                cap.add_call(hs, engine._local(idx, lut, len(ids)), w)
+
+
+def routing_calls(ctx: DistContext, calls: list) -> list:
+    """On rank 0, ``(None, top_k_index, top_k_weights)`` of every rank's calls in batch order (the routing mass);
+    elsewhere []."""
+    what = "the routing weights"
+    if not ctx.is_root:
+        ctx.send_object([(tuple(c[1].shape), c[1].dtype, tuple(c[2].shape), c[2].dtype) for c in calls], 0, what)
+        for _, idx, w in calls:
+            ctx.send_tensor(idx, 0, what)
+            ctx.send_tensor(w, 0, what)
+        return []
+    out = [(None, idx, w) for _, idx, w in calls]
+    for src in range(1, ctx.world):
+        for si, di, sw, dw in ctx.recv_object(src, what):
+            out.append((None, ctx.recv_tensor(si, di, src, what), ctx.recv_tensor(sw, dw, src, what)))
     return out
 
 
@@ -104,9 +155,13 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
     groups = engine._groups(plan.size)
     single = len(groups) == 1 and plan.resident
     num, device = engine.num, engine.device
-    with ph("expert_exchange"):
-        calls = all_calls(ctx, calls1, device)
     units = units_of(groups, single, num, ctx.world)
+    with ph("expert_exchange"):
+        # shrink needs every row on every rank (its all-token targets); else each owner receives, round by round
+        # and batch by batch, only the rows routed to its unit (stream_rows) and nothing is kept
+        calls = all_calls(ctx, calls1, device) if shrink else None
+        counts = None if shrink else [ctx.broadcast_object(len(calls1), r, "the experts calls per rank")
+                                      for r in range(ctx.world)]
     prior = pooled = None
     if shrink:  # every rank computes the targets (the same rows in the same order: the same values)
         with ph("expert_hessians"):
@@ -133,8 +188,17 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
             with ph("expert_hessians"):
                 cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=engine.factory,
                                     all_token_down=shrink and fb.calibrate_all_experts)
-                for hs, idx, w in calls:
-                    cap.add_call(hs, engine._local(idx, lut, len(ids)), w)
+                if calls is not None:
+                    for hs, idx, w in calls:
+                        cap.add_call(hs, engine._local(idx, lut, len(ids)), w)
+            mine[u] = (view, ids, cap, lut)
+        if calls is None:  # every owner's unit gets its rows, in batch order
+            with ph("expert_exchange"):
+                stream_rows(ctx, engine, {u: units[u] for u in rnd}, mine, calls1, counts, device)
+        for u in rnd:
+            if ctx.owner(u) != ctx.rank:
+                continue
+            view, ids, cap, lut = mine[u]
             down_all = cap.down_all
             hgu = ExpertHessians(cap.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
                                  (lambda e: prior) if prior is not None else None,
@@ -155,6 +219,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                 res, recs = finish_jobs(jobs, engine.storage, recipe, probe=engine.probe)
             mine[u] = (view, ids, cap, hgu, hdn, res, recs, [ids[j] for j in now], starved)
             last = (hgu, hdn)
+            del jobs
         if defer:  # the layer means, summed in expert order: unit by unit, each owner adding its experts
             with ph("expert_exchange"):
                 for u in rnd:
@@ -211,7 +276,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
         if not single:
             with ph("expert_outputs"):
                 engine._outputs(expert_view(engine.experts, sel, device), ids, ids, calls2, out_acc)
-    routing = engine._routing_mass(calls)
+    routing = engine._routing_mass(calls if calls is not None else routing_calls(ctx, calls1))
     del calls
     with ph("expert_outputs"):
         if single:  # every rank holds the whole quantized experts module now: one process's computation
