@@ -1,11 +1,12 @@
 """The routed experts of a MoE layer in a multi-process run (the distributed twin of
 :meth:`moequant.pipeline.experts.MoELayerEngine._experts`; orchestration only).
 
-* every rank gets pass 1's experts calls of every batch, in batch order (:func:`all_calls`), so an expert's
-  Hessian is accumulated from exactly the rows, in exactly the order, of one process;
 * the experts are cut into **units**: the engine's groups, or, when one group holds the whole layer, one
   contiguous slice per rank; unit ``u`` belongs to rank ``u % world`` and a round of ``world`` units runs in
-  parallel: each rank accumulates its unit's Hessians, applies the fallback and solves it;
+  parallel: each owner receives, call by call in batch order, the pass-1 rows routed to its unit
+  (:func:`stream_rows`; the ``shrink`` fallback: every row to every rank, :func:`all_calls`), so an expert's
+  Hessian is accumulated from exactly the rows, in exactly the order, of one process; then it applies the fallback
+  and solves the unit;
 * the layer-wide means of the ``mean`` fallback are summed unit by unit in expert order (the owner adds its
   experts and hands the running sums to every rank), the ``shrink`` targets are computed on every rank;
 * per unit, in order: its owner broadcasts the solved (dequantized) weights and the unit's statistics to every
