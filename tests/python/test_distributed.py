@@ -192,6 +192,8 @@ def test_one_process_run_resumes_on_two_ranks(models, reference, tmp_path):
 @pytest.mark.parametrize("recipe,needle", [
     (_recipe(calibration={"num_samples": 2, "seq_len": 32, "batch_size": 1}), "calibration.batch_size: 2 calibration"),
     (_recipe(awq={"enabled": True}), "awq.enabled: expected false in a distributed run"),
+    (_recipe(budget={"bits": 4.5}), "budget.enabled: expected false in a distributed run"),
+    (_recipe(ignore=["model.layers.*.no_such_module"]), "no_such_module"),  # rank 0's preflight, on every rank
 ])
 def test_refused_before_anything_is_written(models, recipe, needle, tmp_path):
     out = tmp_path / "out"
@@ -199,6 +201,13 @@ def test_refused_before_anything_is_written(models, recipe, needle, tmp_path):
     for r in results:
         assert r.get("type") == "ValueError" and needle in r["error"], r
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_lost_rank_error_is_one_cli_line():
+    from moequant.pipeline.distributed import DistributedError
+
+    e = DistributedError("rank 1 of 2: lost the other ranks")
+    assert isinstance(e, OSError) and str(e) == "rank 1 of 2: lost the other ranks"  # the CLI's one line, exit 2
 
 
 def test_torchrun_cli(models, reference, tmp_path):

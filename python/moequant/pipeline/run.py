@@ -185,7 +185,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                              "calibration batches, which no rank holds); run AWQ in one process")
         if recipe.budget.enabled or probe is not None:
             raise ValueError("budget.enabled: expected false in a distributed run (its measurement pass is not "
-                             "distributed yet); run the budget in one process")
+                             "distributed yet; the budget is on when budget.bits or budget.size_gb is set); run the "
+                             "budget in one process")
     if device.type == "cuda":
         _expandable_segments()
     # Preflight: everything checkable is checked before the first layer starts and before anything is written.
