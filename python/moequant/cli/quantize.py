@@ -107,11 +107,13 @@ def run(args: argparse.Namespace) -> int:
         print("moequant: error: this installation has no quantization pipeline (moequant.pipeline)", file=sys.stderr)
         return 1
     # torchrun (WORLD_SIZE > 1): one process per rank, a process group made here (docs/distributed.md)
-    from moequant.pipeline.distributed import init_from_env
+    owned = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moequant.pipeline.distributed import init_from_env
 
-    device = recipe.device if recipe.device not in (None, "auto") else \
-        ("cuda" if importlib.import_module("torch").cuda.is_available() else "cpu")
-    owned = init_from_env(device)
+        device = recipe.device if recipe.device not in (None, "auto") else \
+            ("cuda" if importlib.import_module("torch").cuda.is_available() else "cpu")
+        owned = init_from_env(device)
     try:
         report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
                                    export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
