@@ -81,11 +81,35 @@ METHODS = ("rtn", "gptq", "default")
 BUDGET = re.compile(r"^b\d+(\.\d+)?$")  # b3.0: budgeted mixed precision at 3.0 bits per weight
 
 
+# weight-only presets (the evaluation reloads dequantized weights: schemes that quantize activations would need
+# moequant eval's activation simulation, not this protocol)
+PRESETS = {"nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16"}
+
+
 def parse_config(name: str) -> tuple[dict, dict, set]:
-    """``<method>[+feature...]-w<bits>[-g<N>][-sym]`` -> (scheme fields, recipe fields, features)."""
+    """``<method>[+feature...]-w<bits>[-g<N>][-sym]`` or ``<method>[+feature...]-<preset>`` (nvfp4a16, mxfp4a16)
+    -> (scheme fields, recipe fields, features)."""
     parts = name.split("-")
     bad = ValueError(f"config {name!r}: expected <method>[+feature...]-w<bits>[-g<N>][-sym], e.g. gptq+ao-w4, "
-                     f"rtn-w3-g-1 (g-1: per-channel) or default+b3.0-w3")
+                     f"rtn-w3-g-1 (g-1: per-channel) or default+b3.0-w3, or <method>[+feature...]-<preset> with a "
+                     f"preset of {sorted(PRESETS)}")
+    if len(parts) == 2 and parts[1].lower() in PRESETS:
+        method, *features = parts[0].split("+")
+        if method not in METHODS:
+            raise ValueError(f"config {name!r}: method must be one of {METHODS}, got {method!r}")
+        unknown = [f for f in features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"config {name!r}: unknown feature(s) {unknown}; a preset row takes {sorted(FEATURES)}")
+        scheme = dict(preset=PRESETS[parts[1].lower()])
+        if method != "default":
+            scheme.update(method=method, act_order=False, damp=0.01)
+        recipe: dict = {}
+        for f in features:
+            sc, r = FEATURES[f]
+            scheme.update(sc)
+            for k, v in r.items():
+                recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+        return scheme, recipe, set(features)
     if len(parts) < 2 or not parts[1].startswith("w") or not parts[1][1:].isdigit():
         raise bad
     rest, group = parts[2:], None
@@ -117,14 +141,16 @@ def parse_config(name: str) -> tuple[dict, dict, set]:
     return scheme, recipe, set(features)
 
 
-def average_bits(model_dir: str, scheme: dict, storage_bits: int = 16) -> float:
-    """Bits per quantized weight of a uniform scheme on the protocol's matrices (every 2-D weight of the decoder
-    layers but the routers), scales and zero points included (``IntFormat.storage_bits``)."""
+def average_bits(model_dir: str, scheme, storage_bits: int = 16) -> float:
+    """Bits per quantized weight of a uniform scheme (a dict of int fields, or a QuantScheme of any format) on the
+    protocol's matrices (every 2-D weight of the decoder layers but the routers), scales, zero points and global
+    scales included (the format's ``storage_bits``)."""
     from safetensors import safe_open
 
     from moequant.formats import IntFormat
 
-    fmt = IntFormat(scheme["bits"], scheme.get("group_size", 128), scheme.get("symmetric", True))
+    fmt = IntFormat(scheme["bits"], scheme.get("group_size", 128), scheme.get("symmetric", True)) \
+        if isinstance(scheme, dict) else scheme.format
     bits = params = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:
@@ -157,7 +183,8 @@ def build_recipe(name: str, args, td: Path, tmp: Path):
     from moequant.recipe import Recipe
 
     scheme, extra, features = parse_config(name)
-    scheme.setdefault("group_size", args.group_size)
+    if "preset" not in scheme:
+        scheme.setdefault("group_size", args.group_size)
     cal = dict(text_files=[str(td / "calib.txt")], num_samples=args.num_samples, seq_len=args.seq_len)
     if features & {"ebss", "mix"}:
         if not args.ebss_jsonl:
@@ -170,6 +197,9 @@ def build_recipe(name: str, args, td: Path, tmp: Path):
             half.write_text("\n".join(lines) + "\n")
             cal["jsonl_files"] = [str(half)]
     base = Recipe().to_dict()
+    if "preset" in scheme:  # the preset fixes the element format, group and scale search
+        for k in ("bits", "group_size", "symmetric", "scale_search"):
+            base["scheme"].pop(k, None)
     base["scheme"].update(scheme)
     base["calibration"].update(cal)
     base["device"] = args.device
@@ -232,7 +262,7 @@ def main(argv=None) -> int:
                                          "units": [[u["key"], u["scheme"], u["bits"], u["errors"]]
                                                    for u in b["units"]]}
                     else:
-                        res["bits"] = average_bits(args.model, recipe.scheme.to_dict())
+                        res["bits"] = average_bits(args.model, recipe.scheme)
         except Exception as exc:  # noqa: BLE001 -- reported per row with --keep-going
             if not args.keep_going:
                 raise
