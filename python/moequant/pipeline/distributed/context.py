@@ -81,12 +81,6 @@ class DistContext:
         except Exception as exc:  # gloo: "Connection closed by peer", timeouts; NCCL: DistBackendError
             raise self._fail(what, exc) from exc
 
-    def barrier(self, what: str = "a barrier") -> None:
-        if self.device.type == "cuda":
-            self._call(what, dist.barrier, device_ids=[self.device.index])
-        else:
-            self._call(what, dist.barrier)
-
     def broadcast_(self, t: torch.Tensor, src: int, what: str = "a broadcast") -> torch.Tensor:
         """Broadcasts ``t`` from ``src`` into ``t`` on every rank (in place; returns it)."""
         if t.device == self.device and t.is_contiguous():
@@ -119,7 +113,7 @@ class DistContext:
         self._call(what, dist.send, buf, dst=dst)
 
     def recv_tensor(self, shape, dtype: torch.dtype, src: int, what: str = "a transfer") -> torch.Tensor:
-        """A tensor of ``shape`` / ``dtype`` sent by ``src``, on the CPU."""
+        """A tensor of ``shape`` / ``dtype`` sent by ``src``, on :attr:`device`."""
         buf = torch.empty(tuple(shape), dtype=dtype, device=self.device)
         self._call(what, dist.recv, buf, src=src)
         return buf.cpu()
