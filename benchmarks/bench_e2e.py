@@ -10,6 +10,7 @@ seconds per layer and the ratio. Random weights: timing and memory only, never q
 Usage (GPU machine, repository root):
     python benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 [--samples 128 --seq-len 2048]
         [--work /tmp/e2e] [--llmcompressor ITS_PYTHONPATH] [--recipe FILE] [--json OUT.json]
+Several GPUs (docs/distributed.md): python -m torch.distributed.run --nproc-per-node N benchmarks/bench_e2e.py ...
 Models: deepseek-v3, kimi-k2, qwen3-30b-a3b, qwen3-235b-a22b, gpt-oss-120b, mixtral-8x7b (and smoke: a few-MB
 model to check the script on a CPU with --device cpu).
 """
@@ -218,18 +219,32 @@ def main() -> int:
                     help="run layer N under torch.profiler and print where its time goes (CPU and CUDA tables)")
     ap.add_argument("--profile-out", help="with --profile-layer: write the tables here (default: print only)")
     args = ap.parse_args()
+    from moequant.pipeline.distributed import init_from_env
     from moequant.recipe import Recipe
 
+    # under torchrun (docs/distributed.md): every rank quantizes, rank 0 builds the model, writes and prints
+    owned = init_from_env(args.device)
+    try:
+        return _run(args, Recipe)
+    finally:
+        if owned:
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, Recipe) -> int:
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     work = Path(args.work)
     model_dir = work / f"{args.model}-{args.layers}l"
-    if not (model_dir / "config.json").is_file():
+    if rank == 0 and not (model_dir / "config.json").is_file():
         t = time.time()
         n = build_model(args.model, args.layers, model_dir, args.device)
         print(f"built {args.model} x {args.layers} layers ({n:.2f} B parameters) in {time.time() - t:.1f} s")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 8000, (args.samples, args.seq_len), generator=g)
     ids_path = work / "ids.pt"
-    torch.save(ids, ids_path)
+    if rank == 0:
+        torch.save(ids, ids_path)
     recipe = Recipe.load(args.recipe) if args.recipe else Recipe()
     data = recipe.to_dict()
     data["device"] = args.device
@@ -242,8 +257,11 @@ def main() -> int:
         data["host_memory_gb"] = args.host_memory_gb
     recipe = Recipe.from_dict(data)
     out = work / f"{args.model}-{args.layers}l-w4"
-    for d in (out, Path(str(out) + ".partial")):
-        shutil.rmtree(d, ignore_errors=True)
+    if rank == 0:
+        for d in (out, Path(str(out) + ".partial")):
+            shutil.rmtree(d, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
 
     import moequant
 
@@ -253,24 +271,27 @@ def main() -> int:
     try:
         observers = [LayerProfiler(args.profile_layer, args.profile_out)] if args.profile_layer is not None else []
         with HostPeak() as host:
-            report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True,
-                                       observers=observers)
+            report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out),
+                                       progress=rank == 0, observers=observers)
         for o in observers:
             o.stop()
     except BaseException:
-        for d in (out, Path(str(out) + ".partial")) + (() if args.keep else (model_dir,)):
-            shutil.rmtree(d, ignore_errors=True)  # the next run's disk
+        if rank == 0:
+            for d in (out, Path(str(out) + ".partial")) + (() if args.keep else (model_dir,)):
+                shutil.rmtree(d, ignore_errors=True)  # the next run's disk
         raise
     total = time.time() - t0
+    if rank != 0:
+        return 0
     secs = [layer.seconds for layer in report.layers]
     steady = statistics.median(secs[1:]) if len(secs) > 1 else secs[0]
-    res = {"model": args.model, "layers": args.layers, "tokens": [args.samples, args.seq_len],
+    res = {"model": args.model, "layers": args.layers, "tokens": [args.samples, args.seq_len], "ranks": world,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "total_s": round(total, 2), "layer_s": secs,
            "steady_layer_s": steady, "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else 0.0,
            "host_anon_peak_gb": round(host.peak / 1e9, 2), "hidden_states": report.hidden_states,
            "phases": [layer.phases for layer in report.layers], "groups": [layer.groups for layer in report.layers]}
     print(f"\n== moequant {args.model} x {args.layers} layers, {args.samples} x {args.seq_len} tokens, "
-          f"{res['device']} ==")
+          f"{res['device']}{f' x {world} ranks (GPU peak: rank 0)' if world > 1 else ''} ==")
     print(f"total {total:.1f} s; per layer {', '.join(f'{s:.2f}' for s in secs)} s; steady state {steady:.2f} s")
     hs = report.hidden_states or {}
     print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB; hidden "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def add_parser(sub, parent) -> None:
     """Adds the ``quantize`` subcommand (``parent``: the shared -v/-q parser)."""
     q = sub.add_parser("quantize", parents=[parent], help="quantize a model into a compressed-tensors checkpoint",
                        description="Quantize MODEL into --out. Flags given explicitly override the recipe file; "
-                       "flags left out keep the recipe's values (or the defaults without --recipe).")
+                       "flags left out keep the recipe's values (or the defaults without --recipe). Under torchrun "
+                       "(torchrun --nproc-per-node N -m moequant quantize ...) the ranks share the work and rank 0 "
+                       "writes (docs/distributed.md).")
     q.add_argument("model", metavar="MODEL", help="local Hugging Face model directory")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist)")
     q.add_argument("--recipe", metavar="FILE", help="recipe file (.yaml/.yml/.json), see docs/recipes.md")
@@ -103,8 +106,22 @@ def run(args: argparse.Namespace) -> int:
             raise
         print("moequant: error: this installation has no quantization pipeline (moequant.pipeline)", file=sys.stderr)
         return 1
-    report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
-                               export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
+    # torchrun (WORLD_SIZE > 1): one process per rank, a process group made here (docs/distributed.md)
+    owned = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from moequant.pipeline.distributed import init_from_env
+
+        device = recipe.device if recipe.device not in (None, "auto") else \
+            ("cuda" if importlib.import_module("torch").cuda.is_available() else "cpu")
+        owned = init_from_env(device)
+    try:
+        report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
+                                   export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
+    finally:
+        if owned:
+            importlib.import_module("torch.distributed").destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 prints the summary of a distributed run
+        return 0
     print(report.summary() if hasattr(report, "summary") else report)
     budget = report.budget_table() if hasattr(report, "budget_table") else ""
     if budget:

@@ -8,7 +8,8 @@
 * :mod:`~moequant.pipeline.output`: writability, free space, write failures (:class:`OutputWriteError`);
 * :mod:`~moequant.pipeline.workdir`: the resumable work directory (its lock: :mod:`~moequant.pipeline.lock`);
   :mod:`~moequant.pipeline.report`: the report;
-* :mod:`~moequant.pipeline.export`: the export step (config groups, ignore list, loader support).
+* :mod:`~moequant.pipeline.export`: the export step (config groups, ignore list, loader support);
+* :mod:`~moequant.pipeline.distributed`: the same run on several processes (``torchrun``), bit-identical.
 
 Methods plug in only through :mod:`moequant.methods` (solvers by name, layer transforms).
 """

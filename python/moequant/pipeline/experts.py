@@ -265,11 +265,13 @@ class MoELayerEngine:
             layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
             :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`.
         probe: given to every :func:`~moequant.pipeline.jobs.finish_jobs` (the budget's measurement pass).
+        dist: the :class:`~moequant.pipeline.distributed.DistContext` of a multi-process run (``run_batch`` then
+            runs this rank's batches; :mod:`moequant.pipeline.distributed` does the exchanges), else None.
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
                  device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
-                 outputs=None, probe=None) -> None:
+                 outputs=None, probe=None, dist=None) -> None:
         self.probe = probe
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
@@ -278,6 +280,7 @@ class MoELayerEngine:
         self.experts = family.experts_of(layer)
         self.num = num_experts(self.experts)
         self.phases = _Phases(self.device)
+        self.dist = dist  # a DistContext (moequant.pipeline.distributed) in a multi-process run, else None
 
     # ------------------------------------------------------------------ passes
     def _pass(self, ctx, keep: bool):
@@ -297,22 +300,34 @@ class MoELayerEngine:
         recipe, fam, ph = self.recipe, self.family, self.phases
         rec1 = ExpertsRecorder(self.experts)
         weighted = recipe.routing_weighted
+        dist = self.dist
+        if dist is not None:
+            from .distributed import recording_factory, solve_linears
         cap = LayerCapture(self.layer, fam, layer_prefix=self.prefix, weighting="routing" if weighted else "none",
-                           shared_weighting="gate" if weighted else "none", accumulator_factory=self.factory,
-                           experts=False)
+                           shared_weighting="gate" if weighted else "none",
+                           accumulator_factory=self.factory if dist is None else recording_factory, experts=False)
         with ph("pass1_forward"):
             with cap.attach():
                 self._pass(rec1.recording(), keep=False)
         with ph("linear_solve"):
-            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
+            if dist is None:
+                res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
+            else:  # every rank's inputs in batch order, solved on rank 0, the weights to every rank
+                res_l, rec_l = solve_linears(dist, cap, fam, recipe, self.storage, self.factory, self.layer,
+                                             frozenset(id(p) for p in self.experts.parameters()), self.probe)
         del cap
         rec2 = ExpertsRecorder(self.experts)
         with ph("pass2_forward"):
             self._pass(rec2.recording(), keep=False)
         plan = self.plan
         logger.debug("%s: %s", self.prefix, plan.describe(self.num))
-        res_e, rec_e, tokens, mass, expert_out = self._experts(plan, rec1.calls, rec2.calls)
-        routing = self._routing_mass(rec1.calls)
+        if dist is None:
+            res_e, rec_e, tokens, mass, expert_out = self._experts(plan, rec1.calls, rec2.calls)
+            routing = self._routing_mass(rec1.calls)
+        else:  # the routing mass of every rank's calls, in batch order
+            from .distributed import distributed_experts
+            res_e, rec_e, tokens, mass, expert_out, routing = distributed_experts(self, plan, rec1.calls,
+                                                                                  rec2.calls, dist)
         del rec1, rec2
         rec3 = ExpertsRecorder(self.experts)
         with ph("pass3_forward"):

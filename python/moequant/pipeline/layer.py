@@ -141,12 +141,16 @@ class LayerQuantizer:
             capture.
         precision: the resolved Hessian update precision (:func:`hessian_precision`).
         probe: sees every batch of solve jobs before they are solved (:func:`~moequant.pipeline.jobs.finish_jobs`).
+        dist: the :class:`~moequant.pipeline.distributed.DistContext` of a multi-process run (the batches given to
+            :meth:`quantize_layer` are this rank's; results and records are complete on rank 0 only), else None.
     """
 
     def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
-                 precision: str = "fp32", prefetch: bool = False, probe=None):
+                 precision: str = "fp32", prefetch: bool = False, probe=None, dist=None):
         self.probe = probe
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
+        self.dist = dist  # a DistContext of a multi-process run: the inputs are this rank's batches
+        self.plan_tokens: Optional[int] = None  # calibration tokens of all batches (set by a distributed run)
         self.transforms = list(transforms)
         self.factory = accumulator_factory(recipe, self.device, precision)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-prefetch") if prefetch else None
@@ -216,7 +220,12 @@ class LayerQuantizer:
         budget = self.budget()
         plan = None
         if fam.experts_of(lazy.meta_layer(index)) is not None:
-            plan = plan_layer(lazy.meta_layer(index), fam, recipe, num_tokens(hidden), lazy.dtype, budget, prefix)
+            def make_plan():
+                # every batch's tokens: a rank holds every batch's pass-1 routed rows
+                tokens = num_tokens(hidden) if self.plan_tokens is None else self.plan_tokens
+                return plan_layer(lazy.meta_layer(index), fam, recipe, tokens, lazy.dtype, budget, prefix)
+            # a distributed run uses rank 0's plan on every rank (the units of distribution are its groups)
+            plan = make_plan() if self.dist is None else self.dist.on_root(make_plan, "the expert group plan")
             if not plan.resident and self.transforms:
                 raise ValueError(f"device_memory_gb: {prefix} does not fit the device ({plan.describe_budget()}), "
                                  f"but awq / rotation transform the whole layer on the device; raise "
@@ -232,7 +241,7 @@ class LayerQuantizer:
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
-                                    outputs=outputs, probe=self.probe)
+                                    outputs=outputs, probe=self.probe, dist=self.dist)
             out = engine.run()
             complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
@@ -241,13 +250,21 @@ class LayerQuantizer:
                                groups=plan.describe(out.num_experts), routing_mass=out.routing_mass)
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
+            if self.dist is not None:
+                from .distributed import recording_factory, solve_linears
             cap = LayerCapture(layer, fam, layer_prefix=prefix, weighting="routing" if recipe.routing_weighted
                                else "none", shared_weighting="gate" if recipe.routing_weighted else "none",
                                all_tokens=shrink, all_token_down=shrink and recipe.fallback.calibrate_all_experts,
-                               accumulator_factory=self.factory)
+                               accumulator_factory=self.factory if self.dist is None else recording_factory)
+            if self.dist is not None and cap.experts is not None:
+                raise RuntimeError(f"{prefix}: a MoE layer outside the expert streaming engine in a distributed run")
             with cap.attach():
                 self.run_layer(layer, index, hidden, kwargs)
-            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
+            if self.dist is None:
+                res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
+            else:  # every rank's inputs in batch order, solved on rank 0, the weights to every rank
+                res_l, rec_l = solve_linears(self.dist, cap, fam, recipe, self.storage, self.factory, layer,
+                                             probe=self.probe)
             res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage, self.probe)
         ec = cap.experts
         complete_input_scales(res_e, recipe)

@@ -12,6 +12,10 @@ activations.
 
 A crash or Ctrl-C leaves ``<out>`` absent and ``<out>.partial`` resumable: ``resume=True`` (``--resume``) continues
 after the last finished layer, bit-identically to an uninterrupted run.
+
+Under an initialised ``torch.distributed`` group of several ranks (``torchrun``) every rank runs this loop on its
+share of the calibration batches and rank 0 alone writes (:mod:`moequant.pipeline.distributed`,
+``docs/distributed.md``).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from ..recipe.device import resolve_device
 from ..recipe.recipe import Recipe
 from .export import export_run, run_loader_support
 from .commits import LayerCommits
+from .distributed import BatchSlice, current_context, gather_outputs, scatter_states
 from .experts import check_layers_fit
 from .hostmem import StatesPlan, available_host_memory, plan_states
 from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
@@ -165,6 +170,23 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     if out is not None and out.exists():
         raise FileExistsError(f"output_dir: {out} already exists; choose another directory or delete it")
     device = resolve_device(recipe.device)
+    dist = current_context(device)  # an initialised process group of several ranks (torchrun): docs/distributed.md
+    if dist is not None:
+        if device.type == "cuda":  # each rank on its own GPU (torchrun: LOCAL_RANK, torch.cuda.set_device)
+            if device.index is not None and device.index != torch.cuda.current_device():
+                raise ValueError(f"device: expected 'cuda' in a distributed run (each rank computes on its own "
+                                 f"GPU, the current one: cuda:{torch.cuda.current_device()} on rank {dist.rank}), "
+                                 f"got {recipe.device!r}")
+            device = torch.device("cuda", torch.cuda.current_device())
+            if dist.device.type == "cuda":  # NCCL: the collectives run on the rank's GPU (gloo: on the CPU)
+                dist.device = device
+        if recipe.awq.enabled:
+            raise ValueError("awq.enabled: expected false in a distributed run (AWQ searches each layer on all "
+                             "calibration batches, which no rank holds); run AWQ in one process")
+        if recipe.budget.enabled or probe is not None:
+            raise ValueError("budget.enabled: expected false in a distributed run (its measurement pass is not "
+                             "distributed yet; the budget is on when budget.bits or budget.size_gb is set); run the "
+                             "budget in one process")
     if device.type == "cuda":
         _expandable_segments()
     # Preflight: everything checkable is checked before the first layer starts and before anything is written.
@@ -178,10 +200,18 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
     lazy = LazyModel(model_dir, dtype=torch.float32 if device.type == "cpu" else storage, index=index,
                      decode_device=device if device.type == "cuda" else None)
     precision = hessian_precision(recipe, device, lazy.dtype)
-    ids = calibration_ids(calibration, model_dir, recipe.calibration,
-                          getattr(text_config(lazy.config), "vocab_size", None))
+    if dist is None:
+        ids = calibration_ids(calibration, model_dir, recipe.calibration,
+                              getattr(text_config(lazy.config), "vocab_size", None))
+    else:  # tokenized once, on rank 0, and the same token ids on every rank
+        ids = dist.on_root(lambda: calibration_ids(calibration, model_dir, recipe.calibration,
+                                                   getattr(text_config(lazy.config), "vocab_size", None)),
+                           "the calibration data")
+        dist.check_batches(len(ids.split(recipe.calibration.batch_size)), recipe.calibration.batch_size)
     states = _states_plan(lazy, recipe, int(ids.numel()))  # in host memory, or on disk in the work directory
     logger.info("%s", states.describe())
+    root = dist is None or dist.is_root
+    progress = progress and root
     budget = None
     if recipe.budget.enabled:  # measure every candidate, allocate, then run with the allocation (pipeline.budget)
         from .budget import run_budget, sizing_recipe
@@ -192,13 +222,25 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         recipe, budget = run_budget(quantize, lazy, recipe, plan, ids, model_dir=model_dir, out=out,
                                     export_format=export_format, resume=resume, storage=storage, progress=progress,
                                     solvers=solvers, prefetch=prefetch, device=device)
-    plan = preflight(lazy, recipe, output_dir=out, export_format=export_format, calibration_shape=tuple(ids.shape),
-                     resume=resume, progress=progress, scan=scan and budget is None, states=states)
+
+    def _preflight():
+        return preflight(lazy, recipe, output_dir=out, export_format=export_format,
+                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress,
+                         scan=scan and budget is None, states=states)
+
+    # a distributed run checks (and later writes) on rank 0; its error is every rank's
+    plan = _preflight() if dist is None else dist.on_root(_preflight, "the preflight checks")
     # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)
     quantizer = LayerQuantizer(lazy, recipe, device, storage, precision=precision,
-                               prefetch=device.type == "cuda" if prefetch is None else prefetch, probe=probe)
-    check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
-    support = run_loader_support(lazy, plan, export_format) if out is not None else []
+                               prefetch=device.type == "cuda" if prefetch is None else prefetch, probe=probe,
+                               dist=dist)
+    if dist is None:
+        check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
+    else:  # rank 0's budget decides the groups of every rank
+        dist.on_root(lambda: check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget()) and None,
+                     "the expert group plans")
+        quantizer.plan_tokens = int(ids.numel())
+    support = run_loader_support(lazy, plan, export_format) if out is not None and root else []
     transforms = build_transforms(recipe, lazy.family, storage)
     for tr in transforms:  # e.g. the rotation of the globals, before the calibration inputs are recorded
         tr.before_calibration(lazy)
@@ -207,12 +249,23 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                    "recipe": {k: v for k, v in recipe.to_dict().items() if k != "host_memory_gb"},
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "export_format": export_format}
-    tmp_root = None
-    if out is not None:
-        work = open_work_dir(out, fingerprint, resume)  # <out>.partial, locked; stale <out>.tmp-* removed
-    else:
+    tmp_root = work = None
+
+    def _open_work():
+        nonlocal tmp_root
+        if out is not None:
+            return open_work_dir(out, fingerprint, resume)  # <out>.partial, locked; stale <out>.tmp-* removed
         tmp_root = tempfile.mkdtemp(prefix="moequant-work-")
-        work = WorkDir(Path(tmp_root) / "work", fingerprint, False)
+        return WorkDir(Path(tmp_root) / "work", fingerprint, False)
+
+    if dist is not None:
+        dist.kept = (f"the finished layers are kept in {out.with_name(out.name + '.partial')}: rerun with --resume "
+                     f"(resume=True), with any number of processes") if out is not None else \
+            "nothing is kept (without output_dir the work directory is temporary)"
+    if dist is None:
+        work = _open_work()
+    else:  # rank 0 owns the work directory; the others learn where it resumes
+        work = dist.on_root(lambda: _OpenedWork(_open_work()), "opening the work directory").work
     report = QuantizationReport(model=str(model_dir), family=lazy.family.name, recipe=recipe.to_dict(),
                                 device=str(device), calibration_samples=int(ids.shape[0]),
                                 calibration_seq_len=int(ids.shape[1]), output_dir=str(out) if out else None,
@@ -220,39 +273,67 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                 loaders=[s.to_dict() for s in support],
                                 source_format=lazy.source.to_dict() if lazy.source is not None else None,
                                 hidden_states=states.to_dict(), budget=budget)
-    # the hidden states between layers: in memory, or in a disk-backed store of the work directory
-    store = StatesStore(states.on_disk, work.path, work.umask, pin_memory=device.type == "cuda")
-    hidden = None
+    # the hidden states between layers: in memory, or in a disk-backed store of the work directory (rank 0 of a
+    # distributed run holds every batch; the others hold theirs, in memory)
+    store = StatesStore(states.on_disk and root, work.path if work is not None else None,
+                        work.umask if work is not None else None, pin_memory=device.type == "cuda")
+    hidden = full = None
+    batches = ids.split(recipe.calibration.batch_size)
+    mine = range(len(batches)) if dist is None else dist.batch_range(len(batches))
     try:
-        start = work.completed
-        hidden, kwargs = layer_inputs(lazy, ids, recipe.calibration.batch_size, device, store=store,
+        start = work.completed if dist is None else dist.broadcast_object(
+            work.completed if root else None, 0, "the resume point")
+        # this rank's batches: contiguous, so that their batches are the single-process run's
+        local_ids = ids if dist is None else torch.cat(batches[mine.start:mine.stop])
+        hidden, kwargs = layer_inputs(lazy, local_ids, recipe.calibration.batch_size, device, store=store,
                                       keep_hidden=start == 0)
         # embeddings, final norm and lm_head are not needed any more (the export reads the checkpoint)
         logger.debug("released %.2f GB of non-layer weights", lazy.release_non_layer_parts() / 1e9)
         if start > 0:
             report.resumed_from_layer = start
-            hidden = work.load_activations(in_memory=not states.on_disk, pin_memory=device.type == "cuda")
-            if hidden.dtype != lazy.dtype:  # a CPU run (float32) resumed on a GPU (bf16), or the reverse
-                raise ValueError(f"{work.path}: its activations are {hidden.dtype} but this run computes in "
-                                 f"{lazy.dtype} on {device}; resume on the device the run started on (recipe "
-                                 f"device, --device), or delete {work.path} to start over")
-            report.layers = [work.load_record(i) for i in range(start)]
+            if root:
+                full = work.load_activations(in_memory=not states.on_disk, pin_memory=device.type == "cuda")
+            if root and full.dtype != lazy.dtype:  # a CPU run (float32) resumed on a GPU (bf16), or the reverse
+                error = ValueError(f"{work.path}: its activations are {full.dtype} but this run computes in "
+                                   f"{lazy.dtype} on {device}; resume on the device the run started on (recipe "
+                                   f"device, --device), or delete {work.path} to start over")
+            else:
+                error = None
+            if dist is not None:
+                dist.on_root(lambda: _raise(error), "checking the resumed activations")
+                hidden = scatter_states(dist, full)
+            elif error is not None:
+                raise error
+            else:
+                hidden, full = full, None
+            if root:
+                report.layers = [work.load_record(i) for i in range(start)]
             logger.info("resuming after layer %d of %d", start - 1, lazy.num_layers)
         quantizer.transforms = list(transforms)
-        with LayerCommits(work, observers) as commits:
+        with (LayerCommits(work, observers) if root else _NoCommits(observers)) as commits:
             for index in _progress(range(start, lazy.num_layers), lazy.num_layers - start, "quantizing layers",
                                    progress):
                 t = time.time()
                 for obs in observers:
                     obs.layer_inputs(index, lazy.layer_prefix(index), hidden, kwargs)
                 # layer L+1 is calibrated on the outputs of the *quantized* layer L (a MoE layer's engine computes
-                # them), written batch by batch into the store
-                sink = store.sink(hidden.shapes, hidden.dtype)
+                # them), written batch by batch into the store (rank 0 of a distributed run: every batch's)
+                if dist is not None:
+                    dist.where = f"layer {index} ({lazy.layer_prefix(index)})"
+                shapes = hidden.shapes if dist is None or not root else \
+                    [(len(b), *hidden.shapes[0][1:]) for b in batches]
+                sink = store.sink(shapes, hidden.dtype)
                 try:
                     result = quantizer.quantize_layer(index, hidden, kwargs, outputs=sink)
                     if result.outputs is None:
                         quantizer.run_layer(result.layer, index, hidden, kwargs, out=sink)
-                    outputs = sink.finish()
+                    if dist is None:
+                        outputs = sink.finish()
+                    elif root:  # the other ranks' batches after rank 0's
+                        outputs = gather_outputs(dist, sink, hidden.dtype)
+                    else:
+                        outputs = sink.finish()
+                        gather_outputs(dist, None, hidden.dtype, outputs)
                 except BaseException:
                     sink.abort()
                     raise
@@ -262,30 +343,81 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 commits.submit(index, result, record, outputs, dense)  # written while the next layer computes
                 # submit waited for the previous commit, the last reader of this layer's inputs
                 hidden.close()
-                hidden = outputs
+                if full is not None:
+                    full.close()
+                hidden, full = outputs, None
+                if dist is not None and root:  # rank 0 computes its own batches of all it holds
+                    hidden, full = BatchSlice(outputs, mine), outputs
                 report.layers.append(record)
                 del result
                 logger.info("layer %d/%d done in %.1f s", index + 1, lazy.num_layers, record.seconds)
         report.seconds = round(time.time() - t0, 3)
         hidden.close()
-        if out is not None:
-            export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
-            shutil.rmtree(work.path)
-            if budget is not None:
-                from .budget import budget_file
+        if full is not None:
+            full.close()
+        if dist is not None:
+            dist.where = "the export"
 
-                budget_file(out).unlink(missing_ok=True)
-            report.seconds = round(time.time() - t0, 3)
+        def _export():
+            if out is not None:
+                export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
+                shutil.rmtree(work.path)
+                if budget is not None:
+                    from .budget import budget_file
+
+                    budget_file(out).unlink(missing_ok=True)
+                report.seconds = round(time.time() - t0, 3)
+            return report
+
+        # a distributed run: rank 0 exports; every rank returns its report once the checkpoint is complete, or
+        # raises its error
+        report = _export() if dist is None else dist.on_root(_export, "the export on rank 0")
     except Exception as exc:  # a full, read-only or forbidden output device: one clear error, the layers kept
-        error = output_write_error(exc, out, work.path)
+        error = output_write_error(exc, out, work.path) if work is not None else None
         if error is None:
             raise
         raise error from exc
     finally:
-        if hidden is not None:
-            hidden.close()
+        for states_ in (hidden, full):
+            if states_ is not None:
+                states_.close()
         quantizer.close()
-        work.close()
+        if work is not None:
+            work.close()
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
     return report
+
+
+def _raise(error: Optional[BaseException]) -> None:
+    if error is not None:
+        raise error
+
+
+class _OpenedWork:
+    """Rank 0's opened work directory as :meth:`DistContext.on_root` hands it around: the object itself on rank 0,
+    None elsewhere (only its resume point travels, separately)."""
+
+    def __init__(self, work: WorkDir) -> None:
+        self.work = work
+
+    def __reduce__(self):
+        return (_OpenedWork, (None,))
+
+
+class _NoCommits:
+    """The commits of a rank that writes nothing (not rank 0 of a distributed run): observers still hear of every
+    finished layer."""
+
+    def __init__(self, observers) -> None:
+        self.observers = list(observers)
+
+    def submit(self, index: int, result, record, hidden, tensors) -> None:
+        for obs in self.observers:
+            obs.layer_done(index, result)
+
+    def __enter__(self) -> "_NoCommits":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
