@@ -261,16 +261,19 @@ class MoELayerEngine:
         plan: the :class:`GroupPlan` (:func:`plan_layer`). num_batches, run_batch: the calibration batches and
             ``run_batch(b) -> the layer's output on batch b`` (on the device). outputs: where pass 3 puts the
             layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
-            :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`.
+            :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`. output_hooks: a context
+            manager (e.g. :class:`moequant.calibration.kv_cache.KVCacheHooks`) entered around pass 3, the forwards
+            of the quantized layer that give its outputs.
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
                  device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
-                 outputs=None) -> None:
+                 outputs=None, output_hooks=None) -> None:
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
         self.outputs = HostCopies() if outputs is None else outputs
+        self.output_hooks = output_hooks
         self.experts = family.experts_of(layer)
         self.num = num_experts(self.experts)
         self.phases = _Phases(self.device)
@@ -310,7 +313,7 @@ class MoELayerEngine:
         res_e, rec_e, tokens, mass, expert_out = self._experts(plan, rec1.calls, rec2.calls)
         del rec1, rec2
         rec3 = ExpertsRecorder(self.experts)
-        with ph("pass3_forward"):
+        with ph("pass3_forward"), (self.output_hooks or contextlib.nullcontext()):
             outputs = self._pass(rec3.replaying(expert_out), keep=True)
         return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
                               dict(ph.t))
