@@ -55,3 +55,6 @@ __all__ = [
 from .act_quant import fake_quantize_activations_ref, fake_quantize_fp8_ref  # noqa: E402
 
 __all__ += ["fake_quantize_activations_ref", "fake_quantize_fp8_ref"]
+from .kv_cache import kv_scale_ref  # noqa: E402
+
+__all__ += ["kv_scale_ref"]
