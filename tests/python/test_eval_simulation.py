@@ -266,3 +266,27 @@ def test_cli_says_what_it_simulated_and_the_flag_turns_it_off(checkpoints, capsy
     assert cli.main(["-q", "eval", str(checkpoints("NVFP4A16")), "--text", str(text), "--seq-len", "64"]) == 0
     said, ppl = capsys.readouterr().out.strip().splitlines()[-2:]
     assert said == "simulated: nothing (the checkpoint quantizes weights only)" and ppl.startswith("ppl=")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "qwen3_next",
+                                    "phimoe", "granitemoe"])
+def test_every_family_simulates_every_quantized_module(family, tmp_path):
+    """The runtime names of each family's Linears and experts map to the checkpoint's modules (Mixtral / PhiMoE
+    renames, GPT-OSS / GraniteMoE experts written per expert from fused sources, shared experts, MLA projections):
+    the simulation finds every one of them, and changes the logits."""
+    src = family_checkpoint(family, tmp_path / "models")
+    out = tmp_path / "fp8"
+    recipe = Recipe.from_dict({"scheme": {"preset": "FP8", "method": "rtn"}, "calibration": CALIBRATION})
+    moequant.quantize(str(src), recipe, calibration=str(CALIB_TEXT), output_dir=out, progress=False)
+    model = load_model(out, loader="moequant")
+    sim = simulation_of(model)
+    fam = detect_family(model.config)
+    moe_layers = sum(fam.experts_of(layer) is not None for layer in fam.layers(model))
+    assert len(sim.experts) == moe_layers > 0 and sim.linears, sim.describe()
+    assert len(sim.linears) + 3 * sum(e.gate_up_proj.shape[0] for e, *_ in sim.experts.values()) == \
+        len(sim.plan.inputs)
+    with torch.no_grad():
+        on = model(IDS).logits
+        sim.remove()
+        off = model(IDS).logits
+    assert torch.isfinite(on).all() and not torch.equal(on, off)
