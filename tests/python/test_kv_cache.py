@@ -201,6 +201,8 @@ def test_errors(runs, tmp_path, capsys):
     with pytest.raises(ValueError, match="kv_cache: expected one of 'fp8' or null, got 'int8'"):
         _recipe(kv_cache="int8")
     assert check_kv_cache("FP8") == "fp8" and kv_cache_scheme_args(None) is None
+    assert Recipe.from_cli(_recipe(), kv_cache="none").kv_cache is None
+    assert Recipe.from_cli(None, kv_cache="fp8").to_dict()["kv_cache"] == "fp8"
     with pytest.raises(ValueError, match="kv_cache_scheme .* is not one moequant reads"):
         kv_cache_kind({"num_bits": 8, "type": "int", "strategy": "tensor"})
     # MLA: no key / value cache to calibrate, refused before the first layer
