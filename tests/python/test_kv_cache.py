@@ -224,3 +224,26 @@ def test_errors(runs, tmp_path, capsys):
                   metadata={"format": "pt"})
     with pytest.raises(ValueError, match="has a kv_cache_scheme but the checkpoint has no \\*.k_scale"):
         SimulationPlan.from_checkpoint(d)
+
+
+def test_eval_of_a_kv_scheme_moequant_does_not_simulate(runs, tmp_path, capsys):
+    """A checkpoint moequant did not write (here: an int8 kv_cache_scheme, which compressed-tensors reads): eval with
+    simulation says what to do; --no-simulate-activations evaluates the weights alone."""
+    import shutil
+
+    d = tmp_path / "int8kv"
+    shutil.copytree(runs("qwen3_moe"), d)
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"].update(type="int", observer="minmax")
+    (d / "config.json").write_text(json.dumps(config))
+    text = tmp_path / "heldout.txt"
+    text.write_text(HELDOUT_TEXT.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    args = ["-q", "eval", str(d), "--text", str(text), "--seq-len", "64", "--loader", "transformers"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("moequant: error: quantization_config: kv_cache_scheme {") and \
+        err.endswith("is not one moequant reads (it writes and simulates FP8 E4M3 with per-tensor static scales); "
+                     "evaluate its weights alone with simulate=False (--no-simulate-activations)"), err
+    assert cli.main(args + ["--no-simulate-activations"]) == 0
+    said, ppl = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert said == "simulated: nothing (--no-simulate-activations: weights only)" and ppl.startswith("ppl=")

@@ -36,11 +36,12 @@ def add_parser(sub, parent) -> None:
 def simulation_line(sim, simulate: bool) -> str:
     """The line eval prints before ``ppl=``: whether the runtime's activation / KV-cache quantization was
     simulated."""
+    if not simulate:
+        also = f"; the runtime also quantizes {sim.describe()}" if sim is not None else ""
+        return f"simulated: nothing (--no-simulate-activations: weights only{also})"
     if sim is None:
         return "simulated: nothing (the checkpoint quantizes weights only)"
-    if simulate:
-        return f"simulated: {sim.describe()}"
-    return f"simulated: nothing (--no-simulate-activations: weights only; the runtime also quantizes {sim.describe()})"
+    return f"simulated: {sim.describe()}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,6 +62,15 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
     :func:`simulation_of` tells what is simulated."""
     import transformers
 
+    from .simulate import Simulation, SimulationPlan
+
+    try:  # what to simulate, read before the model
+        plan = SimulationPlan.from_checkpoint(model_dir)
+    except ValueError as exc:  # a checkpoint moequant did not write, in a format it does not read
+        if simulate:
+            raise ValueError(f"{exc}; evaluate its weights alone with simulate=False (--no-simulate-activations)"
+                             ) from None
+        plan = SimulationPlan()
     which, why = choose_loader(model_dir, loader)
     on_gpu = str(device).startswith("cuda")
     logger.info("loading %s with the %s loader (%s)", model_dir, which, why)
@@ -87,9 +96,6 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
     # nn.Module.float is called directly: transformers refuses .float() on a model loaded from a quantized
     # checkpoint, although its weights are plain bf16 tensors here.
     model = (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
-    from .simulate import Simulation, SimulationPlan
-
-    plan = SimulationPlan.from_checkpoint(model_dir)
     sim = None if plan.empty else Simulation(model, _family(model_dir), plan)
     if sim is not None and simulate:
         sim.attach()
