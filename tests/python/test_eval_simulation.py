@@ -290,3 +290,32 @@ def test_every_family_simulates_every_quantized_module(family, tmp_path):
         sim.remove()
         off = model(IDS).logits
     assert torch.isfinite(on).all() and not torch.equal(on, off)
+
+
+def test_experts_forward_with_idle_experts_and_per_expert_scales(checkpoints):
+    """Unsimulated, experts_forward is the module's own output, bit for bit, also with experts that get no token;
+    with NVFP4's per-expert input scales each expert's rows are quantized with its own scale."""
+    from moequant.calibration.routing import experts_forward
+
+    model = load_model(checkpoints("NVFP4"), loader="moequant", simulate=False)
+    fam = detect_family(model.config)
+    ex = fam.experts_of(fam.layers(model)[0])
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 128, generator=gen)
+    idx = torch.tensor([[0, 2]] * 5 + [[2, 0]] * 4)  # experts 1 and 3 idle
+    w = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(experts_forward(ex, fam, x, idx, w), ex(x, idx, w))
+        seen = []
+
+        def fn(ids, rows):
+            seen.append(ids.tolist())
+            return rows * (1 + ids.float()[:, None])  # a different transform per expert
+
+        y = experts_forward(ex, fam, x, idx, w, gate_up_input=fn)
+        assert seen == [[0] * 9 + [2] * 9]
+        # expert 0 sees x, expert 2 sees 3 x: the sum of the two experts' outputs on those inputs
+        zero = torch.zeros_like(w)
+        want = ex(x, idx, torch.stack([torch.where(idx[:, k] == 0, w[:, k], zero[:, k]) for k in range(2)], 1)) + \
+            ex(3 * x, idx, torch.stack([torch.where(idx[:, k] == 2, w[:, k], zero[:, k]) for k in range(2)], 1))
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)

@@ -101,18 +101,11 @@ def _scale(t: torch.Tensor, name: str) -> torch.Tensor:
 class _ExpertsPatch:
     """Replaces one fused experts module's forward by the simulated one; ``remove()`` restores the class's."""
 
-    def __init__(self, experts: nn.Module, family: MoEFamily, gate_up: list, down: list) -> None:
+    def __init__(self, experts: nn.Module, family: MoEFamily, gate_up: Optional[list], down: Optional[list]) -> None:
         self.experts = experts
         call = ExpertsCall(experts)
         dev = experts.gate_up_proj.device
-
-        def fq(spec):
-            if spec is None:
-                return None
-            on_dev = [(f, None if g is None else g.to(dev)) for f, g in spec]
-            return lambda e, x: fake_quantize_activations(x, on_dev[e][0], on_dev[e][1])
-
-        gu_fn, dn_fn = fq(gate_up), fq(down)
+        gu_fn, dn_fn = _rows_fn(gate_up, dev), _rows_fn(down, dev)
 
         def forward(*args, **kwargs):
             hs, idx, w = call.bind(args, kwargs)
@@ -122,6 +115,27 @@ class _ExpertsPatch:
 
     def remove(self) -> None:
         self.experts.__dict__.pop("forward", None)
+
+
+def _rows_fn(spec: Optional[list], device):
+    """``fn(ids, x)`` fake-quantizing routed rows grouped by expert with each expert's ``(format, global scale)``:
+    one call for all rows when the experts share them (the dynamic kinds), else one per expert (NVFP4's scales)."""
+    if spec is None:
+        return None
+    fmt = spec[0][0]
+    if all(f == fmt and g is None for f, g in spec):
+        return lambda ids, x: fake_quantize_activations(x, fmt)
+    scales = [None if g is None else g.to(device) for _, g in spec]
+
+    def fn(ids, x):
+        out = torch.empty_like(x)
+        experts, counts = torch.unique_consecutive(ids, return_counts=True)
+        a = 0
+        for e, n in zip(experts.tolist(), counts.tolist()):
+            out[a:a + n] = fake_quantize_activations(x[a:a + n], spec[e][0], scales[e])
+            a += n
+        return out
+    return fn
 
 
 def _expert_spec(plan: SimulationPlan, names: list, keys: tuple) -> Optional[list]:
