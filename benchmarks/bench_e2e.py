@@ -157,6 +157,46 @@ def run_llmcompressor(pythonpath: str, model_dir: Path, ids_path: Path, out: Pat
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class LayerProfiler:
+    """A layer observer: torch.profiler from layer ``index``'s inputs to the next layer's (or the run's end), then
+    the top operators by self CUDA time and by self CPU time, and the phase markers' wall times."""
+
+    def __init__(self, index: int, out) -> None:
+        from moequant.pipeline import LayerObserver  # noqa: F401 (the seam this class implements)
+        self.index, self.out, self.prof, self.t0 = index, out, None, 0.0
+
+    def layer_inputs(self, index, prefix, hidden, kwargs) -> None:
+        if index == self.index:
+            acts = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.time()
+        elif index == self.index + 1:
+            self.stop()
+
+    def layer_done(self, index, result) -> None:
+        pass
+
+    def stop(self) -> None:
+        if self.prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.time() - self.t0
+        self.prof.__exit__(None, None, None)
+        ka = self.prof.key_averages()
+        text = [f"profile of layer {self.index}: {wall:.2f} s wall"]
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            text.append(f"-- by {key}")
+            text.append(ka.table(sort_by=key, row_limit=30, max_name_column_width=60))
+        self.prof = None
+        msg = "\n".join(text)
+        print(msg)
+        if self.out:
+            Path(self.out).write_text(msg)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(CONFIGS), default="qwen3-30b-a3b")
@@ -174,6 +214,9 @@ def main() -> int:
                          "process's PYTHONPATH in llm-compressor's subprocess")
     ap.add_argument("--keep", action="store_true", help="keep the built model for the next run")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile-layer", type=int, metavar="N",
+                    help="run layer N under torch.profiler and print where its time goes (CPU and CUDA tables)")
+    ap.add_argument("--profile-out", help="with --profile-layer: write the tables here (default: print only)")
     args = ap.parse_args()
     from moequant.recipe import Recipe
 
@@ -208,8 +251,12 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     try:
+        observers = [LayerProfiler(args.profile_layer, args.profile_out)] if args.profile_layer is not None else []
         with HostPeak() as host:
-            report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True)
+            report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out), progress=True,
+                                       observers=observers)
+        for o in observers:
+            o.stop()
     except BaseException:
         for d in (out, Path(str(out) + ".partial")) + (() if args.keep else (model_dir,)):
             shutil.rmtree(d, ignore_errors=True)  # the next run's disk

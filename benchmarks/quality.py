@@ -6,15 +6,26 @@ all Linears of the decoder layers and every routed expert quantized, router / em
 Each row quantizes, exports (dequantized bf16 weights, which equal what the pack-quantized checkpoint
 decompresses to), reloads with transformers and evaluates.
 
-Configurations are composed: ``<method>[+feature...]-w<bits>[-sym]``, e.g. ``gptq-w4`` (plain GPTQ: min/max
+Configurations are composed: ``<method>[+feature...]-w<bits>[-g<N>][-sym]``, e.g. ``gptq-w4`` (plain GPTQ: min/max
 scales, no act-order, the reference's algorithm), ``gptq+ao+mse-w3``, ``rtn+awq-w4-sym``, ``default-w4`` (the
-library's default recipe), or ``bf16``. Features (each switches one recipe setting on top of the plain method):
+library's default recipe), ``rtn-w2-g32`` (group size 32; ``g-1``: per-channel; default ``--group-size``),
+``default+b3.0-w3`` (budgeted mixed precision at 3.0 bits per weight with the default candidates; the base scheme
+gives the solver settings and the symmetry), or ``bf16``. Each row reports its bits per quantized weight (scales and
+zero points included). Features (each switches one recipe setting on top of the plain method):
 
     ao      act-order                        mse     MSE scale search
     fbmean / fbrtn / fbid   fallback policy for experts below fallback.min_tokens (mean Hessian, RTN, identity)
     mt64    fallback.min_tokens = 64 (default 8): with few calibration samples, makes experts "rare"
     greedy  greedy rounding correction       agq     routing-weighted (affinity-guided) Hessians
     shrink  shrink rare experts' Hessians    awq     AWQ scales (+ clipping), then the method
+    awq2    AWQ with the L2 salience sqrt(E[x^2]) instead of E|x|
+    b<bits> budgeted mixed precision at <bits> bits per weight (scales included), default candidates
+    bexp / bmodel   with a budget: routed experts allocated per expert / one scheme for all layers
+    bnone   with a budget: the errors as measured (budget.sensitivity none; the default is matrix)
+    bproj   with a budget: routed experts' gate+up and down allocated apart (budget.experts projection)
+    bres    with a budget: each layer's errors relative to the residual stream's energy (budget.sensitivity)
+    bfish   with a budget: each layer's errors times the loss's sensitivity to its output (sensitivity: layer)
+    bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     bf16h / fp32h   Hessian update precision on the GPU
@@ -28,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -48,6 +60,14 @@ FEATURES = {
     "fbmean": ({}, dict(fallback=dict(policy="mean"))),
     "mt64": ({}, dict(fallback=dict(min_tokens=64))),
     "awq": ({}, dict(awq=dict(enabled=True))),
+    "awq2": ({}, dict(awq=dict(enabled=True, salience="l2"))),
+    "bexp": ({}, dict(budget=dict(experts="expert"))),
+    "bmodel": ({}, dict(budget=dict(experts="model"))),
+    "bnone": ({}, dict(budget=dict(sensitivity="none"))),
+    "bproj": ({}, dict(budget=dict(experts="projection"))),
+    "bres": ({}, dict(budget=dict(sensitivity="residual"))),
+    "bfish": ({}, dict(budget=dict(sensitivity="layer"))),
+    "bmat": ({}, dict(budget=dict(sensitivity="matrix"))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),
@@ -58,30 +78,88 @@ FEATURES = {
     "fp32h": ({}, dict(hessian_precision="fp32")),
 }
 METHODS = ("rtn", "gptq", "default")
+BUDGET = re.compile(r"^b\d+(\.\d+)?$")  # b3.0: budgeted mixed precision at 3.0 bits per weight
+
+
+# weight-only presets (the evaluation reloads dequantized weights: schemes that quantize activations would need
+# moequant eval's activation simulation, not this protocol)
+PRESETS = {"nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16"}
 
 
 def parse_config(name: str) -> tuple[dict, dict, set]:
-    """``<method>[+feature...]-w<bits>[-sym]`` -> (scheme fields, recipe fields, features)."""
+    """``<method>[+feature...]-w<bits>[-g<N>][-sym]`` or ``<method>[+feature...]-<preset>`` (nvfp4a16, mxfp4a16)
+    -> (scheme fields, recipe fields, features)."""
     parts = name.split("-")
-    if len(parts) not in (2, 3) or not parts[1].startswith("w") or not parts[1][1:].isdigit() \
-            or (len(parts) == 3 and parts[2] != "sym"):
-        raise ValueError(f"config {name!r}: expected <method>[+feature...]-w<bits>[-sym], e.g. gptq+ao-w4")
+    bad = ValueError(f"config {name!r}: expected <method>[+feature...]-w<bits>[-g<N>][-sym], e.g. gptq+ao-w4, "
+                     f"rtn-w3-g-1 (g-1: per-channel) or default+b3.0-w3, or <method>[+feature...]-<preset> with a "
+                     f"preset of {sorted(PRESETS)}")
+    if len(parts) == 2 and parts[1].lower() in PRESETS:
+        method, *features = parts[0].split("+")
+        if method not in METHODS:
+            raise ValueError(f"config {name!r}: method must be one of {METHODS}, got {method!r}")
+        unknown = [f for f in features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"config {name!r}: unknown feature(s) {unknown}; a preset row takes {sorted(FEATURES)}")
+        scheme = dict(preset=PRESETS[parts[1].lower()])
+        if method != "default":
+            scheme.update(method=method, act_order=False, damp=0.01)
+        recipe: dict = {}
+        for f in features:
+            sc, r = FEATURES[f]
+            scheme.update(sc)
+            for k, v in r.items():
+                recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+        return scheme, recipe, set(features)
+    if len(parts) < 2 or not parts[1].startswith("w") or not parts[1][1:].isdigit():
+        raise bad
+    rest, group = parts[2:], None
+    if rest and rest[0] == "g" and len(rest) > 1 and rest[1] == "1":  # g-1 (per-channel) splits on its dash
+        group, rest = -1, rest[2:]
+    elif rest and rest[0].startswith("g") and rest[0][1:].isdigit():
+        group, rest = int(rest[0][1:]), rest[1:]
+    if rest not in ([], ["sym"]):
+        raise bad
     method, *features = parts[0].split("+")
     if method not in METHODS:
         raise ValueError(f"config {name!r}: method must be one of {METHODS}, got {method!r}")
-    unknown = [f for f in features if f not in FEATURES]
+    budget = [f for f in features if BUDGET.match(f)]
+    unknown = [f for f in features if f not in FEATURES and f not in budget]
     if unknown:
-        raise ValueError(f"config {name!r}: unknown feature(s) {unknown}; known: {sorted(FEATURES)}")
-    scheme = dict(bits=int(parts[1][1:]), symmetric=len(parts) == 3)
+        raise ValueError(f"config {name!r}: unknown feature(s) {unknown}; known: {sorted(FEATURES)} and "
+                         "b<bits> (a budget)")
+    scheme = dict(bits=int(parts[1][1:]), symmetric=rest == ["sym"])
+    if group is not None:
+        scheme["group_size"] = group
     if method != "default":
         scheme.update(method=method, **_PLAIN)
     recipe: dict = {}
     for f in features:
-        s, r = FEATURES[f]
+        s, r = FEATURES[f] if f in FEATURES else ({}, dict(budget=dict(bits=float(f[1:]))))
         scheme.update(s)
         for k, v in r.items():
             recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
     return scheme, recipe, set(features)
+
+
+def average_bits(model_dir: str, scheme, storage_bits: int = 16) -> float:
+    """Bits per quantized weight of a uniform scheme (a dict of int fields, or a QuantScheme of any format) on the
+    protocol's matrices (every 2-D weight of the decoder layers but the routers), scales, zero points and global
+    scales included (the format's ``storage_bits``)."""
+    from safetensors import safe_open
+
+    from moequant.formats import IntFormat
+
+    fmt = IntFormat(scheme["bits"], scheme.get("group_size", 128), scheme.get("symmetric", True)) \
+        if isinstance(scheme, dict) else scheme.format
+    bits = params = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                shape = h.get_slice(k).get_shape()
+                if ".layers." in k and k.endswith(".weight") and len(shape) == 2 and not k.endswith("mlp.gate.weight"):
+                    bits += fmt.storage_bits(shape[0], shape[1], storage_bits)
+                    params += shape[0] * shape[1]
+    return bits / params
 
 
 def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str, seq_len: int) -> dict:
@@ -105,7 +183,8 @@ def build_recipe(name: str, args, td: Path, tmp: Path):
     from moequant.recipe import Recipe
 
     scheme, extra, features = parse_config(name)
-    scheme["group_size"] = args.group_size
+    if "preset" not in scheme:
+        scheme.setdefault("group_size", args.group_size)
     cal = dict(text_files=[str(td / "calib.txt")], num_samples=args.num_samples, seq_len=args.seq_len)
     if features & {"ebss", "mix"}:
         if not args.ebss_jsonl:
@@ -118,6 +197,9 @@ def build_recipe(name: str, args, td: Path, tmp: Path):
             half.write_text("\n".join(lines) + "\n")
             cal["jsonl_files"] = [str(half)]
     base = Recipe().to_dict()
+    if "preset" in scheme:  # the preset fixes the element format, group and scale search
+        for k in ("bits", "group_size", "symmetric", "scale_search"):
+            base["scheme"].pop(k, None)
     base["scheme"].update(scheme)
     base["calibration"].update(cal)
     base["device"] = args.device
@@ -170,6 +252,17 @@ def main(argv=None) -> int:
                     qsec = report.seconds
                     res = evaluate(str(out), held, wt2, args.device, args.seq_len)
                     res["fallbacks"] = len(report.fallbacks)
+                    if report.budget:
+                        b = report.budget
+                        res["bits"] = b["achieved_bits"]
+                        res["budget"] = {"measure_seconds": b["measure_seconds"], "error": b["error"],
+                                         "lower_bound": b["lower_bound"], "propagation": b["propagation"],
+                                         "candidates": b["candidates"], "residual": b.get("residual_energy"),
+                                         "sensitivity": b.get("sensitivity"),
+                                         "units": [[u["key"], u["scheme"], u["bits"], u["errors"]]
+                                                   for u in b["units"]]}
+                    else:
+                        res["bits"] = average_bits(args.model, recipe.scheme)
         except Exception as exc:  # noqa: BLE001 -- reported per row with --keep-going
             if not args.keep_going:
                 raise
@@ -179,7 +272,8 @@ def main(argv=None) -> int:
         res = {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}
         res.update(quantize_seconds=round(qsec, 1), total_seconds=round(time.time() - t, 1))
         rows[name] = res
-        print(f"{name:24s} heldout {res['heldout']:.3f}  wt2 {res['wt2']:.2f}  quantize {qsec:.1f} s "
+        bits = f"  {res['bits']:.4f} bits" if "bits" in res else ""
+        print(f"{name:24s} heldout {res['heldout']:.3f}  wt2 {res['wt2']:.2f}  quantize {qsec:.1f} s{bits} "
               f"(device {args.device})", flush=True)
     if args.json:
         p = Path(args.json)

@@ -287,7 +287,8 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
           p = cur[i];
         }
         const float q = quantize_code(w, p, qmin, qmax);
-        const float dq = __fmul_rn(__fsub_rn(q, p.zero), p.scale);
+        // + 0: rintf of a small negative value is -0.0, which the CPU's integer code (quant.h) dequantizes to +0.0
+        const float dq = __fmul_rn(__fadd_rn(__fsub_rn(q, p.zero), 0.0f), p.scale);
         d[i] = __fdiv_rn(__fsub_rn(w, dq), ujj);  // the CPU's (w - dequantized) / U_jj
         if (lane == l) {
           wv[i][s] = d[i];

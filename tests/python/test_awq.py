@@ -89,6 +89,47 @@ def test_scale_search_lowers_quantized_output_error_on_salient_channels(gen):
     assert len(res.losses) == 20
 
 
+def test_activation_salience_abs_and_l2(gen):
+    x = torch.randn(3, 50, 7, generator=gen)
+    x[0, 0, 2] = 40.0  # one rare large activation: L2 weighs it more than E|x|
+    flat = x.reshape(-1, 7).double()
+    torch.testing.assert_close(awq.activation_salience(x, "abs"), flat.abs().mean(0).float())
+    torch.testing.assert_close(awq.activation_salience(x, "l2"), flat.pow(2).mean(0).sqrt().float())
+    assert torch.equal(awq.activation_salience(x), awq.activation_absmean(x))  # the default is AutoAWQ's
+    l2, ab = awq.activation_salience(x, "l2"), awq.activation_salience(x, "abs")
+    assert (l2 >= ab).all() and l2[2] / ab[2] > 2 * (l2[3] / ab[3])
+    const = torch.tensor([[2.0, -3.0], [-2.0, 3.0]])  # constant magnitude: both statistics agree
+    assert torch.equal(awq.activation_salience(const, "l2"), awq.activation_salience(const, "abs"))
+    with pytest.raises(ValueError, match="salience: expected one of"):
+        awq.activation_salience(x, "max")
+
+
+@pytest.mark.parametrize("salience", ["abs", "l2"])
+def test_layer_search_uses_the_configured_salience(salience, monkeypatch):
+    """Every scale search of a layer receives the recipe's statistic of its input (checked on the attention's
+    input norm group, whose input the test recomputes)."""
+    layer, fam, hidden, kwargs = _tiny_layer("qwen3_moe")
+    xs = []
+    h = layer.input_layernorm.register_forward_hook(lambda m, a, o: xs.append(o.detach()))
+    _run(layer, hidden, kwargs)
+    h.remove()
+    seen = []
+    real = awq.search_scale
+
+    def spy(x_mean, *args, **kw):
+        seen.append(x_mean.clone())
+        return real(x_mean, *args, **kw)
+
+    monkeypatch.setattr(awq, "search_scale", spy)
+    apply_awq(layer, fam, _awq_recipe(clip_search=False, salience=salience), "model.layers.0", hidden, kwargs, 0,
+              "cpu", torch.float64)
+    want = awq.activation_salience(xs[0], salience)
+    other = awq.activation_salience(xs[0], "l2" if salience == "abs" else "abs")
+    first = seen[0]  # the input_layernorm group (q/k/v) is searched first
+    torch.testing.assert_close(first, want)
+    assert not torch.allclose(first, other)
+
+
 def test_scale_search_keeps_identity_when_nothing_helps():
     res = awq.search_scale(torch.ones(8), torch.ones(8), lambda s: float((s - 1).abs().sum()), grid=5)
     assert res.ratio is None and torch.equal(res.scales, torch.ones(8))
@@ -143,7 +184,7 @@ def test_math_error_paths():
 @pytest.mark.parametrize("field,value", [
     ("enabled", 1), ("grid", 0), ("grid", 2.5), ("duo_scaling", "yes"), ("clip_search", None), ("clip_grid", 0),
     ("clip_max_shrink", 0.0), ("clip_max_shrink", 1.0), ("clip_max_shrink", True), ("max_tokens", 0),
-    ("clip_tokens", -1), ("min_tokens", 0), ("exact_routing", 0)])
+    ("clip_tokens", -1), ("min_tokens", 0), ("exact_routing", 0), ("salience", "l1"), ("salience", None)])
 def test_awq_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"awq.{field}: expected"):
         AWQConfig(**{field: value})
@@ -152,8 +193,9 @@ def test_awq_config_rejects_bad_values(field, value):
 
 
 def test_awq_config_round_trip_and_unknown_key():
-    r = Recipe(awq=AWQConfig(enabled=True, grid=10, clip_search=False, max_tokens=1000))
+    r = Recipe(awq=AWQConfig(enabled=True, grid=10, clip_search=False, max_tokens=1000, salience="l2"))
     assert Recipe.from_dict(r.to_dict()) == r and r.to_dict()["awq"]["grid"] == 10
+    assert r.to_dict()["awq"]["salience"] == "l2" and Recipe().awq.salience == "abs"
     assert Recipe().awq.enabled is False
     with pytest.raises(ValueError, match="awq: unknown key"):
         Recipe.from_dict({"awq": {"gird": 3}})

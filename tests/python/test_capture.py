@@ -7,6 +7,7 @@ import torch
 from moequant.calibration.capture import ExpertCapture, LayerCapture, LinearCapture
 from moequant.calibration.routing import RoutedBatch, expert_intermediate, expert_output, route_tokens
 from moequant.models import detect_family, split_expert
+from moequant.models.base import num_experts
 from test_models import NAMES, build_tiny
 
 class RefAccumulator:
@@ -356,3 +357,38 @@ def test_linear_sharing_broken_later_is_an_error():
             lin_b(x.clone())
     assert cap.shares == {"b": "a"}
     torch.testing.assert_close(cap.accumulators["a"].hessians[0], 2 * x.double().T @ x.double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])  # gate rows first / interleaved, transposed layout
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_expert_intermediate_half_on_cuda_matches_fp32(name, dtype):
+    """A 16-bit layer on a GPU: expert_intermediate takes the tensor cores (fp32 output of 16-bit products) instead
+    of the fp32 GEMM of widened copies; the products are exact, only the summation order differs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = build_tiny(name).to("cuda", dtype)
+    fam = detect_family(model)
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    g = torch.Generator().manual_seed(3)
+    E = num_experts(experts)
+    hs = torch.randn(40, model.config.hidden_size, generator=g).to("cuda", dtype)
+    idx = torch.randint(0, E + 1, (40, 2), generator=g).cuda()  # E: a pad
+    idx[:, 1] = torch.where(idx[:, 1] == 0, E, idx[:, 1])  # expert 0 sees fewer rows; some see none
+    w = torch.rand(40, 2, generator=g).cuda()
+    batch = route_tokens(hs, idx, w, E)
+    fast = expert_intermediate(experts, fam, batch)
+    batch_ref = route_tokens(hs, idx, w, E)
+    ref = torch.zeros_like(fast)
+    off = batch_ref.offsets.tolist()
+    for e in range(E):
+        a, b = off[e], off[e + 1]
+        if b > a:
+            t = split_expert(experts, fam, e)
+            x = batch_ref.x[a:b].float()
+            gate, up = x @ t.gate.float().t(), x @ t.up.float().t()
+            if t.gate_bias is not None:
+                gate, up = gate + t.gate_bias.float(), up + t.up_bias.float()
+            ref[a:b] = fam.glu(experts, gate, up)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)

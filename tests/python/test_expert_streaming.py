@@ -111,11 +111,11 @@ def test_crash_in_the_middle_of_a_layers_groups_resumes_bit_identically(models, 
     calls = {"n": 0}
     original = engine.finish_jobs
 
-    def crash_on_the_third_group_of_layer_1(jobs, storage, recipe_):
+    def crash_on_the_third_group_of_layer_1(jobs, storage, recipe_, probe=None):
         calls["n"] += 1
         if calls["n"] == 4 + 3:  # layer 0's 4 groups, layer 1's first 2, then the third
             raise KeyboardInterrupt("simulated kill in the middle of layer 1's expert groups")
-        return original(jobs, storage, recipe_)
+        return original(jobs, storage, recipe_, probe=probe)
 
     monkeypatch.setattr(engine, "finish_jobs", crash_on_the_third_group_of_layer_1)
     out = tmp_path / "resumed"

@@ -54,6 +54,11 @@ def add_parser(sub, parent) -> None:
     q.add_argument("--host-memory-gb", type=float, metavar="GB",
                    help="host memory the calibration hidden states may use; beyond it they live in a disk-backed "
                    "store in DIR.partial (0: always; default: half of the available memory after one layer)")
+    q.add_argument("--budget", metavar="BITS|SIZE",
+                   help="budgeted mixed precision: average bits per weight, scales included (e.g. 3.5), or a "
+                   "checkpoint size (e.g. 12GB, 800MiB); each module group gets the candidate scheme that minimises "
+                   "the measured error within it (recipe section budget, docs/recipes.md); runs a measurement pass "
+                   "first")
     q.add_argument("--kv-cache", choices=("fp8", "none"), metavar="fp8|none",
                    help="fp8: calibrate per-tensor k_scale / v_scale of every attention for an FP8 KV cache "
                    "(llm-compressor's kv_cache_scheme; vLLM --kv-cache-dtype fp8); none: no KV-cache quantization "
@@ -85,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.from_cli(args.recipe, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                              method=args.method, calib=args.calib, num_samples=args.num_samples,
                              seq_len=args.seq_len, device=args.device, device_memory_gb=args.device_memory_gb,
-                             host_memory_gb=args.host_memory_gb, scheme=args.scheme, kv_cache=args.kv_cache)
+                             host_memory_gb=args.host_memory_gb, scheme=args.scheme, budget=args.budget,
+                             kv_cache=args.kv_cache)
     common.check_device(recipe.device)
     cal = recipe.calibration
     if not (cal.text_files or cal.jsonl_files):  # the pipeline calibrates layer by layer, even for rtn
@@ -105,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     report = pipeline.quantize(str(model), recipe, output_dir=str(out), resume=args.resume,
                                export_format=args.format, progress=common.logger.isEnabledFor(logging.INFO))
     print(report.summary() if hasattr(report, "summary") else report)
+    budget = report.budget_table() if hasattr(report, "budget_table") else ""
+    if budget:
+        print(budget)
     table = report.utilization_table() if hasattr(report, "utilization_table") else ""
     if table:
         print("tokens per expert (columns: experts, darker = more tokens):")

@@ -9,7 +9,7 @@ import math
 from typing import Optional
 
 __all__ = ["require_matplotlib", "utilization", "layer_errors", "expert_errors", "routing_drift", "load_change",
-           "kl_histogram"]
+           "kl_histogram", "budget_allocation"]
 
 KIND_COLORS = {"attention": "#4C72B0", "shared": "#55A868", "routed": "#C44E52", "dense": "#8172B2"}
 
@@ -255,4 +255,65 @@ def kl_histogram(compare) -> Optional[bytes]:
     ax.set_ylabel("tokens")
     ax.set_title("Per-token KL divergence")
     ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def budget_allocation(report) -> Optional[bytes]:
+    """A budgeted run's allocation: heat map, layers x module groups, of the bits per weight each got (scales
+    included; the scheme written in the cell); with per-expert units, a second panel of each expert's bits against
+    its routing mass (rarely used experts on the left)."""
+    import numpy as np
+
+    from ..pipeline.report import budget_grid
+
+    b = getattr(report, "budget", None)
+    if not b or not b.get("units"):
+        return None
+    columns, grid = budget_grid(b)
+    layers = sorted(grid)
+    per_expert = [u for u in b["units"] if u.get("expert") is not None]
+    bits = np.full((len(layers), len(columns)), np.nan)
+    for r, i in enumerate(layers):
+        for c, label in enumerate(columns):
+            if label in grid[i]:
+                bits[r, c] = grid[i][label][1]
+    fig = _figure(min(14, max(7.5, 3.5 + 2.2 * len(columns) + (4 if per_expert else 0))),
+                  min(10, max(3.2, 1.6 + 0.38 * len(layers))))
+    ax = fig.add_subplot(1, 2, 1) if per_expert else fig.add_subplot()
+    im = ax.imshow(bits, aspect="auto", cmap="viridis", interpolation="nearest")
+    for r, i in enumerate(layers):
+        for c, label in enumerate(columns):
+            if label in grid[i]:
+                text = grid[i][label][0] if "," not in grid[i][label][0] else f"{grid[i][label][1]:.2f} avg"
+                ax.text(c, r, text, ha="center", va="center", fontsize="x-small",
+                        color="white" if bits[r, c] < np.nanmean(bits) else "black")
+    ax.set_xticks(range(len(columns)), [c.replace("+", "+\n") for c in columns], fontsize="small")
+    _layer_ticks(ax, layers, "y")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="bits per weight (scales included)")
+    target = f"{b['target']['bits']:g} bits" if "bits" in b["target"] else f"{b['target']['size_gb']:g} GB"
+    ax.set_title(f"Allocation for {target}: {b['achieved_bits']:.3f} bits per weight")
+    if per_expert:
+        by = {x.index: x for x in report.layers}
+        per: dict = {}  # (layer, expert) -> [bits x params, params]: gate+up and down together
+        for u in per_expert:
+            acc = per.setdefault((u["layers"][0], u["expert"]), [0.0, 0])
+            acc[0] += u["bits"] * u["params"]
+            acc[1] += u["params"]
+        pts = []
+        for (layer, e), (bp, n) in sorted(per.items()):
+            x = by.get(layer)
+            mass = x.routing_mass if x is not None and x.routing_mass else []
+            if e < len(mass) and n:
+                pts.append((max(mass[e], 1e-3), bp / n, layer))
+        ax2 = fig.add_subplot(1, 2, 2)
+        if pts:
+            sc = ax2.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=14)
+            _layer_colors(fig, ax2, sc, sorted({p[2] for p in pts}))
+        ax2.set_xscale("log")
+        _plain_log(ax2, "x")
+        ax2.set_xlabel("routing mass of the expert in calibration")
+        ax2.set_ylabel("bits per weight (gate, up and down)")
+        ax2.set_title("Per-expert allocation against routing mass")
+        ax2.grid(alpha=0.3, which="both")
     return _png(fig)

@@ -76,6 +76,8 @@ def render_text(run: Run) -> str:
     rep = run.report
     if rep is not None:
         parts.append(rep.summary())
+        if rep.budget:
+            parts.append(rep.budget_table())
         worst = _worst_experts(rep)
         if worst:
             parts.append("experts with the largest relative error tr(dW H dW^T) / tr(W H W^T):\n" + "\n".join(
@@ -145,6 +147,31 @@ def _summary_rows(run: Run) -> list:
     return rows
 
 
+def _budget_grid(budget: dict):
+    from ..pipeline.report import budget_grid
+
+    return budget_grid(budget)
+
+
+def _budget_rows(b: dict) -> list:
+    target = f"{b['target']['bits']:g} bits per weight" if "bits" in b["target"] else f"{b['target']['size_gb']:g} GB"
+    kinds: dict = {}
+    for u in b["units"]:
+        k = kinds.setdefault(u["kind"], [0.0, 0])
+        k[0] += u["bits"] * u["params"]
+        k[1] += u["params"]
+    return [("target", target),
+            ("achieved", f"{b['achieved_bits']:.4f} bits per quantized weight, {b['quantized_params']} weights"),
+            ("checkpoint (pack-quantized)", f"{b['checkpoint_bytes'] / 1e9:.4g} GB"),
+            ("candidates", ", ".join(b["candidates"])),
+            ("units", f"{len(b['units'])} (routed experts per {b['experts']}; weight: {b['expert_weight']})"),
+            ("bits per weight by kind", ", ".join(f"{k} {v[0] / v[1]:.3f}" for k, v in kinds.items() if v[1])),
+            ("weighted error / lower bound", f"{b['error']:.6g} / {b['lower_bound']:.6g}"
+                                             f"{'' if b['exact'] else ' (front thinned)'}"),
+            ("measurement pass", f"{b['measure_seconds']:.1f} s, propagating {b['propagation'] or 'the base scheme'}"),
+            ("pinned by overrides", str(len(b["pinned"])))]
+
+
 def _layer_rows(run: Run) -> tuple[list, list]:
     from ..pipeline.report import MODULE_KINDS
 
@@ -202,6 +229,15 @@ def render_html(run: Run) -> str:
                         "module kind, with H the normalised calibration Hessian and dW the stored weight's error."),
                 _figure(figures.expert_errors(rep), "Each routed expert's relative error against the calibration "
                         "tokens it saw: rarely used experts sit on the left.")]
+    if rep is not None and rep.budget:
+        out += ["<h2>Budget allocation</h2>", _table(["", "value"], _budget_rows(rep.budget), left=2)]
+        columns, grid = _budget_grid(rep.budget)
+        out += [_table(["layer"] + columns, [[i] + [grid[i].get(col, ("–", 0.0))[0] for col in columns]
+                                             for i in sorted(grid)]),
+                _figure(figures.budget_allocation(rep), "Scheme chosen for each layer and module group under the "
+                        "budget, coloured by its bits per weight (scales and zero points included). Each unit's "
+                        "candidates were solved in a measurement pass and scored by tr(dW H dW^T) times its "
+                        "calibration tokens (routed experts: routing mass); the allocation minimises their sum.")]
     if c is not None:
         out += ["<h2>Compared with the original model</h2>",
                 _figure(figures.kl_histogram(c), "Distribution of the per-token KL divergence of the quantized "

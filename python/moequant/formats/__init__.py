@@ -22,12 +22,13 @@ from .compressed_tensors import (MIXED_PRECISION, ConfigGroup, WeightsConfig, as
 from .floating import FLOAT_KINDS, FloatFormat, nvfp4_global_scale, weight_format_from_key
 from .integer import IntFormat, check_bits, check_group_size, matrix_group_size
 from .schemes import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED, NVFP4_PACK_QUANTIZED, PACK_QUANTIZED,
-                      PRESET_ALIASES, PRESETS, Preset, WeightFormat, compression_format, preset)
+                      PRESET_ALIASES, PRESETS, Preset, WeightFormat, compression_format, preset,
+                      scheme_storage_bits)
 from .tensors import COMPANIONS, compressed_tensor_names, decompress
 
 __all__ = ["IntFormat", "FloatFormat", "ActivationFormat", "WeightFormat", "FLOAT_KINDS", "ACTIVATION_KINDS",
            "check_bits", "check_group_size", "matrix_group_size", "nvfp4_global_scale", "weight_format_from_key",
-           "Preset", "PRESETS", "PRESET_ALIASES", "preset", "compression_format", "PACK_QUANTIZED", "INT_QUANTIZED",
-           "FLOAT_QUANTIZED", "NVFP4_PACK_QUANTIZED", "MXFP4_PACK_QUANTIZED", "MIXED_PRECISION", "WeightsConfig",
-           "ConfigGroup", "as_format", "config_formats", "config_groups", "group_of", "quantization_config_block",
-           "weights_args", "compressed_tensor_names", "decompress", "COMPANIONS"]
+           "Preset", "PRESETS", "PRESET_ALIASES", "preset", "compression_format", "scheme_storage_bits",
+           "PACK_QUANTIZED", "INT_QUANTIZED", "FLOAT_QUANTIZED", "NVFP4_PACK_QUANTIZED", "MXFP4_PACK_QUANTIZED",
+           "MIXED_PRECISION", "WeightsConfig", "ConfigGroup", "as_format", "config_formats", "config_groups",
+           "group_of", "quantization_config_block", "weights_args", "compressed_tensor_names", "decompress", "COMPANIONS"]

@@ -129,6 +129,17 @@ class FloatFormat:
         """The formats a matrix quantized in this format is stored correctly under: itself."""
         return frozenset({self})
 
+    def storage_bits(self, out_features: int, in_features: int, scale_bits: int = 16) -> int:
+        """Bits an ``[out_features, in_features]`` matrix's weight tensors take in the checkpoint
+        (:func:`moequant.formats.tensors.compressed_tensor_names`): FP8 one byte a weight plus ``scale_bits`` scales
+        (checkpoint dtype) per row or per 128 x 128 block; FP4 half a byte a weight plus one byte (FP8 E4M3 / E8M0)
+        per group, and NVFP4's float32 ``weight_global_scale``. (NVFP4 W4A4's ``input_global_scale``, 32 bits, belongs
+        to the activations.) ValueError if the format does not fit ``in_features``."""
+        groups = self.groups(in_features)
+        if not self.fp4:
+            return 8 * out_features * in_features + self.scale_shape(out_features, in_features)[0] * groups * scale_bits
+        return 4 * out_features * in_features + 8 * out_features * groups + (32 if self.global_scale else 0)
+
     def label(self) -> str:
         """``"NVFP4 g16"``, ``"FP8 block 128x128"``, ..."""
         return _KINDS[self.kind][2]

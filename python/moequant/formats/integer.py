@@ -112,6 +112,18 @@ class IntFormat:
             return frozenset({replace(self, group_size=-1), replace(self, group_size=in_features)})
         return frozenset({self})
 
+    def storage_bits(self, out_features: int, in_features: int, scale_bits: int = 16) -> int:
+        """Bits a ``[out_features, in_features]`` matrix takes in a ``pack-quantized`` checkpoint
+        (:func:`moequant.formats.tensors.compressed_tensor_names`): the int32-packed codes
+        (``out * ceil(in * bits / 32)`` words), one ``scale_bits`` scale per row and group (16 for a bf16 / fp16
+        checkpoint), asymmetric the int32-packed zero points (``ceil(out * bits / 32)`` words per group) and the
+        int64 ``weight_shape`` pair. ValueError if the group size does not divide ``in_features``."""
+        groups = self.groups(in_features)
+        words = out_features * -(-in_features * self.bits // 32)
+        if not self.symmetric:
+            words += -(-out_features * self.bits // 32) * groups
+        return 32 * words + out_features * groups * scale_bits + 128
+
     def label(self) -> str:
         """``"W4 g128 sym"`` / ``"W3 per-channel asym"``."""
         g = "per-channel" if self.per_channel else f"g{self.group_size}"

@@ -29,9 +29,9 @@ from .activations import ActivationFormat
 from .floating import FloatFormat
 from .integer import IntFormat
 
-__all__ = ["Preset", "PRESETS", "PRESET_ALIASES", "preset", "compression_format", "PACK_QUANTIZED",
-           "INT_QUANTIZED", "FLOAT_QUANTIZED", "NVFP4_PACK_QUANTIZED", "MXFP4_PACK_QUANTIZED", "MIXED_PRECISION",
-           "WeightFormat"]
+__all__ = ["Preset", "PRESETS", "PRESET_ALIASES", "preset", "compression_format", "scheme_storage_bits",
+           "PACK_QUANTIZED", "INT_QUANTIZED", "FLOAT_QUANTIZED", "NVFP4_PACK_QUANTIZED", "MXFP4_PACK_QUANTIZED",
+           "MIXED_PRECISION", "WeightFormat"]
 
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
@@ -106,3 +106,15 @@ def compression_format(weights: WeightFormat, activations: Optional[ActivationFo
     raise ValueError(f"activations: {activations.label() if activations else 'none'} cannot go with "
                      f"{weights.label()} weights in a compressed-tensors checkpoint; use a preset "
                      f"({', '.join(PRESETS)})")
+
+
+def scheme_storage_bits(weights: WeightFormat, activations: Optional[ActivationFormat], out_features: int,
+                        in_features: int, scale_bits: int = 16) -> int:
+    """Bits an ``[out, in]`` matrix quantized with ``weights`` / ``activations`` takes in a compressed-tensors
+    checkpoint, in the format the pair implies (:func:`compression_format`): the weight format's ``storage_bits``,
+    except W8A8's ``int-quantized`` (int8 codes unpacked, one ``scale_bits`` scale per row, no ``weight_shape``),
+    plus NVFP4 W4A4's float32 ``input_global_scale`` (the budget's fixed bits of a pinned matrix)."""
+    if compression_format(weights, activations) == INT_QUANTIZED:
+        return 8 * out_features * in_features + out_features * scale_bits
+    return weights.storage_bits(out_features, in_features, scale_bits) + \
+        (32 if activations is not None and activations.static_global_scale else 0)

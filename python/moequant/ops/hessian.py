@@ -114,9 +114,10 @@ class HessianAccumulator:
         self.mass += other.mass.to(self.device)
         torch.maximum(self.absmax, other.absmax.to(self.device), out=self.absmax)
 
-    def hessian(self, expert: int, normalize: bool = True) -> torch.Tensor:
-        """``H[expert]``, divided by its weight mass when ``normalize`` (zeros for an expert with no rows)."""
+    def hessian(self, expert: int, normalize: bool = True, mass: Optional[float] = None) -> torch.Tensor:
+        """``H[expert]``, divided by its weight mass when ``normalize`` (zeros for an expert with no rows).
+        ``mass``: ``float(self.mass[expert])`` when the caller has read it already (no device synchronisation)."""
         h = self.hessians[expert]
-        m = float(self.mass[expert])
+        m = float(self.mass[expert]) if mass is None else float(mass)
         return h / m if normalize and m > 0 else h.clone()
 

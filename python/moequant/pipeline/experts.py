@@ -216,8 +216,8 @@ def check_layers_fit(lazy, recipe: Recipe, tokens: int, budget_bytes: Optional[i
 @dataclass
 class MoELayerOutput:
     """What :meth:`MoELayerEngine.run` returns: the layer's results and records (as the whole-layer path's), the
-    routed tokens and routing mass per expert, the layer's outputs on the calibration batches (CPU), the group
-    plan and the seconds per phase."""
+    routed tokens and Hessian mass per expert, the layer's outputs on the calibration batches (CPU), the group
+    plan, the seconds per phase and each expert's routing mass (the sum of its tokens' routing weights)."""
 
     results: dict
     records: list
@@ -227,6 +227,7 @@ class MoELayerOutput:
     plan: GroupPlan
     num_experts: int
     phases: dict = field(default_factory=dict)
+    routing_mass: list = field(default_factory=list)
 
 
 class _Phases:
@@ -236,7 +237,8 @@ class _Phases:
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
-        yield
+        with torch.profiler.record_function(f"moequant.{name}"):  # a marker when a profiler runs, else nothing
+            yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t0, 4)
@@ -264,11 +266,13 @@ class MoELayerEngine:
             :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`. output_hooks: a context
             manager (e.g. :class:`moequant.calibration.kv_cache.KVCacheHooks`) entered around pass 3, the forwards
             of the quantized layer that give its outputs.
+        probe: given to every :func:`~moequant.pipeline.jobs.finish_jobs` (the budget's measurement pass).
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
                  device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
-                 outputs=None, output_hooks=None) -> None:
+                 outputs=None, probe=None, output_hooks=None) -> None:
+        self.probe = probe
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
@@ -303,7 +307,7 @@ class MoELayerEngine:
             with cap.attach():
                 self._pass(rec1.recording(), keep=False)
         with ph("linear_solve"):
-            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
+            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
         del cap
         rec2 = ExpertsRecorder(self.experts)
         with ph("pass2_forward"):
@@ -311,12 +315,22 @@ class MoELayerEngine:
         plan = self.plan
         logger.debug("%s: %s", self.prefix, plan.describe(self.num))
         res_e, rec_e, tokens, mass, expert_out = self._experts(plan, rec1.calls, rec2.calls)
+        routing = self._routing_mass(rec1.calls)
         del rec1, rec2
         rec3 = ExpertsRecorder(self.experts)
         with ph("pass3_forward"), (self.output_hooks or contextlib.nullcontext()):
             outputs = self._pass(rec3.replaying(expert_out), keep=True)
         return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
-                              dict(ph.t))
+                              dict(ph.t), routing)
+
+    def _routing_mass(self, calls: list) -> list:
+        """Per expert, the sum of the routing weights of the calibration tokens routed to it (pass 1's calls)."""
+        mass = torch.zeros(self.num, dtype=torch.float64)
+        for _, idx, w in calls:
+            i, v = idx.reshape(-1).long().cpu(), w.reshape(-1).double().cpu()
+            ok = (i >= 0) & (i < self.num)
+            mass.index_add_(0, i[ok], v[ok])
+        return [round(float(m), 6) for m in mass]
 
     # ------------------------------------------------------------------ experts
     def _dims(self) -> tuple[int, int]:
@@ -379,7 +393,7 @@ class MoELayerEngine:
                                  pooled=(lambda: pooled[1]) if pooled is not None else None,
                                  layer_mean=means[1].value)
             for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
-                tokens[e], mass[e], amax[e] = hgu.counts[j], round(float(cap.gate_up.mass[j]), 6), (a_gu, a_dn)
+                tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
                 if defer:
                     for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
                         running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
@@ -388,7 +402,7 @@ class MoELayerEngine:
             with ph("expert_solve"):
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
                                    lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, self.storage, recipe)
+                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
             del cap, jobs
@@ -405,7 +419,7 @@ class MoELayerEngine:
                 jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
                                    lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
                                    lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, self.storage, recipe)
+                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
             self._keep(res, recs, results, records, view, sel)
             if not single:
                 with ph("expert_outputs"):
@@ -483,10 +497,10 @@ class _RunningMean:
 
     def add(self, acc, j: int, hessians: ExpertHessians) -> None:
         if hessians.calibrated(j):
-            h = acc.hessian(j)
+            h = acc.hessian(j, mass=hessians.mass[j])
             self.ok, self.n_ok = (h if self.ok is None else self.ok + h), self.n_ok + 1
-        elif hessians.counts[j] > 0 and float(acc.mass[j]) > 0:
-            h = acc.hessian(j)
+        elif hessians.counts[j] > 0 and hessians.mass[j] > 0:
+            h = acc.hessian(j, mass=hessians.mass[j])
             self.any, self.n_any = (h if self.any is None else self.any + h), self.n_any + 1
 
     def value(self) -> Optional[torch.Tensor]:

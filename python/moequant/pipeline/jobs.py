@@ -5,7 +5,8 @@ The solvers are the registered methods (:mod:`moequant.methods`: a scheme's ``me
 :class:`moequant.calibration.capture.LayerCapture` after the calibration forward) and a recipe to quantized
 weights, writes the dequantized weights back into the layer (so the next layer is calibrated on the quantized
 model), and returns the per-matrix results keyed by on-disk module name. :func:`solve_matrix` is the solve of one
-matrix (solver, greedy rounding correction, the recipe's format).
+matrix (solver, greedy rounding correction, the recipe's format). (About 400 lines: the jobs, their batched solve
+and their statistics are one step; a split would pass the job objects between modules.)
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "shared_global_scale"]
+           "matrix_stats", "matrix_stats_values", "stats_dict", "stats_lists", "shared_global_scale", "SolveJob",
+           "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class ExpertHessians:
         self.acc, self.min_tokens, self.policy = acc, min_tokens, policy
         self.k, self.prior = float(shrinkage_tokens), prior
         self.counts = [int(c) for c in acc.counts.tolist()]
+        self.mass = [float(m) for m in acc.mass.tolist()]  # read once: no device synchronisation per expert
         self._mean: Optional[torch.Tensor] = None
         self._pooled: Optional[torch.Tensor] = None
         self._mean_fn, self._pooled_fn = layer_mean, pooled
@@ -115,7 +118,7 @@ class ExpertHessians:
         t = self._target(e)
         if t is None:
             return None
-        n = float(self.acc.mass[e])
+        n = self.mass[e]
         return (self.acc.hessians[e] + self.k * t) / (n + self.k)
 
     def _layer_mean(self) -> Optional[torch.Tensor]:
@@ -125,16 +128,16 @@ class ExpertHessians:
             return self._mean_fn()
         if self._mean is None:
             ok = [e for e in range(len(self.counts)) if self.calibrated(e)] or \
-                 [e for e, c in enumerate(self.counts) if c > 0 and float(self.acc.mass[e]) > 0]
+                 [e for e, c in enumerate(self.counts) if c > 0 and self.mass[e] > 0]
             if ok:
-                self._mean = sum(self.acc.hessian(e) for e in ok) / len(ok)
+                self._mean = sum(self.acc.hessian(e, mass=self.mass[e]) for e in ok) / len(ok)
         return self._mean
 
     def calibrated(self, e: int) -> bool:
         """Expert ``e`` has its own Hessian: at least ``min_tokens`` rows and a non-zero weight mass. An expert
         that saw no token (or only zero routing weights) never counts as calibrated, whatever ``min_tokens`` says:
         its Hessian is all zeros, and GPTQ would set every column of it to zero (dead columns)."""
-        return self.counts[e] >= max(self.min_tokens, 1) and float(self.acc.mass[e]) > 0
+        return self.counts[e] >= max(self.min_tokens, 1) and self.mass[e] > 0
 
     def get(self, e: int) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
         """(Hessian or None for RTN, fallback used or None, force RTN)."""
@@ -143,9 +146,9 @@ class ExpertHessians:
             if h is not None:
                 return h, (None if self.calibrated(e) else "shrink"), False
             if self.calibrated(e):
-                return self.acc.hessian(e), None, False
+                return self.acc.hessian(e, mass=self.mass[e]), None, False
         elif self.calibrated(e):
-            return self.acc.hessian(e), None, False
+            return self.acc.hessian(e, mass=self.mass[e]), None, False
         return self.fallback()
 
     def fallback(self) -> tuple[Optional[torch.Tensor], Optional[str], bool]:
@@ -164,7 +167,7 @@ class ExpertHessians:
         return torch.eye(dim, dtype=self.acc.dtype, device=self.acc.device), "identity", False
 
 
-def _fallback(scheme: QuantScheme) -> QuantScheme:
+def fallback_scheme(scheme: QuantScheme) -> QuantScheme:
     """The scheme with the registry's fallback solver (RTN): a matrix without a Hessian whose method needs one."""
     return scheme.replace(method=scheme.solver_registry().fallback)
 
@@ -176,8 +179,18 @@ def matrix_stats(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTe
     ``effective_rank`` tr(H)^2 / ||H||_F^2 and, with ``errors``, ``error`` tr(dW H dW^T) of ``dW = w - `` the
     dequantized weight as stored (rounded to ``storage``), ``energy`` tr(W H W^T) and ``rel_error`` (their
     ratio). Computed on ``w``'s device (float32 on a GPU); empty without a Hessian ``h``."""
+    return stats_dict(matrix_stats_values(w, h, qt, storage, errors))
+
+
+_STATS = ("hessian_trace", "effective_rank", "error", "energy")
+
+
+def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTensor, storage: torch.dtype,
+                        errors: bool = True) -> Optional[torch.Tensor]:
+    """:func:`matrix_stats` as a tensor on ``w``'s device (no host synchronisation; :func:`stats_dict` reads it):
+    ``[tr(H), effective rank]`` and, with ``errors``, ``[error, energy]``; None without a Hessian."""
     if h is None:
-        return {}
+        return None
     dtype = torch.float32 if w.device.type == "cuda" or h.dtype != torch.float64 else torch.float64
     hh = h.to(w.device, dtype)
     tr = torch.diagonal(hh).sum()
@@ -186,15 +199,36 @@ def matrix_stats(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTe
         wf = w.detach().to(dtype)
         d = wf - qt.dequantized.to(w.device).to(storage).to(dtype)
         vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
-    out = dict(zip(("hessian_trace", "effective_rank", "error", "energy"), torch.stack(vals).tolist()))
-    if errors:
+    return torch.stack(vals)
+
+
+def stats_dict(values) -> dict:
+    """The :class:`ModuleRecord` fields of :func:`matrix_stats_values`' values (a tensor or a list of floats)."""
+    if values is None:
+        return {}
+    out = dict(zip(_STATS, values.tolist() if isinstance(values, torch.Tensor) else values))
+    if "error" in out:
         out["rel_error"] = out["error"] / out["energy"] if out["energy"] > 0 else None
+    return out
+
+
+def stats_lists(values: list) -> list:
+    """Each of ``values`` (tensors of :func:`matrix_stats_values` or None) as a list of floats, with one host
+    synchronisation per device and length instead of one per matrix."""
+    out: list = [None] * len(values)
+    by: dict = {}
+    for i, v in enumerate(values):
+        if v is not None:
+            by.setdefault((v.device, v.dtype, v.numel()), []).append(i)
+    for idx in by.values():
+        for i, row in zip(idx, torch.stack([values[i] for i in idx]).tolist()):
+            out[i] = row
     return out
 
 
 def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor, fallback: Optional[str],
             forced_rtn: bool, report_loss: bool, stats: Optional[dict] = None) -> ModuleRecord:
-    used = _fallback(scheme) if forced_rtn else scheme
+    used = fallback_scheme(scheme) if forced_rtn else scheme
     return ModuleRecord(name=name, scheme=used.describe(), method=used.method, tokens=tokens,
                         loss=qt.loss if report_loss else None,
                         fallback=fallback,
@@ -202,11 +236,12 @@ def _record(name: str, scheme: QuantScheme, tokens: int, qt: ops.QuantizedTensor
 
 
 @torch.no_grad()
-def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype) -> tuple[dict, list]:
+def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.dtype,
+                     probe: Optional[Callable] = None) -> tuple[dict, list]:
     """Quantizes the captured plain Linears of a layer in place (on a GPU, same-shape Linears such as k/v are
     solved in one batched call); returns ({disk_name: qt}, [ModuleRecord]). NVFP4 Linears that read one input
     (the capture shares their Hessian: q / k / v, a shared expert's gate / up, DeepSeek's q_a / kv_a) share one
-    global scale (:func:`shared_global_scale`)."""
+    global scale (:func:`shared_global_scale`). ``probe``: as :func:`finish_jobs`'."""
     lc = capture.linears
     jobs, partners = [], {}
     for name, lin in lc.modules.items():
@@ -218,9 +253,9 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
         tokens = int(acc.counts[0])
         h = acc.hessian(0) if tokens > 0 and float(acc.mass[0]) > 0 else None  # no data: RTN, never a zero H
         force_rtn = h is None and scheme.solver.needs_hessian
-        job = _Job(disk, lin.weight, h, _fallback(scheme) if force_rtn else scheme, scheme,
-                   [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn,
-                   input_amax=float(acc.absmax[0]))
+        job = SolveJob(disk, lin.weight, h, fallback_scheme(scheme) if force_rtn else scheme, scheme,
+                       [(disk, lin.weight, None)], tokens, None if h is not None else "rtn", force_rtn,
+                       input_amax=float(acc.absmax[0]))
         jobs.append(job)
         if _nvfp4(scheme):
             partners.setdefault(id(acc), []).append(job)
@@ -229,10 +264,10 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
             g = shared_global_scale([j.w for j in group])
             for j in group:
                 j.global_scale = g
-    return finish_jobs(jobs, storage, recipe)
+    return finish_jobs(jobs, storage, recipe, probe)
 
 
-class _Job:
+class SolveJob:
     """One matrix to quantize: its weight, Hessian and scheme, and where its rows go (name -> row slice)."""
 
     def __init__(self, record: str, w: torch.Tensor, h: Optional[torch.Tensor], scheme: QuantScheme,
@@ -244,7 +279,7 @@ class _Job:
         self.qt = None
 
 
-def _batchable(job: _Job) -> bool:
+def _batchable(job: SolveJob) -> bool:
     """The job's solver has a batched path that handles it (GPTQ with a Hessian, on CUDA, within its limits)."""
     return job.global_scale is None and _solver(job.scheme, job.h).batchable(job.w, job.h, job.scheme)
 
@@ -265,7 +300,7 @@ def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_l
         del w, h
 
 
-def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
+def run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
     """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
     groups: dict = {}
     for job in jobs:
@@ -280,7 +315,7 @@ def _run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_los
 
 @torch.no_grad()
 def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: str,
-                     storage: torch.dtype) -> tuple[dict, list]:
+                     storage: torch.dtype, probe: Optional[Callable] = None) -> tuple[dict, list]:
     """Quantizes every routed expert of a layer in place (gate and up share one Hessian and, when their
     schemes agree, one solve; on a GPU all experts of a projection are solved in one batched call);
     returns ({disk_name: qt}, [ModuleRecord])."""
@@ -299,7 +334,7 @@ def quantize_experts(capture, family: MoEFamily, recipe: Recipe, layer_prefix: s
     amax = list(zip(ec.gate_up.absmax.tolist(), ec.down.absmax.tolist()))
     jobs = expert_jobs(ec.experts, family, recipe, layer_prefix, list(experts), experts, hgu.get, hdn.get,
                        hgu.counts, amax.__getitem__)
-    return finish_jobs(jobs, storage, recipe)
+    return finish_jobs(jobs, storage, recipe, probe)
 
 
 def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, ids: list, local, gate_up, down,
@@ -321,36 +356,42 @@ def expert_jobs(experts, family: MoEFamily, recipe: Recipe, layer_prefix: str, i
         h, fallback, force_rtn = gate_up(j)
         inter = t.gate.shape[0]
         if sg is not None and sg == su and sg.format.splits_rows(inter):
-            jobs.append(_Job(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
-                             _fallback(sg) if force_rtn else sg, sg,
-                             [(names["gate"], t.gate, slice(0, inter)), (names["up"], t.up, slice(inter, None))],
-                             n, fallback, force_rtn, a_gu))
+            jobs.append(SolveJob(names["gate"] + "+up", torch.cat([t.gate, t.up], 0), h,
+                                 fallback_scheme(sg) if force_rtn else sg, sg,
+                                 [(names["gate"], t.gate, slice(0, inter)), (names["up"], t.up, slice(inter, None))],
+                                 n, fallback, force_rtn, a_gu))
         else:
             g = shared_global_scale([t.gate, t.up]) if _nvfp4(sg) and _nvfp4(su) else None
             for key, w, sc in (("gate", t.gate, sg), ("up", t.up, su)):
                 if sc is not None:
-                    jobs.append(_Job(names[key], w, h, _fallback(sc) if force_rtn else sc, sc,
-                                     [(names[key], w, None)], n, fallback, force_rtn, a_gu, g))
+                    jobs.append(SolveJob(names[key], w, h, fallback_scheme(sc) if force_rtn else sc, sc,
+                                         [(names[key], w, None)], n, fallback, force_rtn, a_gu, g))
         if sd is not None:
             h, fallback, force_rtn = down(j)
-            jobs.append(_Job(names["down"], t.down, h, _fallback(sd) if force_rtn else sd, sd,
-                             [(names["down"], t.down, None)], n, fallback, force_rtn, a_dn))
+            jobs.append(SolveJob(names["down"], t.down, h, fallback_scheme(sd) if force_rtn else sd, sd,
+                                 [(names["down"], t.down, None)], n, fallback, force_rtn, a_dn))
     return jobs
 
 
-def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict, list]:
+def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
+                probe: Optional[Callable] = None) -> tuple[dict, list]:
     """Solves the jobs, writes the dequantized weights back; returns ({disk_name: qt}, [ModuleRecord]). The
     results keep codes, scales and zero points only: the solver's float32 dequantized weights (``values``, 4 bytes
     a weight, twice the bf16 layer) are dropped once written back (``dequantized`` recomputes them from the codes),
     so a finished layer's results, which the background commit holds while the next layer computes, are 1 byte a
-    weight."""
-    _run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
+    weight. ``probe(jobs, storage, recipe)``, when given, sees the jobs first, while the weights are still the
+    originals (the budget's measurement pass, :class:`moequant.pipeline.budget.CandidateProbe`); it must not change
+    them."""
+    if probe is not None and jobs:
+        probe(jobs, storage, recipe)
+    run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
     results, records = {}, []
-    for job in jobs:
+    # before the weights are overwritten; read back to the host at once (not one synchronisation per matrix)
+    stats = stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
+    for job, st in zip(jobs, stats):
         act = job.record_scheme.activations
         if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
             job.qt.input_global_scale = nvfp4_global_scale(job.input_amax) if job.input_amax > 0 else None
-        stats = matrix_stats(job.w, job.h, job.qt, storage, recipe.report_loss)  # before w is overwritten
         for name, param, rows in job.outputs:
             qt = job.qt if rows is None else job.qt.rows(rows)
             _write_back(param, qt, storage)
@@ -358,5 +399,5 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe) -> tuple[dict,
             results[name] = qt
         job.qt.values = None
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
-                               recipe.report_loss, stats))
+                               recipe.report_loss, stats_dict(st)))
     return results, records

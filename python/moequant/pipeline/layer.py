@@ -106,7 +106,8 @@ class LayerResult:
             the layer (load, forwards, solves, ...). groups: how the routed experts went through the device.
         results: on-disk module name -> :class:`~moequant.ops.QuantizedTensor`, linears then experts.
         modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
-            routed calibration rows and routing-weight mass per expert (empty for a dense layer).
+            routed calibration rows and Hessian weight mass per expert (the routing mass when routing-weighted, else
+            the rows; empty for a dense layer). routing_mass: per expert the sum of its tokens' routing weights.
         kv_scales: with the recipe's ``kv_cache``, ``{"<attention>.k_scale" / ".v_scale": [1] tensor}`` (on-disk
             names, checkpoint dtype) from the keys and values the quantized layer stored while computing
             :attr:`outputs` (:mod:`moequant.formats.kv_cache`); else empty.
@@ -125,12 +126,13 @@ class LayerResult:
     phases: dict = field(default_factory=dict)
     groups: Optional[str] = None
     kv_scales: dict = field(default_factory=dict)
+    routing_mass: list = field(default_factory=list)
 
     def record(self, seconds: float) -> LayerRecord:
         """The layer's report record."""
         return LayerRecord(index=self.index, prefix=self.prefix, seconds=seconds, moe=self.moe,
                            expert_tokens=self.expert_tokens, expert_mass=self.expert_mass, modules=self.modules,
-                           phases=dict(self.phases), groups=self.groups)
+                           phases=dict(self.phases), groups=self.groups, routing_mass=self.routing_mass)
 
 
 class LayerQuantizer:
@@ -144,10 +146,12 @@ class LayerQuantizer:
         transforms: the run's :class:`~moequant.methods.base.LayerTransform` list, applied in order before the
             capture.
         precision: the resolved Hessian update precision (:func:`hessian_precision`).
+        probe: sees every batch of solve jobs before they are solved (:func:`~moequant.pipeline.jobs.finish_jobs`).
     """
 
     def __init__(self, lazy: LazyModel, recipe: Recipe, device, storage: torch.dtype, *, transforms=(),
-                 precision: str = "fp32", prefetch: bool = False):
+                 precision: str = "fp32", prefetch: bool = False, probe=None):
+        self.probe = probe
         self.lazy, self.recipe, self.device, self.storage = lazy, recipe, torch.device(device), storage
         self.transforms = list(transforms)
         self.factory = accumulator_factory(recipe, self.device, precision)
@@ -235,13 +239,14 @@ class LayerQuantizer:
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
-                                    outputs=outputs, output_hooks=kv[0] if kv else None)
+                                    outputs=outputs, probe=self.probe, output_hooks=kv[0] if kv else None)
             out = engine.run()
             complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
-                               groups=plan.describe(out.num_experts), kv_scales=self._kv_scales(kv))
+                               groups=plan.describe(out.num_experts), routing_mass=out.routing_mass,
+                               kv_scales=self._kv_scales(kv))
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
             cap = LayerCapture(layer, fam, layer_prefix=prefix, weighting="routing" if recipe.routing_weighted
@@ -250,8 +255,8 @@ class LayerQuantizer:
                                accumulator_factory=self.factory)
             with cap.attach():
                 self.run_layer(layer, index, hidden, kwargs)
-            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage)
-            res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage)
+            res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
+            res_e, rec_e = quantize_experts(cap, fam, recipe, prefix, self.storage, self.probe)
         ec = cap.experts
         complete_input_scales(res_e, recipe)
         complete_input_scales(res_l, recipe)

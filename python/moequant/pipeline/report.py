@@ -56,10 +56,12 @@ class LayerRecord:
     seconds: float
     moe: bool
     expert_tokens: list = dataclasses.field(default_factory=list)  # routed rows per expert
-    expert_mass: list = dataclasses.field(default_factory=list)    # routing-weight mass per expert
+    expert_mass: list = dataclasses.field(default_factory=list)    # Hessian weight mass per expert (routing-weighted
+    #                                                                 runs: the routing mass; else the routed rows)
     modules: list = dataclasses.field(default_factory=list)        # ModuleRecord
     phases: dict = dataclasses.field(default_factory=dict)         # seconds per step (load, forwards, solves, ...)
     groups: Optional[str] = None                                   # how the experts went through the device
+    routing_mass: list = dataclasses.field(default_factory=list)   # per expert: sum of its tokens' routing weights
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -93,6 +95,34 @@ class LayerRecord:
         return out
 
 
+def budget_grid(budget: dict) -> tuple[list, dict]:
+    """The allocation of a report's ``budget`` per layer: ``(columns, {layer: {column: (text, bits)}})``; a column
+    per unit label (a unit spanning layers appears in each), the text its scheme (per-expert units: the count of
+    each scheme, ``"W2 g64 x10, W3 g128 x6"``) and the bits per weight of that cell (parameter-weighted)."""
+    columns: list = []
+    cells: dict = {}
+    for u in budget["units"]:
+        label = u["label"] if u.get("expert") is None else re.sub(r"\.\d+\.", ".*.", u["label"])
+        if label not in columns:
+            columns.append(label)
+        for layer in u["layers"]:
+            per = u["params"] / max(len(u["layers"]), 1)
+            c = cells.setdefault(layer, {}).setdefault(label, {"schemes": {}, "bits": 0.0, "params": 0.0})
+            c["schemes"][u["scheme"]] = c["schemes"].get(u["scheme"], 0) + 1
+            c["bits"] += u["bits"] * per
+            c["params"] += per
+    grid = {}
+    for layer, row in cells.items():
+        grid[layer] = {}
+        for label, c in row.items():
+            if sum(c["schemes"].values()) == 1:
+                text = next(iter(c["schemes"]))
+            else:
+                text = ", ".join(f"{k} x{n}" for k, n in sorted(c["schemes"].items()))
+            grid[layer][label] = (text, c["bits"] / c["params"] if c["params"] else 0.0)
+    return columns, grid
+
+
 @dataclasses.dataclass
 class QuantizationReport:
     """The result of :func:`moequant.quantize`: per-layer records plus run facts."""
@@ -111,6 +141,7 @@ class QuantizationReport:
     hessian_precision: str = "fp32"  # the resolved Hessian update precision ("fp32", "tf32", "bf16")
     loaders: list = dataclasses.field(default_factory=list)  # moequant.compat.LoaderSupport.to_dict() per loader
     source_format: Optional[dict] = None  # an FP8 / MXFP4 source decoded on load (io.source.SourceFormat.to_dict())
+    budget: Optional[dict] = None  # budgeted mixed precision: the allocation (pipeline.budget.budget_record)
     quantization_format: Optional[str] = None  # the checkpoint's compressed-tensors format ("mixed-precision", ...)
     hidden_states: Optional[dict] = None  # where the calibration hidden states lived (hostmem.StatesPlan.to_dict())
 
@@ -171,11 +202,32 @@ class QuantizationReport:
             f"compressed-tensors {self.quantization_format}"
         lines.append(f"  total {self.seconds:.1f} s" + (f"; output {self.output_dir} ({fmt})" if self.output_dir
                                                         else ""))
+        if self.budget:
+            b = self.budget
+            target = f"{b['target']['bits']:g} bits per weight" if "bits" in b["target"] else \
+                f"{b['target']['size_gb']:g} GB"
+            lines.append(f"  budget {target}: {b['achieved_bits']:.4f} bits per quantized weight (scales included), "
+                         f"pack-quantized checkpoint {b['checkpoint_bytes'] / 1e9:.4g} GB; {len(b['units'])} units "
+                         f"(experts per {b['experts']}), weighted error {b['error']:.6g} (lower bound "
+                         f"{b['lower_bound']:.6g}{'' if b['exact'] else ', front thinned'}), measured in "
+                         f"{b['measure_seconds']:.1f} s")
         for s in self.loaders:
             how = "" if s.get("tested", True) else " (from its source, untested)"
             state = "loads" if s["loads"] else "does NOT load"
             lines.append(f"  {s['loader']}{how}: {state}" + (f" ({'; '.join(s['reasons'])})" if s["reasons"] else ""))
         return "\n".join(lines)
+
+    def budget_table(self) -> str:
+        """The budget's allocation as text: one row per layer, one column per unit label (:func:`budget_grid`)."""
+        if not self.budget:
+            return ""
+        columns, grid = budget_grid(self.budget)
+        rows = [["layer"] + columns] + [[str(i)] + [grid[i].get(c, ("", 0.0))[0] for c in columns]
+                                        for i in sorted(grid)]
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        text = ["allocation (scheme per layer and module group; bits include the scales):"]
+        text += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(text)
 
     def utilization_table(self) -> str:
         """Tokens per expert per layer as a text heat map (rows: layers, columns: experts)."""

@@ -125,7 +125,8 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calibration=None,
              output_dir: Union[str, os.PathLike, None] = None, *, resume: bool = False,
              export_format: str = "pack-quantized", progress: bool = True, solvers=None,
-             observers: Sequence[LayerObserver] = (), prefetch: Optional[bool] = None) -> QuantizationReport:
+             observers: Sequence[LayerObserver] = (), prefetch: Optional[bool] = None, probe=None,
+             scan: bool = True) -> QuantizationReport:
     """Quantizes a Hugging Face MoE checkpoint layer by layer and (with ``output_dir``) exports it.
 
     Args:
@@ -143,6 +144,14 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         observers: :class:`~moequant.pipeline.layer.LayerObserver` callbacks of the layer loop.
         prefetch: read layer L+1 from the checkpoint on a background thread while layer L computes (None: on a GPU,
             where the layer's weights leave host memory for the device; the results are the same either way).
+        probe: ``probe(jobs, storage, recipe)`` sees every batch of solve jobs before they are solved
+            (:func:`moequant.pipeline.jobs.finish_jobs`; the budget's measurement pass uses it).
+        scan: read every weight once before the run to check it is finite (the preflight's last step).
+
+    A recipe with a ``budget`` (:class:`moequant.methods.budget.BudgetConfig`) runs twice: a measurement pass that
+    solves every candidate scheme, then the allocation and the run with it (:mod:`moequant.pipeline.budget`); the
+    report's ``budget`` holds the allocation and the saved recipe is the one that ran (the allocation as overrides).
+
     Returns:
         :class:`QuantizationReport` (also saved as ``moequant_report.json`` in the output).
     """
@@ -173,11 +182,21 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                           getattr(text_config(lazy.config), "vocab_size", None))
     states = _states_plan(lazy, recipe, int(ids.numel()))  # in host memory, or on disk in the work directory
     logger.info("%s", states.describe())
-    plan = preflight(lazy, recipe, output_dir=out, export_format=export_format,
-                     calibration_shape=tuple(ids.shape), resume=resume, progress=progress, states=states)
+    budget = None
+    if recipe.budget.enabled:  # measure every candidate, allocate, then run with the allocation (pipeline.budget)
+        from .budget import run_budget, sizing_recipe
+
+        plan = preflight(lazy, sizing_recipe(recipe, solvers), output_dir=out, export_format=export_format,
+                         calibration_shape=tuple(ids.shape), resume=resume, progress=progress, scan=scan,
+                         states=states)
+        recipe, budget = run_budget(quantize, lazy, recipe, plan, ids, model_dir=model_dir, out=out,
+                                    export_format=export_format, resume=resume, storage=storage, progress=progress,
+                                    solvers=solvers, prefetch=prefetch, device=device)
+    plan = preflight(lazy, recipe, output_dir=out, export_format=export_format, calibration_shape=tuple(ids.shape),
+                     resume=resume, progress=progress, scan=scan and budget is None, states=states)
     # every MoE layer's experts fit the device's budget in groups of at least one (else one error naming it)
     quantizer = LayerQuantizer(lazy, recipe, device, storage, precision=precision,
-                               prefetch=device.type == "cuda" if prefetch is None else prefetch)
+                               prefetch=device.type == "cuda" if prefetch is None else prefetch, probe=probe)
     check_layers_fit(lazy, recipe, int(ids.numel()), quantizer.budget())
     support = run_loader_support(lazy, plan, export_format) if out is not None else []
     transforms = build_transforms(recipe, lazy.family, storage)
@@ -202,7 +221,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                 export_format=export_format if out else None, hessian_precision=precision,
                                 loaders=[s.to_dict() for s in support],
                                 source_format=lazy.source.to_dict() if lazy.source is not None else None,
-                                hidden_states=states.to_dict())
+                                hidden_states=states.to_dict(), budget=budget)
     # the hidden states between layers: in memory, or in a disk-backed store of the work directory
     store = StatesStore(states.on_disk, work.path, work.umask, pin_memory=device.type == "cuda")
     hidden = None
@@ -254,6 +273,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         if out is not None:
             export_run(lazy, work, recipe, transforms, model_dir, out, export_format, report)
             shutil.rmtree(work.path)
+            if budget is not None:
+                from .budget import budget_file
+
+                budget_file(out).unlink(missing_ok=True)
             report.seconds = round(time.time() - t0, 3)
     except Exception as exc:  # a full, read-only or forbidden output device: one clear error, the layers kept
         error = output_write_error(exc, out, work.path)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Optional
 from ..formats import IntFormat
 from ..formats.kv_cache import check_kv_cache
 from ..methods.awq.config import AWQConfig
+from ..methods.budget.config import BudgetConfig, parse_budget
 from ..methods.rotation.config import RotationConfig
 from .device import DEVICE_PATTERN
 from .fields import Section, check_bool, check_choice, check_int, check_keys, check_pos_float, fail, str_list
@@ -39,7 +40,7 @@ from .scheme import Override, QuantScheme, check_pattern, match_pattern
 
 __all__ = [
     "RECIPE_VERSION", "DEFAULT_IGNORE", "QuantScheme", "Override", "CalibrationConfig", "FallbackConfig",
-    "Recipe", "match_pattern", "AWQConfig", "RotationConfig",
+    "Recipe", "match_pattern", "AWQConfig", "RotationConfig", "BudgetConfig",
 ]
 
 RECIPE_VERSION = 1
@@ -143,16 +144,18 @@ class Recipe:
             memory free when the layer starts, less 2 GiB; on the CPU unbounded (one group).
         experts_per_group: routed experts per group, overriding what ``device_memory_gb`` allows (None: from the
             budget). Results do not depend on it beyond the rounding of summing the groups' outputs.
+        budget: budgeted mixed precision (:class:`BudgetConfig`): with ``bits`` or ``size_gb`` set, each
+            allocation unit gets the candidate scheme that minimises the measured error within that size
+            (:mod:`moequant.pipeline.budget`); the base ``scheme`` then gives the solver settings and the fields a
+            candidate leaves out.
         host_memory_gb: host memory the calibration hidden states may use (docs/pipeline.md, "Host memory"): a
             layer holds two copies (its inputs and outputs, ``num_samples x seq_len x hidden`` each); when they need
             more, they live in a disk-backed store in the work directory, read back per batch. 0 keeps them on
             disk. None (default): half of the host memory available when the run starts (MemAvailable, or a
             cgroup limit's room when lower) after one decoder layer. Results are bit-identical either way, so a run
             may resume with another value (it is not part of the run's fingerprint).
-        kv_cache: ``"fp8"`` (llm-compressor's ``kv_cache_scheme`` of FP8 E4M3, per-tensor static scales): the run
-            calibrates ``k_scale`` / ``v_scale`` of every attention (the largest key, after ``k_norm`` and RoPE, and
-            value the quantized layer stores over the calibration tokens, / 448) and the checkpoint carries them
-            with a ``kv_cache_scheme`` (docs/export.md, "FP8 KV cache"); None (default): no KV-cache quantization.
+        kv_cache: ``"fp8"``: calibrate every attention's FP8 KV-cache ``k_scale`` / ``v_scale`` and export them with
+            a ``kv_cache_scheme`` (:mod:`moequant.formats.kv_cache`, docs/export.md "FP8 KV cache"); None: no.
         solvers (init only): the :class:`~moequant.methods.SolverRegistry` the schemes' ``method`` names are looked
             up in (default: the built-in solvers); given to the scheme and the overrides, not serialized.
     """
@@ -172,6 +175,7 @@ class Recipe:
     rotation: RotationConfig = field(default_factory=RotationConfig)
     device_memory_gb: Optional[float] = None
     experts_per_group: Optional[int] = None
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     host_memory_gb: Optional[float] = None
     kv_cache: Optional[str] = None
     version: int = RECIPE_VERSION
@@ -196,7 +200,7 @@ class Recipe:
         if isinstance(self.scheme, str):  # a preset name: scheme: NVFP4
             self.scheme = QuantScheme.from_dict(self.scheme, solvers)
         for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig),
-                          ("awq", AWQConfig), ("rotation", RotationConfig)):
+                          ("awq", AWQConfig), ("rotation", RotationConfig), ("budget", BudgetConfig)):
             if isinstance(getattr(self, name), dict):
                 data = getattr(self, name)
                 setattr(self, name, QuantScheme.from_dict(data, solvers) if cls is QuantScheme else cls.from_dict(data))
@@ -239,8 +243,13 @@ class Recipe:
             for section in (self.scheme, *self.overrides):
                 section.use_solvers(solvers)
         # The sections' own checks again: a field changed after construction (r.calibration.num_samples = -1).
-        for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, *self.overrides):
+        for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, self.budget,
+                        *self.overrides):
             section.__post_init__()
+        if self.budget.enabled and self.scheme.preset is not None:
+            fail("scheme.preset", "null (an integer base scheme) with a budget", self.scheme.preset,
+                 "the budget's candidates are integer formats applied to the base scheme; give floating-point "
+                 "or named schemes to modules through overrides (they are pinned, as fixed bits)")
         resolved = [("scheme", self.scheme)]
         for o in self.overrides:  # each override on this recipe's base scheme (a preset fixes some fields)
             if not o.skip:
@@ -302,8 +311,8 @@ class Recipe:
                 "routing_weighted": self.routing_weighted, "device": self.device,
                 "solver_memory_gb": self.solver_memory_gb, "report_loss": self.report_loss,
                 "rotation": self.rotation.to_dict(), "device_memory_gb": self.device_memory_gb,
-                "experts_per_group": self.experts_per_group, "host_memory_gb": self.host_memory_gb,
-                "kv_cache": self.kv_cache}
+                "experts_per_group": self.experts_per_group, "budget": self.budget.to_dict(),
+                "host_memory_gb": self.host_memory_gb, "kv_cache": self.kv_cache}
 
     @classmethod
     def from_dict(cls, data: dict, solvers: Any = None) -> "Recipe":
@@ -344,7 +353,7 @@ class Recipe:
                  calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
                  device: Optional[str] = None, device_memory_gb: Optional[float] = None,
                  host_memory_gb: Optional[float] = None, scheme: Optional[str] = None,
-                 kv_cache: Optional[str] = None) -> "Recipe":
+                 budget: Optional[str] = None, kv_cache: Optional[str] = None) -> "Recipe":
         """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
@@ -352,7 +361,8 @@ class Recipe:
         ``{preset: ...}`` would: the fields it fixes come from it); then ``bits``/``group_size``/``symmetric``/
         ``method`` change the *base* scheme (overrides still apply on top).
         ``calib`` replaces both calibration file lists: ``*.jsonl`` paths go to ``jsonl_files``, others to
-        ``text_files``.
+        ``text_files``. ``budget``: ``--budget``, bits per weight (``"3.5"``) or a checkpoint size (``"12GB"``):
+        sets ``budget.bits`` or ``budget.size_gb`` (and clears the other).
         """
         base = base if isinstance(base, Recipe) else cls() if base is None else cls.load(base)
         data = base.to_dict()
@@ -373,9 +383,11 @@ class Recipe:
             data["device"] = device
         if device_memory_gb is not None:
             data["device_memory_gb"] = device_memory_gb
+        if budget is not None:
+            data["budget"].update({"bits": None, "size_gb": None, **parse_budget(budget)})
         if host_memory_gb is not None:
             data["host_memory_gb"] = host_memory_gb
-        if kv_cache is not None:
+        if kv_cache is not None:  # "none" turns a recipe file's off
             data["kv_cache"] = None if kv_cache == "none" else kv_cache
         return cls.from_dict(data)
 

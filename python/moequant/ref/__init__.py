@@ -6,6 +6,7 @@ its shape/dtype contract and the equivalence it promises.
 """
 
 from .awq import fake_quantize_ref, search_clip_ref
+from .budget import allocate_ref
 from .gptq import GptqFormatRefResult, GptqRefResult, gptq_quantize_format_ref, gptq_quantize_ref, quadratic_loss_ref
 from .hadamard import hadamard_matrix, hadamard_ref
 from .hessian import accumulate_hessian_ref
@@ -32,6 +33,7 @@ __all__ = [
     "GptqRefResult",
     "RtnResult",
     "accumulate_hessian_ref",
+    "allocate_ref",
     "dequantize_ref",
     "dequantize_values_ref",
     "fake_quantize_ref",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...recipe.fields import Section, check_bool, check_int, fail
+from ...recipe.fields import Section, check_bool, check_choice, check_int, fail
+from .search import SALIENCES
 
 __all__ = ["AWQConfig"]
 
@@ -18,6 +19,8 @@ class AWQConfig(Section):
     Attributes:
         enabled: run AWQ on every layer before its Hessian capture. grid: scale exponents ``i / grid`` tried.
         duo_scaling: ``s = x_mean^a / w_mean^(1-a)`` (AutoAWQ's default) instead of ``x_mean^a``.
+        salience: the activation statistic ``x_mean`` per input channel: ``"abs"`` = ``E|x|`` (AutoAWQ's default),
+            ``"l2"`` = ``sqrt(E[x^2])`` (L2 salience; :func:`moequant.methods.awq.search.activation_salience`).
         clip_search: search a per-group clipping threshold (not for q/k projections). clip_grid,
             clip_max_shrink: thresholds ``max|w| (1 - i / clip_grid)`` for ``i < clip_max_shrink * clip_grid``.
         max_tokens: calibration tokens (whole batches, at least one) behind the scale search.
@@ -31,6 +34,7 @@ class AWQConfig(Section):
     enabled: bool = False
     grid: int = 20
     duo_scaling: bool = True
+    salience: str = "abs"
     clip_search: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -42,6 +46,7 @@ class AWQConfig(Section):
     def __post_init__(self) -> None:
         for name in ("enabled", "duo_scaling", "clip_search", "exact_routing"):
             check_bool(f"awq.{name}", getattr(self, name))
+        check_choice("awq.salience", self.salience, SALIENCES)
         check_int("awq.grid", self.grid, 1, "the default is 20")
         check_int("awq.clip_grid", self.clip_grid, 1, "the default is 20")
         if not isinstance(self.clip_max_shrink, (int, float)) or isinstance(self.clip_max_shrink, bool) \

@@ -185,7 +185,7 @@ def _smooth_norm(ctx: AWQContext, norm_name: str, norm: nn.Module, consumers: li
         else:
             weights.append(m.weight)
             gsz.append(ctx.scheme(c).group_size)
-    x_mean = awq.activation_absmean(torch.cat([x.reshape(-1, dim) for x in xs]))
+    x_mean = awq.activation_salience(torch.cat([x.reshape(-1, dim) for x in xs]), ctx.cfg.salience)
     w_mean = awq.weight_absmean(weights, gsz) if weights else None
 
     def loss(s: torch.Tensor) -> float:

@@ -48,7 +48,7 @@ def _pair_search(ctx: AWQContext, x: torch.Tensor, w: torch.Tensor, sc, x_mean=N
     columns (GQA). Returns the search result."""
     wf = w.float()
     ref = x @ wf.t()
-    x_mean = awq.activation_absmean(x) if x_mean is None else x_mean
+    x_mean = awq.activation_salience(x, ctx.cfg.salience) if x_mean is None else x_mean
     if w_mean is None:
         w_mean = awq.weight_absmean([wf], [sc.group_size])
     expand = expand or (lambda s: s)
@@ -136,7 +136,7 @@ def _smooth_v_o(ctx: AWQContext, name, mod, v, o, x, info) -> None:
     def expand(s):  # one scale per KV channel, shared by the `rep` query heads reading that KV head
         return s.view(nkv, 1, hd).expand(nkv, rep, hd).reshape(-1)
 
-    x_mean = awq.activation_absmean(x).view(nkv, rep, hd).mean(1).reshape(-1)
+    x_mean = awq.activation_salience(x, ctx.cfg.salience).view(nkv, rep, hd).mean(1).reshape(-1)
     w_mean = awq.weight_absmean([o.weight], [sc.group_size]).view(nkv, rep, hd).mean(1).reshape(-1)
     res = _pair_search(ctx, x, o.weight, sc, x_mean, w_mean, expand)
     info.append({"group": label, "ratio": res.ratio, "loss": res.loss, "identity_loss": res.identity_loss,

@@ -4,7 +4,8 @@ Pure functions on tensors; the orchestration over a decoder layer is :mod:`moequ
 follow AutoAWQ (``awq/quantize/quantizer.py``; ../shared/reference/moe-algorithms.md §4.3):
 
 * scale search, per group of matrices that read the same input X (columns = input channels c):
-  ``x_mean[c] = mean_t |X[t, c]|``, ``w_mean[c] = mean over rows of |W[r, c]| / max|W within its quant group|``
+  ``x_mean[c] = mean_t |X[t, c]|`` (or ``sqrt(mean_t X[t, c]^2)``: :func:`activation_salience`),
+  ``w_mean[c] = mean over rows of |W[r, c]| / max|W within its quant group|``
   (over the concatenated rows of all matrices of the group); for ``ratio = i / grid`` (i = 0 .. grid-1)
   ``s = clamp(x_mean^ratio / (w_mean^(1-ratio) + 1e-4), min=1e-4)`` (duo scaling; ``x_mean^ratio`` without),
   normalised ``s / sqrt(max(s) min(s))``, non-finite entries set to 1; the loss of a candidate is the output
@@ -30,7 +31,7 @@ import torch
 from ...formats import check_bits, matrix_group_size
 
 __all__ = [
-    "ScaleSearchResult", "activation_absmean", "weight_absmean", "awq_scales", "search_scale", "fake_quantize",
+    "SALIENCES", "ScaleSearchResult", "activation_absmean", "activation_salience", "weight_absmean", "awq_scales", "search_scale", "fake_quantize",
     "search_clip", "apply_clip", "round_pow2", "widen",
 ]
 
@@ -44,6 +45,22 @@ def _groups(cols: int, group_size: Optional[int]) -> int:
 def activation_absmean(x: torch.Tensor) -> torch.Tensor:
     """``mean_t |x[t, c]|`` in float32 over all leading dims: ``[..., C]`` -> ``[C]``."""
     return x.reshape(-1, x.shape[-1]).float().abs().mean(0)
+
+
+SALIENCES = ("abs", "l2")
+
+
+def activation_salience(x: torch.Tensor, salience: str = "abs") -> torch.Tensor:
+    """The per-input-channel activation statistic ``x_mean`` of the scale search, ``[..., C]`` -> ``[C]`` (float32):
+    ``"abs"``: ``mean_t |x[t, c]|`` (AutoAWQ's, :func:`activation_absmean`); ``"l2"``: ``sqrt(mean_t x[t, c]^2)``,
+    the L2 salience ``E[x^2]`` as its root, so that it has the units of ``E|x|`` and the ratio grid keeps its range
+    (``E[x^2]^r = rms^(2r)``). The L2 statistic weighs rare large activations more (``rms >= mean |x|``, equal only
+    for a channel of constant magnitude)."""
+    if salience == "abs":
+        return activation_absmean(x)
+    if salience == "l2":
+        return x.reshape(-1, x.shape[-1]).float().pow(2).mean(0).sqrt()
+    raise ValueError(f"salience: expected one of {SALIENCES}, got {salience!r}")
 
 
 _ABSMEAN_ROWS = 16384  # rows per fp32 temporary of weight_absmean
