@@ -1,16 +1,18 @@
 """Routed tokens of one experts call, grouped by expert (:class:`RoutedBatch`, :func:`route_tokens`), and the
 per-expert math on them (:func:`expert_glu`, :func:`expert_intermediate`, :func:`expert_output`): pure functions
-on tensors, used by the capture hooks (:mod:`moequant.calibration.capture`) and AWQ."""
+on tensors, used by the capture hooks (:mod:`moequant.calibration.capture`), AWQ and ``moequant eval``'s
+activation simulation (:func:`experts_forward`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..models.base import MoEFamily, intermediate_size, split_expert
 
-__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "expert_output"]
+__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "expert_output", "experts_forward"]
 
 
 @dataclass
@@ -135,3 +137,35 @@ def expert_output(experts: nn.Module, family: MoEFamily, batch: RoutedBatch) -> 
             y = y + t.down_bias.float()
         out.index_add_(0, batch.token_index[a:b], y * batch.weights[a:b, None])
     return out
+
+
+InputFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def experts_forward(experts: nn.Module, family: MoEFamily, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor, gate_up_input: InputFn | None = None,
+                    down_input: InputFn | None = None) -> torch.Tensor:
+    """The output of a fused experts module (same shape and dtype as ``hidden_states``), computed per expert in
+    float32 from its weights (biases included) with the experts' inputs passed through ``gate_up_input(ids, x)``
+    (every routed row ``[N, H]``, grouped by expert, and its expert id ``[N]`` int32, non-decreasing) and
+    ``down_input(ids, h)`` (``glu(gate, up)`` of every routed row, ``[N, I]``) first: e.g. the fake quantization a
+    runtime applies to them, one call per experts call. Without the two functions it is the module's own output (up
+    to the rounding of the float32 computation)."""
+    num = int(experts.gate_up_proj.shape[0])
+    batch = route_tokens(hidden_states, top_k_index, top_k_weights, num)
+    out = torch.zeros(batch.num_tokens, hidden_states.shape[-1], dtype=torch.float32, device=hidden_states.device)
+    ranges = _expert_ranges(batch)
+    x = gate_up_input(batch.expert_ids, batch.x) if gate_up_input is not None else batch.x
+    h = torch.empty(x.shape[0], intermediate_size(experts, family), dtype=torch.float32, device=x.device)
+    views = {e: split_expert(experts, family, e) for e, _, _ in ranges}
+    for e, a, b in ranges:
+        h[a:b] = expert_glu(experts, family, views[e], x[a:b])
+    h = down_input(batch.expert_ids, h) if down_input is not None else h
+    for e, a, b in ranges:
+        t = views[e]
+        y = h[a:b] @ t.down.float().t()
+        if t.down_bias is not None:
+            y = y + t.down_bias.float()
+        out.index_add_(0, batch.token_index[a:b], y * batch.weights[a:b, None])
+    return out.reshape(hidden_states.shape).to(hidden_states.dtype)

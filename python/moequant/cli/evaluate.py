@@ -15,7 +15,9 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub, parent) -> None:
     """Adds the ``eval`` subcommand (``parent``: the shared -v/-q parser)."""
     e = sub.add_parser("eval", parents=[parent], help="perplexity of a model on a text file",
-                       description="Perplexity with non-overlapping windows; the last stdout line is ppl=<number>.")
+                       description="Perplexity with non-overlapping windows; the last stdout line is "
+                       "ppl=<number>, the one before it says which runtime quantization of activations / KV cache "
+                       "was simulated.")
     e.add_argument("model", metavar="MODEL", help="local model directory (original or quantized)")
     e.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
     e.add_argument("--seq-len", type=positive_int, default=512, help="window length (default 512)")
@@ -25,7 +27,21 @@ def add_parser(sub, parent) -> None:
                    help="who reads the checkpoint: transformers, or moequant's own dequantizing loader for what "
                    "transformers cannot read (asymmetric, per-layer expert schemes, GPT-OSS/GraniteMoE experts); "
                    "default auto picks")
+    e.add_argument("--no-simulate-activations", dest="simulate", action="store_false",
+                   help="compute with the checkpoint's weights alone: do not simulate the runtime's quantization of "
+                   "activations (W8A8 / W4A4 schemes) and of the KV cache (kv_cache fp8), which eval does by default")
     e.set_defaults(func=run)
+
+
+def simulation_line(sim, simulate: bool) -> str:
+    """The line eval prints before ``ppl=``: whether the runtime's activation / KV-cache quantization was
+    simulated."""
+    if not simulate:
+        also = f"; the runtime also quantizes {sim.describe()}" if sim is not None else ""
+        return f"simulated: nothing (--no-simulate-activations: weights only{also})"
+    if sim is None:
+        return "simulated: nothing (the checkpoint quantizes weights only)"
+    return f"simulated: {sim.describe()}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from moequant.eval import load_model, load_token_ids, perplexity
+    from moequant.eval import load_model, load_token_ids, perplexity, simulation_of
 
     model_dir = common.model_dir(args.model)
     if not Path(args.text).is_file():
@@ -50,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model_dir)
     ids = load_token_ids(tokenizer, args.text, seq_len=args.seq_len)
     common.logger.info("%s: %d tokens; loading %s on %s", args.text, ids.numel(), model_dir, device)
-    model = load_model(model_dir, device, args.loader)
+    model = load_model(model_dir, device, args.loader, simulate=args.simulate)
     ppl = perplexity(model, ids, seq_len=args.seq_len, batch_size=args.batch_size, device=device,
                      progress=common.logger.isEnabledFor(logging.INFO))
+    print(simulation_line(simulation_of(model), args.simulate))
     print(f"ppl={ppl:.4f}")
     return 0
 

@@ -62,6 +62,10 @@ def add_parser(sub, parent) -> None:
                    "checkpoint size (e.g. 12GB, 800MiB); each module group gets the candidate scheme that minimises "
                    "the measured error within it (recipe section budget, docs/recipes.md); runs a measurement pass "
                    "first")
+    q.add_argument("--kv-cache", choices=("fp8", "none"), metavar="fp8|none",
+                   help="fp8: calibrate per-tensor k_scale / v_scale of every attention for an FP8 KV cache "
+                   "(llm-compressor's kv_cache_scheme; vLLM --kv-cache-dtype fp8); none: no KV-cache quantization "
+                   "(default: the recipe's kv_cache, else none)")
     q.add_argument("--resume", action="store_true", help="continue the unfinished run in DIR.partial")
     q.add_argument("--format", choices=("pack-quantized", "dequantized"), default="pack-quantized",
                    help="checkpoint format (default pack-quantized)")
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.from_cli(args.recipe, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
                              method=args.method, calib=args.calib, num_samples=args.num_samples,
                              seq_len=args.seq_len, device=args.device, device_memory_gb=args.device_memory_gb,
-                             host_memory_gb=args.host_memory_gb, scheme=args.scheme, budget=args.budget)
+                             host_memory_gb=args.host_memory_gb, scheme=args.scheme, budget=args.budget,
+                             kv_cache=args.kv_cache)
     common.check_device(recipe.device)
     cal = recipe.calibration
     if not (cal.text_files or cal.jsonl_files):  # the pipeline calibrates layer by layer, even for rtn

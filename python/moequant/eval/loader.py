@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_model", "choose_loader", "LOADERS"]
+__all__ = ["load_model", "choose_loader", "simulation_of", "LOADERS"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +47,30 @@ def _family(model_dir):
     return detect_family(transformers.AutoConfig.from_pretrained(str(model_dir)))
 
 
-def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu", loader: str = "auto"
-               ) -> torch.nn.Module:
+def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu", loader: str = "auto",
+               simulate: bool = True) -> torch.nn.Module:
     """A causal LM ready for :func:`perplexity`: bf16 weights on a GPU; on the CPU, where bf16 matmuls are slow,
     float32 holding exactly the bf16 values. Quantized checkpoints are dequantized at load time: by transformers
     and compressed-tensors (its dense Linears are decompressed in bf16 before any cast, so that the float32 copy
     holds the bf16 weights a GPU would use) or, for what transformers cannot read, by
-    :func:`moequant.io.exported.load_model` (see :func:`choose_loader`). Either way the model computes with the
-    checkpoint's weights alone: the input quantization of W8A8 / W4A4 schemes is not simulated."""
+    :func:`moequant.io.exported.load_model` (see :func:`choose_loader`).
+
+    ``simulate`` (default): the model also quantizes what the checkpoint's runtime quantizes besides the weights
+    -- the inputs of the Linears and routed experts of W8A8 / W4A4 schemes and the FP8 KV cache
+    (:mod:`moequant.eval.simulate`) -- so that its perplexity is the deployed model's; False: the weights alone.
+    Either way compressed-tensors' own fake quantization (dense Linears only) is off, and
+    :func:`simulation_of` tells what is simulated."""
     import transformers
 
+    from .simulate import Simulation, SimulationPlan
+
+    try:  # what to simulate, read before the model
+        plan = SimulationPlan.from_checkpoint(model_dir)
+    except ValueError as exc:  # a checkpoint moequant did not write, in a format it does not read
+        if simulate:
+            raise ValueError(f"{exc}; evaluate its weights alone with simulate=False (--no-simulate-activations)"
+                             ) from None
+        plan = SimulationPlan()
     which, why = choose_loader(model_dir, loader)
     on_gpu = str(device).startswith("cuda")
     logger.info("loading %s with the %s loader (%s)", model_dir, which, why)
@@ -74,13 +88,23 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
         compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
         if compressor is not None:
             compressor.decompress_model(model)
-            # the weights alone, as moequant's loader: compressed-tensors would fake-quantize the dense Linears'
-            # inputs of W8A8 / W4A4 schemes (not the routed experts'); simulating the runtime's activation
-            # quantization is moequant.io.exported.ExportedCheckpoint.input_activations' seam, not done here
+            # compressed-tensors would fake-quantize the inputs of the dense Linears only (not the routed experts')
+            # and the KV cache; moequant's simulation (below) does all of them, the same for both loaders
             from compressed_tensors.quantization import disable_quantization
 
             model.apply(disable_quantization)
     # nn.Module.float is called directly: transformers refuses .float() on a model loaded from a quantized
     # checkpoint, although its weights are plain bf16 tensors here.
-    return (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
+    model = (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
+    sim = None if plan.empty else Simulation(model, _family(model_dir), plan)
+    if sim is not None and simulate:
+        sim.attach()
+    model.moequant_simulation = sim
+    return model
+
+
+def simulation_of(model: torch.nn.Module):
+    """The :class:`~moequant.eval.simulate.Simulation` of a model :func:`load_model` returned (attached when
+    it simulates), None when its checkpoint quantizes nothing but weights."""
+    return getattr(model, "moequant_simulation", None)
 

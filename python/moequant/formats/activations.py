@@ -4,8 +4,10 @@ group says under ``input_activations`` and what a runtime (vLLM) does to every L
 moequant quantizes weights; activations are quantized by the runtime. What moequant computes for them is only
 NVFP4's static per-tensor ``input_global_scale`` (from the calibration inputs: :func:`moequant.formats.
 nvfp4_global_scale` of their largest ``|x|``, as llm-compressor's ``static_minmax`` observer and compressed-tensors'
-``generate_gparam`` define it). :meth:`ActivationFormat.core` is the seam for simulating the runtime's activation
-quantization (a ``moequant.ops.Format`` applied to the ``[tokens, in_features]`` input row by row):
+``generate_gparam`` define it). :meth:`ActivationFormat.core` is the format core of the runtime's activation
+quantization (a ``moequant.ops.Format`` applied to the ``[tokens, in_features]`` input row by row), which
+:func:`moequant.ops.fake_quantize_activations` (``moequant eval``'s simulation) applies for the float kinds; int8
+there follows vLLM (``amax / 127``), not this core's compressed-tensors convention (``amax / 127.5``):
 
 =============  ==================================================  =====================================
 kind           runtime quantization of the input                   ``moequant.ops.Format`` on ``[T, in]``

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .activations import ActivationFormat
 from .floating import FloatFormat
 from .integer import IntFormat
+from .kv_cache import kv_cache_scheme_args
 from .schemes import MIXED_PRECISION, PACK_QUANTIZED, WeightFormat, compression_format
 
 __all__ = ["PACK_QUANTIZED", "MIXED_PRECISION", "WeightsConfig", "as_format", "weights_args",
@@ -96,7 +97,8 @@ def weights_args(w: WeightsConfig) -> dict:
     return out
 
 
-def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignore: Sequence[str]) -> dict:
+def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignore: Sequence[str],
+                              kv_cache: Optional[str] = None) -> dict:
     """The portable compressed-tensors ``quantization_config`` (reference §1.2, parses on CT 0.11 .. 0.20).
 
     Args:
@@ -108,6 +110,8 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
             dequantizes every expert with the first group that targets a class name, unless a ``re:`` target
             mentions ``experts``) and keep ``"Linear"`` as a target (vLLM's MoE needs it).
         ignore: module names or ``re:`` patterns left unquantized (``lm_head``, routers ...).
+        kv_cache: ``"fp8"``: the ``kv_cache_scheme`` of an FP8 KV cache with per-tensor scales
+            (:func:`moequant.formats.kv_cache.kv_cache_scheme_args`); None: ``kv_cache_scheme`` null.
     Returns:
         a JSON-able dict for ``config.json["quantization_config"]``: each group has its ``format``; the top-level
         ``format`` is the groups' common one, else ``"mixed-precision"``.
@@ -137,7 +141,7 @@ def quantization_config_block(groups: Sequence[tuple[Sequence[str], Any]], ignor
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": list(ignore),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": kv_cache_scheme_args(kv_cache),
     }
 
 

@@ -126,8 +126,8 @@ class ExportedCheckpoint:
         return decompress(self.src.get, module, g.format, g.compression)
 
     def input_activations(self, module: str):
-        """The seam of activation simulation: ``(ActivationFormat or None, input_global_scale or None)`` of a
-        quantized module (what a runtime does to its input; ``moequant eval`` does not simulate it yet)."""
+        """``(ActivationFormat or None, input_global_scale or None)`` of a quantized module: what a runtime does to
+        its input (``moequant eval`` simulates it: :class:`moequant.eval.simulate.SimulationPlan`)."""
         g = self.groups[module]
         name = f"{module}.input_global_scale"
         return g.activations, (self.src.get(name) if name in self.src else None)

@@ -54,3 +54,6 @@ __all__ = [
     "quantize_float",
     "from_format_quantized",
 ]
+from .act_quant import fake_quantize_activations, fake_quantize_fp8
+
+__all__ += ["fake_quantize_activations", "fake_quantize_fp8"]

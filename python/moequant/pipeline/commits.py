@@ -29,7 +29,8 @@ class LayerCommits:
     def submit(self, index: int, result, record, hidden: list, tensors: dict) -> None:
         """Commits layer ``index`` (after the previous one's commit has finished)."""
         self.wait()
-        future = self._pool.submit(self.work.save_layer, index, result.results, record, hidden, tensors=tensors)
+        future = self._pool.submit(self.work.save_layer, index, result.results, record, hidden, tensors=tensors,
+                                   added=getattr(result, "kv_scales", None))
         self._pending = (index, result, future)
 
     def wait(self) -> None:

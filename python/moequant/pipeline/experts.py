@@ -263,7 +263,9 @@ class MoELayerEngine:
         plan: the :class:`GroupPlan` (:func:`plan_layer`). num_batches, run_batch: the calibration batches and
             ``run_batch(b) -> the layer's output on batch b`` (on the device). outputs: where pass 3 puts the
             layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
-            :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`.
+            :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`. output_hooks: a context
+            manager (e.g. :class:`moequant.calibration.kv_cache.KVCacheHooks`) entered around pass 3, the forwards
+            of the quantized layer that give its outputs.
         probe: given to every :func:`~moequant.pipeline.jobs.finish_jobs` (the budget's measurement pass).
         dist: the :class:`~moequant.pipeline.distributed.DistContext` of a multi-process run (``run_batch`` then
             runs this rank's batches; :mod:`moequant.pipeline.distributed` does the exchanges), else None.
@@ -271,12 +273,13 @@ class MoELayerEngine:
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
                  device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
-                 outputs=None, probe=None, dist=None) -> None:
+                 outputs=None, probe=None, dist=None, output_hooks=None) -> None:
         self.probe = probe
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
         self.outputs = HostCopies() if outputs is None else outputs
+        self.output_hooks = output_hooks
         self.experts = family.experts_of(layer)
         self.num = num_experts(self.experts)
         self.phases = _Phases(self.device)
@@ -330,7 +333,7 @@ class MoELayerEngine:
                                                                                   rec2.calls, dist)
         del rec1, rec2
         rec3 = ExpertsRecorder(self.experts)
-        with ph("pass3_forward"):
+        with ph("pass3_forward"), (self.output_hooks or contextlib.nullcontext()):
             outputs = self._pass(rec3.replaying(expert_out), keep=True)
         return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
                               dict(ph.t), routing)

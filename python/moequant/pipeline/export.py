@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from ..formats import WeightsConfig, quantization_config_block
+from ..formats.kv_cache import KV_SCALE_NAMES
 from ..io.compat import LoaderSupport, ModuleScheme, describe, loader_support
 from ..io.expert_layout import layer_replacements
 from ..io.export import export_checkpoint
@@ -22,6 +23,8 @@ __all__ = ["export_run", "run_loader_support", "expert_module_names"]
 
 logger = logging.getLogger(__name__)
 
+KV_SCALE_SUFFIXES = tuple(f".{n}" for n in KV_SCALE_NAMES)
+
 
 def _version() -> str:
     from .. import __version__
@@ -35,7 +38,8 @@ def export_run(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list,
     :mod:`moequant.io.expert_layout`), the globals the transforms changed, the recipe and the report."""
     fam = lazy.family
     schemes = work.schemes(lazy.num_layers)
-    qcfg = quantization_config_block(_config_groups(schemes, recipe, lazy), _ignore_list(lazy, schemes))
+    qcfg = quantization_config_block(_config_groups(schemes, recipe, lazy), _ignore_list(lazy, schemes),
+                                     kv_cache=recipe.kv_cache)
     if export_format != "dequantized":
         report.quantization_format = qcfg["format"]
     overrides = {k: v for tr in transforms for k, v in tr.config_overrides().items()}
@@ -45,6 +49,8 @@ def export_run(lazy: LazyModel, work: WorkDir, recipe: Recipe, transforms: list,
     with CheckpointReader(model_dir, decode_device=decode_device) as source:
         def chunks():
             for index, chunk in enumerate(work.iter_replacements(lazy.num_layers)):
+                if export_format == "dequantized":  # a plain checkpoint: no KV-cache scales without their config
+                    chunk.added = {k: v for k, v in chunk.added.items() if not k.endswith(KV_SCALE_SUFFIXES)}
                 experts = fam.experts_of(lazy.meta_layer(index))
                 yield layer_replacements(fam, lazy.layer_prefix(index), num_experts(experts) if experts is not None
                                          else 0, chunk, source, export_format)

@@ -18,6 +18,8 @@ from torch import nn
 
 from .. import ops
 from ..calibration.capture import LayerCapture
+from ..calibration.kv_cache import KVCacheHooks, KVObserver, kv_attentions
+from ..formats.kv_cache import kv_scale
 from ..methods.base import LayerStep
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
@@ -106,6 +108,9 @@ class LayerResult:
         modules: a :class:`~moequant.pipeline.report.ModuleRecord` per solved matrix. expert_tokens, expert_mass:
             routed calibration rows and Hessian weight mass per expert (the routing mass when routing-weighted, else
             the rows; empty for a dense layer). routing_mass: per expert the sum of its tokens' routing weights.
+        kv_scales: with the recipe's ``kv_cache``, ``{"<attention>.k_scale" / ".v_scale": [1] tensor}`` (on-disk
+            names, checkpoint dtype) from the keys and values the quantized layer stored while computing
+            :attr:`outputs` (:mod:`moequant.formats.kv_cache`); else empty.
     """
 
     index: int
@@ -120,6 +125,7 @@ class LayerResult:
     outputs: Optional[list] = None
     phases: dict = field(default_factory=dict)
     groups: Optional[str] = None
+    kv_scales: dict = field(default_factory=dict)
     routing_mass: list = field(default_factory=list)
 
     def record(self, seconds: float) -> LayerRecord:
@@ -238,16 +244,19 @@ class LayerQuantizer:
         step = LayerStep(index, prefix, layer, hidden, kwargs, self.device)
         for tr in self.transforms:  # in order: rotation, then AWQ
             tr.before_capture(step)
+        kv = self._kv_observer(layer, prefix)
         if plan is not None:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
-                                    outputs=outputs, probe=self.probe, dist=self.dist)
+                                    outputs=outputs, probe=self.probe, dist=self.dist,
+                                    output_hooks=kv[0] if kv else None)
             out = engine.run()
             complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
-                               groups=plan.describe(out.num_experts), routing_mass=out.routing_mass)
+                               groups=plan.describe(out.num_experts), routing_mass=out.routing_mass,
+                               kv_scales=self._kv_scales(kv))
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
             if self.dist is not None:
@@ -269,9 +278,42 @@ class LayerQuantizer:
         ec = cap.experts
         complete_input_scales(res_e, recipe)
         complete_input_scales(res_l, recipe)
+        computed = None
+        if kv:  # the quantized layer's outputs, with its KV cache observed
+            with kv[0]:
+                computed = self.run_layer(layer, index, hidden, kwargs, out=outputs)
         return LayerResult(index, prefix, layer, step, {**res_l, **res_e}, rec_l + rec_e, moe=ec is not None,
                            expert_tokens=[int(c) for c in ec.gate_up.counts.tolist()] if ec else [],
-                           expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [])
+                           expert_mass=[round(float(m), 6) for m in ec.gate_up.mass.tolist()] if ec else [],
+                           outputs=computed, kv_scales=self._kv_scales(kv))
+
+    def _kv_observer(self, layer: nn.Module, prefix: str) -> Optional[tuple]:
+        """With the recipe's ``kv_cache``: ``(hooks, observer, attentions)`` tapping the KV cache of the layer's
+        attentions (:mod:`moequant.calibration.kv_cache`), attached by the caller around the forwards that compute
+        the quantized layer's outputs; else None."""
+        if self.recipe.kv_cache is None:
+            return None
+        attentions = kv_attentions(layer, prefix)
+        if not attentions:
+            return None
+        observer = KVObserver()
+        return KVCacheHooks(attentions, observer.observe), observer, attentions
+
+    def _kv_scales(self, kv: Optional[tuple]) -> dict:
+        """``k_scale`` / ``v_scale`` of the attentions an observer saw, by on-disk name, in the checkpoint dtype."""
+        if not kv:
+            return {}
+        _, observer, attentions = kv
+        out = {}
+        for name in attentions:
+            if name not in observer.amax:
+                raise RuntimeError(f"kv_cache: {name} stored no keys or values in the calibration forward (its "
+                                   f"forward does not call past_key_values.update); moequant cannot calibrate it")
+            disk = self.lazy.family.disk_name(name)
+            amax = observer.amax[name].cpu()
+            out[f"{disk}.k_scale"] = kv_scale(amax[0], self.storage)
+            out[f"{disk}.v_scale"] = kv_scale(amax[1], self.storage)
+        return out
 
 
 class LayerObserver:

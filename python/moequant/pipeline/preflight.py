@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..calibration.kv_cache import KVCacheHooks, kv_attentions
 from ..io.safetensors import SAFETENSORS_DTYPE_BITS, scan_weights
 from ..io.source import SUPPORTED, unsupported_reason
 from ..models import intermediate_size, linear_modules, num_experts, text_config
@@ -108,6 +109,8 @@ def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.Path
     if not plan.quantized:
         raise ValueError("recipe: no module would be quantized (everything is ignored or skipped); check the "
                          "recipe's ignore list and overrides")
+    if recipe.kv_cache is not None:
+        _check_kv_cache(lazy, recipe.kv_cache)
     _check_patterns(recipe, candidates, lazy.reader.index.module_names() | set(candidates))
     lazy.check_layer_tensors()
     _estimate_bytes(plan, lazy, export_format, calibration_shape)
@@ -118,6 +121,20 @@ def preflight(lazy: LazyModel, recipe: Recipe, *, output_dir: Union[str, os.Path
         logger.info("checked %.2f GB of weights for NaN/Inf in %.1f s", lazy.reader.index.total_bytes / 1e9,
                     time.time() - t)
     return plan
+
+
+def _check_kv_cache(lazy: LazyModel, kind: str) -> None:
+    """``kv_cache``: the model has attentions whose KV cache moequant sees (``self_attn`` with ``k_proj`` /
+    ``v_proj`` calling ``past_key_values.update``: :mod:`moequant.calibration.kv_cache`)."""
+    found = 0
+    for i in range(lazy.num_layers):
+        attentions = kv_attentions(lazy.meta_layer(i), lazy.layer_prefix(i))
+        KVCacheHooks(attentions, lambda *a: None)  # the forward takes past_key_values (else ValueError)
+        found += len(attentions)
+    if not found:
+        raise ValueError(f"kv_cache: {kind!r} needs attentions that cache keys and values (self_attn with k_proj and "
+                         f"v_proj); {lazy.family.name}'s attention caches something else (MLA: a compressed "
+                         f"latent), which moequant does not calibrate; set kv_cache to null")
 
 
 def _check_expert_schemes(prefix: str, experts: str, resolved: list) -> None:

@@ -187,6 +187,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             raise ValueError("budget.enabled: expected false in a distributed run (its measurement pass is not "
                              "distributed yet; the budget is on when budget.bits or budget.size_gb is set); run the "
                              "budget in one process")
+        if recipe.kv_cache is not None:
+            raise ValueError(f"kv_cache: expected null in a distributed run (the KV scales are each attention's "
+                             f"maximum over all calibration batches, which no rank holds; not reduced across ranks "
+                             f"yet), got {recipe.kv_cache!r}; calibrate the KV cache in one process")
     if device.type == "cuda":
         _expandable_segments()
     # Preflight: everything checkable is checked before the first layer starts and before anything is written.
@@ -246,7 +250,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         tr.before_calibration(lazy)
     # host_memory_gb changes where the hidden states live, not a bit of the results: a run may resume with another
     fingerprint = {"version": WORK_VERSION, "model": model_fingerprint(model_dir),
-                   "recipe": {k: v for k, v in recipe.to_dict().items() if k != "host_memory_gb"},
+                   # kv_cache null: absent, as in the manifests of runs started before the setting existed
+                   "recipe": {k: v for k, v in recipe.to_dict().items()
+                              if k != "host_memory_gb" and not (k == "kv_cache" and v is None)},
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "export_format": export_format}
     tmp_root = work = None

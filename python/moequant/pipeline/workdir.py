@@ -7,7 +7,8 @@ Files:
 * per finished layer ``layer_NNNNN.safetensors`` (of every quantized matrix its codes and scales, and zero points
   for an integer format, or the scale bytes, NVFP4's global scale and input global scale for a floating-point one;
   their formats as ``[bits, group_size, symmetric]`` or ``[kind]`` in the metadata, plus ``dense::<name>``
-  high-precision tensors a transform changed) and ``layer_NNNNN.json`` (its report record);
+  high-precision tensors a transform changed and ``added::<name>`` tensors the source lacks: the KV-cache
+  ``k_scale`` / ``v_scale``) and ``layer_NNNNN.json`` (its report record);
 * ``activations_NNNNN.safetensors``: the calibration hidden states after layer NNNNN, one tensor per batch
   (:mod:`moequant.pipeline.states`; with the disk-backed store the very file the layer wrote its outputs into,
   flushed and renamed: the states are written once);
@@ -242,13 +243,14 @@ class WorkDir:
         return self._completed
 
     def save_layer(self, index: int, results: dict, record: LayerRecord, hidden,
-                   tensors: Optional[dict] = None) -> None:
+                   tensors: Optional[dict] = None, added: Optional[dict] = None) -> None:
         """Commits layer ``index`` (= :attr:`completed`): its results, record and the activations after it
         (``hidden``: a :class:`~moequant.pipeline.states.HiddenStates`, or a list of batch tensors; states of the
         disk-backed store are flushed and renamed into place, others written).
 
         ``tensors``: optional on-disk tensor name -> high-precision tensor (e.g. a norm or router weight changed
-        by a smoothing or rotation transform) that the export writes in place of the source tensor."""
+        by a smoothing or rotation transform) that the export writes in place of the source tensor. ``added``:
+        on-disk tensor name -> a tensor the source lacks (the KV-cache scales), written as it is."""
         from safetensors.torch import save_file
 
         if index != self._completed:
@@ -267,6 +269,8 @@ class WorkDir:
             meta[name] = list(qt.format.key)
         for name, t in (tensors or {}).items():
             stored[f"dense::{name}"] = t.detach().contiguous().cpu()
+        for name, t in (added or {}).items():
+            stored[f"added::{name}"] = t.detach().contiguous().cpu()
         # 1. files of this layer, under its own index: no committed state refers to them yet
         atomic_write(self.path / f"layer_{index:05d}.safetensors",
                      lambda tmp: save_file(stored, str(tmp), metadata={"schemes": json.dumps(meta)}),
@@ -314,10 +318,11 @@ class WorkDir:
             with safe_open(str(self.path / name), "pt") as f:
                 meta = json.loads(f.metadata()["schemes"])
                 if not tensors:
-                    return meta, None
+                    return meta, None, None
                 quantized = {n: _stored_result(f, n, weight_format_from_key(key)) for n, key in meta.items()}
                 dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
-                return quantized, dense
+                added = {k[len("added::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("added::")}
+                return quantized, dense, added
         except FileNotFoundError:
             raise self._damaged(name, "missing") from None
         except Exception as exc:  # SafetensorError, JSON errors, missing keys, a wrong metadata layout
@@ -325,15 +330,15 @@ class WorkDir:
 
     def iter_replacements(self, num_layers: int) -> Iterator[Replacements]:
         for index in range(num_layers):
-            quantized, dense = self._read_layer(index, True)
-            yield Replacements(quantized=quantized, tensors=dense)
+            quantized, dense, added = self._read_layer(index, True)
+            yield Replacements(quantized=quantized, tensors=dense, added=added)
 
     def schemes(self, num_layers: int) -> dict:
         """{weight format (:class:`~moequant.formats.IntFormat` / :class:`~moequant.formats.FloatFormat`): [module
         names]} over all finished layers."""
         out: dict = {}
         for index in range(num_layers):
-            meta, _ = self._read_layer(index, False)
+            meta, _, _ = self._read_layer(index, False)
             try:
                 for name, key in meta.items():
                     out.setdefault(weight_format_from_key(key), []).append(name)

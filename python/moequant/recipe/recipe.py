@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from ..formats import IntFormat
+from ..formats.kv_cache import check_kv_cache
 from ..methods.awq.config import AWQConfig
 from ..methods.budget.config import BudgetConfig, parse_budget
 from ..methods.rotation.config import RotationConfig
@@ -153,6 +154,8 @@ class Recipe:
             disk. None (default): half of the host memory available when the run starts (MemAvailable, or a
             cgroup limit's room when lower) after one decoder layer. Results are bit-identical either way, so a run
             may resume with another value (it is not part of the run's fingerprint).
+        kv_cache: ``"fp8"``: calibrate every attention's FP8 KV-cache ``k_scale`` / ``v_scale`` and export them with
+            a ``kv_cache_scheme`` (:mod:`moequant.formats.kv_cache`, docs/export.md "FP8 KV cache"); None: no.
         solvers (init only): the :class:`~moequant.methods.SolverRegistry` the schemes' ``method`` names are looked
             up in (default: the built-in solvers); given to the scheme and the overrides, not serialized.
     """
@@ -174,6 +177,7 @@ class Recipe:
     experts_per_group: Optional[int] = None
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     host_memory_gb: Optional[float] = None
+    kv_cache: Optional[str] = None
     version: int = RECIPE_VERSION
     solvers: InitVar[Any] = None
 
@@ -234,6 +238,7 @@ class Recipe:
                 and math.isfinite(self.host_memory_gb) and self.host_memory_gb >= 0):
             fail("host_memory_gb", "a finite number >= 0 or null", self.host_memory_gb,
                  "the host memory the calibration hidden states may use; 0 keeps them on disk; null: automatic")
+        self.kv_cache = check_kv_cache(self.kv_cache)
         if solvers is not None:  # the recipe's registry reaches its scheme and overrides (their method names)
             for section in (self.scheme, *self.overrides):
                 section.use_solvers(solvers)
@@ -307,7 +312,7 @@ class Recipe:
                 "solver_memory_gb": self.solver_memory_gb, "report_loss": self.report_loss,
                 "rotation": self.rotation.to_dict(), "device_memory_gb": self.device_memory_gb,
                 "experts_per_group": self.experts_per_group, "budget": self.budget.to_dict(),
-                "host_memory_gb": self.host_memory_gb}
+                "host_memory_gb": self.host_memory_gb, "kv_cache": self.kv_cache}
 
     @classmethod
     def from_dict(cls, data: dict, solvers: Any = None) -> "Recipe":
@@ -348,7 +353,7 @@ class Recipe:
                  calib: Optional[list] = None, num_samples: Optional[int] = None, seq_len: Optional[int] = None,
                  device: Optional[str] = None, device_memory_gb: Optional[float] = None,
                  host_memory_gb: Optional[float] = None, scheme: Optional[str] = None,
-                 budget: Optional[str] = None) -> "Recipe":
+                 budget: Optional[str] = None, kv_cache: Optional[str] = None) -> "Recipe":
         """A copy of ``base`` (a Recipe, a recipe file, or None for the defaults) with CLI flag values applied.
 
         A flag left at None was not given and keeps the recipe's value; a given flag overrides the file.
@@ -382,6 +387,8 @@ class Recipe:
             data["budget"].update({"bits": None, "size_gb": None, **parse_budget(budget)})
         if host_memory_gb is not None:
             data["host_memory_gb"] = host_memory_gb
+        if kv_cache is not None:  # "none" turns a recipe file's off
+            data["kv_cache"] = None if kv_cache == "none" else kv_cache
         return cls.from_dict(data)
 
 

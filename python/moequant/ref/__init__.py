@@ -54,3 +54,9 @@ __all__ = [
     "unpack_int32_ref",
     "unpack_zero_points_ref",
 ]
+from .act_quant import fake_quantize_activations_ref, fake_quantize_fp8_ref  # noqa: E402
+
+__all__ += ["fake_quantize_activations_ref", "fake_quantize_fp8_ref"]
+from .kv_cache import kv_scale_ref  # noqa: E402
+
+__all__ += ["kv_scale_ref"]

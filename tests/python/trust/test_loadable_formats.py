@@ -155,12 +155,13 @@ def test_moequant_eval_reads_every_format(runs, family, capsys, tmp_path):
     for name in ("NVFP4", "FP8_BLOCK", "mixed", "W8A8", "mixed-mx"):
         d, deq = res[name][:2]
         ppl = []
-        # moequant's loader and, where it reads the checkpoint (compat), transformers: the weights alone, exactly
-        # those of the dequantized export (eval does not simulate the W8A8 / W4A4 activation quantization)
+        # moequant's loader and, where it reads the checkpoint (compat), transformers: the weights alone
+        # (--no-simulate-activations), exactly those of the dequantized export (test_eval_simulation.py checks
+        # the simulation of the W8A8 / W4A4 activation quantization, eval's default)
         loaders = [(d, "moequant"), (deq, "transformers")] + ([(d, "transformers")] if name == "mixed-mx" else [])
         for path, loader in loaders:
             rc = cli.main(["-q", "eval", str(path), "--text", str(text), "--seq-len", "64", "--batch-size", "16",
-                           "--loader", loader])
+                           "--loader", loader, "--no-simulate-activations"])
             out = capsys.readouterr()
             assert rc == 0, f"{name}: {out.err}"
             ppl.append(float(out.out.strip().splitlines()[-1].removeprefix("ppl=")))
