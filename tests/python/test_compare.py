@@ -192,3 +192,49 @@ def test_compare_result_round_trip(tiny, tmp_path):
     (tmp_path / "bad.json").write_text("{\"tokens\": 1}")
     with pytest.raises(ValueError, match="not a moequant compare result"):
         load_compare(tmp_path / "bad.json")
+
+
+def _foreign_checkpoint(base: Path, out: Path, dense: Path) -> None:
+    """``base`` quantized W4 g32 asymmetric round-to-nearest and written the way llm-compressor writes a checkpoint:
+    compressed-tensors' own min/max quantization parameters (``calculate_qparams``) and its own pack-quantized
+    compressor, a ``quantization_config`` from its own ``QuantizationConfig``; no moequant code writes a tensor.
+    ``dense`` gets the same model with the weights compressed-tensors' decompressor gives back."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=32)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    comp = BaseCompressor.get_value_from_registry("pack-quantized")
+    src = load_file(str(base / "model.safetensors"))
+    packed, plain = {}, {}
+    for name, w in src.items():
+        if ".layers." in name and name.endswith("_proj.weight") and w.dim() == 2:  # attention and experts
+            wf = w.float().reshape(w.shape[0], -1, 32)
+            scale, zp = calculate_qparams(wf.amin(-1), wf.amax(-1), args)
+            local = comp.compress({"weight": w, "weight_scale": scale.to(w.dtype), "weight_zero_point": zp}, scheme)
+            m = name[: -len(".weight")]
+            packed.update({f"{m}.{k}": v for k, v in local.items() if v is not None})
+            plain[name] = comp.decompress(local, scheme)["weight"].to(w.dtype)
+        else:
+            packed[name] = plain[name] = w
+    for d, tensors in ((out, packed), (dense, plain)):
+        shutil.copytree(base, d)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = QuantizationConfig(
+        config_groups={"group_0": scheme}, format="pack-quantized", quantization_status="compressed",
+        ignore=["lm_head", "re:.*mlp.gate$"]).model_dump(exclude_none=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def test_compare_reads_a_checkpoint_compressed_tensors_wrote(tiny, tmp_path):
+    """A checkpoint of another tool (compressed-tensors' compressor, as llm-compressor saves): compare dequantizes
+    it as a loader does, so the result is the comparison with the decompressed weights, to the bit."""
+    out, dense = tmp_path / "llmc", tmp_path / "dense"
+    _foreign_checkpoint(tiny, out, dense)
+    assert any(k.endswith(".weight_packed") for k in load_file(str(out / "model.safetensors")))
+    a, b = compare(tiny, out, TEXT, **KW), compare(tiny, dense, TEXT, **KW)
+    assert 0 < a.kl_mean < 0.5
+    assert (a.kl_mean, a.top1_agreement, a.ppl_quant) == (b.kl_mean, b.top1_agreement, b.ppl_quant)
+    assert [x.topk_changed for x in a.layers] == [x.topk_changed for x in b.layers]
