@@ -397,16 +397,7 @@ class MoELayerEngine:
                                     all_token_down=shrink and fb.calibrate_all_experts)
                 for hs, idx, w in calls1:
                     cap.add_call(hs, self._local(idx, lut, len(ids)), w)
-            down_all = cap.down_all
-            hgu = ExpertHessians(cap.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
-                                 (lambda e: prior) if prior is not None else None,
-                                 pooled=(lambda: pooled[0]) if pooled is not None else None,
-                                 layer_mean=means[0].value)
-            hdn = ExpertHessians(cap.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
-                                 (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
-                                 if down_all is not None else None,
-                                 pooled=(lambda: pooled[1]) if pooled is not None else None,
-                                 layer_mean=means[1].value)
+            hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
             for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
                 tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
                 if defer:
@@ -500,6 +491,24 @@ class MoELayerEngine:
                 sums[k] = s if sums[k] is None else sums[k] + s
             m += float(cap.gate_up.mass.sum())
         return [s / m for s in sums] if m > 0 else [None, None]
+
+
+def group_hessians(cap: ExpertCapture, fb, prior: Optional[torch.Tensor], pooled: Optional[list],
+                   means: tuple) -> tuple[ExpertHessians, ExpertHessians]:
+    """The gate/up and down :class:`ExpertHessians` of one group's capture ``cap`` under the recipe's fallback
+    ``fb``: ``prior`` the layer's all-token Hessian (``shrink``), ``pooled`` the pooled [gate/up, down] Hessians of
+    several groups (``shrink``), ``means`` the two :class:`_RunningMean` of the ``mean`` fallback."""
+    down_all = cap.down_all
+    hgu = ExpertHessians(cap.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                         (lambda e: prior) if prior is not None else None,
+                         pooled=(lambda: pooled[0]) if pooled is not None else None,
+                         layer_mean=means[0].value)
+    hdn = ExpertHessians(cap.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
+                         (lambda e: down_all.hessian(e) if float(down_all.mass[e]) > 0 else None)
+                         if down_all is not None else None,
+                         pooled=(lambda: pooled[1]) if pooled is not None else None,
+                         layer_mean=means[1].value)
+    return hgu, hdn
 
 
 class _RunningMean:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 from ...calibration.capture import ExpertCapture
-from ..experts import _RunningMean, _to_host, expert_view
-from ..jobs import ExpertHessians, expert_jobs, finish_jobs
+from ..experts import _RunningMean, _to_host, expert_view, group_hessians
+from ..jobs import expert_jobs, finish_jobs
 from .context import DistContext
 
 __all__ = ["all_calls", "stream_rows", "routing_calls", "units_of", "distributed_experts"]
@@ -200,16 +200,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
             if ctx.owner(u) != ctx.rank:
                 continue
             view, ids, cap, lut = mine[u]
-            down_all = cap.down_all
-            hgu = ExpertHessians(cap.gate_up, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
-                                 (lambda e: prior) if prior is not None else None,
-                                 pooled=(lambda: pooled[0]) if pooled is not None else None,
-                                 layer_mean=means[0].value)
-            hdn = ExpertHessians(cap.down, fb.min_tokens, fb.policy, fb.shrinkage_tokens,
-                                 (lambda e, d=down_all: d.hessian(e) if float(d.mass[e]) > 0 else None)
-                                 if down_all is not None else None,
-                                 pooled=(lambda: pooled[1]) if pooled is not None else None,
-                                 layer_mean=means[1].value)
+            hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
             for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
                 tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
