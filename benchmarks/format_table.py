@@ -6,7 +6,7 @@ heldout.txt and of wt2_test.txt, as deployed (moequant eval's default: the activ
 implies is simulated) and with the weights alone, plus bits per quantized weight (benchmarks/quality.py's
 ``average_bits``: the format's storage_bits over the decoder's quantized matrices, scales included).
 
-    PYTHONPATH=python python benchmarks/format_table.py OUT_ROOT [--windows 16] [--rows bf16,FP8-rtn,...]
+    PYTHONPATH=python python benchmarks/format_table.py OUT_ROOT [--windows 16] [--rows bf16,FP8-rtn,...] [--markdown]
 
 Rows run one at a time and print as they finish; OUT_ROOT/format_table.json is rewritten after each row. A rerun
 skips the rows already in the JSON and reuses the quantized checkpoints OUT_ROOT/<preset>-<method> (an interrupted
@@ -58,10 +58,32 @@ def run_row(name: str, root: Path, ids: dict) -> dict:
             "simulated": sim is not None, "quantize_seconds": None if seconds is None else round(seconds, 1)}
 
 
+def markdown(rows: dict) -> str:
+    """The docs/quality.md table of ``rows`` (JSON rows): deployed and weights-only perplexities, with the change
+    against the bf16 row where there is one."""
+    base = rows.get("bf16")
+
+    def cell(r: dict, kind: str, text: str) -> str:
+        v = r[kind][text]
+        s = f"{v:.4f}" if text == "heldout" else f"{v:.2f}"
+        if base is not None and r is not base:
+            s += f" ({100 * (v / base[kind][text] - 1):+.2f} %)"
+        return s if kind == "deployed" or r["simulated"] else "="
+
+    lines = ["| scheme | method | bits | held-out, deployed | WikiText-2, deployed | held-out, weights alone | "
+             "WikiText-2, weights alone |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        scheme, method = name.rsplit("-", 1) if "-" in name else (name, "")
+        lines.append(f"| {scheme} | {method} | {r['bits']:.3f} | {cell(r, 'deployed', 'heldout')} | "
+                     f"{cell(r, 'deployed', 'wt2')} | {cell(r, 'weights', 'heldout')} | {cell(r, 'weights', 'wt2')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("root", type=Path, help="quantized checkpoints and format_table.json go here")
     ap.add_argument("--windows", type=int, default=16, help="windows of 256 tokens per text (default 16)")
+    ap.add_argument("--markdown", action="store_true", help="print the table of the JSON's rows as markdown at the end")
     ap.add_argument("--rows", help=f"comma list (default all: {','.join(all_rows())})")
     args = ap.parse_args(argv)
     names = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else all_rows()
@@ -89,6 +111,8 @@ def main(argv=None) -> int:
         d, w = r["deployed"], r["weights"]
         print(f"{name:16s} {r['bits']:6.3f} bits  deployed heldout {d['heldout']:.4f} wt2 {d['wt2']:.2f}  weights "
               f"heldout {w['heldout']:.4f} wt2 {w['wt2']:.2f}  ({r.get('row_seconds')} s)", flush=True)
+    if args.markdown:
+        print(markdown({k: rows[k] for k in all_rows() if k in rows}))
     return 0
 
 
