@@ -1,0 +1,65 @@
+"""The benchmark scripts' own logic that a CPU can check: quality.py's row names (integer and preset rows) and
+bench_e2e.py's smoke run with the layer profiler (the GPU numbers themselves are in docs/benchmarks.md)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_rows_parse_integer_and_preset_names():
+    q = _quality()
+    scheme, recipe, feats = q.parse_config("gptq+ao-nvfp4a16")
+    assert scheme == {"preset": "NVFP4A16", "method": "gptq", "act_order": True, "damp": 0.01} and feats == {"ao"}
+    assert q.parse_config("default-MXFP4A16")[0] == {"preset": "MXFP4A16"}
+    scheme, _, _ = q.parse_config("rtn-w3-g-1")
+    assert (scheme["bits"], scheme["group_size"], scheme["method"]) == (3, -1, "rtn")
+    for bad, needle in (("gptq-nvfp4", "expected <method>"), ("foo-nvfp4a16", "method must be one of"),
+                        ("gptq+b3.0-nvfp4a16", "unknown feature")):
+        with pytest.raises(ValueError, match=needle):
+            q.parse_config(bad)
+    for f in ("quality_rows.txt", "quality_rows_budget.txt", "quality_rows_formats.txt"):
+        for line in (REPO / "benchmarks" / f).read_text().splitlines():
+            if line.strip() and not line.startswith("#") and line.strip() != "bf16":
+                q.parse_config(line.strip())
+
+
+def test_quality_bits_of_a_preset_row(tmp_path):
+    import types
+
+    q = _quality()
+    args = types.SimpleNamespace(group_size=128, num_samples=8, seq_len=64, device="cpu", ebss_jsonl=None)
+    nv = q.build_recipe("gptq-nvfp4a16", args, tmp_path, tmp_path)
+    assert nv.scheme.describe().startswith("NVFP4A16")
+    from testdata import tiny_qwen3_checkpoint
+
+    model = tiny_qwen3_checkpoint(tmp_path / "m")
+    assert q.average_bits(str(model), nv.scheme) == pytest.approx(4.5, abs=0.01)  # FP4 + an FP8 scale per 16
+    # W4 g32 symmetric: 4 + 16 / 32, plus the int32 weight_shape of each (small) matrix
+    assert q.average_bits(str(model), {"bits": 4, "group_size": 32, "symmetric": True}) == pytest.approx(4.5, abs=0.05)
+
+
+def test_bench_e2e_smoke_with_the_layer_profiler(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "prof.txt"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--model", "smoke", "--layers", "2",
+                        "--device", "cpu", "--samples", "4", "--seq-len", "32", "--work", str(tmp_path / "w"),
+                        "--profile-layer", "1", "--profile-out", str(out)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    text = out.read_text()
+    assert text.startswith("profile of layer 1:") and "moequant.expert_solve" in text and "moequant.pass3_forward" in text
+    assert "steady state" in r.stdout
