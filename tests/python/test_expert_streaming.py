@@ -22,6 +22,7 @@ from family_checkpoints import CALIB_TEXT, NAMES, family_checkpoint
 from moequant import pipeline
 from moequant.io.exported import load_model
 from moequant.pipeline import experts as engine
+from moequant.pipeline import groups
 from moequant.recipe import Recipe
 
 CALIBRATION = {"num_samples": 4, "seq_len": 64, "batch_size": 2}
@@ -158,17 +159,17 @@ def test_group_plan_on_real_shapes(name, hidden, inter, experts, budget_gb, want
     tokens = 128 * 2048
     # two recorded passes (bf16), the fp32 output sums, the solver's 8 GiB, 0.5 GiB, ~2 GiB of attention weights
     fixed = 2 * tokens * hidden * 2 + tokens * hidden * 4 + 8 * GIB + GIB // 2 + 2 * GIB
-    plan = engine.experts_per_group(experts, weight, work, fixed, budget_gb * GIB, what=name)
+    plan = groups.experts_per_group(experts, weight, work, fixed, budget_gb * GIB, what=name)
     resident, sizes = want
     assert plan.resident == resident and plan.size in sizes, (name, plan)
 
 
 def test_group_plan_errors_and_override():
     with pytest.raises(ValueError, match="device_memory_gb: 1.00 GiB leaves room for no expert of L"):
-        engine.experts_per_group(8, GIB // 4, GIB // 2, GIB // 2, GIB, what="L")
-    assert engine.experts_per_group(8, 1, 1, 1, None).size == 8
-    assert engine.experts_per_group(8, 1, 1, 1, None, override=3).size == 3
-    assert engine.experts_per_group(8, 1, 1, 1, None, override=99).size == 8
+        groups.experts_per_group(8, GIB // 4, GIB // 2, GIB // 2, GIB, what="L")
+    assert groups.experts_per_group(8, 1, 1, 1, None).size == 8
+    assert groups.experts_per_group(8, 1, 1, 1, None, override=3).size == 3
+    assert groups.experts_per_group(8, 1, 1, 1, None, override=99).size == 8
 
 
 def test_prefetch_and_background_commits_change_nothing(tmp_path, monkeypatch):
@@ -214,7 +215,7 @@ def test_cli_device_memory_gb_too_small_is_one_error_line(models, tmp_path, caps
 def _streaming_budget(lazy) -> float:
     """device_memory_gb 4 KiB short of holding the first MoE layer's expert weights with room to solve one expert:
     the experts are streamed from host memory, one at a time."""
-    sizes = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, None)
+    sizes = groups.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, None)
     experts = lazy.family.experts_of(lazy.meta_layer(0))
     weights = sum(p.numel() * p.element_size() for p in experts.parameters())
     work = sizes.per_expert - weights // engine.num_experts(experts)
@@ -226,7 +227,7 @@ def test_streaming_budget_streams_one_expert_at_a_time(models):
 
     lazy = LazyModel(models("qwen3_moe"), dtype=torch.bfloat16)
     budget = int(_streaming_budget(lazy) * GIB)
-    plan = engine.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, budget)
+    plan = groups.plan_layer(lazy.meta_layer(0), lazy.family, _recipe(), 4 * 64, torch.bfloat16, budget)
     assert not plan.resident and plan.size == 1
 
 

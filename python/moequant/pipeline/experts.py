@@ -10,7 +10,7 @@ compute device in groups that fit a memory budget, instead of holding every expe
 2. the Linears are quantized and written back;
 3. **pass 2**: the layer runs again, with its quantized Linears, recording the experts calls again: the routing
    and expert inputs the quantized layer produces (what the next layer will see);
-4. the experts, **group by group** (:func:`experts_per_group`): the group's Hessians are accumulated from pass 1's
+4. the experts, **group by group** (:func:`~moequant.pipeline.groups.experts_per_group`): the group's Hessians are accumulated from pass 1's
    calls (batch by batch, exactly as the whole-layer capture feeds them), the group is solved and written back,
    and its quantized outputs on pass 2's calls are computed by the experts module itself, on a view of the group's
    experts with the other experts' slots padded, and summed. Experts without enough calibration tokens are solved
@@ -22,13 +22,16 @@ With one group (every expert fits; always on the CPU unless a budget is set) the
 the whole-layer path; with several groups the Hessians, solves and written-back weights still are, and the
 propagated outputs differ only by the rounding of summing the groups' outputs (fp32 accumulation of each group's
 output in the layer's dtype). The attention runs three times instead of twice; the experts once per pass-2 call.
+
+(Over 400 lines: the three passes, the group loop and its fallbacks are one procedure over shared state; the plan's
+arithmetic is in :mod:`moequant.pipeline.groups`, the exchanges of several processes in
+:mod:`moequant.pipeline.distributed`.)
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -37,17 +40,15 @@ import torch
 from torch import nn
 
 from ..calibration.capture import ExpertCapture, ExpertsCall, LayerCapture
-from ..models import MoEFamily, intermediate_size, num_experts
+from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
+from .groups import GroupPlan, expert_dims
 from .host import HostCopies
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
-__all__ = ["GIB", "ExpertsRecorder", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_view",
-           "MoELayerEngine", "MoELayerOutput"]
+__all__ = ["ExpertsRecorder", "expert_view", "MoELayerEngine", "MoELayerOutput", "group_hessians"]
 
 logger = logging.getLogger(__name__)
-
-GIB = 2**30
 
 
 class ExpertsRecorder:
@@ -111,108 +112,6 @@ def expert_view(experts: nn.Module, ids: torch.Tensor | slice, device) -> nn.Mod
     return view
 
 
-@dataclass(frozen=True)
-class GroupPlan:
-    """How a MoE layer's experts go through the device: ``size`` experts at a time; ``resident``: all of the
-    layer's expert weights stay on the device (else each group's are copied there); the estimate behind it
-    (bytes)."""
-
-    size: int
-    resident: bool
-    per_expert: int
-    fixed: int
-    budget: Optional[int]
-
-    def describe(self, total: int) -> str:
-        groups = math.ceil(total / self.size)
-        where = "on the device" if self.resident else "streamed from host memory"
-        return f"{total} experts in {groups} group(s) of up to {self.size}, weights {where}"
-
-    def describe_budget(self) -> str:
-        budget = "unbounded" if self.budget is None else f"{self.budget / GIB:.2f} GiB"
-        return (f"budget {budget}, {self.fixed / GIB:.2f} GiB fixed, {self.per_expert / GIB:.3f} GiB per streamed "
-                f"expert")
-
-
-def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int, fixed_bytes: int,
-                      budget_bytes: Optional[int], override: Optional[int] = None, what: str = "") -> GroupPlan:
-    """Chooses the group size of a layer's experts (pure).
-
-    Args:
-        num: experts in the layer. expert_weight_bytes: one expert's weights on the device; expert_work_bytes: its
-            Hessians and solver workspace. fixed_bytes: what the layer needs besides its experts (the other
-            weights, the recorded calls, the outputs). budget_bytes: the device memory the layer may use (None:
-            unbounded: one group). override: ``experts_per_group`` from the recipe (None: from the budget).
-        what: the layer, for the error message.
-    Raises ValueError naming ``device_memory_gb`` when not even one expert fits.
-    """
-    if override is not None:
-        size = max(1, min(int(override), num))
-        resident = budget_bytes is None or fixed_bytes + num * expert_weight_bytes + size * expert_work_bytes \
-            <= budget_bytes
-        return GroupPlan(size, resident, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes)
-    if budget_bytes is None:
-        return GroupPlan(num, True, expert_weight_bytes + expert_work_bytes, fixed_bytes, None)
-    resident_room = budget_bytes - fixed_bytes - num * expert_weight_bytes
-    if resident_room >= expert_work_bytes:
-        size = min(num, resident_room // expert_work_bytes)
-        return GroupPlan(int(size), True, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes)
-    per = expert_weight_bytes + expert_work_bytes
-    size = (budget_bytes - fixed_bytes) // per
-    if size < 1:
-        raise ValueError(
-            f"device_memory_gb: {budget_bytes / GIB:.2f} GiB leaves room for no expert of {what or 'the layer'}: "
-            f"one expert needs {per / GIB:.2f} GiB (weights {expert_weight_bytes / GIB:.2f}, Hessians "
-            f"{expert_work_bytes / GIB:.2f}) after {fixed_bytes / GIB:.2f} GiB for the rest of the layer and its "
-            f"calibration activations; raise device_memory_gb (--device-memory-gb), or lower "
-            f"calibration.num_samples / seq_len")
-    return GroupPlan(int(min(size, num)), False, per, fixed_bytes, budget_bytes)
-
-
-def _dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:
-    """(hidden size, expert width) of a fused experts module."""
-    return int(experts.gate_up_proj.shape[-1 if family.layout == "standard" else 1]), intermediate_size(experts, family)
-
-
-def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int, dtype: torch.dtype,
-               budget_bytes: Optional[int], prefix: str = "") -> GroupPlan:
-    """The :class:`GroupPlan` of a MoE layer (its structure alone: the meta-device layer works) for ``tokens``
-    calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed), its two
-    Hessians (and the all-token down Hessian of ``calibrate_all_experts``) twice (accumulated and normalized), and
-    its solved matrices' float32 values and int8 codes (a group's results; kept as codes in host memory); the layer's other weights, the two
-    recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 2 GiB
-    are fixed; the per-expert estimate carries a third more for what it does not itemize."""
-    ex = family.experts_of(layer)
-    num = num_experts(ex)
-    hidden, inter = _dims(ex, family)
-    weight = sum(p.numel() * p.element_size() for p in ex.parameters()) // num
-    acc = 8 if recipe.hessian_dtype == "float64" else 4
-    # The accumulated Hessians, their normalized copies (the group's solve jobs hold both), and the solver's results
-    # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
-    hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
-    hess += 3 * hidden * inter * (4 + 1)
-    # What the items above miss (the solver's stacked copies beyond solver_memory_gb, the routed rows a group
-    # gathers, the allocator's rounding): measured on an H100, a DeepSeek-V3 layer with 38 experts per group needed
-    # about 0.93 GiB per expert against 0.70 itemized, and its solve failed 8.8 GiB above the budget.
-    hess = hess * 4 // 3
-    rest = sum(p.numel() * p.element_size() for n, p in layer.named_parameters()
-               if not n.startswith(family.experts + "."))
-    elt = torch.empty((), dtype=dtype).element_size()
-    fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + 2 * GIB
-    return experts_per_group(num, weight, hess, fixed, budget_bytes, recipe.experts_per_group, prefix)
-
-
-def check_layers_fit(lazy, recipe: Recipe, tokens: int, budget_bytes: Optional[int]) -> list:
-    """The :class:`GroupPlan` of every MoE layer of a lazily opened model, before the run: raises the
-    ``device_memory_gb`` error of :func:`experts_per_group` for the first layer where not one expert fits."""
-    plans = []
-    for i in range(lazy.num_layers):
-        layer = lazy.meta_layer(i)
-        if lazy.family.experts_of(layer) is not None:
-            plans.append(plan_layer(layer, lazy.family, recipe, tokens, lazy.dtype, budget_bytes, lazy.layer_prefix(i)))
-    return plans
-
-
 @dataclass
 class MoELayerOutput:
     """What :meth:`MoELayerEngine.run` returns: the layer's results and records (as the whole-layer path's), the
@@ -260,7 +159,7 @@ class MoELayerEngine:
         layer: the decoder layer, its non-expert modules on ``device`` (the experts on ``device`` or the CPU).
         family, prefix, recipe, storage: the model's family, the layer's name, the validated recipe, the checkpoint
             dtype. device: the compute device. factory: the Hessian accumulator factory.
-        plan: the :class:`GroupPlan` (:func:`plan_layer`). num_batches, run_batch: the calibration batches and
+        plan: the :class:`~moequant.pipeline.groups.GroupPlan` (:func:`~moequant.pipeline.groups.plan_layer`). num_batches, run_batch: the calibration batches and
             ``run_batch(b) -> the layer's output on batch b`` (on the device). outputs: where pass 3 puts the
             layer's outputs, batch by batch (``append``: a list, the default, or a states sink of
             :mod:`moequant.pipeline.states`); returned as :attr:`MoELayerOutput.outputs`. output_hooks: a context
@@ -349,7 +248,7 @@ class MoELayerEngine:
 
     # ------------------------------------------------------------------ experts
     def _dims(self) -> tuple[int, int]:
-        return _dims(self.experts, self.family)
+        return expert_dims(self.experts, self.family)
 
     def _groups(self, size: int) -> list[slice]:
         return [slice(a, min(a + size, self.num)) for a in range(0, self.num, size)]

@@ -24,7 +24,8 @@ from ..methods.base import LayerStep
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
 from .activations import complete_input_scales
-from .experts import GIB, MoELayerEngine, plan_layer
+from .experts import MoELayerEngine
+from .groups import GIB, plan_layer
 from .host import HostCopies
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord

@@ -10,6 +10,9 @@ results, the activations and a progress marker into a work directory ``<out>.par
 (:mod:`moequant.pipeline.export`) and the work directory removed. Peak memory: one layer plus the calibration
 activations.
 
+(Over 400 lines: :func:`quantize` is the one entry point whose checks must all run before the first layer -- the
+recipe, the preflight, the budget's two passes, the host-memory plan, the distributed refusals -- and the loop.)
+
 A crash or Ctrl-C leaves ``<out>`` absent and ``<out>.partial`` resumable: ``resume=True`` (``--resume``) continues
 after the last finished layer, bit-identically to an uninterrupted run.
 
@@ -42,7 +45,7 @@ from ..recipe.recipe import Recipe
 from .export import export_run, run_loader_support
 from .commits import LayerCommits
 from .distributed import BatchSlice, current_context, gather_outputs, scatter_states
-from .experts import check_layers_fit
+from .groups import check_layers_fit
 from .hostmem import StatesPlan, available_host_memory, plan_states
 from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
 from .output import output_write_error

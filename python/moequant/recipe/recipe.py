@@ -1,5 +1,8 @@
 """Quantization recipes: what to quantize, how, and with which calibration data.
 
+(About 400 lines: the recipe's sections and their validation stay with the one dataclass users build; the scheme
+type is in :mod:`moequant.recipe.scheme`, the validation helpers in :mod:`moequant.recipe.fields`.)
+
 A :class:`Recipe` is plain, validated data (dataclasses) that round-trips through ``to_dict()`` /
 ``from_dict()`` and JSON or YAML files (``Recipe.load(path)``, ``recipe.save(path)``). Every bad value raises
 ValueError naming the field, the expected and the actual value, and a remedy; unknown keys are an error
