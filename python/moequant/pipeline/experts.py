@@ -319,12 +319,8 @@ class MoELayerEngine:
             ids = sorted(deferred)
             sel = torch.tensor(ids, dtype=torch.long)
             view = expert_view(self.experts, sel, self.device)
-            hgu, hdn = last
             with ph("expert_solve"):
-                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, range(len(ids)),
-                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
-                                   lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
+                res, recs = self.solve_deferred(view, ids, last, tokens, amax)
             self._keep(res, recs, results, records, view, sel)
             if not single:
                 with ph("expert_outputs"):
@@ -335,6 +331,15 @@ class MoELayerEngine:
             else:
                 expert_out = [a.to(c[0].dtype) for a, c in zip(out_acc, calls2)]
         return results, [r for e in sorted(records) for r in records[e]], tokens, mass, expert_out
+
+    def solve_deferred(self, view: nn.Module, ids: list, last: tuple, tokens: list, amax: list):
+        """Solves the starved experts ``ids`` (``view`` holds them) with the ``mean`` fallback's final layer means
+        (``last``: the last group's gate/up and down :class:`ExpertHessians`); returns ``finish_jobs``' results."""
+        hgu, hdn = last
+        jobs = expert_jobs(view, self.family, self.recipe, self.prefix, ids, range(len(ids)),
+                           lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
+                           lambda j: amax[ids[j]])
+        return finish_jobs(jobs, self.storage, self.recipe, probe=self.probe)
 
     def _keep(self, res: dict, recs: list, results: dict, records: dict, view: nn.Module, where) -> None:
         """Collects a group's results and records (by expert, for the whole-layer order) and copies the view's

@@ -81,6 +81,20 @@ class HiddenStates(Sequence):
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def __getitem__(self, b):
+        """Batch ``b`` (a negative index counts from the end; a slice gives a list of batches)."""
+        if isinstance(b, slice):
+            return [self[i] for i in range(*b.indices(len(self)))]
+        if b < 0:
+            b += len(self)
+        if not 0 <= b < len(self):
+            raise IndexError(f"batch {b} of {len(self)}")
+        return self._batch(b)
+
+    def _batch(self, b: int) -> torch.Tensor:
+        """Batch ``b``, ``0 <= b < len(self)`` (the subclass's read)."""
+        raise NotImplementedError
+
     @property
     def nbytes(self) -> int:
         return sum(math.prod(s) for s in self.shapes) * torch.empty((), dtype=self.dtype).element_size()
@@ -124,13 +138,7 @@ class DiskStates(HiddenStates):
         self._fd, self.path, self.shapes, self.dtype = fd, Path(path), list(shapes), dtype
         self._offsets, self.persisted, self.pin_memory = offsets, persisted, pin_memory
 
-    def __getitem__(self, b):
-        if isinstance(b, slice):
-            return [self[i] for i in range(*b.indices(len(self)))]
-        if b < 0:
-            b += len(self)
-        if not 0 <= b < len(self):
-            raise IndexError(f"batch {b} of {len(self)}")
+    def _batch(self, b: int) -> torch.Tensor:
         if self._fd is None:
             raise ValueError(f"{self.path}: the hidden states are closed")
         t = torch.empty(self.shapes[b], dtype=self.dtype, pin_memory=self.pin_memory)

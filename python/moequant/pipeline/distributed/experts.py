@@ -256,12 +256,8 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
         view = expert_view(engine.experts, sel, device)
         what = "the fallback experts"
         if ctx.is_root:
-            hgu, hdn = last
             with ph("expert_solve"):
-                jobs = expert_jobs(view, fam, recipe, engine.prefix, ids, range(len(ids)),
-                                   lambda j: hgu.fallback(), lambda j: hdn.fallback(), [tokens[e] for e in ids],
-                                   lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, engine.storage, recipe, probe=engine.probe)
+                res, recs = engine.solve_deferred(view, ids, last, tokens, amax)
             _keep(results, records, {k: _to_host(v) for k, v in res.items()}, recs)
         with ph("expert_exchange"):
             _broadcast_weights(ctx, engine.experts, view, sel, 0, what)

@@ -18,13 +18,7 @@ class BatchSlice(HiddenStates):
         self.base, self.lo = base, batches.start
         self.shapes, self.dtype = list(base.shapes[batches.start:batches.stop]), base.dtype
 
-    def __getitem__(self, b):
-        if isinstance(b, slice):
-            return [self[i] for i in range(*b.indices(len(self)))]
-        if b < 0:
-            b += len(self)
-        if not 0 <= b < len(self):
-            raise IndexError(f"batch {b} of {len(self)}")
+    def _batch(self, b: int) -> torch.Tensor:
         return self.base[self.lo + b]
 
 
