@@ -4,7 +4,7 @@
 # Re-running it only redoes what is missing; the extension build is incremental.
 # MOEQUANT_CUDA=AUTO|ON|OFF (environment) chooses whether the CUDA kernels are built (AUTO: if nvcc is found).
 # MOEQUANT_BROWSER=1 (environment) also installs Debian's headless Chromium, which the HTML report's browser test
-# uses (tests/python/test_report.py; skipped without it); CI sets it (.ci/run). MOEQUANT_LMEVAL=1: lm-eval (below).
+# uses (tests/python/test_report.py; skipped without it); scripts/test.sh sets it. MOEQUANT_LMEVAL=1: lm-eval (below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +40,7 @@ if ! $PY -c 'import torch, transformers, safetensors, compressed_tensors, pytest
 fi
 
 # lm-evaluation-harness (not a moequant dependency): MOEQUANT_LMEVAL=1 installs it for tests/python/test_lm_eval.py,
-# which proves a moequant checkpoint loads and scores under `lm_eval --model hf` (skipped without it); CI sets it
+# which proves a moequant checkpoint loads and scores under `lm_eval --model hf` (skipped without it); scripts/test.sh sets it
 if [ "${MOEQUANT_LMEVAL:-0}" = 1 ] && ! $PY -c 'import lm_eval' >/dev/null 2>&1; then
   log "installing lm-evaluation-harness into .venv"
   $PY -m pip install -q "lm-eval[hf]==0.4.13"

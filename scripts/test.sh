@@ -3,6 +3,9 @@
 # GPU tests are marked `gpu` and skip without a GPU; run them on a GPU machine (docs/gpu-runs.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# every test runs: set-up also installs Debian's chromium (the HTML report's browser test) and lm-evaluation-harness
+# (the lm_eval test); MOEQUANT_BROWSER=0 / MOEQUANT_LMEVAL=0 skip those installs (their tests then skip)
+export MOEQUANT_BROWSER="${MOEQUANT_BROWSER:-1}" MOEQUANT_LMEVAL="${MOEQUANT_LMEVAL:-1}"
 bash scripts/setup.sh
 
 echo "[test] C++ core: build and CTest"
