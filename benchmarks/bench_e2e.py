@@ -160,10 +160,10 @@ def run_llmcompressor(pythonpath: str, model_dir: Path, ids_path: Path, out: Pat
 
 class LayerProfiler:
     """A layer observer: torch.profiler from layer ``index``'s inputs to the next layer's (or the run's end), then
-    the top operators by self CUDA time and by self CPU time, and the phase markers' wall times."""
+    the top operators by self CUDA time and by self CPU time, and the phase markers' wall times (the interface of
+    moequant.pipeline.LayerObserver, which this script imports only once its arguments are parsed)."""
 
     def __init__(self, index: int, out) -> None:
-        from moequant.pipeline import LayerObserver  # noqa: F401 (the seam this class implements)
         self.index, self.out, self.prof, self.t0 = index, out, None, 0.0
 
     def layer_inputs(self, index, prefix, hidden, kwargs) -> None:
