@@ -190,7 +190,7 @@ class LayerProfiler:
         text = [f"profile of layer {self.index}: {wall:.2f} s wall"]
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
             text.append(f"-- by {key}")
-            text.append(ka.table(sort_by=key, row_limit=30, max_name_column_width=60))
+            text.append(ka.table(sort_by=key, row_limit=45, max_name_column_width=140))
         self.prof = None
         msg = "\n".join(text)
         print(msg)

@@ -81,14 +81,18 @@ METHODS = ("rtn", "gptq", "default")
 BUDGET = re.compile(r"^b\d+(\.\d+)?$")  # b3.0: budgeted mixed precision at 3.0 bits per weight
 
 
-# weight-only presets (the evaluation reloads dequantized weights: schemes that quantize activations would need
-# moequant eval's activation simulation, not this protocol)
-PRESETS = {"nvfp4a16": "NVFP4A16", "mxfp4a16": "MXFP4A16"}
+# Every scheme preset of moequant.formats.schemes.PRESETS, by its lower-case name. Weight-only presets are evaluated
+# like the int rows (dequantized export, plain transformers); presets that quantize activations (W8A8, FP8,
+# FP8_BLOCK, NVFP4, MXFP4) are exported as the compressed-tensors checkpoint and evaluated as deployed:
+# moequant.eval.load_model with the runtime's activation quantization simulated (moequant eval's default).
+PRESETS = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "fp8": "FP8", "fp8_block": "FP8_BLOCK",
+           "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16", "mxfp4": "MXFP4", "mxfp4a16": "MXFP4A16"}
+ACTIVATION_PRESETS = {"W8A8", "FP8", "FP8_BLOCK", "NVFP4", "MXFP4"}
 
 
 def parse_config(name: str) -> tuple[dict, dict, set]:
-    """``<method>[+feature...]-w<bits>[-g<N>][-sym]`` or ``<method>[+feature...]-<preset>`` (nvfp4a16, mxfp4a16)
-    -> (scheme fields, recipe fields, features)."""
+    """``<method>[+feature...]-w<bits>[-g<N>][-sym]`` or ``<method>[+feature...]-<preset>`` (a key of
+    :data:`PRESETS`: nvfp4a16, fp8, fp8_block, ...) -> (scheme fields, recipe fields, features)."""
     parts = name.split("-")
     bad = ValueError(f"config {name!r}: expected <method>[+feature...]-w<bits>[-g<N>][-sym], e.g. gptq+ao-w4, "
                      f"rtn-w3-g-1 (g-1: per-channel) or default+b3.0-w3, or <method>[+feature...]-<preset> with a "
@@ -162,16 +166,25 @@ def average_bits(model_dir: str, scheme, storage_bits: int = 16) -> float:
     return bits / params
 
 
-def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str, seq_len: int) -> dict:
+def evaluate(model_dir: str, held: torch.Tensor, wt2: torch.Tensor, device: str, seq_len: int,
+             simulate: bool = False) -> dict:
+    """Perplexities of a checkpoint: reloaded with plain transformers, or with ``simulate`` (a compressed-tensors
+    checkpoint of a scheme that quantizes activations) through moequant.eval.load_model, which also quantizes what
+    the runtime quantizes besides the weights."""
     import transformers
 
     from moequant.eval import perplexity
 
     # bf16 matmuls are slow on most CPUs: evaluate in float32 there (the weights are bf16 values either way)
     on_gpu = str(device).startswith("cuda")
-    extra = {} if on_gpu else {"experts_implementation": "eager"}  # fastest on CPUs
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **extra)
-    model = (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
+    if simulate:
+        from moequant.eval.loader import load_model
+
+        model = load_model(model_dir, device, simulate=True)
+    else:
+        extra = {} if on_gpu else {"experts_implementation": "eager"}  # fastest on CPUs
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, **extra)
+        model = (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
     out = {"heldout": perplexity(model, held, seq_len=seq_len, device=device, progress=False),
            "wt2": perplexity(model, wt2, seq_len=seq_len, device=device, progress=False)}
     del model
@@ -247,10 +260,13 @@ def main(argv=None) -> int:
                 else:
                     recipe = build_recipe(name, args, td, Path(tmp))
                     out = Path(tmp) / "q"
-                    report = pipeline.quantize(args.model, recipe, output_dir=out, export_format="dequantized",
+                    sim = recipe.scheme.activations is not None  # evaluated as deployed (module docstring)
+                    report = pipeline.quantize(args.model, recipe, output_dir=out,
+                                               export_format="pack-quantized" if sim else "dequantized",
                                                progress=False)
                     qsec = report.seconds
-                    res = evaluate(str(out), held, wt2, args.device, args.seq_len)
+                    res = evaluate(str(out), held, wt2, args.device, args.seq_len, simulate=sim)
+                    res["simulated"] = sim
                     res["fallbacks"] = len(report.fallbacks)
                     if report.budget:
                         b = report.budget

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,11 +28,14 @@ def test_quality_rows_parse_integer_and_preset_names():
     assert q.parse_config("default-MXFP4A16")[0] == {"preset": "MXFP4A16"}
     scheme, _, _ = q.parse_config("rtn-w3-g-1")
     assert (scheme["bits"], scheme["group_size"], scheme["method"]) == (3, -1, "rtn")
-    for bad, needle in (("gptq-nvfp4", "expected <method>"), ("foo-nvfp4a16", "method must be one of"),
+    assert q.parse_config("rtn-fp8_block")[0]["preset"] == "FP8_BLOCK"
+    assert q.parse_config("gptq-nvfp4")[0]["preset"] == "NVFP4"
+    for bad, needle in (("gptq-nvfp5", "expected <method>"), ("foo-nvfp4a16", "method must be one of"),
                         ("gptq+b3.0-nvfp4a16", "unknown feature")):
         with pytest.raises(ValueError, match=needle):
             q.parse_config(bad)
-    for f in ("quality_rows.txt", "quality_rows_budget.txt", "quality_rows_formats.txt"):
+    for f in ("quality_rows.txt", "quality_rows_budget.txt", "quality_rows_formats.txt",
+              "quality_rows_formats_act.txt"):
         for line in (REPO / "benchmarks" / f).read_text().splitlines():
             if line.strip() and not line.startswith("#") and line.strip() != "bf16":
                 q.parse_config(line.strip())
@@ -50,6 +54,29 @@ def test_quality_bits_of_a_preset_row(tmp_path):
     assert q.average_bits(str(model), nv.scheme) == pytest.approx(4.5, abs=0.01)  # FP4 + an FP8 scale per 16
     # W4 g32 symmetric: 4 + 16 / 32, plus the int32 weight_shape of each (small) matrix
     assert q.average_bits(str(model), {"bits": 4, "group_size": 32, "symmetric": True}) == pytest.approx(4.5, abs=0.05)
+
+
+def test_quality_activation_preset_row_is_evaluated_as_deployed(tmp_path):
+    """A preset that quantizes activations (FP8 W8A8) is exported compressed and evaluated with the runtime's
+    activation quantization simulated: its perplexity differs from the same checkpoint's weights alone."""
+    import types
+
+    from moequant import pipeline
+
+    q = _quality()
+    args = types.SimpleNamespace(group_size=128, num_samples=4, seq_len=32, device="cpu", ebss_jsonl=None)
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    recipe = q.build_recipe("rtn-fp8", args, tmp_path, tmp_path)
+    assert recipe.scheme.activations is not None and "FP8" in q.ACTIVATION_PRESETS
+    from testdata import tiny_qwen3_checkpoint
+
+    model = tiny_qwen3_checkpoint(tmp_path / "m")
+    out = tmp_path / "q"
+    pipeline.quantize(str(model), recipe, output_dir=out, progress=False)
+    ids = torch.randint(0, 90, (129,), generator=torch.Generator().manual_seed(0))
+    sim = q.evaluate(str(out), ids, ids, "cpu", 32, simulate=True)
+    plain = q.evaluate(str(out), ids, ids, "cpu", 32, simulate=False)
+    assert sim["heldout"] > 0 and sim["heldout"] != plain["heldout"]
 
 
 def test_bench_e2e_smoke_with_the_layer_profiler(tmp_path):

@@ -67,12 +67,28 @@ def test_matrix_stats_are_the_definitions(gen, make_hessian):
     assert set(matrix_stats(w, h, qt, torch.bfloat16, errors=False)) == {"hessian_trace", "effective_rank"}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matrix_stats_on_gpu_within_a_stated_budget(gen, make_hessian, dtype):
+    """On a GPU error and energy come from one bf16 tensor-core product (fp32 accumulation): held to 1% of the
+    float64 definitions (a report statistic); trace and effective rank stay float32."""
+    w = torch.randn(96, 256, generator=gen).to(dtype)
+    h = make_hessian(256, 2000, gen, torch.float32) / 2000
+    qt = ops.quantize_rtn(w.float(), bits=3, group_size=64)
+    s = matrix_stats(w.cuda(), h.cuda(), qt, dtype)
+    d = w.double() - qt.dequantized.to(dtype).double()
+    hd = h.double()
+    assert s["error"] == pytest.approx(float(torch.trace(d @ hd @ d.t())), rel=1e-2)
+    assert s["energy"] == pytest.approx(float(torch.trace(w.double() @ hd @ w.double().t())), rel=1e-2)
+    assert s["effective_rank"] == pytest.approx(float(hd.trace() ** 2 / (hd * hd).sum()), rel=1e-4)
+
+
 def test_report_records_calibration_statistics(run_dir):
     rep = QuantizationReport.load(run_dir / "moequant_report.json")
     for layer in rep.layers:
         for m in layer.modules:
             assert m.hessian_trace > 0 and 1 <= m.effective_rank <= 64
-            assert 0 < m.rel_error < 0.5 and m.error == pytest.approx(m.loss, rel=0.02)  # GPTQ: its proxy loss
+            assert 0 < m.rel_error < 0.5 and m.error == m.loss  # the reported loss is the stored weights' error
         kinds = layer.error_by_kind()
         assert set(kinds) == {"attention", "routed"} and kinds["routed"][2] == 8  # 4 experts: gate+up, down
         assert sorted(layer.expert_errors()) == [0, 1, 2, 3]

@@ -188,17 +188,29 @@ _STATS = ("hessian_trace", "effective_rank", "error", "energy")
 def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.QuantizedTensor, storage: torch.dtype,
                         errors: bool = True) -> Optional[torch.Tensor]:
     """:func:`matrix_stats` as a tensor on ``w``'s device (no host synchronisation; :func:`stats_dict` reads it):
-    ``[tr(H), effective rank]`` and, with ``errors``, ``[error, energy]``; None without a Hessian."""
+    ``[tr(H), effective rank]`` and, with ``errors``, ``[error, energy]``; None without a Hessian.
+
+    On a GPU the two products ``dW H`` and ``W H`` are one tensor-core GEMM of ``[W; dW]`` and ``H`` in bfloat16
+    with float32 accumulation (``torch.mm(..., out_dtype=float32)``; the final elementwise product and sums in
+    float32): a report statistic does not need fp32 SIMT products, which cost as much as the GPTQ solve itself on
+    DeepSeek-V3's 7168-wide Hessians. Elsewhere float32 (float64 for a float64 Hessian on the CPU)."""
     if h is None:
         return None
-    dtype = torch.float32 if w.device.type == "cuda" or h.dtype != torch.float64 else torch.float64
+    cuda = w.device.type == "cuda"
+    dtype = torch.float32 if cuda or h.dtype != torch.float64 else torch.float64
     hh = h.to(w.device, dtype)
     tr = torch.diagonal(hh).sum()
     vals = [tr, tr * tr / (hh * hh).sum().clamp_min(torch.finfo(dtype).tiny)]
     if errors:
         wf = w.detach().to(dtype)
         d = wf - qt.dequantized.to(w.device).to(storage).to(dtype)
-        vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
+        rows = wf.shape[0]
+        if cuda:
+            both = torch.cat([w.detach(), d]).to(torch.bfloat16)
+            prod = torch.mm(both, hh.to(torch.bfloat16), out_dtype=torch.float32)
+            vals += [(prod[rows:] * d).sum(), (prod[:rows] * wf).sum()]
+        else:
+            vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
     return torch.stack(vals)
 
 
@@ -384,11 +396,17 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
     them."""
     if probe is not None and jobs:
         probe(jobs, storage, recipe)
-    run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=recipe.report_loss)
+    # The reported loss is the statistics' error below, tr(dW H dW^T) of the weights as stored (the solvers' own
+    # proxy loss is the same trace of their float32 dequantized weights: a second out x in^2 product per matrix)
+    with torch.profiler.record_function("moequant.solve.run_jobs"):  # markers when a profiler runs
+        run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=False)
     results, records = {}, []
     # before the weights are overwritten; read back to the host at once (not one synchronisation per matrix)
-    stats = stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
+    with torch.profiler.record_function("moequant.solve.stats"):
+        stats = stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
     for job, st in zip(jobs, stats):
+        if recipe.report_loss:
+            job.qt.loss = st[2] if st is not None and len(st) > 2 else job.qt.loss
         act = job.record_scheme.activations
         if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
             job.qt.input_global_scale = nvfp4_global_scale(job.input_amax) if job.input_amax > 0 else None

@@ -139,8 +139,9 @@ class Recipe:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None (the pipeline picks). version: recipe format version.
         solver_memory_gb: GPU memory the batched expert GPTQ may use at once; a layer's experts are solved in
             chunks that fit it (weights, Hessians and workspace).
-        report_loss: record every matrix's GPTQ proxy loss in the report (default). False skips it: on a GPU the
-            loss is one fp32 SYRK per expert, ~12% of a DeepSeek-V3 layer's solve; the report then shows no loss.
+        report_loss: record every matrix's proxy loss ``tr(dW H dW^T)`` of its weights as stored, and the
+            statistics ``error`` / ``energy`` (default). False skips them (two products with H per matrix; on a GPU
+            one bf16 tensor-core GEMM); the report then shows no loss.
         rotation: offline Hadamard rotation of the residual stream before calibration (:class:`RotationConfig`).
         device_memory_gb: memory of the compute device one MoE layer may use (docs/pipeline.md, "Expert
             streaming"): its routed experts go through the device in groups that fit. None (default): on a GPU the
