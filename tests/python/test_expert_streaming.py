@@ -172,6 +172,30 @@ def test_group_plan_errors_and_override():
     assert groups.experts_per_group(8, 1, 1, 1, None, override=99).size == 8
 
 
+def test_group_plan_slack_is_the_unplanned_budget():
+    """``slack`` = budget - (fixed + resident weights + a group's work) in every branch; None when unbounded."""
+    assert groups.experts_per_group(8, 1, 1, 1, None).slack is None
+    resident = groups.experts_per_group(8, 10, 20, 100, 1000)  # all 8 resident, room for 8 groups' work
+    assert resident.resident and resident.size == 8 and resident.slack == 1000 - 100 - 8 * 10 - 8 * 20
+    partial = groups.experts_per_group(8, 10, 200, 100, 1000)  # weights resident, 4 experts' work at a time
+    assert partial.resident and partial.size == 4 and partial.slack == 1000 - 100 - 80 - 4 * 200
+    streamed = groups.experts_per_group(8, 500, 100, 100, 1000)  # weights streamed: one expert of 600
+    assert not streamed.resident and streamed.size == 1 and streamed.slack == 1000 - 100 - 600
+    forced = groups.experts_per_group(8, 10, 20, 100, 1000, override=2)
+    assert forced.resident and forced.slack == 1000 - 100 - 80 - 40
+
+
+def test_device_inputs_keep_or_copy_each_pass():
+    from moequant.pipeline.host import DeviceInputs
+    hidden = [torch.randn(2, 3), torch.randn(1, 3)]
+    kept = DeviceInputs(hidden, torch.device("cpu"), keep=True)
+    assert len(kept) == 2 and kept[1] is kept[1] and torch.equal(kept[0], hidden[0])
+    kept.release()
+    assert not kept._cache
+    again = DeviceInputs(hidden, torch.device("cpu"), keep=False)
+    assert again[0] is hidden[0] and not again._cache  # .to(the same device) is the tensor; nothing kept
+
+
 def test_prefetch_and_background_commits_change_nothing(tmp_path, monkeypatch):
     """Layer L+1 read on the prefetch thread while layer L computes, and commits on their own thread: the
     checkpoint is bit for bit the one of a plain run, and the reads really happen on the background thread."""

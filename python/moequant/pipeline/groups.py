@@ -31,6 +31,16 @@ class GroupPlan:
     fixed: int
     budget: Optional[int]
 
+    used: Optional[int] = None
+
+    @property
+    def slack(self) -> Optional[int]:
+        """Bytes of the budget the plan leaves unused (None: unbounded): room for optional copies, such as the
+        layer's inputs kept on the device across the engine's three passes."""
+        if self.budget is None or self.used is None:
+            return None
+        return max(0, self.budget - self.used)
+
     def describe(self, total: int) -> str:
         groups = math.ceil(total / self.size)
         where = "on the device" if self.resident else "streamed from host memory"
@@ -58,13 +68,15 @@ def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int
         size = max(1, min(int(override), num))
         resident = budget_bytes is None or fixed_bytes + num * expert_weight_bytes + size * expert_work_bytes \
             <= budget_bytes
-        return GroupPlan(size, resident, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes)
+        used = fixed_bytes + size * expert_work_bytes + (num if resident else size) * expert_weight_bytes
+        return GroupPlan(size, resident, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes, used)
     if budget_bytes is None:
         return GroupPlan(num, True, expert_weight_bytes + expert_work_bytes, fixed_bytes, None)
     resident_room = budget_bytes - fixed_bytes - num * expert_weight_bytes
     if resident_room >= expert_work_bytes:
         size = min(num, resident_room // expert_work_bytes)
-        return GroupPlan(int(size), True, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes)
+        used = fixed_bytes + num * expert_weight_bytes + size * expert_work_bytes
+        return GroupPlan(int(size), True, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes, used)
     per = expert_weight_bytes + expert_work_bytes
     size = (budget_bytes - fixed_bytes) // per
     if size < 1:
@@ -74,7 +86,8 @@ def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int
             f"{expert_work_bytes / GIB:.2f}) after {fixed_bytes / GIB:.2f} GiB for the rest of the layer and its "
             f"calibration activations; raise device_memory_gb (--device-memory-gb), or lower "
             f"calibration.num_samples / seq_len")
-    return GroupPlan(int(min(size, num)), False, per, fixed_bytes, budget_bytes)
+    size = int(min(size, num))
+    return GroupPlan(size, False, per, fixed_bytes, budget_bytes, fixed_bytes + size * per)
 
 
 def expert_dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:

@@ -45,3 +45,27 @@ def to_host(tensors) -> list:
     for t in tensors:
         copies.add(t)
     return copies.done()
+
+
+class DeviceInputs:
+    """A layer's input batches (``hidden[b]``, host tensors) on the compute device for the expert streaming
+    engine's three passes: with ``keep`` each batch is copied once and kept (the group plan's slack holds them:
+    1 GB for Qwen3-30B-A3B at 128 x 2048 tokens), else copied again at each pass (what the plan budgets)."""
+
+    def __init__(self, hidden, device: torch.device, keep: bool) -> None:
+        self.hidden, self.device, self.keep = hidden, device, keep
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def __getitem__(self, b: int) -> torch.Tensor:
+        if b in self._cache:
+            return self._cache[b]
+        t = self.hidden[b].to(self.device)
+        if self.keep:
+            self._cache[b] = t
+        return t
+
+    def release(self) -> None:
+        self._cache.clear()

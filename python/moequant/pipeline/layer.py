@@ -21,12 +21,13 @@ from ..calibration.capture import LayerCapture
 from ..calibration.kv_cache import KVCacheHooks, KVObserver, kv_attentions
 from ..formats.kv_cache import kv_scale
 from ..methods.base import LayerStep
+from ..models.base import text_config
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
 from .activations import complete_input_scales
 from .experts import MoELayerEngine
 from .groups import GIB, plan_layer
-from .host import HostCopies
+from .host import DeviceInputs, HostCopies
 from .jobs import quantize_experts, quantize_linears
 from .report import LayerRecord
 from .states import StatesStore, num_tokens
@@ -202,6 +203,13 @@ class LayerQuantizer:
         y = layer(h.to(self.device), **kw[index])
         return y[0] if isinstance(y, tuple) else y
 
+    def _keep_inputs(self, plan, hidden) -> bool:
+        """Keep a MoE layer's inputs on the GPU across the engine's passes when the plan leaves room for them."""
+        if self.device.type != "cuda" or plan.slack is None:
+            return False
+        elt = torch.empty((), dtype=self.lazy.dtype).element_size()
+        return plan.slack >= num_tokens(hidden) * int(text_config(self.lazy.config).hidden_size) * elt
+
     def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the
         driver's free memory plus what torch's allocator caches unused) less a margin (10 % of the device, at least
@@ -247,11 +255,13 @@ class LayerQuantizer:
             tr.before_capture(step)
         kv = self._kv_observer(layer, prefix)
         if plan is not None:
+            inputs = DeviceInputs(hidden, self.device, self._keep_inputs(plan, hidden))
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
-                                    len(hidden), lambda b: self._forward(layer, index, hidden[b], kwargs[b]),
+                                    len(hidden), lambda b: self._forward(layer, index, inputs[b], kwargs[b]),
                                     outputs=outputs, probe=self.probe, dist=self.dist,
                                     output_hooks=kv[0] if kv else None)
             out = engine.run()
+            inputs.release()
             complete_input_scales(out.results, recipe)
             return LayerResult(index, prefix, layer, step, out.results, out.records, moe=True,
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
