@@ -432,3 +432,33 @@ def test_grouped_intermediate_applies_only_to_bf16_on_a_gpu():
     hs = torch.randn(6, model.config.hidden_size)
     batch = route_tokens(hs, torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), num_experts(experts))
     assert grouped_intermediate(experts, fam, batch) is None  # CPU: the per-expert loop
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("chunk", [5, 1 << 15])
+def test_grouped_output_equals_the_module_on_a_group_view(name, chunk):
+    """The expert streaming engine's group outputs from the routed rows only (grouped GEMMs) against the experts
+    module's own forward on a view with pads (ids == E): the same bf16 products, summed per token in fp32 instead
+    of rounded to bf16 once per call."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from moequant.calibration.routing import grouped_output_into
+    from moequant.pipeline.experts import expert_view
+
+    model = build_tiny(name).to("cuda", torch.bfloat16)
+    fam = detect_family(model)
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    E = num_experts(experts)
+    view = expert_view(experts, slice(0, E), "cuda")
+    g = torch.Generator().manual_seed(11)
+    hs = torch.randn(60, model.config.hidden_size, generator=g).to("cuda", torch.bfloat16)
+    idx = torch.randint(1, E + 1, (60, 2), generator=g).cuda()  # E: a pad (another group's expert); 0: no row
+    w = torch.rand(60, 2, generator=g).cuda()
+    acc = torch.zeros(60, hs.shape[1], device="cuda")
+    if not grouped_output_into(view, fam, hs, idx, w, acc, chunk_rows=chunk):
+        pytest.skip(f"{name}: the module has no grouped form (no gate or a post-expert norm)")
+    ref = view(hs, idx, w).float()
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(acc, ref, atol=1e-2 * scale, rtol=1e-2)
+    assert float((acc - ref).abs().max()) <= 2 ** -7 * scale  # bf16 rounding of the module's output, not more

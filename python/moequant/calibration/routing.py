@@ -12,8 +12,8 @@ from torch import nn
 
 from ..models.base import TRANSPOSED, MoEFamily, gate_up_slices, intermediate_size, split_expert
 
-__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "grouped_intermediate", "expert_output",
-           "experts_forward"]
+__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "grouped_intermediate",
+           "grouped_output_into", "expert_output", "experts_forward"]
 
 
 @dataclass
@@ -168,6 +168,48 @@ def grouped_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBat
             gate, up = gate + rb[:, sel_g], up + rb[:, sel_u]
         h[a:b] = family.glu(experts, gate, up)
     return h
+
+
+@torch.no_grad()
+def grouped_output_into(experts: nn.Module, family: MoEFamily, hidden_states: torch.Tensor,
+                        top_k_index: torch.Tensor, top_k_weights: torch.Tensor, acc: torch.Tensor,
+                        chunk_rows: int = GROUPED_ROWS) -> bool:
+    """Adds the output of a fused experts module on one call (``hidden_states [T, H]``, ``top_k_index``,
+    ``top_k_weights``; ids outside ``[0, E)`` are pads) into ``acc`` (``[T, H]`` float32) from the routed rows
+    only, by grouped GEMMs as transformers' ``grouped_mm`` experts forward computes them (gate/up and down products
+    in bf16 with fp32 accumulation, the GLU in bf16, times the routing weight), summed per token in float32. For
+    the expert streaming engine's groups, whose experts see a fraction of a call's rows: the module's own forward
+    sorts, gathers and masks every (token, slot) pair of the call for each group. Returns False (``acc``
+    untouched) where it does not apply (see :func:`grouped_intermediate`; also experts without a gate or with a
+    post-expert norm): then call the module."""
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    f = _grouped_mm() if x.is_cuda and x.dtype == gu.dtype == dn.dtype == torch.bfloat16 else None
+    if f is None or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
+        return False
+    t = family.layout == TRANSPOSED
+    b_gu = gu if t else gu.transpose(-2, -1)  # [E, H, 2I]
+    b_dn = dn if t else dn.transpose(-2, -1)  # [E, I, H]
+    if any(d % 8 for d in (*b_gu.shape[1:], *b_dn.shape[1:])) or b_gu.shape[1] != x.shape[1]:
+        return False
+    batch = route_tokens(x, top_k_index, top_k_weights, int(gu.shape[0]))
+    n, inter = batch.x.shape[0], b_gu.shape[2] // 2
+    sel_g, sel_u = gate_up_slices(family, inter)
+    ends = batch.offsets[1:]
+    bias = family.has_bias
+    for a in range(0, n, chunk_rows):
+        b = min(a + chunk_rows, n)
+        offs = (ends.clamp(a, b) - a).to(torch.int32)
+        ids = batch.expert_ids[a:b].long()
+        up = f(batch.x[a:b], b_gu, offs=offs)  # bf16 [rows, 2I], fp32 accumulation
+        if bias:
+            up = up + experts.gate_up_proj_bias[ids]
+        h = family.glu(experts, up[:, sel_g], up[:, sel_u])
+        y = f(h.to(torch.bfloat16), b_dn, offs=offs)  # bf16 [rows, H]
+        if bias:
+            y = y + experts.down_proj_bias[ids]
+        acc.index_add_(0, batch.token_index[a:b], y.float() * batch.weights[a:b, None])
+    return True
 
 
 @torch.no_grad()

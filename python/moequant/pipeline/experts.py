@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..calibration.capture import ExpertCapture, ExpertsCall, LayerCapture
+from ..calibration.routing import grouped_output_into
 from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
 from .groups import GroupPlan, expert_dims
@@ -368,7 +369,10 @@ class MoELayerEngine:
         for e in solved:
             lut[e] = pos[e]
         for acc, (hs, idx, w) in zip(out_acc, calls2):
-            acc += view(hs, self._local(idx, lut, pad), w).float()
+            local = self._local(idx, lut, pad)
+            # the group's routed rows only (grouped GEMMs on a GPU), else the module on the whole call
+            if not grouped_output_into(view, self.family, hs, local, w, acc.view(-1, acc.shape[-1])):
+                acc += view(hs, local, w).float()
 
     def _all_token_hessian(self, calls1: list) -> Optional[torch.Tensor]:
         """``shrink``: the Hessian of the MoE block's input over all tokens, the gate/up shrinkage target."""
