@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from moequant.calibration.capture import ExpertCapture, LayerCapture, LinearCapture
-from moequant.calibration.routing import (RoutedBatch, expert_glu, expert_intermediate, expert_output,
-                                         grouped_intermediate, route_tokens)
+from moequant.calibration.routing import RoutedBatch, expert_intermediate, expert_output, route_tokens
 from moequant.models import detect_family, split_expert
 from moequant.models.base import num_experts
 from test_models import NAMES, build_tiny
@@ -397,45 +396,6 @@ def test_expert_intermediate_half_on_cuda_matches_fp32(name, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("chunk", [7, 64, 1 << 15])  # row chunks that cut experts' row ranges, and one chunk
-def test_grouped_intermediate_equals_per_expert_glu(name, chunk):
-    """The grouped-GEMM down inputs (bf16 on a GPU: one grouped_mm per chunk of rows, experts' ranges clipped to
-    the chunk on the device) against expert_glu expert by expert: the same products, another summation order.
-    Pads, an expert with no rows and chunk boundaries inside an expert's rows included."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    model = build_tiny(name).to("cuda", torch.bfloat16)
-    fam = detect_family(model)
-    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
-    g = torch.Generator().manual_seed(5)
-    E = num_experts(experts)
-    hs = torch.randn(50, model.config.hidden_size, generator=g).to("cuda", torch.bfloat16)
-    idx = torch.randint(1, E + 1, (50, 2), generator=g).cuda()  # E: a pad; expert 0 sees no row
-    w = torch.rand(50, 2, generator=g).cuda()
-    batch = route_tokens(hs, idx, w, E)
-    fast = grouped_intermediate(experts, fam, batch, chunk_rows=chunk)
-    assert fast is not None and fast.dtype == torch.float32 and fast.shape[0] == batch.x.shape[0]
-    off = batch.offsets.tolist()
-    assert off[1] == 0
-    ref = torch.zeros_like(fast)
-    for e in range(E):
-        if off[e + 1] > off[e]:
-            ref[off[e]:off[e + 1]] = expert_glu(experts, fam, split_expert(experts, fam, e), batch.x[off[e]:off[e + 1]])
-    torch.testing.assert_close(fast, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
-    assert torch.equal(expert_intermediate(experts, fam, batch), grouped_intermediate(experts, fam, batch))
-
-
-def test_grouped_intermediate_applies_only_to_bf16_on_a_gpu():
-    model = build_tiny("qwen3_moe")
-    fam = detect_family(model)
-    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
-    hs = torch.randn(6, model.config.hidden_size)
-    batch = route_tokens(hs, torch.zeros(6, 1, dtype=torch.long), torch.ones(6, 1), num_experts(experts))
-    assert grouped_intermediate(experts, fam, batch) is None  # CPU: the per-expert loop
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("chunk", [5, 1 << 15])
 def test_grouped_output_equals_the_module_on_a_group_view(name, chunk):
     """The expert streaming engine's group outputs from the routed rows only (grouped GEMMs) against the experts
@@ -462,3 +422,41 @@ def test_grouped_output_equals_the_module_on_a_group_view(name, chunk):
     scale = float(ref.abs().max())
     torch.testing.assert_close(acc, ref, atol=1e-2 * scale, rtol=1e-2)
     assert float((acc - ref).abs().max()) <= 2 ** -7 * scale  # bf16 rounding of the module's output, not more
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_output_is_as_close_to_fp32_as_the_module(name):
+    """grouped_output_into's chunking and row-range clipping on the CPU (torch's grouped_mm runs bf16 there too):
+    against the float32 definition (per routed pair, glu of the fp32 products, times the routing weight), with
+    chunks that cut experts' row ranges; ids == E are pads, expert 0 sees no row."""
+    from moequant.calibration.routing import _grouped_mm, grouped_output_into
+
+    if _grouped_mm() is None:
+        pytest.skip("torch without torch.nn.functional.grouped_mm")
+    model = build_tiny(name).to(torch.bfloat16)
+    fam = detect_family(model)
+    experts = next(m for m in model.modules() if type(m).__name__.endswith("Experts"))
+    E = num_experts(experts)
+    g = torch.Generator().manual_seed(11)
+    hs = torch.randn(40, model.config.hidden_size, generator=g).to(torch.bfloat16)
+    idx = torch.randint(1, E + 1, (40, 2), generator=g)
+    w = torch.rand(40, 2, generator=g)
+    ref = torch.zeros(40, hs.shape[1])
+    for t in range(40):
+        for k in range(2):
+            e = int(idx[t, k])
+            if e == E:
+                continue
+            te = split_expert(experts, fam, e)
+            x = hs[t:t + 1].float()
+            gate, up = x @ te.gate.float().t(), x @ te.up.float().t()
+            if te.gate_bias is not None:
+                gate, up = gate + te.gate_bias.float(), up + te.up_bias.float()
+            y = fam.glu(experts, gate, up) @ te.down.float().t()
+            ref[t] += float(w[t, k]) * (y[0] + (te.down_bias.float() if te.down_bias is not None else 0))
+    scale = float(ref.abs().max())
+    for chunk in (3, 1 << 15):
+        acc = torch.zeros(40, hs.shape[1])
+        assert grouped_output_into(experts, fam, hs, idx, w, acc, chunk_rows=chunk)
+        assert float((acc - ref).abs().max()) <= 1e-2 * scale, (chunk, float((acc - ref).abs().max()) / scale)
+    assert not grouped_output_into(experts, fam, hs.float(), idx, w, torch.zeros(40, hs.shape[1]))  # fp32 rows

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..models.base import TRANSPOSED, MoEFamily, gate_up_slices, intermediate_size, split_expert
 
-__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "grouped_intermediate",
-           "grouped_output_into", "expert_output", "experts_forward"]
+__all__ = ["RoutedBatch", "route_tokens", "expert_glu", "expert_intermediate", "grouped_output_into", "expert_output",
+           "experts_forward"]
 
 
 @dataclass
@@ -109,13 +109,11 @@ def expert_glu(experts: nn.Module, family: MoEFamily, t, x: torch.Tensor) -> tor
 
 @torch.no_grad()
 def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatch) -> torch.Tensor:
-    """``h [N, I]`` float32: the down_proj input of every routed row, ``glu(gate, up)`` from the fused weights with
-    fp32 accumulation, exactly as the module does (biases included): on a GPU with bf16 rows and weights one
-    grouped GEMM over all experts (:func:`grouped_intermediate`), else per expert (a loop over experts, not tokens).
+    """``h [N, I]`` float32: the down_proj input of every routed row, ``glu(gate, up)`` computed per expert
+    (loop over experts, not tokens) from the fused weights with fp32 accumulation and output, exactly as the module
+    does (biases included). (Not by grouped GEMMs: torch's ``grouped_mm`` refuses a float32 output for bf16 inputs,
+    and its bf16 outputs would round gate / up before the GLU.)
     """
-    h = grouped_intermediate(experts, family, batch)
-    if h is not None:
-        return h
     h = torch.zeros(batch.x.shape[0], intermediate_size(experts, family), dtype=torch.float32,
                     device=batch.x.device)
     for e, a, b in _expert_ranges(batch):
@@ -124,50 +122,12 @@ def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatc
 
 
 def _grouped_mm():
-    """``torch.nn.functional.grouped_mm`` where it takes ``out_dtype`` (torch >= 2.10), else None."""
-    import inspect
-    f = getattr(torch.nn.functional, "grouped_mm", None)
-    try:
-        return f if f is not None and "out_dtype" in inspect.signature(f).parameters else None
-    except (TypeError, ValueError):  # no introspectable signature
-        return None
+    """``torch.nn.functional.grouped_mm`` (torch >= 2.10), else None."""
+    return getattr(torch.nn.functional, "grouped_mm", None)
 
 
-# Rows per grouped GEMM: bounds the float32 [rows, 2I] product (0.5 GB for DeepSeek-V3's 2I = 4096)
+# Routed rows per grouped GEMM: bounds the [rows, 2I] product (0.25 GB in bf16 for DeepSeek-V3's 2I = 4096)
 GROUPED_ROWS = 32768
-
-
-@torch.no_grad()
-def grouped_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatch,
-                         chunk_rows: int = GROUPED_ROWS) -> torch.Tensor | None:
-    """:func:`expert_intermediate` of every routed row of ``batch`` by grouped GEMMs (``grouped_mm`` with float32
-    accumulation and output, in chunks of ``chunk_rows`` rows; the experts' row ranges are clipped to each chunk on
-    the device, so there is no host synchronisation and no per-expert launch). None where it does not apply: not
-    CUDA, rows or weights not bfloat16, no ``grouped_mm`` with ``out_dtype``, or a dimension that is not a
-    multiple of 8 (the kernel's 16-byte alignment). The products are the per-expert path's (a bf16 times a bf16
-    is exact in fp32), summed in another order: equal to float32 rounding, not bit for bit."""
-    x, gu = batch.x, experts.gate_up_proj
-    f = _grouped_mm() if x.is_cuda and x.dtype == torch.bfloat16 and gu.dtype == torch.bfloat16 else None
-    if f is None:
-        return None
-    mat_b = gu if family.layout == TRANSPOSED else gu.transpose(-2, -1)  # [E, H, 2I]
-    if mat_b.shape[1] % 8 or mat_b.shape[2] % 8 or x.stride(-1) != 1 or x.shape[1] != mat_b.shape[1]:
-        return None
-    n, inter = x.shape[0], mat_b.shape[2] // 2
-    sel_g, sel_u = gate_up_slices(family, inter)
-    h = torch.empty(n, inter, dtype=torch.float32, device=x.device)
-    ends = batch.offsets[1:]
-    bias = experts.gate_up_proj_bias if family.has_bias else None
-    for a in range(0, n, chunk_rows):
-        b = min(a + chunk_rows, n)
-        offs = (ends.clamp(a, b) - a).to(torch.int32)
-        out = f(x[a:b], mat_b, offs=offs, out_dtype=torch.float32)  # [b - a, 2I]
-        gate, up = out[:, sel_g], out[:, sel_u]
-        if bias is not None:
-            rb = bias.float()[batch.expert_ids[a:b].long()]
-            gate, up = gate + rb[:, sel_g], up + rb[:, sel_u]
-        h[a:b] = family.glu(experts, gate, up)
-    return h
 
 
 @torch.no_grad()
@@ -180,11 +140,14 @@ def grouped_output_into(experts: nn.Module, family: MoEFamily, hidden_states: to
     in bf16 with fp32 accumulation, the GLU in bf16, times the routing weight), summed per token in float32. For
     the expert streaming engine's groups, whose experts see a fraction of a call's rows: the module's own forward
     sorts, gathers and masks every (token, slot) pair of the call for each group. Returns False (``acc``
-    untouched) where it does not apply (see :func:`grouped_intermediate`; also experts without a gate or with a
-    post-expert norm): then call the module."""
+    untouched) where it does not apply: rows or weights not bfloat16 (the CPU pipeline computes in float32), no
+    ``grouped_mm``, a dimension
+    that is not a multiple of 8 (the kernel's 16-byte alignment), experts without a gate or with a post-expert
+    norm: then call the module. Each chunk of ``chunk_rows`` routed rows is one grouped GEMM per projection, the
+    experts' row ranges clipped to the chunk on the device (no host synchronisation, no launch per expert)."""
     gu, dn = experts.gate_up_proj, experts.down_proj
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    f = _grouped_mm() if x.is_cuda and x.dtype == gu.dtype == dn.dtype == torch.bfloat16 else None
+    f = _grouped_mm() if x.dtype == gu.dtype == dn.dtype == torch.bfloat16 else None
     if f is None or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
         return False
     t = family.layout == TRANSPOSED
