@@ -194,6 +194,7 @@ def test_one_process_run_resumes_on_two_ranks(models, reference, tmp_path):
     (_recipe(awq={"enabled": True}), "awq.enabled: expected false in a distributed run"),
     (_recipe(budget={"bits": 4.5}), "budget.enabled: expected false in a distributed run"),
     (_recipe(kv_cache="fp8"), "kv_cache: expected null in a distributed run"),
+    (_recipe(gptaq={"enabled": True}), "gptaq.enabled: expected false in a distributed run"),
     (_recipe(ignore=["model.layers.*.no_such_module"]), "no_such_module"),  # rank 0's preflight, on every rank
 ])
 def test_refused_before_anything_is_written(models, recipe, needle, tmp_path):

@@ -14,7 +14,8 @@ compute device in groups that fit a memory budget, instead of holding every expe
    calls (batch by batch, exactly as the whole-layer capture feeds them), the group is solved and written back,
    and its quantized outputs on pass 2's calls are computed by the experts module itself, on a view of the group's
    experts with the other experts' slots padded, and summed. Experts without enough calibration tokens are solved
-   after all groups when their fallback needs the layer's mean Hessian;
+   after all groups when their fallback needs the layer's mean Hessian. With the recipe's ``gptaq``, a group's
+   down_proj is solved after its gate/up, on its inputs through the quantized gate/up (:mod:`moequant.pipeline.gptaq`);
 5. **pass 3**: the layer runs once more with the experts forward replaced by the replay of those outputs, which
    gives the layer's outputs: exactly what the quantized layer computes.
 
@@ -43,6 +44,7 @@ from ..calibration.capture import ExpertCapture, ExpertsCall, LayerCapture
 from ..calibration.routing import grouped_output_into
 from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
+from . import gptaq
 from .groups import GroupPlan, expert_dims
 from .host import HostCopies
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
@@ -306,12 +308,18 @@ class MoELayerEngine:
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
             deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
-                jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
-                                   lambda j: amax[ids[j]])
-                res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
+                if recipe.gptaq.enabled:  # down_proj after gate/up, on its inputs through the quantized gate/up
+                    res, recs = gptaq.solve_group(view, fam, recipe, self.prefix, ids, now, hgu, hdn,
+                                                  lambda j: amax[ids[j]], calls1, lut, self.factory, self.device,
+                                                  self.storage, self.probe)
+                else:
+                    jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
+                                       lambda j: amax[ids[j]])
+                    res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
+                    del jobs
             self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
-            del cap, jobs
+            del cap
             if not single:
                 with ph("expert_outputs"):
                     self._outputs(view, ids, [ids[j] for j in now], calls2, out_acc)

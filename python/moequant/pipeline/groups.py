@@ -112,6 +112,9 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
     hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
     hess += 3 * hidden * inter * (4 + 1)
+    if recipe.gptaq.enabled:  # the [x~, x - x~] accumulator (2I wide) and its blocks, the float64 correction, the
+        # copy of the original gate/up (pipeline/gptaq.py)
+        hess += 2 * (2 * inter) ** 2 * acc + 3 * inter * inter * 8 + 2 * hidden * inter * 8 + weight * 2 // 3
     # What the items above miss (the solver's stacked copies beyond solver_memory_gb, the routed rows a group
     # gathers, the allocator's rounding): measured on an H100, a DeepSeek-V3 layer with 38 experts per group needed
     # about 0.93 GiB per expert against 0.70 itemized, and its solve failed 8.8 GiB above the budget.

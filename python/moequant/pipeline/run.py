@@ -190,6 +190,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
             raise ValueError("budget.enabled: expected false in a distributed run (its measurement pass is not "
                              "distributed yet; the budget is on when budget.bits or budget.size_gb is set); run the "
                              "budget in one process")
+        if recipe.gptaq.enabled:
+            raise ValueError("gptaq.enabled: expected false in a distributed run (the down_proj inputs through the "
+                             "quantized gate/up are not exchanged between ranks yet); run gptaq in one process")
         if recipe.kv_cache is not None:
             raise ValueError(f"kv_cache: expected null in a distributed run (the KV scales are each attention's "
                              f"maximum over all calibration batches, which no rank holds; not reduced across ranks "

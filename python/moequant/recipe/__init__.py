@@ -17,7 +17,7 @@ import importlib
 
 _EXPORTS = {
     "RECIPE_VERSION": "recipe", "DEFAULT_IGNORE": "recipe", "Recipe": "recipe", "CalibrationConfig": "recipe",
-    "FallbackConfig": "recipe", "AWQConfig": "recipe", "RotationConfig": "recipe",
+    "FallbackConfig": "recipe", "AWQConfig": "recipe", "RotationConfig": "recipe", "GPTAQConfig": "recipe",
     "QuantScheme": "scheme", "Override": "scheme", "match_pattern": "scheme",
     "DEVICE_PATTERN": "device", "resolve_device": "device",
 }

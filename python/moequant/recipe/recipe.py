@@ -36,6 +36,7 @@ from ..formats import IntFormat
 from ..formats.kv_cache import check_kv_cache
 from ..methods.awq.config import AWQConfig
 from ..methods.budget.config import BudgetConfig, parse_budget
+from ..methods.gptaq.config import GPTAQConfig
 from ..methods.rotation.config import RotationConfig
 from .device import DEVICE_PATTERN
 from .fields import Section, check_bool, check_choice, check_int, check_keys, check_pos_float, fail, str_list
@@ -43,7 +44,7 @@ from .scheme import Override, QuantScheme, check_pattern, match_pattern
 
 __all__ = [
     "RECIPE_VERSION", "DEFAULT_IGNORE", "QuantScheme", "Override", "CalibrationConfig", "FallbackConfig",
-    "Recipe", "match_pattern", "AWQConfig", "RotationConfig", "BudgetConfig",
+    "Recipe", "match_pattern", "AWQConfig", "RotationConfig", "BudgetConfig", "GPTAQConfig",
 ]
 
 RECIPE_VERSION = 1
@@ -158,6 +159,8 @@ class Recipe:
             disk. None (default): half of the host memory available when the run starts (MemAvailable, or a
             cgroup limit's room when lower) after one decoder layer. Results are bit-identical either way, so a run
             may resume with another value (it is not part of the run's fingerprint).
+        gptaq: asymmetric calibration of the routed experts' down_proj (:class:`GPTAQConfig`): solved after their
+            gate/up, on the inputs through the quantized gate/up, towards the original output.
         kv_cache: ``"fp8"``: calibrate every attention's FP8 KV-cache ``k_scale`` / ``v_scale`` and export them with
             a ``kv_cache_scheme`` (:mod:`moequant.formats.kv_cache`, docs/export.md "FP8 KV cache"); None: no.
         solvers (init only): the :class:`~moequant.methods.SolverRegistry` the schemes' ``method`` names are looked
@@ -182,6 +185,7 @@ class Recipe:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     host_memory_gb: Optional[float] = None
     kv_cache: Optional[str] = None
+    gptaq: GPTAQConfig = field(default_factory=GPTAQConfig)
     version: int = RECIPE_VERSION
     solvers: InitVar[Any] = None
 
@@ -204,7 +208,8 @@ class Recipe:
         if isinstance(self.scheme, str):  # a preset name: scheme: NVFP4
             self.scheme = QuantScheme.from_dict(self.scheme, solvers)
         for name, cls in (("scheme", QuantScheme), ("calibration", CalibrationConfig), ("fallback", FallbackConfig),
-                          ("awq", AWQConfig), ("rotation", RotationConfig), ("budget", BudgetConfig)):
+                          ("awq", AWQConfig), ("rotation", RotationConfig), ("budget", BudgetConfig),
+                          ("gptaq", GPTAQConfig)):
             if isinstance(getattr(self, name), dict):
                 data = getattr(self, name)
                 setattr(self, name, QuantScheme.from_dict(data, solvers) if cls is QuantScheme else cls.from_dict(data))
@@ -248,8 +253,11 @@ class Recipe:
                 section.use_solvers(solvers)
         # The sections' own checks again: a field changed after construction (r.calibration.num_samples = -1).
         for section in (self.scheme, self.calibration, self.fallback, self.awq, self.rotation, self.budget,
-                        *self.overrides):
+                        self.gptaq, *self.overrides):
             section.__post_init__()
+        if self.gptaq.enabled and self.budget.enabled:
+            fail("gptaq.enabled", "false with a budget", True,
+                 "the budget measures its candidates on the plain solve; turn gptaq or the budget off")
         if self.budget.enabled and self.scheme.preset is not None:
             fail("scheme.preset", "null (an integer base scheme) with a budget", self.scheme.preset,
                  "the budget's candidates are integer formats applied to the base scheme; give floating-point "
@@ -316,7 +324,7 @@ class Recipe:
                 "solver_memory_gb": self.solver_memory_gb, "report_loss": self.report_loss,
                 "rotation": self.rotation.to_dict(), "device_memory_gb": self.device_memory_gb,
                 "experts_per_group": self.experts_per_group, "budget": self.budget.to_dict(),
-                "host_memory_gb": self.host_memory_gb, "kv_cache": self.kv_cache}
+                "host_memory_gb": self.host_memory_gb, "kv_cache": self.kv_cache, "gptaq": self.gptaq.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict, solvers: Any = None) -> "Recipe":
