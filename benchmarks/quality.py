@@ -28,6 +28,8 @@ zero points included). Features (each switches one recipe setting on top of the 
     bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
+    gptaq   asymmetric calibration of the routed experts' down_proj (alpha 1); gptaq05 / gptaq025 / gptaq0: alpha
+            0.5 / 0.25 / 0 (0: down_proj solved on its inputs through the quantized gate/up, no correction)
     bf16h / fp32h   Hessian update precision on the GPU
     d03 / d10       GPTQ damping 0.03 / 0.1 (plain methods use 0.01; ``default`` uses the recipe default 0.1)      n2      MSE search norm 2.0 (default 2.4)
 
@@ -74,6 +76,10 @@ FEATURES = {
     "d03": (dict(damp=0.03), {}),
     "d10": (dict(damp=0.1), {}),
     "n2": (dict(mse_norm=2.0), {}),
+    "gptaq": ({}, dict(gptaq=dict(enabled=True, alpha=1.0))),
+    "gptaq05": ({}, dict(gptaq=dict(enabled=True, alpha=0.5))),
+    "gptaq025": ({}, dict(gptaq=dict(enabled=True, alpha=0.25))),
+    "gptaq0": ({}, dict(gptaq=dict(enabled=True, alpha=0.0))),
     "bf16h": ({}, dict(hessian_precision="bf16")),
     "fp32h": ({}, dict(hessian_precision="fp32")),
 }

@@ -65,6 +65,28 @@ def test_joint_hessian_and_targets_match_the_twin():
     assert not torch.equal(got[0], w[0])
 
 
+@pytest.mark.parametrize("shrink", [False, True])
+def test_normalised_statistics_match_the_twin(shrink):
+    """Plain: divided by the mass. Shrink: the target counts as k rows on which x = x~ (the twin on the real rows
+    plus pseudo-rows of the target with weight k in all)."""
+    from moequant.ops.gptaq import normalised_statistics
+
+    x, xt, c = _rows(30, 12, seed=6)
+    acc = ops.HessianAccumulator(1, 24, dtype=torch.float64)
+    acc.add(joint_rows(x, xt), torch.zeros(30, dtype=torch.int32), c)
+    k = 5.0
+    z = torch.randn(40, 12, generator=torch.Generator().manual_seed(7))
+    target = (z.double().T @ z.double()) / 40
+    h, cr = normalised_statistics(acc.hessians[0], float(acc.mass[0]), k, target if shrink else None)
+    if shrink:
+        rh, rc = asymmetric_statistics_ref(torch.cat([x, z]), torch.cat([xt, z]),
+                                           torch.cat([c, torch.full((40,), k / 40)]))
+    else:
+        rh, rc = asymmetric_statistics_ref(x, xt, c)
+    torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-7 * float(rh.abs().max()))
+    torch.testing.assert_close(cr, rc, rtol=1e-5, atol=1e-5 * float(rc.abs().max()))
+
+
 def test_alpha_zero_is_the_plain_solve_bit_for_bit():
     x, xt, c = _rows(64, 32, seed=1)
     h, cross = asymmetric_statistics_ref(x, xt, c)
@@ -231,7 +253,7 @@ def test_joint_hessians_of_an_experts_module_match_the_twin(family):
         assert torch.count_nonzero(rc) > 0
 
 
-@pytest.mark.parametrize("policy", ["mean", "rtn"])
+@pytest.mark.parametrize("policy", ["mean", "rtn", "identity"])
 def test_starved_experts_keep_the_plain_solve(policy, tmp_path):
     """Experts below min_tokens have no Hessian of their own (fallback): their down_proj is solved exactly as
     without gptaq (no correction); the calibrated experts' down_proj changes."""
@@ -282,19 +304,21 @@ def test_shrink_policy_runs_and_corrects(tmp_path):
     assert all(torch.equal(out[True, None][k], out[True, 1][k]) for k in first)
 
 
-def test_alpha_zero_in_the_pipeline_is_true_sequential(models, tmp_path, monkeypatch):
-    """alpha = 0: the down_proj targets are the original weights (bit for bit), only the Hessian is H~."""
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_targets_in_the_pipeline(models, tmp_path, monkeypatch, alpha):
+    """alpha = 0: the down_proj targets are the original weights (bit for bit), only the Hessian is H~; alpha = 1:
+    every target moves (C != 0: x came through the original gate/up, x~ through the quantized ones)."""
     seen = []
     original = gptaq_pipeline.gptaq_targets
 
-    def spy(w, h, c, alpha, damp, memory_gb=8.0):
-        t = original(w, h, c, alpha, damp, memory_gb)
-        seen.append(torch.equal(t, w.float()))
+    def spy(w, h, c, alpha_, damp, memory_gb=8.0):
+        t = original(w, h, c, alpha_, damp, memory_gb)
+        seen.extend(torch.equal(t[e], w[e].float()) for e in range(w.shape[0]))
         return t
 
     monkeypatch.setattr(gptaq_pipeline, "gptaq_targets", spy)
-    _quantize(models("qwen3_moe"), _recipe(gptaq={"enabled": True, "alpha": 0.0}), tmp_path / "z")
-    assert seen and all(seen)
+    _quantize(models("qwen3_moe"), _recipe(gptaq={"enabled": True, "alpha": alpha}), tmp_path / "z")
+    assert seen and all(seen) if alpha == 0 else seen and not any(seen)
 
 
 def test_killed_run_resumes_bit_identically(models, tmp_path, monkeypatch):
@@ -321,3 +345,38 @@ def test_killed_run_resumes_bit_identically(models, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = Recipe.load(out / "moequant_recipe.json")  # the setting is saved with the checkpoint
     assert saved.gptaq == GPTAQConfig(enabled=True, alpha=0.5)
+
+
+@pytest.mark.gpu
+def test_targets_on_the_gpu_match_the_twin():
+    dim, out, e_num = 96, 40, 5
+    hs, cs, ws = [], [], []
+    for e in range(e_num):
+        x, xt, c = _rows(200 + 10 * e, dim, seed=20 + e)
+        h, cr = asymmetric_statistics_ref(x, xt, c)
+        hs.append(h), cs.append(cr)
+        ws.append(torch.randn(out, dim, generator=torch.Generator().manual_seed(e)))
+    got = gptaq_targets(torch.stack(ws).cuda(), torch.stack(hs).float().cuda(), torch.stack(cs).float().cuda(),
+                        alpha=1.0, damp=0.1, memory_gb=0.0005)  # chunks of one expert
+    assert got.is_cuda
+    for e in range(e_num):
+        want = gptaq_target_ref(ws[e], hs[e], cs[e], 1.0, 0.1)
+        torch.testing.assert_close(got[e].cpu().double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_pipeline_on_the_gpu_groups_match_one_group(models, tmp_path):
+    """On CUDA (bf16 layers and Hessians, the batched solver, float64 batched targets): groups of 3 match one
+    group in the first MoE layer bit for bit, and the down_proj differs from the plain run."""
+    src = models("qwen3_moe")
+    scheme = {"bits": 3, "group_size": 32}
+    plain = checkpoint_tensors(_out(src, _recipe(device="cuda", scheme=scheme), tmp_path / "p"))
+    one = checkpoint_tensors(_out(src, _recipe(device="cuda", scheme=scheme, gptaq={"enabled": True}),
+                                  tmp_path / "one"))
+    three = checkpoint_tensors(_out(src, _recipe(device="cuda", scheme=scheme, gptaq={"enabled": True},
+                                                 experts_per_group=3), tmp_path / "three"))
+    first = [k for k in one if k.startswith("model.layers.0.")]
+    assert all(torch.equal(one[k], three[k]) for k in first)
+    down = [k for k in first if ".experts." in k and _down(k)]
+    assert any(not torch.equal(one[k], plain[k]) for k in down)
+    assert all(torch.equal(one[k], plain[k]) for k in first if k not in down)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["joint_rows", "split_joint", "gptaq_targets"]
+__all__ = ["joint_rows", "split_joint", "normalised_statistics", "gptaq_targets"]
 
 _ESCALATIONS = 4  # damping x10 each time a matrix is not numerically positive definite
 
@@ -22,6 +22,17 @@ def split_joint(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(H~, C)`` of a joint Hessian ``[..., 2 in, 2 in]`` of :func:`joint_rows` (views)."""
     n = joint.shape[-1] // 2
     return joint[..., :n, :n], joint[..., n:, :n]
+
+
+def normalised_statistics(joint: torch.Tensor, mass: float, k: float = 0.0, target=None):
+    """``(H~, C)`` of one expert's raw joint Hessian ``[2 in, 2 in]`` (rows of total weight ``mass``), normalised as
+    its plain Hessian is: divided by ``mass``; with a shrinkage ``target`` T (the ``shrink`` fallback policy,
+    ``k`` its weight in tokens) ``H~ = (raw H~ + k T) / (mass + k)`` and ``C = raw C / (mass + k)``: T counts as
+    ``k`` rows on which the original and the quantized inputs agree (``x = x~``)."""
+    h, c = split_joint(joint)
+    if target is None:
+        return h / mass, c / mass
+    return (h + k * target.to(h.dtype)) / (mass + k), c / (mass + k)
 
 
 @torch.no_grad()

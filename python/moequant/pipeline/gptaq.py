@@ -26,7 +26,7 @@ from torch import nn
 
 from ..calibration.routing import expert_intermediate, route_tokens
 from ..models import intermediate_size
-from ..ops.gptaq import gptaq_targets, joint_rows, split_joint
+from ..ops.gptaq import gptaq_targets, joint_rows, normalised_statistics
 from .jobs import ExpertHessians, expert_jobs, finish_jobs
 
 __all__ = ["solve_group", "original_copy"]
@@ -104,15 +104,10 @@ def _correct(dn_jobs: list, down: dict, view, original, family, recipe, hdn: Exp
     hs, cs = [], []
     for job in todo:
         j = down[job.record]
-        h_raw, c_raw = split_joint(raw[j])
-        m = hdn.mass[j]
         target = hdn._target(j) if shrink else None  # noqa: SLF001 - the plain Hessian's shrinkage target
-        if target is not None:
-            hs.append((h_raw + hdn.k * target.to(h_raw.dtype)) / (m + hdn.k))
-            cs.append(c_raw / (m + hdn.k))
-        else:
-            hs.append(h_raw / m)
-            cs.append(c_raw / m)
+        h, c = normalised_statistics(raw[j], hdn.mass[j], hdn.k, target)
+        hs.append(h)
+        cs.append(c)
     by_damp: dict = {}
     for i, job in enumerate(todo):
         by_damp.setdefault(float(job.scheme.damp), []).append(i)
