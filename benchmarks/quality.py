@@ -28,8 +28,9 @@ zero points included). Features (each switches one recipe setting on top of the 
     bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
-    gptaq   asymmetric calibration of the routed experts' down_proj (alpha 1); gptaq05 / gptaq025 / gptaq0: alpha
-            0.5 / 0.25 / 0 (0: down_proj solved on its inputs through the quantized gate/up, no correction)
+    gptaq   asymmetric calibration (GPTAQ) of the routed and shared experts' down_proj and of o_proj (alpha 1);
+            gptaq05 / gptaq025 / gptaq0: alpha 0.5 / 0.25 / 0 (0: solved on the new inputs, no correction);
+            gptaqe: the routed experts' down_proj only (with another gptaq feature: that one's alpha)
     bf16h / fp32h   Hessian update precision on the GPU
     d03 / d10       GPTQ damping 0.03 / 0.1 (plain methods use 0.01; ``default`` uses the recipe default 0.1)      n2      MSE search norm 2.0 (default 2.4)
 
@@ -80,6 +81,7 @@ FEATURES = {
     "gptaq05": ({}, dict(gptaq=dict(enabled=True, alpha=0.5))),
     "gptaq025": ({}, dict(gptaq=dict(enabled=True, alpha=0.25))),
     "gptaq0": ({}, dict(gptaq=dict(enabled=True, alpha=0.0))),
+    "gptaqe": ({}, dict(gptaq=dict(enabled=True, modules=["routed"]))),
     "bf16h": ({}, dict(hessian_precision="bf16")),
     "fp32h": ({}, dict(hessian_precision="fp32")),
 }

@@ -128,12 +128,12 @@ def test_targets_reject_bad_shapes():
 # ---------------------------------------------------------------------------------------------- recipe
 
 def test_recipe_section_round_trips(tmp_path):
-    r = _recipe(gptaq={"enabled": True, "alpha": 0.5})
-    assert r.gptaq == GPTAQConfig(enabled=True, alpha=0.5)
+    r = _recipe(gptaq={"enabled": True, "alpha": 0.5, "modules": ["attention", "routed"]})
+    assert r.gptaq == GPTAQConfig(enabled=True, alpha=0.5, modules=["attention", "routed"])
     for suffix in ("json", "yaml"):
         r.save(tmp_path / f"r.{suffix}")
         assert Recipe.load(tmp_path / f"r.{suffix}").gptaq == r.gptaq
-    assert Recipe().gptaq == GPTAQConfig(enabled=False, alpha=1.0)
+    assert Recipe().gptaq == GPTAQConfig(enabled=False, alpha=1.0, modules=["routed", "shared", "attention"])
 
 
 @pytest.mark.parametrize("section,needle", [
@@ -142,7 +142,12 @@ def test_recipe_section_round_trips(tmp_path):
     ({"alpha": 2.5}, "gptaq.alpha: expected a number in [0, 2], got 2.5"),
     ({"alpha": True}, "gptaq.alpha: expected a number in [0, 2], got True"),
     ({"alpha": float("nan")}, "gptaq.alpha: expected a number in [0, 2], got nan"),
-    ({"beta": 1}, "gptaq: unknown key(s) 'beta'; known keys: enabled, alpha"),
+    ({"beta": 1}, "gptaq: unknown key(s) 'beta'; known keys: enabled, alpha, modules"),
+    ({"modules": []}, "gptaq.modules: expected a non-empty list of distinct names of 'routed', 'shared', 'attention', "
+                      "got []"),
+    ({"modules": ["routed", "mlp"]}, "gptaq.modules: expected a non-empty list"),
+    ({"modules": ["routed", "routed"]}, "gptaq.modules: expected a non-empty list"),
+    ({"modules": "routed"}, "gptaq.modules: expected a non-empty list"),
 ])
 def test_section_errors(section, needle):
     with pytest.raises(ValueError) as e:
@@ -182,8 +187,26 @@ def _down(name: str) -> bool:
     return name.rsplit(".", 2)[-2] in ("down_proj", "w2")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3"])
-def test_pipeline_changes_down_only_and_groups_match(models, family, tmp_path):
+def _kind(name: str) -> str:
+    """Which solve a checkpoint tensor of a MoE layer comes from: routed down, shared down, attention output, other."""
+    module = name.rsplit(".", 1)[0]
+    if ".experts." in name and ".shared_expert" not in name:
+        return "routed_down" if _down(name) else "other"
+    if "shared_expert" in name and _down(name):
+        return "shared_down"
+    if module.rsplit(".", 1)[-1] in ("o_proj", "out_proj") and "att" in module:
+        return "attention_out"
+    return "other"
+
+
+@pytest.mark.parametrize("family,kinds", [("qwen3_moe", {"routed_down", "attention_out"}),
+                                          ("mixtral", {"routed_down", "attention_out"}),
+                                          ("gpt_oss", {"routed_down", "attention_out"}),
+                                          ("qwen2_moe", {"routed_down", "attention_out", "shared_down"}),
+                                          ("deepseek_v3", {"routed_down", "attention_out", "shared_down"})])
+def test_pipeline_changes_the_deferred_matrices_only_and_groups_match(models, family, kinds, tmp_path):
+    """The routed experts' down_proj, the attention's o_proj and the shared expert's down_proj change; every other
+    tensor of the first MoE layer is the plain solve's; groups of 1 equal one group."""
     src = models(family)
     scheme = {"bits": 3, "group_size": 32}
     plain = checkpoint_tensors(_out(src, _recipe(scheme=scheme), tmp_path / "p"))
@@ -192,12 +215,22 @@ def test_pipeline_changes_down_only_and_groups_match(models, family, tmp_path):
                                 tmp_path / "b"))
     layer = min(int(k.split(".")[2]) for k in a if ".experts." in k and k.startswith("model.layers."))
     first = [k for k in a if k.startswith(f"model.layers.{layer}.")]  # the first MoE layer
-    routed = [k for k in first if ".experts." in k]
-    down = [k for k in routed if _down(k)]
-    assert down and len(down) < len(routed), routed[:8]
-    assert all(torch.equal(a[k], plain[k]) for k in first if k not in down)  # all but routed down: the plain solve
-    assert any(not torch.equal(a[k], plain[k]) for k in down)
+    changed = {_kind(k) for k in first if not torch.equal(a[k], plain[k])}
+    assert changed == kinds, (changed, [k for k in first if not torch.equal(a[k], plain[k])][:6])
     assert all(torch.equal(a[k], b[k]) for k in first)  # groups of 1 == one group (same inputs, same sums)
+
+
+@pytest.mark.parametrize("modules", [["routed"], ["shared"], ["attention"], ["shared", "attention"]])
+def test_modules_select_the_matrices(models, modules, tmp_path):
+    src = models("qwen2_moe")
+    scheme = {"bits": 3, "group_size": 32}
+    plain = checkpoint_tensors(_out(src, _recipe(scheme=scheme), tmp_path / "p"))
+    a = checkpoint_tensors(_out(src, _recipe(scheme=scheme, gptaq={"enabled": True, "modules": modules}),
+                                tmp_path / "a"))
+    first = [k for k in a if k.startswith("model.layers.0.")]
+    changed = {_kind(k) for k in first if not torch.equal(a[k], plain[k])}
+    names = {"routed": "routed_down", "shared": "shared_down", "attention": "attention_out"}
+    assert changed == {names[m] for m in modules}
 
 
 def _out(src, recipe, out):
@@ -344,7 +377,7 @@ def test_killed_run_resumes_bit_identically(models, tmp_path, monkeypatch):
     a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = Recipe.load(out / "moequant_recipe.json")  # the setting is saved with the checkpoint
-    assert saved.gptaq == GPTAQConfig(enabled=True, alpha=0.5)
+    assert saved.gptaq == GPTAQConfig(enabled=True, alpha=0.5, modules=["routed", "shared", "attention"])
 
 
 @pytest.mark.gpu
@@ -377,6 +410,46 @@ def test_pipeline_on_the_gpu_groups_match_one_group(models, tmp_path):
                                                  experts_per_group=3), tmp_path / "three"))
     first = [k for k in one if k.startswith("model.layers.0.")]
     assert all(torch.equal(one[k], three[k]) for k in first)
-    down = [k for k in first if ".experts." in k and _down(k)]
-    assert any(not torch.equal(one[k], plain[k]) for k in down)
-    assert all(torch.equal(one[k], plain[k]) for k in first if k not in down)
+    changed = {_kind(k) for k in first if not torch.equal(one[k], plain[k])}
+    assert changed == {"routed_down", "attention_out"}, changed
+
+
+def test_linear_inputs_pair_the_passes_like_the_twin():
+    """LinearInputs: pass 1's inputs of B (after A) with their row weights, then a pass with A changed: the joint
+    accumulator holds the twin's H~ and C of (x = B's input then, x~ = now); a pass that differs is an error."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(6, 10, bias=False), torch.nn.Linear(10, 4, bias=False)
+    net = torch.nn.Sequential(a, torch.nn.Tanh(), b)
+    zs = [torch.randn(n, 6) for n in (5, 9)]
+    weights = iter([torch.rand(5), torch.rand(9)])
+    current = {}
+
+    def weight_fn():
+        return current["w"]
+
+    inputs = gptaq_pipeline.LinearInputs({"b": b}, {"b": weight_fn})
+    with torch.no_grad(), inputs.recording():
+        for z in zs:
+            current["w"] = next(weights)
+            net(z)
+    xs = [x.clone() for x, _ in inputs.rows["b"]]
+    cs = [w for _, w in inputs.rows["b"]]
+    with torch.no_grad():
+        a.weight.add_(0.1 * torch.randn_like(a.weight))
+    acc = {"b": ops.HessianAccumulator(1, 20, dtype=torch.float64)}
+    with torch.no_grad(), inputs.pairing(acc):
+        for z in zs:
+            net(z)
+    with torch.no_grad():
+        xts = [torch.tanh(a(z)) for z in zs]
+    h, cr = asymmetric_statistics_ref(torch.cat(xs), torch.cat(xts), torch.cat(cs))
+    m = float(acc["b"].mass[0])
+    torch.testing.assert_close(acc["b"].hessians[0, :10, :10] / m, h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc["b"].hessians[0, 10:, :10] / m, cr, rtol=1e-4, atol=1e-5 * float(cr.abs().max()))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="gptaq: b was called more often than in the calibration"):
+        with inputs.pairing({"b": ops.HessianAccumulator(1, 20)}):
+            for z in zs + zs:
+                net(z)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="gptaq: b received other rows than in the calibration"):
+        with inputs.pairing({"b": ops.HessianAccumulator(1, 20)}):
+            net(zs[1])

@@ -211,16 +211,24 @@ class MoELayerEngine:
         cap = LayerCapture(self.layer, fam, layer_prefix=self.prefix, weighting="routing" if weighted else "none",
                            shared_weighting="gate" if weighted else "none",
                            accumulator_factory=self.factory if dist is None else recording_factory, experts=False)
+        later = gptaq.deferred_linears(self.layer, fam, cap.linears.modules, recipe.gptaq.modules) \
+            if recipe.gptaq.enabled and dist is None else []
+        inputs = gptaq.LinearInputs({n: cap.linears.modules[n] for n in later}, cap.linears.weight_fns)
         with ph("pass1_forward"):
-            with cap.attach():
+            with cap.attach(), inputs.recording():
                 self._pass(rec1.recording(), keep=False)
         with ph("linear_solve"):
-            if dist is None:
+            if later:  # o_proj / the shared down_proj after the Linears feeding them, on their new inputs
+                res_l, rec_l = gptaq.solve_linears(
+                    cap, fam, recipe, self.storage, self.probe, inputs,
+                    lambda: self._pass(ExpertsRecorder(self.experts).recording(), keep=False),
+                    self.factory, self.device)
+            elif dist is None:
                 res_l, rec_l = quantize_linears(cap, fam, recipe, self.storage, self.probe)
             else:  # every rank's inputs in batch order, solved on rank 0, the weights to every rank
                 res_l, rec_l = solve_linears(dist, cap, fam, recipe, self.storage, self.factory, self.layer,
                                              frozenset(id(p) for p in self.experts.parameters()), self.probe)
-        del cap
+        del cap, inputs
         rec2 = ExpertsRecorder(self.experts)
         with ph("pass2_forward"):
             self._pass(rec2.recording(), keep=False)
@@ -308,7 +316,7 @@ class MoELayerEngine:
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
             deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
-                if recipe.gptaq.enabled:  # down_proj after gate/up, on its inputs through the quantized gate/up
+                if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:  # down after gate/up, on its new inputs
                     res, recs = gptaq.solve_group(view, fam, recipe, self.prefix, ids, now, hgu, hdn,
                                                   lambda j: amax[ids[j]], calls1, lut, self.factory, self.device,
                                                   self.storage, self.probe)

@@ -27,9 +27,9 @@ from torch import nn
 from ..calibration.routing import expert_intermediate, route_tokens
 from ..models import intermediate_size
 from ..ops.gptaq import gptaq_targets, joint_rows, normalised_statistics
-from .jobs import ExpertHessians, expert_jobs, finish_jobs
+from .jobs import ExpertHessians, expert_jobs, finish_jobs, linear_jobs
 
-__all__ = ["solve_group", "original_copy"]
+__all__ = ["solve_group", "original_copy", "joint_hessians", "deferred_linears", "LinearInputs", "solve_linears"]
 
 
 def original_copy(view: nn.Module) -> nn.Module:
@@ -117,3 +117,109 @@ def _correct(dn_jobs: list, down: dict, view, original, family, recipe, hdn: Exp
                                 cfg.alpha, damp, recipe.solver_memory_gb)
         for k, i in enumerate(idx):
             todo[i].w, todo[i].h = targets[k], hs[i].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- plain Linears
+
+ATTENTION_OUT = ("o_proj", "out_proj")  # an attention's output projection (after q/k/v, or in_proj_qkvz)
+SHARED_DOWN = ("down_proj", "w2")  # a shared expert's down projection (after its gate/up)
+
+
+def deferred_linears(layer: nn.Module, family, modules: dict, kinds=("shared", "attention")) -> list:
+    """The names (of ``modules``, the capture's Linears) solved after the layer's other Linears: with ``"attention"``
+    in ``kinds`` every attention's output projection (``*att*.o_proj`` / ``out_proj``), with ``"shared"`` the shared
+    expert's down projection."""
+    shared = family.shared_expert_of(layer) if "shared" in kinds else None
+    shared_ids = {id(m) for m in shared.modules()} if shared is not None else set()
+    out = []
+    for name, mod in modules.items():
+        leaf, parent = name.rsplit(".", 1)[-1], name.rsplit(".", 2)[-2] if name.count(".") else ""
+        if (id(mod) in shared_ids and leaf in SHARED_DOWN) or \
+                ("attention" in kinds and leaf in ATTENTION_OUT and "att" in parent):
+            out.append(name)
+    return out
+
+
+class LinearInputs:
+    """The inputs of some Linears over the calibration passes: :meth:`recording` keeps every call's input rows (in
+    their dtype) and row weights (``weight_fns``: the capture's, e.g. a gated shared expert's
+    ``sigmoid(shared_expert_gate(x))``); :meth:`pairing` feeds, call by call, the rows ``[x~, x - x~]`` of a later
+    pass's input ``x~`` and the recorded ``x`` (with the recorded weights) into one accumulator per Linear."""
+
+    def __init__(self, modules: dict, weight_fns: dict) -> None:
+        self.modules, self.weight_fns = dict(modules), dict(weight_fns)
+        self.rows: dict = {n: [] for n in self.modules}
+
+    def _hooks(self, make):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            handles = [m.register_forward_pre_hook(make(n)) for n, m in self.modules.items()]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+        return ctx()
+
+    def recording(self):
+        def make(name):
+            def hook(module, args):
+                fn = self.weight_fns.get(name)
+                self.rows[name].append((args[0].detach().reshape(-1, args[0].shape[-1]), fn() if fn else None))
+            return hook
+        return self._hooks(make)
+
+    def pairing(self, accs: dict):
+        seen = {n: 0 for n in self.modules}
+
+        def make(name):
+            def hook(module, args):
+                i = seen[name]
+                if i >= len(self.rows[name]):
+                    raise RuntimeError(f"gptaq: {name} was called more often than in the calibration pass")
+                x, w = self.rows[name][i]
+                seen[name] = i + 1
+                xt = args[0].detach().reshape(-1, args[0].shape[-1])
+                if xt.shape != x.shape:
+                    raise RuntimeError(f"gptaq: {name} received other rows than in the calibration pass")
+                if x.shape[0]:
+                    accs[name].add(joint_rows(x, xt), torch.zeros(x.shape[0], dtype=torch.int32, device=x.device), w)
+            return hook
+        return self._hooks(make)
+
+
+@torch.no_grad()
+def solve_linears(capture, family, recipe, storage, probe, inputs: LinearInputs, run_pass, factory, device):
+    """:func:`~moequant.pipeline.jobs.quantize_linears` with the Linears of ``inputs`` (:func:`deferred_linears`)
+    solved last, asymmetrically: the others are solved and written back, ``run_pass()`` runs the calibration
+    batches through the layer once more (its experts need not run) while ``inputs`` pairs each deferred Linear's
+    inputs ``x~`` now with those of pass 1 ``x``; every deferred Linear with a Hessian gets ``H~`` and the
+    corrected target, and they are solved. Results and records in the plain path's order."""
+    disk = {family.disk_name(n): n for n in inputs.modules}
+    jobs = linear_jobs(capture, family, recipe)
+    later = [j for j in jobs if j.record in disk]
+    first = [j for j in jobs if j.record not in disk]
+    res1, rec1 = finish_jobs(first, storage, recipe, probe)
+    todo = [j for j in later if j.h is not None and not j.force_rtn]
+    if todo:
+        accs = {disk[j.record]: factory(1, 2 * j.w.shape[1], device) for j in todo}
+        with inputs.pairing(accs):
+            run_pass()
+        for damp in sorted({float(j.scheme.damp) for j in todo}):
+            part = [j for j in todo if float(j.scheme.damp) == damp and float(accs[disk[j.record]].mass[0]) > 0]
+            for shape in {tuple(j.w.shape) for j in part}:
+                same = [j for j in part if tuple(j.w.shape) == shape]
+                stats = [normalised_statistics(accs[disk[j.record]].hessians[0], float(accs[disk[j.record]].mass[0]))
+                         for j in same]
+                targets = gptaq_targets(torch.stack([j.w for j in same]), torch.stack([h for h, _ in stats]),
+                                        torch.stack([c for _, c in stats]), recipe.gptaq.alpha, damp,
+                                        recipe.solver_memory_gb)
+                for k, j in enumerate(same):
+                    j.w, j.h = targets[k], stats[k][0].contiguous()
+    inputs.rows.clear()
+    res2, rec2 = finish_jobs(later, storage, recipe, probe)
+    res, by = {**res1, **res2}, {r.name: r for r in rec1 + rec2}
+    return ({k: res[k] for j in jobs for k, _, _ in j.outputs if k in res},
+            [by[j.record] for j in jobs if j.record in by])

@@ -112,7 +112,8 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
     hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
     hess += 3 * hidden * inter * (4 + 1)
-    if recipe.gptaq.enabled:  # the [x~, x - x~] accumulator (2I wide) and its blocks, the float64 correction, the
+    if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:  # the [x~, x - x~] accumulator (2I wide) and its
+        # blocks, the float64 correction, the
         # copy of the original gate/up (pipeline/gptaq.py)
         hess += 2 * (2 * inter) ** 2 * acc + 3 * inter * inter * 8 + 2 * hidden * inter * 8 + weight * 2 // 3
     # What the items above miss (the solver's stacked copies beyond solver_memory_gb, the routed rows a group
@@ -123,6 +124,13 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
                if not n.startswith(family.experts + "."))
     elt = torch.empty((), dtype=dtype).element_size()
     fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + 2 * GIB
+    if recipe.gptaq.enabled:  # o_proj / shared down_proj: their pass-1 inputs and joint accumulators (pipeline/gptaq.py)
+        from .gptaq import deferred_linears
+
+        mods = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        for n in deferred_linears(layer, family, mods, recipe.gptaq.modules):
+            cols = mods[n].in_features
+            fixed += tokens * cols * elt + 2 * (2 * cols) ** 2 * acc + 3 * cols * cols * 8
     return experts_per_group(num, weight, hess, fixed, budget_bytes, recipe.experts_per_group, prefix)
 
 

@@ -24,7 +24,7 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "matrix_stats_values", "stats_dict", "stats_lists", "shared_global_scale", "SolveJob",
+           "matrix_stats", "matrix_stats_values", "linear_jobs", "stats_dict", "stats_lists", "shared_global_scale", "SolveJob",
            "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
@@ -254,6 +254,11 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
     solved in one batched call); returns ({disk_name: qt}, [ModuleRecord]). NVFP4 Linears that read one input
     (the capture shares their Hessian: q / k / v, a shared expert's gate / up, DeepSeek's q_a / kv_a) share one
     global scale (:func:`shared_global_scale`). ``probe``: as :func:`finish_jobs`'."""
+    return finish_jobs(linear_jobs(capture, family, recipe), storage, recipe, probe)
+
+
+def linear_jobs(capture, family: MoEFamily, recipe: Recipe) -> list:
+    """The :class:`SolveJob` of every captured plain Linear the recipe quantizes (:func:`quantize_linears`)."""
     lc = capture.linears
     jobs, partners = [], {}
     for name, lin in lc.modules.items():
@@ -276,7 +281,7 @@ def quantize_linears(capture, family: MoEFamily, recipe: Recipe, storage: torch.
             g = shared_global_scale([j.w for j in group])
             for j in group:
                 j.global_scale = g
-    return finish_jobs(jobs, storage, recipe, probe)
+    return jobs
 
 
 class SolveJob:

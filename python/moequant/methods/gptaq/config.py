@@ -1,14 +1,16 @@
-"""The ``gptaq`` section of a :class:`moequant.recipe.Recipe`: asymmetric calibration of the routed experts'
-down_proj (:mod:`moequant.pipeline.gptaq`, math in :mod:`moequant.ops.gptaq`, twin :mod:`moequant.ref.gptaq`)."""
+"""The ``gptaq`` section of a :class:`moequant.recipe.Recipe`: asymmetric calibration of the routed and shared
+experts' down_proj and the attention's output projection (:mod:`moequant.pipeline.gptaq`, math in :mod:`moequant.ops.gptaq`, twin :mod:`moequant.ref.gptaq`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ...recipe.fields import Section, check_bool, fail
 
-__all__ = ["GPTAQConfig"]
+__all__ = ["GPTAQConfig", "MODULES"]
+
+MODULES = ("routed", "shared", "attention")  # routed experts' down_proj, shared expert's down_proj, o_proj
 
 
 @dataclass
@@ -24,14 +26,24 @@ class GPTAQConfig(Section):
             Hessian keep the plain solve).
         alpha: the weight of the correction; 1 is the exact least-squares target, 0 the plain solve on ``H~``
             ("true-sequential" GPTQ of down_proj). At most 2.
+        modules: which matrices are solved this way: ``"routed"`` (every routed expert's down_proj, on its inputs
+            through its quantized gate/up), ``"shared"`` (the shared expert's down_proj) and ``"attention"`` (each
+            attention's output projection); the last two are solved after the layer's other Linears, on their
+            inputs in one more forward of the layer. Default: all three.
     """
 
     _where: ClassVar[str] = "gptaq"
     enabled: bool = False
     alpha: float = 1.0
+    modules: list = field(default_factory=lambda: list(MODULES))
 
     def __post_init__(self) -> None:
         check_bool("gptaq.enabled", self.enabled)
+        m = self.modules
+        if not isinstance(m, (list, tuple)) or not m or any(x not in MODULES for x in m) or len(set(m)) != len(m):
+            fail("gptaq.modules", f"a non-empty list of distinct names of {', '.join(map(repr, MODULES))}", m,
+                 "the default is all three")
+        self.modules = list(m)
         a = self.alpha
         if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a) or not 0 <= a <= 2:
             fail("gptaq.alpha", "a number in [0, 2]", a, "1 is the exact least-squares target, 0 turns the "
