@@ -354,6 +354,21 @@ def test_targets_in_the_pipeline(models, tmp_path, monkeypatch, alpha):
     assert seen and all(seen) if alpha == 0 else seen and not any(seen)
 
 
+def test_off_is_absent_from_the_fingerprint(models, tmp_path):
+    """gptaq off leaves the run's fingerprint as it was before the setting existed (old work directories resume)."""
+    import json
+
+    class Stop(pipeline.LayerObserver):
+        def layer_done(self, index, result):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "q"
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(models("mixtral"), _recipe(gptaq={"enabled": False, "alpha": 0.3}), out, observers=[Stop()])
+    manifest = json.loads((tmp_path / "q.partial" / "manifest.json").read_text())
+    assert "gptaq" not in manifest["recipe"] and "awq" in manifest["recipe"]
+
+
 def test_killed_run_resumes_bit_identically(models, tmp_path, monkeypatch):
     src = models("mixtral")  # 4 experts, groups of 1
     recipe = _recipe(experts_per_group=1, gptaq={"enabled": True, "alpha": 0.5})
@@ -372,6 +387,12 @@ def test_killed_run_resumes_bit_identically(models, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _quantize(src, recipe, out)
     monkeypatch.setattr(gptaq_pipeline, "solve_group", original)
+    import json
+
+    manifest = json.loads((out.with_name("resumed.partial") / "manifest.json").read_text())
+    assert manifest["recipe"]["gptaq"]["alpha"] == 0.5  # part of the run's fingerprint when on
+    with pytest.raises(ValueError, match=r"the recipe differs \(gptaq\)"):
+        _quantize(src, _recipe(experts_per_group=1), out, resume=True)
     report = _quantize(src, recipe, out, resume=True)
     assert report.resumed_from_layer == 1
     a, b = checkpoint_tensors(tmp_path / "full"), checkpoint_tensors(out)

@@ -256,9 +256,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
         tr.before_calibration(lazy)
     # host_memory_gb changes where the hidden states live, not a bit of the results: a run may resume with another
     fingerprint = {"version": WORK_VERSION, "model": model_fingerprint(model_dir),
-                   # kv_cache null: absent, as in the manifests of runs started before the setting existed
+                   # kv_cache null, gptaq off: absent, as in the manifests of runs started before the settings existed
                    "recipe": {k: v for k, v in recipe.to_dict().items()
-                              if k != "host_memory_gb" and not (k == "kv_cache" and v is None)},
+                              if k != "host_memory_gb" and not (k == "kv_cache" and v is None)
+                              and not (k == "gptaq" and not v["enabled"])},
                    "calibration_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                    "export_format": export_format}
     tmp_root = work = None
