@@ -35,10 +35,22 @@ def test_quality_rows_parse_integer_and_preset_names():
         with pytest.raises(ValueError, match=needle):
             q.parse_config(bad)
     for f in ("quality_rows.txt", "quality_rows_budget.txt", "quality_rows_formats.txt",
-              "quality_rows_formats_act.txt"):
+              "quality_rows_formats_act.txt", "quality_rows_gptaq.txt"):
         for line in (REPO / "benchmarks" / f).read_text().splitlines():
             if line.strip() and not line.startswith("#") and line.strip() != "bf16":
                 q.parse_config(line.strip())
+
+
+def test_quality_gptaq_rows_build_valid_recipes(tmp_path):
+    import types
+
+    q = _quality()
+    args = types.SimpleNamespace(group_size=128, num_samples=8, seq_len=64, device="cpu", ebss_jsonl=None)
+    rows = [r.strip() for r in (REPO / "benchmarks" / "quality_rows_gptaq.txt").read_text().splitlines()]
+    recipes = {r: q.build_recipe(r, args, tmp_path, tmp_path) for r in rows if r and r != "bf16"}
+    assert recipes["default+gptaq05+gptaqe-w3"].gptaq.to_dict() == {"enabled": True, "alpha": 0.5,
+                                                                     "modules": ["routed"]}
+    assert not recipes["default-w3"].gptaq.enabled and recipes["default+gptaq0-w4"].gptaq.alpha == 0.0
 
 
 def test_quality_bits_of_a_preset_row(tmp_path):

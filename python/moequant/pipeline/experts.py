@@ -7,7 +7,8 @@ compute device in groups that fit a memory budget, instead of holding every expe
    replaced by a recorder (:class:`ExpertsRecorder`): the Linears' Hessians are captured as usual (attention,
    shared expert), and each experts call's inputs ``(hidden_states, top_k_index, top_k_weights)`` are kept;
    the experts themselves do not run;
-2. the Linears are quantized and written back;
+2. the Linears are quantized and written back (with the recipe's ``gptaq``, o_proj and the shared expert's
+   down_proj last, on their inputs in one more forward of the partly quantized layer: :mod:`moequant.pipeline.gptaq`);
 3. **pass 2**: the layer runs again, with its quantized Linears, recording the experts calls again: the routing
    and expert inputs the quantized layer produces (what the next layer will see);
 4. the experts, **group by group** (:func:`~moequant.pipeline.groups.experts_per_group`): the group's Hessians are accumulated from pass 1's

@@ -1,5 +1,6 @@
-"""Asymmetric calibration (GPTAQ-style) of the routed experts' down_proj inside the expert streaming engine
-(orchestration only; the math is :mod:`moequant.ops.gptaq`, twin :mod:`moequant.ref.gptaq`).
+"""Asymmetric calibration (GPTAQ-style) inside the expert streaming engine (orchestration only; the math is
+:mod:`moequant.ops.gptaq`, twin :mod:`moequant.ref.gptaq`): the routed experts' down_proj (:func:`solve_group`),
+o_proj and the shared expert's down_proj (:func:`solve_linears`).
 
 :func:`solve_group` replaces the engine's one ``finish_jobs`` call of a group of experts when the recipe's
 ``gptaq.enabled`` is set:
@@ -18,6 +19,11 @@ With the ``shrink`` fallback policy a calibrated expert's ``H~`` is shrunk as it
 ``(m H~ + k T) / (m + k)`` (T the layer's target of the plain down_proj Hessian), and ``C`` divided by ``m + k``.
 The per-group sums are those of the whole-layer path (the same rows in the same order), so grouped and
 whole-layer runs solve the same matrices.
+
+:func:`solve_linears` replaces the engine's ``quantize_linears``: the Linears of :func:`deferred_linears` (each
+attention's output projection, the shared expert's down_proj) have their pass-1 inputs recorded
+(:class:`LinearInputs`), are solved after the layer's other Linears, on the inputs one more forward of the layer
+gives them, paired call by call with the recorded ones.
 """
 from __future__ import annotations
 
