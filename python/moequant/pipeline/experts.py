@@ -46,7 +46,7 @@ from ..calibration.routing import grouped_output_into
 from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
 from . import gptaq
-from .groups import GroupPlan, expert_dims
+from .groups import GroupPlan, expert_dims, local_ids
 from .host import HostCopies
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
@@ -271,11 +271,7 @@ class MoELayerEngine:
         lut[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         return lut
 
-    @staticmethod
-    def _local(idx: torch.Tensor, lut: torch.Tensor, pad: int) -> torch.Tensor:
-        i = idx.long()
-        valid = (i >= 0) & (i < lut.numel())
-        return torch.where(valid, lut.to(i.device)[i.clamp(0, lut.numel() - 1)], torch.full_like(i, pad))
+    _local = staticmethod(local_ids)
 
     def _experts(self, plan: GroupPlan, calls1: list, calls2: list):
         recipe, fam, ph = self.recipe, self.family, self.phases

@@ -33,6 +33,7 @@ from torch import nn
 from ..calibration.routing import expert_intermediate, route_tokens
 from ..models import intermediate_size
 from ..ops.gptaq import gptaq_targets, joint_rows, normalised_statistics
+from .groups import local_ids
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, linear_jobs
 
 __all__ = ["solve_group", "original_copy", "joint_hessians", "deferred_linears", "LinearInputs", "solve_linears"]
@@ -49,12 +50,6 @@ def original_copy(view: nn.Module) -> nn.Module:
     return copy
 
 
-def _local(idx: torch.Tensor, lut: torch.Tensor, pad: int) -> torch.Tensor:
-    i = idx.long()
-    valid = (i >= 0) & (i < lut.numel())
-    return torch.where(valid, lut.to(i.device)[i.clamp(0, lut.numel() - 1)], torch.full_like(i, pad))
-
-
 @torch.no_grad()
 def joint_hessians(view: nn.Module, original: nn.Module, family, calls: list, lut: torch.Tensor, weighted: bool,
                    factory, device):
@@ -64,7 +59,7 @@ def joint_hessians(view: nn.Module, original: nn.Module, family, calls: list, lu
     n = int(view._parameters["gate_up_proj"].shape[0])
     acc = factory(n, 2 * intermediate_size(view, family), device)
     for hs, idx, w in calls:
-        batch = route_tokens(hs, _local(idx, lut, n), w, n)
+        batch = route_tokens(hs, local_ids(idx, lut, n), w, n)
         if not batch.x.shape[0]:
             continue
         xt = expert_intermediate(view, family, batch)

@@ -14,7 +14,7 @@ from torch import nn
 from ..models import MoEFamily, intermediate_size, num_experts
 from ..recipe.recipe import Recipe
 
-__all__ = ["GIB", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_dims"]
+__all__ = ["GIB", "GroupPlan", "experts_per_group", "plan_layer", "check_layers_fit", "expert_dims", "local_ids"]
 
 GIB = 2**30
 
@@ -88,6 +88,14 @@ def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int
             f"calibration.num_samples / seq_len")
     size = int(min(size, num))
     return GroupPlan(size, False, per, fixed_bytes, budget_bytes, fixed_bytes + size * per)
+
+
+def local_ids(idx: torch.Tensor, lut: torch.Tensor, pad: int) -> torch.Tensor:
+    """Layer expert ids ``idx`` -> ids in a view of some experts (``lut``: layer id -> view id); ids outside the
+    layer's range (pads) become ``pad``."""
+    i = idx.long()
+    valid = (i >= 0) & (i < lut.numel())
+    return torch.where(valid, lut.to(i.device)[i.clamp(0, lut.numel() - 1)], torch.full_like(i, pad))
 
 
 def expert_dims(experts: nn.Module, family: MoEFamily) -> tuple[int, int]:
