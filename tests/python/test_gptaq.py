@@ -118,6 +118,21 @@ def test_corrected_solve_lowers_the_asymmetric_error(bits):
     assert best < asymmetric_loss_ref(w, w, x, xt, c)
 
 
+def test_damped_target_is_the_ridge_least_squares_solution():
+    """W* = argmin_Q sum c ||W x - Q x~||^2 / m + lambda ||Q - W||^2 (lambda = damp * mean diag H~): the twin
+    against a direct least-squares solve of the stacked system."""
+    x, xt, c = _rows(80, 16, seed=8, noise=0.4)
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(9)).double()
+    h, cross = asymmetric_statistics_ref(x, xt, c)
+    damp = 0.1
+    lam = damp * float(torch.diagonal(h).mean())
+    s = (c.double() / c.double().sum()).sqrt()[:, None]
+    a = torch.cat([xt.double() * s, lam ** 0.5 * torch.eye(16, dtype=torch.float64)])  # rows: Q^T's equations
+    b = torch.cat([(x.double() @ w.T) * s, lam ** 0.5 * w.T])
+    want = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(gptaq_target_ref(w, h, cross, 1.0, damp), want, rtol=1e-9, atol=1e-9)
+
+
 def test_targets_reject_bad_shapes():
     with pytest.raises(ValueError, match="gptaq_targets: expected w"):
         gptaq_targets(torch.zeros(2, 3, 4), torch.zeros(2, 4, 4), torch.zeros(2, 3, 3), 1.0, 0.1)
