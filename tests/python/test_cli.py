@@ -235,3 +235,16 @@ def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moequant", "inspect", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("moequant: error: model directory")
+
+
+def test_quantize_bad_gptaq_recipe_is_one_error_line(capsys, tmp_path, model_dir, calib, fake_pipeline):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("gptaq: {enabled: true, alpha: 3}\n")
+    rc = main(["quantize", str(model_dir), "--out", str(tmp_path / "out"), "--recipe", str(recipe), "--calib",
+               str(calib)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "gptaq.alpha: expected a number in [0, 2], got 3" in line and fake_pipeline.calls == []
+    recipe.write_text("gptaq: {enabled: true}\n")
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "out2"), "--recipe", str(recipe), "--calib",
+                 str(calib)]) == 0
+    assert fake_pipeline.calls[-1]["recipe"].gptaq.enabled
