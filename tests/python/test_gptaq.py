@@ -148,7 +148,7 @@ def test_recipe_section_round_trips(tmp_path):
     for suffix in ("json", "yaml"):
         r.save(tmp_path / f"r.{suffix}")
         assert Recipe.load(tmp_path / f"r.{suffix}").gptaq == r.gptaq
-    assert Recipe().gptaq == GPTAQConfig(enabled=False, alpha=1.0, modules=["routed", "shared", "attention"])
+    assert Recipe().gptaq == GPTAQConfig(enabled=False, alpha=0.5, modules=["routed", "shared", "attention"])
 
 
 @pytest.mark.parametrize("section,needle", [
