@@ -121,11 +121,6 @@ def expert_intermediate(experts: nn.Module, family: MoEFamily, batch: RoutedBatc
     return h
 
 
-def _grouped_mm():
-    """``torch.nn.functional.grouped_mm`` (torch >= 2.10), else None."""
-    return getattr(torch.nn.functional, "grouped_mm", None)
-
-
 # Routed rows per grouped GEMM: bounds the [rows, 2I] product (0.25 GB in bf16 for DeepSeek-V3's 2I = 4096)
 GROUPED_ROWS = 32768
 
@@ -141,13 +136,13 @@ def grouped_output_into(experts: nn.Module, family: MoEFamily, hidden_states: to
     the expert streaming engine's groups, whose experts see a fraction of a call's rows: the module's own forward
     sorts, gathers and masks every (token, slot) pair of the call for each group. Returns False (``acc``
     untouched) where it does not apply: rows or weights not bfloat16 (the CPU pipeline computes in float32), no
-    ``grouped_mm``, a dimension
-    that is not a multiple of 8 (the kernel's 16-byte alignment), experts without a gate or with a post-expert
-    norm: then call the module. Each chunk of ``chunk_rows`` routed rows is one grouped GEMM per projection, the
+    ``grouped_mm``, a dimension that is not a multiple of 8 (the kernel's 16-byte alignment), experts without a
+    gate or with a post-expert norm: then call the module. Each chunk of ``chunk_rows`` routed rows is one grouped GEMM per projection, the
     experts' row ranges clipped to the chunk on the device (no host synchronisation, no launch per expert)."""
     gu, dn = experts.gate_up_proj, experts.down_proj
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
-    f = _grouped_mm() if x.dtype == gu.dtype == dn.dtype == torch.bfloat16 else None
+    f = getattr(torch.nn.functional, "grouped_mm", None) if x.dtype == gu.dtype == dn.dtype == torch.bfloat16 \
+        else None  # grouped_mm: torch >= 2.10
     if f is None or not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
         return False
     t = family.layout == TRANSPOSED

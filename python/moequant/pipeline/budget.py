@@ -82,7 +82,7 @@ class CandidateProbe:
                 if sc.format.divides(int(job.w.shape[1])):
                     trial.append(SolveJob(job.record, job.w, job.h, fallback_scheme(sc) if job.force_rtn else sc, sc,
                                           [], job.tokens, job.fallback, job.force_rtn))
-            run_jobs(trial, storage, recipe.solver_memory_gb, compute_loss=False)
+            run_jobs(trial, storage, recipe.solver_memory_gb)
             # read back to the host at once (one synchronisation per candidate, not one per matrix)
             values = stats_lists([matrix_stats_values(t.w, t.h, t.qt, storage, True) for t in trial])
             for t, v in zip(trial, values):

@@ -271,8 +271,6 @@ class MoELayerEngine:
         lut[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
         return lut
 
-    _local = staticmethod(local_ids)
-
     def _experts(self, plan: GroupPlan, calls1: list, calls2: list):
         recipe, fam, ph = self.recipe, self.family, self.phases
         fb = recipe.fallback
@@ -303,7 +301,7 @@ class MoELayerEngine:
                 cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=self.factory,
                                     all_token_down=shrink and fb.calibrate_all_experts)
                 for hs, idx, w in calls1:
-                    cap.add_call(hs, self._local(idx, lut, len(ids)), w)
+                    cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
             hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
             for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
                 tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
@@ -382,7 +380,7 @@ class MoELayerEngine:
         for e in solved:
             lut[e] = pos[e]
         for acc, (hs, idx, w) in zip(out_acc, calls2):
-            local = self._local(idx, lut, pad)
+            local = local_ids(idx, lut, pad)
             # the group's routed rows only (grouped GEMMs on a GPU), else the module on the whole call
             if not grouped_output_into(view, self.family, hs, local, w, acc.view(-1, acc.shape[-1])):
                 acc += view(hs, local, w).float()
@@ -406,7 +404,7 @@ class MoELayerEngine:
             n = g.stop - g.start
             lut = self._lut(list(range(g.start, g.stop)), n)
             for hs, idx, w in calls1:
-                cap.add_call(hs, self._local(idx, lut, n), w)
+                cap.add_call(hs, local_ids(idx, lut, n), w)
             for k, a in enumerate((cap.gate_up, cap.down)):
                 s = a.hessians.sum(0)
                 sums[k] = s if sums[k] is None else sums[k] + s

@@ -132,7 +132,7 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
                if not n.startswith(family.experts + "."))
     elt = torch.empty((), dtype=dtype).element_size()
     fixed = rest + 2 * tokens * hidden * elt + tokens * hidden * 4 + int(recipe.solver_memory_gb * GIB) + 2 * GIB
-    if recipe.gptaq.enabled:  # o_proj / shared down_proj: their pass-1 inputs and joint accumulators (pipeline/gptaq.py)
+    if recipe.gptaq.enabled:  # o_proj / shared down_proj: pass-1 inputs, joint accumulators (pipeline/gptaq.py)
         from .gptaq import deferred_linears
 
         mods = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}

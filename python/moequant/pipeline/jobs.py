@@ -24,8 +24,8 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "matrix_stats_values", "linear_jobs", "stats_dict", "stats_lists", "shared_global_scale", "SolveJob",
-           "run_jobs", "fallback_scheme"]
+           "matrix_stats", "matrix_stats_values", "linear_jobs", "stats_dict", "stats_lists", "shared_global_scale",
+           "SolveJob", "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.Quan
         d = wf - qt.dequantized.to(w.device).to(storage).to(dtype)
         rows = wf.shape[0]
         if cuda:
-            both = torch.cat([w.detach(), d]).to(torch.bfloat16)
+            both = torch.cat([w.detach().to(torch.bfloat16), d.to(torch.bfloat16)])
             prod = torch.mm(both, hh.to(torch.bfloat16), out_dtype=torch.float32)
             vals += [(prod[rows:] * d).sum(), (prod[:rows] * wf).sum()]
         else:
@@ -301,7 +301,7 @@ def _batchable(job: SolveJob) -> bool:
     return job.global_scale is None and _solver(job.scheme, job.h).batchable(job.w, job.h, job.scheme)
 
 
-def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_loss: bool) -> None:
+def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
     """Solves same-shape, same-scheme jobs with their solver's batched path, in chunks that fit ``memory_gb``."""
     rows, cols = jobs[0].w.shape
     s = jobs[0].scheme
@@ -311,13 +311,13 @@ def _solve_batched(jobs: list, storage: torch.dtype, memory_gb: float, compute_l
         part = jobs[i:i + chunk]
         w = torch.stack([j.w.float() for j in part])
         h = torch.stack([j.h.float() for j in part])
-        out = solver.solve_batched(w, h, s, storage, compute_loss)
+        out = solver.solve_batched(w, h, s, storage, False)  # the loss: finish_jobs' statistics
         for job, qt in zip(part, out):
             job.qt = _finish_solve(qt, job.w, job.h, job.scheme)
         del w, h
 
 
-def run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss: bool) -> None:
+def run_jobs(jobs: list, storage: torch.dtype, memory_gb: float) -> None:
     """Solves every job: batched on the GPU where possible (grouped by shape and scheme), else one by one."""
     groups: dict = {}
     for job in jobs:
@@ -327,7 +327,7 @@ def run_jobs(jobs: list, storage: torch.dtype, memory_gb: float, *, compute_loss
         else:
             job.qt = solve_matrix(job.w, job.h, job.scheme, storage, job.global_scale)
     for group in groups.values():
-        _solve_batched(group, storage, memory_gb, compute_loss)
+        _solve_batched(group, storage, memory_gb)
 
 
 @torch.no_grad()
@@ -404,14 +404,15 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
     # The reported loss is the statistics' error below, tr(dW H dW^T) of the weights as stored (the solvers' own
     # proxy loss is the same trace of their float32 dequantized weights: a second out x in^2 product per matrix)
     with torch.profiler.record_function("moequant.solve.run_jobs"):  # markers when a profiler runs
-        run_jobs(jobs, storage, recipe.solver_memory_gb, compute_loss=False)
+        run_jobs(jobs, storage, recipe.solver_memory_gb)
     results, records = {}, []
     # before the weights are overwritten; read back to the host at once (not one synchronisation per matrix)
     with torch.profiler.record_function("moequant.solve.stats"):
         stats = stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
     for job, st in zip(jobs, stats):
-        if recipe.report_loss:
-            job.qt.loss = st[2] if st is not None and len(st) > 2 else job.qt.loss
+        st = stats_dict(st)
+        if "error" in st:  # computed only with report_loss
+            job.qt.loss = st["error"]
         act = job.record_scheme.activations
         if act is not None and act.static_global_scale:  # NVFP4 W4A4 (no token: the layer's, activations.py)
             job.qt.input_global_scale = nvfp4_global_scale(job.input_amax) if job.input_amax > 0 else None
@@ -422,5 +423,5 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
             results[name] = qt
         job.qt.values = None
         records.append(_record(job.record, job.record_scheme, job.tokens, job.qt, job.fallback, job.force_rtn,
-                               recipe.report_loss, stats_dict(st)))
+                               recipe.report_loss, st))
     return results, records

@@ -204,11 +204,13 @@ class LayerQuantizer:
         return y[0] if isinstance(y, tuple) else y
 
     def _keep_inputs(self, plan, hidden) -> bool:
-        """Keep a MoE layer's inputs on the GPU across the engine's passes when the plan leaves room for them."""
-        if self.device.type != "cuda" or plan.slack is None:
+        """Keep a MoE layer's inputs on the GPU across the engine's passes when the plan leaves room for them (an
+        unbounded plan always does)."""
+        if self.device.type != "cuda":
             return False
         elt = torch.empty((), dtype=self.lazy.dtype).element_size()
-        return plan.slack >= num_tokens(hidden) * int(text_config(self.lazy.config).hidden_size) * elt
+        need = num_tokens(hidden) * int(text_config(self.lazy.config).hidden_size) * elt
+        return plan.slack is None or plan.slack >= need
 
     def budget(self) -> Optional[int]:
         """Device memory a MoE layer may use: ``recipe.device_memory_gb``, else on a GPU what is free now (the

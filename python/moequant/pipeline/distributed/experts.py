@@ -20,6 +20,7 @@ import torch
 
 from ...calibration.capture import ExpertCapture
 from ..experts import _RunningMean, _to_host, expert_view, group_hessians
+from ..groups import local_ids
 from ..jobs import expert_jobs, finish_jobs
 from .context import DistContext
 
@@ -78,7 +79,7 @@ def stream_rows(ctx: DistContext, engine, units: dict, mine: dict, calls: list, 
                         continue
                     hs, idx, w = (ctx.recv_tensor((n, t.shape[-1]), t.dtype, src, what).to(device) for t in ref)
                 view, ids, cap, lut = mine[u]
-                cap.add_call(hs, engine._local(idx, lut, len(ids)), w)
+                cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
 
 
 def routing_calls(ctx: DistContext, calls: list) -> list:
@@ -191,7 +192,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                                     all_token_down=shrink and fb.calibrate_all_experts)
                 if calls is not None:
                     for hs, idx, w in calls:
-                        cap.add_call(hs, engine._local(idx, lut, len(ids)), w)
+                        cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
             mine[u] = (view, ids, cap, lut)
         if calls is None:  # every owner's unit gets its rows, in batch order
             with ph("expert_exchange"):
