@@ -26,6 +26,7 @@ zero points included). Features (each switches one recipe setting on top of the 
     bres    with a budget: each layer's errors relative to the residual stream's energy (budget.sensitivity)
     bfish   with a budget: each layer's errors times the loss's sensitivity to its output (sensitivity: layer)
     bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
+    b56     with a budget: the default candidates plus W5 g128 and W6 g128 (finer upgrades than W8 near 4 bits)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     gptaq   asymmetric calibration (GPTAQ) of the routed and shared experts' down_proj and of o_proj (alpha 1);
@@ -50,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from moequant.methods.budget import DEFAULT_CANDIDATES
+
 _PLAIN = dict(scale_search="minmax", act_order=False, damp=0.01)  # the reference's plain GPTQ / RTN
 # feature -> (scheme fields, recipe fields); recipe values that are dicts are merged into that recipe section
 FEATURES = {
@@ -71,6 +74,8 @@ FEATURES = {
     "bres": ({}, dict(budget=dict(sensitivity="residual"))),
     "bfish": ({}, dict(budget=dict(sensitivity="layer"))),
     "bmat": ({}, dict(budget=dict(sensitivity="matrix"))),
+    "b56": ({}, dict(budget=dict(candidates=[*map(dict, DEFAULT_CANDIDATES), {"bits": 5, "group_size": 128},
+                                             {"bits": 6, "group_size": 128}]))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),

@@ -105,7 +105,7 @@ def _correct(dn_jobs: list, down: dict, view, original, family, recipe, hdn: Exp
     hs, cs = [], []
     for job in todo:
         j = down[job.record]
-        target = hdn._target(j) if shrink else None  # noqa: SLF001 - the plain Hessian's shrinkage target
+        target = hdn.shrinkage_target(j) if shrink else None  # the plain Hessian's shrinkage target
         h, c = normalised_statistics(raw[j], hdn.mass[j], hdn.k, target)
         hs.append(h)
         cs.append(c)

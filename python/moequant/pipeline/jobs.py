@@ -100,7 +100,9 @@ class ExpertHessians:
         self._mean_fn, self._pooled_fn = layer_mean, pooled
         self._warned = False
 
-    def _target(self, e: int) -> Optional[torch.Tensor]:
+    def shrinkage_target(self, e: int) -> Optional[torch.Tensor]:
+        """The ``shrink`` policy's target for expert ``e`` (normalised): the prior (the layer's all-token Hessian)
+        when there is one, else the pooled Hessian of the layer's routed rows; None where neither exists."""
         t = self.prior(e) if self.prior is not None else None
         if t is not None:
             return t.to(device=self.acc.device, dtype=self.acc.dtype)
@@ -115,7 +117,7 @@ class ExpertHessians:
 
     def _shrunk(self, e: int) -> Optional[torch.Tensor]:
         """(raw H_e + k T_e) / (n_e + k), i.e. (n_e H_e + k T_e) / (n_e + k) with the normalised H_e."""
-        t = self._target(e)
+        t = self.shrinkage_target(e)
         if t is None:
             return None
         n = self.mass[e]
