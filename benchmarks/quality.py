@@ -27,6 +27,7 @@ zero points included). Features (each switches one recipe setting on top of the 
     bfish   with a budget: each layer's errors times the loss's sensitivity to its output (sensitivity: layer)
     bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
     b56     with a budget: the default candidates plus W5 g128 and W6 g128 (finer upgrades than W8 near 4 bits)
+    bfine   with a budget: as b56 plus W4 g32 and W5 g64 (a finer ladder between W4 g128 and W6)
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     gptaq   asymmetric calibration (GPTAQ) of the routed and shared experts' down_proj and of o_proj (alpha 1);
@@ -76,6 +77,9 @@ FEATURES = {
     "bmat": ({}, dict(budget=dict(sensitivity="matrix"))),
     "b56": ({}, dict(budget=dict(candidates=[*map(dict, DEFAULT_CANDIDATES), {"bits": 5, "group_size": 128},
                                              {"bits": 6, "group_size": 128}]))),
+    "bfine": ({}, dict(budget=dict(candidates=[*map(dict, DEFAULT_CANDIDATES), {"bits": 5, "group_size": 128},
+                                               {"bits": 6, "group_size": 128}, {"bits": 4, "group_size": 32},
+                                               {"bits": 5, "group_size": 64}]))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),
@@ -99,7 +103,8 @@ BUDGET = re.compile(r"^b\d+(\.\d+)?$")  # b3.0: budgeted mixed precision at 3.0 
 # FP8_BLOCK, NVFP4, MXFP4) are exported as the compressed-tensors checkpoint and evaluated as deployed:
 # moequant.eval.load_model with the runtime's activation quantization simulated (moequant eval's default).
 PRESETS = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "fp8": "FP8", "fp8_block": "FP8_BLOCK",
-           "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16", "mxfp4": "MXFP4", "mxfp4a16": "MXFP4A16"}
+           "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16", "mxfp4": "MXFP4", "mxfp4a16": "MXFP4A16",
+           "mxfp6a16": "MXFP6A16", "mxfp8a16": "MXFP8A16"}
 ACTIVATION_PRESETS = {"W8A8", "FP8", "FP8_BLOCK", "NVFP4", "MXFP4"}
 
 

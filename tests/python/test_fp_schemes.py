@@ -29,7 +29,8 @@ from moequant.recipe import Override, QuantScheme, Recipe
 
 # The CPU-readable presets and compressed-tensors' own preset of the same name (moequant's FP8 = its FP8_DYNAMIC).
 CT_PRESET = {"W4A16": "W4A16", "W8A16": "W8A16", "W8A8": "W8A8", "FP8": "FP8_DYNAMIC", "FP8_BLOCK": "FP8_BLOCK",
-             "NVFP4": "NVFP4", "NVFP4A16": "NVFP4A16", "MXFP4": "MXFP4", "MXFP4A16": "MXFP4A16"}
+             "NVFP4": "NVFP4", "NVFP4A16": "NVFP4A16", "MXFP4": "MXFP4", "MXFP4A16": "MXFP4A16",
+             "MXFP6A16": "MXFP6A16", "MXFP8A16": "MXFP8A16"}
 
 
 def _ct_scheme(name: str):
@@ -41,25 +42,34 @@ def _ct_scheme(name: str):
 def _spec(fmt: FloatFormat, scale_dtype=torch.float32) -> fref.FormatSpec:
     return {"fp8": fref.FormatSpec("fp8_e4m3", "channel", scale_dtype=scale_dtype),
             "fp8_block": fref.FormatSpec("fp8_e4m3", "block", block=(128, 128), scale_dtype=scale_dtype),
-            "nvfp4": fref.FormatSpec.nvfp4(), "mxfp4": fref.FormatSpec.mx("fp4_e2m1")}[fmt.kind]
+            "nvfp4": fref.FormatSpec.nvfp4(), "mxfp4": fref.FormatSpec.mx("fp4_e2m1"),
+            "mxfp6": fref.FormatSpec.mx("fp6_e2m3"), "mxfp8": fref.FormatSpec.mx("fp8_e4m3")}[fmt.kind]
 
 
 # ---- format types -------------------------------------------------------------------------------------------------
 def test_float_format_interface():
-    shapes = {"fp8": (300, 1), "fp8_block": (3, 2), "nvfp4": (300, 12), "mxfp4": (300, 6)}
+    shapes = {"fp8": (300, 1), "fp8_block": (3, 2), "nvfp4": (300, 12), "mxfp4": (300, 6), "mxfp6": (300, 6),
+              "mxfp8": (300, 6)}
     for kind in FLOAT_KINDS:
         f = FloatFormat(kind)
         assert f.type == "float" and f.symmetric and f.equivalents(192) == frozenset({f})
         assert weight_format_from_key(list(f.key)) == f and hash(f) == hash(FloatFormat(kind))
         assert f.scale_shape(300, 192) == shapes[kind] and f.groups(192) == shapes[kind][1]
     assert (FloatFormat("nvfp4").bits, FloatFormat("nvfp4").group_size, FloatFormat("mxfp4").group_size) == (4, 16, 32)
+    assert [(FloatFormat(k).bits, FloatFormat(k).element) for k in ("mxfp6", "mxfp8")] == [(6, "fp6_e2m3"),
+                                                                                          (8, "fp8_e4m3")]
+    # bits of a 300 x 192 matrix: the elements plus one E8M0 byte per group of 32
+    assert [FloatFormat(k).storage_bits(300, 192) for k in ("mxfp4", "mxfp6", "mxfp8")] == \
+        [300 * 192 * b + 300 * 6 * 8 for b in (4, 6, 8)]
+    assert not FloatFormat("mxfp6").divides(48) and FloatFormat("mxfp8").divides(64)
     assert FloatFormat("fp8").per_channel and not FloatFormat("fp8_block").per_channel
     assert not FloatFormat("nvfp4").divides(40) and FloatFormat("nvfp4").divides(48) and FloatFormat("fp8").divides(7)
     assert not FloatFormat("mxfp4").divides(48) and FloatFormat("fp8_block").divides(200)  # partial edge blocks
     assert FloatFormat("fp8_block").splits_rows(256) and not FloatFormat("fp8_block").splits_rows(64)
     assert FloatFormat("nvfp4").splits_rows(8) and IntFormat(4, 128).splits_rows(3)
     assert weight_format_from_key([4, 128, True]) == IntFormat(4, 128, True)
-    with pytest.raises(ValueError, match="kind: expected one of 'fp8', 'fp8_block', 'nvfp4', 'mxfp4', got 'fp6'"):
+    with pytest.raises(ValueError, match="kind: expected one of 'fp8', 'fp8_block', 'nvfp4', 'mxfp4', 'mxfp6', "
+                                         "'mxfp8', got 'fp6'"):
         FloatFormat("fp6")
     with pytest.raises(ValueError, match="in_features: NVFP4 g16 needs a multiple of 16"):
         FloatFormat("nvfp4").groups(40)
@@ -107,7 +117,8 @@ def test_compression_formats():
     assert fmts == {"W4A16": "pack-quantized", "W8A16": "pack-quantized", "W8A8": "int-quantized",
                     "FP8": "float-quantized", "FP8_BLOCK": "float-quantized", "NVFP4": "nvfp4-pack-quantized",
                     "NVFP4A16": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized",
-                    "MXFP4A16": "mxfp4-pack-quantized"}
+                    "MXFP4A16": "mxfp4-pack-quantized", "MXFP6A16": "mxfp6-pack-quantized",
+                    "MXFP8A16": "mxfp8-quantized"}
     for w, a in ((FloatFormat("fp8"), None), (IntFormat(4, 128), ActivationFormat("int8_token")),
                  (FloatFormat("nvfp4"), ActivationFormat("mxfp4")),
                  (IntFormat(8, 128), ActivationFormat("int8_token"))):
@@ -228,7 +239,11 @@ def test_tensors_decompress_exactly_through_compressed_tensors(name, shape, gen)
                                        "weight_global_scale": (torch.float32, (1,)),
                                        **({"input_global_scale": (torch.float32, (1,))} if name == "NVFP4" else {})},
               "mxfp4-pack-quantized": {"weight_packed": (torch.uint8, (out_f, in_f // 2)),
-                                       "weight_scale": (torch.uint8, (out_f, in_f // 32))}}[p.format]
+                                       "weight_scale": (torch.uint8, (out_f, in_f // 32))},
+              "mxfp6-pack-quantized": {"weight_packed": (torch.uint8, (out_f, in_f * 3 // 4)),
+                                       "weight_scale": (torch.uint8, (out_f, in_f // 32))},
+              "mxfp8-quantized": {"weight": (torch.float8_e4m3fn, shape),
+                                  "weight_scale": (torch.uint8, (out_f, in_f // 32))}}[p.format]
     assert {k[len(prefix) + 1:]: (v.dtype, tuple(v.shape)) for k, v in t.items()} == expect
     block = quantization_config_block([(["Linear"], WeightsConfig(p.weights, activations=p.activations))], ["lm_head"])
     scheme = QuantizationConfig.model_validate(block).config_groups["group_0"]
@@ -279,9 +294,18 @@ def test_config_block_groups_and_mixed_precision():
     assert group_of("model.layers.1.mlp.experts.0.up_proj", parsed).name == "group_0"
     assert quantization_config_block(groups[:1], [])["format"] == "nvfp4-pack-quantized"
     bad = {"config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 6, "type": "float",
-                                                                        "group_size": 32, "strategy": "group"}}}}
+                                                                        "group_size": 16, "strategy": "group"}}}}
     with pytest.raises(ValueError, match="group 'g' has weights moequant does not read"):
         config_groups(bad)
+    # the MX formats of compressed-tensors 0.20 read back; FP8 in groups of 32 only with E8M0 (uint8) scales
+    mx = quantization_config_block([(["Linear"], FloatFormat("mxfp6")), (["re:.*self_attn.*"], FloatFormat("mxfp8"))],
+                                   [])
+    QuantizationConfig.model_validate(mx)
+    assert [(g.format, g.compression) for g in config_groups(mx)] == [
+        (FloatFormat("mxfp6"), "mxfp6-pack-quantized"), (FloatFormat("mxfp8"), "mxfp8-quantized")]
+    del mx["config_groups"]["group_1"]["weights"]["scale_dtype"]
+    with pytest.raises(ValueError, match="group 'group_1' has weights moequant does not read"):
+        config_groups(mx)
 
 
 # ---- ops and solvers ----------------------------------------------------------------------------------------------
@@ -305,7 +329,7 @@ def test_quantize_float_equals_the_reference_and_slices_rows(kind, gen):
             qt.rows(slice(0, 100))
 
 
-@pytest.mark.parametrize("name", ["FP8", "FP8_BLOCK", "NVFP4", "MXFP4", "W8A8"])
+@pytest.mark.parametrize("name", ["FP8", "FP8_BLOCK", "NVFP4", "MXFP4", "MXFP6A16", "MXFP8A16", "W8A8"])
 def test_solvers_dispatch_on_the_format(name, gen, make_hessian):
     w = torch.randn(48, 256, generator=gen).to(torch.bfloat16)
     h = make_hessian(256, 512, gen).float()

@@ -1,7 +1,7 @@
 """The compressed-tensors ``quantization_config`` block of ``config.json``: one config group per distinct scheme
 (:class:`WeightsConfig`: the weight format, how the solver chose the scales, the input-activation format), each
 with its compressed-tensors ``format`` (``pack-quantized``, ``int-quantized``, ``float-quantized``,
-``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``; the top-level ``format`` is that format, or
+``nvfp4-pack-quantized``, ``mxfp4-pack-quantized``, ``mxfp6-pack-quantized``, ``mxfp8-quantized``; the top-level ``format`` is that format, or
 ``mixed-precision`` when the groups differ), written by :func:`quantization_config_block` and parsed back by
 :func:`config_groups`. The tensors of one quantized Linear are in :mod:`moequant.formats.tensors`. docs/export.md
 restates both.
@@ -83,7 +83,8 @@ class WeightsConfig:
 
 def weights_args(w: WeightsConfig) -> dict:
     """compressed-tensors' ``weights`` arguments of a config group (``type`` from the format; no ``scale_dtype``:
-    compressed-tensors 0.11 / 0.12 reject it, and its default is the one each format stores)."""
+    compressed-tensors 0.11 / 0.12 reject it, and its default is the one each format stores; except for MXFP6 /
+    MXFP8, formats of compressed-tensors 0.20, whose MXFP8 compressor takes only ``scale_dtype`` uint8)."""
     fmt = w.format
     out = {"num_bits": fmt.bits, "type": fmt.type, "symmetric": fmt.symmetric}
     if isinstance(fmt, FloatFormat) and fmt.is_block:
@@ -94,6 +95,8 @@ def weights_args(w: WeightsConfig) -> dict:
         out.update(strategy="channel" if fmt.per_channel else "group",
                    group_size=None if fmt.per_channel else fmt.group_size)
     out.update(dynamic=False, actorder=w.actorder, observer=w.observer)
+    if isinstance(fmt, FloatFormat) and fmt.kind in ("mxfp6", "mxfp8"):
+        out["scale_dtype"] = "torch.uint8"  # E8M0 bytes
     return out
 
 
@@ -171,6 +174,11 @@ def _weight_format(name: str, w: Mapping) -> WeightFormat:
             return FloatFormat("nvfp4")
         if bits == 4 and gs == 32 and strategy in ("group", None):
             return FloatFormat("mxfp4")
+        if bits == 6 and gs == 32 and strategy in ("group", None):
+            return FloatFormat("mxfp6")
+        if bits == 8 and gs == 32 and strategy in ("group", None) and str(w.get("scale_dtype")) in ("torch.uint8",
+                                                                                                     "uint8"):
+            return FloatFormat("mxfp8")
     raise ValueError(f"quantization_config: group {name!r} has weights moequant does not read ({typ}, {bits} bits, "
                      f"strategy {strategy!r}, group_size {gs!r}); moequant reads the formats it writes "
                      "(docs/export.md)")

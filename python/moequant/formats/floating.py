@@ -3,7 +3,7 @@
 ``symmetric``, ``per_channel``, ``key``, ``groups``, ``divides``, ``equivalents``, ``label``) so that the pipeline,
 the work directory, the export and the loaders handle both the same way.
 
-Four kinds, each a compressed-tensors weight scheme (docs/formats.md has the arithmetic, ``moequant/format.h`` the
+Six kinds, each a compressed-tensors weight scheme (docs/formats.md has the arithmetic, ``moequant/format.h`` the
 one implementation):
 
 =============  ==================================================================  ==============================
@@ -13,11 +13,13 @@ kind           elements and scales                                              
 ``fp8_block``  FP8 E4M3, one scale per 128 x 128 block (checkpoint dtype)           ``float-quantized`` (block)
 ``nvfp4``      FP4 E2M1, groups of 16, FP8 E4M3 scales, a per-tensor fp32 global   ``nvfp4-pack-quantized``
 ``mxfp4``      FP4 E2M1, groups of 32, E8M0 (power of two) scales                  ``mxfp4-pack-quantized``
+``mxfp6``      FP6 E2M3, groups of 32, E8M0 scales (OCP MX)                        ``mxfp6-pack-quantized``
+``mxfp8``      FP8 E4M3, groups of 32, E8M0 scales (OCP MX)                        ``mxfp8-quantized``
 =============  ==================================================================  ==============================
 
 A format is validated once, when it is made. Whether it fits a matrix depends on the matrix
-(:meth:`FloatFormat.divides`: the FP4 group sizes must divide ``in_features``, as compressed-tensors requires; FP8
-blocks may be partial at the edges, as in DeepSeek's own checkpoints).
+(:meth:`FloatFormat.divides`: the NVFP4 / MX group sizes must divide ``in_features``, as compressed-tensors requires;
+FP8 blocks may be partial at the edges, as in DeepSeek's own checkpoints).
 """
 from __future__ import annotations
 
@@ -29,14 +31,20 @@ import torch
 
 __all__ = ["FloatFormat", "FLOAT_KINDS", "nvfp4_global_scale", "weight_format_from_key"]
 
-FLOAT_KINDS = ("fp8", "fp8_block", "nvfp4", "mxfp4")
+FLOAT_KINDS = ("fp8", "fp8_block", "nvfp4", "mxfp4", "mxfp6", "mxfp8")
 # kind: (bits, group_size as the recipe states it, per-channel, label)
 _KINDS = {
     "fp8": (8, -1, "FP8 per-channel"),
     "fp8_block": (8, 128, "FP8 block 128x128"),
     "nvfp4": (4, 16, "NVFP4 g16"),
     "mxfp4": (4, 32, "MXFP4 g32"),
+    "mxfp6": (6, 32, "MXFP6 g32"),
+    "mxfp8": (8, 32, "MXFP8 g32"),
 }
+MX_KINDS = ("mxfp4", "mxfp6", "mxfp8")
+# the element of each kind, as moequant.ops.ElementKind names it
+ELEMENTS = {"fp8": "fp8_e4m3", "fp8_block": "fp8_e4m3", "nvfp4": "fp4_e2m1", "mxfp4": "fp4_e2m1",
+            "mxfp6": "fp6_e2m3", "mxfp8": "fp8_e4m3"}
 FP8_MAX, FP4_MAX = 448.0, 6.0
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -75,7 +83,7 @@ class FloatFormat:
 
     @property
     def group_size(self) -> int:
-        """Input columns per scale: -1 (FP8 per channel), 128 (the FP8 block's width), 16 (NVFP4), 32 (MXFP4)."""
+        """Input columns per scale: -1 (FP8 per channel), 128 (the FP8 block's width), 16 (NVFP4), 32 (MX)."""
         return _KINDS[self.kind][1]
 
     @property
@@ -94,6 +102,22 @@ class FloatFormat:
     @property
     def fp4(self) -> bool:
         return self.kind in ("nvfp4", "mxfp4")
+
+    @property
+    def mx(self) -> bool:
+        """An OCP microscaling kind (MXFP4 / MXFP6 / MXFP8): groups of 32 with E8M0 scales."""
+        return self.kind in MX_KINDS
+
+    @property
+    def byte_scales(self) -> bool:
+        """Scales stored as one byte per group (FP8 E4M3 for NVFP4, E8M0 for MX) rather than in the checkpoint
+        dtype (FP8 per channel / block)."""
+        return self.kind == "nvfp4" or self.mx
+
+    @property
+    def element(self) -> str:
+        """The element kind, as :class:`moequant.ops.ElementKind` names it (``"fp4_e2m1"``, ``"fp6_e2m3"``, ...)."""
+        return ELEMENTS[self.kind]
 
     @property
     def key(self) -> tuple:
@@ -117,8 +141,8 @@ class FloatFormat:
         return self.scale_shape(1, in_features)[1]
 
     def divides(self, in_features: int) -> bool:
-        """Whether the format fits a matrix of ``in_features`` columns (FP4: a multiple of its group size)."""
-        return not self.fp4 or in_features % self.group_size == 0
+        """Whether the format fits a matrix of ``in_features`` columns (NVFP4 / MX: a multiple of the group size)."""
+        return not self.byte_scales or in_features % self.group_size == 0
 
     def splits_rows(self, rows: int) -> bool:
         """Whether a matrix quantized whole can be cut after ``rows`` rows into two matrices quantized the same
@@ -132,13 +156,14 @@ class FloatFormat:
     def storage_bits(self, out_features: int, in_features: int, scale_bits: int = 16) -> int:
         """Bits an ``[out_features, in_features]`` matrix's weight tensors take in the checkpoint
         (:func:`moequant.formats.tensors.compressed_tensor_names`): FP8 one byte a weight plus ``scale_bits`` scales
-        (checkpoint dtype) per row or per 128 x 128 block; FP4 half a byte a weight plus one byte (FP8 E4M3 / E8M0)
-        per group, and NVFP4's float32 ``weight_global_scale``. (NVFP4 W4A4's ``input_global_scale``, 32 bits, belongs
-        to the activations.) ValueError if the format does not fit ``in_features``."""
+        (checkpoint dtype) per row or per 128 x 128 block; NVFP4 / MX the element's bits a weight plus one byte
+        (FP8 E4M3 / E8M0) per group, and NVFP4's float32 ``weight_global_scale``. (NVFP4 W4A4's
+        ``input_global_scale``, 32 bits, belongs to the activations.) ValueError if the format does not fit
+        ``in_features``."""
         groups = self.groups(in_features)
-        if not self.fp4:
+        if not self.byte_scales:
             return 8 * out_features * in_features + self.scale_shape(out_features, in_features)[0] * groups * scale_bits
-        return 4 * out_features * in_features + 8 * out_features * groups + (32 if self.global_scale else 0)
+        return self.bits * out_features * in_features + 8 * out_features * groups + (32 if self.global_scale else 0)
 
     def label(self) -> str:
         """``"NVFP4 g16"``, ``"FP8 block 128x128"``, ..."""
@@ -148,7 +173,7 @@ class FloatFormat:
     def core(self, scale_dtype: torch.dtype = torch.float32):
         """The ``moequant.ops.Format`` (``moequant/format.h``) of this format; ``scale_dtype``: the dtype FP8's
         float scales are rounded to (the checkpoint's weight dtype, so that loaders reconstruct exactly the weights
-        the solver computed; FP4's scales are FP8 / E8M0 bytes whatever it is)."""
+        the solver computed; NVFP4's and MX scales are FP8 / E8M0 bytes whatever it is)."""
         from moequant import _C  # the native extension; imported lazily so this module imports without it
 
         sd = {torch.float32: _C.ScaleDtype.float32, torch.bfloat16: _C.ScaleDtype.bfloat16,
@@ -159,7 +184,9 @@ class FloatFormat:
             return _C.Format.fp8_channel(sd)
         if self.kind == "fp8_block":
             return _C.Format.fp8_block(self.block[0], self.block[1], sd)
-        return _C.Format.nvfp4() if self.kind == "nvfp4" else _C.Format.mxfp4()
+        if self.kind == "nvfp4":
+            return _C.Format.nvfp4()
+        return _C.Format.mx(getattr(_C.ElementKind, self.element))
 
 
 def weight_format_from_key(key: Any):

@@ -15,10 +15,13 @@ NVFP4         FP4 g16, FP8 scales, fp32 global scale             NVFP4 (static  
 NVFP4A16      as NVFP4                                           --                  nvfp4-pack-quantized
 MXFP4         FP4 g32, E8M0 scales                               MXFP4 (dynamic)     mxfp4-pack-quantized
 MXFP4A16      as MXFP4                                           --                  mxfp4-pack-quantized
+MXFP6A16      FP6 E2M3 g32, E8M0 scales (OCP MX)                 --                  mxfp6-pack-quantized
+MXFP8A16      FP8 E4M3 g32, E8M0 scales (OCP MX)                 --                  mxfp8-quantized
 ============  =================================================  ==================  ========================
 
 Aliases: ``FP8_DYNAMIC`` = FP8, ``INT8`` = W8A8 (llm-compressor's names). llm-compressor's ``FP8`` (static per-tensor
-weights and activations) is not offered: moequant's FP8 is the dynamic per-token scheme.
+weights and activations) is not offered: moequant's FP8 is the dynamic per-token scheme. compressed-tensors' MXFP6A8
+and MXFP8 (MX weights with dynamic MXFP8 activations) are not offered: their weights are MXFP6A16's / MXFP8A16's.
 """
 from __future__ import annotations
 
@@ -31,13 +34,15 @@ from .integer import IntFormat
 
 __all__ = ["Preset", "PRESETS", "PRESET_ALIASES", "preset", "compression_format", "scheme_storage_bits",
            "PACK_QUANTIZED", "INT_QUANTIZED", "FLOAT_QUANTIZED", "NVFP4_PACK_QUANTIZED", "MXFP4_PACK_QUANTIZED",
-           "MIXED_PRECISION", "WeightFormat"]
+           "MXFP6_PACK_QUANTIZED", "MXFP8_QUANTIZED", "MIXED_PRECISION", "WeightFormat"]
 
 PACK_QUANTIZED = "pack-quantized"
 INT_QUANTIZED = "int-quantized"
 FLOAT_QUANTIZED = "float-quantized"
 NVFP4_PACK_QUANTIZED = "nvfp4-pack-quantized"
 MXFP4_PACK_QUANTIZED = "mxfp4-pack-quantized"
+MXFP6_PACK_QUANTIZED = "mxfp6-pack-quantized"
+MXFP8_QUANTIZED = "mxfp8-quantized"
 MIXED_PRECISION = "mixed-precision"
 
 WeightFormat = Union[IntFormat, FloatFormat]
@@ -73,6 +78,8 @@ PRESETS = {p.name: p for p in (
     Preset("NVFP4A16", FloatFormat("nvfp4")),
     Preset("MXFP4", FloatFormat("mxfp4"), ActivationFormat("mxfp4")),
     Preset("MXFP4A16", FloatFormat("mxfp4")),
+    Preset("MXFP6A16", FloatFormat("mxfp6")),
+    Preset("MXFP8A16", FloatFormat("mxfp8")),
 )}
 PRESET_ALIASES = {"FP8_DYNAMIC": "FP8", "INT8": "W8A8"}
 
@@ -89,13 +96,17 @@ def preset(name: str) -> Preset:
 def compression_format(weights: WeightFormat, activations: Optional[ActivationFormat]) -> str:
     """The compressed-tensors format of a module quantized with ``weights`` and ``activations`` (compressed-tensors'
     own inference, ``compressors/format.py``): FP4 g16 -> nvfp4-pack-quantized, FP4 g32 -> mxfp4-pack-quantized,
-    FP8 -> float-quantized, int8 with int8 activations -> int-quantized, other integers -> pack-quantized.
+    FP6 g32 -> mxfp6-pack-quantized, FP8 g32 (E8M0 scales) -> mxfp8-quantized, other FP8 -> float-quantized, int8 with int8 activations -> int-quantized, other integers -> pack-quantized.
     ValueError for pairs no loader reads (activations without a matching weight format)."""
     if isinstance(weights, FloatFormat):
         if weights.kind == "nvfp4" and (activations is None or activations.kind == "nvfp4"):
             return NVFP4_PACK_QUANTIZED
         if weights.kind == "mxfp4" and (activations is None or activations.kind == "mxfp4"):
             return MXFP4_PACK_QUANTIZED
+        if weights.kind == "mxfp6" and activations is None:
+            return MXFP6_PACK_QUANTIZED
+        if weights.kind == "mxfp8" and activations is None:
+            return MXFP8_QUANTIZED
         if weights.kind in ("fp8", "fp8_block") and activations is not None and activations.kind.startswith("fp8"):
             return FLOAT_QUANTIZED
     elif isinstance(weights, IntFormat):

@@ -13,6 +13,9 @@ float-quantized       ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` w
 nvfp4-pack-quantized  ``weight_packed`` uint8 ``[out, in/2]``, ``weight_scale`` float8_e4m3fn ``[out, in/16]``,
                       ``weight_global_scale`` float32 ``[1]``, ``input_global_scale`` float32 ``[1]`` (NVFP4 W4A4)
 mxfp4-pack-quantized  ``weight_packed`` uint8 ``[out, in/2]``, ``weight_scale`` uint8 ``[out, in/32]`` (E8M0)
+mxfp6-pack-quantized  ``weight_packed`` uint8 ``[out, in*3/4]`` (four E2M3 codes in three bytes), ``weight_scale``
+                      uint8 ``[out, in/32]`` (E8M0)
+mxfp8-quantized       ``weight`` float8_e4m3fn ``[out, in]``, ``weight_scale`` uint8 ``[out, in/32]`` (E8M0)
 ====================  ==============================================================================================
 """
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .activations import ActivationFormat
 from .compressed_tensors import as_format
 from .floating import FloatFormat
 from .integer import IntFormat
-from .schemes import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED, NVFP4_PACK_QUANTIZED, PACK_QUANTIZED,
-                      compression_format)
+from .schemes import (FLOAT_QUANTIZED, INT_QUANTIZED, MXFP4_PACK_QUANTIZED, MXFP6_PACK_QUANTIZED, MXFP8_QUANTIZED,
+                      NVFP4_PACK_QUANTIZED, PACK_QUANTIZED, compression_format)
 
 __all__ = ["compressed_tensor_names", "decompress", "COMPANIONS"]
 
@@ -37,7 +40,12 @@ COMPANIONS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_poin
 
 
 _STORES = {"int": (PACK_QUANTIZED, INT_QUANTIZED), "fp8": (FLOAT_QUANTIZED,), "fp8_block": (FLOAT_QUANTIZED,),
-           "nvfp4": (NVFP4_PACK_QUANTIZED,), "mxfp4": (MXFP4_PACK_QUANTIZED,)}
+           "nvfp4": (NVFP4_PACK_QUANTIZED,), "mxfp4": (MXFP4_PACK_QUANTIZED,), "mxfp6": (MXFP6_PACK_QUANTIZED,),
+           "mxfp8": (MXFP8_QUANTIZED,)}
+# the packed width of a row of `cols` codes of the packed FP formats: two FP4 codes a byte, four FP6 in three bytes
+_PACKED_COLS = {MXFP4_PACK_QUANTIZED: lambda cols: math.ceil(cols / 2),
+                NVFP4_PACK_QUANTIZED: lambda cols: math.ceil(cols / 2),
+                MXFP6_PACK_QUANTIZED: lambda cols: math.ceil(cols * 3 / 4)}
 
 
 def _exact_scales(prefix: str, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -102,11 +110,13 @@ def compressed_tensor_names(prefix: str, qt: Any, weight_dtype: torch.dtype, com
                 f"{prefix}.weight_scale": _exact_scales(prefix, qt.scale, weight_dtype)}
     from moequant import ops  # the native extension; imported lazily so this module imports without it
 
-    packed = ops.pack_fp_codes(codes, ops.ElementKind.fp4_e2m1)
-    _check_shape(prefix, "packed codes", packed, (out_f, math.ceil(in_f / 2)), torch.uint8)
     scale_codes = qt.scale_codes.detach().cpu().contiguous()
     _check_shape(prefix, "scale codes", scale_codes, fmt.scale_shape(out_f, in_f), torch.uint8)
-    if compression == MXFP4_PACK_QUANTIZED:
+    if compression == MXFP8_QUANTIZED:  # FP8 bytes as they are
+        return {f"{prefix}.weight": codes.view(torch.float8_e4m3fn), f"{prefix}.weight_scale": scale_codes}
+    packed = ops.pack_fp_codes(codes, getattr(ops.ElementKind, fmt.element))
+    _check_shape(prefix, "packed codes", packed, (out_f, _PACKED_COLS[compression](in_f)), torch.uint8)
+    if compression in (MXFP4_PACK_QUANTIZED, MXFP6_PACK_QUANTIZED):
         return {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scale_codes}
     out = {f"{prefix}.weight_packed": packed, f"{prefix}.weight_scale": scale_codes.view(torch.float8_e4m3fn),
            f"{prefix}.weight_global_scale": _one(prefix, "global_scale", qt.global_scale)}
@@ -168,7 +178,7 @@ def _pack_quantized(prefix: str, qt: Any, fmt: IntFormat, weight_dtype: torch.dt
 def decompress(get: Callable[[str], torch.Tensor], prefix: str, fmt, compression: str,
                shape: Optional[tuple] = None) -> torch.Tensor:
     """The weight of module ``prefix`` as a loader reconstructs it from its tensors (``get(name)`` reads one), in
-    the dtype of its ``weight_scale`` for integer and FP8 formats (the checkpoint's) and in bfloat16 for FP4
+    the dtype of its ``weight_scale`` for integer and FP8 formats (the checkpoint's) and in bfloat16 for NVFP4 and MX
     (compressed-tensors' own FP4 decompression dtype). ``shape``: ``(out, in)`` where no ``weight_shape`` is stored
     (int-quantized / float-quantized / FP4 read it from the tensors)."""
     from moequant import ops
@@ -191,18 +201,22 @@ def decompress(get: Callable[[str], torch.Tensor], prefix: str, fmt, compression
         q = ops.FormatQuantized(w.view(torch.uint8), scale.float().reshape(fmt.scale_shape(*w.shape)),
                                 None, None, torch.ones(1), None, format=fmt.core(scale.dtype))
         return ops.format_dequantize(q, torch.float32).to(scale.dtype)
-    packed = get(f"{prefix}.weight_packed")
-    rows, cols = packed.shape[0], packed.shape[1] * 2
-    codes = ops.unpack_fp_codes(packed, ops.ElementKind.fp4_e2m1, cols)
+    if compression == MXFP8_QUANTIZED:
+        codes = get(f"{prefix}.weight").view(torch.uint8)
+    elif compression in _PACKED_COLS:
+        packed = get(f"{prefix}.weight_packed")
+        per = 4 if compression == MXFP6_PACK_QUANTIZED else 2  # codes per whole bytes: 4 in 3 (FP6), 2 in 1 (FP4)
+        cols = packed.shape[1] * per // (3 if per == 4 else 1)
+        codes = ops.unpack_fp_codes(packed, getattr(ops.ElementKind, fmt.element), cols)
+    else:
+        raise ValueError(f"{prefix}: unknown compressed-tensors format {compression!r}")
     sc = get(f"{prefix}.weight_scale").view(torch.uint8)
     core = fmt.core()
     if compression == NVFP4_PACK_QUANTIZED:
         values = sc.view(torch.float8_e4m3fn).float()
         g = get(f"{prefix}.weight_global_scale").float().reshape(1)
-    elif compression == MXFP4_PACK_QUANTIZED:
+    else:  # MX: E8M0 scales
         values = torch.ldexp(torch.ones_like(sc, dtype=torch.float32), sc.to(torch.int32) - 127)
         g = torch.ones(1)
-    else:
-        raise ValueError(f"{prefix}: unknown compressed-tensors format {compression!r}")
     q = ops.FormatQuantized(codes, values, sc, None, g, None, format=core)
     return ops.format_dequantize(q, torch.bfloat16)

@@ -15,11 +15,13 @@ tests/python/trust/test_loadable.py and test_loadable_formats.py):
       ("torch.cat(): expected a non-empty list of Tensors");
     - FP8_BLOCK routed experts larger than one 128 x 128 block do not load: it multiplies the FP8 weight by the
       block scales without expanding them ("The size of tensor a (384) must match the size of tensor b (3)");
+    - MXFP8 routed experts do not load: the same FP8 path multiplies the weight by the E8M0 scale bytes, neither
+      decoded nor expanded ("The size of tensor a (128) must match the size of tensor b (4)");
     - dense Linears of the W8A8 / W4A4 schemes (FP8, FP8_BLOCK, W8A8, NVFP4, MXFP4) load, and compressed-tensors
       fake-quantizes their inputs as the config says on every forward (the routed experts, dequantized into
       transformers' fused modules, compute on unquantized inputs): the logits are not those of the weights alone.
-    MXFP4 / MXFP4A16, FP8 and FP8_BLOCK experts within one block, and every dense Linear of every scheme load
-    bit-exactly (the tests compare the weights after compressed-tensors' decompression with moequant's).
+    MXFP4 / MXFP4A16 / MXFP6A16, FP8 and FP8_BLOCK experts within one block, and every dense Linear of every scheme
+    load bit-exactly (the tests compare the weights after compressed-tensors' decompression with moequant's).
 vLLM (read from its source, not run here: no vLLM on our machines):
     - integer weight-only kernels take 4 or 8 bits;
     - routed experts are read per expert: a MoE layer whose experts stay in high precision is written in
@@ -28,7 +30,9 @@ vLLM (read from its source, not run here: no vLLM on our machines):
     - it has MoE methods for every scheme (``compressed_tensors_moe.py``: MXFP4, NVFP4 A4 / A16, FP8 W8A8
       channel / block, int8 W8A8, WNA16); NVFP4 W4A4 Linears run W4A4 only where CUTLASS FP4 exists (Blackwell),
       else as W4A16 (its ``_get_scheme_from_parts``); MXFP4 dense Linears need a vLLM with the MXFP4 Linear schemes
-      (``compressed_tensors_w4a4_mxfp4.py`` / ``w4a16_mxfp4.py``).
+      (``compressed_tensors_w4a4_mxfp4.py`` / ``w4a16_mxfp4.py``);
+    - MXFP6 / MXFP8 weights (compressed-tensors 0.20's ``mxfp6-pack-quantized`` / ``mxfp8-quantized``): whether a
+      vLLM reads them was not checked; the statement says so.
 A ``"dequantized"`` export is a plain checkpoint: every loader reads it.
 """
 from __future__ import annotations
@@ -108,6 +112,11 @@ def _transformers(family, quantized: dict, experts: dict) -> tuple[list, list]:
     if big:
         tf.append(f"FP8_BLOCK routed experts larger than one 128x128 block (e.g. {big[0]}): transformers 5.23 "
                   "multiplies them by their block scales without expanding them (loading fails)")
+    mx8 = sorted(n for n, m in routed.items() if _kind(m) == "mxfp8")
+    if mx8:
+        tf.append(f"MXFP8 routed experts (e.g. {mx8[0]}): transformers 5.23 multiplies their FP8 weights by the E8M0 "
+                  "scale bytes without decoding or expanding them (loading fails); use MXFP6A16 or MXFP4A16 for the "
+                  "experts, or moequant's loader (moequant eval)")
     notes = []
     acts = sorted({m.activations.label() for n, m in quantized.items() if m.activations is not None and n not in
                    routed})
@@ -135,6 +144,9 @@ def _vllm(quantized: dict, experts: dict, fused_expert_layers: Sequence[str]) ->
         notes.append("NVFP4 W4A4 Linears run W4A4 on GPUs with CUTLASS FP4 (Blackwell), else as W4A16")
     if any(_kind(m) == "mxfp4" for n, m in quantized.items() if n not in routed):
         notes.append("MXFP4 dense Linears need a vLLM with the compressed-tensors MXFP4 Linear schemes")
+    mx = sorted({_kind(m).upper() for m in quantized.values() if _kind(m) in ("mxfp6", "mxfp8")})
+    if mx:
+        notes.append(f"{' / '.join(mx)} weights: whether vLLM reads them was not checked")
     return vl, notes
 
 
