@@ -104,8 +104,8 @@ BUDGET = re.compile(r"^b\d+(\.\d+)?$")  # b3.0: budgeted mixed precision at 3.0 
 # moequant.eval.load_model with the runtime's activation quantization simulated (moequant eval's default).
 PRESETS = {"w4a16": "W4A16", "w8a16": "W8A16", "w8a8": "W8A8", "fp8": "FP8", "fp8_block": "FP8_BLOCK",
            "nvfp4": "NVFP4", "nvfp4a16": "NVFP4A16", "mxfp4": "MXFP4", "mxfp4a16": "MXFP4A16",
-           "mxfp6a16": "MXFP6A16", "mxfp8a16": "MXFP8A16"}
-ACTIVATION_PRESETS = {"W8A8", "FP8", "FP8_BLOCK", "NVFP4", "MXFP4"}
+           "mxfp6a16": "MXFP6A16", "mxfp6a8": "MXFP6A8", "mxfp8a16": "MXFP8A16", "mxfp8": "MXFP8"}
+ACTIVATION_PRESETS = {"W8A8", "FP8", "FP8_BLOCK", "NVFP4", "MXFP4", "MXFP6A8", "MXFP8"}
 
 
 def parse_config(name: str) -> tuple[dict, dict, set]:

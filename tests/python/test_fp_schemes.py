@@ -30,7 +30,7 @@ from moequant.recipe import Override, QuantScheme, Recipe
 # The CPU-readable presets and compressed-tensors' own preset of the same name (moequant's FP8 = its FP8_DYNAMIC).
 CT_PRESET = {"W4A16": "W4A16", "W8A16": "W8A16", "W8A8": "W8A8", "FP8": "FP8_DYNAMIC", "FP8_BLOCK": "FP8_BLOCK",
              "NVFP4": "NVFP4", "NVFP4A16": "NVFP4A16", "MXFP4": "MXFP4", "MXFP4A16": "MXFP4A16",
-             "MXFP6A16": "MXFP6A16", "MXFP8A16": "MXFP8A16"}
+             "MXFP6A16": "MXFP6A16", "MXFP6A8": "MXFP6A8", "MXFP8A16": "MXFP8A16", "MXFP8": "MXFP8"}
 
 
 def _ct_scheme(name: str):
@@ -118,7 +118,7 @@ def test_compression_formats():
                     "FP8": "float-quantized", "FP8_BLOCK": "float-quantized", "NVFP4": "nvfp4-pack-quantized",
                     "NVFP4A16": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized",
                     "MXFP4A16": "mxfp4-pack-quantized", "MXFP6A16": "mxfp6-pack-quantized",
-                    "MXFP8A16": "mxfp8-quantized"}
+                    "MXFP6A8": "mxfp6-pack-quantized", "MXFP8A16": "mxfp8-quantized", "MXFP8": "mxfp8-quantized"}
     for w, a in ((FloatFormat("fp8"), None), (IntFormat(4, 128), ActivationFormat("int8_token")),
                  (FloatFormat("nvfp4"), ActivationFormat("mxfp4")),
                  (IntFormat(8, 128), ActivationFormat("int8_token"))):
@@ -503,7 +503,7 @@ def test_preflight_names_formats_that_do_not_fit(tmp_path):
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
 
 
-@pytest.mark.parametrize("kind", ["fp8_token", "fp8_group", "nvfp4", "mxfp4", "int8_token"])
+@pytest.mark.parametrize("kind", ["fp8_token", "fp8_group", "nvfp4", "mxfp4", "mxfp8", "int8_token"])
 def test_activation_formats_quantize_inputs_token_by_token(kind, gen):
     """The seam of activation simulation: ActivationFormat.core() applied to an input [tokens, in] quantizes each
     token (row) on its own, NVFP4 with the module's static input global scale."""
@@ -514,7 +514,7 @@ def test_activation_formats_quantize_inputs_token_by_token(kind, gen):
     for t in range(6):
         one = ops.format_quantize(x[t:t + 1], fmt, g)
         assert torch.equal(one.dequantized, whole.dequantized[t:t + 1]), t
-    cols = {"fp8_token": 1, "fp8_group": 2, "nvfp4": 16, "mxfp4": 8, "int8_token": 1}[kind]
+    cols = {"fp8_token": 1, "fp8_group": 2, "nvfp4": 16, "mxfp4": 8, "mxfp8": 8, "int8_token": 1}[kind]
     assert tuple(whole.scales.shape) == (6, cols)
     if kind == "fp8_token":
         assert torch.equal(whole.scales[:, 0], x.abs().amax(1) / 448)

@@ -17,6 +17,7 @@ kind           runtime quantization of the input                   ``moequant.op
 ``nvfp4``      FP4 E2M1 in groups of 16, FP8 group scales computed  ``nvfp4`` with the static
                per token ("local"), static fp32 global scale        ``input_global_scale``
 ``mxfp4``      FP4 E2M1 in groups of 32, E8M0 scales, dynamic       ``mxfp4``
+``mxfp8``      FP8 E4M3 in groups of 32, E8M0 scales, dynamic       ``mx(fp8_e4m3)``
 ``int8_token`` int8 symmetric, one dynamic scale per token          ``int_(8, symmetric, per-channel)``
 =============  ==================================================  =====================================
 """
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 
 __all__ = ["ActivationFormat", "ACTIVATION_KINDS"]
 
-ACTIVATION_KINDS = ("fp8_token", "fp8_group", "nvfp4", "mxfp4", "int8_token")
+ACTIVATION_KINDS = ("fp8_token", "fp8_group", "nvfp4", "mxfp4", "mxfp8", "int8_token")
 _LABELS = {"fp8_token": "A8 FP8 per-token", "fp8_group": "A8 FP8 g128", "nvfp4": "A4 NVFP4",
-           "mxfp4": "A4 MXFP4", "int8_token": "A8 int8 per-token"}
+           "mxfp4": "A4 MXFP4", "mxfp8": "A8 MXFP8", "int8_token": "A8 int8 per-token"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class ActivationFormat:
 
     def args(self) -> dict:
         """compressed-tensors' ``input_activations`` arguments (its presets FP8_DYNAMIC, FP8_BLOCK, NVFP4, MXFP4,
-        W8A8 without ``scale_dtype``, which compressed-tensors 0.11 / 0.12 reject)."""
+        W8A8 without ``scale_dtype``, which compressed-tensors 0.11 / 0.12 reject; MXFP8, a format of 0.20, with its
+        ``scale_dtype`` uint8)."""
         k = self.kind
         out = {"num_bits": 4 if k in ("nvfp4", "mxfp4") else 8, "type": "int" if k == "int8_token" else "float",
                "symmetric": True}
@@ -57,8 +59,10 @@ class ActivationFormat:
             out.update(strategy="token", group_size=None, dynamic=True, observer=None)
         elif k == "fp8_group":
             out.update(strategy="group", group_size=128, dynamic=True, observer=None)
-        elif k == "mxfp4":
+        elif k in ("mxfp4", "mxfp8"):
             out.update(strategy="group", group_size=32, dynamic=True, observer=None)
+            if k == "mxfp8":
+                out["scale_dtype"] = "torch.uint8"
         else:  # nvfp4: local FP8 group scales at run time, the global scale calibrated ("static_minmax")
             out.update(strategy="tensor_group", group_size=16, dynamic="local", observer="static_minmax")
         return out
@@ -74,4 +78,5 @@ class ActivationFormat:
 
         F = _C.Format
         return {"fp8_token": lambda: F.fp8_channel(), "fp8_group": lambda: F.fp8_block(1, 128),
-                "nvfp4": F.nvfp4, "mxfp4": F.mxfp4, "int8_token": lambda: F.int_(8, True, -1)}[self.kind]()
+                "nvfp4": F.nvfp4, "mxfp4": F.mxfp4, "mxfp8": lambda: F.mx(_C.ElementKind.fp8_e4m3),
+                "int8_token": lambda: F.int_(8, True, -1)}[self.kind]()

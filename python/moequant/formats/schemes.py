@@ -16,12 +16,13 @@ NVFP4A16      as NVFP4                                           --             
 MXFP4         FP4 g32, E8M0 scales                               MXFP4 (dynamic)     mxfp4-pack-quantized
 MXFP4A16      as MXFP4                                           --                  mxfp4-pack-quantized
 MXFP6A16      FP6 E2M3 g32, E8M0 scales (OCP MX)                 --                  mxfp6-pack-quantized
+MXFP6A8       as MXFP6A16                                        MXFP8 (dynamic)     mxfp6-pack-quantized
 MXFP8A16      FP8 E4M3 g32, E8M0 scales (OCP MX)                 --                  mxfp8-quantized
+MXFP8         as MXFP8A16                                        MXFP8 (dynamic)     mxfp8-quantized
 ============  =================================================  ==================  ========================
 
 Aliases: ``FP8_DYNAMIC`` = FP8, ``INT8`` = W8A8 (llm-compressor's names). llm-compressor's ``FP8`` (static per-tensor
-weights and activations) is not offered: moequant's FP8 is the dynamic per-token scheme. compressed-tensors' MXFP6A8
-and MXFP8 (MX weights with dynamic MXFP8 activations) are not offered: their weights are MXFP6A16's / MXFP8A16's.
+weights and activations) is not offered: moequant's FP8 is the dynamic per-token scheme.
 """
 from __future__ import annotations
 
@@ -79,7 +80,9 @@ PRESETS = {p.name: p for p in (
     Preset("MXFP4", FloatFormat("mxfp4"), ActivationFormat("mxfp4")),
     Preset("MXFP4A16", FloatFormat("mxfp4")),
     Preset("MXFP6A16", FloatFormat("mxfp6")),
+    Preset("MXFP6A8", FloatFormat("mxfp6"), ActivationFormat("mxfp8")),
     Preset("MXFP8A16", FloatFormat("mxfp8")),
+    Preset("MXFP8", FloatFormat("mxfp8"), ActivationFormat("mxfp8")),
 )}
 PRESET_ALIASES = {"FP8_DYNAMIC": "FP8", "INT8": "W8A8"}
 
@@ -103,9 +106,9 @@ def compression_format(weights: WeightFormat, activations: Optional[ActivationFo
             return NVFP4_PACK_QUANTIZED
         if weights.kind == "mxfp4" and (activations is None or activations.kind == "mxfp4"):
             return MXFP4_PACK_QUANTIZED
-        if weights.kind == "mxfp6" and activations is None:
+        if weights.kind == "mxfp6" and (activations is None or activations.kind == "mxfp8"):
             return MXFP6_PACK_QUANTIZED
-        if weights.kind == "mxfp8" and activations is None:
+        if weights.kind == "mxfp8" and (activations is None or activations.kind == "mxfp8"):
             return MXFP8_QUANTIZED
         if weights.kind in ("fp8", "fp8_block") and activations is not None and activations.kind.startswith("fp8"):
             return FLOAT_QUANTIZED

@@ -14,6 +14,7 @@ kind           what a row ``x`` (one token's input, ``in_features`` values) beco
 ``nvfp4``      groups of 16: FP8 group scale ``e4m3(amax / 6 * g)`` with the module's static
                ``input_global_scale`` g, FP4 E2M1 elements of ``x / (scale / g)`` (the format core's NVFP4)
 ``mxfp4``      groups of 32, E8M0 scales (the format core's MXFP4, compressed-tensors' scale rounding)
+``mxfp8``      the same with FP8 E4M3 elements (the format core's ``mx(fp8_e4m3)``)
 =============  =========================================================================================
 
 The float kinds go through the format core (:meth:`ActivationFormat.core`, ``moequant/format.h``: the C++ core on

@@ -65,7 +65,8 @@ class QuantScheme(Section):
             None, stored as -1) = one scale per output channel. symmetric: no zero point.
         preset: a named scheme (:mod:`moequant.formats.schemes`, llm-compressor's names): ``"W8A8"`` (int8 weights
             per channel, int8 per-token activations), ``"FP8"`` (= ``"FP8_DYNAMIC"``), ``"FP8_BLOCK"``, ``"NVFP4"``,
-            ``"NVFP4A16"``, ``"MXFP4"``, ``"MXFP4A16"``, ``"MXFP6A16"``, ``"MXFP8A16"``, or None (integer weights from ``bits`` / ``group_size`` /
+            ``"NVFP4A16"``, ``"MXFP4"``, ``"MXFP4A16"``, ``"MXFP6A16"``, ``"MXFP6A8"``, ``"MXFP8A16"``, ``"MXFP8"``,
+            or None (integer weights from ``bits`` / ``group_size`` /
             ``symmetric``, 16-bit activations). ``"W4A16"`` and ``"W8A16"`` are accepted and stored as their integer
             fields (preset None). A preset fixes ``bits``, ``group_size``, ``symmetric`` (and ``scale_search:
             minmax`` for the floating-point ones, :func:`preset_fields`): left at their defaults they take its

@@ -12,7 +12,7 @@ from .formats import (e2m1_decode_ref, e2m1_encode_ref, e4m3_decode_ref, e4m3_en
 
 __all__ = ["fake_quantize_activations_ref", "fake_quantize_fp8_ref"]
 
-_GROUP = {"fp8_token": None, "fp8_group": 128, "nvfp4": 16, "mxfp4": 32, "int8_token": None}
+_GROUP = {"fp8_token": None, "fp8_group": 128, "nvfp4": 16, "mxfp4": 32, "mxfp8": 32, "int8_token": None}
 
 
 def _fp8_group(v: Tensor) -> Tensor:
@@ -38,9 +38,11 @@ def _nvfp4_group(v: Tensor, g: Tensor) -> Tensor:
     return e2m1_decode_ref(e2m1_encode_ref(v / eff)) * eff
 
 
-def _mxfp4_group(v: Tensor) -> Tensor:
-    scale = e8m0_decode_ref(mx_scale_exponent_ref(v.abs().max().reshape(1), "fp4_e2m1"))
-    return e2m1_decode_ref(e2m1_encode_ref(v / scale)) * scale
+def _mx_group(v: Tensor, element: str) -> Tensor:
+    scale = e8m0_decode_ref(mx_scale_exponent_ref(v.abs().max().reshape(1), element))
+    if element == "fp4_e2m1":
+        return e2m1_decode_ref(e2m1_encode_ref(v / scale)) * scale
+    return e4m3_decode_ref(e4m3_encode_ref(v / scale)) * scale
 
 
 def fake_quantize_activations_ref(x: Tensor, kind: str, global_scale: Tensor | float | None = None) -> Tensor:
@@ -62,7 +64,7 @@ def fake_quantize_activations_ref(x: Tensor, kind: str, global_scale: Tensor | f
             elif kind == "nvfp4":
                 out[r, c:c + width] = _nvfp4_group(v, g)
             else:
-                out[r, c:c + width] = _mxfp4_group(v)
+                out[r, c:c + width] = _mx_group(v, "fp4_e2m1" if kind == "mxfp4" else "fp8_e4m3")
     return out.reshape(x.shape).to(x.dtype)
 
 

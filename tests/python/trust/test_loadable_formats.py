@@ -1,5 +1,5 @@
-"""The named schemes (FP8, FP8_BLOCK, NVFP4, NVFP4A16, MXFP4, MXFP4A16, MXFP6A16, MXFP8A16, W8A8, and three
-mixed-precision recipes) write
+"""The named schemes (FP8, FP8_BLOCK, NVFP4, NVFP4A16, MXFP4, MXFP4A16, MXFP6A16, MXFP6A8, MXFP8A16, MXFP8, W8A8,
+and three mixed-precision recipes) write
 checkpoints that (1) compressed-tensors parses and decompresses, with its own compressors, to exactly the weights the
 run computed (those of the run's dequantized export, bit for bit), and (2) plain transformers loads wherever
 moequant.compat says it does -- its logits with compressed-tensors' quantization forward off (the decompressed weights
@@ -30,7 +30,8 @@ from moequant.recipe import Recipe
 FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3"]
 ATTENTION = "re:.*\\.self_attn\\."
 LAYER0 = "re:model\\.layers\\.0\\."
-PRESETS = ["FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16", "MXFP4", "MXFP4A16", "MXFP6A16", "MXFP8A16", "W8A8"]
+PRESETS = ["FP8", "FP8_BLOCK", "NVFP4", "NVFP4A16", "MXFP4", "MXFP4A16", "MXFP6A16", "MXFP6A8", "MXFP8A16", "MXFP8",
+           "W8A8"]
 CONFIGS = {**{p: {"scheme": p} for p in PRESETS},
            # the issue's example: experts NVFP4, attention FP8, layer 0 bf16
            "mixed": {"scheme": "NVFP4", "overrides": [{"pattern": ATTENTION, "scheme": "FP8"},
@@ -42,7 +43,8 @@ CONFIGS = {**{p: {"scheme": p} for p in PRESETS},
            "mixed-alpha": {"scheme": "MXFP4A16", "overrides": [{"pattern": ATTENTION, "scheme": "MXFP6A16"}]}}
 FORMATS = {"FP8": "float-quantized", "FP8_BLOCK": "float-quantized", "NVFP4": "nvfp4-pack-quantized",
            "NVFP4A16": "nvfp4-pack-quantized", "MXFP4": "mxfp4-pack-quantized", "MXFP4A16": "mxfp4-pack-quantized",
-           "MXFP6A16": "mxfp6-pack-quantized", "MXFP8A16": "mxfp8-quantized", "W8A8": "int-quantized",
+           "MXFP6A16": "mxfp6-pack-quantized", "MXFP6A8": "mxfp6-pack-quantized", "MXFP8A16": "mxfp8-quantized",
+           "MXFP8": "mxfp8-quantized", "W8A8": "int-quantized",
            "mixed": "mixed-precision", "mixed-mx": "mixed-precision", "mixed-alpha": "mixed-precision"}
 CALIBRATION = {"num_samples": 4, "seq_len": 64, "batch_size": 4}
 IDS = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(0))
