@@ -205,8 +205,8 @@ def decompress(get: Callable[[str], torch.Tensor], prefix: str, fmt, compression
         codes = get(f"{prefix}.weight").view(torch.uint8)
     elif compression in _PACKED_COLS:
         packed = get(f"{prefix}.weight_packed")
-        per = 4 if compression == MXFP6_PACK_QUANTIZED else 2  # codes per whole bytes: 4 in 3 (FP6), 2 in 1 (FP4)
-        cols = packed.shape[1] * per // (3 if per == 4 else 1)
+        # four FP6 codes in three bytes, two FP4 codes a byte
+        cols = packed.shape[1] * 4 // 3 if compression == MXFP6_PACK_QUANTIZED else packed.shape[1] * 2
         codes = ops.unpack_fp_codes(packed, getattr(ops.ElementKind, fmt.element), cols)
     else:
         raise ValueError(f"{prefix}: unknown compressed-tensors format {compression!r}")
