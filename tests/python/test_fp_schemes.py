@@ -423,6 +423,16 @@ def test_loader_rules_of_the_formats():
     vl = support(scheme("NVFP4"))[1]
     assert vl.loads and not vl.tested and "CUTLASS FP4" in vl.reasons[0]
     assert support(FloatFormat("mxfp4"))[0].loads  # a bare weight format: weight-only
+    # MX6 / MX8: transformers reads MXFP6 experts, not MXFP8 ones; vLLM is known to read MXFP8 W8A8 only
+    assert support(scheme("MXFP6A16"))[0].loads and support(scheme("MXFP6A16"), attn_scheme=scheme("MXFP8A16"))[0].loads
+    for name in ("MXFP8A16", "MXFP8"):
+        tf = support(scheme(name))[0]
+        assert not tf.loads and "E8M0 scale bytes" in tf.reasons[0], name
+    for name in ("MXFP6A16", "MXFP6A8", "MXFP8A16"):
+        vl = support(scheme(name))[1]
+        assert not vl.loads and "no vLLM compressed-tensors scheme" in vl.reasons[0], name
+    vl = support(scheme("MXFP8"))[1]
+    assert vl.loads and "PR #38815" in vl.reasons[0]
 
 
 def test_linears_get_the_global_scales_of_their_weights_and_inputs(gen):

@@ -31,8 +31,9 @@ vLLM (read from its source, not run here: no vLLM on our machines):
       channel / block, int8 W8A8, WNA16); NVFP4 W4A4 Linears run W4A4 only where CUTLASS FP4 exists (Blackwell),
       else as W4A16 (its ``_get_scheme_from_parts``); MXFP4 dense Linears need a vLLM with the MXFP4 Linear schemes
       (``compressed_tensors_w4a4_mxfp4.py`` / ``w4a16_mxfp4.py``);
-    - MXFP6 / MXFP8 weights (compressed-tensors 0.20's ``mxfp6-pack-quantized`` / ``mxfp8-quantized``): whether a
-      vLLM reads them was not checked; the statement says so.
+    - MXFP8 W8A8 (``mxfp8-quantized`` weights with MXFP8 activations): vLLM PR #38815 (``CompressedTensorsW8A8Mxfp8``,
+      dense and MoE layers; its description, not its source, was read); MXFP6 weights and weight-only MXFP8: no
+      vLLM scheme for them is known here, so the statement says they do not load (not checked).
 A ``"dequantized"`` export is a plain checkpoint: every loader reads it.
 """
 from __future__ import annotations
@@ -144,9 +145,13 @@ def _vllm(quantized: dict, experts: dict, fused_expert_layers: Sequence[str]) ->
         notes.append("NVFP4 W4A4 Linears run W4A4 on GPUs with CUTLASS FP4 (Blackwell), else as W4A16")
     if any(_kind(m) == "mxfp4" for n, m in quantized.items() if n not in routed):
         notes.append("MXFP4 dense Linears need a vLLM with the compressed-tensors MXFP4 Linear schemes")
-    mx = sorted({_kind(m).upper() for m in quantized.values() if _kind(m) in ("mxfp6", "mxfp8")})
-    if mx:
-        notes.append(f"{' / '.join(mx)} weights: whether vLLM reads them was not checked")
+    unknown = sorted(n for n, m in quantized.items()
+                     if _kind(m) == "mxfp6" or (_kind(m) == "mxfp8" and m.activations is None))
+    if unknown:
+        vl.append(f"MXFP6 / weight-only MXFP8 weights (e.g. {unknown[0]}): no vLLM compressed-tensors scheme for them "
+                  "is known to moequant (not checked); MXFP8 W8A8 (preset MXFP8) is")
+    if any(_kind(m) == "mxfp8" and m.activations is not None for m in quantized.values()):
+        notes.append("MXFP8 W8A8 needs a vLLM with PR #38815 (CompressedTensorsW8A8Mxfp8)")
     return vl, notes
 
 
