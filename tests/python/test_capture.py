@@ -418,6 +418,9 @@ def test_grouped_output_equals_the_module_on_a_group_view(name, chunk):
     acc = torch.zeros(60, hs.shape[1], device="cuda")
     if not grouped_output_into(view, fam, hs, idx, w, acc, chunk_rows=chunk):
         pytest.skip(f"{name}: the module has no grouped form (no gate or a post-expert norm)")
+    pads = idx == E
+    if fam.name == "gpt_oss":  # its eager forward one-hot encodes ids in E classes: a pad is out of range (a device
+        idx, w = torch.where(pads, 0, idx), torch.where(pads, 0.0, w)  # assert); expert 0 with weight 0 adds 0
     ref = view(hs, idx, w).float()
     scale = float(ref.abs().max())
     torch.testing.assert_close(acc, ref, atol=1e-2 * scale, rtol=1e-2)

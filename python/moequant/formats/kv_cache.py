@@ -61,6 +61,6 @@ def kv_scale(amax: torch.Tensor | float, dtype: torch.dtype = torch.bfloat16) ->
     a = torch.as_tensor(amax, dtype=torch.float32).reshape(1)
     if not bool(torch.isfinite(a).all()) or float(a) < 0:
         raise ValueError(f"amax: expected a finite value >= 0, got {float(a)}")
-    s = a / FP8_E4M3_MAX
+    s = a / torch.full((), FP8_E4M3_MAX, device=a.device)  # true division on CUDA too (not times 1/448)
     s = torch.where(s == 0, torch.full_like(s, torch.finfo(dtype).eps), s)
     return s.to(dtype)

@@ -62,7 +62,10 @@ def fake_quantize_activations(x: torch.Tensor, fmt: ActivationFormat,
         amax = rows.abs().amax(dim=1, keepdim=True)
         safe = torch.where(amax > 0, amax, torch.ones_like(amax))
         q = torch.clamp(torch.round(rows * (INT8_TOKEN_MAX / safe)), -INT8_TOKEN_MAX - 1, INT8_TOKEN_MAX)
-        out = torch.where(amax > 0, q * (safe / INT8_TOKEN_MAX), torch.zeros_like(rows))
+        # divided by a tensor on the rows' device: CUDA divides by a Python scalar as a multiplication by its
+        # reciprocal (one bit less exact), which would make the GPU's scales differ from the CPU's and vLLM's
+        scale = safe / torch.full((), INT8_TOKEN_MAX, device=rows.device)
+        out = torch.where(amax > 0, q * scale, torch.zeros_like(rows))
     else:
         g = None
         if global_scale is not None:
