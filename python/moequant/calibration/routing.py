@@ -137,8 +137,9 @@ def grouped_output_into(experts: nn.Module, family: MoEFamily, hidden_states: to
     sorts, gathers and masks every (token, slot) pair of the call for each group. Returns False (``acc``
     untouched) where it does not apply: rows or weights not bfloat16 (the CPU pipeline computes in float32), no
     ``grouped_mm``, a dimension that is not a multiple of 8 (the kernel's 16-byte alignment), experts without a
-    gate or with a post-expert norm: then call the module. Each chunk of ``chunk_rows`` routed rows is one grouped GEMM per projection, the
-    experts' row ranges clipped to the chunk on the device (no host synchronisation, no launch per expert)."""
+    gate or with a post-expert norm: then call the module. Each chunk of ``chunk_rows`` routed rows is one grouped
+    GEMM per projection, the experts' row ranges clipped to the chunk on the device (no host synchronisation, no
+    launch per expert)."""
     gu, dn = experts.gate_up_proj, experts.down_proj
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     f = getattr(torch.nn.functional, "grouped_mm", None) if x.dtype == gu.dtype == dn.dtype == torch.bfloat16 \

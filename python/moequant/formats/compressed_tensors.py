@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
-from .activations import ActivationFormat
+from .activations import ACTIVATION_KINDS, ActivationFormat
 from .floating import FloatFormat
 from .integer import IntFormat
 from .kv_cache import kv_cache_scheme_args
@@ -187,7 +187,7 @@ def _weight_format(name: str, w: Mapping) -> WeightFormat:
 def _activation_format(name: str, a: Optional[Mapping]) -> Optional[ActivationFormat]:
     if not a:
         return None
-    for kind in ("fp8_token", "fp8_group", "nvfp4", "mxfp4", "mxfp8", "int8_token"):
+    for kind in ACTIVATION_KINDS:
         want = ActivationFormat(kind).args()
         if all(a.get(k, None) == v for k, v in want.items() if k != "observer"):
             return ActivationFormat(kind)

@@ -13,10 +13,13 @@ compute device in groups that fit a memory budget, instead of holding every expe
    and expert inputs the quantized layer produces (what the next layer will see);
 4. the experts, **group by group** (:func:`~moequant.pipeline.groups.experts_per_group`): the group's Hessians are accumulated from pass 1's
    calls (batch by batch, exactly as the whole-layer capture feeds them), the group is solved and written back,
-   and its quantized outputs on pass 2's calls are computed by the experts module itself, on a view of the group's
-   experts with the other experts' slots padded, and summed. Experts without enough calibration tokens are solved
-   after all groups when their fallback needs the layer's mean Hessian. With the recipe's ``gptaq``, a group's
-   down_proj is solved after its gate/up, on its inputs through the quantized gate/up (:mod:`moequant.pipeline.gptaq`);
+   and its quantized outputs on pass 2's calls are computed from the group's routed rows only and summed in float32
+   (:func:`~moequant.calibration.routing.grouped_output_into`: grouped GEMMs as transformers' ``grouped_mm``
+   computes them; where it does not apply, the experts module on a view of the group's experts with the other
+   experts' slots padded). With a single group the experts module itself computes them. Experts without enough
+   calibration tokens are solved after all groups when their fallback needs the layer's mean Hessian. With the
+   recipe's ``gptaq``, a group's down_proj is solved after its gate/up, on its inputs through the quantized
+   gate/up (:mod:`moequant.pipeline.gptaq`);
 5. **pass 3**: the layer runs once more with the experts forward replaced by the replay of those outputs, which
    gives the layer's outputs: exactly what the quantized layer computes.
 

@@ -27,6 +27,8 @@ gives them, paired call by call with the recorded ones.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -102,22 +104,22 @@ def _correct(dn_jobs: list, down: dict, view, original, family, recipe, hdn: Exp
     acc = joint_hessians(view, original, family, calls, lut, recipe.routing_weighted, factory, device)
     raw = acc.hessians
     shrink = hdn.policy == "shrink"
-    hs, cs = [], []
-    for job in todo:
-        j = down[job.record]
-        target = hdn.shrinkage_target(j) if shrink else None  # the plain Hessian's shrinkage target
-        h, c = normalised_statistics(raw[j], hdn.mass[j], hdn.k, target)
-        hs.append(h)
-        cs.append(c)
-    by_damp: dict = {}
-    for i, job in enumerate(todo):
-        by_damp.setdefault(float(job.scheme.damp), []).append(i)
-    for damp, idx in by_damp.items():
-        w = torch.stack([todo[i].w for i in idx])
-        targets = gptaq_targets(w, torch.stack([hs[i] for i in idx]), torch.stack([cs[i] for i in idx]),
-                                cfg.alpha, damp, recipe.solver_memory_gb)
+    stats = [normalised_statistics(raw[down[job.record]], hdn.mass[down[job.record]], hdn.k,
+                                   hdn.shrinkage_target(down[job.record]) if shrink else None) for job in todo]
+    _retarget(todo, stats, cfg.alpha, recipe.solver_memory_gb)
+
+
+def _retarget(jobs: list, stats: list, alpha: float, memory_gb: float) -> None:
+    """Gives every job its corrected target and ``H~`` (``stats[i]``: ``(H~, C)`` of ``jobs[i]``), the targets
+    computed in one batch per damping and shape."""
+    batches: dict = {}
+    for i, job in enumerate(jobs):
+        batches.setdefault((float(job.scheme.damp), tuple(job.w.shape)), []).append(i)
+    for (damp, _), idx in batches.items():
+        targets = gptaq_targets(torch.stack([jobs[i].w for i in idx]), torch.stack([stats[i][0] for i in idx]),
+                                torch.stack([stats[i][1] for i in idx]), alpha, damp, memory_gb)
         for k, i in enumerate(idx):
-            todo[i].w, todo[i].h = targets[k], hs[i].contiguous()
+            jobs[i].w, jobs[i].h = targets[k], stats[i][0].contiguous()
 
 
 # ---------------------------------------------------------------------------------------------- plain Linears
@@ -152,8 +154,6 @@ class LinearInputs:
         self.rows: dict = {n: [] for n in self.modules}
 
     def _hooks(self, make):
-        import contextlib
-
         @contextlib.contextmanager
         def ctx():
             handles = [m.register_forward_pre_hook(make(n)) for n, m in self.modules.items()]
@@ -208,17 +208,10 @@ def solve_linears(capture, family, recipe, storage, probe, inputs: LinearInputs,
         accs = {disk[j.record]: factory(1, 2 * j.w.shape[1], device) for j in todo}
         with inputs.pairing(accs):
             run_pass()
-        for damp in sorted({float(j.scheme.damp) for j in todo}):
-            part = [j for j in todo if float(j.scheme.damp) == damp and float(accs[disk[j.record]].mass[0]) > 0]
-            for shape in {tuple(j.w.shape) for j in part}:
-                same = [j for j in part if tuple(j.w.shape) == shape]
-                stats = [normalised_statistics(accs[disk[j.record]].hessians[0], float(accs[disk[j.record]].mass[0]))
-                         for j in same]
-                targets = gptaq_targets(torch.stack([j.w for j in same]), torch.stack([h for h, _ in stats]),
-                                        torch.stack([c for _, c in stats]), recipe.gptaq.alpha, damp,
-                                        recipe.solver_memory_gb)
-                for k, j in enumerate(same):
-                    j.w, j.h = targets[k], stats[k][0].contiguous()
+        seen = [j for j in todo if float(accs[disk[j.record]].mass[0]) > 0]
+        stats = [normalised_statistics(accs[disk[j.record]].hessians[0], float(accs[disk[j.record]].mass[0]))
+                 for j in seen]
+        _retarget(seen, stats, recipe.gptaq.alpha, recipe.solver_memory_gb)
     inputs.rows.clear()
     res2, rec2 = finish_jobs(later, storage, recipe, probe)
     res, by = {**res1, **res2}, {r.name: r for r in rec1 + rec2}

@@ -120,9 +120,9 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
     hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
     hess += 3 * hidden * inter * (4 + 1)
-    if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:  # the [x~, x - x~] accumulator (2I wide) and its
-        # blocks, the float64 correction, the
-        # copy of the original gate/up (pipeline/gptaq.py)
+    if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:
+        # pipeline/gptaq.py: the [x~, x - x~] accumulator (2I wide) and its blocks, the float64 correction, the copy
+        # of the original gate/up
         hess += 2 * (2 * inter) ** 2 * acc + 3 * inter * inter * 8 + 2 * hidden * inter * 8 + weight * 2 // 3
     # What the items above miss (the solver's stacked copies beyond solver_memory_gb, the routed rows a group
     # gathers, the allocator's rounding): measured on an H100, a DeepSeek-V3 layer with 38 experts per group needed
