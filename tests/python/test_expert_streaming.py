@@ -259,7 +259,11 @@ def test_streaming_budget_streams_one_expert_at_a_time(models):
 def test_groups_on_the_gpu(models, tmp_path):
     """On CUDA (bf16 layers, bf16 tensor-core Hessians, the batched solver): groups of 1 with the weights streamed
     from host memory (a budget that does not hold them all) and groups of 3 match one group: the first MoE layer's
-    tensors bit for bit, the logits closely."""
+    tensors bit for bit, and every layer's relative proxy error (tr(dW H dW^T) / tr(W H W^T) per kind of matrix)
+    within 10 % of one group's. Past the first layer they are not bit for bit: the quantized layer's outputs come
+    from bf16 GEMMs whose cuBLAS kernels depend on the group's size, and on this random model two W4 solutions of
+    slightly different Hessians differ by about the quantization error itself (14 % of the logits on an H100, 64 %
+    from the unquantized model's), so the logits tell nothing."""
     from moequant.models.lazy import LazyModel
 
     src = models("qwen3_moe")
@@ -274,16 +278,21 @@ def test_groups_on_the_gpu(models, tmp_path):
     assert "weights streamed from host memory" in outs["streamed"][1].layers[0].groups
     ref = checkpoint_tensors(outs["one"][0])
     first = _first_moe_layer(ref)
-    with torch.no_grad():
-        logits = load_model(outs["one"][0], dtype=torch.float32)(IDS).logits
+
+    def rel_errors(report):
+        return [{k: e / w for k, (e, w, _) in layer.error_by_kind().items()} for layer in report.layers]
+
+    ref_err = rel_errors(outs["one"][1])
+    assert all(layer for layer in ref_err)
     for name in ("three", "streamed"):
         t = checkpoint_tensors(outs[name][0])
         for k in ref:
             if k.startswith(first):
                 assert torch.equal(t[k], ref[k]), f"{name}: {k}"
-        with torch.no_grad():
-            other = load_model(outs[name][0], dtype=torch.float32)(IDS).logits
-        assert (other - logits).norm() / logits.norm() < 2e-2, name
+        for i, (a, b) in enumerate(zip(rel_errors(outs[name][1]), ref_err)):
+            assert a.keys() == b.keys(), f"{name}: layer {i}"
+            for kind in b:
+                assert abs(a[kind] / b[kind] - 1) < 0.1, f"{name}: layer {i} {kind}: {a[kind]:.5f} vs {b[kind]:.5f}"
 
 
 def test_host_copies_on_the_cpu_are_the_tensors():

@@ -93,6 +93,7 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
             from compressed_tensors.quantization import disable_quantization
 
             model.apply(disable_quantization)
+        _remove_offloading(model)
     # nn.Module.float is called directly: transformers refuses .float() on a model loaded from a quantized
     # checkpoint, although its weights are plain bf16 tensors here.
     model = (model if on_gpu else torch.nn.Module.float(model)).to(device).eval()
@@ -101,6 +102,17 @@ def load_model(model_dir: str | os.PathLike, device: torch.device | str = "cpu",
         sim.attach()
     model.moequant_simulation = sim
     return model
+
+
+def _remove_offloading(model: torch.nn.Module) -> None:
+    """Plain modules again where compressed-tensors' loader wrapped them in its offloading (FP8 checkpoints, with
+    compressed-tensors >= 0.20: parameters held in an ``OffloadCache`` that onloads to the CPU in every forward, so
+    that a later ``model.to("cuda")`` leaves the forwards, and the logits, on the CPU)."""
+    try:
+        from compressed_tensors.offload import remove_dispatch
+    except ImportError:  # older compressed-tensors: no offloading of its own
+        return
+    remove_dispatch(model, onload_tensors=True)
 
 
 def simulation_of(model: torch.nn.Module):

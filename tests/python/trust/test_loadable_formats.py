@@ -174,6 +174,30 @@ def test_moequant_eval_reads_every_format(runs, family, capsys, tmp_path):
         assert len(set(ppl)) == 1, f"{name}: {ppl}"
 
 
+@pytest.mark.parametrize("family", FAMILIES[:1])
+def test_eval_models_run_where_they_are_put(runs, family):
+    """compressed-tensors >= 0.20 loads some checkpoints (FP8) into modules that onload their weights to the CPU in
+    every forward: the evaluation model must hold plain tensors, so that on a GPU its logits are computed there (the
+    GPU quality table failed on FP8 with the logits on the CPU, its targets on cuda). On a GPU machine, the logits'
+    device is checked too."""
+    from compressed_tensors.offload.cache import OffloadCache
+
+    from moequant.eval.loader import choose_loader
+    from moequant.eval.loader import load_model as load_eval_model
+
+    res = runs(family)
+    via_transformers = [n for n in CONFIGS if choose_loader(res[n][0])[0] == "transformers"]
+    assert "FP8" in via_transformers
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in via_transformers:
+        for device in devices:
+            model = load_eval_model(res[name][0], device=device)
+            wrapped = [n for n, m in model.named_modules() if isinstance(m._parameters, OffloadCache)]
+            assert not wrapped, f"{name}: offloading modules {wrapped[:3]}"
+            with torch.no_grad():
+                assert model(IDS.to(device)).logits.device.type == device, name
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """The trained qwen3moe-tiny in three schemes (GPTQ, 16 x 128 calibration tokens of its own calibration text)."""
