@@ -9,7 +9,7 @@ seconds per layer and the ratio. Random weights: timing and memory only, never q
 
 Usage (GPU machine, repository root):
     python benchmarks/bench_e2e.py --model qwen3-30b-a3b --layers 4 [--samples 128 --seq-len 2048]
-        [--work /tmp/e2e] [--llmcompressor ITS_PYTHONPATH] [--recipe FILE] [--json OUT.json]
+        [--work /tmp/e2e] [--out DIR] [--llmcompressor ITS_PYTHONPATH] [--recipe FILE] [--json OUT.json]
 Several GPUs (docs/distributed.md): python -m torch.distributed.run --nproc-per-node N benchmarks/bench_e2e.py ...
 Models: deepseek-v3, kimi-k2, qwen3-30b-a3b, qwen3-235b-a22b, gpt-oss-120b, mixtral-8x7b (and smoke: a few-MB
 model to check the script on a CPU with --device cpu).
@@ -206,6 +206,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/moequant-e2e", help="where the model, outputs and tokens go")
+    ap.add_argument("--out", help="where the quantized checkpoint and its work directory go (default: under --work;"
+                    " e.g. /dev/shm when the disk holds the model but not both)")
     ap.add_argument("--recipe", help="recipe file (default: the default recipe)")
     ap.add_argument("--device-memory-gb", type=float, help="the GPU memory a MoE layer may use (recipe setting)")
     ap.add_argument("--host-memory-gb", type=float, help="the host memory the calibration hidden states may use "
@@ -256,7 +258,7 @@ def _run(args, Recipe) -> int:
     if args.host_memory_gb is not None:
         data["host_memory_gb"] = args.host_memory_gb
     recipe = Recipe.from_dict(data)
-    out = work / f"{args.model}-{args.layers}l-w4"
+    out = Path(args.out or work) / f"{args.model}-{args.layers}l-w4"
     if rank == 0:
         for d in (out, Path(str(out) + ".partial")):
             shutil.rmtree(d, ignore_errors=True)
