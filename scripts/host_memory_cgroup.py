@@ -255,7 +255,7 @@ def main() -> int:
         from bench_e2e import build_model
 
         t = time.time()
-        n = build_model(args.model, args.layers, model)
+        n = build_model(args.model, args.layers, model, args.device)
         print(f"built {args.model} x {args.layers} layers ({n:.2f} B parameters) in {time.time() - t:.1f} s")
     layer, states, layers = layer_and_states_bytes(model, args.samples, args.seq_len)
     limit = int(layer + states + args.margin_gb * GIB)

@@ -1,5 +1,6 @@
-"""The benchmark scripts' own logic that a CPU can check: quality.py's row names (integer and preset rows) and
-bench_e2e.py's smoke run with the layer profiler (the GPU numbers themselves are in docs/benchmarks.md)."""
+"""The benchmark scripts' own logic that a CPU can check: quality.py's row names (integer and preset rows),
+bench_e2e.py's smoke run with the layer profiler and with ``--out``, and scripts/host_memory_cgroup.py's smoke run
+(the GPU numbers themselves are in docs/benchmarks.md)."""
 from __future__ import annotations
 
 import importlib.util
@@ -96,9 +97,27 @@ def test_bench_e2e_smoke_with_the_layer_profiler(tmp_path):
     out = tmp_path / "prof.txt"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--model", "smoke", "--layers", "2",
                         "--device", "cpu", "--samples", "4", "--seq-len", "32", "--work", str(tmp_path / "w"),
-                        "--profile-layer", "1", "--profile-out", str(out)], capture_output=True, text=True,
-                       env=env, timeout=600)
+                        "--out", str(tmp_path / "o"), "--keep", "--profile-layer", "1", "--profile-out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
     assert text.startswith("profile of layer 1:") and "moequant.expert_solve" in text and "moequant.pass3_forward" in text
     assert "steady state" in r.stdout
+    # --out: the checkpoint went there (and was removed after the run), not under --work, which keeps the model
+    assert (tmp_path / "o").is_dir() and not any((tmp_path / "o").iterdir())
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["ids.pt", "smoke-2l"]
+
+
+def test_host_memory_cgroup_smoke_builds_and_runs_both_modes(tmp_path):
+    """The GPU machine's cgroup run, without a limit (``--via none``: exit 3, 'measured only') on the smoke model on
+    the CPU: it builds the model (it once called bench_e2e.build_model without its device and failed there) and runs
+    both placements of the hidden states."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "host_memory_cgroup.py"), "--model", "smoke",
+                        "--layers", "2", "--samples", "4", "--seq-len", "32", "--device", "cpu", "--via", "none",
+                        "--modes", "auto,disk", "--work", str(tmp_path / "w")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "built smoke x 2 layers" in r.stdout
+    assert "[auto] rc 0" in r.stdout and "hidden states in memory" in r.stdout
+    assert "[disk] rc 0" in r.stdout and "hidden states on disk" in r.stdout
