@@ -137,7 +137,7 @@ def test_report_has_phases_and_groups(models, tmp_path):
     saved = json.loads((tmp_path / "q" / "moequant_report.json").read_text())
     for layer in saved["layers"]:
         assert {"load", "pass1_forward", "linear_solve", "pass2_forward", "expert_hessians", "expert_solve",
-                "expert_outputs", "pass3_forward"} <= set(layer["phases"])
+                "expert_keep", "expert_outputs", "pass3_forward"} <= set(layer["phases"])
         assert layer["groups"] == "4 experts in 2 group(s) of up to 2, weights on the device"
     assert report.layers[0].phases["expert_solve"] >= 0
 

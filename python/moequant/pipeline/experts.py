@@ -150,13 +150,22 @@ class _Phases:
         self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
-def _to_host(qt):
-    """A solved matrix's codes, scales and zero points (or scale bytes and global scales) in host memory, without
-    the solver's dequantized values (the weights were written back already; the work directory and export keep the
-    codes only)."""
-    moved = {f.name: getattr(qt, f.name).cpu() for f in dataclasses.fields(qt)
-             if f.name != "values" and isinstance(getattr(qt, f.name), torch.Tensor)}
-    return dataclasses.replace(qt, **moved, values=None)
+def _results_to_host(res: dict) -> dict:
+    """A group's solved matrices (name -> quantized tensor) with their codes, scales and zero points (or scale bytes
+    and global scales) in host memory, without the solver's dequantized values (the weights were written back
+    already; the work directory and export keep the codes only). On a GPU the copies go to pinned memory without
+    blocking and are waited for once per group: device-to-host copies into pageable memory run at 1-2 GB/s
+    (:mod:`moequant.pipeline.host`), and a DeepSeek-V3 layer's int8 codes are 11.3 GB (Kimi-K2's 16.9 GB)."""
+    copies, kept = HostCopies(), []
+    for name, qt in res.items():
+        fields = [f.name for f in dataclasses.fields(qt)
+                  if f.name != "values" and isinstance(getattr(qt, f.name), torch.Tensor)]
+        for f in fields:
+            copies.add(getattr(qt, f))
+        kept.append((name, qt, fields))
+    host = iter(copies.done())
+    return {name: dataclasses.replace(qt, **{f: next(host) for f in fields}, values=None)
+            for name, qt, fields in kept}
 
 
 class MoELayerEngine:
@@ -305,12 +314,13 @@ class MoELayerEngine:
                                     all_token_down=shrink and fb.calibrate_all_experts)
                 for hs, idx, w in calls1:
                     cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
-            hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
-            for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(), cap.down.absmax.tolist())):
-                tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
-                if defer:
-                    for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
-                        running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
+                hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
+                for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(),
+                                                        cap.down.absmax.tolist())):
+                    tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
+                    if defer:
+                        for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
+                            running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
             now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
             deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
             with ph("expert_solve"):
@@ -323,7 +333,8 @@ class MoELayerEngine:
                                        lambda j: amax[ids[j]])
                     res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
                     del jobs
-            self._keep(res, recs, results, records, view, g)
+            with ph("expert_keep"):
+                self._keep(res, recs, results, records, view, g)
             last = (hgu, hdn)
             del cap
             if not single:
@@ -336,7 +347,8 @@ class MoELayerEngine:
             view = expert_view(self.experts, sel, self.device)
             with ph("expert_solve"):
                 res, recs = self.solve_deferred(view, ids, last, tokens, amax)
-            self._keep(res, recs, results, records, view, sel)
+            with ph("expert_keep"):
+                self._keep(res, recs, results, records, view, sel)
             if not single:
                 with ph("expert_outputs"):
                     self._outputs(view, ids, ids, calls2, out_acc)
@@ -362,7 +374,7 @@ class MoELayerEngine:
         if isinstance(where, slice) and where == slice(0, self.num) and self.plan.resident:
             results.update(res)  # the one group: the whole-layer path's results as they are
         else:  # of many groups, only the codes are kept, in host memory: the device holds one group's results
-            results.update({k: _to_host(qt) for k, qt in res.items()})
+            results.update(_results_to_host(res))
         for r in recs:
             e = int(r.name.split("+")[0].rsplit(".", 2)[-2])
             records.setdefault(e, []).append(r)

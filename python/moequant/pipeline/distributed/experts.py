@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ...calibration.capture import ExpertCapture
-from ..experts import _RunningMean, _to_host, expert_view, group_hessians
+from ..experts import _results_to_host, _RunningMean, expert_view, group_hessians
 from ..groups import local_ids
 from ..jobs import expert_jobs, finish_jobs
 from .context import DistContext
@@ -241,9 +241,9 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                 deferred += starved
                 _broadcast_weights(ctx, engine.experts, view, g, owner, what)
                 if owner == 0 and ctx.is_root:
-                    _keep(results, records, res if single else {k: _to_host(v) for k, v in res.items()}, recs)
+                    _keep(results, records, res if single else _results_to_host(res), recs)
                 elif owner == ctx.rank:
-                    ctx.send_object(({k: _to_host(v) for k, v in res.items()}, recs), 0, what)
+                    ctx.send_object((_results_to_host(res), recs), 0, what)
                 elif ctx.is_root:
                     _keep(results, records, *ctx.recv_object(owner, what))
             if not single:
@@ -259,7 +259,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
         if ctx.is_root:
             with ph("expert_solve"):
                 res, recs = engine.solve_deferred(view, ids, last, tokens, amax)
-            _keep(results, records, {k: _to_host(v) for k, v in res.items()}, recs)
+            _keep(results, records, _results_to_host(res), recs)
         with ph("expert_exchange"):
             _broadcast_weights(ctx, engine.experts, view, sel, 0, what)
         if not single:
