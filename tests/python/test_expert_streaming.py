@@ -321,6 +321,40 @@ def test_host_copies_of_device_tensors_are_pinned_and_exact():
         assert torch.equal(h, (t * 2).cpu())
 
 
+def _solved(device: str) -> dict:
+    from moequant.ops.quant import quantize_rtn
+
+    g = torch.Generator().manual_seed(5)
+    return {f"m{i}": quantize_rtn(torch.randn(16, 256, generator=g).to(device), 4, 128, symmetric=False)
+            for i in range(3)}
+
+
+def test_results_to_host_keeps_the_codes_and_drops_the_values():
+    from moequant.pipeline.host import results_to_host
+
+    res = _solved("cpu")
+    out = results_to_host(res)
+    assert out.keys() == res.keys()
+    for k, qt in res.items():
+        assert out[k].values is None and out[k].codes is qt.codes and out[k].scale is qt.scale
+        assert torch.equal(out[k].dequantized, qt.dequantized)  # computed again from the codes
+
+
+@pytest.mark.gpu
+def test_results_to_host_of_device_results_are_pinned_and_exact():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from moequant.pipeline.host import results_to_host
+
+    res = _solved("cuda")
+    out = results_to_host(res)
+    for k, qt in res.items():
+        for f in ("codes", "scale", "zero_point"):
+            h = getattr(out[k], f)
+            assert h.device.type == "cpu" and h.is_pinned() and torch.equal(h, getattr(qt, f).cpu()), f"{k}.{f}"
+        assert out[k].values is None
+
+
 def test_nvfp4_groups_and_starved_experts_match_one_group(tmp_path):
     """NVFP4 (W4A4) through groups of 3 with starved experts (deferred mean fallback, results moved to host memory):
     the first layer's tensors -- codes, FP8 scales, global scales, input global scales -- equal the one-group run's,

@@ -35,7 +35,6 @@ arithmetic is in :mod:`moequant.pipeline.groups`, the exchanges of several proce
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
 from . import gptaq
 from .groups import GroupPlan, expert_dims, local_ids
-from .host import HostCopies
+from .host import HostCopies, results_to_host
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
 __all__ = ["ExpertsRecorder", "expert_view", "MoELayerEngine", "MoELayerOutput", "group_hessians"]
@@ -148,24 +147,6 @@ class _Phases:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.t[name] = round(self.t.get(name, 0.0) + time.perf_counter() - t0, 4)
-
-
-def _results_to_host(res: dict) -> dict:
-    """A group's solved matrices (name -> quantized tensor) with their codes, scales and zero points (or scale bytes
-    and global scales) in host memory, without the solver's dequantized values (the weights were written back
-    already; the work directory and export keep the codes only). On a GPU the copies go to pinned memory without
-    blocking and are waited for once per group: device-to-host copies into pageable memory run at 1-2 GB/s
-    (:mod:`moequant.pipeline.host`), and a DeepSeek-V3 layer's int8 codes are 11.3 GB (Kimi-K2's 16.9 GB)."""
-    copies, kept = HostCopies(), []
-    for name, qt in res.items():
-        fields = [f.name for f in dataclasses.fields(qt)
-                  if f.name != "values" and isinstance(getattr(qt, f.name), torch.Tensor)]
-        for f in fields:
-            copies.add(getattr(qt, f))
-        kept.append((name, qt, fields))
-    host = iter(copies.done())
-    return {name: dataclasses.replace(qt, **{f: next(host) for f in fields}, values=None)
-            for name, qt, fields in kept}
 
 
 class MoELayerEngine:
@@ -374,7 +355,7 @@ class MoELayerEngine:
         if isinstance(where, slice) and where == slice(0, self.num) and self.plan.resident:
             results.update(res)  # the one group: the whole-layer path's results as they are
         else:  # of many groups, only the codes are kept, in host memory: the device holds one group's results
-            results.update(_results_to_host(res))
+            results.update(results_to_host(res))
         for r in recs:
             e = int(r.name.split("+")[0].rsplit(".", 2)[-2])
             records.setdefault(e, []).append(r)

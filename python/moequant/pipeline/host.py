@@ -1,4 +1,4 @@
-"""Hidden states between the device and host memory.
+"""Hidden states and solved matrices between the device and host memory.
 
 The calibration hidden states live in host memory between layers (or, beyond ``host_memory_gb``, in the disk-backed
 store of :mod:`moequant.pipeline.states`, which writes each batch once its pinned copy is done) (a layer's inputs and outputs are
@@ -8,6 +8,8 @@ about 0.7 s of copies on an H100); into page-locked (pinned) memory they run at 
 host-to-device copies of the same tensors do too. torch's caching host allocator keeps the freed pinned blocks for
 the next layer."""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -45,6 +47,25 @@ def to_host(tensors) -> list:
     for t in tensors:
         copies.add(t)
     return copies.done()
+
+
+def results_to_host(res: dict) -> dict:
+    """Solved matrices (name -> quantized tensor) with their codes, scales and zero points (or scale bytes and
+    global scales) in host memory, without the solver's dequantized values (the weights were written back already;
+    the work directory and export keep the codes only). On a GPU the copies go to pinned memory without blocking and
+    are waited for once: copied into pageable memory (``.cpu()``), a DeepSeek-V3 layer's 11.3 GB of int8 codes
+    would move at 1-2 GB/s, and a copy made on the commit thread would hold up the next layer's kernels on the
+    default stream for as long."""
+    copies, kept = HostCopies(), []
+    for name, qt in res.items():
+        fields = [f.name for f in dataclasses.fields(qt)
+                  if f.name != "values" and isinstance(getattr(qt, f.name), torch.Tensor)]
+        for f in fields:
+            copies.add(getattr(qt, f))
+        kept.append((name, qt, fields))
+    host = iter(copies.done())
+    return {name: dataclasses.replace(qt, **{f: next(host) for f in fields}, values=None)
+            for name, qt, fields in kept}
 
 
 class DeviceInputs:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ...calibration.capture import ExpertCapture
-from ..experts import _results_to_host, _RunningMean, expert_view, group_hessians
+from ..experts import _RunningMean, expert_view, group_hessians
+from ..host import results_to_host
 from ..groups import local_ids
 from ..jobs import expert_jobs, finish_jobs
 from .context import DistContext
@@ -241,9 +242,9 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                 deferred += starved
                 _broadcast_weights(ctx, engine.experts, view, g, owner, what)
                 if owner == 0 and ctx.is_root:
-                    _keep(results, records, res if single else _results_to_host(res), recs)
+                    _keep(results, records, res if single else results_to_host(res), recs)
                 elif owner == ctx.rank:
-                    ctx.send_object((_results_to_host(res), recs), 0, what)
+                    ctx.send_object((results_to_host(res), recs), 0, what)
                 elif ctx.is_root:
                     _keep(results, records, *ctx.recv_object(owner, what))
             if not single:
@@ -259,7 +260,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
         if ctx.is_root:
             with ph("expert_solve"):
                 res, recs = engine.solve_deferred(view, ids, last, tokens, amax)
-            _keep(results, records, _results_to_host(res), recs)
+            _keep(results, records, results_to_host(res), recs)
         with ph("expert_exchange"):
             _broadcast_weights(ctx, engine.experts, view, sel, 0, what)
         if not single:
