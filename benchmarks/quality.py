@@ -309,16 +309,22 @@ def main(argv=None) -> int:
         bits = f"  {res['bits']:.4f} bits" if "bits" in res else ""
         print(f"{name:24s} heldout {res['heldout']:.3f}  wt2 {res['wt2']:.2f}  quantize {qsec:.1f} s{bits} "
               f"(device {args.device})", flush=True)
-    if args.json:
-        p = Path(args.json)
-        old = json.loads(p.read_text()) if p.is_file() else {}
-        merged = old.get("rows", {}) if old.get("model") == args.model else {}
-        merged.update(rows)
-        name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
-        p.write_text(json.dumps({"device": args.device, "device_name": name, "model": args.model, "rows": merged,
-                                 "torch": torch.__version__, "num_samples": args.num_samples,
-                                 "seq_len": args.seq_len, "group_size": args.group_size}, indent=2))
+        if args.json:  # after every row: a run stopped part way keeps the rows it finished
+            write_json(Path(args.json), args, {name: res})
     return 1 if failed else 0
+
+
+def write_json(p: Path, args, rows: dict) -> None:
+    """Merges ``rows`` into the JSON file ``p`` (the rows of another model's file are dropped), atomically."""
+    old = json.loads(p.read_text()) if p.is_file() else {}
+    merged = old.get("rows", {}) if old.get("model") == args.model else {}
+    merged.update(rows)
+    name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"device": args.device, "device_name": name, "model": args.model, "rows": merged,
+                               "torch": torch.__version__, "num_samples": args.num_samples,
+                               "seq_len": args.seq_len, "group_size": args.group_size}, indent=2))
+    tmp.replace(p)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,33 @@ def test_host_memory_cgroup_smoke_builds_and_runs_both_modes(tmp_path):
     assert "built smoke x 2 layers" in r.stdout
     assert "[auto] rc 0" in r.stdout and "hidden states in memory" in r.stdout
     assert "[disk] rc 0" in r.stdout and "hidden states on disk" in r.stdout
+
+
+def _quality_table():
+    spec = importlib.util.spec_from_file_location("quality_table_bench", REPO / "benchmarks" / "quality_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_table_resumes_from_a_stopped_run(tmp_path, capsys):
+    """A run stopped part way leaves its merged file and its workers' per-row files; --resume keeps every row of
+    the same model and protocol (another protocol's file is not used) and runs none of them again."""
+    import json
+
+    qt = _quality_table()
+    row = {"heldout": 12.5, "wt2": 290.0, "quantize_seconds": 1.0, "total_seconds": 2.0, "fallbacks": 0}
+    meta = {"device": "cuda", "device_name": "H100", "model": "M", "torch": "x", "num_samples": 128, "seq_len": 512}
+    (tmp_path / "quality.json").write_text(json.dumps({**meta, "rows": {"rtn-w4": row}, "workers": 4}))
+    (tmp_path / "quality_0.json").write_text(json.dumps({**meta, "rows": {"gptq-w4": row}}))
+    (tmp_path / "quality_1.json").write_text(json.dumps({**meta, "seq_len": 256, "rows": {"default-w4": row}}))
+    rc = qt.main(["--out", str(tmp_path), "--configs", "gptq-w4,rtn-w4", "--model", "M", "--resume",
+                  "--baseline", str(tmp_path / "none.json")])
+    assert rc == 0
+    merged = json.loads((tmp_path / "quality.json").read_text())
+    assert list(merged["rows"]) == ["gptq-w4", "rtn-w4"] and merged["device_name"] == "H100"
+    assert not list(tmp_path.glob("quality_*.json"))  # merged into quality.json: nothing left to lose
+    out = capsys.readouterr().out
+    assert "resuming: 2 of 2 rows" in out and "quality_1.json is of another model or protocol" in out
+    assert "| gptq-w4 | 12.500 | 290.00 |" in (tmp_path / "quality.md").read_text()
+
