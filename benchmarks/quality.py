@@ -316,15 +316,15 @@ def main(argv=None) -> int:
 
 def write_json(p: Path, args, rows: dict) -> None:
     """Merges ``rows`` into the JSON file ``p`` (the rows of another model's file are dropped), atomically."""
+    from moequant.io.files import atomic_write_json
+
     old = json.loads(p.read_text()) if p.is_file() else {}
     merged = old.get("rows", {}) if old.get("model") == args.model else {}
     merged.update(rows)
     name = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"device": args.device, "device_name": name, "model": args.model, "rows": merged,
-                               "torch": torch.__version__, "num_samples": args.num_samples,
-                               "seq_len": args.seq_len, "group_size": args.group_size}, indent=2))
-    tmp.replace(p)
+    atomic_write_json(p, {"device": args.device, "device_name": name, "model": args.model, "rows": merged,
+                          "torch": torch.__version__, "num_samples": args.num_samples, "seq_len": args.seq_len,
+                          "group_size": args.group_size})
 
 
 if __name__ == "__main__":

@@ -151,3 +151,20 @@ def test_quality_table_resumes_from_a_stopped_run(tmp_path, capsys):
     assert "resuming: 2 of 2 rows" in out and "quality_1.json is of another model or protocol" in out
     assert "| gptq-w4 | 12.500 | 290.00 |" in (tmp_path / "quality.md").read_text()
 
+
+
+def test_quality_json_merges_row_by_row(tmp_path):
+    """quality.py writes its JSON after every row: rows of the same model merge, another model's are dropped."""
+    import argparse
+    import json
+
+    q = _quality()
+    args = argparse.Namespace(device="cpu", model="M", num_samples=128, seq_len=512, group_size=128)
+    p = tmp_path / "q.json"
+    q.write_json(p, args, {"rtn-w4": {"heldout": 1.0}})
+    q.write_json(p, args, {"gptq-w4": {"heldout": 2.0}})
+    d = json.loads(p.read_text())
+    assert d["rows"] == {"rtn-w4": {"heldout": 1.0}, "gptq-w4": {"heldout": 2.0}} and d["device_name"] == "cpu"
+    q.write_json(p, argparse.Namespace(**{**vars(args), "model": "N"}), {"bf16": {"heldout": 3.0}})
+    assert json.loads(p.read_text())["rows"] == {"bf16": {"heldout": 3.0}}
+    assert [f.name for f in tmp_path.iterdir()] == ["q.json"]  # no temporary file left
