@@ -355,7 +355,8 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 if quantizer.device.type == "cuda":  # the commit thread then copies nothing off the GPU
                     t1 = time.perf_counter()
                     result.results = results_to_host(result.results)
-                    dense = dict(zip(dense, to_host(list(dense.values()))))
+                    if dense:
+                        dense = dict(zip(dense, to_host(list(dense.values()))))
                     result.phases["results_to_host"] = round(time.perf_counter() - t1, 4)
                 record = result.record(round(time.time() - t, 3))
                 result.layer = result.step = result.outputs = None  # the module's memory goes now
