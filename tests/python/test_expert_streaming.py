@@ -355,6 +355,55 @@ def test_results_to_host_of_device_results_are_pinned_and_exact():
         assert out[k].values is None
 
 
+def test_host_results_keeps_every_group_in_order_without_values():
+    from moequant.pipeline.host import HostResults
+
+    groups = [{f"g{i}.{k}": v for k, v in _solved("cpu").items()} for i in range(3)]
+    with HostResults(torch.device("cpu")) as keeper:
+        for g in groups:
+            keeper.add(g)
+        out = keeper.results()
+    assert list(out) == [k for g in groups for k in g]
+    for g in groups:
+        for k, qt in g.items():
+            assert out[k].values is None and out[k].codes is qt.codes
+    assert keeper.results() == {}  # handed over once
+
+
+@pytest.mark.gpu
+def test_host_results_copies_on_a_worker_while_the_device_goes_on():
+    """Each group's codes reach pinned host memory exact and in order, also when the device tensors are freed
+    and their memory reused by the engine's stream right after ``add`` (the copies wait for the solve, the
+    allocator does not hand the memory out before they are done)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from moequant.pipeline.host import HostResults
+
+    expect, out = {}, None
+    with HostResults(torch.device("cuda")) as keeper:
+        for i in range(4):
+            g = {f"g{i}.{k}": v for k, v in _solved("cuda").items()}
+            big = torch.randn(4096, 4096, device="cuda")
+            for _ in range(8):
+                big = big @ big.tanh()  # work queued on the engine's stream before the codes are final
+            for qt in g.values():
+                qt.codes.add_(1)  # the copies must wait for this (they would see the old codes otherwise)
+            expect.update({k: {f: getattr(qt, f).cpu() for f in ("codes", "scale", "zero_point")}
+                           for k, qt in g.items()})
+            keeper.add(g)
+            del g
+            torch.cuda.empty_cache()
+            junk = torch.full((1 << 22,), 7, dtype=torch.int8, device="cuda")  # may reuse freed device memory
+            del big, junk
+        out = keeper.results()
+    assert list(out) == list(expect)
+    for k, fields in expect.items():
+        assert out[k].values is None
+        for f, want in fields.items():
+            h = getattr(out[k], f)
+            assert h.device.type == "cpu" and h.is_pinned() and torch.equal(h, want), f"{k}.{f}"
+
+
 def test_nvfp4_groups_and_starved_experts_match_one_group(tmp_path):
     """NVFP4 (W4A4) through groups of 3 with starved experts (deferred mean fallback, results moved to host memory):
     the first layer's tensors -- codes, FP8 scales, global scales, input global scales -- equal the one-group run's,

@@ -49,7 +49,7 @@ from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
 from . import gptaq
 from .groups import GroupPlan, expert_dims, local_ids
-from .host import HostCopies, results_to_host
+from .host import HostCopies, HostResults
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
 __all__ = ["ExpertsRecorder", "expert_view", "MoELayerEngine", "MoELayerOutput", "group_hessians"]
@@ -286,59 +286,64 @@ class MoELayerEngine:
         out_acc = None if single else [torch.zeros(c[0].shape, dtype=torch.float32, device=c[0].device)
                                        for c in calls2]
         last = None
-        for g in groups:
-            ids = list(range(g.start, g.stop))
-            view = expert_view(self.experts, g, self.device)
-            lut = self._lut(ids, len(ids))
-            with ph("expert_hessians"):
-                cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=self.factory,
-                                    all_token_down=shrink and fb.calibrate_all_experts)
-                for hs, idx, w in calls1:
-                    cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
-                hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
-                for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(),
-                                                        cap.down.absmax.tolist())):
-                    tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
-                    if defer:
-                        for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
-                            running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
-            now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
-            deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
-            with ph("expert_solve"):
-                if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:  # down after gate/up, on its new inputs
-                    res, recs = gptaq.solve_group(view, fam, recipe, self.prefix, ids, now, hgu, hdn,
-                                                  lambda j: amax[ids[j]], calls1, lut, self.factory, self.device,
-                                                  self.storage, self.probe)
+        # the groups' codes go to host memory on a worker thread while the next group computes
+        with HostResults(self.device) as keeper:
+            for g in groups:
+                ids = list(range(g.start, g.stop))
+                view = expert_view(self.experts, g, self.device)
+                lut = self._lut(ids, len(ids))
+                with ph("expert_hessians"):
+                    cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=self.factory,
+                                        all_token_down=shrink and fb.calibrate_all_experts)
+                    for hs, idx, w in calls1:
+                        cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
+                    hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
+                    for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(),
+                                                            cap.down.absmax.tolist())):
+                        tokens[e], mass[e], amax[e] = hgu.counts[j], round(hgu.mass[j], 6), (a_gu, a_dn)
+                        if defer:
+                            for running, acc, hess in zip(means, (cap.gate_up, cap.down), (hgu, hdn)):
+                                running.add(acc, j, hess)  # in expert order, like the whole-layer path's sum
+                now = [j for j in range(len(ids)) if not defer or hgu.calibrated(j)]
+                deferred += [ids[j] for j in range(len(ids)) if defer and not hgu.calibrated(j)]
+                with ph("expert_solve"):
+                    if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:  # down after gate/up, new inputs
+                        res, recs = gptaq.solve_group(view, fam, recipe, self.prefix, ids, now, hgu, hdn,
+                                                      lambda j: amax[ids[j]], calls1, lut, self.factory, self.device,
+                                                      self.storage, self.probe)
+                    else:
+                        jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
+                                           lambda j: amax[ids[j]])
+                        res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
+                        del jobs
+                with ph("expert_keep"):
+                    self._keep(res, recs, results, records, view, g, keeper)
+                del res  # its dequantized values: the device keeps the group's codes until they are copied
+                last = (hgu, hdn)
+                del cap
+                if not single:
+                    with ph("expert_outputs"):
+                        self._outputs(view, ids, [ids[j] for j in now], calls2, out_acc)
+                del view
+            if deferred:  # starved experts: their fallback needs the layer's mean Hessians, final only now
+                ids = sorted(deferred)
+                sel = torch.tensor(ids, dtype=torch.long)
+                view = expert_view(self.experts, sel, self.device)
+                with ph("expert_solve"):
+                    res, recs = self.solve_deferred(view, ids, last, tokens, amax)
+                with ph("expert_keep"):
+                    self._keep(res, recs, results, records, view, sel, keeper)
+                if not single:
+                    with ph("expert_outputs"):
+                        self._outputs(view, ids, ids, calls2, out_acc)
+            with ph("expert_keep"):
+                results.update(keeper.results())
+            with ph("expert_outputs"):
+                if single:  # every expert in one group, written back in place: the experts module itself
+                    expert_out = [self.experts(hs, idx, w) for hs, idx, w in calls2]
                 else:
-                    jobs = expert_jobs(view, fam, recipe, self.prefix, ids, now, hgu.get, hdn.get, hgu.counts,
-                                       lambda j: amax[ids[j]])
-                    res, recs = finish_jobs(jobs, self.storage, recipe, probe=self.probe)
-                    del jobs
-            with ph("expert_keep"):
-                self._keep(res, recs, results, records, view, g)
-            last = (hgu, hdn)
-            del cap
-            if not single:
-                with ph("expert_outputs"):
-                    self._outputs(view, ids, [ids[j] for j in now], calls2, out_acc)
-            del view
-        if deferred:  # starved experts: their fallback needs the layer's mean Hessians, final only now
-            ids = sorted(deferred)
-            sel = torch.tensor(ids, dtype=torch.long)
-            view = expert_view(self.experts, sel, self.device)
-            with ph("expert_solve"):
-                res, recs = self.solve_deferred(view, ids, last, tokens, amax)
-            with ph("expert_keep"):
-                self._keep(res, recs, results, records, view, sel)
-            if not single:
-                with ph("expert_outputs"):
-                    self._outputs(view, ids, ids, calls2, out_acc)
-        with ph("expert_outputs"):
-            if single:  # every expert in one group, written back in place: the experts module itself
-                expert_out = [self.experts(hs, idx, w) for hs, idx, w in calls2]
-            else:
-                expert_out = [a.to(c[0].dtype) for a, c in zip(out_acc, calls2)]
-        return results, [r for e in sorted(records) for r in records[e]], tokens, mass, expert_out
+                    expert_out = [a.to(c[0].dtype) for a, c in zip(out_acc, calls2)]
+            return results, [r for e in sorted(records) for r in records[e]], tokens, mass, expert_out
 
     def solve_deferred(self, view: nn.Module, ids: list, last: tuple, tokens: list, amax: list):
         """Solves the starved experts ``ids`` (``view`` holds them) with the ``mean`` fallback's final layer means
@@ -349,13 +354,14 @@ class MoELayerEngine:
                            lambda j: amax[ids[j]])
         return finish_jobs(jobs, self.storage, self.recipe, probe=self.probe)
 
-    def _keep(self, res: dict, recs: list, results: dict, records: dict, view: nn.Module, where) -> None:
+    def _keep(self, res: dict, recs: list, results: dict, records: dict, view: nn.Module, where,
+              keeper: HostResults) -> None:
         """Collects a group's results and records (by expert, for the whole-layer order) and copies the view's
         dequantized weights back into the layer where the view holds copies."""
         if isinstance(where, slice) and where == slice(0, self.num) and self.plan.resident:
             results.update(res)  # the one group: the whole-layer path's results as they are
-        else:  # of many groups, only the codes are kept, in host memory: the device holds one group's results
-            results.update(results_to_host(res))
+        else:  # of many groups, only the codes are kept, in host memory (copied while the next group computes)
+            keeper.add(res)
         for r in recs:
             e = int(r.name.split("+")[0].rsplit(".", 2)[-2])
             records.setdefault(e, []).append(r)

@@ -108,7 +108,8 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     """The :class:`GroupPlan` of a MoE layer (its structure alone: the meta-device layer works) for ``tokens``
     calibration tokens whose hidden states are ``dtype``: one expert costs its weights (when streamed), its two
     Hessians (and the all-token down Hessian of ``calibrate_all_experts``) twice (accumulated and normalized), and
-    its solved matrices' float32 values and int8 codes (a group's results; kept as codes in host memory); the layer's other weights, the two
+    its solved matrices' float32 values and int8 codes (a group's results; kept as codes in host memory, the previous
+    group's codes still on the device while they are copied); the layer's other weights, the two
     recorded passes of expert inputs, the fp32 output sums, the batched solver's ``solver_memory_gb`` and 2 GiB
     are fixed; the per-expert estimate carries a third more for what it does not itemize."""
     ex = family.experts_of(layer)
@@ -119,7 +120,8 @@ def plan_layer(layer: nn.Module, family: MoEFamily, recipe: Recipe, tokens: int,
     # The accumulated Hessians, their normalized copies (the group's solve jobs hold both), and the solver's results
     # while the group is solved: float32 dequantized values and int8 codes of the expert's three matrices.
     hess = 2 * (hidden * hidden + inter * inter * (2 if recipe.fallback.calibrate_all_experts else 1)) * acc
-    hess += 3 * hidden * inter * (4 + 1)
+    # ... and the previous group's int8 codes, on the device until their copies to host memory are done
+    hess += 3 * hidden * inter * (4 + 1 + 1)
     if recipe.gptaq.enabled and "routed" in recipe.gptaq.modules:
         # pipeline/gptaq.py: the [x~, x - x~] accumulator (2I wide) and its blocks, the float64 correction, the copy
         # of the original gate/up
