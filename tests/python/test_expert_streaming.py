@@ -355,6 +355,19 @@ def test_results_to_host_of_device_results_are_pinned_and_exact():
         assert out[k].values is None
 
 
+def test_layer_to_host_with_and_without_export_tensors():
+    """A layer of a recipe without export tensors (the default: ``layer_export_tensors`` gives None) and one with
+    them (a rotation's or AWQ's high-precision tensors) both reach host memory (session 11: the first crashed)."""
+    from moequant.pipeline.host import layer_to_host
+
+    res = _solved("cpu")
+    out, dense = layer_to_host(res, None)
+    assert dense is None and list(out) == list(res) and all(qt.values is None for qt in out.values())
+    t = torch.arange(6.0).reshape(2, 3)
+    out, dense = layer_to_host(res, {"model.norm.weight": t})
+    assert list(dense) == ["model.norm.weight"] and torch.equal(dense["model.norm.weight"], t)
+
+
 def test_host_results_keeps_every_group_in_order_without_values():
     from moequant.pipeline.host import HostResults
 

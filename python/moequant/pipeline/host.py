@@ -70,6 +70,14 @@ def results_to_host(res: dict) -> dict:
             for name, qt, fields in kept}
 
 
+def layer_to_host(results: dict, dense: Optional[dict]) -> tuple[dict, Optional[dict]]:
+    """A quantized layer's solved matrices (:func:`results_to_host`) and its export tensors (name -> tensor, or
+    None when the recipe writes none: ``methods.base.layer_export_tensors``) in host memory."""
+    if dense:
+        dense = dict(zip(dense, to_host(list(dense.values()))))
+    return results_to_host(results), dense
+
+
 class HostResults:
     """A layer's solved groups on their way to host memory (:func:`results_to_host`), each group's copies made on a
     worker thread and a side stream while the engine goes on with the next group.

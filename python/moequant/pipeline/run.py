@@ -46,7 +46,7 @@ from .export import export_run, run_loader_support
 from .commits import LayerCommits
 from .distributed import BatchSlice, current_context, gather_outputs, scatter_states
 from .groups import check_layers_fit
-from .host import results_to_host, to_host
+from .host import layer_to_host
 from .hostmem import StatesPlan, available_host_memory, plan_states
 from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
 from .output import output_write_error
@@ -354,9 +354,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 dense = layer_export_tensors(transforms, result.step, set(result.results))
                 if quantizer.device.type == "cuda":  # the commit thread then copies nothing off the GPU
                     t1 = time.perf_counter()
-                    result.results = results_to_host(result.results)
-                    if dense:
-                        dense = dict(zip(dense, to_host(list(dense.values()))))
+                    result.results, dense = layer_to_host(result.results, dense)
                     result.phases["results_to_host"] = round(time.perf_counter() - t1, 4)
                 record = result.record(round(time.time() - t, 3))
                 result.layer = result.step = result.outputs = None  # the module's memory goes now
