@@ -168,3 +168,12 @@ def test_quality_json_merges_row_by_row(tmp_path):
     q.write_json(p, argparse.Namespace(**{**vars(args), "model": "N"}), {"bf16": {"heldout": 3.0}})
     assert json.loads(p.read_text())["rows"] == {"bf16": {"heldout": 3.0}}
     assert [f.name for f in tmp_path.iterdir()] == ["q.json"]  # no temporary file left
+
+
+def test_quality_table_shares_the_cores_among_cpu_workers(monkeypatch):
+    qt = _quality_table()
+    monkeypatch.setattr(qt.os, "cpu_count", lambda: 16)
+    assert qt.worker_env("cpu", 4, {})["OMP_NUM_THREADS"] == "4"
+    assert qt.worker_env("cpu", 32, {})["OMP_NUM_THREADS"] == "1"
+    assert qt.worker_env("cpu", 4, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"  # the user's value
+    assert "OMP_NUM_THREADS" not in qt.worker_env("cuda", 4, {})  # GPU workers keep torch's default
