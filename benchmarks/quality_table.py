@@ -66,7 +66,7 @@ def earlier_rows(out: Path, args) -> tuple[dict, dict]:
 def worker_env(device: str, workers: int, environ) -> dict:
     """The environment of the row workers: on the CPU each gets its share of the cores as its thread count
     (``OMP_NUM_THREADS``; torch would give every worker all of them). On the 2-core development machine, rows
-    ``bf16,rtn-w4`` with 2 workers took 206 s with one thread each and finished no row in 7 minutes with two each
+    ``bf16,rtn-w4`` with 2 workers took 206 s with one thread each and finished no row in 10 minutes (stopped) with two each
     (``bf16`` alone, two threads: 88 s). A value the user set is kept."""
     env = dict(environ)
     if not str(device).startswith("cuda") and "OMP_NUM_THREADS" not in env:
