@@ -130,9 +130,7 @@ class HostResults:
         return out
 
     def close(self) -> None:
-        for p in self._pending:
-            if isinstance(p, Future):
-                p.exception()  # waits; a failed copy's error is the caller's to raise from results()
+        """Waits for the copies in flight (a failed copy's error is raised by :meth:`results` only)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
