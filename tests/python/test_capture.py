@@ -208,6 +208,42 @@ def test_route_tokens_keeps_the_activation_dtype():
     assert h.dtype == torch.float32 and torch.equal(h, expert_intermediate(ex, fam, b32))
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 1 << 30])  # one expert per GEMM, a few, all at once
+def test_expert_intermediate_batched_equals_per_expert(name, chunk_bytes):
+    """The batched path (runs of experts padded into one bmm each) gives every routed row the per-expert path's
+    h, for every family (gate rows first or interleaved, transposed layout, biases), with experts that see no rows
+    (also at the start and the end), pads, and runs cut by ``chunk_bytes``."""
+    model = build_tiny(name, scale=2.0)
+    fam = detect_family(model.config)
+    ex = next(e for e in map(fam.experts_of, fam.layers(model)) if e is not None)
+    E = num_experts(ex)
+    g = torch.Generator().manual_seed(11)
+    hs = torch.randn(29, model.config.hidden_size, generator=g)
+    idx = torch.randint(1, E - 1, (29, 2), generator=g)  # experts 0 and E - 1 see no rows
+    idx[::4, 1] = E  # a pad
+    idx[:3, 0] = 2  # expert 2 sees more rows than the others
+    b = route_tokens(hs, idx, torch.rand(29, 2, generator=g), E)
+    ref = expert_intermediate(ex, fam, b, batched=False)
+    got = expert_intermediate(ex, fam, b, batched=True, chunk_bytes=chunk_bytes)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_expert_runs_cover_every_routed_row_within_the_limit():
+    from moequant.calibration.routing import _expert_runs
+
+    off = [0, 0, 5, 5, 6, 16, 16, 17, 17]  # counts 0 5 0 1 10 0 1 0
+    runs = list(_expert_runs(off, 4, 60))
+    assert runs == [(1, 4, 5), (4, 5, 10), (6, 8, 1)]  # empty experts before a run skipped; 10 rows alone exceed 60 B
+    for first, stop, rows in runs:
+        assert rows == max(off[e + 1] - off[e] for e in range(first, stop))
+        assert stop - first == 1 or (stop - first) * rows * 4 <= 60
+    rows_covered = sum(off[stop] - off[first] for first, stop, _ in runs)
+    assert rows_covered == off[-1]
+    assert list(_expert_runs([0, 0, 0], 4, 60)) == []
+
+
 def _no_hooks(model):
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
@@ -362,7 +398,8 @@ def test_linear_sharing_broken_later_is_an_error():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])  # gate rows first / interleaved, transposed layout
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_expert_intermediate_half_on_cuda_matches_fp32(name, dtype):
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 27])  # the batched path: one expert per bmm, all in one
+def test_expert_intermediate_half_on_cuda_matches_fp32(name, dtype, chunk_bytes):
     """A 16-bit layer on a GPU: expert_intermediate takes the tensor cores (fp32 output of 16-bit products) instead
     of the fp32 GEMM of widened copies; the products are exact, only the summation order differs."""
     if not torch.cuda.is_available():
@@ -377,7 +414,7 @@ def test_expert_intermediate_half_on_cuda_matches_fp32(name, dtype):
     idx[:, 1] = torch.where(idx[:, 1] == 0, E, idx[:, 1])  # expert 0 sees fewer rows; some see none
     w = torch.rand(40, 2, generator=g).cuda()
     batch = route_tokens(hs, idx, w, E)
-    fast = expert_intermediate(experts, fam, batch)
+    fast = expert_intermediate(experts, fam, batch, chunk_bytes=chunk_bytes)
     batch_ref = route_tokens(hs, idx, w, E)
     ref = torch.zeros_like(fast)
     off = batch_ref.offsets.tolist()
