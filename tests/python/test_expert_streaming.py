@@ -355,6 +355,41 @@ def test_results_to_host_of_device_results_are_pinned_and_exact():
         assert out[k].values is None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_dense", [False, True])
+def test_layer_to_host_later_copies_on_the_callers_thread_after_the_queued_work(with_dense):
+    """The commit thread's copy of a layer (run.py): the values dropped at once, the codes (changed by work queued
+    on the layer's stream before the call) and the export tensors exact in pageable host memory when the function
+    runs on another thread."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moequant.pipeline.host import layer_to_host_later
+
+    res = _solved("cuda")
+    dense = {"model.norm.weight": torch.randn(300, device="cuda").to(torch.bfloat16)} if with_dense else None
+    big = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):
+        big = big @ big.tanh()
+    for qt in res.values():
+        qt.codes.add_(1)  # queued after the long GEMMs: the copy must see it
+    copy = layer_to_host_later(res, dense, torch.device("cuda"))
+    want = {k: {f: getattr(qt, f).cpu() for f in ("codes", "scale", "zero_point")} for k, qt in res.items()}
+    with ThreadPoolExecutor(1) as pool:
+        out, dn = pool.submit(copy).result()
+    assert list(out) == list(res)
+    for k, fields in want.items():
+        assert out[k].values is None
+        for f, w in fields.items():
+            h = getattr(out[k], f)
+            assert h.device.type == "cpu" and not h.is_pinned() and torch.equal(h, w), f"{k}.{f}"
+    if with_dense:
+        assert torch.equal(dn["model.norm.weight"], dense["model.norm.weight"].cpu())
+    else:
+        assert dn is None
+
+
 def test_layer_to_host_with_and_without_export_tensors():
     """A layer of a recipe without export tensors (the default: ``layer_export_tensors`` gives None) and one with
     them (a rotation's or AWQ's high-precision tensors) both reach host memory (session 11: the first crashed)."""
@@ -385,7 +420,7 @@ def test_host_results_keeps_every_group_in_order_without_values():
 
 @pytest.mark.gpu
 def test_host_results_copies_on_a_worker_while_the_device_goes_on():
-    """Each group's codes reach pinned host memory exact and in order, also when the device tensors are freed
+    """Each group's codes reach (pageable) host memory exact and in order, also when the device tensors are freed
     and their memory reused by the engine's stream right after ``add`` (the copies wait for the solve, the
     allocator does not hand the memory out before they are done)."""
     if not torch.cuda.is_available():
@@ -414,7 +449,42 @@ def test_host_results_copies_on_a_worker_while_the_device_goes_on():
         assert out[k].values is None
         for f, want in fields.items():
             h = getattr(out[k], f)
-            assert h.device.type == "cpu" and h.is_pinned() and torch.equal(h, want), f"{k}.{f}"
+            assert h.device.type == "cpu" and not h.is_pinned() and torch.equal(h, want), f"{k}.{f}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots,slot_bytes", [(1, 1000), (2, 1000), (4, 64 * 2**20)])
+def test_pinned_staging_copies_every_tensor_exact(slots, slot_bytes):
+    """Tensors larger than a slot, many small ones sharing a slot, an empty one, a 0-d one, a non-contiguous one,
+    every dtype the results hold: pageable host copies equal to ``.cpu()``, with the buffers reused (1 or 2 slots
+    of 1000 bytes for ~200 KB) and the device's later writes not seen."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from moequant.pipeline.host import PinnedStaging
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ts = [torch.randint(-8, 8, (300, 257), generator=g, device="cuda", dtype=torch.int8),
+          torch.randn(3, 5, generator=g, device="cuda"),
+          torch.randn(7, generator=g, device="cuda").to(torch.bfloat16),
+          torch.empty(0, 4, device="cuda"),
+          torch.tensor(3.5, device="cuda"),
+          torch.randn(64, 33, generator=g, device="cuda").t(),  # not contiguous
+          torch.randn(1000, generator=g, device="cuda").to(torch.float8_e4m3fn),
+          torch.randint(0, 255, (5, 9), generator=g, device="cuda", dtype=torch.uint8),
+          torch.randint(-9, 9, (11,), generator=g, device="cuda", dtype=torch.int32)]
+    want = [t.cpu() for t in ts]
+    staging = PinnedStaging(slots, slot_bytes)
+    for _ in range(2):  # the second time through the same buffers
+        out = staging.to_host(ts)
+        assert len(out) == len(ts)
+        for o, w in zip(out, want):
+            assert o.device.type == "cpu" and not o.is_pinned()
+            assert o.dtype == w.dtype and o.shape == w.shape
+            assert torch.equal(o.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8))
+    ts[0].zero_()  # a later device write: not in the copy
+    assert torch.equal(out[0], want[0])
+    with pytest.raises(ValueError, match="slots and slot_bytes"):
+        PinnedStaging(0, 10)
 
 
 def test_nvfp4_groups_and_starved_experts_match_one_group(tmp_path):

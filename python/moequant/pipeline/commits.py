@@ -26,12 +26,19 @@ class LayerCommits:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moequant-commit")
         self._pending: Optional[tuple[int, object, Future]] = None
 
-    def submit(self, index: int, result, record, hidden: list, tensors: dict) -> None:
-        """Commits layer ``index`` (after the previous one's commit has finished)."""
+    def submit(self, index: int, result, record, hidden: list, tensors: dict, to_host=None) -> None:
+        """Commits layer ``index`` (after the previous one's commit has finished). ``to_host``: a function run first
+        on the commit thread that returns the results and tensors in host memory (they are on a GPU:
+        :func:`moequant.pipeline.host.layer_to_host_later`); ``result.results`` is then the host copy."""
         self.wait()
-        future = self._pool.submit(self.work.save_layer, index, result.results, record, hidden, tensors=tensors,
-                                   added=getattr(result, "kv_scales", None))
-        self._pending = (index, result, future)
+
+        def commit() -> None:
+            results, dense = (result.results, tensors) if to_host is None else to_host()
+            result.results = results
+            self.work.save_layer(index, results, record, hidden, tensors=dense,
+                                 added=getattr(result, "kv_scales", None))
+
+        self._pending = (index, result, self._pool.submit(commit))
 
     def wait(self) -> None:
         """Waits for the commit in flight; re-raises its error; then tells the observers."""

@@ -46,8 +46,8 @@ from .export import export_run, run_loader_support
 from .commits import LayerCommits
 from .distributed import BatchSlice, current_context, gather_outputs, scatter_states
 from .groups import check_layers_fit
-from .host import layer_to_host
-from .hostmem import StatesPlan, available_host_memory, plan_states
+from .host import layer_to_host_later
+from .hostmem import StatesPlan, available_host_memory, layer_host_bytes, plan_states
 from .layer import LayerObserver, LayerQuantizer, hessian_precision, layer_inputs
 from .output import output_write_error
 from .preflight import preflight
@@ -108,16 +108,17 @@ def _model_dir(model_or_path) -> Path:
     return p
 
 
-def _states_plan(lazy: LazyModel, recipe: Recipe, tokens: int) -> StatesPlan:
+def _states_plan(lazy: LazyModel, recipe: Recipe, tokens: int, device: torch.device) -> StatesPlan:
     """Where the run keeps its calibration hidden states (:func:`moequant.pipeline.hostmem.plan_states`): one copy
-    is ``tokens x hidden_size`` in the compute dtype; the automatic budget counts the largest decoder layer as it
-    sits in host memory."""
+    is ``tokens x hidden_size`` in the compute dtype; the automatic budget is what is available after the largest
+    decoder layer's needs (:func:`~moequant.pipeline.hostmem.layer_host_bytes`; page-locked on a GPU)."""
     elt = torch.empty((), dtype=lazy.dtype).element_size()
     hidden = int(getattr(text_config(lazy.config), "hidden_size", 0) or 0)
     available = layer = 0
     if recipe.host_memory_gb is None:
         available = available_host_memory()
-        layer = max(sum(p.numel() for p in lazy.meta_layer(i).parameters()) for i in range(lazy.num_layers)) * elt
+        layer = max(layer_host_bytes([p.numel() * elt for p in lazy.meta_layer(i).parameters()],
+                                     pinned=device.type == "cuda") for i in range(lazy.num_layers))
     return plan_states(tokens * hidden * elt, recipe.host_memory_gb, layer, available)
 
 
@@ -219,7 +220,7 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                                                    getattr(text_config(lazy.config), "vocab_size", None)),
                            "the calibration data")
         dist.check_batches(len(ids.split(recipe.calibration.batch_size)), recipe.calibration.batch_size)
-    states = _states_plan(lazy, recipe, int(ids.numel()))  # in host memory, or on disk in the work directory
+    states = _states_plan(lazy, recipe, int(ids.numel()), device)  # in host memory, or on disk in the work directory
     logger.info("%s", states.describe())
     root = dist is None or dist.is_root
     progress = progress and root
@@ -352,13 +353,14 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                     sink.abort()
                     raise
                 dense = layer_export_tensors(transforms, result.step, set(result.results))
-                if quantizer.device.type == "cuda":  # the commit thread then copies nothing off the GPU
-                    t1 = time.perf_counter()
-                    result.results, dense = layer_to_host(result.results, dense)
-                    result.phases["results_to_host"] = round(time.perf_counter() - t1, 4)
+                to_host = None
+                if quantizer.device.type == "cuda":  # copied off the GPU by the commit thread, on its own stream
+                    to_host = layer_to_host_later(result.results, dense, quantizer.device)
+                    result.results, dense = {}, None  # the device keeps the codes only until they are copied
                 record = result.record(round(time.time() - t, 3))
                 result.layer = result.step = result.outputs = None  # the module's memory goes now
-                commits.submit(index, result, record, outputs, dense)  # written while the next layer computes
+                # written while the next layer computes
+                commits.submit(index, result, record, outputs, dense, to_host=to_host)
                 # submit waited for the previous commit, the last reader of this layer's inputs
                 hidden.close()
                 if full is not None:
@@ -430,8 +432,8 @@ class _NoCommits:
     def __init__(self, observers) -> None:
         self.observers = list(observers)
 
-    def submit(self, index: int, result, record, hidden, tensors) -> None:
-        for obs in self.observers:
+    def submit(self, index: int, result, record, hidden, tensors, to_host=None) -> None:
+        for obs in self.observers:  # the results are complete on rank 0 only: none copied here
             obs.layer_done(index, result)
 
     def __enter__(self) -> "_NoCommits":
