@@ -332,15 +332,32 @@ def test_available_host_memory_reads_meminfo_and_cgroups(tmp_path):
 def test_plan_states():
     one = 3 * GIB
     assert plan_states(one, None, 10 * GIB, 30 * GIB) == plan_states(one, None, 10 * GIB, 30 * GIB)
-    p = plan_states(one, None, 10 * GIB, 30 * GIB)  # (30 - 10) / 2 = 10 GiB >= 2 x 3
-    assert not p.on_disk and p.automatic and p.budget == 10 * GIB
-    assert plan_states(one, None, 20 * GIB, 30 * GIB).on_disk  # 5 GiB < 6
+    p = plan_states(one, None, 10 * GIB, 30 * GIB)  # 30 - 10 = 20 GiB >= 2 x 3
+    assert not p.on_disk and p.automatic and p.budget == 20 * GIB
+    assert not plan_states(one, None, 24 * GIB, 30 * GIB).on_disk  # 6 GiB: just fits
+    assert plan_states(one, None, 25 * GIB, 30 * GIB).on_disk  # 5 GiB < 6
     assert plan_states(one, None, 40 * GIB, 30 * GIB).budget == 0  # a layer larger than what is available
     assert not plan_states(one, None, 0, None).on_disk  # nothing known: in memory, as before
     assert plan_states(one, 0, 0, None).on_disk and plan_states(one, 0.0, 0, 10**15).on_disk
     assert not plan_states(one, 6, 0, 0).on_disk and plan_states(one, 5.99, 0, 10**15).on_disk
     assert "on disk, in the work directory (2 x 3.22 GB; host budget 0.00 GB, host_memory_gb)" in \
         plan_states(one, 0, 0, None).describe()
+
+
+def test_layer_host_bytes_counts_the_read_ahead_layer_rounded_when_pinned():
+    from moequant.pipeline.hostmem import layer_host_bytes
+
+    mib = 2**20
+    qwen = [768 * mib, 384 * mib, 16 * mib, 3 * mib]  # fused gate/up and down, q, a tensor of no power of two
+    assert layer_host_bytes(qwen, pinned=False) == 2 * 1171 * mib + GIB
+    # page-locked: 1024 + 512 + 16 + 4 MiB read ahead, the layer's results, the margin
+    assert layer_host_bytes(qwen, pinned=True) == (1024 + 512 + 16 + 4) * mib + 1171 * mib + GIB
+    assert layer_host_bytes([0, 1, 2, 3], pinned=True, margin=0) == (0 + 1 + 2 + 4) + 6
+    # Qwen3-30B-A3B's run under a limit of one layer + one copy of the states + 4 GiB (5.5 GiB left at the start):
+    # its two copies of 1.07 GB now go to disk (they were kept in memory, and the run was OOM-killed)
+    layer = layer_host_bytes(qwen, pinned=True)
+    assert plan_states(int(1.07e9), None, layer, int(5.5 * GIB)).on_disk
+    assert not plan_states(int(1.07e9), None, layer, 120 * GIB).on_disk
 
 
 @pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "8", True])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["GIB", "StatesPlan", "available_host_memory", "plan_states"]
+__all__ = ["GIB", "StatesPlan", "available_host_memory", "layer_host_bytes", "plan_states"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,19 +109,34 @@ class StatesPlan:
         return {"bytes": self.bytes, "budget": self.budget, "on_disk": self.on_disk, "automatic": self.automatic}
 
 
+def layer_host_bytes(tensor_bytes: list, pinned: bool, margin: int = GIB) -> int:
+    """Host memory a run needs besides the calibration hidden states, for a decoder layer whose tensors are
+    ``tensor_bytes`` (pure): the next layer read ahead (page-locked when ``pinned``, i.e. bound for a GPU: torch's
+    caching host allocator rounds each tensor up to a power of two, 1.55 GiB for Qwen3-30B-A3B's 1.16 GiB layer),
+    the quantized results of up to two layers in flight (int8 codes of the 16-bit weights, at most half a layer
+    each: one layer), and ``margin`` for the rest (allocator caches, the runtime's own growth).
+
+    A Qwen3-30B-A3B run under a cgroup limit of one layer + one copy of the states + 4 GiB was OOM-killed with its
+    states in memory when the budget was half of what was left after one layer (an H100, session 12)."""
+    sizes = [int(b) for b in tensor_bytes]
+    read = sum(1 << (b - 1).bit_length() if b > 0 else 0 for b in sizes) if pinned else sum(sizes)
+    return read + sum(sizes) + int(margin)
+
+
 def plan_states(states_bytes: int, host_memory_gb: Optional[float], layer_bytes: int,
                 available: Optional[int]) -> StatesPlan:
     """Chooses where the hidden states live (pure).
 
     Args:
         states_bytes: one copy of the hidden states. host_memory_gb: the recipe's budget (0 keeps them on disk);
-            None: automatic, half of ``available`` after one decoder layer (``layer_bytes``, as the layer sits in
-            host memory); with nothing known (``available`` None) they stay in memory.
+            None: automatic, what ``available`` leaves after ``layer_bytes`` (:func:`layer_host_bytes`: what the
+            run holds in host memory besides the states); with nothing known (``available`` None) they stay in
+            memory.
     """
     if host_memory_gb is not None:
         budget, auto = int(host_memory_gb * GIB), False
     elif available is None:
         budget, auto = 2 * states_bytes, True
     else:
-        budget, auto = max(0, available - layer_bytes) // 2, True
+        budget, auto = max(0, available - layer_bytes), True
     return StatesPlan(int(states_bytes), int(budget), 2 * states_bytes > budget, auto)
