@@ -102,23 +102,36 @@ def build_model(name: str, layers: int, out: Path, device: str) -> float:
 
 
 class HostPeak:
-    """Samples this process's anonymous resident memory (``RssAnon`` of /proc/self/status) every 50 ms."""
+    """Samples this process's anonymous resident memory (``RssAnon`` of /proc/self/status) and its whole resident
+    set (``VmRSS``: also the page-locked memory the CUDA driver maps, which RssAnon does not count, and the mapped
+    libraries) every 50 ms."""
 
     def __init__(self):
-        self.peak = 0
+        self.peak = self.rss_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def now() -> int:
+    def read() -> tuple[int, int]:
+        anon = rss = 0
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-        return 0
+                anon = int(line.split()[1]) * 1024
+            elif line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+        return anon, rss
+
+    @classmethod
+    def now(cls) -> int:
+        return cls.read()[0]
+
+    def _sample(self):
+        anon, rss = self.read()
+        self.peak, self.rss_peak = max(self.peak, anon), max(self.rss_peak, rss)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
+            self._sample()
             time.sleep(0.05)
 
     def __enter__(self):
@@ -128,7 +141,17 @@ class HostPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.now())
+        self._sample()
+
+
+def _pinned_peak_gb() -> float:
+    """The peak of page-locked host memory torch's caching host allocator held (0 where torch does not say)."""
+    stats = getattr(torch.cuda, "host_memory_stats", lambda: {})() or {}
+    for key in ("reserved_bytes.peak", "reserved_bytes.all.peak", "allocated_bytes.peak", "allocated_bytes.all.peak"):
+        if key in stats:
+            return round(stats[key] / 1e9, 2)
+    peaks = [v for k, v in stats.items() if "bytes" in k and k.endswith("peak") and isinstance(v, (int, float))]
+    return round(max(peaks) / 1e9, 2) if peaks else 0.0
 
 
 _LLMC = r"""
@@ -290,7 +313,8 @@ def _run(args, Recipe) -> int:
     res = {"model": args.model, "layers": args.layers, "tokens": [args.samples, args.seq_len], "ranks": world,
            "device": torch.cuda.get_device_name() if cuda else "cpu", "total_s": round(total, 2), "layer_s": secs,
            "steady_layer_s": steady, "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else 0.0,
-           "host_anon_peak_gb": round(host.peak / 1e9, 2), "hidden_states": report.hidden_states,
+           "host_anon_peak_gb": round(host.peak / 1e9, 2), "host_rss_peak_gb": round(host.rss_peak / 1e9, 2),
+           "pinned_peak_gb": _pinned_peak_gb() if cuda else 0.0, "hidden_states": report.hidden_states,
            "phases": [layer.phases for layer in report.layers], "groups": [layer.groups for layer in report.layers]}
     print(f"\n== moequant {args.model} x {args.layers} layers, {args.samples} x {args.seq_len} tokens, "
           f"{res['device']}{f' x {world} ranks (GPU peak: rank 0)' if world > 1 else ''} ==")
@@ -299,7 +323,8 @@ def _run(args, Recipe) -> int:
     note = "" if len(secs) > 1 else " (one layer: not a steady state; it includes the load and first allocations)"
     print(f"total {total:.1f} s; per layer {', '.join(f'{s:.2f}' for s in secs)} s; steady state {steady:.2f} s{note}")
     hs = report.hidden_states or {}
-    print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB; hidden "
+    print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB, resident "
+          f"{res['host_rss_peak_gb']:.1f} GB, page-locked (torch's host allocator) {res['pinned_peak_gb']:.1f} GB; hidden "
           f"states {'on disk' if hs.get('on_disk') else 'in memory'} (2 x {hs.get('bytes', 0) / 1e9:.2f} GB)")
     print(f"experts: {res['groups'][-1]}")
     if any(res["phases"]):
