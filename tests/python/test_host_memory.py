@@ -353,10 +353,11 @@ def test_layer_host_bytes_counts_the_read_ahead_layer_rounded_when_pinned():
     # page-locked: 1024 + 512 + 16 + 4 MiB read ahead, the layer's results, the margin
     assert layer_host_bytes(qwen, pinned=True) == (1024 + 512 + 16 + 4) * mib + 1171 * mib + GIB
     assert layer_host_bytes([0, 1, 2, 3], pinned=True, margin=0) == (0 + 1 + 2 + 4) + 6
-    # Qwen3-30B-A3B's run under a limit of one layer + one copy of the states + 4 GiB (5.5 GiB left at the start):
-    # its two copies of 1.07 GB now go to disk (they were kept in memory, and the run was OOM-killed)
+    # Qwen3-30B-A3B's two copies of 1.07 GB: on disk with 5.5 GiB left, in memory with 5.75 GiB (what a cgroup limit
+    # of one layer + one copy + 4 GiB left; the run finished so, session 12) or more
     layer = layer_host_bytes(qwen, pinned=True)
     assert plan_states(int(1.07e9), None, layer, int(5.5 * GIB)).on_disk
+    assert not plan_states(int(1.07e9), None, layer, int(5.75 * GIB)).on_disk
     assert not plan_states(int(1.07e9), None, layer, 120 * GIB).on_disk
 
 

@@ -116,8 +116,10 @@ def layer_host_bytes(tensor_bytes: list, pinned: bool, margin: int = GIB) -> int
     the quantized results of up to two layers in flight (int8 codes of the 16-bit weights, at most half a layer
     each: one layer), and ``margin`` for the rest (allocator caches, the runtime's own growth).
 
-    A Qwen3-30B-A3B run under a cgroup limit of one layer + one copy of the states + 4 GiB was OOM-killed with its
-    states in memory when the budget was half of what was left after one layer (an H100, session 12)."""
+    A Qwen3-30B-A3B run under a cgroup limit of one layer + one copy of the states + 4 GiB (6.16 GiB) was OOM-killed
+    with its states in memory while its results were page-locked copies (rounded up); with the results pageable
+    (:class:`moequant.pipeline.host.PinnedStaging`) and this budget it kept them in memory and finished, peak
+    RssAnon 2.44 GiB (an H100, session 12)."""
     sizes = [int(b) for b in tensor_bytes]
     read = sum(1 << (b - 1).bit_length() if b > 0 else 0 for b in sizes) if pinned else sum(sizes)
     return read + sum(sizes) + int(margin)
