@@ -512,3 +512,20 @@ def test_nvfp4_groups_and_starved_experts_match_one_group(tmp_path):
     gates = {e: float(a[f"model.layers.0.mlp.experts.{e}.gate_proj.input_global_scale"]) for e in range(8)}
     seen = [g for e, g in gates.items() if tokens[e]]
     assert all(gates[e] == min(seen) for e in range(8) if tokens[e] == 0)
+
+
+def test_one_buffer_views_have_the_shapes_and_do_not_overlap():
+    from moequant.pipeline.host import _one_buffer
+
+    ts = [torch.zeros(3, 5, dtype=torch.int8), torch.zeros(7, dtype=torch.bfloat16), torch.zeros(()),
+          torch.zeros(0, 4), torch.zeros(2, 3, dtype=torch.float64), torch.zeros(9, dtype=torch.float8_e4m3fn)]
+    out = _one_buffer(ts)
+    assert [(o.shape, o.dtype) for o in out] == [(t.shape, t.dtype) for t in ts]
+    spans = sorted((o.data_ptr(), o.data_ptr() + o.numel() * o.element_size()) for o in out if o.numel())
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+    assert len({o.untyped_storage().data_ptr() for o in out if o.numel()}) == 1  # one allocation
+    base = spans[0][0]
+    assert all((p - base) % 64 == 0 for p, _ in spans)
+    for i, o in enumerate(out):  # each view writes only its own bytes
+        o.reshape(-1).view(torch.uint8).fill_(i + 1)
+    assert all(bool((o.reshape(-1).view(torch.uint8) == i + 1).all()) for i, o in enumerate(out) if o.numel())
