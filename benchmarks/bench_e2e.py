@@ -324,8 +324,8 @@ def _run(args, Recipe) -> int:
     print(f"total {total:.1f} s; per layer {', '.join(f'{s:.2f}' for s in secs)} s; steady state {steady:.2f} s{note}")
     hs = report.hidden_states or {}
     print(f"GPU peak {res['gpu_peak_gb']:.1f} GB; host anonymous peak {res['host_anon_peak_gb']:.1f} GB, resident "
-          f"{res['host_rss_peak_gb']:.1f} GB, page-locked (torch's host allocator) {res['pinned_peak_gb']:.1f} GB; hidden "
-          f"states {'on disk' if hs.get('on_disk') else 'in memory'} (2 x {hs.get('bytes', 0) / 1e9:.2f} GB)")
+          f"{res['host_rss_peak_gb']:.1f} GB, page-locked (torch's host allocator) {res['pinned_peak_gb']:.1f} GB; "
+          f"hidden states {'on disk' if hs.get('on_disk') else 'in memory'} (2 x {hs.get('bytes', 0) / 1e9:.2f} GB)")
     print(f"experts: {res['groups'][-1]}")
     if any(res["phases"]):
         keys = sorted({k for p in res["phases"] if p for k in p})

@@ -1,12 +1,13 @@
 """Hidden states and solved matrices between the device and host memory.
 
 The calibration hidden states live in host memory between layers (or, beyond ``host_memory_gb``, in the disk-backed
-store of :mod:`moequant.pipeline.states`, which writes each batch once its pinned copy is done) (a layer's inputs and outputs are
-``samples x seq_len x hidden``: 1 GB for Qwen3-30B-A3B at 128 x 2048 tokens, 3.8 GB for DeepSeek-V3). Copied into
+store of :mod:`moequant.pipeline.states`, which writes each batch once its pinned copy is done) (a layer's inputs
+and outputs are ``samples x seq_len x hidden``: 1 GB for Qwen3-30B-A3B at 128 x 2048 tokens, 3.8 GB for DeepSeek-V3). Copied into
 pageable memory, a GPU's device-to-host copies run at 1-2 GB/s (the whole output pass of a Qwen3-30B-A3B layer took
 about 0.7 s of copies on an H100); into page-locked (pinned) memory they run at PCIe speed, and the next layer's
 host-to-device copies of the same tensors do too. torch's caching host allocator keeps the freed pinned blocks for
-the next layer."""
+the next layer. The solved matrices, which wait in host memory for the work directory, go through a few page-locked
+staging buffers into pageable memory instead (:class:`PinnedStaging`), off the layer's thread."""
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,8 @@ class PinnedStaging:
 
     def to_host(self, tensors: list) -> list:
         """Pageable host copies of ``tensors`` (device tensors; each copy has its tensor's shape and dtype; views of
-        one allocation, :func:`_one_buffer`), complete when this returns. The copies are made on the current stream: the caller orders it after their producers."""
+        one allocation, :func:`_one_buffer`), complete when this returns. The copies are made on the current
+        stream: the caller orders it after the tensors' producers."""
         if not self._bufs:
             self._bufs = [torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
                           for _ in range(self.slots)]
