@@ -355,6 +355,17 @@ def test_results_to_host_of_device_results_are_pinned_and_exact():
         assert out[k].values is None
 
 
+def _assert_pageable_copies(out: dict, expect: dict) -> None:
+    """``out`` (name -> host results) holds ``expect``'s names in order, no values, and each field equal to the
+    expected CPU tensor, in pageable memory."""
+    assert list(out) == list(expect)
+    for k, fields in expect.items():
+        assert out[k].values is None
+        for f, want in fields.items():
+            h = getattr(out[k], f)
+            assert h.device.type == "cpu" and not h.is_pinned() and torch.equal(h, want), f"{k}.{f}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_dense", [False, True])
 def test_layer_to_host_later_copies_on_the_callers_thread_after_the_queued_work(with_dense):
@@ -378,12 +389,7 @@ def test_layer_to_host_later_copies_on_the_callers_thread_after_the_queued_work(
     want = {k: {f: getattr(qt, f).cpu() for f in ("codes", "scale", "zero_point")} for k, qt in res.items()}
     with ThreadPoolExecutor(1) as pool:
         out, dn = pool.submit(copy).result()
-    assert list(out) == list(res)
-    for k, fields in want.items():
-        assert out[k].values is None
-        for f, w in fields.items():
-            h = getattr(out[k], f)
-            assert h.device.type == "cpu" and not h.is_pinned() and torch.equal(h, w), f"{k}.{f}"
+    _assert_pageable_copies(out, want)
     if with_dense:
         assert torch.equal(dn["model.norm.weight"], dense["model.norm.weight"].cpu())
     else:
@@ -444,12 +450,7 @@ def test_host_results_copies_on_a_worker_while_the_device_goes_on():
             junk = torch.full((1 << 22,), 7, dtype=torch.int8, device="cuda")  # may reuse freed device memory
             del big, junk
         out = keeper.results()
-    assert list(out) == list(expect)
-    for k, fields in expect.items():
-        assert out[k].values is None
-        for f, want in fields.items():
-            h = getattr(out[k], f)
-            assert h.device.type == "cpu" and not h.is_pinned() and torch.equal(h, want), f"{k}.{f}"
+    _assert_pageable_copies(out, expect)
 
 
 @pytest.mark.gpu
