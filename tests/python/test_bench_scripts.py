@@ -177,3 +177,17 @@ def test_quality_table_shares_the_cores_among_cpu_workers(monkeypatch):
     assert qt.worker_env("cpu", 32, {})["OMP_NUM_THREADS"] == "1"
     assert qt.worker_env("cpu", 4, {"OMP_NUM_THREADS": "7"})["OMP_NUM_THREADS"] == "7"  # the user's value
     assert "OMP_NUM_THREADS" not in qt.worker_env("cuda", 4, {})  # GPU workers keep torch's default
+
+
+def test_shell_scripts_parse():
+    """Every shell script of the repository parses (``bash -n``): the GPU-machine ones only run where CI is not."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    scripts = sorted(root.glob("scripts/*.sh")) + sorted(root.glob("benchmarks/*.sh")) + sorted(root.glob(".ci/*"))
+    assert any(p.name == "gpu_steps.sh" for p in scripts)
+    for p in scripts:
+        if p.is_file() and p.read_text().startswith("#!/usr/bin/env bash"):
+            r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
+            assert r.returncode == 0, f"{p}: {r.stderr}"
