@@ -105,6 +105,34 @@ def test_budget_too_small_for_one_expert_is_one_clear_error(models, tmp_path):
     assert not out.exists() and not out.with_name("q.partial").exists()  # refused before anything is written
 
 
+def test_expert_groups_go_to_part_files_and_change_nothing(models, tmp_path, monkeypatch):
+    """A streamed layer's expert groups are written to the work directory's part files as they finish (host
+    memory holds a group's results, not the layer's); the checkpoint is bit-identical to the same run keeping them
+    in memory until the layer's commit."""
+    from moequant.pipeline.layer import LayerQuantizer
+    from moequant.pipeline.workdir import WorkDir
+
+    src = models("mixtral")  # 4 experts: groups of 3 -> two parts per MoE layer
+    recipe = _recipe(experts_per_group=3)
+    written = []
+    real = WorkDir.save_part
+
+    def record(self, index, part, results):
+        written.append((index, part, sorted(results)))
+        return real(self, index, part, results)
+
+    monkeypatch.setattr(WorkDir, "save_part", record)
+    report = pipeline.quantize(str(src), recipe, calibration=str(CALIB_TEXT), output_dir=tmp_path / "parts",
+                               progress=False)
+    moe = [layer.index for layer in report.layers if layer.moe]
+    assert [(i, p) for i, p, _ in written] == [(i, p) for i in moe for p in (0, 1)]
+    assert all(names and all(".experts." in n for n in names) for _, _, names in written)
+    monkeypatch.setattr(LayerQuantizer, "_part_sink", lambda self, index, layer: None)
+    pipeline.quantize(str(src), recipe, calibration=str(CALIB_TEXT), output_dir=tmp_path / "memory", progress=False)
+    a, b = checkpoint_tensors(tmp_path / "parts"), checkpoint_tensors(tmp_path / "memory")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_crash_in_the_middle_of_a_layers_groups_resumes_bit_identically(models, tmp_path, monkeypatch):
     src = models("mixtral")  # 4 experts: groups of 1 -> four solves per layer
     recipe = _recipe(experts_per_group=1)
@@ -422,6 +450,37 @@ def test_host_results_keeps_every_group_in_order_without_values():
         for k, qt in g.items():
             assert out[k].values is None and out[k].codes is qt.codes
     assert keeper.results() == {}  # handed over once
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_host_results_hand_each_group_to_the_sink_in_order(device):
+    """With a sink (the work directory's part files) every group's host results go to it, numbered from 0 in the
+    order added, equal to the group's results, and results() then holds none of them; a failing sink's error
+    reaches the engine."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from moequant.pipeline.host import HostResults
+
+    groups = [{f"g{i}.{k}": v for k, v in _solved(device).items()} for i in range(3)]
+    want = [{k: qt.codes.cpu() for k, qt in g.items()} for g in groups]
+    got = []
+    with HostResults(torch.device(device), sink=lambda part, res: got.append((part, res))) as keeper:
+        for g in groups:
+            keeper.add(g)
+        assert keeper.results() == {} and keeper.parts == 3
+    assert [part for part, _ in got] == [0, 1, 2]
+    for (_, res), w in zip(got, want):
+        assert list(res) == list(w)
+        for k, codes in w.items():
+            assert res[k].values is None and res[k].codes.device.type == "cpu" and torch.equal(res[k].codes, codes)
+
+    def full_disk(part, res):
+        raise OSError(28, "No space left on device")
+
+    with HostResults(torch.device(device), sink=full_disk) as keeper:
+        with pytest.raises(OSError, match="No space left"):  # at once on the CPU, from results() on a GPU
+            keeper.add(groups[0])
+            keeper.results()
 
 
 @pytest.mark.gpu

@@ -16,12 +16,13 @@ import torch
 from ..formats import nvfp4_global_scale
 from ..io.export import EXPERT_MODULE_RE
 
-__all__ = ["complete_input_scales"]
+__all__ = ["complete_input_scales", "static_input_scale"]
 
 logger = logging.getLogger(__name__)
 
 
-def _static(recipe, name: str) -> bool:
+def static_input_scale(recipe, name: str) -> bool:
+    """Module ``name`` takes a static input global scale (NVFP4 W4A4) under ``recipe``."""
     scheme = recipe.resolve(name)
     return scheme is not None and scheme.activations is not None and scheme.activations.static_global_scale
 
@@ -30,7 +31,8 @@ def complete_input_scales(results: dict, recipe) -> None:
     """Fills the missing ``input_global_scale`` of the NVFP4 W4A4 results of one layer in place (module
     docstring). ``results``: on-disk module name -> quantized tensor; ``recipe``: the run's (which modules are
     NVFP4 W4A4)."""
-    missing = [n for n, qt in results.items() if getattr(qt, "input_global_scale", 0) is None and _static(recipe, n)]
+    missing = [n for n, qt in results.items()
+               if getattr(qt, "input_global_scale", 0) is None and static_input_scale(recipe, n)]
     if not missing:
         return
     best: dict = {}  # (experts prefix, projection) -> the smallest scale (= the largest |x|) of the layer

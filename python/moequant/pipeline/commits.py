@@ -36,7 +36,7 @@ class LayerCommits:
             results, dense = (result.results, tensors) if to_host is None else to_host()
             result.results = results
             self.work.save_layer(index, results, record, hidden, tensors=dense,
-                                 added=getattr(result, "kv_scales", None))
+                                 added=getattr(result, "kv_scales", None), parts=getattr(result, "parts", 0))
 
         self._pending = (index, result, self._pool.submit(commit))
 

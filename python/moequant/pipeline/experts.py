@@ -133,6 +133,7 @@ class MoELayerOutput:
     num_experts: int
     phases: dict = field(default_factory=dict)
     routing_mass: list = field(default_factory=list)
+    parts: int = 0  # the groups whose results went to the work directory's part files (``part_sink``)
 
 
 class _Phases:
@@ -165,12 +166,17 @@ class MoELayerEngine:
         probe: given to every :func:`~moequant.pipeline.jobs.finish_jobs` (the budget's measurement pass).
         dist: the :class:`~moequant.pipeline.distributed.DistContext` of a multi-process run (``run_batch`` then
             runs this rank's batches; :mod:`moequant.pipeline.distributed` does the exchanges), else None.
+        part_sink: with several groups, ``part_sink(part, results)`` takes each group's results in host memory
+            (:class:`~moequant.pipeline.host.HostResults`: the work directory's part files), which are then not in
+            :attr:`MoELayerOutput.results`; :attr:`MoELayerOutput.parts` counts them. None: all are returned.
     """
 
     def __init__(self, layer: nn.Module, family: MoEFamily, prefix: str, recipe: Recipe, storage: torch.dtype,
                  device: torch.device, factory, plan: "GroupPlan", num_batches: int, run_batch,
-                 outputs=None, probe=None, dist=None, output_hooks=None) -> None:
+                 outputs=None, probe=None, dist=None, output_hooks=None, part_sink=None) -> None:
         self.probe = probe
+        self.part_sink = part_sink
+        self.parts = 0
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
@@ -240,7 +246,7 @@ class MoELayerEngine:
         with ph("pass3_forward"), (self.output_hooks or contextlib.nullcontext()):
             outputs = self._pass(rec3.replaying(expert_out), keep=True)
         return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
-                              dict(ph.t), routing)
+                              dict(ph.t), routing, self.parts)
 
     def _routing_mass(self, calls: list) -> list:
         """Per expert, the sum of the routing weights of the calibration tokens routed to it (pass 1's calls)."""
@@ -287,7 +293,8 @@ class MoELayerEngine:
                                        for c in calls2]
         last = None
         # the groups' codes go to host memory on a worker thread while the next group computes
-        with HostResults(self.device) as keeper:
+        # (with a part sink, each group's results go to the work directory as soon as they are in host memory)
+        with HostResults(self.device, None if single else self.part_sink) as keeper:
             for g in groups:
                 ids = list(range(g.start, g.stop))
                 view = expert_view(self.experts, g, self.device)
@@ -338,6 +345,7 @@ class MoELayerEngine:
                         self._outputs(view, ids, ids, calls2, out_acc)
             with ph("expert_keep"):
                 results.update(keeper.results())
+            self.parts = keeper.parts
             with ph("expert_outputs"):
                 if single:  # every expert in one group, written back in place: the experts module itself
                     expert_out = [self.experts(hs, idx, w) for hs, idx, w in calls2]

@@ -2,12 +2,13 @@
 
 The calibration hidden states live in host memory between layers (or, beyond ``host_memory_gb``, in the disk-backed
 store of :mod:`moequant.pipeline.states`, which writes each batch once its pinned copy is done) (a layer's inputs
-and outputs are ``samples x seq_len x hidden``: 1 GB for Qwen3-30B-A3B at 128 x 2048 tokens, 3.8 GB for DeepSeek-V3). Copied into
-pageable memory, a GPU's device-to-host copies run at 1-2 GB/s (the whole output pass of a Qwen3-30B-A3B layer took
-about 0.7 s of copies on an H100); into page-locked (pinned) memory they run at PCIe speed, and the next layer's
-host-to-device copies of the same tensors do too. torch's caching host allocator keeps the freed pinned blocks for
-the next layer. The solved matrices, which wait in host memory for the work directory, go through a few page-locked
-staging buffers into pageable memory instead (:class:`PinnedStaging`), off the layer's thread."""
+and outputs are ``samples x seq_len x hidden``: 1 GB for Qwen3-30B-A3B at 128 x 2048 tokens, 3.8 GB for
+DeepSeek-V3). Copied into pageable memory, a GPU's device-to-host copies run at 1-2 GB/s (the whole output pass of a
+Qwen3-30B-A3B layer took about 0.7 s of copies on an H100); into page-locked (pinned) memory they run at PCIe speed,
+and the next layer's host-to-device copies of the same tensors do too. torch's caching host allocator keeps the
+freed pinned blocks for the next layer. The solved matrices, which wait in host memory for the work directory, go
+through a few page-locked staging buffers into pageable memory instead (:class:`PinnedStaging`), off the layer's
+thread."""
 from __future__ import annotations
 
 import dataclasses
@@ -205,11 +206,21 @@ class HostResults:
     allocator reuses the blocks from the next layers on); the GPU idled meanwhile. The device keeps a group's codes
     until its copies are done: one group more than the engine's own (``plan_layer`` budgets it). Without a GPU, the
     results are kept as :func:`results_to_host` makes them, at once. Use as a context manager: leaving it waits for
-    the copies in flight (also after an error)."""
+    the copies in flight (also after an error).
 
-    def __init__(self, device: torch.device) -> None:
+    ``sink``: ``sink(part, host_results)`` takes each group's host results once copied (on a thread of its own, so
+    that a slow disk does not hold up the copies and the device memory they free; at once without a GPU), ``part``
+    counting the groups from 0 (the work directory's part files,
+    :meth:`moequant.pipeline.workdir.WorkDir.save_part`), and :meth:`results` then holds none of them: host memory
+    keeps a group's results while they are written, not the layer's (a DeepSeek-V3 layer's codes are 11.3 GB, and
+    the previous layer's wait for their commit meanwhile). :attr:`parts`: the groups handed to it."""
+
+    def __init__(self, device: torch.device, sink=None) -> None:
         self.cuda = device.type == "cuda"
+        self._sink = sink
+        self.parts = 0
         self._device = device
+        self._writer: Optional[ThreadPoolExecutor] = None  # the sink's thread: a slow disk never holds the copies
         self._pool: Optional[ThreadPoolExecutor] = None
         self._stream = None
         self._staging: Optional[PinnedStaging] = None
@@ -224,29 +235,51 @@ class HostResults:
     def add(self, res: dict) -> None:
         """Starts the copies of one group's results (name -> quantized tensor, as a solver returns them): the
         solver's dequantized values are dropped now, the device tensors of the codes once they are copied."""
+        part = self.parts
+        if self._sink is not None:
+            self.parts += 1
         if not self.cuda:
-            self._pending.append(results_to_host(res))
+            self._pending.append(self._store(part, results_to_host(res)))
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-results")
             self._stream = torch.cuda.Stream(self._device)
             self._staging = PinnedStaging()
+            if self._sink is not None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="moequant-parts")
         codes = {name: dataclasses.replace(qt, values=None) for name, qt in res.items()}
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self._device))
-        self._pending.append(self._pool.submit(self._copy, codes, ready))
+        self._pending.append(self._pool.submit(self._copy, part, codes, ready))
 
-    def _copy(self, codes: dict, ready) -> dict:
+    def _copy(self, part: int, codes: dict, ready) -> dict:
         with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             self._stream.wait_event(ready)
-            return results_to_host(codes, self._staging)  # its copies are on this thread's (the side) stream
+            host = results_to_host(codes, self._staging)  # its copies are on this thread's (the side) stream
+        codes.clear()  # the device's codes go now, before the write
+        return self._store(part, host)
+
+    def _store(self, part: int, host: dict):
+        """``host`` kept (no sink), or handed to the sink: at once without a GPU, else on the writer thread (the
+        copy worker goes on with the next group, whose codes the device holds until they are copied)."""
+        if self._sink is None:
+            return host
+        if self._writer is None:
+            return self._write(part, host)
+        return self._writer.submit(self._write, part, host)
+
+    def _write(self, part: int, host: dict) -> dict:
+        self._sink(part, host)
+        return {}
 
     def results(self) -> dict:
-        """Every group's host results, in the order they were added (waits for the copies in flight)."""
+        """Every group's host results, in the order they were added (waits for the copies in flight; with a sink,
+        for their writes, and none are returned)."""
         out: dict = {}
         pending, self._pending = self._pending, []
         for p in pending:
-            out.update(p.result() if isinstance(p, Future) else p)
+            r = p.result() if isinstance(p, Future) else p
+            out.update(r.result() if isinstance(r, Future) else r)  # a copy, then its write
         return out
 
     def close(self) -> None:
@@ -254,6 +287,9 @@ class HostResults:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
 
 class DeviceInputs:

@@ -21,10 +21,10 @@ from ..calibration.capture import LayerCapture
 from ..calibration.kv_cache import KVCacheHooks, KVObserver, kv_attentions
 from ..formats.kv_cache import kv_scale
 from ..methods.base import LayerStep
-from ..models.base import text_config
+from ..models.base import num_experts, text_config
 from ..models.lazy import LazyModel, record_layer_inputs
 from ..recipe.recipe import Recipe
-from .activations import complete_input_scales
+from .activations import complete_input_scales, static_input_scale
 from .experts import MoELayerEngine
 from .groups import GIB, plan_layer
 from .host import DeviceInputs, HostCopies
@@ -113,6 +113,8 @@ class LayerResult:
         kv_scales: with the recipe's ``kv_cache``, ``{"<attention>.k_scale" / ".v_scale": [1] tensor}`` (on-disk
             names, checkpoint dtype) from the keys and values the quantized layer stored while computing
             :attr:`outputs` (:mod:`moequant.formats.kv_cache`); else empty.
+        parts: the expert groups whose results the engine wrote to the work directory's part files
+            (:attr:`LayerQuantizer.part_writer`) instead of :attr:`results`.
     """
 
     index: int
@@ -129,6 +131,7 @@ class LayerResult:
     groups: Optional[str] = None
     kv_scales: dict = field(default_factory=dict)
     routing_mass: list = field(default_factory=list)
+    parts: int = 0
 
     def record(self, seconds: float) -> LayerRecord:
         """The layer's report record."""
@@ -165,6 +168,9 @@ class LayerQuantizer:
         self._next: Optional[tuple[int, Future]] = None
         # host copies of a layer bound for a GPU (the prefetched layer, streamed experts) are page-locked
         self._pin = self.device.type == "cuda"
+        # part_writer(index, part, results): where a streamed layer's expert groups go as they finish (the run's
+        # WorkDir.save_part; None: the engine returns them with the layer)
+        self.part_writer = None
 
     def close(self) -> None:
         """Stops the prefetch thread (a layer being read is finished first)."""
@@ -261,7 +267,7 @@ class LayerQuantizer:
             engine = MoELayerEngine(layer, fam, prefix, recipe, self.storage, self.device, self.factory, plan,
                                     len(hidden), lambda b: self._forward(layer, index, inputs[b], kwargs[b]),
                                     outputs=outputs, probe=self.probe, dist=self.dist,
-                                    output_hooks=kv[0] if kv else None)
+                                    output_hooks=kv[0] if kv else None, part_sink=self._part_sink(index, layer))
             out = engine.run()
             inputs.release()
             complete_input_scales(out.results, recipe)
@@ -269,7 +275,7 @@ class LayerQuantizer:
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
                                groups=plan.describe(out.num_experts), routing_mass=out.routing_mass,
-                               kv_scales=self._kv_scales(kv))
+                               kv_scales=self._kv_scales(kv), parts=out.parts)
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
             if self.dist is not None:
@@ -311,6 +317,20 @@ class LayerQuantizer:
             return None
         observer = KVObserver()
         return KVCacheHooks(attentions, observer.observe), observer, attentions
+
+    def _part_sink(self, index: int, layer: nn.Module):
+        """The engine's ``part_sink`` for layer ``index``: :attr:`part_writer` bound to it, unless a routed expert
+        of the layer takes a static input scale, which :func:`complete_input_scales` completes from the whole
+        layer's results (NVFP4 W4A4)."""
+        if self.part_writer is None:
+            return None
+        fam = self.lazy.family
+        experts = fam.experts_of(layer)
+        prefix = self.lazy.layer_prefix(index)
+        for e in range(num_experts(experts)):
+            if any(static_input_scale(self.recipe, n) for n in fam.disk_expert_names(prefix, e).values()):
+                return None
+        return lambda part, results: self.part_writer(index, part, results)
 
     def _kv_scales(self, kv: Optional[tuple]) -> dict:
         """``k_scale`` / ``v_scale`` of the attentions an observer saw, by on-disk name, in the checkpoint dtype."""

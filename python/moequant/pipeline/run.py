@@ -325,6 +325,9 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                 report.layers = [work.load_record(i) for i in range(start)]
             logger.info("resuming after layer %d of %d", start - 1, lazy.num_layers)
         quantizer.transforms = list(transforms)
+        # a streamed layer's expert groups go to the work directory as they finish (not on the other ranks of a
+        # distributed run, whose results are rank 0's)
+        quantizer.part_writer = work.save_part if dist is None else None
         with (LayerCommits(work, observers) if root else _NoCommits(observers)) as commits:
             for index in _progress(range(start, lazy.num_layers), lazy.num_layers - start, "quantizing layers",
                                    progress):

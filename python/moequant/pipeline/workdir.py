@@ -8,7 +8,10 @@ Files:
   for an integer format, or the scale bytes, NVFP4's global scale and input global scale for a floating-point one;
   their formats as ``[bits, group_size, symmetric]`` or ``[kind]`` in the metadata, plus ``dense::<name>``
   high-precision tensors a transform changed and ``added::<name>`` tensors the source lacks: the KV-cache
-  ``k_scale`` / ``v_scale``) and ``layer_NNNNN.json`` (its report record);
+  ``k_scale`` / ``v_scale``) and ``layer_NNNNN.json`` (its report record); a layer whose routed experts went through
+  the device in several groups has its experts' results in ``layer_NNNNN.partKKKK.safetensors`` files (same layout,
+  one per group, written as the groups finish: host memory holds a group's results, not the layer's), their number
+  in the layer file's metadata (``parts``);
 * ``activations_NNNNN.safetensors``: the calibration hidden states after layer NNNNN, one tensor per batch
   (:mod:`moequant.pipeline.states`; with the disk-backed store the very file the layer wrote its outputs into,
   flushed and renamed: the states are written once);
@@ -20,7 +23,7 @@ Atomicity: every file is written to a temporary name, flushed and renamed into p
 one rename, that of ``progress.json``. A layer's files and its activations are written under names no committed
 state refers to (the layer's own index) before the marker moves to them; the previous activations are removed only
 after it has moved. A disk-backed store's file being written by the next layer (``states.tmp-*``) is an orphan until
-its layer commits: a resume removes it with the other temporaries. A kill at any point therefore leaves either the state before the layer or the state after it,
+its layer commits: a resume removes it with the other temporaries, and the part files of layers it does not count. A kill at any point therefore leaves either the state before the layer or the state after it,
 and a resume continues bit-identically. The directory itself appears fully formed (manifest and held lock) by one
 rename of a temporary directory.
 
@@ -50,12 +53,17 @@ from .states import HiddenStates, MemoryStates, open_states
 
 __all__ = ["WORK_VERSION", "WorkDir", "open_work_dir"]
 
-WORK_VERSION = 4  # the format of the files above; part of every run's fingerprint (manifest.json). 4: floating-point
-# results (scale bytes, NVFP4 global / input global scales), 3: activations in safetensors (moequant.pipeline.states),
-# 2: torch.save lists
+WORK_VERSION = 5  # the format of the files above; part of every run's fingerprint (manifest.json). 5: a layer's
+# expert groups in part files; 4: floating-point results (scale bytes, NVFP4 global / input global scales),
+# 3: activations in safetensors (moequant.pipeline.states), 2: torch.save lists
 
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
 _ACTIVATIONS = re.compile(r"activations_(\d{5})\.safetensors")
+_PART = re.compile(r"layer_(\d{5})\.part(\d{4})\.safetensors")
+
+
+def _part_name(index: int, part: int) -> str:
+    return f"layer_{index:05d}.part{part:04d}.safetensors"
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -208,12 +216,14 @@ class WorkDir:
 
     def _remove_orphans(self) -> None:
         """Removes what no committed state refers to (when the directory is opened for a resume): activations of
-        earlier layers (the marker has moved past them) and temporary files of interrupted writes (also a
-        disk-backed store's unfinished ``states.tmp-*``)."""
+        earlier layers (the marker has moved past them), part files of layers not committed and temporary files of
+        interrupted writes (also a disk-backed store's unfinished ``states.tmp-*``)."""
         for p in self.path.iterdir():
             name = p.name
             stale_act = name.startswith("activations") and name != self._activations
-            if stale_act or ".tmp-" in name or name == OWNER_FILE:
+            part = _PART.fullmatch(name)
+            stale_part = part is not None and int(part.group(1)) >= self._completed  # of a layer never committed
+            if stale_act or stale_part or ".tmp-" in name or name == OWNER_FILE:
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -243,38 +253,35 @@ class WorkDir:
         return self._completed
 
     def save_layer(self, index: int, results: dict, record: LayerRecord, hidden,
-                   tensors: Optional[dict] = None, added: Optional[dict] = None) -> None:
+                   tensors: Optional[dict] = None, added: Optional[dict] = None, parts: int = 0) -> None:
         """Commits layer ``index`` (= :attr:`completed`): its results, record and the activations after it
         (``hidden``: a :class:`~moequant.pipeline.states.HiddenStates`, or a list of batch tensors; states of the
         disk-backed store are flushed and renamed into place, others written).
 
         ``tensors``: optional on-disk tensor name -> high-precision tensor (e.g. a norm or router weight changed
         by a smoothing or rotation transform) that the export writes in place of the source tensor. ``added``:
-        on-disk tensor name -> a tensor the source lacks (the KV-cache scales), written as it is."""
+        on-disk tensor name -> a tensor the source lacks (the KV-cache scales), written as it is. ``parts``: the
+        layer's part files written before (:meth:`save_part`, numbered from 0), whose results belong to it too."""
         from safetensors.torch import save_file
 
         if index != self._completed:
             raise ValueError(f"index: expected the next layer {self._completed}, got {index}")
-        stored, meta = {}, {}
-        for name, qt in results.items():
-            stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
-            stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
-            if isinstance(qt.format, FloatFormat):
-                stored[f"{name}::scale_codes"] = qt.scale_codes.contiguous().cpu()
-                for key, t in (("global", qt.global_scale), ("input_global", qt.input_global_scale)):
-                    if t is not None:
-                        stored[f"{name}::{key}"] = t.detach().reshape(1).float().cpu().clone()
-            else:
-                stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
-            meta[name] = list(qt.format.key)
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 0:
+            raise ValueError(f"parts: expected an int >= 0, got {parts!r}")
+        for k in range(parts):
+            if not (self.path / _part_name(index, k)).is_file():
+                raise ValueError(f"parts: layer {index} has {parts} part(s), but {_part_name(index, k)} is missing")
+        stored, meta = _stored(results)
         for name, t in (tensors or {}).items():
             stored[f"dense::{name}"] = t.detach().contiguous().cpu()
         for name, t in (added or {}).items():
             stored[f"added::{name}"] = t.detach().contiguous().cpu()
+        metadata = {"schemes": json.dumps(meta)}
+        if parts:
+            metadata["parts"] = str(parts)
         # 1. files of this layer, under its own index: no committed state refers to them yet
         atomic_write(self.path / f"layer_{index:05d}.safetensors",
-                     lambda tmp: save_file(stored, str(tmp), metadata={"schemes": json.dumps(meta)}),
-                     umask=self._umask)
+                     lambda tmp: save_file(stored, str(tmp), metadata=metadata), umask=self._umask)
         atomic_write_json(self.path / f"layer_{index:05d}.json", record.to_dict(), umask=self._umask)
         act = f"activations_{index:05d}.safetensors"
         states = hidden if isinstance(hidden, HiddenStates) else MemoryStates([h.cpu() for h in hidden])
@@ -286,6 +293,24 @@ class WorkDir:
         # 3. what the marker no longer refers to (only that: the next layer's store may be writing meanwhile)
         if previous is not None and previous != act:
             (self.path / previous).unlink(missing_ok=True)
+
+    def save_part(self, index: int, part: int, results: dict) -> None:
+        """Writes results of layer ``index`` (the one being computed: :attr:`completed`, or the next while the
+        previous layer's commit is in flight) into its part file ``part``: a group of its experts, finished before
+        the layer (module docstring). Thread-safe against :meth:`save_layer` of the previous layer (each writes its
+        own files). The layer's commit
+        (``save_layer(..., parts=n)``) makes them its own; until then they are orphans a resume removes."""
+        done = self._completed  # the previous layer's commit may still be in flight
+        if index not in (done, done + 1):
+            raise ValueError(f"index: expected the layer being computed ({done} or {done + 1}), got {index}")
+        if isinstance(part, bool) or not isinstance(part, int) or not 0 <= part <= 9999:
+            raise ValueError(f"part: expected an int in [0, 9999], got {part!r}")
+        from safetensors.torch import save_file
+
+        stored, meta = _stored(results)
+        atomic_write(self.path / _part_name(index, part),
+                     lambda tmp: save_file(stored, str(tmp), metadata={"schemes": json.dumps(meta)}),
+                     umask=self._umask)
 
     # -- reading -------------------------------------------------------------------------------------
     def load_record(self, index: int) -> LayerRecord:
@@ -311,18 +336,33 @@ class WorkDir:
             raise self._damaged(name, f"unreadable ({_brief(exc)})") from None
 
     def _read_layer(self, index: int, tensors: bool):
+        """Layer ``index``'s (formats, None, None) without ``tensors``, else (quantized results, dense, added), its
+        part files' results after its own."""
+        name = f"layer_{index:05d}.safetensors"
+        meta, quantized, dense, added, parts = self._read_file(name, tensors, True)
+        for k in range(parts):
+            m, q, _, _, _ = self._read_file(_part_name(index, k), tensors, False)
+            meta.update(m)
+            if tensors:
+                quantized.update(q)
+        return (meta, None, None) if not tensors else (quantized, dense, added)
+
+    def _read_file(self, name: str, tensors: bool, layer: bool):
         from safetensors import safe_open
 
-        name = f"layer_{index:05d}.safetensors"
         try:
             with safe_open(str(self.path / name), "pt") as f:
-                meta = json.loads(f.metadata()["schemes"])
+                md = f.metadata()
+                meta = json.loads(md["schemes"])
+                parts = int(md.get("parts", "0")) if layer else 0
+                if parts < 0:
+                    raise ValueError(f"parts {parts}")
                 if not tensors:
-                    return meta, None, None
+                    return meta, None, None, None, parts
                 quantized = {n: _stored_result(f, n, weight_format_from_key(key)) for n, key in meta.items()}
                 dense = {k[len("dense::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("dense::")}
                 added = {k[len("added::"):]: f.get_tensor(k) for k in f.keys() if k.startswith("added::")}
-                return quantized, dense, added
+                return meta, quantized, dense, added, parts
         except FileNotFoundError:
             raise self._damaged(name, "missing") from None
         except Exception as exc:  # SafetensorError, JSON errors, missing keys, a wrong metadata layout
@@ -345,6 +385,23 @@ class WorkDir:
             except (AttributeError, TypeError, ValueError) as exc:
                 raise self._damaged(f"layer_{index:05d}.safetensors", f"unreadable schemes ({_brief(exc)})") from None
         return out
+
+
+def _stored(results: dict) -> tuple[dict, dict]:
+    """The tensors (``<name>::codes`` ...) and the formats (name -> format key) of a layer file for ``results``."""
+    stored, meta = {}, {}
+    for name, qt in results.items():
+        stored[f"{name}::codes"] = qt.codes.contiguous().cpu()
+        stored[f"{name}::scale"] = qt.scale.contiguous().cpu()
+        if isinstance(qt.format, FloatFormat):
+            stored[f"{name}::scale_codes"] = qt.scale_codes.contiguous().cpu()
+            for key, t in (("global", qt.global_scale), ("input_global", qt.input_global_scale)):
+                if t is not None:
+                    stored[f"{name}::{key}"] = t.detach().reshape(1).float().cpu().clone()
+        else:
+            stored[f"{name}::zero"] = qt.zero_point.contiguous().cpu()
+        meta[name] = list(qt.format.key)
+    return stored, meta
 
 
 def _stored_result(f, name: str, fmt):

@@ -32,6 +32,12 @@ def _recipe(**scheme) -> Recipe:  # GPTQ (its results depend on the layer inputs
                   calibration=CalibrationConfig(num_samples=4, seq_len=32, batch_size=2))
 
 
+def _groups_recipe() -> Recipe:  # _recipe() with the experts in groups of 2: their results in part files
+    r = _recipe()
+    r.experts_per_group = 2
+    return r
+
+
 def _quantize(model, out, recipe=None, **kw):
     return pipeline.quantize(model, recipe or _recipe(), calibration=kw.pop("calibration", IDS), output_dir=out,
                              progress=False, **kw)
@@ -48,6 +54,26 @@ def expected(tiny, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("full") / "out"
     _quantize(tiny, out)
     return checkpoint_tensors(out)
+
+
+@pytest.fixture(scope="module")
+def expected_groups(tiny, tmp_path_factory) -> dict:
+    """The tensors of an uninterrupted run of ``_recipe()`` with experts in groups of 2 (part files)."""
+    out = tmp_path_factory.mktemp("full-groups") / "out"
+    _quantize(tiny, out, _groups_recipe())
+    return checkpoint_tensors(out)
+
+
+@pytest.fixture(scope="module")
+def interrupted_groups(tiny, tmp_path_factory) -> Path:
+    """As :func:`interrupted`, with experts in groups of 2: layer 0's results partly in part files."""
+    out = tmp_path_factory.mktemp("interrupted-groups") / "out"
+    with pytest.raises(CrashAfterLayer0):
+        _quantize(tiny, out, _groups_recipe(), observers=crash_observer())
+    partial = out.with_name("out.partial")
+    assert sorted(p.name for p in partial.glob("layer_00000.part*")) == ["layer_00000.part0000.safetensors",
+                                                                         "layer_00000.part0001.safetensors"]
+    return partial
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +96,17 @@ class Kill(BaseException):
 
 
 # ------------------------------------------------------------------------------------------ (1) atomic updates
-@pytest.mark.parametrize("host_memory_gb", [None, 0], ids=["states-in-memory", "states-on-disk"])
-def test_kill_between_any_two_writes_resumes_bit_identically(tiny, expected, tmp_path, monkeypatch, host_memory_gb):
+@pytest.mark.parametrize("host_memory_gb, groups", [(None, None), (0, None), (None, 2)],
+                         ids=["states-in-memory", "states-on-disk", "expert-groups-in-part-files"])
+def test_kill_between_any_two_writes_resumes_bit_identically(tiny, expected, expected_groups, tmp_path, monkeypatch,
+                                                             host_memory_gb, groups):
     """The run is killed right after its k-th rename (os.replace / os.rename: every atomic file or directory update
     of the work directory and the export), for k = 1, 2, ... until a run gets through; each interrupted run is then
     resumed and must give the uninterrupted checkpoint, bit for bit. On the old work format, a kill between writing
     the activations and progress.json re-quantized a layer on its own outputs (a different checkpoint, no error).
     With the hidden states in the disk-backed store (host_memory_gb 0) a layer's outputs file is renamed into place
-    by the commit instead of written by it."""
+    by the commit instead of written by it; with expert groups (experts_per_group 2) each group's results are written
+    to a part file before the layer's commit, and a kill after any of them resumes to the groups' own checkpoint."""
     state = {"prefix": None, "count": 0, "kill_at": None}
 
     def after(real):
@@ -92,8 +121,9 @@ def test_kill_between_any_two_writes_resumes_bit_identically(tiny, expected, tmp
 
     monkeypatch.setattr(os, "replace", after(os.replace))
     monkeypatch.setattr(os, "rename", after(os.rename))
-    r = _recipe()
+    r = _recipe() if groups is None else _groups_recipe()
     r.host_memory_gb = host_memory_gb
+    want = expected if groups is None else expected_groups
     k = 1
     while True:
         out = tmp_path / f"run-{k:03d}"
@@ -108,7 +138,7 @@ def test_kill_between_any_two_writes_resumes_bit_identically(tiny, expected, tmp
             report = _quantize(tiny, out, r, resume=True)
             assert report.resumed_from_layer in (None, 0, 1, 2)
             assert not out.with_name(out.name + ".partial").exists()
-        _assert_same(checkpoint_tensors(out), expected)
+        _assert_same(checkpoint_tensors(out), want)
         assert [p.name for p in tmp_path.glob(f"{out.name}.tmp-*")] == []
         k += 1
     assert k > 9, f"only {k - 1} writes seen: the hook does not see the run's writes"
@@ -253,6 +283,53 @@ DAMAGE = {
     "activations-garbled": ("activations*.safetensors", _garble),
     "activations-missing": ("activations*.safetensors", Path.unlink),
 }
+
+
+PART_DAMAGE = {
+    "part-missing": ("layer_00000.part0001.safetensors", Path.unlink),
+    "part-garbled": ("layer_00000.part0000.safetensors", _garble),
+    "part-truncated": ("layer_00000.part0001.safetensors", _truncate),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PART_DAMAGE))
+def test_damaged_part_file_is_one_clear_error(tiny, interrupted_groups, tmp_path, case):
+    """A committed layer's part file (expert groups) missing or damaged: the same one-line error, nothing touched."""
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    shutil.copytree(interrupted_groups, partial)
+    name, damage = PART_DAMAGE[case]
+    damage(partial / name)
+    before = sorted(p.name for p in partial.iterdir())
+    with pytest.raises(ValueError) as info:
+        _quantize(tiny, out, _groups_recipe(), resume=True)
+    msg = str(info.value)
+    assert str(partial / name) in msg and f"delete {partial}" in msg and "\n" not in msg, msg
+    assert sorted(p.name for p in partial.iterdir()) == before and not out.exists()
+
+
+def test_part_files_of_an_uncommitted_layer_are_removed_on_resume(tiny, interrupted_groups, expected_groups,
+                                                                  tmp_path):
+    """Part files of the layer the run was in when it stopped (layer 1 here) are orphans: the resume removes them
+    before it redoes the layer, and the checkpoint is the uninterrupted one."""
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    shutil.copytree(interrupted_groups, partial)
+    stale = partial / "layer_00001.part0000.safetensors"
+    shutil.copy(partial / "layer_00000.part0000.safetensors", stale)  # what a kill in layer 1 would leave
+    removed = []
+    real_unlink = Path.unlink
+
+    def watch(p, *a, **k):
+        removed.append(p.name)
+        return real_unlink(p, *a, **k)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Path, "unlink", watch):
+        report = _quantize(tiny, out, _groups_recipe(), resume=True)
+    assert report.resumed_from_layer == 1 and "layer_00001.part0000.safetensors" in removed
+    _assert_same(checkpoint_tensors(out), expected_groups)
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
