@@ -180,6 +180,45 @@ def test_pads_and_zero_token_expert_direct_call():
     assert seen[1].x.shape[0] == (T - 4) * k and bool((seen[1].token_index >= 4).all())
 
 
+def _route_tokens_reference(hs, idx, w, num, mask=None):
+    """route_tokens as first written (boolean-mask selections, bincount): the twin the faster form must equal."""
+    H = hs.shape[-1]
+    hs = hs.reshape(-1, H)
+    T = hs.shape[0]
+    idx = idx.reshape(T, -1).long()
+    k = idx.shape[1]
+    w = w.reshape(T, -1)
+    if w.shape[1] != k:
+        w = w.gather(1, idx.clamp(0, w.shape[1] - 1))
+    flat = idx.reshape(-1)
+    tok = torch.arange(T).repeat_interleave(k)
+    valid = (flat >= 0) & (flat < num)
+    if mask is not None:
+        valid &= mask.reshape(-1).bool().repeat_interleave(k)
+    ids = flat[valid]
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids[order], minlength=num)
+    return hs[tok[valid][order]], ids[order], w.reshape(-1)[valid][order].float(), tok[valid][order], counts
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_route_tokens_equals_its_reference(k, masked):
+    """Pads (ids outside [0, E), negative too), masked tokens, experts without rows, ties kept in token order."""
+    g = torch.Generator().manual_seed(k)
+    T, E = 37, 6
+    hs = torch.randn(T, 16, generator=g)
+    idx = torch.randint(-1, E + 2, (T, k), generator=g)
+    idx[idx == 3] = 4  # expert 3 sees no row
+    w = torch.rand(T, k, generator=g)
+    mask = torch.rand(T, generator=g) > 0.3 if masked else None
+    b = route_tokens(hs, idx, w, E, mask)
+    x, ids, wt, tok, counts = _route_tokens_reference(hs, idx, w, E, mask)
+    assert torch.equal(b.x, x) and torch.equal(b.expert_ids, ids.to(torch.int32)) and torch.equal(b.weights, wt)
+    assert torch.equal(b.token_index, tok) and torch.equal(b.counts, counts) and int(counts[3]) == 0
+    assert b.offsets[0] == 0 and b.offsets[-1] == ids.numel() and b.num_tokens == T
+
+
 def test_route_tokens_dense_scores():
     """[T, E] dense routing scores (older GPT-OSS router) are gathered at the chosen slots."""
     idx = torch.tensor([[0, 2], [1, 0], [2, 3]])

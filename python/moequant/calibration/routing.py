@@ -71,19 +71,21 @@ def route_tokens(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     if w.shape[1] != k:  # dense [T, E] scores (older GPT-OSS router): weight of the chosen slots
         w = w.gather(1, idx.clamp(0, w.shape[1] - 1))
     flat = idx.reshape(-1)
-    tok = torch.arange(T, device=idx.device).repeat_interleave(k)
     valid = (flat >= 0) & (flat < num_experts)
     if token_mask is not None:
         valid &= token_mask.reshape(-1).to(device=idx.device, dtype=torch.bool).repeat_interleave(k)
-    ids = flat[valid]
+    # the kept (token, slot) pairs' flat positions: on a GPU the one host synchronisation (three boolean-mask
+    # selections and bincount's maximum were four per call)
+    sel = valid.nonzero().squeeze(1)
+    ids = flat.index_select(0, sel)
     order = torch.argsort(ids, stable=True)
-    ids = ids[order]
-    tok = tok[valid][order]
-    counts = torch.bincount(ids, minlength=num_experts)
+    ids, sel = ids[order], sel[order]
+    tok = sel // k  # pair i belongs to token i // k
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=idx.device).scatter_add_(0, ids, torch.ones_like(ids))
     offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=idx.device)
     torch.cumsum(counts, 0, out=offsets[1:])
     return RoutedBatch(
-        x=hs[tok], expert_ids=ids.to(torch.int32), weights=w.reshape(-1)[valid][order].float(),
+        x=hs[tok], expert_ids=ids.to(torch.int32), weights=w.reshape(-1).index_select(0, sel).float(),
         token_index=tok, offsets=offsets, num_tokens=T)
 
 
