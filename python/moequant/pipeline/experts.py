@@ -265,10 +265,12 @@ class MoELayerEngine:
         return [slice(a, min(a + size, self.num)) for a in range(0, self.num, size)]
 
     def _lut(self, ids: list[int], pad: int) -> torch.Tensor:
-        """Layer expert id -> id in a view holding ``ids`` (``pad``, the view's "no expert", for the others)."""
+        """Layer expert id -> id in a view holding ``ids`` (``pad``, the view's "no expert", for the others), on the
+        compute device: copied once per group, not at every call (a pageable host-to-device copy waits for the
+        stream)."""
         lut = torch.full((self.num,), pad, dtype=torch.long)
         lut[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
-        return lut
+        return lut.to(self.device)
 
     def _experts(self, plan: GroupPlan, calls1: list, calls2: list):
         recipe, fam, ph = self.recipe, self.family, self.phases
@@ -389,6 +391,7 @@ class MoELayerEngine:
         pos = {e: j for j, e in enumerate(ids)}
         for e in solved:
             lut[e] = pos[e]
+        lut = lut.to(self.device)  # once, not at every call
         for acc, (hs, idx, w) in zip(out_acc, calls2):
             local = local_ids(idx, lut, pad)
             # the group's routed rows only (grouped GEMMs on a GPU), else the module on the whole call
