@@ -7,7 +7,9 @@
 #   .whl-llmc         llm-compressor 0.14.0.1 and its pins (compressed-tensors 0.19), for bench_e2e --llmcompressor
 #   .carryq/q.tar.xz  ../shared's tiny trained MoE, evaluation texts and baselines (the quality tables)
 # .carry/prebuilt (the extension built on the GPU machine) comes back from a run of scripts/gpu_steps.sh: unpack its
-# $OUT/prebuilt into .carry/prebuilt. Usage (repository root): bash scripts/gpu_carry.sh [SHARED_DIR]
+# $OUT/prebuilt into .carry/prebuilt. Sizes (session 12): headers 7.3 MB, prebuilt 6 MB, .whl 16 MB, .whl-llmc 5 MB,
+# .carryq 28 MB, the working tree ~12 MB: with a matching prebuilt carry `.carry/prebuilt` (not the headers), and
+# leave .whl-llmc out of the quality calls. Usage (repository root): bash scripts/gpu_carry.sh [SHARED_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${1:-../shared}
