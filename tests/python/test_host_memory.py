@@ -464,7 +464,9 @@ def test_a_layer_loads_into_its_own_memory(tmp_path_factory, dtype):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     one_tensor = 1024 * 512 * 2
-    assert r["grown"] <= 1.05 * r["layer"] + one_tensor + 4 * 2**20, r
+    # 8 MiB for the interpreter's own growth: with 4 MiB, a full-suite run on the 2-core machine overshot by 46 KB
+    # (float32, session 12); what the test guards against is ~2.7 layers (276 MB here)
+    assert r["grown"] <= 1.05 * r["layer"] + one_tensor + 8 * 2**20, r
 
 
 def test_layer_load_stacks_nothing_and_matches_the_checkpoint(model, monkeypatch):
