@@ -62,7 +62,6 @@ def earlier_rows(out: Path, args) -> tuple[dict, dict]:
     return rows, meta
 
 
-
 def worker_env(device: str, workers: int, environ) -> dict:
     """The environment of the row workers: on the CPU each gets its share of the cores as its thread count
     (``OMP_NUM_THREADS``; torch would give every worker all of them). On the 2-core development machine, rows
@@ -72,6 +71,7 @@ def worker_env(device: str, workers: int, environ) -> dict:
     if not str(device).startswith("cuda") and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
     return env
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

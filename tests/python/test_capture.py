@@ -181,20 +181,14 @@ def test_pads_and_zero_token_expert_direct_call():
 
 
 def _route_tokens_reference(hs, idx, w, num, mask=None):
-    """route_tokens as first written (boolean-mask selections, bincount): the twin the faster form must equal."""
-    H = hs.shape[-1]
-    hs = hs.reshape(-1, H)
-    T = hs.shape[0]
-    idx = idx.reshape(T, -1).long()
+    """route_tokens' selection as first written (boolean masks, bincount), for ``[T, H]`` rows and ``[T, k]``
+    ids and weights: the twin the faster form must equal."""
     k = idx.shape[1]
-    w = w.reshape(T, -1)
-    if w.shape[1] != k:
-        w = w.gather(1, idx.clamp(0, w.shape[1] - 1))
     flat = idx.reshape(-1)
-    tok = torch.arange(T).repeat_interleave(k)
+    tok = torch.arange(hs.shape[0]).repeat_interleave(k)
     valid = (flat >= 0) & (flat < num)
     if mask is not None:
-        valid &= mask.reshape(-1).bool().repeat_interleave(k)
+        valid &= mask.bool().repeat_interleave(k)
     ids = flat[valid]
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids[order], minlength=num)

@@ -424,16 +424,17 @@ def test_layer_to_host_later_copies_on_the_callers_thread_after_the_queued_work(
         assert dn is None
 
 
-def test_layer_to_host_with_and_without_export_tensors():
+def test_layer_to_host_later_with_and_without_export_tensors():
     """A layer of a recipe without export tensors (the default: ``layer_export_tensors`` gives None) and one with
     them (a rotation's or AWQ's high-precision tensors) both reach host memory (session 11: the first crashed)."""
-    from moequant.pipeline.host import layer_to_host
+    from moequant.pipeline.host import layer_to_host_later
 
     res = _solved("cpu")
-    out, dense = layer_to_host(res, None)
+    cpu = torch.device("cpu")
+    out, dense = layer_to_host_later(res, None, cpu)()
     assert dense is None and list(out) == list(res) and all(qt.values is None for qt in out.values())
     t = torch.arange(6.0).reshape(2, 3)
-    out, dense = layer_to_host(res, {"model.norm.weight": t})
+    out, dense = layer_to_host_later(res, {"model.norm.weight": t}, cpu)()
     assert list(dense) == ["model.norm.weight"] and torch.equal(dense["model.norm.weight"], t)
 
 

@@ -28,7 +28,7 @@ class LayerCommits:
 
     def submit(self, index: int, result, record, hidden: list, tensors: dict, to_host=None) -> None:
         """Commits layer ``index`` (after the previous one's commit has finished). ``to_host``: a function run first
-        on the commit thread that returns the results and tensors in host memory (they are on a GPU:
+        on the commit thread that returns the results and tensors in host memory (run.py passes
         :func:`moequant.pipeline.host.layer_to_host_later`); ``result.results`` is then the host copy."""
         self.wait()
 

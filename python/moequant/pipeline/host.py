@@ -160,25 +160,20 @@ def results_to_host(res: dict, staging: Optional[PinnedStaging] = None) -> dict:
             for name, qt, fields in kept}
 
 
-def layer_to_host(results: dict, dense: Optional[dict]) -> tuple[dict, Optional[dict]]:
-    """A quantized layer's solved matrices (:func:`results_to_host`) and its export tensors (name -> tensor, or
-    None when the recipe writes none: ``methods.base.layer_export_tensors``) in host memory."""
-    if dense:
-        dense = dict(zip(dense, to_host(list(dense.values()))))
-    return results_to_host(results), dense
-
-
 def layer_to_host_later(results: dict, dense: Optional[dict], device: torch.device):
-    """A function that brings a layer's results and export tensors (as :func:`layer_to_host`) from ``device`` to
-    pageable host memory when called, on its caller's thread (the commit thread, while the next layer computes):
-    on a stream of its own, after the work queued so far on this thread's stream (which produced them), through a
-    :class:`PinnedStaging`. The solver's dequantized values are dropped now (their device memory goes at once);
-    the codes stay on the device until the call has copied them.
+    """A function that returns a layer's solved matrices (:func:`results_to_host`) and its export tensors (name ->
+    tensor, or None when the recipe writes none: ``methods.base.layer_export_tensors``) in host memory, made when it
+    is called, on its caller's thread (the commit thread, while the next layer computes). On a GPU the copies run on
+    a stream of their own, after the work queued so far on this thread's stream (which produced them), through a
+    :class:`PinnedStaging` into pageable memory; on the CPU there is nothing to copy. The solver's dequantized
+    values are dropped now (their device memory goes at once); the codes stay on the device until the call.
 
     Copied on the layer loop's thread, a Qwen3-30B-A3B layer's codes took 0.4-0.7 s the first two layers (page-locked
     allocations), then 0.02 s, and stayed page-locked (rounded up to a power of two) while the commit wrote them."""
     codes = {name: dataclasses.replace(qt, values=None) for name, qt in results.items()}
     dense = dict(dense) if dense else dense
+    if device.type != "cuda":
+        return lambda: (results_to_host(codes), dense)
     ready = torch.cuda.Event()
     ready.record(torch.cuda.current_stream(device))
 

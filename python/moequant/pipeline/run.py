@@ -356,10 +356,10 @@ def quantize(model_or_path, recipe: Union[Recipe, dict, str, None] = None, calib
                     sink.abort()
                     raise
                 dense = layer_export_tensors(transforms, result.step, set(result.results))
-                to_host = None
-                if quantizer.device.type == "cuda":  # copied off the GPU by the commit thread, on its own stream
-                    to_host = layer_to_host_later(result.results, dense, quantizer.device)
-                    result.results, dense = {}, None  # the device keeps the codes only until they are copied
+                # to host memory on the commit thread (off a GPU on its own stream): the device keeps the codes only
+                # until they are copied
+                to_host = layer_to_host_later(result.results, dense, quantizer.device)
+                result.results, dense = {}, None
                 record = result.record(round(time.time() - t, 3))
                 result.layer = result.step = result.outputs = None  # the module's memory goes now
                 # written while the next layer computes
