@@ -19,6 +19,7 @@ timed with torch.cuda.synchronize() + perf_counter and summed over the groups.
 --experts N < 256 processes only the first N experts' groups (routing still over all 256) and extrapolates the
 per-expert stages linearly to 256 experts; the table then says "extrapolated".
 Usage: python benchmarks/bench_layer.py [--experts 256] [--group 32] [--gptq-chunk 16] [--hessian-precision bf16]
+       [--recipe-default] [--profile FILE]
 The default Hessian precision is bf16, what the pipeline uses for bf16 layers on CUDA (recipe
 ``hessian_precision: auto``); pass fp32 for the SIMT update.
 """
@@ -119,6 +120,19 @@ def process_group(st, g0, G, xbf, tok_sorted, exp_sorted, w_sorted, offsets, wgu
     return len(packed)
 
 
+def profiled(path: str, fn):
+    """fn() under torch.profiler; the kernels by total GPU time go to ``path`` and stdout."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    with open(path, "w") as f:
+        f.write(table)
+    print(table, flush=True)
+    return out
+
+
 def gptq_kwargs(args) -> dict:
     """The solver settings: the plain issue configuration, or with --recipe-default what the pipeline's default
     recipe runs (moequant.recipe.QuantScheme().gptq_kwargs(), and the proxy loss of every expert for the report)."""
@@ -148,6 +162,9 @@ def main():
     ap.add_argument("--recipe-default", action="store_true",
                     help="GPTQ as the default recipe (moequant.recipe.QuantScheme()) runs it, with the proxy "
                          "loss; the settings are printed with the results")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="profile the first group's stages with torch.profiler (CUDA kernels) and write the table of "
+                         "kernels by GPU time to FILE (also printed); the group's times then include the profiler")
     args = ap.parse_args()
     solver = gptq_kwargs(args)
     shp = SHAPES["deepseek-v3"]
@@ -193,8 +210,12 @@ def main():
         wgu, wd = make_weights(G, hidden, shp.width, gen)
         torch.cuda.synchronize()
         setup_s += time.perf_counter() - t0
-        n_packed += process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args,
-                                  solver)
+        if args.profile and g0 == 0:
+            n_packed += profiled(args.profile, lambda: process_group(
+                st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args, solver))
+        else:
+            n_packed += process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args,
+                                      solver)
         del wgu, wd
         done = sum(v for k, v in st.t.items() if k != "route (once)")
         print(f"  experts {g0}..{g0 + G - 1} done: {done:.2f} s of stages so far, peak memory "

@@ -181,8 +181,8 @@ def gptq_quantize_format_batched(w: torch.Tensor, h: torch.Tensor, fmt, *, act_o
     CUDA tensors: the batched GPU solver (``kernels/src/gptq_format.cu``; ``h`` float32, copied unless
     ``overwrite_h``; ``block_size <= 128``). Its scales, scale codes, zero points and global scales are the CPU's bit
     for bit; the codes are GPTQ's with the GPU's rounding (fp32 factorisation and SGEMMs), so not bit-identical to the
-    CPU solver (tests/python/test_fp_gptq_cuda.py states the policy). Until that test has run on a GPU it is used only
-    when called explicitly: the default route for a CUDA weight is :func:`gptq_quantize_format` (the CPU core).
+    CPU solver (tests/python/test_fp_gptq_cuda.py states the policy). The pipeline's GPTQ solver routes CUDA matrices
+    here (``GPTQSolver.float_batched``); :func:`gptq_quantize_format` is the CPU core.
     ``compute_loss=False`` leaves ``.loss`` None. CPU tensors: loops over :func:`gptq_quantize_format`.
     """
     _check_format(fmt)

@@ -20,10 +20,11 @@ class GPTQSolver(Solver):
     needs_hessian = True
     act_order = True
     reference = "gptq_quantize_ref"
-    # The batched GPU solver for floating-point formats (ops.gptq_quantize_format_batched) is used only once
-    # tests/python/test_fp_gptq_cuda.py and test_fp_schemes_cuda.py have passed on a GPU; until then a CUDA matrix in a
-    # floating-point format is solved by the CPU core, one at a time.
-    float_batched: ClassVar[bool] = False
+    # The batched GPU solver for floating-point formats (ops.gptq_quantize_format_batched): on since
+    # tests/python/test_fp_gptq_cuda.py and test_fp_schemes_cuda.py passed on a GPU (docs/gpu-runs.md, run 36; the
+    # kernels have not changed since). False: a CUDA matrix in a floating-point format is solved by the CPU core, one
+    # at a time (test_fp_schemes_cuda.py compares both routes).
+    float_batched: ClassVar[bool] = True
 
     def supports(self, fmt) -> bool:
         """Integer formats always; floating-point formats with the format solver (``ops.gptq_quantize_format``)."""
@@ -39,9 +40,9 @@ class GPTQSolver(Solver):
         return ops.gptq_quantize(w, h, scale_dtype=storage, **scheme.gptq_kwargs())
 
     def batchable(self, w: torch.Tensor, h: Optional[torch.Tensor], scheme) -> bool:
-        """The batched GPU solver's limits: CUDA, a Hessian, ``block_size <= 128``, MSE scales only with act-order;
-        integer formats (the floating-point formats' batched kernel is not yet the default route: see
-        :func:`moequant.ops.gptq_quantize_format_batched`)."""
+        """The batched GPU solver's limits: CUDA, a Hessian, ``block_size <= 128``; for integer formats MSE scales
+        only with act-order; floating-point formats through :func:`moequant.ops.gptq_quantize_format_batched` while
+        :attr:`float_batched` is on."""
         if isinstance(scheme.format, FloatFormat):
             return self.float_batched and w.is_cuda and h is not None and scheme.block_size <= 128
         return (w.is_cuda and h is not None and scheme.block_size <= 128
