@@ -58,11 +58,18 @@ __host__ __device__ inline QP mse_candidate(int i, float lo, float hi, const Rtn
   return qparams_from_range<int32_t>(Exact::mul(shrink, lo), Exact::mul(shrink, hi), s);
 }
 
-// Calls f(p) for the candidates 0..mse_steps in the CPU's order, skipping a candidate identical to the previous one
-// evaluated: its error is the same number, which can never pass the strict `<` (either the previous one won and
-// best_err equals it, or it lost and best_err is already <= it), so the result is unchanged and many pow()
-// evaluations are saved (bf16 scales collapse neighbouring shrink factors onto the same scale). Stops early when f
-// returns false.
+// Whether candidate i duplicates candidate i - 1 (the same scale and zero point).
+__host__ __device__ inline bool mse_duplicate(int i, const QP& p, float lo, float hi, const RtnParams& s) {
+  if (i == 0) return false;
+  const QP q = mse_candidate(i - 1, lo, hi, s);
+  return p.scale == q.scale && p.zero == q.zero;
+}
+
+// Calls f(i, p) for the candidates i = 0..mse_steps in the CPU's order, skipping a candidate identical to the previous
+// one evaluated (equivalently, to candidate i - 1: a skipped candidate equals the one evaluated before it): its error
+// is the same number, which can never pass the strict `<` (either the previous one won and best_err equals it, or it
+// lost and best_err is already <= it), so the result is unchanged and many pow() evaluations are saved (bf16 scales
+// collapse neighbouring shrink factors onto the same scale). Stops early when f returns false.
 template <class F>
 __host__ __device__ inline void for_each_mse_candidate(float lo, float hi, const RtnParams& s, F&& f) {
   QP prev{};
@@ -70,13 +77,13 @@ __host__ __device__ inline void for_each_mse_candidate(float lo, float hi, const
     const QP p = mse_candidate(i, lo, hi, s);
     if (i > 0 && p.scale == prev.scale && p.zero == prev.zero) continue;
     prev = p;
-    if (!f(p)) return;
+    if (!f(i, p)) return;
   }
 }
 
-// compute_qparams of quant.h after the min/max pass, over the candidates `admit(k, p)` lets through (k = the
-// candidate's position among those for_each_mse_candidate visits): `err(p)` must return the group's sequential MSE
-// error; the first admitted candidate with the smallest error wins (the CPU's strict `<`).
+// compute_qparams of quant.h after the min/max pass, over the candidates `admit(i, p)` lets through (i = the
+// candidate's index in the grid): `err(p)` must return the group's sequential MSE error; the first admitted candidate
+// with the smallest error wins (the CPU's strict `<`).
 template <class ErrFn, class Admit>
 __host__ __device__ QP search_qparams_admitted(float lo, float hi, const RtnParams& s, const ErrFn& err,
                                                Admit&& admit) {
@@ -84,9 +91,8 @@ __host__ __device__ QP search_qparams_admitted(float lo, float hi, const RtnPara
   if (!s.mse) return best;
   double best_err = 0.0;
   bool have = false;
-  int k = 0;
-  for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
-    if (!admit(k++, p)) return true;
+  for_each_mse_candidate(lo, hi, s, [&](int i, const QP& p) {
+    if (!admit(i, p)) return true;
     const double e = err(p);
     if (!have || e < best_err) {
       best_err = e;
@@ -182,39 +188,99 @@ __device__ QP search_qparams_screened(float lo, float hi, const RtnParams& s, in
   if (s.mse_steps + 1 > kScreenCache) cache = nullptr;
   float fmin = __int_as_float(0x7f800000);  // +inf
   bool finite = true;
-  int k = 0;
-  for_each_mse_candidate(lo, hi, s, [&](const QP& p) {
+  for_each_mse_candidate(lo, hi, s, [&](int i, const QP& p) {
     const float ef = errf(p);
     finite = isfinite(ef);  // warp-uniform
     fmin = fminf(fmin, ef);
-    if (cache && (threadIdx.x & (kWarp - 1)) == 0) cache[k] = ef;
-    ++k;
+    if (cache && (threadIdx.x & (kWarp - 1)) == 0) cache[i] = ef;
     return finite;
   });
   if (!finite) return search_qparams(lo, hi, s, err);
   __syncwarp();
   const double tau = static_cast<double>(n) * 1.1754943508222875e-38;  // FLT_MIN per element
   const double limit = (static_cast<double>(fmin) + tau) * ((1.0 + kScreenRel) / (1.0 - kScreenRel)) + tau;
-  return search_qparams_admitted(lo, hi, s, err, [&](int j, const QP& p) {
-    const float ef = cache ? cache[j] : errf(p);
+  return search_qparams_admitted(lo, hi, s, err, [&](int i, const QP& p) {
+    const float ef = cache ? cache[i] : errf(p);
     return static_cast<double>(ef) <= limit;  // warp-uniform
   });
 }
 
+// One lane's float screen of a candidate over a whole group held in shared memory (`xs`, n elements): the terms of
+// WarpGroupErrF (the same codes, difference and __powf), summed in element order in chunks of 32 (each chunk's
+// partial sum added to the total): relative error <= (31 + n / 32 + 1) 2^-24, 2.8e-6 at n = kLaneScreenMaxN, far
+// inside search_qparams_screened's kScreenRel.
+struct LaneGroupErrF {
+  const float* xs;
+  int n;
+  int bits;
+  float norm;
+  __device__ float operator()(const QP& p) const {
+    float e = 0.0f;
+    for (int j0 = 0; j0 < n; j0 += kWarp) {
+      const int j1 = j0 + kWarp < n ? j0 + kWarp : n;
+      float part = 0.0f;
+      for (int j = j0; j < j1; ++j) {
+        const float v = xs[j];  // the same address in every lane: a shared-memory broadcast
+        part += __powf(fabsf(v - dequantize_value(quantize_value(v, p, bits), p)), norm);
+      }
+      e += part;
+    }
+    return e;
+  }
+};
+
+// search_qparams_screened with pass 1 spread over the lanes by candidate instead of by element: lane l screens the
+// candidates l, l + 32, ... over the whole group (xs: the group in the warp's shared memory), so each candidate's
+// parameters are computed once instead of in all 32 lanes and no butterfly sum runs per candidate. Pass 2 is
+// search_qparams_screened's (the exact error of the admitted candidates, warp-cooperative). The same result as
+// search_qparams_screened (and the CPU): both admit every candidate whose exact error can be the minimum; the exact
+// errors then choose. Conditions (checked by the caller): s.mse, n <= kLaneScreenMaxN, s.mse_steps < kScreenCache,
+// s.mse_norm >= 1.
+constexpr int kLaneScreenMaxN = 512;
+template <class ErrD>
+__device__ QP search_qparams_lanes(float lo, float hi, const RtnParams& s, int n, const ErrD& err, const float* xs,
+                                   float* cache) {
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  const LaneGroupErrF errf{xs, n, s.bits, static_cast<float>(s.mse_norm)};
+  float fmin = __int_as_float(0x7f800000);  // +inf
+  bool finite = true;
+  for (int i = lane; i <= s.mse_steps; i += kWarp) {  // lanes diverge here: no warp collectives inside
+    const QP p = mse_candidate(i, lo, hi, s);
+    if (mse_duplicate(i, p, lo, hi, s)) continue;  // never read in pass 2 (for_each_mse_candidate skips it)
+    const float ef = errf(p);
+    finite = finite && isfinite(ef);
+    fmin = fminf(fmin, ef);
+    cache[i] = ef;
+  }
+  if (!__all_sync(kFullMask, finite)) return search_qparams(lo, hi, s, err);
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) fmin = fminf(fmin, __shfl_xor_sync(kFullMask, fmin, off));
+  __syncwarp();  // every lane's cache entries visible to the whole warp
+  const double tau = static_cast<double>(n) * 1.1754943508222875e-38;  // FLT_MIN per element
+  const double limit = (static_cast<double>(fmin) + tau) * ((1.0 + kScreenRel) / (1.0 - kScreenRel)) + tau;
+  return search_qparams_admitted(lo, hi, s, err,
+                                 [&](int i, const QP&) { return static_cast<double>(cache[i]) <= limit; });
+}
+
 // One warp per (row, group), grid-stride over groups. The group's min/max is a warp reduction (exact: min and
 // max of non-NaN floats do not depend on the order, and lo starts at +0 so -0 never enters, as on the CPU),
-// the parameter search runs redundantly in all lanes (cheap scalar code, keeps the warp converged), and the
-// elementwise quantize / dequantize is spread over the lanes with coalesced accesses.
+// the parameter search runs redundantly in all lanes (cheap scalar code, keeps the warp converged) -- except the
+// float screen of an MSE search over a group of at most kLaneScreenMaxN elements, one candidate per lane over the
+// group copied to shared memory (search_qparams_lanes) -- and the elementwise quantize / dequantize is spread over
+// the lanes with coalesced accesses.
 __global__ void __launch_bounds__(256) quantize_rtn_kernel(const float* __restrict__ w, int64_t rows, int64_t cols,
                                                            int64_t ld, RtnParams p, int8_t* __restrict__ codes,
                                                            float* __restrict__ scales, int32_t* __restrict__ zeros,
                                                            float* __restrict__ dequantized,
                                                            unsigned long long* __restrict__ bad_index) {
   __shared__ float screen[256 / kWarp][kScreenCache];  // per warp: the float errors of the MSE candidates
+  __shared__ float group[256 / kWarp][kLaneScreenMaxN];  // per warp: the group, for search_qparams_lanes
   const int lane = static_cast<int>(threadIdx.x % kWarp);
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   const int64_t gs = p.group_size, ng = cols / gs, total = rows * ng;
+  const bool lanes = p.mse && gs <= kLaneScreenMaxN && p.mse_steps < kScreenCache && p.mse_norm >= 1.0;
+  float* xs = group[threadIdx.x / kWarp];
   for (int64_t t = warp; t < total; t += num_warps) {  // uniform per warp: shuffles below are safe
     const int64_t r = t / ng, g = t - r * ng;
     const float* x = w + r * ld + g * gs;
@@ -222,6 +288,7 @@ __global__ void __launch_bounds__(256) quantize_rtn_kernel(const float* __restri
     int64_t first_bad = -1;
     for (int64_t i = lane; i < gs; i += kWarp) {
       const float v = __ldg(x + i);
+      if (lanes) xs[i] = v;
       if (!isfinite(v) && first_bad < 0) first_bad = i;
       lo = std_min(lo, v);
       hi = std_max(hi, v);
@@ -232,11 +299,17 @@ __global__ void __launch_bounds__(256) quantize_rtn_kernel(const float* __restri
       lo = std_min(lo, __shfl_xor_sync(kFullMask, lo, off));
       hi = std_max(hi, __shfl_xor_sync(kFullMask, hi, off));
     }
-    const QP qp = search_qparams_screened(
-        lo, hi, p, static_cast<int>(gs), WarpGroupErr{x, static_cast<int>(gs), p.bits, p.mse_norm, lane},
-        WarpGroupErrF{x, static_cast<int>(gs), p.bits, static_cast<float>(p.mse_norm), lane},
-        p.mse ? screen[threadIdx.x / kWarp] : nullptr);
-    __syncwarp();  // the warp's screen cache is rewritten by its next group
+    const WarpGroupErr err{x, static_cast<int>(gs), p.bits, p.mse_norm, lane};
+    QP qp;
+    if (lanes) {
+      __syncwarp();  // the group in shared memory, written by every lane
+      qp = search_qparams_lanes(lo, hi, p, static_cast<int>(gs), err, xs, screen[threadIdx.x / kWarp]);
+    } else {
+      qp = search_qparams_screened(lo, hi, p, static_cast<int>(gs), err,
+                                   WarpGroupErrF{x, static_cast<int>(gs), p.bits, static_cast<float>(p.mse_norm), lane},
+                                   p.mse ? screen[threadIdx.x / kWarp] : nullptr);
+    }
+    __syncwarp();  // the warp's screen cache and group are rewritten by its next group
     if (lane == 0) {
       if (scales) scales[t] = qp.scale;  // t == r * ng + g
       if (zeros) zeros[t] = qp.zero;

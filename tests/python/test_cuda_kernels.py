@@ -196,12 +196,18 @@ def test_quantize_rtn_mse_screen_fallbacks(case, gen):
     assert_mse_close(w, cpu, gpu, 4, gs if gs > 0 else w.shape[1], norm=norm)
 
 
-def test_quantize_rtn_mse_search_parameters(gen):
-    w = torch.randn(16, 256, generator=gen) ** 3
-    kw = dict(scale_search="mse", mse_grid=37, mse_min_shrink=0.5, mse_norm=2.0)
-    cpu = ops.quantize_rtn(w, 4, 32, False, **kw)
-    gpu = ops.quantize_rtn(w.cuda(), 4, 32, False, **kw)
-    assert_mse_close(w, cpu, gpu, 4, 32, norm=2.0)
+@pytest.mark.parametrize("cols, group_size, grid", [
+    (256, 32, 37),     # the lane-per-candidate screen (search_qparams_lanes), 19 candidates
+    (1024, 512, 37),   # its largest group (kLaneScreenMaxN)
+    (1040, -1, 37),    # a group of 1040 > kLaneScreenMaxN: the element screen (search_qparams_screened)
+    (256, 32, 200),    # 161 candidates > kScreenCache: the element screen, recomputing pass 1's errors
+])
+def test_quantize_rtn_mse_search_parameters(cols, group_size, grid, gen):
+    w = torch.randn(16, cols, generator=gen) ** 3
+    kw = dict(scale_search="mse", mse_grid=grid, mse_min_shrink=0.2 if grid == 200 else 0.5, mse_norm=2.0)
+    cpu = ops.quantize_rtn(w, 4, group_size, False, **kw)
+    gpu = ops.quantize_rtn(w.cuda(), 4, group_size, False, **kw)
+    assert_mse_close(w, cpu, gpu, 4, group_size if group_size > 0 else cols, norm=2.0)
 
 
 # --- dequantize -----------------------------------------------------------------------------------------------
