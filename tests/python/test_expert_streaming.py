@@ -484,6 +484,72 @@ def test_host_results_hand_each_group_to_the_sink_in_order(device):
             keeper.results()
 
 
+def test_host_results_hand_the_writes_in_flight_to_the_caller():
+    """finish() returns once the copies are done (at once without a GPU) with the part writes still running; leaving
+    the ``with`` block does not wait for them, PartWrites.wait() does, in order, and raises a failed write's error."""
+    import threading
+
+    from moequant.pipeline.host import HostResults
+
+    groups = [{f"g{i}.{k}": v for k, v in _solved("cpu").items()} for i in range(3)]
+    release, written = threading.Event(), []
+
+    def slow_disk(part, res):
+        assert release.wait(30)
+        written.append(part)
+
+    with HostResults(torch.device("cpu"), sink=slow_disk) as keeper:
+        for g in groups:
+            keeper.add(g)
+        host, writes = keeper.finish()
+    assert host == {} and len(writes) == 3 and written == []
+    release.set()
+    writes.wait()
+    assert written == [0, 1, 2]
+
+    def full_disk(part, res):
+        raise OSError(28, "No space left on device")
+
+    with HostResults(torch.device("cpu"), sink=full_disk) as keeper:
+        keeper.add(groups[0])
+        _, writes = keeper.finish()
+    with pytest.raises(OSError, match="No space left"):
+        writes.wait()
+
+
+def test_a_layer_is_committed_after_its_part_writes():
+    """The commit thread waits for the layer's part writes (result.part_writes) before the layer's own files: a
+    resumable layer never lacks a part; a failed part write fails the commit."""
+    import time
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from moequant.pipeline.commits import LayerCommits
+    from moequant.pipeline.host import PartWrites
+
+    events = []
+
+    class Work:
+        def save_layer(self, index, results, record, hidden, tensors=None, added=None, parts=0):
+            events.append(("layer", index, parts))
+
+    write = Future()
+    with LayerCommits(Work()) as commits:
+        commits.submit(0, SimpleNamespace(results={}, parts=1, part_writes=PartWrites([write])), None, [], {})
+        time.sleep(0.2)
+        assert events == []  # still waiting for the part
+        events.append(("part", 0))
+        write.set_result({})
+    assert events == [("part", 0), ("layer", 0, 1)]
+
+    failed = Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="No space left"):
+        with LayerCommits(Work()) as commits:
+            commits.submit(1, SimpleNamespace(results={}, parts=1, part_writes=PartWrites([failed])), None, [], {})
+    assert ("layer", 1, 1) not in events
+
+
 @pytest.mark.gpu
 def test_host_results_copies_on_a_worker_while_the_device_goes_on():
     """Each group's codes reach (pageable) host memory exact and in order, also when the device tensors are freed

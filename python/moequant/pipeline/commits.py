@@ -4,8 +4,10 @@ activations: :meth:`moequant.pipeline.workdir.WorkDir.save_layer`) run while lay
 One writer thread, so layers are committed in order; :meth:`LayerCommits.submit` first waits for the previous
 layer's commit, so at most one is in flight and a failed write (a full disk) surfaces at the next layer or at the
 end of the loop, as the exception the write raised. The observers' ``layer_done(index, result)`` runs on the calling
-thread once layer ``index`` is committed (i.e. resumable from the next layer). Leaving the ``with`` block waits for
-the last commit, also when the loop ends with an exception (its own is raised, the commit's logged)."""
+thread once layer ``index`` is committed (i.e. resumable from the next layer). A layer whose expert groups went to
+part files is committed once their writes, still running when its engine returned, are done
+(``result.part_writes``). Leaving the ``with`` block waits for the last commit, also when the loop ends with an
+exception (its own is raised, the commit's logged)."""
 from __future__ import annotations
 
 import logging
@@ -33,6 +35,10 @@ class LayerCommits:
         self.wait()
 
         def commit() -> None:
+            writes = getattr(result, "part_writes", None)
+            if writes is not None:  # the layer's part files are on disk before the layer is committed
+                result.part_writes = None
+                writes.wait()
             results, dense = (result.results, tensors) if to_host is None else to_host()
             result.results = results
             self.work.save_layer(index, results, record, hidden, tensors=dense,

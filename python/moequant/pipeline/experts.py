@@ -49,7 +49,7 @@ from ..models import MoEFamily, num_experts
 from ..recipe.recipe import Recipe
 from . import gptaq
 from .groups import GroupPlan, expert_dims, local_ids
-from .host import HostCopies, HostResults
+from .host import HostCopies, HostResults, PartWrites
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
 __all__ = ["ExpertsRecorder", "expert_view", "MoELayerEngine", "MoELayerOutput", "group_hessians"]
@@ -134,6 +134,7 @@ class MoELayerOutput:
     phases: dict = field(default_factory=dict)
     routing_mass: list = field(default_factory=list)
     parts: int = 0  # the groups whose results went to the work directory's part files (``part_sink``)
+    part_writes: Optional[PartWrites] = None  # those writes still in flight: wait for them before using the parts
 
 
 class _Phases:
@@ -177,6 +178,7 @@ class MoELayerEngine:
         self.probe = probe
         self.part_sink = part_sink
         self.parts = 0
+        self.part_writes: Optional[PartWrites] = None
         self.layer, self.family, self.prefix, self.recipe = layer, family, prefix, recipe
         self.storage, self.device, self.factory = storage, torch.device(device), factory
         self.plan, self.num_batches, self.run_batch = plan, num_batches, run_batch
@@ -246,7 +248,7 @@ class MoELayerEngine:
         with ph("pass3_forward"), (self.output_hooks or contextlib.nullcontext()):
             outputs = self._pass(rec3.replaying(expert_out), keep=True)
         return MoELayerOutput({**res_l, **res_e}, rec_l + rec_e, tokens, mass, outputs, plan, self.num,
-                              dict(ph.t), routing, self.parts)
+                              dict(ph.t), routing, self.parts, self.part_writes)
 
     def _routing_mass(self, calls: list) -> list:
         """Per expert, the sum of the routing weights of the calibration tokens routed to it (pass 1's calls)."""
@@ -345,8 +347,9 @@ class MoELayerEngine:
                 if not single:
                     with ph("expert_outputs"):
                         self._outputs(view, ids, ids, calls2, out_acc)
-            with ph("expert_keep"):
-                results.update(keeper.results())
+            with ph("expert_keep"):  # the copies; the part writes go on, and the layer's commit waits for them
+                host, self.part_writes = keeper.finish()
+                results.update(host)
             self.parts = keeper.parts
             with ph("expert_outputs"):
                 if single:  # every expert in one group, written back in place: the experts module itself

@@ -191,6 +191,30 @@ def layer_to_host_later(results: dict, dense: Optional[dict], device: torch.devi
     return copy
 
 
+class PartWrites:
+    """The part-file writes of a layer still in flight when its engine is done (:meth:`HostResults.finish`): the
+    layer's commit waits for them (:meth:`wait`), so a layer is never committed before its parts are on disk, and the
+    write of the last group is not on the layer's critical path."""
+
+    def __init__(self, futures: list) -> None:
+        self._futures = list(futures)
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def wait(self) -> None:
+        """Waits for every write, then raises the first failed one's error."""
+        first = None
+        for f in self._futures:
+            try:
+                f.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other writes are done
+                first = first or exc
+        self._futures = []
+        if first is not None:
+            raise first
+
+
 class HostResults:
     """A layer's solved groups on their way to host memory (:func:`results_to_host`), each group's copies made on a
     worker thread and a side stream, through a :class:`PinnedStaging` into pageable memory, while the engine goes on
@@ -208,7 +232,9 @@ class HostResults:
     counting the groups from 0 (the work directory's part files,
     :meth:`moequant.pipeline.workdir.WorkDir.save_part`), and :meth:`results` then holds none of them: host memory
     keeps a group's results while they are written, not the layer's (a DeepSeek-V3 layer's codes are 11.3 GB, and
-    the previous layer's wait for their commit meanwhile). :attr:`parts`: the groups handed to it."""
+    the previous layer's wait for their commit meanwhile). The writes run on a thread of their own on every device;
+    :meth:`finish` hands the ones still running to the caller (:class:`PartWrites`), which leaving the ``with`` block
+    then does not wait for. :attr:`parts`: the groups handed to the sink."""
 
     def __init__(self, device: torch.device, sink=None) -> None:
         self.cuda = device.type == "cuda"
@@ -219,7 +245,8 @@ class HostResults:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._stream = None
         self._staging: Optional[PinnedStaging] = None
-        self._pending: list = []
+        self._pending: list = []  # per group a Future of its host results, or of its write's Future (with a sink)
+        self._handed = False  # finish() gave the writes in flight to the caller
 
     def __enter__(self) -> "HostResults":
         return self
@@ -233,15 +260,17 @@ class HostResults:
         part = self.parts
         if self._sink is not None:
             self.parts += 1
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="moequant-parts")
         if not self.cuda:
-            self._pending.append(self._store(part, results_to_host(res)))
+            done: Future = Future()
+            done.set_result(self._store(part, results_to_host(res)))
+            self._pending.append(done)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="moequant-results")
             self._stream = torch.cuda.Stream(self._device)
             self._staging = PinnedStaging()
-            if self._sink is not None:
-                self._writer = ThreadPoolExecutor(1, thread_name_prefix="moequant-parts")
         codes = {name: dataclasses.replace(qt, values=None) for name, qt in res.items()}
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self._device))
@@ -255,12 +284,11 @@ class HostResults:
         return self._store(part, host)
 
     def _store(self, part: int, host: dict):
-        """``host`` kept (no sink), or handed to the sink: at once without a GPU, else on the writer thread (the
-        copy worker goes on with the next group, whose codes the device holds until they are copied)."""
+        """``host`` kept (no sink), or handed to the sink on the writer thread (the copy worker, or the engine
+        without a GPU, goes on with the next group; on a GPU the device holds that group's codes until they are
+        copied)."""
         if self._sink is None:
             return host
-        if self._writer is None:
-            return self._write(part, host)
         return self._writer.submit(self._write, part, host)
 
     def _write(self, part: int, host: dict) -> dict:
@@ -270,20 +298,33 @@ class HostResults:
     def results(self) -> dict:
         """Every group's host results, in the order they were added (waits for the copies in flight; with a sink,
         for their writes, and none are returned)."""
-        out: dict = {}
-        pending, self._pending = self._pending, []
-        for p in pending:
-            r = p.result() if isinstance(p, Future) else p
-            out.update(r.result() if isinstance(r, Future) else r)  # a copy, then its write
+        out, writes = self.finish()
+        writes.wait()
         return out
 
+    def finish(self) -> tuple[dict, PartWrites]:
+        """:meth:`results` without waiting for the writes: every group's host results (none with a sink) once the
+        copies are done, and the writes still in flight, for the caller to wait for (the layer's commit)."""
+        out: dict = {}
+        writes = []
+        pending, self._pending = self._pending, []
+        for p in pending:
+            r = p.result()  # the copy
+            if isinstance(r, Future):
+                writes.append(r)
+            else:
+                out.update(r)
+        self._handed = True
+        return out, PartWrites(writes)
+
     def close(self) -> None:
-        """Waits for the copies in flight (a failed copy's error is raised by :meth:`results` only)."""
+        """Waits for the copies in flight (a failed copy's error is raised by :meth:`results` only) and, unless
+        :meth:`finish` handed them over, for the writes."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._writer is not None:
-            self._writer.shutdown(wait=True)
+            self._writer.shutdown(wait=not self._handed)
             self._writer = None
 
 

@@ -114,7 +114,8 @@ class LayerResult:
             names, checkpoint dtype) from the keys and values the quantized layer stored while computing
             :attr:`outputs` (:mod:`moequant.formats.kv_cache`); else empty.
         parts: the expert groups whose results the engine wrote to the work directory's part files
-            (:attr:`LayerQuantizer.part_writer`) instead of :attr:`results`.
+            (:attr:`LayerQuantizer.part_writer`) instead of :attr:`results`; part_writes: those writes still in
+            flight (:class:`~moequant.pipeline.host.PartWrites`, or None): the layer's commit waits for them.
     """
 
     index: int
@@ -132,6 +133,7 @@ class LayerResult:
     kv_scales: dict = field(default_factory=dict)
     routing_mass: list = field(default_factory=list)
     parts: int = 0
+    part_writes: Optional[object] = None
 
     def record(self, seconds: float) -> LayerRecord:
         """The layer's report record."""
@@ -275,7 +277,7 @@ class LayerQuantizer:
                                expert_tokens=out.expert_tokens, expert_mass=out.expert_mass, outputs=out.outputs,
                                phases={"load": round(load_s, 4), **out.phases},
                                groups=plan.describe(out.num_experts), routing_mass=out.routing_mass,
-                               kv_scales=self._kv_scales(kv), parts=out.parts)
+                               kv_scales=self._kv_scales(kv), parts=out.parts, part_writes=out.part_writes)
         with torch.no_grad():
             shrink = recipe.fallback.policy == "shrink"
             if self.dist is not None:
