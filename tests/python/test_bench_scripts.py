@@ -36,7 +36,7 @@ def test_quality_rows_parse_integer_and_preset_names():
         with pytest.raises(ValueError, match=needle):
             q.parse_config(bad)
     for f in ("quality_rows.txt", "quality_rows_budget.txt", "quality_rows_formats.txt",
-              "quality_rows_formats_act.txt", "quality_rows_gptaq.txt"):
+              "quality_rows_formats_act.txt", "quality_rows_gptaq.txt", "quality_rows_w4.txt"):
         for line in (REPO / "benchmarks" / f).read_text().splitlines():
             if line.strip() and not line.startswith("#") and line.strip() != "bf16":
                 q.parse_config(line.strip())
