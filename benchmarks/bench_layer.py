@@ -210,12 +210,10 @@ def main():
         wgu, wd = make_weights(G, hidden, shp.width, gen)
         torch.cuda.synchronize()
         setup_s += time.perf_counter() - t0
-        if args.profile and g0 == 0:
-            n_packed += profiled(args.profile, lambda: process_group(
-                st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args, solver))
-        else:
-            n_packed += process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args,
-                                      solver)
+        def group():
+            return process_group(st, g0, G, x, tok_sorted, exp_sorted, w_sorted, offsets, wgu, wd, shp, args, solver)
+
+        n_packed += profiled(args.profile, group) if args.profile and g0 == 0 else group()
         del wgu, wd
         done = sum(v for k, v in st.t.items() if k != "route (once)")
         print(f"  experts {g0}..{g0 + G - 1} done: {done:.2f} s of stages so far, peak memory "

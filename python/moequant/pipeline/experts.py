@@ -266,12 +266,15 @@ class MoELayerEngine:
     def _groups(self, size: int) -> list[slice]:
         return [slice(a, min(a + size, self.num)) for a in range(0, self.num, size)]
 
-    def _lut(self, ids: list[int], pad: int) -> torch.Tensor:
-        """Layer expert id -> id in a view holding ``ids`` (``pad``, the view's "no expert", for the others), on the
-        compute device: copied once per group, not at every call (a pageable host-to-device copy waits for the
-        stream)."""
+    def _lut(self, ids: list[int], pad: int, only: Optional[list[int]] = None) -> torch.Tensor:
+        """Layer expert id -> id in a view holding ``ids`` (``pad``, the view's "no expert", for the others and, with
+        ``only``, for the experts of ``ids`` not in it), on the compute device: copied once per group, not at every
+        call (a pageable host-to-device copy waits for the stream)."""
         lut = torch.full((self.num,), pad, dtype=torch.long)
-        lut[torch.tensor(ids, dtype=torch.long)] = torch.arange(len(ids))
+        keep = set(ids if only is None else only)
+        pos = [(e, j) for j, e in enumerate(ids) if e in keep]
+        if pos:
+            lut[torch.tensor([e for e, _ in pos])] = torch.tensor([j for _, j in pos])
         return lut.to(self.device)
 
     def _experts(self, plan: GroupPlan, calls1: list, calls2: list):
@@ -390,11 +393,7 @@ class MoELayerEngine:
         """Adds the quantized outputs of the experts ``solved`` (layer ids; ``ids``: the experts the view holds)
         on pass 2's calls; every other slot is a pad."""
         pad = len(ids)
-        lut = torch.full((self.num,), pad, dtype=torch.long)
-        pos = {e: j for j, e in enumerate(ids)}
-        for e in solved:
-            lut[e] = pos[e]
-        lut = lut.to(self.device)  # once, not at every call
+        lut = self._lut(ids, pad, solved)
         for acc, (hs, idx, w) in zip(out_acc, calls2):
             local = local_ids(idx, lut, pad)
             # the group's routed rows only (grouped GEMMs on a GPU), else the module on the whole call
