@@ -28,6 +28,8 @@ zero points included). Features (each switches one recipe setting on top of the 
     bmat    with a budget: each matrix's error times the loss's sensitivity to its output (sensitivity: matrix)
     b56     with a budget: the default candidates plus W5 g128 and W6 g128 (finer upgrades than W8 near 4 bits)
     bfine   with a budget: as b56 plus W4 g32 and W5 g64 (a finer ladder between W4 g128 and W6)
+    b48     with a budget: only what vLLM's integer kernels serve (4 and 8 bits): W4 per-channel, g128, g64, g32 and
+            W8 per-channel, g128
     rot     offline Hadamard rotation        ebss    calibrate on --ebss-jsonl (EBSS samples) instead of calib.txt
     mix     calibrate on half calib.txt windows + half --ebss-jsonl samples
     gptaq   asymmetric calibration (GPTAQ) of the routed and shared experts' down_proj and of o_proj (alpha 1);
@@ -80,6 +82,9 @@ FEATURES = {
     "bfine": ({}, dict(budget=dict(candidates=[*map(dict, DEFAULT_CANDIDATES), {"bits": 5, "group_size": 128},
                                                {"bits": 6, "group_size": 128}, {"bits": 4, "group_size": 32},
                                                {"bits": 5, "group_size": 64}]))),
+    "b48": ({}, dict(budget=dict(candidates=[{"bits": 4, "group_size": -1}, {"bits": 4, "group_size": 128},
+                                             {"bits": 4, "group_size": 64}, {"bits": 4, "group_size": 32},
+                                             {"bits": 8, "group_size": -1}, {"bits": 8, "group_size": 128}]))),
     "rot": ({}, dict(rotation=dict(enabled=True))),
     "ebss": ({}, {}),
     "mix": ({}, {}),
