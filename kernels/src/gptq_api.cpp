@@ -178,9 +178,9 @@ Status factorize_all(const float* W, float* H, int64_t E, int64_t rows, int64_t 
 
 /// The lazy trailing update of the column loop after block [i1, i2) (shared by the int and the format solves):
 /// dW[:, i2:] (-)= E_blk U[i1:i2, i2:] as one batched SGEMM (column-major view: dW^T -= U[i1:i2, i2:]^T E_blk^T);
-/// the first block overwrites dW (beta = 0).
+/// the first block overwrites dW (beta = 0) unless onto_w (the int act-order solve, whose dW starts as W0).
 Status trailing_update(float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int64_t i2, char* ws,
-                       const GptqLayout& l, cublasHandle_t handle) {
+                       const GptqLayout& l, cublasHandle_t handle, bool onto_w = false) {
   const int c = static_cast<int>(cols), r = static_cast<int>(rows), ldd = static_cast<int>(l.block);
   const int bw = static_cast<int>(i2 - i1);
   float* dw = reinterpret_cast<float*>(ws + l.dw);
@@ -190,7 +190,7 @@ Status trailing_update(float* H, int64_t E, int64_t rows, int64_t cols, int64_t 
                    cublasSgemmStridedBatched(handle, CUBLAS_OP_T, CUBLAS_OP_N, c - static_cast<int>(i2), r, bw,
                                              &minus_one, H + i2 * cols + i1, c, static_cast<long long>(cols) * cols,
                                              dblk, ldd, static_cast<long long>(rows) * ldd,
-                                             i1 == 0 ? &zero : &one, dw + i2, c,
+                                             i1 == 0 && !onto_w ? &zero : &one, dw + i2, c,
                                              static_cast<long long>(rows) * cols, static_cast<int>(E)));
   return {};
 }
@@ -305,6 +305,8 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
                    cuda_detail::launch_quantize_rtn(reinterpret_cast<const float*>(ws + l.dw), E * rows, cols, cols, p,
                                                     nullptr, scales, zeros, nullptr,
                                                     reinterpret_cast<unsigned long long*>(ws + l.rtn_flag), stream));
+    // then dw = the dead-zeroed W in processing order: the column loop's reads and writes become contiguous
+    MQ_CUDA_RETURN("gptq permute w", cuda_detail::launch_gptq_permute_w(W, E, rows, cols, workspace, l, stream));
   }
 
   // ---- 2. factorise all experts, then retry the failed ones with escalated damping (one readback per round) ----
@@ -318,8 +320,11 @@ Status cuda_gptq_batched(const float* W, float* H, int64_t E, int64_t rows, int6
     MQ_CUDA_RETURN("gptq block kernel", cuda_detail::launch_gptq_block(W, H, E, rows, cols, i1, bw, p, act, codes,
                                                                        scales, zeros, dequantized, workspace, l,
                                                                        sp, stream));
-    if (i2 < cols) MQ_RETURN_IF_ERROR(trailing_update(H, E, rows, cols, i1, i2, ws, l, handle));
+    if (i2 < cols) MQ_RETURN_IF_ERROR(trailing_update(H, E, rows, cols, i1, i2, ws, l, handle, act));
   }
+  if (act)
+    MQ_CUDA_RETURN("gptq unpermute",
+                   cuda_detail::launch_gptq_unpermute(E, rows, cols, codes, dequantized, workspace, l, stream));
 
   // ---- 4. loss = <h0, D^T D> with D = W - Q (one SSYRK per expert into the factor's buffer), escalations ----
   return finish_solve(W, H, E, rows, cols, dequantized, losses, escalations, esc, workspace, l, handle, stream);

@@ -21,10 +21,15 @@
 //   inverse kernels   zero the strict upper part, invert the 128-diagonal blocks in place; the off-diagonal blocks
 //                     come from the recursion X21 = -X22 L21 X11 (cuBLAS, gptq_api.cpp)
 //   reverse_kernel    U = J X J as an in-place reversal of the array, check (finite, positive diagonal)
+//   permute_w_kernel  act-order: dw = the dead-zeroed W in processing order (one block per row, gathered from the
+//                     row once), so that every column block below reads and writes contiguous columns
 //   gptq_block_kernel one warp per RW rows, lane = column of the block: the block's columns live in registers,
 //                     column j is broadcast with shuffles, every lane quantizes redundantly (no __syncthreads in the
 //                     column loop), the owner lane keeps e / q / dequantized; U's block sits in shared memory (or,
-//                     below 64.5 KiB of shared memory per block, is read from global memory)
+//                     below 64.5 KiB of shared memory per block, is read from global memory). Act-order: w = dw (W0
+//                     plus the lazy updates, accumulated there by the trailing SGEMM), codes and dequantized values
+//                     written in processing order (codes, and dw's own block columns)
+//   unpermute_kernel  act-order, after the loop: codes and dequantized values back to the original column order
 //   loss kernels      D = W - Q, then (after a per-expert SSYRK) sum h0 .* (D^T D) in double
 #include "gptq_workspace.cuh"
 #include "launch.h"
@@ -124,7 +129,8 @@ __global__ void __launch_bounds__(256) stats_kernel(const float* __restrict__ h0
 // perm[rank(i)] = i with rank(i) = #{k : d_k > d_i or (d_k == d_i and k < i)}: descending diagonal, ties in
 // column order (a stable sort). d = fixed diagonal (dead -> 1). O(C^2) comparisons per expert, through smem tiles.
 __global__ void __launch_bounds__(256) rank_kernel(const float* __restrict__ h0, int64_t C,
-                                                   const uint8_t* __restrict__ dead, int32_t* __restrict__ perm) {
+                                                   const uint8_t* __restrict__ dead, int32_t* __restrict__ perm,
+                                                   int32_t* __restrict__ inv) {
   __shared__ float tile[256];
   const int64_t e = blockIdx.y, i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const float* h = h0 + e * C * C;
@@ -141,7 +147,40 @@ __global__ void __launch_bounds__(256) rank_kernel(const float* __restrict__ h0,
     }
     __syncthreads();
   }
-  if (i < C) perm[e * C + rank] = static_cast<int32_t>(i);
+  if (i < C) {
+    perm[e * C + rank] = static_cast<int32_t>(i);
+    inv[e * C + i] = static_cast<int32_t>(rank);
+  }
+}
+
+// dw[row, k] = dead[perm[k]] ? 0 : W[row, perm[k]]: one block per row of one expert (the row's gathers hit L1 / L2).
+__global__ void __launch_bounds__(256) permute_w_kernel(const float* __restrict__ W, int64_t rows, int64_t C,
+                                                        const int32_t* __restrict__ perm,
+                                                        const uint8_t* __restrict__ dead, float* __restrict__ dw) {
+  const int64_t row = blockIdx.x, e = row / rows;
+  const int32_t* pe = perm + e * C;
+  const uint8_t* de = dead + e * C;
+  for (int64_t k = threadIdx.x; k < C; k += blockDim.x) {
+    const int32_t o = pe[k];
+    dw[row * C + k] = de[o] ? 0.0f : W[row * C + o];
+  }
+}
+
+// codes[row, j] = codes'[row, inv[j]] (in place through shared memory: the row's C bytes), deq[row, j] =
+// dw[row, inv[j]]: from processing order to the original columns, one block per row.
+__global__ void __launch_bounds__(256) unpermute_kernel(int64_t rows, int64_t C, const int32_t* __restrict__ inv,
+                                                        int8_t* __restrict__ codes, const float* __restrict__ dw,
+                                                        float* __restrict__ deq) {
+  extern __shared__ int8_t row_codes[];
+  const int64_t row = blockIdx.x, e = row / rows;
+  const int32_t* ie = inv + e * C;
+  for (int64_t k = threadIdx.x; k < C; k += blockDim.x) row_codes[k] = codes[row * C + k];
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    const int32_t k = ie[j];
+    codes[row * C + j] = row_codes[k];
+    deq[row * C + j] = dw[row * C + k];
+  }
 }
 
 // ---- the column loop ----------------------------------------------------------------------------------------------
@@ -184,16 +223,21 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
   for (int s = 0; s < kSlots; ++s) {
     const int c = lane + kWarp * s;
     orig[s] = c < bw ? (pe ? pe[i1 + c] : static_cast<int32_t>(i1 + c)) : 0;
-    const bool dd = c < bw ? de[orig[s]] != 0 : true;
 #pragma unroll
     for (int i = 0; i < RW; ++i) {
       const int64_t r = r0 + i;
       const bool ok = c < bw && r < rows;
       const int64_t row = e * rows + r;
-      const float x0 = ok && !dd ? W[row * C + orig[s]] : 0.0f;
-      const float delta = ok && i1 > 0 ? dW[row * C + i1 + c] : 0.0f;
-      w0[i][s] = x0;
-      wv[i][s] = x0 + delta;
+      if constexpr (ACT) {  // dW: W0 in processing order (dead columns zero) plus the lazy updates
+        wv[i][s] = ok ? dW[row * C + i1 + c] : 0.0f;
+        w0[i][s] = 0.0f;
+      } else {
+        const bool dd = c < bw ? de[orig[s]] != 0 : true;
+        const float x0 = ok && !dd ? W[row * C + orig[s]] : 0.0f;
+        const float delta = ok && i1 > 0 ? dW[row * C + i1 + c] : 0.0f;
+        w0[i][s] = x0;
+        wv[i][s] = x0 + delta;
+      }
       if constexpr (ACT) {
         const int64_t g = orig[s] / gs;
         sc[i][s] = ok ? scales[row * ng + g] : 1.0f;
@@ -317,8 +361,14 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_block_kernel(
       if (r >= rows) continue;
       const int64_t row = e * rows + r;
       Dblk[row * ldd + c] = wv[i][s];
-      codes[row * C + orig[s]] = static_cast<int8_t>((qb[i] >> (8 * s)) & 0xFFu);
-      deq[row * C + orig[s]] = w0[i][s];
+      const int8_t q = static_cast<int8_t>((qb[i] >> (8 * s)) & 0xFFu);
+      if constexpr (ACT) {  // processing order; launch_gptq_unpermute moves them after the loop
+        codes[row * C + i1 + c] = q;
+        dW[row * C + i1 + c] = w0[i][s];
+      } else {
+        codes[row * C + orig[s]] = q;
+        deq[row * C + orig[s]] = w0[i][s];
+      }
     }
   }
 }
@@ -380,10 +430,28 @@ cudaError_t launch_gptq_prepare(const float* W, const float* H, int64_t E, int64
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (act_order) {
     rank_kernel<<<dim3(static_cast<unsigned>((cols + 255) / 256), static_cast<unsigned>(E)), 256, 0, stream>>>(
-        ws.h0, cols, ws.dead, ws.perm);
+        ws.h0, cols, ws.dead, ws.perm, ws.inv);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+cudaError_t launch_gptq_permute_w(const float* W, int64_t E, int64_t rows, int64_t cols, void* workspace,
+                                  const GptqLayout& l, cudaStream_t stream) {
+  const Ws ws = carve(workspace, l);
+  permute_w_kernel<<<static_cast<unsigned>(E * rows), 256, 0, stream>>>(W, rows, cols, ws.perm, ws.dead, ws.dw);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gptq_unpermute(int64_t E, int64_t rows, int64_t cols, int8_t* codes, float* dequantized,
+                                  void* workspace, const GptqLayout& l, cudaStream_t stream) {
+  const Ws ws = carve(workspace, l);
+  const size_t smem = static_cast<size_t>(cols);
+  const cudaError_t err = raise_smem_limit(unpermute_kernel, smem);
+  if (err != cudaSuccess) return err;
+  unpermute_kernel<<<static_cast<unsigned>(E * rows), 256, smem, stream>>>(rows, cols, ws.inv, codes, ws.dw,
+                                                                          dequantized);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_gptq_block(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int bw,

@@ -93,15 +93,17 @@ cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, int64_t n, i
 ///   rbad     E x i32: 1 when the expert's scaled inverse factor has a non-finite entry
 ///   -- flags, fail, rbad are adjacent: one readback (readback_bytes) --
 ///   mean     E x f64: mean of the dead-fixed diagonal;  rtn_flag: u64 for launch_quantize_rtn
-///   perm     E x cols i32 (processing order -> original column), dead E x cols u8
+///   perm     E x cols i32 (processing order -> original column), inv E x cols i32 (its inverse), dead E x cols u8
 ///   dinv     E x 128 x 128 f32 (inverse diagonal blocks), panel E x cols x 128 f32
 ///   tinv     E x t x t f32, t = cols / 2 + 128: the product L21 X11 of the recursive triangular inverse
 ///   h0       E x cols x cols f32: the caller's H, symmetrised from its lower triangle
-///   dw       E x rows x cols f32: lazy updates; before the loop the dead-zeroed W (act-order params); after it D = W - Q
+///   dw       E x rows x cols f32: without act-order the lazy updates; with act-order the dead-zeroed W (first in
+///            the original order for the static parameters, then in processing order) plus the lazy updates, and
+///            each processed block's dequantized values in its own columns; after the loop D = W - Q
 ///   dblk     E x rows x block f32: D of the current block
 ///   partial  E x loss_chunks f64: partial sums of the loss
 struct GptqLayout {
-  size_t flags = 0, fail = 0, rbad = 0, mean = 0, rtn_flag = 0, perm = 0, dead = 0, dinv = 0, panel = 0,
+  size_t flags = 0, fail = 0, rbad = 0, mean = 0, rtn_flag = 0, perm = 0, inv = 0, dead = 0, dinv = 0, panel = 0,
          tinv = 0, h0 = 0, dw = 0, dblk = 0, partial = 0;
   size_t readback_bytes = 0, total = 0;
   int64_t block = 0, loss_chunks = 0;
@@ -132,6 +134,7 @@ inline bool gptq_layout(int64_t E, int64_t rows, int64_t cols, int64_t block, Gp
   l.mean = take(e * 8);
   l.rtn_flag = take(8);
   l.perm = take(e * c * 4);
+  l.inv = take(e * c * 4);
   l.dead = take(e * c);
   l.dinv = take(e * kCholBlock * kCholBlock * 4);
   l.panel = take(e * c * kCholBlock * 4);
@@ -148,9 +151,19 @@ inline bool gptq_layout(int64_t E, int64_t rows, int64_t cols, int64_t block, Gp
 
 /// Stage 1 (all experts): resets flags; h0 = H symmetrised from its lower triangle, validates H (finite, diag >= 0),
 /// dead flags; validates W; act_order: dw = dead-zeroed W; mean of the fixed diagonal; act_order: perm (descending
-/// diagonal, ties by column). Without act_order perm is not written (the kernels use the identity).
+/// diagonal, ties by column) and inv. Without act_order perm is not written (the kernels use the identity).
 cudaError_t launch_gptq_prepare(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, bool act_order,
                                 void* workspace, const GptqLayout& l, cudaStream_t stream);
+
+/// Act-order, after the static parameters: dw = the dead-zeroed W in processing order (dw[:, k] = W[:, perm[k]]), so
+/// the column loop reads and writes its block's columns contiguously; the lazy updates then accumulate onto it.
+cudaError_t launch_gptq_permute_w(const float* W, int64_t E, int64_t rows, int64_t cols, void* workspace,
+                                  const GptqLayout& l, cudaStream_t stream);
+
+/// Act-order, after the column loop: codes and dequantized values from processing order (codes in place, the
+/// dequantized values from dw) to the original column order.
+cudaError_t launch_gptq_unpermute(int64_t E, int64_t rows, int64_t cols, int8_t* codes, float* dequantized,
+                                  void* workspace, const GptqLayout& l, cudaStream_t stream);
 
 /// A = J P^T (H0 with dead diag = 1) P J + lambda_e I (column-major, into H + e * cols^2) for experts [e0, e0 + n),
 /// lambda_e = frac * mean_e; clears their fail / rbad flags.
@@ -179,7 +192,8 @@ cudaError_t launch_gptq_finish_factor(float* H, int64_t cols, int64_t e0, int64_
                                       const GptqLayout& l, cudaStream_t stream);
 
 /// The column loop of block [i1, i1 + bw) for all experts (see gptq_batched.cu); U's diagonal block in shared
-/// memory when sp.block_shared, else read from H.
+/// memory when sp.block_shared, else read from H. Act-order: w, codes and dequantized values in processing order in
+/// dw / codes (launch_gptq_permute_w before, launch_gptq_unpermute after the loop).
 cudaError_t launch_gptq_block(const float* W, const float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int bw,
                               const RtnParams& p, bool act_order, int8_t* codes, float* scales, int32_t* zeros,
                               float* dequantized, void* workspace, const GptqLayout& l, const GptqSmemPlan& sp,
