@@ -1,17 +1,23 @@
 // benchmarks/probe_gptq_block.cu -- standalone probe of the batched GPTQ column kernel (docs/kernels.md).
 //
-// gptq_block_kernel<ACT = true, RW = 4, SMEM = true> (kernels/src/gptq_batched.cu) is 1.86 ms per launch on 16
+// gptq_block_kernel<ACT = true, RW = 4, SMEM = true> (kernels/src/gptq_batched.cu) was 1.86 ms per launch on 16
 // DeepSeek-V3 experts' gate+up (4096 x 7168, one 128-column block; session 13's profile), ~2.1 s of a layer, where
 // a count of its instructions gives ~0.35 ms. This probe includes that translation unit and times the same launch
-// on synthetic inputs (the kernel's arithmetic does not depend on the values' meaning) under variants that isolate
-// where the time goes:
-//   act/random perm   the library's launch: act-order, a random column permutation (W, scales and zeros read and
-//                     codes and dequantized values written at permuted columns: one 32-byte sector per element)
-//   act/identity      the same kernel with the identity permutation (every access coalesced)
-//   act RW=2 / RW=8   rows per warp (timing only)
-//   static            ACT = false (groups from the running columns; timing only)
-//   permute row       one pass that gathers a whole [E * rows, C] matrix into processing order (what a solve would
-//                     pay once to make every block's accesses coalesced)
+// on synthetic inputs. Session 14 ran it on the kernel before the processing-order change (docs/kernels.md): 1.694
+// ms with a random act-order permutation against 0.780 ms with the identity, i.e. half the time went to gathering W
+// and scattering codes / dequantized values at permuted columns. The library's act-order kernel now reads and writes
+// its block contiguously (dw holds W in processing order); what is left of the permutation is the scale / zero-point
+// lookup of each column's group, the one-pass permute_w before the loop and the unpermute after it. Rows:
+//   act/random perm   the library's launch: act-order with a random column permutation
+//   act/identity      the identity permutation (scales read by group, broadcast)
+//   act RW=2 / RW=8   rows per warp (the library uses 4)
+//   static            ACT = false (groups from the running columns; the gathers of W as before)
+//   permute_w         once per solve: dw = W in processing order
+//   unpermute         once per solve: codes and dequantized values back to the original columns
+//   copy              cudaMemcpy of the same bytes as permute_w (the bandwidth reference)
+// The act-order kernel writes its dequantized values into its own columns of dw, so every timed launch starts from
+// a fresh copy of dw (made outside the timed region): rerunning it on its own output would divide zeros (w - dq = 0)
+// through the slow path of the IEEE division (session 14's first run of this probe on the new kernel did that).
 // Build + run (not part of the library build):
 //   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -arch=sm_90 -I kernels/include -I kernels/src \
 //        -I libmoequant/include -I .carry/include -o /tmp/probe_gptq benchmarks/probe_gptq_block.cu && /tmp/probe_gptq
@@ -59,14 +65,6 @@ __global__ void diag_kernel(float* rt, int64_t E, int64_t C) {
   }
 }
 
-// out[row, k] = in[row, perm[k]]: one block per row, the row read from L1/L2 at permuted positions.
-__global__ void __launch_bounds__(256) permute_rows_kernel(const float* __restrict__ in, const int32_t* __restrict__ perm,
-                                                           int64_t rows_per_e, int64_t C, float* __restrict__ out) {
-  const int64_t row = blockIdx.x, e = row / rows_per_e;
-  const int32_t* p = perm + e * C;
-  for (int64_t k = threadIdx.x; k < C; k += blockDim.x) out[row * C + k] = in[row * C + p[k]];
-}
-
 template <bool ACT, int RW>
 void launch(const float* W, const float* Rt, float* dW, float* Dblk, const int32_t* perm, const uint8_t* dead,
             float* scales, int32_t* zeros, int8_t* codes, float* deq, int64_t E, int64_t rows, int64_t C, int64_t i1,
@@ -89,12 +87,13 @@ int main() {
   p.bits = 4;
   p.symmetric = false;
   p.group_size = gs;
-  float *W, *Rt, *dW, *Dblk, *scales, *deq, *tmp;
-  int32_t *zeros, *perm_rand, *perm_id;
+  float *W, *Rt, *dW, *dW0, *Dblk, *scales, *deq, *tmp;
+  int32_t *zeros, *perm_rand, *perm_id, *inv_rand;
   int8_t* codes;
   uint8_t* dead;
   CK(cudaMalloc(&W, n * 4));
   CK(cudaMalloc(&dW, n * 4));
+  CK(cudaMalloc(&dW0, n * 4));
   CK(cudaMalloc(&deq, n * 4));
   CK(cudaMalloc(&tmp, n * 4));
   CK(cudaMalloc(&codes, n));
@@ -104,22 +103,25 @@ int main() {
   CK(cudaMalloc(&zeros, E * rows * ng * 4));
   CK(cudaMalloc(&perm_rand, E * C * 4));
   CK(cudaMalloc(&perm_id, E * C * 4));
+  CK(cudaMalloc(&inv_rand, E * C * 4));
   CK(cudaMalloc(&dead, E * C));
   fill_kernel<<<4096, 256>>>(W, n, -0.04f, 0.04f, 1);
-  fill_kernel<<<4096, 256>>>(dW, n, -0.002f, 0.002f, 2);
+  fill_kernel<<<4096, 256>>>(dW0, n, -0.04f, 0.04f, 2);  // as the library's dw: W plus small lazy updates
   fill_kernel<<<4096, 256>>>(Rt, E * C * C, -0.01f, 0.01f, 3);
   diag_kernel<<<1024, 256>>>(Rt, E, C);
   fill_kernel<<<4096, 256>>>(scales, E * rows * ng, 0.005f, 0.006f, 4);
   CK(cudaMemset(zeros, 0, E * rows * ng * 4));  // zero point 0 with codes in [-8, 7]: the arithmetic is the same
   CK(cudaMemset(dead, 0, E * C));
   {
-    std::vector<int32_t> id(static_cast<size_t>(E * C)), rnd(static_cast<size_t>(E * C));
+    std::vector<int32_t> id(static_cast<size_t>(E * C)), rnd(static_cast<size_t>(E * C)), inv(rnd.size());
     std::mt19937 gen(7);
     for (int64_t e = 0; e < E; ++e) {
       std::iota(id.begin() + e * C, id.begin() + (e + 1) * C, 0);
       std::iota(rnd.begin() + e * C, rnd.begin() + (e + 1) * C, 0);
       std::shuffle(rnd.begin() + e * C, rnd.begin() + (e + 1) * C, gen);
+      for (int64_t k = 0; k < C; ++k) inv[e * C + rnd[e * C + k]] = static_cast<int32_t>(k);
     }
+    CK(cudaMemcpy(inv_rand, inv.data(), E * C * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(perm_id, id.data(), E * C * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(perm_rand, rnd.data(), E * C * 4, cudaMemcpyHostToDevice));
   }
@@ -127,11 +129,14 @@ int main() {
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
+  auto fresh = [&] { CK(cudaMemcpy(dW, dW0, n * 4, cudaMemcpyDeviceToDevice)); };
   auto timed = [&](const char* name, auto&& fn) {
+    fresh();
     fn();
     CK(cudaDeviceSynchronize());
     float best = 1e30f;
     for (int rep = 0; rep < 7; ++rep) {
+      fresh();
       CK(cudaEventRecord(e0));
       fn();
       CK(cudaEventRecord(e1));
@@ -162,8 +167,14 @@ int main() {
   timed("static RW=4", [&] {
     launch<false, 4>(W, Rt, dW, Dblk, nullptr, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
   });
-  timed("permute rows (once)", [&] {
-    permute_rows_kernel<<<static_cast<unsigned>(E * rows), 256>>>(W, perm_rand, rows, C, tmp);
+  timed("permute_w (once)", [&] {
+    mq::permute_w_kernel<<<static_cast<unsigned>(E * rows), 256>>>(W, rows, C, perm_rand, dead, dW);
+    CK(cudaGetLastError());
+  });
+  timed("unpermute (once)", [&] {
+    CK(mq::raise_smem_limit(mq::unpermute_kernel, static_cast<size_t>(C)));
+    mq::unpermute_kernel<<<static_cast<unsigned>(E * rows), 256, static_cast<size_t>(C)>>>(rows, C, inv_rand, codes, dW,
+                                                                                            deq);
     CK(cudaGetLastError());
   });
   timed("copy (same bytes)", [&] { CK(cudaMemcpyAsync(tmp, W, n * 4, cudaMemcpyDeviceToDevice)); });
