@@ -30,14 +30,7 @@
 #include <random>
 #include <vector>
 
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);       \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
+#include "probe_util.cuh"
 
 namespace mq = moequant::cuda_detail;
 
@@ -126,26 +119,9 @@ int main() {
     CK(cudaMemcpy(perm_rand, rnd.data(), E * C * 4, cudaMemcpyHostToDevice));
   }
   CK(cudaDeviceSynchronize());
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   auto fresh = [&] { CK(cudaMemcpy(dW, dW0, n * 4, cudaMemcpyDeviceToDevice)); };
   auto timed = [&](const char* name, auto&& fn) {
-    fresh();
-    fn();
-    CK(cudaDeviceSynchronize());
-    float best = 1e30f;
-    for (int rep = 0; rep < 7; ++rep) {
-      fresh();
-      CK(cudaEventRecord(e0));
-      fn();
-      CK(cudaEventRecord(e1));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      best = std::min(best, ms);
-    }
-    std::printf("  %-22s %8.3f ms\n", name, best);
+    std::printf("  %-22s %8.3f ms\n", name, probe_best_ms(7, fresh, fn));
   };
   std::printf("%lld experts x %lld x %lld, block [%lld, %lld), 4-bit asym g128 (one launch)\n", (long long)E,
               (long long)rows, (long long)C, (long long)i1, (long long)(i1 + bw));

@@ -23,14 +23,7 @@
 #include <random>
 #include <vector>
 
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::printf("CUDA %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);       \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
+#include "probe_util.cuh"
 
 namespace mq = moequant::cuda_detail;
 using mq::kFullMask;
@@ -234,9 +227,6 @@ int main() {
   CK(cudaMalloc(&zeros, ng * 4));
   CK(cudaMalloc(&bad, 8));
   CK(cudaMalloc(&count, 8));
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   const char* names[] = {"normal", "heavy-tailed"};
   for (int dist = 0; dist < 2; ++dist) {
     std::vector<float> h(static_cast<size_t>(n));
@@ -255,18 +245,7 @@ int main() {
       return o;
     };
     auto timed = [&](const char* name, auto&& fn) {
-      fn();
-      CK(cudaDeviceSynchronize());
-      float best = 1e30f;
-      for (int rep = 0; rep < 5; ++rep) {
-        CK(cudaEventRecord(e0));
-        fn();
-        CK(cudaEventRecord(e1));
-        CK(cudaEventSynchronize(e1));
-        float ms = 0;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        best = ms < best ? ms : best;
-      }
+      const float best = probe_best_ms(5, [] {}, fn);
       std::printf("  %-14s %8.3f ms\n", name, best);
       return best;
     };
