@@ -125,24 +125,17 @@ int main() {
   };
   std::printf("%lld experts x %lld x %lld, block [%lld, %lld), 4-bit asym g128 (one launch)\n", (long long)E,
               (long long)rows, (long long)C, (long long)i1, (long long)(i1 + bw));
-  timed("act/random perm RW=4", [&] {
-    launch<true, 4>(W, Rt, dW, Dblk, perm_rand, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
-  });
-  timed("act/identity RW=4", [&] {
-    launch<true, 4>(W, Rt, dW, Dblk, perm_id, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
-  });
-  timed("act/identity RW=2", [&] {
-    launch<true, 2>(W, Rt, dW, Dblk, perm_id, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
-  });
-  timed("act/identity RW=8", [&] {
-    launch<true, 8>(W, Rt, dW, Dblk, perm_id, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
-  });
-  timed("act/random perm RW=2", [&] {
-    launch<true, 2>(W, Rt, dW, Dblk, perm_rand, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
-  });
-  timed("static RW=4", [&] {
-    launch<false, 4>(W, Rt, dW, Dblk, nullptr, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p);
-  });
+  // one row per kernel variant (the launch<ACT, RW> instantiations share a signature) and permutation
+  using Launch = decltype(&launch<true, 4>);
+  auto kernel_row = [&](const char* name, Launch fn, const int32_t* perm) {
+    timed(name, [&] { fn(W, Rt, dW, Dblk, perm, dead, scales, zeros, codes, deq, E, rows, C, i1, bw, p); });
+  };
+  kernel_row("act/random perm RW=4", launch<true, 4>, perm_rand);
+  kernel_row("act/identity RW=4", launch<true, 4>, perm_id);
+  kernel_row("act/identity RW=2", launch<true, 2>, perm_id);
+  kernel_row("act/identity RW=8", launch<true, 8>, perm_id);
+  kernel_row("act/random perm RW=2", launch<true, 2>, perm_rand);
+  kernel_row("static RW=4", launch<false, 4>, nullptr);
   timed("permute_w (once)", [&] {
     mq::permute_w_kernel<<<static_cast<unsigned>(E * rows), 256>>>(W, rows, C, perm_rand, dead, dW);
     CK(cudaGetLastError());
