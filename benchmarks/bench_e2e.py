@@ -186,8 +186,8 @@ class LayerProfiler:
     the top operators by self CUDA time and by self CPU time, and the phase markers' wall times (the interface of
     moequant.pipeline.LayerObserver, which this script imports only once its arguments are parsed)."""
 
-    def __init__(self, index: int, out) -> None:
-        self.index, self.out, self.prof, self.t0 = index, out, None, 0.0
+    def __init__(self, index: int, out, trace=None) -> None:
+        self.index, self.out, self.trace, self.prof, self.t0 = index, out, trace, None, 0.0
 
     def layer_inputs(self, index, prefix, hidden, kwargs) -> None:
         if index == self.index:
@@ -209,6 +209,13 @@ class LayerProfiler:
             torch.cuda.synchronize()
         wall = time.time() - self.t0
         self.prof.__exit__(None, None, None)
+        if self.trace:  # a Chrome / Perfetto timeline (gzip: a Qwen3 layer's trace is tens of MB as text)
+            import gzip
+            tmp = str(self.trace) + ".json"
+            self.prof.export_chrome_trace(tmp)
+            with open(tmp, "rb") as src, gzip.open(self.trace, "wb", compresslevel=6) as dst:
+                shutil.copyfileobj(src, dst)
+            Path(tmp).unlink()
         ka = self.prof.key_averages()
         text = [f"profile of layer {self.index}: {wall:.2f} s wall"]
         for key in ("self_cuda_time_total", "self_cpu_time_total"):
@@ -243,6 +250,8 @@ def main() -> int:
     ap.add_argument("--profile-layer", type=int, metavar="N",
                     help="run layer N under torch.profiler and print where its time goes (CPU and CUDA tables)")
     ap.add_argument("--profile-out", help="with --profile-layer: write the tables here (default: print only)")
+    ap.add_argument("--profile-trace", help="with --profile-layer: write the layer's timeline here (Chrome trace "
+                    "JSON, gzip-compressed; open it in Perfetto or chrome://tracing)")
     args = ap.parse_args()
     from moequant.pipeline.distributed import init_from_env
     from moequant.recipe import Recipe
@@ -294,7 +303,7 @@ def _run(args, Recipe) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     try:
-        observers = [LayerProfiler(args.profile_layer, args.profile_out)] if args.profile_layer is not None else []
+        observers = [LayerProfiler(args.profile_layer, args.profile_out, args.profile_trace)] if args.profile_layer is not None else []
         with HostPeak() as host:
             report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out),
                                        progress=rank == 0, observers=observers)

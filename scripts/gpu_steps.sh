@@ -67,7 +67,7 @@ for s in ${STEPS:-}; do
     gputests) timeout "$(tmo ${CMAX:-400})" python3 -m pytest -m gpu -q -p no:cacheprovider tests/python 2>&1 | tee "$OUT/gputests.log" | tail -40 ;;
     qwen4) timeout "$(tmo 300)" $E2E --model qwen3-30b-a3b --layers "${QL:-4}" --json "$OUT/qwen4.json" 2>&1 | tee "$OUT/qwen4.log" | grep -v "it/s\]" ;;
     qwen4llmc) timeout "$(tmo 500)" $E2E --model qwen3-30b-a3b --layers "${QL:-3}" --llmcompressor /tmp/llmc --json "$OUT/qwen4llmc.json" 2>&1 | tee "$OUT/qwen4llmc.log" | grep -v "it/s\]" ;;
-    qwenprof) timeout "$(tmo 300)" $E2E --model qwen3-30b-a3b --layers 2 --profile-layer 1 --profile-out "$OUT/prof_qwen.txt" 2>&1 | tee "$OUT/qwenprof.log" | grep -v "it/s\]" | tail -30 ;;
+    qwenprof) timeout "$(tmo 300)" $E2E --model qwen3-30b-a3b --layers 2 --profile-layer 1 --profile-out "$OUT/prof_qwen.txt" ${PROFTRACE:+--profile-trace "$OUT/trace_qwen.json.gz"} 2>&1 | tee "$OUT/qwenprof.log" | grep -v "it/s\]" | tail -30 ;;
     ds1) timeout "$(tmo 500)" $E2E --model deepseek-v3 --layers 1 --out /dev/shm/moequant-out $DSMEM ${DSARGS:-} --json "$OUT/ds1.json" 2>&1 | tee "$OUT/ds1.log" | grep -v "it/s\]" ;;
     ds2) timeout "$(tmo 550)" $E2E --model deepseek-v3 --layers 2 --out /dev/shm/moequant-out $DSMEM ${DSARGS:-} --json "$OUT/ds2.json" 2>&1 | tee "$OUT/ds2.log" | grep -v "it/s\]" ;;
     kimi1) timeout "$(tmo 500)" $E2E --model kimi-k2 --layers 1 --out /dev/shm/moequant-out $DSMEM ${KIMIARGS:-} --json "$OUT/kimi1.json" 2>&1 | tee "$OUT/kimi1.log" | grep -v "it/s\]" ;;
