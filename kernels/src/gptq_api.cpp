@@ -178,7 +178,7 @@ Status factorize_all(const float* W, float* H, int64_t E, int64_t rows, int64_t 
 
 /// The lazy trailing update of the column loop after block [i1, i2) (shared by the int and the format solves):
 /// dW[:, i2:] (-)= E_blk U[i1:i2, i2:] as one batched SGEMM (column-major view: dW^T -= U[i1:i2, i2:]^T E_blk^T);
-/// the first block overwrites dW (beta = 0) unless onto_w (the int act-order solve, whose dW starts as W0).
+/// the first block overwrites dW (beta = 0) unless onto_w (the act-order solves, whose dW starts as W0).
 Status trailing_update(float* H, int64_t E, int64_t rows, int64_t cols, int64_t i1, int64_t i2, char* ws,
                        const GptqLayout& l, cublasHandle_t handle, bool onto_w = false) {
   const int c = static_cast<int>(cols), r = static_cast<int>(rows), ldd = static_cast<int>(l.block);
@@ -432,6 +432,8 @@ Status cuda_gptq_batched_format(const float* W, float* H, int64_t E, int64_t row
   MQ_CUDA_RETURN("gptq format parameters",
                  cuda_detail::launch_gptq_format_params(W, E, rows, cols, p, f.global_scale ? global_scales_in : nullptr,
                                                         scales, scale_codes, zeros, workspace, l, x, stream));
+  if (act)  // dw = the dead-zeroed W in processing order, as in the int solve
+    MQ_CUDA_RETURN("gptq permute w", cuda_detail::launch_gptq_permute_w(W, E, rows, cols, workspace, l, stream));
   unsigned long long fflags[2];
   MQ_RETURN_IF_ERROR(read_back(fflags, ws + x.fflags, sizeof(fflags), stream, "gptq format flags readback"));
   if (fflags[0] != kNoBadIndex) {  // the CPU checks the caller's global scale before w and h
@@ -459,8 +461,11 @@ Status cuda_gptq_batched_format(const float* W, float* H, int64_t E, int64_t row
     MQ_CUDA_RETURN("gptq format block kernel",
                    cuda_detail::launch_gptq_format_block(W, H, E, rows, cols, i1, bw, p, act, codes, scales, zeros,
                                                          dequantized, workspace, l, x, sp, stream));
-    if (i2 < cols) MQ_RETURN_IF_ERROR(trailing_update(H, E, rows, cols, i1, i2, ws, l, handle));
+    if (i2 < cols) MQ_RETURN_IF_ERROR(trailing_update(H, E, rows, cols, i1, i2, ws, l, handle, act));
   }
+  if (act)
+    MQ_CUDA_RETURN("gptq unpermute", cuda_detail::launch_gptq_unpermute(E, rows, cols, reinterpret_cast<int8_t*>(codes),
+                                                                        dequantized, workspace, l, stream));
   if (global_scales)
     MQ_CUDA_RETURN("global scales copy", cudaMemcpyAsync(global_scales, ws + x.gscale, static_cast<size_t>(E) * 4,
                                                          cudaMemcpyDeviceToDevice, stream));

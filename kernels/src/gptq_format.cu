@@ -210,9 +210,14 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_format_block_kern
       const int64_t r = r0 + i;
       const bool ok = c < bw && r < rows;
       const int64_t row = e * rows + r;
-      const float x0 = ok && !dd ? W[row * C + orig[s]] : 0.0f;
-      w0[i][s] = x0;
-      wv[i][s] = ok && i1 > 0 ? __fadd_rn(x0, dW[row * C + i1 + c]) : x0;
+      if (pe) {  // act-order: dW = W0 in processing order (dead columns zero) plus the lazy updates
+        w0[i][s] = 0.0f;
+        wv[i][s] = ok ? dW[row * C + i1 + c] : 0.0f;
+      } else {
+        const float x0 = ok && !dd ? W[row * C + orig[s]] : 0.0f;
+        w0[i][s] = x0;
+        wv[i][s] = ok && i1 > 0 ? __fadd_rn(x0, dW[row * C + i1 + c]) : x0;
+      }
       ef[i][s] = 1.0f;
       zp[i][s] = 0;
       if (ok) {
@@ -270,8 +275,14 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp, 1) gptq_format_block_kern
       if (r >= rows) continue;
       const int64_t row = e * rows + r;
       Dblk[row * ldd + c] = wv[i][s];
-      codes[row * C + orig[s]] = static_cast<uint8_t>((qb[i] >> (8 * s)) & 0xFFu);
-      deq[row * C + orig[s]] = w0[i][s];
+      const uint8_t q = static_cast<uint8_t>((qb[i] >> (8 * s)) & 0xFFu);
+      if (pe) {  // processing order; launch_gptq_unpermute moves them after the loop
+        codes[row * C + i1 + c] = q;
+        dW[row * C + i1 + c] = w0[i][s];
+      } else {
+        codes[row * C + orig[s]] = q;
+        deq[row * C + orig[s]] = w0[i][s];
+      }
     }
   }
 }
