@@ -97,15 +97,52 @@ def test_bench_e2e_smoke_with_the_layer_profiler(tmp_path):
     out = tmp_path / "prof.txt"
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--model", "smoke", "--layers", "2",
                         "--device", "cpu", "--samples", "4", "--seq-len", "32", "--work", str(tmp_path / "w"),
-                        "--out", str(tmp_path / "o"), "--keep", "--profile-layer", "1", "--profile-out", str(out)],
+                        "--out", str(tmp_path / "o"), "--keep", "--profile-layer", "1", "--profile-out", str(out),
+                        "--profile-trace", str(tmp_path / "t.json.gz")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     text = out.read_text()
     assert text.startswith("profile of layer 1:") and "moequant.expert_solve" in text and "moequant.pass3_forward" in text
     assert "steady state" in r.stdout
+    # the timeline: gzip Chrome trace whose phase markers trace_phases.py reads
+    r2 = subprocess.run([sys.executable, str(REPO / "benchmarks" / "trace_phases.py"), str(tmp_path / "t.json.gz")],
+                        capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "== expert_solve:" in r2.stdout and "pass3_forward" in r2.stdout
     # --out: the checkpoint went there (and was removed after the run), not under --work, which keeps the model
     assert (tmp_path / "o").is_dir() and not any((tmp_path / "o").iterdir())
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["ids.pt", "smoke-2l"]
+
+
+def _trace_phases():
+    spec = importlib.util.spec_from_file_location("trace_phases_bench", REPO / "benchmarks" / "trace_phases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trace_phases_counts_gpu_busy_time_and_idle_share_per_phase(tmp_path, capsys):
+    """A phase of 1000 us with kernels at [100, 300) and [200, 500) (overlapping: 400 us busy) and one outside it:
+    60 % idle; nested torch ops count once, under the outermost."""
+    import gzip
+    import json
+    ev = [{"ph": "X", "cat": "user_annotation", "name": "moequant.expert_solve", "ts": 0, "dur": 1000, "pid": 1, "tid": 1},
+          {"ph": "X", "cat": "kernel", "name": "k1", "ts": 100, "dur": 200, "pid": 0, "tid": 7},
+          {"ph": "X", "cat": "kernel", "name": "k2", "ts": 200, "dur": 300, "pid": 0, "tid": 8},
+          {"ph": "X", "cat": "kernel", "name": "k3", "ts": 1500, "dur": 100, "pid": 0, "tid": 7},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 50, "dur": 5, "pid": 1, "tid": 1},
+          {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 600, "dur": 300, "pid": 1, "tid": 1},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::nonzero", "ts": 550, "dur": 400, "pid": 1, "tid": 1},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 560, "dur": 350, "pid": 1, "tid": 1}]
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    assert _trace_phases().main([str(path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("expert_solve "))
+    assert row.split()[2:6] == ["1.0", "0.4", "60", "1"]  # wall ms, GPU ms, idle %, launches
+    assert "host       0.30 ms x1     cudaStreamSynchronize" in out
+    assert "aten::nonzero" in out and "aten::copy_" not in out
 
 
 def test_host_memory_cgroup_smoke_builds_and_runs_both_modes(tmp_path):
