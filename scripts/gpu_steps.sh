@@ -2,7 +2,8 @@
 # The GPU machine's side of a device-tool call (docs/gpu-runs.md from session 12 on): installs the carried wheels
 # (scripts/gpu_carry.sh) into /tmp, gets the extension (.carry/prebuilt when its stamp -- a hash of the C++/CUDA
 # sources and build files -- matches, else the build of a warm machine in /tmp/mqsite, else a fresh sm_90 build,
-# whose .so comes back xz-compressed in $OUT/prebuilt), then runs the named steps, each within what is left of
+# around the kernels of .carry/kernels when scripts/gpu_kernels.sh compiled them from this tree, whose .so comes back
+# xz-compressed in $OUT/prebuilt), then runs the named steps, each within what is left of
 # BUDGET seconds, with their logs under $OUT:
 #   STEPS="custom gputests qwen4 qwen4llmc qwenprof ds1 ds2 kimi1 cgroup quality" BUDGET=570 bash scripts/gpu_steps.sh
 # custom: bash -c "$CUSTOM" (at most CMAX s); QL: Qwen3 layers; CGL: the cgroup run's layers; QROWS / QW: the
@@ -44,7 +45,14 @@ elif [ -f /tmp/mqsite/stamp ] && [ "$(cat /tmp/mqsite/stamp)" = "$STAMP" ]; then
   cp /tmp/mqsite/moequant/_C*.so /tmp/mqsite/moequant/_build_info.py python/moequant/ && echo "warm build used"
 else
   rm -rf /tmp/mqsite
-  python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/mqsite . \
+  # the kernels compiled on the development machine (scripts/gpu_kernels.sh) when they are this tree's
+  KSTAMP=$(find libmoequant kernels -type f ! -name '*.pyc' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
+  KLIB=()
+  if [ -f .carry/kernels/stamp ] && [ "$(cat .carry/kernels/stamp)" = "$KSTAMP" ]; then
+    xz -dc .carry/kernels/libmoequant_cuda.a.xz > /tmp/libmoequant_cuda.a && KLIB=(-Ccmake.define.MOEQUANT_CUDA_PREBUILT=/tmp/libmoequant_cuda.a)
+    echo "prebuilt kernels used (stamp $KSTAMP)"
+  fi
+  python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/mqsite . "${KLIB[@]}" \
     -Ccmake.define.MOEQUANT_CUDA=ON -Ccmake.define.MOEQUANT_CUDA_ARCHS=90 \
     -Ccmake.define.MOEQUANT_EXTRA_INCLUDE_DIR="$PWD/.carry/include" -Cbuild-dir=/tmp/mqbuild > "$OUT/build.log" 2>&1
   rc=$?; tail -5 "$OUT/build.log"
