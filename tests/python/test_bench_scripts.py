@@ -15,11 +15,16 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+def _bench(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _quality():
+    return _bench("quality")
 
 
 def test_quality_rows_parse_integer_and_preset_names():
@@ -114,13 +119,6 @@ def test_bench_e2e_smoke_with_the_layer_profiler(tmp_path):
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["ids.pt", "smoke-2l"]
 
 
-def _trace_phases():
-    spec = importlib.util.spec_from_file_location("trace_phases_bench", REPO / "benchmarks" / "trace_phases.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_trace_phases_counts_gpu_busy_time_and_idle_share_per_phase(tmp_path, capsys):
     """A phase of 1000 us with kernels at [100, 300) and [200, 500) (overlapping: 400 us busy) and one outside it:
     60 % idle; nested torch ops count once, under the outermost."""
@@ -137,7 +135,7 @@ def test_trace_phases_counts_gpu_busy_time_and_idle_share_per_phase(tmp_path, ca
     path = tmp_path / "t.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": ev}, f)
-    assert _trace_phases().main([str(path)]) == 0
+    assert _bench("trace_phases").main([str(path)]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("expert_solve "))
     assert row.split()[2:6] == ["1.0", "0.4", "60", "1"]  # wall ms, GPU ms, idle %, launches
@@ -160,19 +158,12 @@ def test_host_memory_cgroup_smoke_builds_and_runs_both_modes(tmp_path):
     assert "[disk] rc 0" in r.stdout and "hidden states on disk" in r.stdout
 
 
-def _quality_table():
-    spec = importlib.util.spec_from_file_location("quality_table_bench", REPO / "benchmarks" / "quality_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_quality_table_resumes_from_a_stopped_run(tmp_path, capsys):
     """A run stopped part way leaves its merged file and its workers' per-row files; --resume keeps every row of
     the same model and protocol (another protocol's file is not used) and runs none of them again."""
     import json
 
-    qt = _quality_table()
+    qt = _bench("quality_table")
     row = {"heldout": 12.5, "wt2": 290.0, "quantize_seconds": 1.0, "total_seconds": 2.0, "fallbacks": 0}
     meta = {"device": "cuda", "device_name": "H100", "model": "M", "torch": "x", "num_samples": 128, "seq_len": 512}
     (tmp_path / "quality.json").write_text(json.dumps({**meta, "rows": {"rtn-w4": row}, "workers": 4}))
@@ -208,7 +199,7 @@ def test_quality_json_merges_row_by_row(tmp_path):
 
 
 def test_quality_table_shares_the_cores_among_cpu_workers(monkeypatch):
-    qt = _quality_table()
+    qt = _bench("quality_table")
     monkeypatch.setattr(qt.os, "cpu_count", lambda: 16)
     assert qt.worker_env("cpu", 4, {})["OMP_NUM_THREADS"] == "4"
     assert qt.worker_env("cpu", 32, {})["OMP_NUM_THREADS"] == "1"
