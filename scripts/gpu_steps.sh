@@ -47,7 +47,7 @@ else
   rm -rf /tmp/mqsite
   # the kernels compiled on the development machine (scripts/gpu_kernels.sh) when they are this tree's
   KSTAMP=$(find libmoequant kernels -type f ! -name '*.pyc' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
-  KLIB=()
+  KLIB=(-Ccmake.define.MOEQUANT_CUDA_PREBUILT=)  # empty unless they match: the build directory's cache keeps a value
   if [ -f .carry/kernels/stamp ] && [ "$(cat .carry/kernels/stamp)" = "$KSTAMP" ]; then
     xz -dc .carry/kernels/libmoequant_cuda.a.xz > /tmp/libmoequant_cuda.a && KLIB=(-Ccmake.define.MOEQUANT_CUDA_PREBUILT=/tmp/libmoequant_cuda.a)
     echo "prebuilt kernels used (stamp $KSTAMP)"
