@@ -57,7 +57,13 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=8, help="kernels and runtime calls listed per phase")
     ap.add_argument("--prefix", default="moequant.", help="the phase markers' name prefix")
     args = ap.parse_args(argv)
-    ev = [e for e in load(args.trace) if e.get("ph") == "X" and "dur" in e]
+    try:
+        raw = load(args.trace)
+    except (OSError, ValueError, KeyError, EOFError) as exc:  # missing, not gzip / JSON, not a Chrome trace
+        print(f"trace_phases: error: {args.trace}: cannot read a Chrome trace ({exc}); pass the file "
+              "bench_e2e.py --profile-trace wrote", file=sys.stderr)
+        return 2
+    ev = [e for e in raw if isinstance(e, dict) and e.get("ph") == "X" and "dur" in e]
     gpu = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     runtime = [e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver")]
     ops = outermost([e for e in ev if e.get("cat") == "cpu_op"])
@@ -71,7 +77,8 @@ def main(argv=None) -> int:
     print(f"trace: {(t1 - t0) / 1e6:.3f} s, GPU busy {busy / 1e6:.3f} s ({100 * busy / max(t1 - t0, 1):.0f} %), "
           f"{len(gpu)} GPU events, {len(runtime)} runtime calls")
     rows = sorted(phases, key=lambda e: e["ts"])
-    # top-level phases only (a phase inside another is listed under its own name too, but not summed twice)
+    # every marker, nested ones too (solve.run_jobs inside expert_solve); a marker's GPU time is the kernels that ran
+    # inside its host window (the engine's phase timer waits for its stream at the end, so they finish inside it)
     print(f"{'phase':<34} {'start s':>8} {'wall ms':>9} {'GPU ms':>8} {'idle %':>6} {'launches':>8}")
     totals = defaultdict(lambda: [0.0, 0.0, 0])
     for p in rows:

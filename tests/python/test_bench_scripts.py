@@ -141,6 +141,11 @@ def test_trace_phases_counts_gpu_busy_time_and_idle_share_per_phase(tmp_path, ca
     assert row.split()[2:6] == ["1.0", "0.4", "60", "1"]  # wall ms, GPU ms, idle %, launches
     assert "host       0.30 ms x1     cudaStreamSynchronize" in out
     assert "aten::nonzero" in out and "aten::copy_" not in out
+    (tmp_path / "bad.json").write_text("not json")
+    assert _bench("trace_phases").main([str(tmp_path / "bad.json")]) == 2
+    assert _bench("trace_phases").main([str(tmp_path / "missing.json.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("trace_phases: error: ") for line in err)
 
 
 def test_host_memory_cgroup_smoke_builds_and_runs_both_modes(tmp_path):
