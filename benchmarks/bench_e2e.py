@@ -18,6 +18,7 @@ model to check the script on a CPU with --device cpu).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -210,7 +211,6 @@ class LayerProfiler:
         wall = time.time() - self.t0
         self.prof.__exit__(None, None, None)
         if self.trace:  # a Chrome / Perfetto timeline (gzip: a Qwen3 layer's trace is tens of MB as text)
-            import gzip
             tmp = str(self.trace) + ".json"
             self.prof.export_chrome_trace(tmp)
             with open(tmp, "rb") as src, gzip.open(self.trace, "wb", compresslevel=6) as dst:
@@ -303,7 +303,8 @@ def _run(args, Recipe) -> int:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     try:
-        observers = [LayerProfiler(args.profile_layer, args.profile_out, args.profile_trace)] if args.profile_layer is not None else []
+        observers = [] if args.profile_layer is None else \
+            [LayerProfiler(args.profile_layer, args.profile_out, args.profile_trace)]
         with HostPeak() as host:
             report = moequant.quantize(str(model_dir), recipe, calibration=ids, output_dir=str(out),
                                        progress=rank == 0, observers=observers)

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 command -v nvcc >/dev/null || { echo "gpu_kernels.sh: error: nvcc not found (the kernels need CUDA's compiler)" >&2; exit 2; }
 CMAKE=$( [ -x .venv/bin/cmake ] && echo .venv/bin/cmake || echo cmake )
 GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
-STAMP=$(find libmoequant kernels -type f ! -name '*.pyc' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
+STAMP=$(bash scripts/source_stamp.sh libmoequant kernels)  # what gpu_steps.sh compares
 "$CMAKE" -S . -B build/cuda90 "${GEN[@]}" -DMOEQUANT_CUDA=ON -DMOEQUANT_CUDA_ARCHS=90 -DMOEQUANT_BUILD_TESTS=OFF \
   -DMOEQUANT_BUILD_PYTHON=OFF -DMOEQUANT_INSTALL=OFF -DMOEQUANT_EXTRA_INCLUDE_DIR="$PWD/.carry/include" >/dev/null
 "$CMAKE" --build build/cuda90 --target moequant_cuda -j"$(nproc)"

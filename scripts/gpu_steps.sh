@@ -36,8 +36,7 @@ fi
 export PYTHONPATH=/tmp/site:$PWD/python
 if [ -f .carryq/q.tar.xz ] && [ ! -d /tmp/q/models ]; then mkdir -p /tmp/q && tar -xJf .carryq/q.tar.xz -C /tmp/q; fi
 
-STAMP=$(find libmoequant kernels bindings cmake build_support CMakeLists.txt pyproject.toml -type f ! -name '*.pyc' \
-        | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
+STAMP=$(bash scripts/source_stamp.sh libmoequant kernels bindings cmake build_support CMakeLists.txt pyproject.toml)
 log "build (stamp $STAMP)"
 if [ -f .carry/prebuilt/stamp ] && [ "$(cat .carry/prebuilt/stamp)" = "$STAMP" ]; then
   xz -dc .carry/prebuilt/C.so.xz > python/moequant/_C.cpython-312-x86_64-linux-gnu.so && cp .carry/prebuilt/_build_info.py python/moequant/ && echo "prebuilt used"
@@ -46,7 +45,7 @@ elif [ -f /tmp/mqsite/stamp ] && [ "$(cat /tmp/mqsite/stamp)" = "$STAMP" ]; then
 else
   rm -rf /tmp/mqsite
   # the kernels compiled on the development machine (scripts/gpu_kernels.sh) when they are this tree's
-  KSTAMP=$(find libmoequant kernels -type f ! -name '*.pyc' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-12)
+  KSTAMP=$(bash scripts/source_stamp.sh libmoequant kernels)
   KLIB=(-Ccmake.define.MOEQUANT_CUDA_PREBUILT=)  # empty unless they match: the build directory's cache keeps a value
   if [ -f .carry/kernels/stamp ] && [ "$(cat .carry/kernels/stamp)" = "$KSTAMP" ]; then
     xz -dc .carry/kernels/libmoequant_cuda.a.xz > /tmp/libmoequant_cuda.a && KLIB=(-Ccmake.define.MOEQUANT_CUDA_PREBUILT=/tmp/libmoequant_cuda.a)
