@@ -17,7 +17,7 @@ from moequant import ops, pipeline
 from moequant.cli import main
 from moequant.eval.compare import COMPARE_FILE, compare
 from moequant.eval.report_html import HTML_FILE, load_run, render_html, render_text
-from moequant.pipeline.jobs import matrix_stats
+from moequant.pipeline.jobs import jobs_stats_values, matrix_stats, matrix_stats_values
 from moequant.pipeline.report import QuantizationReport, module_kind
 from moequant.recipe import CalibrationConfig, FallbackConfig, QuantScheme, Recipe
 from testdata import tiny_qwen3_checkpoint
@@ -81,6 +81,41 @@ def test_matrix_stats_on_gpu_within_a_stated_budget(gen, make_hessian, dtype):
     assert s["error"] == pytest.approx(float(torch.trace(d @ hd @ d.t())), rel=1e-2)
     assert s["energy"] == pytest.approx(float(torch.trace(w.double() @ hd @ w.double().t())), rel=1e-2)
     assert s["effective_rank"] == pytest.approx(float(hd.trace() ** 2 / (hd * hd).sum()), rel=1e-4)
+
+
+def _stats_items(gen, make_hessian, device):
+    """Matrices of two shapes (one without a Hessian between them), as a layer's experts and a Linear."""
+    items = []
+    for k, (rows, cols) in enumerate([(48, 128)] * 5 + [(64, 96)] * 3):
+        w = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+        h = make_hessian(cols, 500, gen, torch.float32) / 500 if k != 2 else None
+        items.append((w.to(device), h.to(device) if h is not None else None,
+                      ops.quantize_rtn(w.float(), bits=4, group_size=32)))
+    return items
+
+
+def test_jobs_stats_values_on_the_cpu_are_the_one_matrix_values(gen, make_hessian):
+    items = _stats_items(gen, make_hessian, "cpu")
+    got = jobs_stats_values(items, torch.bfloat16)
+    for (w, h, qt), v in zip(items, got):
+        want = matrix_stats_values(w, h, qt, torch.bfloat16)
+        assert (v is None) == (h is None) and (v is None or torch.equal(v, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_bytes", [1, 2**20, 2**30])  # one matrix a product, a few, all of a shape
+def test_jobs_stats_values_batched_on_gpu_are_the_one_matrix_values(gen, make_hessian, batch_bytes):
+    """The batched products (same bf16 operands, float32 accumulation) agree with matrix_stats_values matrix by
+    matrix to float32 summation order, in the jobs' order, None without a Hessian, with or without errors."""
+    items = _stats_items(gen, make_hessian, "cuda")
+    for errors in (True, False):
+        got = jobs_stats_values(items, torch.bfloat16, errors, batch_bytes=batch_bytes)
+        for (w, h, qt), v in zip(items, got):
+            want = matrix_stats_values(w, h, qt, torch.bfloat16, errors)
+            assert (v is None) == (h is None)
+            if v is not None:
+                assert v.shape == want.shape == (4 if errors else 2,)
+                torch.testing.assert_close(v, want, rtol=1e-5, atol=0)
 
 
 def test_report_records_calibration_statistics(run_dir):

@@ -109,8 +109,12 @@ def expert_glu(experts: nn.Module, family: MoEFamily, t, x: torch.Tensor) -> tor
     return family.glu(experts, gate, up)
 
 
-# The padded [experts, rows, 2I] float32 products of one batched GEMM of expert_intermediate (its transient memory)
-BATCHED_BYTES = 128 * 2**20
+# The padded [experts, rows, 2I] float32 products of one batched GEMM of expert_intermediate (its transient memory,
+# with the padded bf16 inputs and the gathered rows about 2.5x this). 128 MiB cut a Qwen3-30B-A3B call (16k tokens,
+# 128 experts) into ~18 runs of a dozen launches each, and each bmm of a new shape cost ~0.4 ms of host time: the
+# Hessian phase was host-bound (GPU idle 71 % of it, run 64's trace). 512 MiB: 2-3 runs a call there, one for a
+# DeepSeek-V3 group of 28 experts (~0.3 GB), whose Hessian phase is well below the layer's peak (the solve's).
+BATCHED_BYTES = 512 * 2**20
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from ..io.fingerprint import model_fingerprint
 from ..methods.budget import Matrix, allocate, build_units, candidate_label
 from ..recipe.recipe import Recipe
 from ..recipe.scheme import Override
-from .jobs import SolveJob, fallback_scheme, matrix_stats_values, run_jobs, stats_dict, stats_lists
+from .jobs import SolveJob, fallback_scheme, jobs_stats_values, run_jobs, stats_dict, stats_lists
 from .layer import LayerObserver
 
 __all__ = ["CandidateProbe", "ResidualEnergy", "BudgetProblem", "budget_problem", "run_budget", "budget_file",
@@ -84,7 +84,7 @@ class CandidateProbe:
                                           [], job.tokens, job.fallback, job.force_rtn))
             run_jobs(trial, storage, recipe.solver_memory_gb)
             # read back to the host at once (one synchronisation per candidate, not one per matrix)
-            values = stats_lists([matrix_stats_values(t.w, t.h, t.qt, storage, True) for t in trial])
+            values = stats_lists(jobs_stats_values([(t.w, t.h, t.qt) for t in trial], storage, True))
             for t, v in zip(trial, values):
                 self.records[t.record]["errors"][k] = float(stats_dict(v).get("error", 0.0))
                 t.qt = None

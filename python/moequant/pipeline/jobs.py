@@ -24,7 +24,7 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "matrix_stats_values", "linear_jobs", "stats_dict", "stats_lists", "shared_global_scale",
+           "matrix_stats", "matrix_stats_values", "jobs_stats_values", "linear_jobs", "stats_dict", "stats_lists", "shared_global_scale",
            "SolveJob", "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,56 @@ def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.Quan
         else:
             vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
     return torch.stack(vals)
+
+
+# Transient device memory of one batched statistics product (jobs_stats_values): per matrix of r x c about
+# 10 c^2 + 24 r c bytes (H in float32 and bfloat16, its square, W, dW, [W; dW] and their float32 product)
+STATS_BATCH_BYTES = 2**30
+
+
+def jobs_stats_values(items: list, storage: torch.dtype, errors: bool = True,
+                      batch_bytes: int = STATS_BATCH_BYTES) -> list:
+    """:func:`matrix_stats_values` of many ``(w, h, qt)``, in order. On a GPU, matrices of one shape (a layer's
+    experts) go through batched products of at most ``batch_bytes`` of transients each -- a few dozen launches for a
+    layer's experts instead of about twenty per matrix, which left a Qwen3-30B-A3B layer's statistics host-bound (4,900
+    launches, 30 ms of GPU work in 220 ms, benchmarks/trace_phases.py) -- with the same products as the one-matrix
+    path (bfloat16 operands, float32 accumulation), so the values agree to float32 summation order. Elsewhere one
+    matrix at a time."""
+    out: list = [None] * len(items)
+    groups: dict = {}
+    for i, (w, h, qt) in enumerate(items):
+        if h is None:
+            continue
+        if w.device.type != "cuda":
+            out[i] = matrix_stats_values(w, h, qt, storage, errors)
+        else:
+            groups.setdefault((tuple(w.shape), tuple(h.shape), w.device), []).append(i)
+    for (rows_cols, hshape, _), idx in groups.items():
+        rows, cols = rows_cols
+        per = 10 * hshape[0] * hshape[1] + 24 * rows * cols
+        step = max(1, batch_bytes // max(per, 1))
+        for a in range(0, len(idx), step):
+            part = idx[a:a + step]
+            vals = _batched_stats([items[i] for i in part], storage, errors)
+            for i, v in zip(part, vals.unbind(0)):
+                out[i] = v
+    return out
+
+
+def _batched_stats(items: list, storage: torch.dtype, errors: bool) -> torch.Tensor:
+    """``[B, 2]`` or ``[B, 4]`` statistics of same-shape matrices on one GPU (:func:`jobs_stats_values`)."""
+    dev = items[0][0].device
+    hh = torch.stack([h.to(dev, torch.float32) for _, h, _ in items])
+    tr = torch.diagonal(hh, dim1=-2, dim2=-1).sum(-1)
+    vals = [tr, tr * tr / (hh * hh).sum((-2, -1)).clamp_min(torch.finfo(torch.float32).tiny)]
+    if errors:
+        wb = torch.stack([w.detach().to(torch.bfloat16) for w, _, _ in items])
+        wf = torch.stack([w.detach().float() for w, _, _ in items])
+        d = wf - torch.stack([qt.dequantized.to(dev).to(storage) for _, _, qt in items]).float()
+        rows = wf.shape[1]
+        prod = torch.bmm(torch.cat([wb, d.to(torch.bfloat16)], dim=1), hh.to(torch.bfloat16), out_dtype=torch.float32)
+        vals += [(prod[:, rows:] * d).sum((-2, -1)), (prod[:, :rows] * wf).sum((-2, -1))]
+    return torch.stack(vals, dim=1)
 
 
 def stats_dict(values) -> dict:
@@ -410,7 +460,7 @@ def finish_jobs(jobs: list, storage: torch.dtype, recipe: Recipe,
     results, records = {}, []
     # before the weights are overwritten; read back to the host at once (not one synchronisation per matrix)
     with torch.profiler.record_function("moequant.solve.stats"):
-        stats = stats_lists([matrix_stats_values(job.w, job.h, job.qt, storage, recipe.report_loss) for job in jobs])
+        stats = stats_lists(jobs_stats_values([(job.w, job.h, job.qt) for job in jobs], storage, recipe.report_loss))
     for job, st in zip(jobs, stats):
         st = stats_dict(st)
         if "error" in st:  # computed only with report_loss
