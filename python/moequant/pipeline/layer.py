@@ -208,7 +208,7 @@ class LayerQuantizer:
         return sink.done() if out is None else out
 
     def _forward(self, layer: nn.Module, index: int, h: torch.Tensor, kw: list) -> torch.Tensor:
-        y = layer(h.to(self.device), **kw[index])
+        y = layer(h.to(self.device, non_blocking=True), **kw[index])  # no wait for the stream (DeviceInputs)
         return y[0] if isinstance(y, tuple) else y
 
     def _keep_inputs(self, plan, hidden) -> bool:
