@@ -115,7 +115,7 @@ def test_jobs_stats_values_batched_on_gpu_are_the_one_matrix_values(gen, make_he
             assert (v is None) == (h is None)
             if v is not None:
                 assert v.shape == want.shape == (4 if errors else 2,)
-                torch.testing.assert_close(v, want, rtol=1e-5, atol=0)
+                torch.testing.assert_close(v, want, rtol=1e-4, atol=0)  # summation order only
 
 
 def test_report_records_calibration_statistics(run_dir):
