@@ -193,26 +193,21 @@ def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.Quan
     ``[tr(H), effective rank]`` and, with ``errors``, ``[error, energy]``; None without a Hessian.
 
     On a GPU the two products ``dW H`` and ``W H`` are one tensor-core GEMM of ``[W; dW]`` and ``H`` in bfloat16
-    with float32 accumulation (``torch.mm(..., out_dtype=float32)``; the final elementwise product and sums in
-    float32): a report statistic does not need fp32 SIMT products, which cost as much as the GPTQ solve itself on
+    with float32 accumulation (:func:`_batched_stats` with one matrix: ``torch.bmm(..., out_dtype=float32)``; the
+    elementwise product and sums in float32): a report statistic does not need fp32 SIMT products, which cost as much as the GPTQ solve itself on
     DeepSeek-V3's 7168-wide Hessians. Elsewhere float32 (float64 for a float64 Hessian on the CPU)."""
     if h is None:
         return None
-    cuda = w.device.type == "cuda"
-    dtype = torch.float32 if cuda or h.dtype != torch.float64 else torch.float64
+    if w.device.type == "cuda":  # the batched products' one-matrix case (jobs_stats_values)
+        return _batched_stats([(w, h, qt)], storage, errors)[0]
+    dtype = torch.float32 if h.dtype != torch.float64 else torch.float64
     hh = h.to(w.device, dtype)
     tr = torch.diagonal(hh).sum()
     vals = [tr, tr * tr / (hh * hh).sum().clamp_min(torch.finfo(dtype).tiny)]
     if errors:
         wf = w.detach().to(dtype)
         d = wf - qt.dequantized.to(w.device).to(storage).to(dtype)
-        rows = wf.shape[0]
-        if cuda:
-            both = torch.cat([w.detach().to(torch.bfloat16), d.to(torch.bfloat16)])
-            prod = torch.mm(both, hh.to(torch.bfloat16), out_dtype=torch.float32)
-            vals += [(prod[rows:] * d).sum(), (prod[:rows] * wf).sum()]
-        else:
-            vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
+        vals += [((d @ hh) * d).sum(), ((wf @ hh) * wf).sum()]
     return torch.stack(vals)
 
 
@@ -225,10 +220,9 @@ def jobs_stats_values(items: list, storage: torch.dtype, errors: bool = True,
                       batch_bytes: int = STATS_BATCH_BYTES) -> list:
     """:func:`matrix_stats_values` of many ``(w, h, qt)``, in order. On a GPU, matrices of one shape (a layer's
     experts) go through batched products of at most ``batch_bytes`` of transients each -- a few dozen launches for a
-    layer's experts instead of about twenty per matrix, which left a Qwen3-30B-A3B layer's statistics host-bound (4,900
-    launches, 30 ms of GPU work in 220 ms, benchmarks/trace_phases.py) -- with the same products as the one-matrix
-    path (bfloat16 operands, float32 accumulation), so the values agree to float32 summation order. Elsewhere one
-    matrix at a time."""
+    layer's experts instead of about twenty per matrix, which left a Qwen3-30B-A3B layer's statistics host-bound
+    (4,900 launches, 30 ms of GPU work in 220 ms, benchmarks/trace_phases.py); the one-matrix path is a batch of
+    one, so the values agree to float32 summation order. Elsewhere one matrix at a time."""
     out: list = [None] * len(items)
     groups: dict = {}
     for i, (w, h, qt) in enumerate(items):
