@@ -24,7 +24,8 @@ from ..recipe.scheme import QuantScheme
 from .report import ModuleRecord
 
 __all__ = ["solve_matrix", "ExpertHessians", "quantize_linears", "quantize_experts", "expert_jobs", "finish_jobs",
-           "matrix_stats", "matrix_stats_values", "jobs_stats_values", "linear_jobs", "stats_dict", "stats_lists", "shared_global_scale",
+           "matrix_stats", "matrix_stats_values", "jobs_stats_values", "linear_jobs", "stats_dict", "stats_lists",
+           "shared_global_scale",
            "SolveJob", "run_jobs", "fallback_scheme"]
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.Quan
 
     On a GPU the two products ``dW H`` and ``W H`` are one tensor-core GEMM of ``[W; dW]`` and ``H`` in bfloat16
     with float32 accumulation (:func:`_batched_stats` with one matrix: ``torch.bmm(..., out_dtype=float32)``; the
-    elementwise product and sums in float32): a report statistic does not need fp32 SIMT products, which cost as much as the GPTQ solve itself on
+    elementwise product and sums in float32): a report statistic does not need fp32 SIMT products, which cost as
+    much as the GPTQ solve itself on
     DeepSeek-V3's 7168-wide Hessians. Elsewhere float32 (float64 for a float64 Hessian on the CPU)."""
     if h is None:
         return None
