@@ -168,7 +168,7 @@ def _expert_runs(off: list, row_bytes: int, chunk_bytes: int):
 def _intermediate_batched(experts: nn.Module, family: MoEFamily, batch: RoutedBatch, h: torch.Tensor,
                           chunk_bytes: int) -> None:
     """:func:`expert_intermediate`'s batched path, into ``h``: per run of experts (:func:`_expert_runs`), the rows
-    scattered into a zero-padded ``[experts, rows, H]`` block, one ``bmm`` with the run's ``[H, 2I]`` weights
+    scattered into a padded ``[experts, rows, H]`` block, one ``bmm`` with the run's ``[H, 2I]`` weights
     (views of the fused tensor: no copy) and float32 output, the real rows gathered back, bias and GLU on them."""
     gu = experts.gate_up_proj
     w = gu if family.layout == TRANSPOSED else gu.transpose(1, 2)  # [E, H, 2I]
@@ -181,12 +181,13 @@ def _intermediate_batched(experts: nn.Module, family: MoEFamily, batch: RoutedBa
     for first, stop, rows in _expert_runs(off, two_i * 4, chunk_bytes):
         a, b = off[first], off[stop]
         ids = batch.expert_ids[a:b].long()
-        pos = torch.arange(a, b, device=x.device) - batch.offsets[ids]  # each row's place in its expert's rows
-        local = ids - first
-        block = x.new_zeros((stop - first, rows, x.shape[1]))
-        block[local, pos] = x[a:b]
+        # each row's place in the run's padded block: (its expert - first) * rows + its place in its expert's rows
+        flat = torch.arange(a, b, device=x.device) - batch.offsets[ids] + (ids - first) * rows
+        # the padding rows are left unset: each product row reads only its own block row, and they are not read back
+        block = x.new_empty(((stop - first) * rows, x.shape[1])).index_copy_(0, flat, x[a:b])
+        block = block.view(stop - first, rows, x.shape[1])
         prod = torch.bmm(block, w[first:stop], out_dtype=torch.float32) if half else torch.bmm(block, w[first:stop])
-        prod = prod[local, pos]  # [rows of the run, 2I]
+        prod = prod.view(-1, two_i).index_select(0, flat)  # [rows of the run, 2I]: row gathers, not 2-D indexing
         if bias is not None:
             prod = prod + bias[ids].float()
         h[a:b] = family.glu(experts, prod[:, sel_g], prod[:, sel_u])
