@@ -200,6 +200,17 @@ def test_group_plan_errors_and_override():
     assert groups.experts_per_group(8, 1, 1, 1, None, override=99).size == 8
 
 
+def test_group_plan_evens_out_the_groups():
+    """A budget for 4 experts at a time and 9 experts: three groups of 3 (not 4, 4 and 1), resident or streamed,
+    so the layer's peak is a group of 3; an override is taken as it is."""
+    resident = groups.experts_per_group(9, 1, 10, 0, 9 + 4 * 10)
+    assert resident.resident and resident.size == 3 and resident.slack == 10
+    streamed = groups.experts_per_group(9, 10, 10, 0, 4 * 20)
+    assert not streamed.resident and streamed.size == 3 and streamed.slack == 20
+    assert groups.experts_per_group(9, 1, 10, 0, 9 + 4 * 10, override=4).size == 4
+    assert groups.experts_per_group(256, 1, 10, 0, 256 + 28 * 10).size == 26  # DeepSeek-V3's 10 groups
+
+
 def test_group_plan_slack_is_the_unplanned_budget():
     """``slack`` = budget - (fixed + resident weights + a group's work) in every branch; None when unbounded."""
     assert groups.experts_per_group(8, 1, 1, 1, None).slack is None

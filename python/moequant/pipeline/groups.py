@@ -74,7 +74,7 @@ def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int
         return GroupPlan(num, True, expert_weight_bytes + expert_work_bytes, fixed_bytes, None)
     resident_room = budget_bytes - fixed_bytes - num * expert_weight_bytes
     if resident_room >= expert_work_bytes:
-        size = min(num, resident_room // expert_work_bytes)
+        size = _balanced(num, min(num, resident_room // expert_work_bytes))
         used = fixed_bytes + num * expert_weight_bytes + size * expert_work_bytes
         return GroupPlan(int(size), True, expert_weight_bytes + expert_work_bytes, fixed_bytes, budget_bytes, used)
     per = expert_weight_bytes + expert_work_bytes
@@ -86,8 +86,15 @@ def experts_per_group(num: int, expert_weight_bytes: int, expert_work_bytes: int
             f"{expert_work_bytes / GIB:.2f}) after {fixed_bytes / GIB:.2f} GiB for the rest of the layer and its "
             f"calibration activations; raise device_memory_gb (--device-memory-gb), or lower "
             f"calibration.num_samples / seq_len")
-    size = int(min(size, num))
+    size = _balanced(num, int(min(size, num)))
     return GroupPlan(size, False, per, fixed_bytes, budget_bytes, fixed_bytes + size * per)
+
+
+def _balanced(num: int, most: int) -> int:
+    """The smallest group size that still takes ``num`` experts in as few groups as ``most`` does: the same number
+    of groups, evened out (DeepSeek-V3's 256 experts at up to 28: 10 groups of up to 26 instead of nine of 28 and
+    one of 4), so a group's memory, the layer's peak, is no larger than it needs to be."""
+    return -(-num // -(-num // most))
 
 
 def local_ids(idx: torch.Tensor, lut: torch.Tensor, pad: int) -> torch.Tensor:
