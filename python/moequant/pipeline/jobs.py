@@ -196,8 +196,8 @@ def matrix_stats_values(w: torch.Tensor, h: Optional[torch.Tensor], qt: ops.Quan
     On a GPU the two products ``dW H`` and ``W H`` are one tensor-core GEMM of ``[W; dW]`` and ``H`` in bfloat16
     with float32 accumulation (:func:`_batched_stats` with one matrix: ``torch.bmm(..., out_dtype=float32)``; the
     elementwise product and sums in float32): a report statistic does not need fp32 SIMT products, which cost as
-    much as the GPTQ solve itself on
-    DeepSeek-V3's 7168-wide Hessians. Elsewhere float32 (float64 for a float64 Hessian on the CPU)."""
+    much as the GPTQ solve itself on DeepSeek-V3's 7168-wide Hessians. Elsewhere float32 (float64 for a float64
+    Hessian on the CPU)."""
     if h is None:
         return None
     if w.device.type == "cuda":  # the batched products' one-matrix case (jobs_stats_values)
@@ -253,11 +253,12 @@ def _batched_stats(items: list, storage: torch.dtype, errors: bool) -> torch.Ten
     tr = torch.diagonal(hh, dim1=-2, dim2=-1).sum(-1)
     vals = [tr, tr * tr / (hh * hh).sum((-2, -1)).clamp_min(torch.finfo(torch.float32).tiny)]
     if errors:
-        wb = torch.stack([w.detach().to(torch.bfloat16) for w, _, _ in items])
         wf = torch.stack([w.detach().float() for w, _, _ in items])
         d = wf - torch.stack([qt.dequantized.to(dev).to(storage) for _, _, qt in items]).float()
         rows = wf.shape[1]
-        prod = torch.bmm(torch.cat([wb, d.to(torch.bfloat16)], dim=1), hh.to(torch.bfloat16), out_dtype=torch.float32)
+        # [W; dW] rounded to bfloat16 once (W's float32 widening is exact, so W's bf16 is w's own)
+        both = torch.cat([wf, d], dim=1).to(torch.bfloat16)
+        prod = torch.bmm(both, hh.to(torch.bfloat16), out_dtype=torch.float32)
         vals += [(prod[:, rows:] * d).sum((-2, -1)), (prod[:, :rows] * wf).sum((-2, -1))]
     return torch.stack(vals, dim=1)
 
