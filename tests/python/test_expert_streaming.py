@@ -667,3 +667,76 @@ def test_one_buffer_views_have_the_shapes_and_do_not_overlap():
     for i, o in enumerate(out):  # each view writes only its own bytes
         o.reshape(-1).view(torch.uint8).fill_(i + 1)
     assert all(bool((o.reshape(-1).view(torch.uint8) == i + 1).all()) for i, o in enumerate(out) if o.numel())
+
+
+class _Calls:
+    """An ExpertCapture stand-in that records what add_call receives."""
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def add_call(self, hs, idx, w) -> None:
+        self.calls.append((hs, idx, w))
+
+
+def test_chunked_calls_are_fixed_by_the_batch_index():
+    """per=2: calls 0-1, 2-3 and 4 each one add_call of their rows in order; a call that does not come (a rank that
+    received no rows of it) leaves its chunk to the others; per < 1 is an error."""
+    rec = _Calls()
+    chunks = engine.ChunkedCalls(rec, 2)
+    calls = [(torch.full((3, 4), float(i)), torch.full((3, 2), i), torch.rand(3, 2)) for i in range(6)]
+    for i in (0, 1, 3, 4, 5):
+        chunks.add(i, *calls[i])
+    chunks.flush()
+    assert [c[0][:, 0].tolist() for c in rec.calls] == [[0.0] * 3 + [1.0] * 3, [3.0] * 3, [4.0] * 3 + [5.0] * 3]
+    assert torch.equal(rec.calls[0][2], torch.cat([calls[0][2], calls[1][2]]))
+    chunks.flush()  # nothing left
+    assert len(rec.calls) == 3
+    assert engine.calls_per_chunk(16384) == 4 and engine.calls_per_chunk(100000) == 1
+    with pytest.raises(ValueError, match="per: expected calls per chunk >= 1, got 0"):
+        engine.ChunkedCalls(rec, 0)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_chunked_routed_rows_give_the_hessians_of_whole_calls(name):
+    """A group's capture fed whole calls (the other experts' slots padded) and one fed only each call's rows that
+    route to the group (what a rank receives), both in chunks of 2 calls by batch index: the same Hessians bit for
+    bit; calls one at a time give the same Hessians up to float32 summation order."""
+    from moequant.calibration.capture import ExpertCapture
+    from moequant.models import detect_family
+    from moequant.models.base import num_experts
+    from test_models import build_tiny
+
+    model = build_tiny(name)
+    fam = detect_family(model.config)
+    ex = next(e for e in map(fam.experts_of, fam.layers(model)) if e is not None)
+    E = num_experts(ex)
+    g = slice(1, 3)
+    view = engine.expert_view(ex, g, "cpu")
+    lut = torch.full((E,), 2, dtype=torch.int64)
+    lut[1], lut[2] = 0, 1
+    gen = torch.Generator().manual_seed(5)
+    calls = []
+    for _ in range(5):
+        idx = torch.randint(0, E, (7, 2), generator=gen)
+        calls.append((torch.randn(7, model.config.hidden_size, generator=gen), idx, torch.rand(7, 2, generator=gen)))
+    calls[2][1][:] = 0  # batch 2 sends the group nothing
+
+    def capture():
+        return ExpertCapture(view, fam, weighting="routing")
+
+    whole, rows, single = capture(), capture(), capture()
+    a, b = engine.ChunkedCalls(whole, 2), engine.ChunkedCalls(rows, 2)
+    for i, (hs, idx, w) in enumerate(calls):
+        a.add(i, hs, groups.local_ids(idx, lut, 2), w)
+        sel = ((idx >= g.start) & (idx < g.stop)).any(-1).nonzero().reshape(-1)
+        if sel.numel():
+            b.add(i, hs[sel], groups.local_ids(idx[sel], lut, 2), w[sel])
+        single.add_call(hs, groups.local_ids(idx, lut, 2), w)
+    a.flush()
+    b.flush()
+    for acc in ("gate_up", "down"):
+        ha, hb, h1 = (getattr(c, acc).hessians for c in (whole, rows, single))
+        assert torch.equal(ha, hb), acc
+        torch.testing.assert_close(ha, h1, rtol=1e-5, atol=1e-6 * float(h1.abs().max()))
+    assert torch.equal(whole.gate_up.counts, rows.gate_up.counts) and int(whole.gate_up.counts.sum()) > 0

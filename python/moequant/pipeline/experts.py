@@ -12,7 +12,8 @@ compute device in groups that fit a memory budget, instead of holding every expe
 3. **pass 2**: the layer runs again, with its quantized Linears, recording the experts calls again: the routing
    and expert inputs the quantized layer produces (what the next layer will see);
 4. the experts, **group by group** (:func:`~moequant.pipeline.groups.experts_per_group`): the group's Hessians are accumulated from pass 1's
-   calls (batch by batch, exactly as the whole-layer capture feeds them), the group is solved and written back,
+   calls (consecutive calls concatenated into chunks of about :data:`HESSIAN_CHUNK_TOKENS` tokens,
+   :class:`ChunkedCalls`), the group is solved and written back,
    and its quantized outputs on pass 2's calls are computed from the group's routed rows only and summed in float32
    (:func:`~moequant.calibration.routing.grouped_output_into`: grouped GEMMs as transformers' ``grouped_mm``
    computes them; where it does not apply, the experts module on a view of the group's experts with the other
@@ -52,9 +53,56 @@ from .groups import GroupPlan, expert_dims, local_ids
 from .host import HostCopies, HostResults, PartWrites
 from .jobs import ExpertHessians, expert_jobs, finish_jobs, quantize_linears
 
-__all__ = ["ExpertsRecorder", "expert_view", "MoELayerEngine", "MoELayerOutput", "group_hessians"]
+__all__ = ["ExpertsRecorder", "expert_view", "MoELayerEngine", "MoELayerOutput", "group_hessians", "ChunkedCalls",
+           "calls_per_chunk", "HESSIAN_CHUNK_TOKENS"]
 
 logger = logging.getLogger(__name__)
+
+# A group's Hessian capture takes consecutive experts calls of pass 1 concatenated, about this many tokens at a time
+# (whole calls). Each call costs the capture a few dozen launches and host synchronisations whatever its size (the
+# routing, the GLU products by runs of experts, the accumulators' sort), which left the phase host-bound at the
+# default 16k-token calls of a 128 x 2048 calibration (GPU idle 71 % of it, run 64). Runs 67-69 (H100, Qwen3-30B-A3B,
+# docs/benchmarks.md): calls of 32 samples x 2048 tokens took the phase from 0.22-0.31 s to 0.15-0.19 s a layer.
+HESSIAN_CHUNK_TOKENS = 65536
+
+
+def calls_per_chunk(tokens_per_call: int, chunk_tokens: int = HESSIAN_CHUNK_TOKENS) -> int:
+    """How many calls of ``tokens_per_call`` tokens (the first calibration batch's) a chunk of :class:`ChunkedCalls`
+    holds: ``chunk_tokens // tokens_per_call``, at least 1."""
+    return max(1, int(chunk_tokens) // max(1, int(tokens_per_call)))
+
+
+class ChunkedCalls:
+    """Feeds an :class:`~moequant.calibration.capture.ExpertCapture` with the experts calls of one layer, ``per``
+    consecutive calls at a time concatenated into one ``add_call`` (rows in call order), the chunks fixed by each
+    call's index in batch order (call ``i`` is in chunk ``i // per``). A call may come with only some of its tokens
+    (a rank that receives the rows routed to its experts) or not at all: the chunk then holds the rows that came,
+    in the same order, so every expert's rows and their grouping into accumulator updates are those of the
+    one-process run -- the same Hessians bit for bit. :meth:`flush` after the last call."""
+
+    def __init__(self, cap: ExpertCapture, per: int) -> None:
+        if int(per) < 1:
+            raise ValueError(f"per: expected calls per chunk >= 1, got {per!r}")
+        self.cap, self.per = cap, int(per)
+        self._chunk: Optional[int] = None
+        self._rows: list = []
+
+    def add(self, index: int, hs: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """Call ``index`` (its place in batch order): ``hs`` ``[..., H]``, ``idx`` and ``w`` one row per token."""
+        chunk = int(index) // self.per
+        if chunk != self._chunk:
+            self.flush()
+            self._chunk = chunk
+        x = hs.reshape(-1, hs.shape[-1])
+        n = x.shape[0]
+        self._rows.append((x, idx.reshape(n, -1), w.reshape(n, -1)))
+
+    def flush(self) -> None:
+        rows, self._rows = self._rows, []
+        if len(rows) == 1:
+            self.cap.add_call(*rows[0])
+        elif rows:
+            self.cap.add_call(*(torch.cat(parts) for parts in zip(*rows)))
 
 
 class ExpertsRecorder:
@@ -309,8 +357,7 @@ class MoELayerEngine:
                 with ph("expert_hessians"):
                     cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=self.factory,
                                         all_token_down=shrink and fb.calibrate_all_experts)
-                    for hs, idx, w in calls1:
-                        cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
+                    self._feed(cap, calls1, lut, len(ids))
                     hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
                     for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(),
                                                             cap.down.absmax.tolist())):
@@ -400,6 +447,18 @@ class MoELayerEngine:
             if not grouped_output_into(view, self.family, hs, local, w, acc.view(-1, acc.shape[-1])):
                 acc += view(hs, local, w).float()
 
+    def chunk_calls(self, calls1: list) -> int:
+        """:func:`calls_per_chunk` of the first call's tokens (``calls1``: every call of the layer in batch order, or
+        rank 0's in a distributed run, whose first is batch 0)."""
+        return calls_per_chunk(calls1[0][0].numel() // calls1[0][0].shape[-1]) if calls1 else 1
+
+    def _feed(self, cap: ExpertCapture, calls1: list, lut: torch.Tensor, n: int, per: Optional[int] = None) -> None:
+        """Pass 1's calls (all of them, in batch order) into a group's capture, in chunks (:class:`ChunkedCalls`)."""
+        chunks = ChunkedCalls(cap, self.chunk_calls(calls1) if per is None else per)
+        for i, (hs, idx, w) in enumerate(calls1):
+            chunks.add(i, hs, local_ids(idx, lut, n), w)
+        chunks.flush()
+
     def _all_token_hessian(self, calls1: list) -> Optional[torch.Tensor]:
         """``shrink``: the Hessian of the MoE block's input over all tokens, the gate/up shrinkage target."""
         hidden, _ = self._dims()
@@ -418,8 +477,7 @@ class MoELayerEngine:
             cap = ExpertCapture(view, self.family, weighting=weighting, accumulator_factory=self.factory)
             n = g.stop - g.start
             lut = self._lut(list(range(g.start, g.stop)), n)
-            for hs, idx, w in calls1:
-                cap.add_call(hs, local_ids(idx, lut, n), w)
+            self._feed(cap, calls1, lut, n)
             for k, a in enumerate((cap.gate_up, cap.down)):
                 s = a.hessians.sum(0)
                 sums[k] = s if sums[k] is None else sums[k] + s

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ...calibration.capture import ExpertCapture
-from ..experts import _RunningMean, expert_view, group_hessians
+from ..experts import ChunkedCalls, _RunningMean, expert_view, group_hessians
 from ..host import results_to_host
 from ..groups import local_ids
 from ..jobs import expert_jobs, finish_jobs
@@ -49,12 +49,16 @@ def all_calls(ctx: DistContext, calls: list, device) -> list:
     return out
 
 
-def stream_rows(ctx: DistContext, engine, units: dict, mine: dict, calls: list, counts: list, device) -> None:
+def stream_rows(ctx: DistContext, engine, units: dict, mine: dict, calls: list, counts: list, device,
+                per: int = 1) -> None:
     """Feeds each unit of a round (``units``: unit -> experts slice) on its owner (``mine[u] = (view, ids, capture,
     lut)``) with pass 1's rows of every batch routed to it: source rank by source rank, call by call (batch
-    order), the rows of a call that route to the unit, in their order (``counts``: calls per rank). A capture fed
-    so holds exactly the Hessians of one process's (each expert's rows, in the same order); the rows are not kept."""
+    order), the rows of a call that route to the unit, in their order (``counts``: calls per rank), ``per`` calls
+    a chunk by their batch index (:class:`~moequant.pipeline.experts.ChunkedCalls`). A capture fed so holds exactly
+    the Hessians of one process's (each expert's rows, in the same order and chunks); the rows are not kept."""
     ref = calls[0]  # every rank has a call: the trailing shapes and dtypes of everyone's
+    chunks = {u: ChunkedCalls(mine[u][2], per) for u in units if u in mine}
+    first = [sum(counts[:src]) for src in range(ctx.world)]  # each rank's first batch index
     for src in range(ctx.world):
         for k in range(counts[src]):
             call = calls[k] if ctx.rank == src else None
@@ -80,7 +84,9 @@ def stream_rows(ctx: DistContext, engine, units: dict, mine: dict, calls: list, 
                         continue
                     hs, idx, w = (ctx.recv_tensor((n, t.shape[-1]), t.dtype, src, what).to(device) for t in ref)
                 view, ids, cap, lut = mine[u]
-                cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
+                chunks[u].add(first[src] + k, hs, local_ids(idx, lut, len(ids)), w)
+    for c in chunks.values():
+        c.flush()
 
 
 def routing_calls(ctx: DistContext, calls: list) -> list:
@@ -165,6 +171,8 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
         calls = all_calls(ctx, calls1, device) if shrink else None
         counts = None if shrink else [ctx.broadcast_object(len(calls1), r, "the experts calls per rank")
                                       for r in range(ctx.world)]
+        # the Hessian chunks of the one-process run (ChunkedCalls): from batch 0's tokens, on rank 0
+        per = ctx.broadcast_object(engine.chunk_calls(calls1) if ctx.is_root else None, 0, "the calls per chunk")
     prior = pooled = None
     if shrink:  # every rank computes the targets (the same rows in the same order: the same values)
         with ph("expert_hessians"):
@@ -192,12 +200,11 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
                 cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=engine.factory,
                                     all_token_down=shrink and fb.calibrate_all_experts)
                 if calls is not None:
-                    for hs, idx, w in calls:
-                        cap.add_call(hs, local_ids(idx, lut, len(ids)), w)
+                    engine._feed(cap, calls, lut, len(ids), per)
             mine[u] = (view, ids, cap, lut)
         if calls is None:  # every owner's unit gets its rows, in batch order
             with ph("expert_exchange"):
-                stream_rows(ctx, engine, {u: units[u] for u in rnd}, mine, calls1, counts, device)
+                stream_rows(ctx, engine, {u: units[u] for u in rnd}, mine, calls1, counts, device, per)
         for u in rnd:
             if ctx.owner(u) != ctx.rank:
                 continue
