@@ -693,6 +693,11 @@ def test_chunked_calls_are_fixed_by_the_batch_index():
     chunks.flush()  # nothing left
     assert len(rec.calls) == 3
     assert engine.calls_per_chunk(16384) == 4 and engine.calls_per_chunk(100000) == 1
+    # within a budget's slack: each call more adds rows x row_bytes (here 1000 bytes)
+    assert engine.calls_per_chunk(16384, row_bytes=10, rows_per_call=100, slack=None) == 4
+    assert engine.calls_per_chunk(16384, row_bytes=10, rows_per_call=100, slack=2500) == 3
+    assert engine.calls_per_chunk(16384, row_bytes=10, rows_per_call=100, slack=999) == 1
+    assert engine.calls_per_chunk(16384, row_bytes=10, rows_per_call=100, slack=10**9) == 4
     with pytest.raises(ValueError, match="per: expected calls per chunk >= 1, got 0"):
         engine.ChunkedCalls(rec, 0)
 

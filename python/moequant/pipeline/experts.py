@@ -66,10 +66,19 @@ logger = logging.getLogger(__name__)
 HESSIAN_CHUNK_TOKENS = 65536
 
 
-def calls_per_chunk(tokens_per_call: int, chunk_tokens: int = HESSIAN_CHUNK_TOKENS) -> int:
+def calls_per_chunk(tokens_per_call: int, chunk_tokens: int = HESSIAN_CHUNK_TOKENS, row_bytes: int = 0,
+                    rows_per_call: float = 0.0, slack: Optional[int] = None) -> int:
     """How many calls of ``tokens_per_call`` tokens (the first calibration batch's) a chunk of :class:`ChunkedCalls`
-    holds: ``chunk_tokens // tokens_per_call``, at least 1."""
-    return max(1, int(chunk_tokens) // max(1, int(tokens_per_call)))
+    holds: ``chunk_tokens // tokens_per_call``, at least 1 -- and, with a budget's ``slack`` (bytes the group plan
+    leaves unused), no more than the rows a chunk adds to one call's transients fit: a group sees about
+    ``rows_per_call`` routed rows a call, each ``row_bytes`` in the capture (gathered input, its float32 copy in the
+    accumulator's workspace, the float32 GLU output), which the plan does not itemize beyond one call's."""
+    per = max(1, int(chunk_tokens) // max(1, int(tokens_per_call)))
+    if slack is not None and per > 1:
+        extra = rows_per_call * row_bytes  # what each call more in a chunk adds
+        if extra > 0:
+            per = max(1, min(per, 1 + int(slack // extra)))
+    return per
 
 
 class ChunkedCalls:
@@ -448,9 +457,17 @@ class MoELayerEngine:
                 acc += view(hs, local, w).float()
 
     def chunk_calls(self, calls1: list) -> int:
-        """:func:`calls_per_chunk` of the first call's tokens (``calls1``: every call of the layer in batch order, or
-        rank 0's in a distributed run, whose first is batch 0)."""
-        return calls_per_chunk(calls1[0][0].numel() // calls1[0][0].shape[-1]) if calls1 else 1
+        """:func:`calls_per_chunk` of the first call (``calls1``: every call of the layer in batch order, or rank 0's
+        in a distributed run, whose first is batch 0), within the plan's slack: a group of ``plan.size`` experts
+        sees about that share of the call's ``tokens x top_k`` routed rows."""
+        if not calls1:
+            return 1
+        hs, idx, _ = calls1[0]
+        tokens = hs.numel() // hs.shape[-1]
+        hidden, inter = self._dims()
+        share = min(1.0, self.plan.size / max(1, self.num))
+        rows = tokens * (idx.numel() // max(1, tokens)) * share
+        return calls_per_chunk(tokens, row_bytes=6 * hidden + 4 * inter, rows_per_call=rows, slack=self.plan.slack)
 
     def _feed(self, cap: ExpertCapture, calls1: list, lut: torch.Tensor, n: int, per: Optional[int] = None) -> None:
         """Pass 1's calls (all of them, in batch order) into a group's capture, in chunks (:class:`ChunkedCalls`)."""
