@@ -209,28 +209,68 @@ __global__ void global_scale_kernel(FormatCore core, const float* global_in, For
   if (global_out) *global_out = g;
 }
 
+// ---- element variants of the team kernel ---------------------------------------------------------------------------
+// The element code of the hot formats without the per-element dispatch of quantize_element (a switch over the element
+// kinds and the integer path in every element, which keeps the compiler from interleaving a chunk's 8 elements):
+// the launcher picks the variant once per call. kE8M0 scales are powers of two, so their variants multiply by the
+// exact reciprocal (e8m0_reciprocal: the same bits as the division). kGeneric is quantize_element itself (FP6).
+enum Variant : int { kGeneric = 0, kIntElem, kE4m3Div, kE4m3Pow2, kE2m1Div, kE2m1Pow2 };
+
+Variant variant_of(const FormatCore& c) {
+  const bool pow2 = c.scale_kind == static_cast<int>(ScaleKind::kE8M0) && !c.global_scale;
+  switch (c.element) {
+    case static_cast<int>(ElementKind::kInt): return kIntElem;
+    case static_cast<int>(ElementKind::kFp8E4M3): return pow2 ? kE4m3Pow2 : kE4m3Div;
+    case static_cast<int>(ElementKind::kFp4E2M1): return pow2 ? kE2m1Pow2 : kE2m1Div;
+    default: return kGeneric;
+  }
+}
+
+// `inv`: e8m0_reciprocal of the group's scale code (the Pow2 variants only).
+template <int V>
+__device__ __forceinline__ uint8_t quantize_v(const FormatCore& c, float x, const GroupParams& gp, float inv) {
+  if constexpr (V == kIntElem) return quantize_int_element(c.bits, x, gp);
+  else if constexpr (V == kE4m3Div) return e4m3_encode(mq_fdiv(x, gp.effective));
+  else if constexpr (V == kE4m3Pow2) return e4m3_encode(fmt_detail::mq_fmul(x, inv));
+  else if constexpr (V == kE2m1Div) return e2m1_encode(mq_fdiv(x, gp.effective));
+  else if constexpr (V == kE2m1Pow2) return e2m1_encode(fmt_detail::mq_fmul(x, inv));
+  else return quantize_element(c, x, gp);
+}
+// dequantize_element for the variant's element kind.
+template <int V>
+__device__ __forceinline__ float dequantize_v(const FormatCore& c, uint8_t q, float eff, int32_t zero) {
+  using fmt_detail::mq_fmul;
+  if constexpr (V == kIntElem)
+    return canonical_nan(mq_fmul(static_cast<float>(static_cast<int32_t>(static_cast<int8_t>(q)) - zero), eff));
+  else if constexpr (V == kE4m3Div || V == kE4m3Pow2) return canonical_nan(mq_fmul(e4m3_decode(q), eff));
+  else if constexpr (V == kE2m1Div || V == kE2m1Pow2) return canonical_nan(mq_fmul(e2m1_decode(q), eff));
+  else return dequantize_element(c, q, eff, zero);
+}
+
 // ---- quantize: the team kernel (vector path) ---------------------------------------------------------------------------
 // TEAM lanes per work tile (TEAM in 1..32 divides a warp, or 256 = the block), lane s holds chunks s + TEAM k, k < KMAX,
 // of 8 elements (chunk i = row i / cpr of the tile, columns 8 (i % cpr) .. + 7). Requires: cols and work_cols multiples
-// of 8, 16-byte aligned w / row stride, 8-byte aligned codes, 16-byte aligned dequantized, chunks per tile <= TEAM KMAX.
-template <typename T, int TEAM, int KMAX>
+// of 8, 16-byte aligned w / row stride, 8-byte aligned codes, 16-byte aligned dequantized, chunks per tile <= TEAM KMAX,
+// fewer than 2^31 tiles (wtc_div: the tiles per row of tiles). V: the element variant (variant_of).
+template <typename T, int TEAM, int KMAX, int V>
 __global__ void __launch_bounds__(kThreads) quantize_team_kernel(const T* __restrict__ w, int64_t rows, int64_t cols,
-                                                                  int64_t ld, FormatLaunch p, FormatWorkspace* ws,
-                                                                  QuantOut o) {
+                                                                  int64_t ld, FormatLaunch p, FastDiv wtc_div,
+                                                                  FormatWorkspace* ws, QuantOut o) {
   constexpr int kTeams = kThreads / TEAM;
   __shared__ float s_lo[kThreads / kWarp], s_hi[kThreads / kWarp];
   const int team = static_cast<int>(threadIdx.x) / TEAM, s = static_cast<int>(threadIdx.x) % TEAM;
   const int64_t wtr = (rows + p.work_rows - 1) / p.work_rows, wtc = (cols + p.work_cols - 1) / p.work_cols;
-  const int64_t ntiles = wtr * wtc;
+  const uint32_t ntiles = static_cast<uint32_t>(wtr * wtc);
+  const bool one_row = p.work_rows == 1;  // group / channel / row tiles: chunk i is columns 8 i .. 8 i + 7
   const float g = p.core.global_scale ? ws->global_scale : 1.0f;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kTeams; base < ntiles;
-       base += static_cast<int64_t>(gridDim.x) * kTeams) {  // uniform per block: shuffles and barriers are safe
-    const int64_t tile = base + team;
+  for (uint32_t base = blockIdx.x * kTeams; base < ntiles; base += gridDim.x * kTeams) {
+    // uniform per block: shuffles and barriers are safe
+    const uint32_t tile = base + team;
     const bool active = tile < ntiles;
     int64_t tr = 0, tc = 0, r0 = 0, c0 = 0;
     int cpr = 0, nch = 0;
     if (active) {
-      tr = tile / wtc;
+      tr = wtc_div.div(tile);
       tc = tile - tr * wtc;
       r0 = tr * p.work_rows;
       c0 = tc * p.work_cols;
@@ -246,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) quantize_team_kernel(const T* __rest
     for (int k = 0; k < KMAX; ++k) {
       const int i = s + TEAM * k;
       if (i < nch) {
-        const int rr = i / cpr, cc = i - rr * cpr;
+        const int rr = one_row ? 0 : i / cpr, cc = i - rr * cpr;
         const int64_t r = r0 + rr, c = c0 + 8 * cc;
         load8(w + r * ld + c, v[k]);
         bool bad = false;
@@ -288,17 +328,22 @@ __global__ void __launch_bounds__(kThreads) quantize_team_kernel(const T* __rest
       __syncthreads();  // s_lo / s_hi are rewritten by the next tile
     }
     if (!active) continue;
-    const GroupParams gp = tile_params(p, ws, lo, hi, g);
+    GroupParams gp;
+    if ((V == kE4m3Pow2 || V == kE2m1Pow2) && !p.from_range)  // derive_group_params' kE8M0 case, without its dispatch
+      gp = mx_group_params(p.core.element, std_max(mq_fsub(0.0f, std_min(lo, 0.0f)), std_max(hi, 0.0f)));
+    else
+      gp = tile_params(p, ws, lo, hi, g);
+    const float inv = (V == kE4m3Pow2 || V == kE2m1Pow2) ? e8m0_reciprocal(gp.scale_code) : 1.0f;
     if (s == 0 && (!p.from_range || tile == 0)) write_params(o, p.from_range ? 0 : tr * p.scale_cols + tc, gp);
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) {
       const int i = s + TEAM * k;
       if (i < nch) {
-        const int rr = i / cpr, cc = i - rr * cpr;
+        const int rr = one_row ? 0 : i / cpr, cc = i - rr * cpr;
         const int64_t at = (r0 + rr) * cols + c0 + 8 * cc;
         uint8_t q[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) q[j] = quantize_element(p.core, v[k][j], gp);
+        for (int j = 0; j < 8; ++j) q[j] = quantize_v<V>(p.core, v[k][j], gp, inv);
         if (o.codes) {
           const uint32_t lo4 = q[0] | (q[1] << 8) | (q[2] << 16) | (static_cast<uint32_t>(q[3]) << 24);
           const uint32_t hi4 = q[4] | (q[5] << 8) | (q[6] << 16) | (static_cast<uint32_t>(q[7]) << 24);
@@ -307,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) quantize_team_kernel(const T* __rest
         if (o.deq) {
           float d[8];
 #pragma unroll
-          for (int j = 0; j < 8; ++j) d[j] = dequantize_element(p.core, q[j], gp.effective, gp.zero);
+          for (int j = 0; j < 8; ++j) d[j] = dequantize_v<V>(p.core, q[j], gp.effective, gp.zero);
           float4* dst = reinterpret_cast<float4*>(o.deq + at);
           dst[0] = make_float4(d[0], d[1], d[2], d[3]);
           dst[1] = make_float4(d[4], d[5], d[6], d[7]);
@@ -392,7 +437,7 @@ __device__ inline void store1(void* out, bool bf16, int64_t at, float v) {
 
 // 8 codes per thread and step: chunk q = row r, columns 8 c8 ..; scale (r / tile_rows, 8 c8 / tile_cols). Requires
 // cols and tile_cols multiples of 8 (or tile_cols = cols), 8-byte aligned codes, 16-byte aligned out, < 2^31 chunks.
-template <bool kBf16>
+template <bool kBf16, int V>
 __global__ void __launch_bounds__(kThreads) dequantize_vec_kernel(const uint8_t* __restrict__ codes, uint32_t chunks,
                                                                    FastDiv cpr_div, FastDiv tr_div, FastDiv tc8_div,
                                                                    uint32_t cpr, int64_t scale_cols,
@@ -413,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_vec_kernel(const uint8_t*
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const uint8_t code = static_cast<uint8_t>(((j < 4 ? cc.x : cc.y) >> (8 * (j & 3))) & 0xFFu);
-      d[j] = dequantize_element(core, code, eff, z);
+      d[j] = dequantize_v<V>(core, code, eff, z);
     }
     store8<kBf16>(out, static_cast<int64_t>(q) * 8, d);
   }
@@ -623,12 +668,26 @@ int next_pow2(int64_t n) {
   return t;
 }
 
+template <typename T, int TEAM, int KMAX, int V>
+cudaError_t launch_team_v(const T* w, int64_t rows, int64_t cols, int64_t ld, const FormatLaunch& p,
+                          FormatWorkspace* ws, const QuantOut& o, int64_t ntiles, cudaStream_t stream) {
+  const FastDiv wtc_div(static_cast<uint32_t>((cols + p.work_cols - 1) / p.work_cols));
+  quantize_team_kernel<T, TEAM, KMAX, V><<<grid_for(ntiles, kThreads / TEAM), kThreads, 0, stream>>>(
+      w, rows, cols, ld, p, wtc_div, ws, o);
+  return cudaGetLastError();
+}
+
 template <typename T, int TEAM, int KMAX>
 cudaError_t launch_team(const T* w, int64_t rows, int64_t cols, int64_t ld, const FormatLaunch& p, FormatWorkspace* ws,
                         const QuantOut& o, int64_t ntiles, cudaStream_t stream) {
-  quantize_team_kernel<T, TEAM, KMAX><<<grid_for(ntiles, kThreads / TEAM), kThreads, 0, stream>>>(w, rows, cols, ld, p,
-                                                                                                  ws, o);
-  return cudaGetLastError();
+  switch (variant_of(p.core)) {
+    case kIntElem: return launch_team_v<T, TEAM, KMAX, kIntElem>(w, rows, cols, ld, p, ws, o, ntiles, stream);
+    case kE4m3Div: return launch_team_v<T, TEAM, KMAX, kE4m3Div>(w, rows, cols, ld, p, ws, o, ntiles, stream);
+    case kE4m3Pow2: return launch_team_v<T, TEAM, KMAX, kE4m3Pow2>(w, rows, cols, ld, p, ws, o, ntiles, stream);
+    case kE2m1Div: return launch_team_v<T, TEAM, KMAX, kE2m1Div>(w, rows, cols, ld, p, ws, o, ntiles, stream);
+    case kE2m1Pow2: return launch_team_v<T, TEAM, KMAX, kE2m1Pow2>(w, rows, cols, ld, p, ws, o, ntiles, stream);
+    default: return launch_team_v<T, TEAM, KMAX, kGeneric>(w, rows, cols, ld, p, ws, o, ntiles, stream);
+  }
 }
 
 // The team configuration for `chunks` chunks per tile (-1: none fits, use the general kernel).
@@ -662,7 +721,8 @@ cudaError_t quantize_typed(const T* w, int64_t rows, int64_t cols, int64_t ld, c
   const int64_t esize = static_cast<int64_t>(sizeof(T));
   const int64_t chunks = p.work_rows * (p.work_cols / 8);
   const bool vec = vec_type && cols % 8 == 0 && p.work_cols % 8 == 0 && (ld * esize) % 16 == 0 && aligned(w, 16) &&
-                   aligned(o.codes, 8) && aligned(o.deq, 16) && chunks <= kMaxTeamChunks;
+                   aligned(o.codes, 8) && aligned(o.deq, 16) && chunks <= kMaxTeamChunks &&
+                   ntiles < (int64_t{1} << 31);  // the team kernel's 32-bit tile index
   if constexpr (!std::is_same<T, __half>::value) {  // fp16 input takes the general kernel (no load8 for it)
     if (vec) return launch_team_for<T>(chunks, w, rows, cols, ld, p, ws, o, ntiles, stream);
   }
@@ -728,13 +788,23 @@ cudaError_t launch_format_dequantize(const uint8_t* codes, int64_t rows, int64_t
     const FastDiv cpr_div(cpr), tr_div(static_cast<uint32_t>(tr < rows ? tr : rows)),
         tc8_div(static_cast<uint32_t>(tc / 8));
     const unsigned grid = grid_for(chunks, kThreads);
-    if (bf16)
-      dequantize_vec_kernel<true><<<grid, kThreads, 0, stream>>>(codes, chunks, cpr_div, tr_div, tc8_div, cpr,
-                                                                 p.scale_cols, scales, zeros, global, p.core, out);
-    else
-      dequantize_vec_kernel<false><<<grid, kThreads, 0, stream>>>(codes, chunks, cpr_div, tr_div, tc8_div, cpr,
-                                                                  p.scale_cols, scales, zeros, global, p.core, out);
-    return cudaGetLastError();
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kThreads, 0, stream>>>(codes, chunks, cpr_div, tr_div, tc8_div, cpr, p.scale_cols, scales, zeros,
+                                            global, p.core, out);
+      return cudaGetLastError();
+    };
+    switch (variant_of(p.core)) {  // the decode of the element kind (the Div / Pow2 variants decode alike)
+      case kIntElem:
+        return bf16 ? launch(dequantize_vec_kernel<true, kIntElem>) : launch(dequantize_vec_kernel<false, kIntElem>);
+      case kE4m3Div:
+      case kE4m3Pow2:
+        return bf16 ? launch(dequantize_vec_kernel<true, kE4m3Div>) : launch(dequantize_vec_kernel<false, kE4m3Div>);
+      case kE2m1Div:
+      case kE2m1Pow2:
+        return bf16 ? launch(dequantize_vec_kernel<true, kE2m1Div>) : launch(dequantize_vec_kernel<false, kE2m1Div>);
+      default:
+        return bf16 ? launch(dequantize_vec_kernel<true, kGeneric>) : launch(dequantize_vec_kernel<false, kGeneric>);
+    }
   }
   dequantize_general_kernel<<<grid_for(n, kThreads), kThreads, 0, stream>>>(codes, rows, cols, tr, tc, p.scale_cols,
                                                                            scales, zeros, global, p.core, bf16, out);

@@ -225,6 +225,55 @@ TEST_CASE("e8m0: 2^(e-127), 0 is 2^-127, 0xFF NaN", "[format][codec]") {
   REQUIRE(mq::e8m0_encode(kNan) == 255);
 }
 
+TEST_CASE("e8m0_reciprocal: x * it is x / the scale, bit for bit", "[format][codec]") {
+  std::mt19937 rng(7);
+  std::vector<float> xs = {0.0f, -0.0f, kInf, -kInf, std::numeric_limits<float>::max(), f_of(1u), f_of(0x80000001u),
+                           f_of(0x007FFFFFu), f_of(0x00800000u), 6.0f, -448.0f, 0.25f};
+  for (int i = 0; i < 4000; ++i) xs.push_back(f_of(static_cast<uint32_t>(rng())));  // every exponent, both signs
+  for (int e = 0; e < 255; ++e) {
+    const float inv = mq::e8m0_reciprocal(static_cast<uint8_t>(e)), s = mq::e8m0_decode(static_cast<uint8_t>(e));
+    REQUIRE(same_bits(inv, 1.0f / s));
+    for (float x : xs) {
+      if (std::isnan(x)) continue;
+      INFO("e " << e << " x bits " << u_of(x));
+      REQUIRE(same_bits(x * inv, x / s));
+    }
+  }
+}
+
+// Brute force: the code of the nearest representable magnitude, ties to the even code, saturating at max_mag.
+uint32_t nearest_magnitude(float x, mq::MinifloatSpec s) {
+  const double a = std::fabs(static_cast<double>(x));
+  if (a >= mq::minifloat_decode_magnitude(s.max_mag, s)) return s.max_mag;  // saturation (and no double cancellation)
+  uint32_t best = 0;
+  double best_d = std::numeric_limits<double>::infinity();
+  for (uint32_t m = 0; m <= s.max_mag; ++m) {
+    const double d = std::fabs(a - static_cast<double>(mq::minifloat_decode_magnitude(m, s)));
+    if (d < best_d || (d == best_d && (m & 1u) == 0)) best = m, best_d = d;
+  }
+  return best;
+}
+
+TEST_CASE("minifloat magnitudes: the nearest value, ties to even, against a brute-force search", "[format][codec]") {
+  const mq::MinifloatSpec specs[] = {mq::spec_e4m3(), mq::spec_e2m1(), mq::spec_e2m3(), mq::spec_e3m2()};
+  for (const auto& s : specs) {
+    std::vector<float> xs = {0.0f, kInf, std::numeric_limits<float>::max(), f_of(1u)};
+    // every magnitude code's value, the midpoints to the next, and their float neighbours
+    for (uint32_t m = 0; m <= s.max_mag; ++m) {
+      const float v = mq::minifloat_decode_magnitude(m, s);
+      const float mid = m < s.max_mag ? 0.5f * (v + mq::minifloat_decode_magnitude(m + 1, s)) : 2.0f * v;
+      for (float x : {v, mid}) xs.insert(xs.end(), {x, next_up(x), next_down(x)});
+    }
+    for (uint32_t u = 0; u < 0x7F800000u; u += 65521u) xs.push_back(f_of(u));  // a sweep of all exponents
+    for (float x : xs) {
+      if (!(x >= 0.0f)) continue;
+      INFO("exp " << s.exp_bits << " man " << s.man_bits << " x bits " << u_of(x));
+      REQUIRE(mq::minifloat_encode_magnitude(x, s) == nearest_magnitude(x, s));
+      REQUIRE(mq::minifloat_encode_magnitude(-x, s) == nearest_magnitude(x, s));
+    }
+  }
+}
+
 TEST_CASE("MX scale exponent: compressed-tensors' round-to-power-of-two rule", "[format][scale]") {
   const int fp4 = static_cast<int>(mq::ElementKind::kFp4E2M1), fp6 = static_cast<int>(mq::ElementKind::kFp6E2M3);
   const int fp8 = static_cast<int>(mq::ElementKind::kFp8E4M3);

@@ -151,19 +151,21 @@ MQ_FORMAT_HD inline uint32_t minifloat_encode_magnitude(float x, MinifloatSpec s
   const uint32_t a = bits_of(x) & 0x7FFFFFFFu;
   const int emin = 1 - s.bias;                                  // exponent of the smallest normal
   const int e = static_cast<int>(a >> 23) - 127;                // fp32 exponent (-127 for fp32 zero / subnormal)
-  uint32_t mag;
-  if (e >= emin) {
-    const int shift = 23 - s.man_bits;
-    const uint32_t man = a & 0x7FFFFFu;
-    mag = (static_cast<uint32_t>(e + s.bias) << s.man_bits) | (man >> shift);
-    const uint32_t rem = man & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (mag & 1u))) ++mag;       // a carry moves into the exponent, as it should
-  } else {
-    // subnormal range of the target: |x| / 2^(emin - M) rounded to an integer in [0, 2^M] (2^M is the smallest
-    // normal, whose code is exactly 2^M). The scaling by a power of two is exact.
-    const float scaled = mq_fmul(float_of(a), float_of(static_cast<uint32_t>(127 + s.man_bits - emin) << 23));
-    mag = static_cast<uint32_t>(mq_rint(scaled));
-  }
+  const bool normal = e >= emin;
+  // Both cases are computed and one is selected (no branch: the GPU kernels interleave a chunk's elements).
+  // Normal range of the target: the exponent rebiased, the mantissa rounded to M bits, ties to even.
+  const int shift = 23 - s.man_bits;
+  const uint32_t man = a & 0x7FFFFFu;
+  uint32_t mn = (static_cast<uint32_t>(e + s.bias) << s.man_bits) | (man >> shift);
+  const uint32_t rem = man & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  mn += (rem > half || (rem == half && (mn & 1u))) ? 1u : 0u;   // a carry moves into the exponent, as it should
+  // Subnormal range of the target: |x| / 2^(emin - M) rounded to an integer in [0, 2^M] (2^M is the smallest
+  // normal, whose code is exactly 2^M). The scaling by a power of two is exact; a normal |x| scales 0 instead, so
+  // the conversion only ever sees a small value.
+  const float scaled =
+      mq_fmul(normal ? 0.0f : float_of(a), float_of(static_cast<uint32_t>(127 + s.man_bits - emin) << 23));
+  const uint32_t ms = static_cast<uint32_t>(mq_rint(scaled));
+  const uint32_t mag = normal ? mn : ms;
   return mag > s.max_mag ? s.max_mag : mag;
 }
 
@@ -181,8 +183,8 @@ MQ_FORMAT_HD inline float minifloat_decode_magnitude(uint32_t mag, MinifloatSpec
 MQ_FORMAT_HD inline uint8_t e4m3_encode(float x) {
   using namespace fmt_detail;
   const uint32_t u = bits_of(x), sign = (u >> 24) & 0x80u;
-  if (is_nan_bits(u)) return static_cast<uint8_t>(sign | 0x7Fu);
-  return static_cast<uint8_t>(sign | minifloat_encode_magnitude(x, spec_e4m3()));
+  const uint32_t mag = is_nan_bits(u) ? 0x7Fu : minifloat_encode_magnitude(x, spec_e4m3());
+  return static_cast<uint8_t>(sign | mag);
 }
 /// float8_e4m3fn decode: exact; 0x7F / 0xFF -> NaN (quiet, with the code's sign).
 MQ_FORMAT_HD inline float e4m3_decode(uint8_t code) {
@@ -199,9 +201,9 @@ MQ_FORMAT_HD inline float e4m3_decode(uint8_t code) {
 /// NaN -> 0x7 (callers reject non-finite input before encoding).
 MQ_FORMAT_HD inline uint8_t e2m1_encode(float x) {
   using namespace fmt_detail;
-  if (is_nan_bits(bits_of(x))) return 0x7;
-  const uint32_t sign = x < 0.0f ? 0x8u : 0u;
-  return static_cast<uint8_t>(sign | minifloat_encode_magnitude(x, spec_e2m1()));
+  const uint32_t sign = x < 0.0f ? 0x8u : 0u;  // false for NaN
+  const uint32_t code = sign | minifloat_encode_magnitude(x, spec_e2m1());
+  return static_cast<uint8_t>(is_nan_bits(bits_of(x)) ? 0x7u : code);
 }
 /// FP4 E2M1 decode of the low 4 bits of `code` (0x8 is -0.0).
 MQ_FORMAT_HD inline float e2m1_decode(uint8_t code) {
@@ -253,6 +255,15 @@ MQ_FORMAT_HD inline uint8_t e8m0_encode(float x) {
   if (x <= 0.0f) return 0;
   const int e = static_cast<int>(u >> 23);  // floor(log2 x) + 127; 0 for subnormals (2^-127 and below)
   return static_cast<uint8_t>(e > 254 ? 254 : e);
+}
+
+/// The reciprocal of the E8M0 scale 2^(e - 127), e in [0, 254] (every code mx_scale_exponent gives): 2^(127 - e), a
+/// normal float except 2^-127 (e = 254), a subnormal -- exact, so x * e8m0_reciprocal(e) and x / e8m0_decode(e) are
+/// the correctly rounded value of the same real number: the same bits for every float x (infinities, zeros and
+/// subnormal results included; NaN stays NaN). The CUDA kernels multiply by it where the reference divides.
+MQ_FORMAT_HD inline float e8m0_reciprocal(uint8_t e) {
+  using namespace fmt_detail;
+  return e >= 254 ? float_of(0x00400000u) : float_of(static_cast<uint32_t>(254 - e) << 23);
 }
 
 // ---- float storage rounding (the scale dtypes of quant.h: 0 fp32, 1 bf16, 2 fp16) ---------------------------------
@@ -401,6 +412,15 @@ MQ_FORMAT_HD inline uint8_t mx_scale_exponent(int element, float amax) {
   return static_cast<uint8_t>(e < 0 ? 0 : (e > 254 ? 254 : e));
 }
 
+/// The parameters of a kE8M0-scaled group (no global scale) of absmax `amax` (derive_group_params' kE8M0 case).
+MQ_FORMAT_HD inline GroupParams mx_group_params(int element, float amax) {
+  GroupParams p;
+  p.scale_code = mx_scale_exponent(element, amax);
+  p.scale = e8m0_decode(p.scale_code);
+  p.effective = p.scale;
+  return p;
+}
+
 /// The parameters of a group whose values span [lo, hi] (widened here to include 0). `global` is the global scale
 /// (used only when f.global_scale). Bit-exact with compressed-tensors' calculate_qparams on fp32 inputs:
 ///   kInt:           quant.h's qparams_from_range (scale rounded to scale_dtype, zero scale -> its eps);
@@ -432,8 +452,9 @@ MQ_FORMAT_HD inline GroupParams derive_group_params(const FormatCore& f, float l
   }
   const float amax = std_max(mq_fsub(0.0f, lo), hi);  // +0 for an all-zero group (-lo would be -0.0)
   if (f.scale_kind == static_cast<int>(ScaleKind::kE8M0)) {
-    p.scale_code = mx_scale_exponent(f.element, amax);
-    p.scale = e8m0_decode(p.scale_code);
+    const GroupParams mx = mx_group_params(f.element, amax);
+    p.scale_code = mx.scale_code;
+    p.scale = mx.scale;
   } else if (f.scale_kind == static_cast<int>(ScaleKind::kFp8E4M3)) {
     float local = mq_fdiv(amax, element_max(f.element));
     if (f.global_scale) local = mq_fmul(global, local);
@@ -454,15 +475,16 @@ MQ_FORMAT_HD inline GroupParams derive_group_params(const FormatCore& f, float l
 /// The code of x in a group with parameters p:
 ///   kInt: q = clamp(rint(x / scale + zero), qmin, qmax) stored as its two's-complement byte (quant.h);
 ///   float: encode(x / effective), round to nearest even, saturating (compressed-tensors: x / scale, clamp, cast).
-MQ_FORMAT_HD inline uint8_t quantize_element(const FormatCore& f, float x, const GroupParams& p) {
+/// The kInt part of quantize_element.
+MQ_FORMAT_HD inline uint8_t quantize_int_element(int bits, float x, const GroupParams& p) {
   using namespace fmt_detail;
-  if (f.element == static_cast<int>(ElementKind::kInt)) {
-    const float v = mq_rint(mq_fadd(mq_fdiv(x, p.scale), static_cast<float>(p.zero)));
-    const float c = std_min(std_max(v, static_cast<float>(-(1 << (f.bits - 1)))),
-                            static_cast<float>((1 << (f.bits - 1)) - 1));
-    return static_cast<uint8_t>(static_cast<int8_t>(static_cast<int32_t>(c)));
-  }
-  return encode_element(f.element, mq_fdiv(x, p.effective));
+  const float v = mq_rint(mq_fadd(mq_fdiv(x, p.scale), static_cast<float>(p.zero)));
+  const float c = std_min(std_max(v, static_cast<float>(-(1 << (bits - 1)))), static_cast<float>((1 << (bits - 1)) - 1));
+  return static_cast<uint8_t>(static_cast<int8_t>(static_cast<int32_t>(c)));
+}
+MQ_FORMAT_HD inline uint8_t quantize_element(const FormatCore& f, float x, const GroupParams& p) {
+  if (f.element == static_cast<int>(ElementKind::kInt)) return quantize_int_element(f.bits, x, p);
+  return encode_element(f.element, fmt_detail::mq_fdiv(x, p.effective));
 }
 
 /// NaN results are returned as the one quiet NaN 0x7FC00000 (CPUs and GPUs produce different NaN bits for 0 * inf or
