@@ -12,7 +12,9 @@
 // through shared memory (TEAM = 256, one tile per block), derives the parameters and writes 8 codes (8 bytes) and 8
 // dequantized floats (2 x 16 bytes) per chunk. Shapes or layouts the vector path cannot take (columns or tile widths
 // not a multiple of 8, misaligned pointers or row strides, fp16 input, tiles above 2048 chunks) go to a general
-// kernel: one warp per work tile, two passes, scalar accesses -- same bits, slower.
+// kernel: one warp per work tile, two passes, scalar accesses -- same bits, slower. The vector kernels are instantiated
+// per element kind (Variant: int, FP8 E4M3, FP4 E2M1, each by division or, for E8M0 scales, by the exact reciprocal;
+// FP6 takes the generic code), so a chunk's elements are coded without a per-element dispatch (docs/kernels.md).
 #include "format_launch.h"
 #include "launch.h"
 
