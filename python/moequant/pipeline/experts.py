@@ -342,12 +342,13 @@ class MoELayerEngine:
         defer = fb.policy == "mean"  # a starved expert's Hessian is then the mean of the layer's other experts
         groups = self._groups(plan.size)
         single = len(groups) == 1 and plan.resident
+        per = self.chunk_calls(calls1)  # the Hessian capture's calls per chunk, the same for every group
         prior = pooled = None
         if shrink:
             with ph("expert_hessians"):
                 prior = self._all_token_hessian(calls1)
                 if not single:
-                    pooled = self._pooled(calls1, groups, weighting)
+                    pooled = self._pooled(calls1, groups, weighting, per)
         tokens, mass = [0] * self.num, [0.0] * self.num
         amax = [(0.0, 0.0)] * self.num  # per expert, the largest |x| of its gate / up and down inputs
         results, records = {}, {}
@@ -366,7 +367,7 @@ class MoELayerEngine:
                 with ph("expert_hessians"):
                     cap = ExpertCapture(view, fam, weighting=weighting, accumulator_factory=self.factory,
                                         all_token_down=shrink and fb.calibrate_all_experts)
-                    self._feed(cap, calls1, lut, len(ids))
+                    self._feed(cap, calls1, lut, len(ids), per)
                     hgu, hdn = group_hessians(cap, fb, prior, pooled, means)
                     for j, (e, a_gu, a_dn) in enumerate(zip(ids, cap.gate_up.absmax.tolist(),
                                                             cap.down.absmax.tolist())):
@@ -469,9 +470,10 @@ class MoELayerEngine:
         rows = tokens * (idx.numel() // max(1, tokens)) * share
         return calls_per_chunk(tokens, row_bytes=6 * hidden + 4 * inter, rows_per_call=rows, slack=self.plan.slack)
 
-    def _feed(self, cap: ExpertCapture, calls1: list, lut: torch.Tensor, n: int, per: Optional[int] = None) -> None:
-        """Pass 1's calls (all of them, in batch order) into a group's capture, in chunks (:class:`ChunkedCalls`)."""
-        chunks = ChunkedCalls(cap, self.chunk_calls(calls1) if per is None else per)
+    def _feed(self, cap: ExpertCapture, calls1: list, lut: torch.Tensor, n: int, per: int) -> None:
+        """Pass 1's calls (all of them, in batch order) into a group's capture, ``per`` a chunk
+        (:meth:`chunk_calls`, :class:`ChunkedCalls`)."""
+        chunks = ChunkedCalls(cap, per)
         for i, (hs, idx, w) in enumerate(calls1):
             chunks.add(i, hs, local_ids(idx, lut, n), w)
         chunks.flush()
@@ -485,7 +487,7 @@ class MoELayerEngine:
             acc.add(x, torch.zeros(x.shape[0], dtype=torch.int32, device=x.device))
         return acc.hessian(0) if float(acc.mass[0]) > 0 else None
 
-    def _pooled(self, calls1: list, groups: list, weighting: str) -> list:
+    def _pooled(self, calls1: list, groups: list, weighting: str, per: int) -> list:
         """``shrink`` over several groups: the pooled Hessians (gate/up, down) of all routed rows of the layer, the
         target where no all-token one exists, by a first sweep over the groups (accumulation only)."""
         sums, m = [None, None], 0.0
@@ -494,7 +496,7 @@ class MoELayerEngine:
             cap = ExpertCapture(view, self.family, weighting=weighting, accumulator_factory=self.factory)
             n = g.stop - g.start
             lut = self._lut(list(range(g.start, g.stop)), n)
-            self._feed(cap, calls1, lut, n)
+            self._feed(cap, calls1, lut, n, per)
             for k, a in enumerate((cap.gate_up, cap.down)):
                 s = a.hessians.sum(0)
                 sums[k] = s if sums[k] is None else sums[k] + s

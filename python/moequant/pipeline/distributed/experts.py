@@ -178,7 +178,7 @@ def distributed_experts(engine, plan, calls1: list, calls2: list, ctx: DistConte
         with ph("expert_hessians"):
             prior = engine._all_token_hessian(calls)
             if len(units) > 1:
-                pooled = engine._pooled(calls, groups, weighting)
+                pooled = engine._pooled(calls, groups, weighting, per)
     tokens, mass = [0] * num, [0.0] * num
     amax = [(0.0, 0.0)] * num
     results, records = {}, {}
