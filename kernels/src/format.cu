@@ -218,6 +218,8 @@ __global__ void global_scale_kernel(FormatCore core, const float* global_in, For
 // exact reciprocal (e8m0_reciprocal: the same bits as the division). kGeneric is quantize_element itself (FP6).
 enum Variant : int { kGeneric = 0, kIntElem, kE4m3Div, kE4m3Pow2, kE2m1Div, kE2m1Pow2 };
 
+__host__ __device__ constexpr bool is_pow2_variant(int v) { return v == kE4m3Pow2 || v == kE2m1Pow2; }
+
 Variant variant_of(const FormatCore& c) {
   const bool pow2 = c.scale_kind == static_cast<int>(ScaleKind::kE8M0) && !c.global_scale;
   switch (c.element) {
@@ -241,11 +243,9 @@ __device__ __forceinline__ uint8_t quantize_v(const FormatCore& c, float x, cons
 // dequantize_element for the variant's element kind.
 template <int V>
 __device__ __forceinline__ float dequantize_v(const FormatCore& c, uint8_t q, float eff, int32_t zero) {
-  using fmt_detail::mq_fmul;
-  if constexpr (V == kIntElem)
-    return canonical_nan(mq_fmul(static_cast<float>(static_cast<int32_t>(static_cast<int8_t>(q)) - zero), eff));
-  else if constexpr (V == kE4m3Div || V == kE4m3Pow2) return canonical_nan(mq_fmul(e4m3_decode(q), eff));
-  else if constexpr (V == kE2m1Div || V == kE2m1Pow2) return canonical_nan(mq_fmul(e2m1_decode(q), eff));
+  if constexpr (V == kIntElem) return dequantize_int_element(q, eff, zero);
+  else if constexpr (V == kE4m3Div || V == kE4m3Pow2) return dequantize_decoded(e4m3_decode(q), eff);
+  else if constexpr (V == kE2m1Div || V == kE2m1Pow2) return dequantize_decoded(e2m1_decode(q), eff);
   else return dequantize_element(c, q, eff, zero);
 }
 
@@ -331,11 +331,11 @@ __global__ void __launch_bounds__(kThreads) quantize_team_kernel(const T* __rest
     }
     if (!active) continue;
     GroupParams gp;
-    if ((V == kE4m3Pow2 || V == kE2m1Pow2) && !p.from_range)  // derive_group_params' kE8M0 case, without its dispatch
+    if (is_pow2_variant(V) && !p.from_range)  // derive_group_params' kE8M0 case, without its dispatch
       gp = mx_group_params(p.core.element, std_max(mq_fsub(0.0f, std_min(lo, 0.0f)), std_max(hi, 0.0f)));
     else
       gp = tile_params(p, ws, lo, hi, g);
-    const float inv = (V == kE4m3Pow2 || V == kE2m1Pow2) ? e8m0_reciprocal(gp.scale_code) : 1.0f;
+    const float inv = is_pow2_variant(V) ? e8m0_reciprocal(gp.scale_code) : 1.0f;
     if (s == 0 && (!p.from_range || tile == 0)) write_params(o, p.from_range ? 0 : tr * p.scale_cols + tc, gp);
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) {

@@ -472,16 +472,16 @@ MQ_FORMAT_HD inline GroupParams derive_group_params(const FormatCore& f, float l
   return p;
 }
 
-/// The code of x in a group with parameters p:
-///   kInt: q = clamp(rint(x / scale + zero), qmin, qmax) stored as its two's-complement byte (quant.h);
-///   float: encode(x / effective), round to nearest even, saturating (compressed-tensors: x / scale, clamp, cast).
-/// The kInt part of quantize_element.
+/// The kInt part of quantize_element (the CUDA kernels call it for int formats without the element dispatch).
 MQ_FORMAT_HD inline uint8_t quantize_int_element(int bits, float x, const GroupParams& p) {
   using namespace fmt_detail;
   const float v = mq_rint(mq_fadd(mq_fdiv(x, p.scale), static_cast<float>(p.zero)));
   const float c = std_min(std_max(v, static_cast<float>(-(1 << (bits - 1)))), static_cast<float>((1 << (bits - 1)) - 1));
   return static_cast<uint8_t>(static_cast<int8_t>(static_cast<int32_t>(c)));
 }
+/// The code of x in a group with parameters p:
+///   kInt: q = clamp(rint(x / scale + zero), qmin, qmax) stored as its two's-complement byte (quant.h);
+///   float: encode(x / effective), round to nearest even, saturating (compressed-tensors: x / scale, clamp, cast).
 MQ_FORMAT_HD inline uint8_t quantize_element(const FormatCore& f, float x, const GroupParams& p) {
   if (f.element == static_cast<int>(ElementKind::kInt)) return quantize_int_element(f.bits, x, p);
   return encode_element(f.element, fmt_detail::mq_fdiv(x, p.effective));
@@ -495,11 +495,18 @@ MQ_FORMAT_HD inline float canonical_nan(float v) {
 
 /// The dequantized value of a code: kInt (int8(code) - zero) * scale; float decode(code) * effective. NaN (an FP8 NaN
 /// code, or 0 * an infinite fp16 scale) is the canonical quiet NaN.
+/// The two parts of dequantize_element (the CUDA kernels call them without the element dispatch): an int code, and
+/// a float element's decoded value, times the effective scale.
+MQ_FORMAT_HD inline float dequantize_int_element(uint8_t code, float effective, int32_t zero) {
+  return canonical_nan(
+      fmt_detail::mq_fmul(static_cast<float>(static_cast<int32_t>(static_cast<int8_t>(code)) - zero), effective));
+}
+MQ_FORMAT_HD inline float dequantize_decoded(float decoded, float effective) {
+  return canonical_nan(fmt_detail::mq_fmul(decoded, effective));
+}
 MQ_FORMAT_HD inline float dequantize_element(const FormatCore& f, uint8_t code, float effective, int32_t zero) {
-  using namespace fmt_detail;
-  if (f.element == static_cast<int>(ElementKind::kInt))
-    return canonical_nan(mq_fmul(static_cast<float>(static_cast<int32_t>(static_cast<int8_t>(code)) - zero), effective));
-  return canonical_nan(mq_fmul(decode_element(f.element, code), effective));
+  if (f.element == static_cast<int>(ElementKind::kInt)) return dequantize_int_element(code, effective, zero);
+  return dequantize_decoded(decode_element(f.element, code), effective);
 }
 
 /// gpt-oss MXFP4 (transformers' convert_moe_packed_tensors): byte j of a 16-byte block holds elements 2j (low nibble)
